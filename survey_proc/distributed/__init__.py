@@ -1,0 +1,1 @@
+"""Dask plumbing: cluster creation/attachment, per-worker model plugins, the task graph."""

@@ -1,0 +1,433 @@
+"""The survey store: Zarr v3, one group per field, readable as an ``xarray.Dataset``.
+
+Layout (the format DESIGN.md records; ``survey_proc_format`` = :data:`FORMAT_VERSION`)::
+
+    survey.zarr/                 root attrs: survey_proc_format, band, pixel_scale_arcsec,
+                                 [reference_catalog (path relative to the store), ...]
+      fields/<field_id>/         attrs: gain_e_per_adu, read_noise_e, saturation_adu,
+                                 zeropoint_nominal, mjd_timescale, [reference_wcs, ...]
+        image     float32 (epoch, y, x)  ADU, sky not subtracted
+        mask      uint8   (epoch, y, x)  optional; bits: MASK_BAD | MASK_SATURATED | MASK_COSMIC
+        epoch     int32   (epoch)        0..N-1 in time order (the index coordinate)
+        mjd       float64 (epoch)        mid-exposure MJD, time scale in attrs["mjd_timescale"]
+        exptime   float32 (epoch)        seconds
+        airmass   float32 (epoch)        NaN when unknown
+        wcs       string  (epoch)        FITS WCS header text, "" when unknown
+        source_file string (epoch)       where the epoch came from (optional)
+
+Chunks are ``(1, chunk_px, chunk_px)`` with ``chunk_px`` a multiple of :data:`TILE_GRID_PX`
+(the default tile size) and at most 2048, so a tile's core never straddles a chunk
+boundary and a worker reading one epoch of one tile block touches few chunks. Pixels are
+compressed with Blosc-zstd (byte shuffle); the per-epoch vectors with zstd.
+
+Writers here are used by the simulator and by ingest; readers by every stage. Workers
+open the store themselves from its path (never pass arrays between processes).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+
+from survey_proc.errors import StoreError, StoreValidationError
+
+FORMAT_VERSION = 1
+TILE_GRID_PX = 512
+MAX_CHUNK_PX = 2048
+
+MASK_BAD = 1
+MASK_SATURATED = 2
+MASK_COSMIC = 4
+
+REQUIRED_ROOT_ATTRS = ("survey_proc_format", "band", "pixel_scale_arcsec")
+REQUIRED_FIELD_ATTRS = ("gain_e_per_adu", "read_noise_e", "saturation_adu", "zeropoint_nominal")
+
+#: variable -> (dtype kind description, numpy dtype or None for strings, dimensions)
+SCHEMA: dict[str, tuple[str, Any, tuple[str, ...]]] = {
+    "image": ("float32", np.dtype("float32"), ("epoch", "y", "x")),
+    "mask": ("uint8", np.dtype("uint8"), ("epoch", "y", "x")),
+    "epoch": ("int32", np.dtype("int32"), ("epoch",)),
+    "mjd": ("float64", np.dtype("float64"), ("epoch",)),
+    "exptime": ("float32", np.dtype("float32"), ("epoch",)),
+    "airmass": ("float32", np.dtype("float32"), ("epoch",)),
+    "wcs": ("string", None, ("epoch",)),
+    "source_file": ("string", None, ("epoch",)),
+}
+REQUIRED_VARIABLES = ("image", "epoch", "mjd", "exptime", "airmass", "wcs")
+_PIXEL_COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)
+_VECTOR_COMPRESSOR = ZstdCodec(level=3)
+_EPOCH_VECTOR_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class EpochMeta:
+    """Per-epoch metadata for one or more epochs (arrays of equal length).
+
+    Attributes
+    ----------
+    mjd : mid-exposure MJD (days)
+    exptime_s : exposure time (seconds)
+    airmass : airmass, NaN when unknown
+    wcs : FITS WCS header text per epoch, "" when unknown
+    source_file : where each epoch came from
+    """
+
+    mjd: np.ndarray
+    exptime_s: np.ndarray
+    airmass: np.ndarray
+    wcs: Sequence[str]
+    source_file: Sequence[str]
+
+    def __post_init__(self) -> None:
+        n = len(self.mjd)
+        for name in ("exptime_s", "airmass", "wcs", "source_file"):
+            if len(getattr(self, name)) != n:
+                raise StoreError(f"epoch metadata: {name} has {len(getattr(self, name))} entries, mjd has {n}")
+
+
+def chunk_px_for(size_px: int) -> int:
+    """Chunk edge (pixels) for an image axis of ``size_px``: a multiple of the tile grid, <= 2048."""
+    return min(MAX_CHUNK_PX, TILE_GRID_PX * max(1, math.ceil(size_px / TILE_GRID_PX)))
+
+
+def _open_root(path: str | Path, mode: str = "r") -> zarr.Group:
+    try:
+        return zarr.open_group(str(path), mode=mode, zarr_format=3)
+    except FileNotFoundError:
+        raise StoreError(f"survey store {path} does not exist; create it with `survey-proc simulate` or `survey-proc ingest`") from None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise StoreError(f"{path} is not a Zarr v3 survey store ({exc})") from None
+
+
+def create_store(
+    path: str | Path,
+    *,
+    band: str,
+    pixel_scale_arcsec: float,
+    attrs: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Create an empty survey store.
+
+    Parameters
+    ----------
+    path
+        Directory of the new store (conventionally ``NAME.zarr``).
+    band
+        Photometric band name, e.g. ``"i"``.
+    pixel_scale_arcsec
+        Nominal pixel scale in arcsec per pixel.
+    attrs
+        Extra root attributes (JSON-serialisable).
+    overwrite
+        Replace an existing store; otherwise an existing path is an error.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise StoreError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.attrs.update(
+        {"survey_proc_format": FORMAT_VERSION, "band": band, "pixel_scale_arcsec": float(pixel_scale_arcsec), **(attrs or {})}
+    )
+    root.require_group("fields")
+    return path
+
+
+def create_field(
+    path: str | Path,
+    field_id: str,
+    *,
+    ny: int,
+    nx: int,
+    n_epochs: int,
+    gain_e_per_adu: float,
+    read_noise_e: float,
+    saturation_adu: float,
+    zeropoint_nominal: float,
+    mjd_timescale: str = "utc",
+    with_mask: bool = True,
+    attrs: dict[str, Any] | None = None,
+) -> None:
+    """Create a field group with arrays sized for ``n_epochs`` (pixels filled later).
+
+    Parameters
+    ----------
+    ny, nx
+        Image size in pixels.
+    n_epochs
+        Number of epochs to allocate (may be 0; :func:`append_epochs` grows it).
+    gain_e_per_adu, read_noise_e, saturation_adu
+        Detector properties (electrons per ADU, electrons, ADU).
+    zeropoint_nominal
+        Expected zero point (mag for 1 ADU per exposure) at airmass 1.
+    mjd_timescale
+        Time scale of ``mjd`` ("utc" or "tdb").
+    """
+    root = _open_root(path, mode="r+")
+    fields_group = root.require_group("fields")
+    if field_id in fields_group:
+        raise StoreError(f"field {field_id!r} already exists in {path}; use append_epochs to add epochs")
+    g = fields_group.create_group(field_id)
+    g.attrs.update(
+        {
+            "gain_e_per_adu": float(gain_e_per_adu),
+            "read_noise_e": float(read_noise_e),
+            "saturation_adu": float(saturation_adu),
+            "zeropoint_nominal": float(zeropoint_nominal),
+            "mjd_timescale": mjd_timescale,
+            **(attrs or {}),
+        }
+    )
+    cpx = (1, min(chunk_px_for(ny), max(ny, 1)), min(chunk_px_for(nx), max(nx, 1)))
+    g.create_array("image", shape=(n_epochs, ny, nx), chunks=cpx, dtype="float32", fill_value=np.nan,
+                   compressors=[_PIXEL_COMPRESSOR], dimension_names=["epoch", "y", "x"])
+    if with_mask:
+        g.create_array("mask", shape=(n_epochs, ny, nx), chunks=cpx, dtype="uint8", fill_value=0,
+                       compressors=[_PIXEL_COMPRESSOR], dimension_names=["epoch", "y", "x"])
+    vec = dict(chunks=(_EPOCH_VECTOR_CHUNK,), dimension_names=["epoch"])
+    g.create_array("epoch", shape=(n_epochs,), dtype="int32", fill_value=-1, compressors=[_VECTOR_COMPRESSOR], **vec)
+    g.create_array("mjd", shape=(n_epochs,), dtype="float64", fill_value=np.nan, compressors=[_VECTOR_COMPRESSOR], **vec)
+    g.create_array("exptime", shape=(n_epochs,), dtype="float32", fill_value=np.nan, compressors=[_VECTOR_COMPRESSOR], **vec)
+    g.create_array("airmass", shape=(n_epochs,), dtype="float32", fill_value=np.nan, compressors=[_VECTOR_COMPRESSOR], **vec)
+    g.create_array("wcs", shape=(n_epochs,), dtype=str, fill_value="", **vec)
+    g.create_array("source_file", shape=(n_epochs,), dtype=str, fill_value="", **vec)
+    if n_epochs:
+        g["epoch"][:] = np.arange(n_epochs, dtype="int32")
+
+
+def _field_group(path: str | Path, field_id: str, mode: str = "r") -> zarr.Group:
+    root = _open_root(path, mode=mode)
+    try:
+        return root["fields"][field_id]
+    except KeyError:
+        have = ", ".join(list_fields(path)) or "none"
+        raise StoreError(f"field {field_id!r} is not in survey store {path} (fields: {have})") from None
+
+
+def write_epoch_meta(path: str | Path, field_id: str, start_epoch: int, meta: EpochMeta) -> None:
+    """Write metadata for epochs ``start_epoch .. start_epoch + len(meta) - 1`` of a field."""
+    g = _field_group(path, field_id, mode="r+")
+    stop = start_epoch + len(meta.mjd)
+    if stop > g["mjd"].shape[0]:
+        raise StoreError(f"field {field_id!r}: epochs up to {stop - 1} do not fit in {g['mjd'].shape[0]} allocated epochs")
+    sl = slice(start_epoch, stop)
+    g["epoch"][sl] = np.arange(start_epoch, stop, dtype="int32")
+    g["mjd"][sl] = np.asarray(meta.mjd, dtype="float64")
+    g["exptime"][sl] = np.asarray(meta.exptime_s, dtype="float32")
+    g["airmass"][sl] = np.asarray(meta.airmass, dtype="float32")
+    g["wcs"][sl] = np.asarray(list(meta.wcs), dtype=object)
+    g["source_file"][sl] = np.asarray(list(meta.source_file), dtype=object)
+
+
+def write_epoch_pixels(
+    path: str | Path, field_id: str, epoch: int, image: np.ndarray, mask: np.ndarray | None = None
+) -> None:
+    """Write one epoch's image (ADU, float32) and optional mask (uint8 bits)."""
+    g = _field_group(path, field_id, mode="r+")
+    img = g["image"]
+    if image.shape != img.shape[1:]:
+        raise StoreError(f"field {field_id!r} epoch {epoch}: image shape {image.shape} != field shape {img.shape[1:]}")
+    img[epoch] = np.asarray(image, dtype="float32")
+    if mask is not None:
+        if "mask" not in g:
+            raise StoreError(f"field {field_id!r} has no mask array; create the field with with_mask=True")
+        g["mask"][epoch] = np.asarray(mask, dtype="uint8")
+
+
+def append_epochs(
+    path: str | Path,
+    field_id: str,
+    images: np.ndarray,
+    meta: EpochMeta,
+    masks: np.ndarray | None = None,
+) -> list[int]:
+    """Append epochs (later in time than every epoch already there) to a field.
+
+    Parameters
+    ----------
+    images
+        Array (n, ny, nx) in ADU.
+    meta
+        Metadata for the n new epochs; ``mjd`` must be increasing and after the field's last.
+    masks
+        Optional (n, ny, nx) uint8 masks.
+
+    Returns
+    -------
+    list of int
+        The new epoch indices.
+    """
+    images = np.asarray(images)
+    if images.ndim != 3:
+        raise StoreError(f"field {field_id!r}: append_epochs needs images of shape (n, ny, nx), got {images.shape}")
+    n_new = images.shape[0]
+    if len(meta.mjd) != n_new:
+        raise StoreError(f"field {field_id!r}: {n_new} images but metadata for {len(meta.mjd)} epochs")
+    g = _field_group(path, field_id, mode="r+")
+    n_old = g["image"].shape[0]
+    new_mjd = np.asarray(meta.mjd, dtype="float64")
+    if np.any(np.diff(new_mjd) <= 0):
+        raise StoreError(f"field {field_id!r}: appended epochs are not in increasing mjd order; sort them by time first")
+    if n_old:
+        last = float(g["mjd"][n_old - 1])
+        if new_mjd[0] <= last:
+            raise StoreError(
+                f"field {field_id!r}: appended epoch mjd {new_mjd[0]:.6f} is not after the last epoch "
+                f"(epoch {n_old - 1}, mjd {last:.6f}); the store keeps epochs in time order"
+            )
+    for name in ("image", "mask"):
+        if name in g:
+            g[name].resize((n_old + n_new, *g[name].shape[1:]))
+    for name in ("epoch", "mjd", "exptime", "airmass", "wcs", "source_file"):
+        g[name].resize((n_old + n_new,))
+    write_epoch_meta(path, field_id, n_old, meta)
+    for i in range(n_new):
+        write_epoch_pixels(path, field_id, n_old + i, images[i], None if masks is None else masks[i])
+    return list(range(n_old, n_old + n_new))
+
+
+def list_fields(path: str | Path) -> list[str]:
+    """Field ids in a store, sorted."""
+    root = _open_root(path)
+    if "fields" not in root:
+        return []
+    return sorted(name for name, _ in root["fields"].groups())
+
+
+def store_attrs(path: str | Path) -> dict[str, Any]:
+    """Root attributes of a store."""
+    return dict(_open_root(path).attrs)
+
+
+def field_attrs(path: str | Path, field_id: str) -> dict[str, Any]:
+    """Attributes of one field group."""
+    return dict(_field_group(path, field_id).attrs)
+
+
+def open_field(path: str | Path, field_id: str, *, chunks: Any = None) -> xr.Dataset:
+    """Open one field as a lazy, dask-backed ``xarray.Dataset``.
+
+    ``chunks=None`` keeps the store's chunks. The dataset's ``attrs`` merge the field's
+    attributes over the store's root attributes.
+    """
+    _field_group(path, field_id)  # clear error for a missing field
+    ds = xr.open_zarr(str(path), group=f"fields/{field_id}", consolidated=False, zarr_format=3,
+                      chunks={} if chunks is None else chunks)
+    ds.attrs = {**store_attrs(path), **ds.attrs, "field": field_id}
+    return ds
+
+
+def reference_catalog_path(path: str | Path) -> Path | None:
+    """Absolute path of the reference catalogue the store names, or None."""
+    rel = store_attrs(path).get("reference_catalog")
+    if not rel:
+        return None
+    return (Path(path) / rel).resolve() if not os.path.isabs(rel) else Path(rel)
+
+
+def _dtype_ok(arr: zarr.Array, expected: Any) -> bool:
+    if expected is None:  # variable-length string
+        return arr.dtype == np.dtype("O") or arr.dtype.kind in ("T", "O", "U") or "str" in str(arr.metadata.data_type).lower()
+    return arr.dtype == expected
+
+
+def validate_store(path: str | Path, *, raise_on_error: bool = True) -> list[str]:
+    """Check a store against the format; return (or raise with) every problem found.
+
+    Checks: the format version and root attributes; that there are fields; per field the
+    required variables, their dtypes, dimensions and shapes, chunking, the ``epoch``
+    coordinate, finite and strictly increasing ``mjd``, positive ``exptime`` and the
+    required detector attributes. Each problem names the field and variable.
+
+    Raises
+    ------
+    StoreValidationError
+        When ``raise_on_error`` and anything is wrong.
+    """
+    problems: list[str] = []
+    root = _open_root(path)
+    attrs = dict(root.attrs)
+    version = attrs.get("survey_proc_format")
+    if version is None:
+        problems.append("root: attribute 'survey_proc_format' is missing; this is not a survey-proc store")
+    elif version != FORMAT_VERSION:
+        problems.append(
+            f"root: format version {version} is not supported (this survey-proc reads version {FORMAT_VERSION}); "
+            "re-create the store with this version"
+        )
+    for key in REQUIRED_ROOT_ATTRS[1:]:
+        if key not in attrs:
+            problems.append(f"root: attribute {key!r} is missing")
+    field_ids = list_fields(path)
+    if not field_ids:
+        problems.append("root: the store has no fields (expected groups under fields/)")
+    for fid in field_ids:
+        problems.extend(_validate_field(root["fields"][fid], fid))
+    if problems and raise_on_error:
+        raise StoreValidationError(str(path), problems)
+    return problems
+
+
+def _validate_field(g: zarr.Group, fid: str) -> list[str]:
+    problems: list[str] = []
+    where = f"field {fid!r}"
+    names = {name for name, _ in g.arrays()}
+    for key in REQUIRED_FIELD_ATTRS:
+        if key not in g.attrs:
+            problems.append(f"{where}: attribute {key!r} is missing")
+    for var in REQUIRED_VARIABLES:
+        if var not in names:
+            problems.append(f"{where}, variable {var!r}: missing (required by the survey store format)")
+    n_epochs = g["image"].shape[0] if "image" in names else None
+    for var in sorted(names & set(SCHEMA)):
+        arr = g[var]
+        label, dtype, dims = SCHEMA[var]
+        if not _dtype_ok(arr, dtype):
+            problems.append(f"{where}, variable {var!r}: dtype {arr.dtype} but the format requires {label}")
+        got_dims = tuple(arr.metadata.dimension_names or ())
+        if got_dims != dims:
+            problems.append(f"{where}, variable {var!r}: dimensions {got_dims} but the format requires {dims}")
+        if len(arr.shape) != len(dims):
+            problems.append(f"{where}, variable {var!r}: shape {arr.shape} has {len(arr.shape)} axes, expected {len(dims)}")
+            continue
+        if n_epochs is not None and arr.shape[0] != n_epochs:
+            problems.append(f"{where}, variable {var!r}: {arr.shape[0]} epochs but image has {n_epochs}")
+    if "image" in names and len(g["image"].shape) == 3:
+        chunks = g["image"].chunks
+        if chunks[0] != 1 or chunks[1] > MAX_CHUNK_PX or chunks[2] > MAX_CHUNK_PX:
+            problems.append(f"{where}, variable 'image': chunks {chunks} but the format requires (1, <=2048, <=2048)")
+        if "mask" in names and g["mask"].shape != g["image"].shape:
+            problems.append(f"{where}, variable 'mask': shape {g['mask'].shape} differs from image {g['image'].shape}")
+    if "epoch" in names and n_epochs is not None and g["epoch"].shape == (n_epochs,):
+        ep = g["epoch"][:]
+        if not np.array_equal(ep, np.arange(n_epochs)):
+            bad = int(np.flatnonzero(ep != np.arange(n_epochs))[0])
+            problems.append(f"{where}, variable 'epoch': must be 0..{n_epochs - 1} in order; epoch index {bad} holds {ep[bad]}")
+    if "mjd" in names and g["mjd"].ndim == 1:
+        mjd = np.asarray(g["mjd"][:], dtype="float64")
+        if not np.all(np.isfinite(mjd)):
+            bad = int(np.flatnonzero(~np.isfinite(mjd))[0])
+            problems.append(f"{where}, variable 'mjd': not finite at epoch {bad}; every epoch needs a mid-exposure MJD")
+        else:
+            steps = np.diff(mjd)
+            if np.any(steps <= 0):
+                bad = int(np.flatnonzero(steps <= 0)[0]) + 1
+                problems.append(
+                    f"{where}, variable 'mjd': not strictly increasing at epoch {bad} "
+                    f"(mjd {mjd[bad]:.6f} after {mjd[bad - 1]:.6f}); epochs must be stored in time order"
+                )
+    if "exptime" in names and g["exptime"].ndim == 1:
+        exptime = np.asarray(g["exptime"][:], dtype="float64")
+        if np.any(~(exptime > 0)):
+            bad = int(np.flatnonzero(~(exptime > 0))[0])
+            problems.append(f"{where}, variable 'exptime': {exptime[bad]} s at epoch {bad}; exposure times must be > 0")
+    return problems
