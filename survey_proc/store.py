@@ -16,7 +16,7 @@ Layout (the format DESIGN.md records; ``survey_proc_format`` = :data:`FORMAT_VER
         source_file string (epoch)       where the epoch came from (optional)
 
 Chunks are ``(1, chunk_px, chunk_px)`` with ``chunk_px`` a multiple of :data:`TILE_GRID_PX`
-(the default tile size) and at most 2048, so a tile's core never straddles a chunk
+(the default tile size) and at most 2048 (or the whole axis when one chunk covers it), so a tile's core never straddles a chunk
 boundary and a worker reading one epoch of one tile block touches few chunks. Pixels are
 compressed with Blosc-zstd (byte shuffle); the per-epoch vectors with zstd.
 
@@ -97,6 +97,12 @@ class EpochMeta:
 def chunk_px_for(size_px: int) -> int:
     """Chunk edge (pixels) for an image axis of ``size_px``: a multiple of the tile grid, <= 2048."""
     return min(MAX_CHUNK_PX, TILE_GRID_PX * max(1, math.ceil(size_px / TILE_GRID_PX)))
+
+
+def _axis_chunk(size_px: int) -> int:
+    """Chunk edge along one axis: the whole axis when one chunk covers it, else :func:`chunk_px_for`."""
+    c = chunk_px_for(size_px)
+    return max(1, size_px) if c >= size_px else c
 
 
 def _open_root(path: str | Path, mode: str = "r") -> zarr.Group:
@@ -187,7 +193,7 @@ def create_field(
             **(attrs or {}),
         }
     )
-    cpx = (1, min(chunk_px_for(ny), max(ny, 1)), min(chunk_px_for(nx), max(nx, 1)))
+    cpx = (1, _axis_chunk(ny), _axis_chunk(nx))
     g.create_array("image", shape=(n_epochs, ny, nx), chunks=cpx, dtype="float32", fill_value=np.nan,
                    compressors=[_PIXEL_COMPRESSOR], dimension_names=["epoch", "y", "x"])
     if with_mask:

@@ -47,4 +47,10 @@ def local_client(n_workers: int | None = None, *, scheduler: str | None = None,
                       dashboard_address=":0", silence_logs=logging.ERROR, env=env) as cluster, Client(cluster) as client:
         if not quiet:
             print(f"Dask dashboard: {client.dashboard_link}  ({n} workers x {threads_per_worker} thread)")
-        yield client
+        try:
+            yield client
+        finally:
+            # Retire workers before the scheduler closes: otherwise a worker heartbeat can race
+            # the shutdown and log a CommClosedError traceback (dask/distributed#7192).
+            with contextlib.suppress(Exception):
+                client.retire_workers(close_workers=True)

@@ -49,7 +49,7 @@ def gmst_hours(mjd: np.ndarray) -> np.ndarray:
 def airmass_at(mjd: np.ndarray, ra_deg: float, dec_deg: float, lat_deg: float, lon_deg: float) -> np.ndarray:
     """Plane-parallel airmass sec(z) of a pointing at ``mjd`` (inf when below the horizon)."""
     lst_h = gmst_hours(mjd) + lon_deg / 15.0
-    ha = np.deg2rad((lst_h * 15.0 - ra_deg))
+    ha = np.deg2rad(lst_h * 15.0 - ra_deg)
     lat, dec = np.deg2rad(lat_deg), np.deg2rad(dec_deg)
     cos_z = np.sin(lat) * np.sin(dec) + np.cos(lat) * np.cos(dec) * np.cos(ha)
     with np.errstate(divide="ignore"):

@@ -131,27 +131,32 @@ def build_bank(
                    missing_flux=tuple(missing), peak_fraction=peak)
 
 
-def measure_fwhm_px(image: np.ndarray, x: float, y: float, profile: str = "moffat", beta: float = 3.0,
-                    sky: float = 0.0, radius_px: int = 8, oversample: int = 5) -> float:
-    """Fit the optical FWHM (pixels) of one star in an image by forward-modelling pixels.
+def fit_point_source(image: np.ndarray, x: float, y: float, profile: str = "moffat", beta: float = 3.0,
+                     sky: float = 0.0, radius_px: int = 8, oversample: int = 5) -> dict[str, float]:
+    """Fit one star by forward-modelling its pixels with a pixel-integrated PSF profile.
 
-    Fits flux, centre and FWHM of the given profile family, integrated over pixels, to the
-    stamp around (x, y) with the sky level fixed. Used by tests and the simulator summary.
+    Free parameters: flux (ADU), centre (x, y in 0-based pixels) and the optical FWHM
+    (pixels) of the given profile family; the sky level (ADU) is fixed. The stamp is
+    ``2*radius_px + 1`` pixels around the nearest pixel to (x, y).
+
+    Returns
+    -------
+    dict with flux, x, y, fwhm_px
     """
     from scipy.optimize import least_squares
 
     ix, iy = round(x), round(y)
     stamp = image[iy - radius_px : iy + radius_px + 1, ix - radius_px : ix + radius_px + 1] - sky
     k = oversample
+    n = 2 * radius_px + 1
 
     def model(p: np.ndarray) -> np.ndarray:
         flux, dx, dy, fwhm = p
         obj = galsim_profile(profile, abs(fwhm), beta)
-        n = 2 * radius_px + 1
         img = obj.drawImage(nx=n * k, ny=n * k, scale=1.0 / k, method="no_pixel",
                             offset=(dx * k, dy * k), dtype=np.float64).array
         return flux * img.reshape(n, k, n, k).sum(axis=(1, 3))
 
     p0 = np.array([stamp.sum(), x - ix, y - iy, 2.0])
     res = least_squares(lambda p: (model(p) - stamp).ravel(), p0, x_scale=[max(p0[0], 1), 0.1, 0.1, 0.2])
-    return float(abs(res.x[3]))
+    return {"flux": float(res.x[0]), "x": float(ix + res.x[1]), "y": float(iy + res.x[2]), "fwhm_px": float(abs(res.x[3]))}

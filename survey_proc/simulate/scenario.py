@@ -268,7 +268,7 @@ def load_scenario(name_or_path: str | Path = "dense", overrides: dict[str, Any] 
         base = data.pop("base", "dense")
         if base not in PRESETS:
             raise ConfigError(f"scenario file {path}: base {base!r} is not a preset ({', '.join(PRESETS)})")
-        values = {"name": path.stem, **PRESETS[base]}
+        values = {**PRESETS[base], "name": path.stem}
         values.update({k: _coerce(k, v) for k, v in data.items()})
     else:
         raise ConfigError(

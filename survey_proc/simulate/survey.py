@@ -96,7 +96,13 @@ def render_task(scn_dict: dict[str, Any], store_path: str, stars_path: str, fiel
 # ---------------------------------------------------------------- driver side
 def _run_tasks(tasks: list[tuple], workers: int | None, client: Any, progress: bool) -> list[dict[str, int]]:
     """Run render tasks in-process (workers == 0) or on a Dask cluster, with a progress bar."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     cols = [TextColumn("simulating epochs"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     results: list[dict[str, int]] = []
@@ -166,8 +172,8 @@ def survey_summary(scn: Scenario, stars: pd.DataFrame, epochs: pd.DataFrame) -> 
         fr_det.append(neighbour_fraction(d["x"].to_numpy(), d["y"].to_numpy(), 2 * fwhm))
     in_frame = stars[stars["in_frame"]]
     return {
-        "n_stars": int(len(stars)),
-        "n_stars_in_frame": int(len(in_frame)),
+        "n_stars": len(stars),
+        "n_stars_in_frame": len(in_frame),
         "stars_per_px2_in_frame": float(len(in_frame) / (scn.size_px**2 * scn.n_fields)),
         "n_detectable_in_frame": int((in_frame["mag"] < m5).sum()),
         "var_class_counts": {k: int(v) for k, v in stars["var_class"].value_counts().items()},
@@ -176,8 +182,8 @@ def survey_summary(scn: Scenario, stars: pd.DataFrame, epochs: pd.DataFrame) -> 
         "median_zeropoint": zp,
         "limiting_mag_5sigma_psf_crlb": m5,
         "saturation_mag": msat,
-        "neighbour_frac_2fwhm_all": float(np.mean(fr_all)),
-        "neighbour_frac_2fwhm_detectable": float(np.mean(fr_det)),
+        "neighbour_frac_2fwhm_all": float(np.mean(fr_all)) if fr_all else 0.0,
+        "neighbour_frac_2fwhm_detectable": float(np.mean(fr_det)) if fr_det else 0.0,
         "baseline_days": float(epochs["mjd"].max() - epochs["mjd"].min()),
     }
 
@@ -308,6 +314,6 @@ def _simulate_into(scn: Scenario, tmp: SurveyPaths, final: SurveyPaths, *, worke
         "render_ms_per_epoch_field": 1000 * render_s / max(1, len(tasks)),
         "saturated_px_per_epoch": float(np.mean([s["saturated_px"] for s in stats])),
         "cosmic_px_per_epoch": float(np.mean([s["cosmic_px"] for s in stats])),
-        "reference_stars": int(len(pd.read_parquet(tmp.reference))),
+        "reference_stars": len(pd.read_parquet(tmp.reference)),
     })
     return summary

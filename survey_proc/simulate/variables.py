@@ -171,7 +171,7 @@ def assign_variables(
     order = rng.permutation(n)
     start = 0
     for name in VAR_CLASSES[1:]:
-        k = int(round(fractions.get(name, 0.0) * n))
+        k = round(fractions.get(name, 0.0) * n)
         cls[order[start : start + k]] = name
         start += k
     nan = np.full(n, np.nan)

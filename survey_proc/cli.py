@@ -1,0 +1,169 @@
+"""``survey-proc``: the command line. Thin: it parses, calls the API, prints, sets the exit code.
+
+Errors a user can cause (:class:`survey_proc.errors.SurveyProcError`) are printed as one
+message without a traceback and exit with status 1; Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from survey_proc import __version__
+from survey_proc.errors import SurveyProcError
+
+DEFAULT_SCENARIO = "dense"
+DEFAULT_SIZE_PX = 1024
+DEFAULT_SEED = 0
+
+
+def cache_dir() -> Path:
+    """Where ``survey-proc run`` without a STORE keeps the default simulated survey.
+
+    ``$SURVEY_PROC_CACHE`` if set, else ``$XDG_CACHE_HOME/survey-proc``, else ``~/.cache/survey-proc``.
+    """
+    if os.environ.get("SURVEY_PROC_CACHE"):
+        return Path(os.environ["SURVEY_PROC_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "survey-proc"
+
+
+def default_survey(n_epochs: int, *, workers: int | None, directory: Path | None = None) -> Path:
+    """The default simulated survey with at least ``n_epochs`` epochs, simulating it once if needed.
+
+    A cached default survey with more epochs is reused (the run then uses its first epochs).
+    """
+    from survey_proc.simulate import load_scenario, simulate_survey
+
+    directory = directory or cache_dir()
+    prefix = f"default-{DEFAULT_SCENARIO}-{DEFAULT_SIZE_PX}px-seed{DEFAULT_SEED}-"
+    candidates = []
+    for p in directory.glob(f"{prefix}*ep.zarr"):
+        try:
+            candidates.append((int(p.name[len(prefix) : -len("ep.zarr")]), p))
+        except ValueError:
+            continue
+    usable = sorted(c for c in candidates if c[0] >= n_epochs)
+    if usable:
+        print(f"Using the cached default survey {usable[0][1]} ({usable[0][0]} epochs)")
+        return usable[0][1]
+    out = directory / f"{prefix}{n_epochs}ep.zarr"
+    print(f"Simulating the default survey ({DEFAULT_SCENARIO}, {DEFAULT_SIZE_PX}x{DEFAULT_SIZE_PX} px, "
+          f"{n_epochs} epochs) into {out}; later runs reuse it")
+    scn = load_scenario(DEFAULT_SCENARIO, {"n_epochs": n_epochs, "size_px": DEFAULT_SIZE_PX, "seed": DEFAULT_SEED})
+    summary = simulate_survey(scn, out, workers=workers)
+    _print_summary(summary)
+    return out
+
+
+def _print_summary(s: dict) -> None:
+    print(
+        f"  {s['n_stars_in_frame']} stars on the detector ({s['stars_per_px2_in_frame']:.4f}/px^2), "
+        f"{s['n_detectable_in_frame']} brighter than the 5-sigma limit i={s['limiting_mag_5sigma_psf_crlb']:.2f}; "
+        f"saturation at i={s['saturation_mag']:.2f}\n"
+        f"  {100 * s['neighbour_frac_2fwhm_all']:.1f}% of stars have a neighbour within 2 FWHM "
+        f"({100 * s['neighbour_frac_2fwhm_detectable']:.1f}% among detectable ones); "
+        f"baseline {s['baseline_days']:.2f} d; {s['wall_s']:.1f} s"
+    )
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from survey_proc.simulate import SurveyPaths, load_scenario, parse_overrides, simulate_survey
+
+    overrides = parse_overrides(args.set)
+    for key, value in (("n_epochs", args.epochs), ("size_px", args.size), ("n_fields", args.fields), ("seed", args.seed)):
+        if value is not None:
+            overrides[key] = value
+    scn = load_scenario(args.scenario, overrides)
+    summary = simulate_survey(scn, args.out, overwrite=args.overwrite, workers=args.workers, progress=not args.quiet)
+    paths = SurveyPaths.for_store(args.out)
+    print(f"Wrote {paths.store} ({scn.n_fields} field(s) x {scn.n_epochs} epochs of {scn.size_px}x{scn.size_px} px)")
+    print(f"  truth: {paths.truth}/  reference: {paths.reference}")
+    _print_summary(summary)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from survey_proc import store
+
+    attrs = store.store_attrs(args.store)
+    problems = store.validate_store(args.store, raise_on_error=False)
+    info: dict = {"store": str(args.store), "format": attrs.get("survey_proc_format"), "band": attrs.get("band"),
+                  "pixel_scale_arcsec": attrs.get("pixel_scale_arcsec"),
+                  "reference_catalog": str(store.reference_catalog_path(args.store) or ""), "fields": {}}
+    for fid in store.list_fields(args.store):
+        ds = store.open_field(args.store, fid)
+        mjd = ds["mjd"].values
+        info["fields"][fid] = {"epochs": int(ds.sizes["epoch"]), "ny": int(ds.sizes["y"]), "nx": int(ds.sizes["x"]),
+                               "mjd_first": float(mjd[0]) if len(mjd) else None,
+                               "mjd_last": float(mjd[-1]) if len(mjd) else None,
+                               "chunks": list(ds["image"].encoding.get("chunks") or ds["image"].data.chunksize)}
+    info["problems"] = problems
+    print(json.dumps(info, indent=2))
+    return 1 if problems else 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from survey_proc import store
+
+    if args.epochs is not None and args.epochs < 1:
+        raise SurveyProcError(f"--epochs must be a positive number of epochs, got {args.epochs}")
+    path = Path(args.store) if args.store else default_survey(args.epochs or 1000, workers=args.workers)
+    store.validate_store(path)
+    fields = store.list_fields(path)
+    print(f"Survey store {path} is valid: fields {', '.join(fields)}")
+    raise SurveyProcError(
+        "the processing stages (extraction, photometry, calibration, light curves) are not in this version "
+        "yet: they arrive with the pipeline issue (#3). The survey above is ready for them."
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``survey-proc``."""
+    p = argparse.ArgumentParser(prog="survey-proc", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"survey-proc {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("simulate", help="simulate a survey store with truth and a reference catalogue")
+    s.add_argument("--out", required=True, help="store path DIR/NAME.zarr (truth goes to DIR/NAME.truth/)")
+    s.add_argument("--scenario", default="dense", help="preset (dense, sparse) or a scenario .toml file")
+    s.add_argument("--epochs", type=int, help="number of epochs (scenario parameter n_epochs)")
+    s.add_argument("--size", type=int, help="detector size in pixels (size_px)")
+    s.add_argument("--fields", type=int, help="number of fields (n_fields)")
+    s.add_argument("--seed", type=int, help="random seed (seed)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any scenario parameter (repeatable)")
+    s.add_argument("--workers", type=int, help="Dask worker processes (default: one per core; 0: no cluster)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing simulated survey at --out")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_simulate)
+
+    i = sub.add_parser("info", help="summarise and validate a survey store")
+    i.add_argument("store")
+    i.set_defaults(func=_cmd_info)
+
+    r = sub.add_parser("run", help="process a survey (without STORE: the default simulated survey)")
+    r.add_argument("store", nargs="?", help="survey store (default: simulate/reuse the default survey)")
+    r.add_argument("--epochs", type=int, help="number of epochs to process (default: all; 1000 for the default survey)")
+    r.add_argument("--workers", type=int, help="Dask worker processes")
+    r.set_defaults(func=_cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``survey-proc`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SurveyProcError as exc:
+        print(f"survey-proc {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"survey-proc {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

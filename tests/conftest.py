@@ -1,0 +1,70 @@
+"""Shared fixtures: small simulated surveys (seconds each), written to real Zarr on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from survey_proc.simulate import load_scenario, simulate_survey
+from survey_proc.simulate.scenario import Scenario
+from survey_proc.simulate.wcs import reference_wcs
+
+# An empty, artefact-free detector: planted stars are isolated and measurable.
+CLEAN = {
+    "star_density_per_px2": 0.0,
+    "n_bad_columns": 0,
+    "cosmic_rate_per_px_s": 0.0,
+    "psf_oversample": 5,
+    "stamp_radius_px": 6,
+}
+
+
+def planted_stars(scn: Scenario, rows: list[dict], field_index: int = 0) -> pd.DataFrame:
+    """A star table in ``make_stars`` format from a few dicts (x, y, mag, var_class, params)."""
+    cols = ["period", "amplitude", "t0", "depth", "duration", "secondary_ratio", "ellipsoidal",
+            "ingress_frac", "rise_days", "decay_days", "trend_mag_per_day", "trend_mag_per_day2"]
+    df = pd.DataFrame([{c: np.nan for c in cols} | {"var_class": "constant"} | r for r in rows])
+    wcs = reference_wcs(scn, field_index)
+    ra, dec = wcs.all_pix2world(df["x"].to_numpy(), df["y"].to_numpy(), 0)
+    df["ra"], df["dec"] = ra, dec
+    df["field"] = f"F{field_index:03d}"
+    df["star_id"] = np.arange(len(df), dtype="int64") + (field_index << 32)
+    return df
+
+
+def aperture_flux(image: np.ndarray, x: float, y: float, radius_px: float, sky: float) -> tuple[float, int]:
+    """Sum of (image - sky) within a circular aperture; returns (flux ADU, pixel count)."""
+    yy, xx = np.mgrid[: image.shape[0], : image.shape[1]]
+    sel = (xx - x) ** 2 + (yy - y) ** 2 <= radius_px**2
+    return float(np.sum(image[sel] - sky)), int(sel.sum())
+
+
+@pytest.fixture(scope="session")
+def grid_survey(tmp_path_factory) -> dict:
+    """Isolated constant stars on a grid, Moffat PSF, 6 epochs, no artefacts."""
+    out = tmp_path_factory.mktemp("grid") / "grid.zarr"
+    scn = load_scenario("dense", {**CLEAN, "size_px": 160, "n_epochs": 6, "psf_fwhm_px": 2.5,
+                                  "jitter_px": 0.7, "seed": 11})
+    rng = np.random.default_rng(5)
+    rows = [{"x": 20 + 40 * i + rng.uniform(-0.5, 0.5), "y": 20 + 40 * j + rng.uniform(-0.5, 0.5),
+             "mag": 19.0 + 0.5 * ((i + j) % 4)} for i in range(4) for j in range(4)]
+    stars = planted_stars(scn, rows)
+    summary = simulate_survey(scn, out, workers=0, stars=stars, progress=False)
+    return {"store": out, "scn": scn, "stars": stars, "summary": summary}
+
+
+@pytest.fixture(scope="session")
+def dense_small(tmp_path_factory) -> dict:
+    """A small crowded field with every artefact switched on (default dense scenario)."""
+    out = tmp_path_factory.mktemp("dense") / "dense.zarr"
+    scn = load_scenario("dense", {"size_px": 256, "n_epochs": 4, "seed": 3, "psf_oversample": 7})
+    summary = simulate_survey(scn, out, workers=0, progress=False)
+    return {"store": out, "scn": scn, "summary": summary}
+
+
+def store_bytes(path: Path) -> dict[str, bytes]:
+    """Every file of a directory tree, relative path -> bytes."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
