@@ -46,9 +46,9 @@ _TEMPLATE_PHASE = np.linspace(0.0, 1.0, 2001)
 
 def _make_template() -> np.ndarray:
     k = np.arange(1, 7)[:, None]
-    # Magnitude: decreasing (brightening) fast, increasing slowly -> sum of sin(2 pi k phi)/k
+    # Magnitude: a sawtooth -sum(sin(2 pi k phi)/k) fades slowly and brightens suddenly (RRab);
     # with a damping that softens the sharp rise.
-    m = np.sum(np.sin(2 * np.pi * k * _TEMPLATE_PHASE[None, :]) / k * np.exp(-0.25 * (k - 1)), axis=0)
+    m = -np.sum(np.sin(2 * np.pi * k * _TEMPLATE_PHASE[None, :]) / k * np.exp(-0.25 * (k - 1)), axis=0)
     m = m - np.mean(m[:-1])
     m = m / (m.max() - m.min())
     i_max = int(np.argmin(m[:-1]))  # maximum light = minimum magnitude
