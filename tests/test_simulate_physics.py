@@ -319,3 +319,37 @@ def test_truth_files_follow_design(dense_small):
         assert col in ep.columns
     ref = evaluate.load_reference_catalog(store.reference_catalog_path(path))
     assert {"ra", "dec", "mag", "mag_err"} <= set(ref.columns)
+
+
+def test_stars_at_the_reported_5sigma_limit_are_measured_at_snr_5(tmp_path):
+    """The CRLB depth in summary.json holds on the rendered pixels: optimal PSF-fit S/N = 5."""
+    from survey_proc.simulate.depth import limiting_magnitude
+    from survey_proc.simulate.psf import build_bank
+    from survey_proc.simulate.render import render_stars
+
+    scn = load_scenario("dense", {**CLEAN, "size_px": 240, "n_epochs": 2, "psf_oversample": 7, "jitter_px": 0.3,
+                                  "seed": 13, "sky_scatter": 0.0})
+    ep = field_epochs(scn, 0, "F000")
+    m5 = [limiting_magnitude(scn, r.seeing_fwhm_px, r.sky_adu, r.zeropoint) for r in ep.itertuples()]
+    rng = np.random.default_rng(0)
+    grid = [(12 + 16 * i + rng.uniform(-0.5, 0.5), 12 + 16 * j + rng.uniform(-0.5, 0.5)) for i in range(14) for j in range(14)]
+    stars = planted_stars(scn, [{"x": x, "y": y, "mag": float(np.mean(m5))} for x, y in grid])
+    simulate_survey(scn, tmp_path / "depth.zarr", workers=0, stars=stars, progress=False)
+    ds = store.open_field(tmp_path / "depth.zarr", "F000")
+    snr = []
+    for e, row in enumerate(ep.itertuples()):
+        t = evaluate.truth_at_epoch(tmp_path / "depth.zarr", "F000", e)
+        bank = build_bank("moffat", row.seeing_fwhm_px, oversample=7, base_radius_px=6)
+        img = ds["image"].isel(epoch=e).values.astype(float) - row.sky_adu
+        est = []
+        for r in t.itertuples():
+            p = render_stars(img.shape, np.array([r.x_epoch]), np.array([r.y_epoch]), np.array([1.0]), bank, 0.0)
+            sl = p > 1e-6
+            v = (r.flux_adu * p[sl] + row.sky_adu) / scn.gain_e_per_adu + (scn.read_noise_e / scn.gain_e_per_adu) ** 2
+            est.append(np.sum(p[sl] * img[sl] / v) / np.sum(p[sl] ** 2 / v))
+        flux = float(t["flux_adu"].iloc[0])
+        est = np.asarray(est)
+        assert np.mean(est) == pytest.approx(flux, rel=0.05)
+        snr.append(flux / np.std(est))
+    print(f"measured S/N at the reported 5-sigma limit: {snr}")
+    assert np.mean(snr) == pytest.approx(5.0, rel=0.12)

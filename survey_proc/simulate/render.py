@@ -28,7 +28,7 @@ from survey_proc.simulate.variables import magnitudes_at
 from survey_proc.simulate.wcs import reference_to_epoch
 from survey_proc.store import MASK_BAD, MASK_COSMIC, MASK_SATURATED
 
-_STAR_BLOCK = 8192  # stars per vectorised block (bounds temporary memory)
+_BLOCK_PIXELS = 2_000_000  # stamp pixels per vectorised block: bounds temporaries to ~16 MB each
 
 
 def sigma_pix_adu(scn: Scenario, sky_adu: float) -> float:
@@ -59,8 +59,9 @@ def render_stars(
             continue
         b = bank.banks[ri]
         j = np.arange(-radius, radius + 1)
-        for start in range(0, len(sel), _STAR_BLOCK):
-            s = sel[start : start + _STAR_BLOCK]
+        block = max(1, _BLOCK_PIXELS // (2 * radius + 1) ** 2)
+        for start in range(0, len(sel), block):
+            s = sel[start : start + block]
             ix = np.floor(x[s] + 0.5).astype(np.int64)
             iy = np.floor(y[s] + 0.5).astype(np.int64)
             tx = -k * (x[s] - ix)

@@ -146,7 +146,8 @@ class Scenario:
         for name in ("psf_fwhm_px", "exptime_s", "gain_e_per_adu", "full_well_e", "pixel_scale_arcsec"):
             if not getattr(self, name) > 0:
                 raise bad(name, f"must be > 0, got {getattr(self, name)}")
-        for name in ("read_noise_e", "sky_adu", "star_density_per_px2", "cadence_s", "jitter_px"):
+        for name in ("read_noise_e", "sky_adu", "star_density_per_px2", "cadence_s", "jitter_px",
+                     "n_random_gaps", "random_gap_h", "n_bad_columns", "cosmic_rate_per_px_s"):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         if self.cadence_s and self.cadence_s < self.exptime_s:
