@@ -52,5 +52,11 @@ def local_client(n_workers: int | None = None, *, scheduler: str | None = None,
         finally:
             # Retire workers before the scheduler closes: otherwise a worker heartbeat can race
             # the shutdown and log a CommClosedError traceback (dask/distributed#7192).
-            with contextlib.suppress(Exception):
-                client.retire_workers(close_workers=True)
+            core_log = logging.getLogger("distributed.core")
+            level = core_log.level
+            core_log.setLevel(logging.WARNING)  # "connection closed" INFO lines are expected here
+            try:
+                with contextlib.suppress(Exception):
+                    client.retire_workers(close_workers=True)
+            finally:
+                core_log.setLevel(level)
