@@ -23,9 +23,13 @@ def _phase_stamps(scn: Scenario, fwhm_px: float, radius_index: int = 1) -> np.nd
     return b[inner, inner].reshape(k * k, *b.shape[2:])
 
 
-def flux_snr(scn: Scenario, flux_adu: np.ndarray, fwhm_px: float, sky_adu: float) -> np.ndarray:
-    """Cramér-Rao S/N of PSF-fit flux for point sources of the given fluxes (ADU)."""
-    p = _phase_stamps(scn, fwhm_px)  # (phases, ny, nx), each sums to 1
+def flux_snr(scn: Scenario, flux_adu: np.ndarray, fwhm_px: float, sky_adu: float,
+             phase_stamps: np.ndarray | None = None) -> np.ndarray:
+    """Cramér-Rao S/N of PSF-fit flux for point sources of the given fluxes (ADU).
+
+    ``phase_stamps`` (phases, ny, nx), each summing to 1, may be passed to skip drawing the PSF.
+    """
+    p = _phase_stamps(scn, fwhm_px) if phase_stamps is None else phase_stamps
     g, rn = scn.gain_e_per_adu, scn.read_noise_e
     flux = np.atleast_1d(np.asarray(flux_adu, dtype="float64"))
     out = np.empty_like(flux)
@@ -38,10 +42,11 @@ def flux_snr(scn: Scenario, flux_adu: np.ndarray, fwhm_px: float, sky_adu: float
 
 def limiting_magnitude(scn: Scenario, fwhm_px: float, sky_adu: float, zeropoint: float, snr: float = 5.0) -> float:
     """Magnitude at which the Cramér-Rao PSF-fit S/N equals ``snr``."""
+    stamps = _phase_stamps(scn, fwhm_px)
     lo, hi = -3.0, 9.0  # log10 flux (ADU)
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        if flux_snr(scn, np.array([10.0**mid]), fwhm_px, sky_adu)[0] < snr:
+        if flux_snr(scn, np.array([10.0**mid]), fwhm_px, sky_adu, stamps)[0] < snr:
             lo = mid
         else:
             hi = mid

@@ -235,10 +235,9 @@ def assign_variables(
         cols["t0"][sel] = t_start + half
         cols["trend_mag_per_day"][sel] = amp * (1 - np.abs(curv_frac)) / span
         cols["trend_mag_per_day2"][sel] = amp * curv_frac / half**2
-        cols["amplitude"][sel] = np.abs(amp)  # exact for pure linear, close otherwise; recomputed below
     out = pd.DataFrame({"var_class": cls.astype(str), **cols})
-    if k:  # exact range of the quadratic over the survey span
-        tt = np.linspace(t_start, t_end, 257)
-        dm = delta_mag(pd.concat([out.iloc[sel].assign(mag=0.0)], axis=0), tt)
-        out.loc[out.index[sel], "amplitude"] = dm.max(axis=1) - dm.min(axis=1)
+    trends = np.flatnonzero(cls == "trend")
+    if len(trends):  # amplitude of a trend: the range of its quadratic over the survey span
+        dm = delta_mag(out.iloc[trends], np.linspace(t_start, t_end, 257))
+        out.loc[out.index[trends], "amplitude"] = dm.max(axis=1) - dm.min(axis=1)
     return out
