@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from survey_proc.distributed.cluster import available_cores
-from survey_proc.simulate import load_scenario, simulate_survey
+from survey_proc.simulate import SurveyPaths, load_scenario, simulate_survey
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     (out / f"simulate_speed-{a.scenario}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     if not a.keep:
-        for p_ in (store, store.with_suffix(".truth"), store.parent / (store.stem + ".reference.parquet")):
+        paths = SurveyPaths.for_store(store)
+        for p_ in (paths.store, paths.truth, paths.reference):
             shutil.rmtree(p_, ignore_errors=True) if p_.is_dir() else p_.unlink(missing_ok=True)
     return result
 

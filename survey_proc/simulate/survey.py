@@ -296,7 +296,8 @@ def _simulate_into(scn: Scenario, tmp: SurveyPaths, final: SurveyPaths, *, worke
     epochs.to_parquet(tmp.truth / "epochs.parquet", index=False)
     pd.DataFrame(fields_rows).to_parquet(tmp.truth / "fields.parquet", index=False)
     _lightcurves(stars, epochs).to_parquet(tmp.truth / "lightcurves.parquet", index=False)
-    make_reference(scn, stars, sat_ref + scn.reference_sat_margin_mag).to_parquet(tmp.reference, index=False)
+    reference = make_reference(scn, stars, sat_ref + scn.reference_sat_margin_mag)
+    reference.to_parquet(tmp.reference, index=False)
     # --- pixels
     scn_dict = scn.to_dict()
     tasks = [(scn_dict, str(tmp.store), str(stars_path), i, row)
@@ -314,6 +315,6 @@ def _simulate_into(scn: Scenario, tmp: SurveyPaths, final: SurveyPaths, *, worke
         "render_ms_per_epoch_field": 1000 * render_s / max(1, len(tasks)),
         "saturated_px_per_epoch": float(np.mean([s["saturated_px"] for s in stats])),
         "cosmic_px_per_epoch": float(np.mean([s["cosmic_px"] for s in stats])),
-        "reference_stars": len(pd.read_parquet(tmp.reference)),
+        "reference_stars": len(reference),
     })
     return summary
