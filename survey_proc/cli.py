@@ -106,19 +106,54 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def default_out(store_path: Path) -> Path:
+    """Default ``--out``: ``./survey-proc-out/<store name without .zarr>``."""
+    name = store_path.name[: -len(".zarr")] if store_path.name.endswith(".zarr") else store_path.name
+    return Path("survey-proc-out") / name
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from survey_proc import store
+    from survey_proc.config import load_config
+    from survey_proc.distributed.pipeline import run_pipeline
+    from survey_proc.outputs import write_json_atomic
+    from survey_proc.report import summary_lines
 
     if args.epochs is not None and args.epochs < 1:
         raise SurveyProcError(f"--epochs must be a positive number of epochs, got {args.epochs}")
     path = Path(args.store) if args.store else default_survey(args.epochs or 1000, workers=args.workers)
+    if args.store is None and args.epochs is None:
+        args.epochs = 1000
     store.validate_store(path)
-    fields = store.list_fields(path)
-    print(f"Survey store {path} is valid: fields {', '.join(fields)}")
-    raise SurveyProcError(
-        "the processing stages (extraction, photometry, calibration, light curves) are not in this version "
-        "yet: they arrive with the pipeline issue (#3). The survey above is ready for them."
-    )
+    fields = tuple(f for item in (args.fields or []) for f in item.split(",") if f) or None
+    out = Path(args.out) if args.out else default_out(path)
+    overrides = {"store": str(path), "out": str(out), "epochs": args.epochs, "fields": fields,
+                 "detector": args.detector, "cluster": args.cluster, "scheduler": args.scheduler,
+                 "workers": args.workers, "tile_px": args.tile_px, "halo_px": args.halo_px,
+                 "reference": args.reference, "mode": "overwrite" if args.overwrite else None}
+    if args.quiet:
+        overrides["progress"] = False
+    if args.no_evaluate:
+        overrides["evaluate"] = False
+    cfg = load_config(args.config, overrides)
+    if cfg.detector == "pnet":
+        raise SurveyProcError("--detector pnet needs the trained PNet weights (survey_proc/models/pnet.pt), which "
+                              "this version does not ship yet (the PNet issue, #5); use --detector sep")
+    print(f"Processing {path} -> {out} (fields: {', '.join(cfg.fields) if cfg.fields else 'all'}; "
+          f"epochs: {cfg.epochs or 'all'}; detector {cfg.detector}; mode {cfg.mode})")
+    run = run_pipeline(cfg)
+    if cfg.evaluate:
+        from survey_proc.evaluate import evaluate_run, truth_paths
+
+        try:
+            truth_paths(path)
+        except SurveyProcError:
+            pass  # not a simulated survey: nothing to compare with
+        else:
+            run["evaluation"] = evaluate_run(out, path)
+            write_json_atomic(run, out / "run.json")
+    print("\n".join(summary_lines(run)))
+    return 0 if run["status"] == "complete" else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,8 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="process a survey (without STORE: the default simulated survey)")
     r.add_argument("store", nargs="?", help="survey store (default: simulate/reuse the default survey)")
-    r.add_argument("--epochs", type=int, help="number of epochs to process (default: all; 1000 for the default survey)")
-    r.add_argument("--workers", type=int, help="Dask worker processes")
+    r.add_argument("--out", help="output directory (default: ./survey-proc-out/<store name>)")
+    r.add_argument("--epochs", type=int, help="process the first N epochs (default: all; 1000 for the default survey)")
+    r.add_argument("--fields", action="append", metavar="F1,F2", help="fields to process (default: all)")
+    r.add_argument("--detector", choices=("sep", "pnet"), help="source detector (default: sep)")
+    r.add_argument("--cluster", choices=("local", "cuda"), help="start a local CPU or dask-cuda cluster")
+    r.add_argument("--scheduler", metavar="ADDR", help="attach to a running Dask scheduler (tcp://host:8786)")
+    r.add_argument("--workers", type=int, help="worker processes (default: one per core / GPU)")
+    r.add_argument("--tile-px", type=int, help="tile core size in pixels (default 512)")
+    r.add_argument("--halo-px", type=int, help="tile halo in pixels (default 32)")
+    r.add_argument("--reference", help="reference catalogue Parquet (ra, dec, mag, mag_err); default: the store's")
+    mode = r.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="skip units already written (the default)")
+    mode.add_argument("--overwrite", action="store_true", help="delete a previous output in --out and start clean")
+    r.add_argument("--config", help="run configuration TOML (command-line options override it)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--no-evaluate", action="store_true", help="skip the comparison with truth for simulated stores")
     r.set_defaults(func=_cmd_run)
     return p
 

@@ -130,3 +130,113 @@ def truth_at_epoch(store_path: str | Path, field: str, epoch: int, *, in_frame_o
                 & out["y_epoch"].between(-0.5, ds.sizes["y"] - 0.5))
         out = out[keep].reset_index(drop=True)
     return out
+
+
+# ------------------------------------------------------------------ matching and metrics
+DEFAULT_MATCH_RADIUS_PX = 1.0
+
+
+def match_one_to_one(x_det: np.ndarray, y_det: np.ndarray, x_true: np.ndarray, y_true: np.ndarray,
+                     radius_px: float = DEFAULT_MATCH_RADIUS_PX) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy one-to-one matching by distance; returns ``(i_det, i_true)`` of the pairs.
+
+    Pairs are accepted nearest first; each detection and each true star is used at most once.
+    """
+    from scipy.spatial import cKDTree
+
+    if len(x_det) == 0 or len(x_true) == 0:
+        return np.zeros(0, int), np.zeros(0, int)
+    tree = cKDTree(np.c_[x_true, y_true])
+    k = min(4, len(x_true))
+    d, j = tree.query(np.c_[x_det, y_det], k=k, distance_upper_bound=radius_px)
+    if k == 1:
+        d, j = d[:, None], j[:, None]
+    det = np.repeat(np.arange(len(x_det)), k)
+    d, j = d.ravel(), j.ravel()
+    ok = np.isfinite(d)
+    det, d, j = det[ok], d[ok], j[ok]
+    order = np.argsort(d, kind="stable")
+    used_d = np.zeros(len(x_det), bool)
+    used_t = np.zeros(len(x_true), bool)
+    pd_, pt = [], []
+    for i in order:
+        if not used_d[det[i]] and not used_t[j[i]]:
+            used_d[det[i]] = used_t[j[i]] = True
+            pd_.append(det[i])
+            pt.append(j[i])
+    return np.asarray(pd_, int), np.asarray(pt, int)
+
+
+def detection_metrics(sources: pd.DataFrame, truth: pd.DataFrame, mag_limit: float,
+                      radius_px: float = DEFAULT_MATCH_RADIUS_PX) -> dict[str, float]:
+    """Recall, precision and measurement errors of one epoch's sources against its truth.
+
+    Parameters
+    ----------
+    sources
+        One epoch's sources (x, y epoch pixels; mag calibrated).
+    truth
+        :func:`truth_at_epoch` of the same epoch.
+    mag_limit
+        Recall counts true stars brighter than this (e.g. the 5-sigma limit).
+
+    Returns
+    -------
+    dict
+        ``recall`` (true stars < mag_limit matched), ``precision`` (detections matched to any
+        true star), ``f1``, ``n_det``, ``n_true``, and for matched stars brighter than
+        ``mag_limit - 3``: ``mag_abs_err_median`` (calibrated - true, mag), ``mag_bias``,
+        ``astrom_rms_px`` (per axis).
+    """
+    i_d, i_t = match_one_to_one(sources["x"].to_numpy(), sources["y"].to_numpy(), truth["x_epoch"].to_numpy(),
+                                truth["y_epoch"].to_numpy(), radius_px)
+    bright = truth["mag_epoch"].to_numpy() < mag_limit
+    matched_t = np.zeros(len(truth), bool)
+    matched_t[i_t] = True
+    recall = float(matched_t[bright].mean()) if bright.any() else float("nan")
+    precision = float(len(i_d) / len(sources)) if len(sources) else float("nan")
+    f1 = 2 * recall * precision / (recall + precision) if recall + precision > 0 else float("nan")
+    sel = truth["mag_epoch"].to_numpy()[i_t] < mag_limit - 3
+    dm = sources["mag"].to_numpy()[i_d][sel] - truth["mag_epoch"].to_numpy()[i_t][sel]
+    dm = dm[np.isfinite(dm)]
+    dx = sources["x"].to_numpy()[i_d][sel] - truth["x_epoch"].to_numpy()[i_t][sel]
+    dy = sources["y"].to_numpy()[i_d][sel] - truth["y_epoch"].to_numpy()[i_t][sel]
+    return {"recall": recall, "precision": precision, "f1": f1, "n_det": int(len(sources)),
+            "n_true": int(bright.sum()), "n_matched": int(len(i_d)),
+            "mag_abs_err_median": float(np.median(np.abs(dm))) if len(dm) else float("nan"),
+            "mag_bias": float(np.median(dm)) if len(dm) else float("nan"),
+            "astrom_rms_px": float(np.sqrt(0.5 * np.mean(dx**2 + dy**2))) if len(dx) else float("nan")}
+
+
+def evaluate_run(out: str | Path, store_path: str | Path, n_sample_epochs: int = 10) -> dict[str, Any]:
+    """Compare a run's outputs with the truth of its simulated store.
+
+    Returns per field: zero points against truth (all calibrated epochs), and detection
+    metrics averaged over up to ``n_sample_epochs`` evenly spaced epochs.
+    """
+    from survey_proc.outputs import OutputLayout
+
+    layout = OutputLayout(out)
+    summary = load_truth_summary(store_path)
+    mag_limit = float(summary["limiting_mag_5sigma_psf_crlb"])
+    epochs = pd.read_parquet(layout.epochs_table)
+    truth_ep = load_truth_epochs(store_path)
+    result: dict[str, Any] = {"mag_limit": mag_limit, "match_radius_px": DEFAULT_MATCH_RADIUS_PX, "fields": {}}
+    for fid, ep in epochs.groupby("field"):
+        t = truth_ep[truth_ep["field"] == fid].set_index("epoch")
+        ep = ep.set_index("epoch")
+        dzp = (ep["zp"] - t["zeropoint"].reindex(ep.index)).dropna()
+        sample = ep.index.to_numpy()[np.unique(np.linspace(0, len(ep) - 1, min(n_sample_epochs, len(ep))).astype(int))]
+        per = []
+        for e in sample:
+            src = pd.read_parquet(layout.sources(str(fid), int(e)))
+            per.append(detection_metrics(src, truth_at_epoch(store_path, str(fid), int(e)), mag_limit))
+        m = pd.DataFrame(per)
+        result["fields"][str(fid)] = {
+            "zp_minus_truth_rms": float(np.sqrt(np.mean(dzp**2))) if len(dzp) else None,
+            "zp_minus_truth_max_abs": float(np.max(np.abs(dzp))) if len(dzp) else None,
+            "zp_minus_truth_median": float(np.median(dzp)) if len(dzp) else None,
+            "sample_epochs": [int(e) for e in sample],
+            **{k: float(m[k].mean()) for k in m.columns},
+        }
+    return result

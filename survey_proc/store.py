@@ -437,3 +437,40 @@ def _validate_field(g: zarr.Group, fid: str) -> list[str]:
             bad = int(np.flatnonzero(~(exptime > 0))[0])
             problems.append(f"{where}, variable 'exptime': {exptime[bad]} s at epoch {bad}; exposure times must be > 0")
     return problems
+
+
+def read_window(path: str | Path, field_id: str, epoch: int, y0: int, y1: int, x0: int, x1: int
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pixels ``image[epoch, y0:y1, x0:x1]`` (float32, ADU) and the mask window (or None).
+
+    Reads straight from Zarr (no xarray/dask), so a worker task decompresses only the
+    chunks its window touches. Raises :class:`StoreError` naming the field and epoch when
+    the chunk cannot be read.
+    """
+    g = _field_group(path, field_id)
+    try:
+        image = np.asarray(g["image"][epoch, y0:y1, x0:x1], dtype=np.float32)
+        mask = np.asarray(g["mask"][epoch, y0:y1, x0:x1]) if "mask" in g else None
+    except Exception as exc:  # a corrupt or missing chunk: zarr/numcodecs raise many types
+        raise StoreError(f"{path}: field {field_id} epoch {epoch}: cannot read pixels "
+                         f"[{y0}:{y1}, {x0}:{x1}] ({type(exc).__name__}: {exc}); "
+                         "check or re-ingest that epoch") from exc
+    return image, mask
+
+
+def read_epoch_table(path: str | Path, field_id: str) -> dict[str, np.ndarray]:
+    """Per-epoch metadata of a field as arrays: epoch, mjd, exptime, airmass, wcs (header text)."""
+    g = _field_group(path, field_id)
+    out = {name: np.asarray(g[name][:]) for name in ("epoch", "mjd", "exptime", "airmass")}
+    out["wcs"] = np.asarray([str(s) if s is not None else "" for s in g["wcs"][:]], dtype=object)
+    return out
+
+
+def image_shape(path: str | Path, field_id: str) -> tuple[int, int, int]:
+    """``(n_epochs, ny, nx)`` of a field's image array."""
+    return tuple(int(s) for s in _field_group(path, field_id)["image"].shape)  # type: ignore[return-value]
+
+
+def image_chunks(path: str | Path, field_id: str) -> tuple[int, int, int]:
+    """Chunk shape ``(1, cy, cx)`` of a field's image array."""
+    return tuple(int(s) for s in _field_group(path, field_id)["image"].chunks)  # type: ignore[return-value]

@@ -68,3 +68,48 @@ def dense_small(tmp_path_factory) -> dict:
 def store_bytes(path: Path) -> dict[str, bytes]:
     """Every file of a directory tree, relative path -> bytes."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def client():
+    """A real LocalCluster of 2 worker processes, shared by the pipeline tests of one session."""
+    from survey_proc.distributed.cluster import local_client
+
+    with local_client(2, quiet=True) as c:
+        yield c
+
+
+def run_config(store: Path, out: Path, **overrides):
+    """A quiet RunConfig for tests (no truth evaluation, no progress bars)."""
+    from survey_proc.config import load_config
+
+    return load_config(None, {"store": str(store), "out": str(out), "progress": False, "evaluate": False, **overrides})
+
+
+@pytest.fixture(scope="session")
+def border_survey(tmp_path_factory) -> dict:
+    """Bright isolated stars on and across the borders of 128-px tiles (and 128-px regions), 3 epochs."""
+    out = tmp_path_factory.mktemp("border") / "border.zarr"
+    scn = load_scenario("dense", {**CLEAN, "size_px": 256, "n_epochs": 3, "psf_fwhm_px": 2.0, "jitter_px": 0.3,
+                                  "seed": 17})
+    rows = []
+    b = 127.5  # the coordinate of the border between pixel 127 and pixel 128
+    offsets = np.arange(-3.0, 3.01, 0.5)
+    for k, d in enumerate(offsets):  # sweep across the vertical border, and across the horizontal one
+        rows.append({"x": b + d, "y": 10.0 + 9.0 * k, "mag": 19.5})
+        rows.append({"x": 140.0 + 9.0 * k, "y": b + d, "mag": 19.5})
+    rows.append({"x": b, "y": b, "mag": 19.0})  # exactly on the corner of four tiles
+    rows.append({"x": b, "y": 230.0, "mag": 19.0})  # exactly on a border
+    stars = planted_stars(scn, rows)
+    simulate_survey(scn, out, workers=0, stars=stars, progress=False)
+    return {"store": out, "scn": scn, "stars": stars}
+
+
+@pytest.fixture(scope="session")
+def field_survey(tmp_path_factory) -> dict:
+    """A moderately populated field with a reference catalogue, variables and every artefact, 8 epochs."""
+    out = tmp_path_factory.mktemp("field") / "field.zarr"
+    scn = load_scenario("dense", {"size_px": 384, "n_epochs": 8, "seed": 21, "psf_oversample": 5,
+                                  "star_density_per_px2": 0.01, "psf_fwhm_px": 2.2})
+    summary = simulate_survey(scn, out, workers=0, progress=False)
+    return {"store": out, "scn": scn, "summary": summary}

@@ -2,8 +2,13 @@
 
 ``local``: a LocalCluster of worker processes, one thread each by default, so that
 workers x threads never exceed the cores (torch and numpy threads are capped to match).
-``--scheduler ADDR`` attaches to a cluster someone else started. (The dask-cuda path
-arrives with the pipeline issue.)
+``cuda``: dask-cuda's LocalCUDACluster, one worker per GPU (the ``cuda`` extra).
+``--scheduler ADDR`` attaches to a cluster someone else started (SLURM, Kubernetes, ...).
+
+Thread sizing: each worker runs ``threads_per_worker`` tasks at once, and every numeric
+library inside a task (torch, OpenMP, BLAS) is capped at
+``max(1, cores // (workers * threads_per_worker))`` threads, so that
+workers x threads x library threads never exceed the cores.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from collections.abc import Iterator
 
 from distributed import Client, LocalCluster
 
+from survey_proc.errors import ConfigError
+
 
 def available_cores() -> int:
     """CPU cores this process may use (respects affinity masks / cgroups where visible)."""
@@ -22,6 +29,53 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - non-Linux
         return max(1, os.cpu_count() or 1)
+
+
+def library_thread_env(n_workers: int, threads_per_worker: int) -> dict[str, str]:
+    """Environment capping OpenMP/BLAS/torch threads so workers x threads x these <= cores."""
+    k = str(max(1, available_cores() // max(1, n_workers * threads_per_worker)))
+    return {"OMP_NUM_THREADS": k, "MKL_NUM_THREADS": k, "OPENBLAS_NUM_THREADS": k}
+
+
+@contextlib.contextmanager
+def cuda_client(n_workers: int | None = None, *, quiet: bool = False) -> Iterator[Client]:
+    """A Client on dask-cuda's LocalCUDACluster (one worker per visible GPU)."""
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError as exc:
+        raise ConfigError("--cluster cuda needs dask-cuda, which is not installed: "
+                          "pip install 'survey-proc[cuda]' (and a CUDA-capable torch), "
+                          f"or use --cluster local ({exc})") from None
+    kwargs = {"n_workers": n_workers} if n_workers else {}
+    with LocalCUDACluster(dashboard_address=":0", silence_logs=logging.ERROR, **kwargs) as cluster, \
+            Client(cluster) as client:
+        if not quiet:
+            print(f"Dask dashboard: {client.dashboard_link}  ({len(cluster.workers)} GPU worker(s))")
+        yield client
+
+
+@contextlib.contextmanager
+def make_client(cluster: str, *, scheduler: str | None, workers: int | None, threads_per_worker: int = 1,
+                quiet: bool = False) -> Iterator[Client]:
+    """The client a run uses: attach to ``scheduler``, else start a ``local`` or ``cuda`` cluster."""
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="30s")
+        except OSError as exc:
+            raise ConfigError(f"cannot reach the Dask scheduler at {scheduler} ({exc}); "
+                              "check the address or start the cluster first") from None
+        with client:
+            if not quiet:
+                n = len(client.scheduler_info().get("workers", {}))
+                print(f"Attached to {scheduler} ({n} workers); dashboard: {client.dashboard_link}")
+            yield client
+        return
+    if cluster == "cuda":
+        with cuda_client(workers, quiet=quiet) as client:
+            yield client
+        return
+    with local_client(workers, threads_per_worker=threads_per_worker, quiet=quiet) as client:
+        yield client
 
 
 @contextlib.contextmanager
@@ -41,12 +95,12 @@ def local_client(n_workers: int | None = None, *, scheduler: str | None = None,
             yield client
         return
     n = n_workers or max(1, available_cores() // threads_per_worker)
-    env = {"OMP_NUM_THREADS": str(threads_per_worker), "MKL_NUM_THREADS": str(threads_per_worker),
-           "OPENBLAS_NUM_THREADS": str(threads_per_worker)}
+    env = library_thread_env(n, threads_per_worker)
     with LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
                       dashboard_address=":0", silence_logs=logging.ERROR, env=env) as cluster, Client(cluster) as client:
         if not quiet:
-            print(f"Dask dashboard: {client.dashboard_link}  ({n} workers x {threads_per_worker} thread)")
+            print(f"Dask dashboard: {client.dashboard_link}  ({n} workers x {threads_per_worker} thread, "
+                  f"{env['OMP_NUM_THREADS']} library thread(s) each)")
         try:
             yield client
         finally:

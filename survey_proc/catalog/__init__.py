@@ -1,0 +1,1 @@
+"""Catalogue stages: merging tile catalogues, astrometry, calibration, cross-match."""

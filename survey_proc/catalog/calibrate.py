@@ -1,0 +1,218 @@
+"""Photometric calibration: per-epoch zero points against reference stars, and a cross-epoch model.
+
+Per epoch
+---------
+Reference stars (a Gaia-like catalogue, or without one the stable stars of a reference
+epoch) are projected into the epoch through its WCS and matched to detections within
+``match_radius_px``. A star is used when its detection is unflagged (no saturated, bad,
+cosmic, edge or blend flag), has S/N >= ``snr_min``, and no other detection lies within
+``isolation_fwhm`` FWHM (a neighbour would add flux to the aperture correction). Of those
+the ``max_stars`` brightest are kept. Each gives ``zp_i = m_ref - m_inst`` with
+``m_inst = -2.5 log10(flux)`` (total flux in ADU per exposure), so ``mag = m_inst + zp``
+and ``zp`` is the magnitude of a source that gives 1 ADU in the exposure.
+
+Clipping choice. The seed papers use 50-100 stars clipped at 1 sigma. Iterated 1-sigma
+clipping of Gaussian scatter discards about a third of the good stars on every pass (its
+fixed point keeps ~40 %), which inflates the zero-point error by ~1.6x for no gain, and the
+mean of a 1-sigma-clipped sample is biased when the outliers are one-sided (blends and
+variables make stars *brighter* or fainter, not both). We clip at ``clip_sigma`` = 3
+about the median with a MAD-based sigma (robust to 50 % contamination), iterate to
+convergence, and take the inverse-variance weighted mean of the survivors. The error is
+the larger of the weighted-mean error and ``scatter / sqrt(n)`` (the scatter includes
+catalogue noise, crowding and any residual variability).
+
+Across epochs
+-------------
+:func:`fit_airmass_model` fits ``zp(X) = zp0 - k (X - 1)`` to the well-calibrated epochs
+of a field by iteratively clipped weighted least squares (``k``: extinction, mag per
+airmass; space data with no airmass fit a constant). Epochs with fewer than ``min_stars``
+usable reference stars take the model's zero point, with the model's scatter as error,
+and their sources get the ``ZP_MODEL`` flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+from scipy.spatial import cKDTree
+
+from survey_proc.catalog import flags as F
+from survey_proc.config import CalibrationConfig
+
+MAG_PER_FLUX_ERR = 2.5 / np.log(10.0)  # 1.0857: d(mag) = 1.0857 d(flux)/flux
+
+
+@dataclass
+class ZeroPoint:
+    """A zero point (mag for 1 ADU per exposure) and how it was obtained."""
+
+    zp: float
+    zp_err: float
+    scatter: float  # robust rms of the per-star zero points (mag)
+    n_used: int
+    n_candidates: int
+    status: str  # "fit", "model", "few" (awaiting the model), "pending" (no reference yet)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def instrumental_mag(flux: np.ndarray, flux_err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``-2.5 log10(flux)`` and its error (mag); NaN for non-positive flux."""
+    flux = np.asarray(flux, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m = np.where(flux > 0, -2.5 * np.log10(np.where(flux > 0, flux, 1.0)), np.nan)
+        e = np.where(flux > 0, MAG_PER_FLUX_ERR * np.asarray(flux_err, float) / flux, np.nan)
+    return m, e
+
+
+def robust_zeropoint(dz: np.ndarray, err: np.ndarray, clip_sigma: float) -> tuple[float, float, float, int]:
+    """Clipped weighted mean of per-star zero points; ``(zp, zp_err, scatter, n_used)``.
+
+    Clipping is iterated about the median with sigma = 1.4826 MAD (floored at the median
+    error so that a tight core does not clip good stars).
+    """
+    dz = np.asarray(dz, float)
+    err = np.asarray(err, float)
+    keep = np.isfinite(dz) & np.isfinite(err) & (err > 0)
+    if keep.sum() == 0:
+        return np.nan, np.nan, np.nan, 0
+    for _ in range(10):
+        med = np.median(dz[keep])
+        sig = max(1.4826 * np.median(np.abs(dz[keep] - med)), float(np.median(err[keep])), 1e-4)
+        new = np.isfinite(dz) & np.isfinite(err) & (err > 0) & (np.abs(dz - med) <= clip_sigma * sig)
+        if new.sum() == 0 or np.array_equal(new, keep):
+            break
+        keep = new
+    w = 1.0 / err[keep] ** 2
+    zp = float(np.sum(w * dz[keep]) / np.sum(w))
+    n = int(keep.sum())
+    scatter = float(1.4826 * np.median(np.abs(dz[keep] - np.median(dz[keep])))) if n > 1 else float(err[keep][0])
+    zp_err = max(float(1.0 / np.sqrt(np.sum(w))), scatter / np.sqrt(n))
+    return zp, zp_err, scatter, n
+
+
+def select_calibrators(x: np.ndarray, y: np.ndarray, snr: np.ndarray, flags: np.ndarray, ref_x: np.ndarray,
+                       ref_y: np.ndarray, fwhm_px: float, cfg: CalibrationConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(i_source, i_ref)`` of usable reference-star matches in one epoch.
+
+    Parameters
+    ----------
+    x, y, snr, flags
+        The epoch's detections (pixels, S/N, flag bits).
+    ref_x, ref_y
+        Reference stars projected into the same pixel frame.
+    """
+    if len(x) == 0 or len(ref_x) == 0:
+        return np.zeros(0, int), np.zeros(0, int)
+    tree = cKDTree(np.c_[x, y])
+    d, i = tree.query(np.c_[ref_x, ref_y], distance_upper_bound=cfg.match_radius_px)
+    has = np.isfinite(d)
+    i_ref = np.flatnonzero(has)
+    i_src = i[has]
+    # one reference star per detection: keep the nearest
+    order = np.lexsort((d[has], i_src))
+    i_src, i_ref = i_src[order], i_ref[order]
+    first = np.r_[True, i_src[1:] != i_src[:-1]]
+    i_src, i_ref = i_src[first], i_ref[first]
+    bad = F.PHOTOMETRY_BAD | F.CENTROID  # BLENDED is not excluded: isolation is tested directly
+    good = ((flags[i_src] & bad) == 0) & (snr[i_src] >= cfg.snr_min)
+    n_near = tree.query_ball_point(np.c_[x[i_src], y[i_src]], cfg.isolation_fwhm * fwhm_px, return_length=True)
+    good &= n_near <= 1
+    i_src, i_ref = i_src[good], i_ref[good]
+    order = np.argsort(-snr[i_src], kind="stable")[: cfg.max_stars]
+    return i_src[order], i_ref[order]
+
+
+def fit_epoch_zeropoint(mag_inst: np.ndarray, mag_inst_err: np.ndarray, ref_mag: np.ndarray,
+                        ref_mag_err: np.ndarray, cfg: CalibrationConfig) -> ZeroPoint:
+    """Zero point from matched calibrators (already selected): ``status`` "fit" or "few"."""
+    n_cand = len(mag_inst)
+    err = np.hypot(mag_inst_err, ref_mag_err)
+    zp, zp_err, scatter, n = robust_zeropoint(ref_mag - mag_inst, err, cfg.clip_sigma)
+    status = "fit" if n >= cfg.min_stars else "few"
+    return ZeroPoint(zp, zp_err, scatter, n, n_cand, status)
+
+
+def fit_airmass_model(epochs: pd.DataFrame, clip_sigma: float = 3.0) -> dict:
+    """Fit ``zp = zp0 - k (airmass - 1)`` over well-calibrated epochs of one field.
+
+    Parameters
+    ----------
+    epochs
+        Columns ``zp``, ``zp_err``, ``airmass``, ``zp_status``.
+
+    Returns
+    -------
+    dict
+        ``zp0`` (mag), ``k_mag_per_airmass`` (NaN when airmass is unknown or constant),
+        ``scatter`` (robust rms of the residuals, mag), ``n`` epochs used.
+    """
+    e = epochs[(epochs["zp_status"] == "fit") & np.isfinite(epochs["zp"])]
+    if len(e) == 0:
+        return {"zp0": np.nan, "k_mag_per_airmass": np.nan, "scatter": np.nan, "n": 0}
+    zp = e["zp"].to_numpy(float)
+    err = np.maximum(e["zp_err"].to_numpy(float), 1e-4)
+    X = e["airmass"].to_numpy(float)
+    use_airmass = bool(np.all(np.isfinite(X)) and len(e) >= 3 and np.ptp(X) > 0.05)
+    keep = np.ones(len(e), bool)
+    for _ in range(10):
+        w = 1.0 / err[keep] ** 2
+        if use_airmass:
+            A = np.c_[np.ones(keep.sum()), -(X[keep] - 1.0)]
+            coef, *_ = np.linalg.lstsq(A * np.sqrt(w)[:, None], zp[keep] * np.sqrt(w), rcond=None)
+            model = coef[0] - coef[1] * (X - 1.0)
+        else:
+            coef = np.array([np.sum(w * zp[keep]) / np.sum(w), np.nan])
+            model = np.full(len(e), coef[0])
+        res = zp - model
+        sig = max(1.4826 * np.median(np.abs(res[keep] - np.median(res[keep]))), 1e-4)
+        new = np.abs(res) <= clip_sigma * np.hypot(sig, err)
+        if new.sum() < 2 or np.array_equal(new, keep):
+            break
+        keep = new
+    return {"zp0": float(coef[0]), "k_mag_per_airmass": float(coef[1]) if use_airmass else float("nan"),
+            "scatter": float(sig), "n": int(keep.sum())}
+
+
+def model_zeropoint(model: dict, airmass: float) -> float:
+    """The cross-epoch model's zero point at ``airmass``."""
+    k = model["k_mag_per_airmass"]
+    if np.isfinite(k) and np.isfinite(airmass):
+        return float(model["zp0"] - k * (airmass - 1.0))
+    return float(model["zp0"])
+
+
+def apply_zeropoint(sources: pd.DataFrame, zp: ZeroPoint) -> pd.DataFrame:
+    """Set ``mag`` and ``mag_err`` (the zero-point error added in quadrature) in place; returns it."""
+    sources["mag"] = sources["mag_inst"] + zp.zp
+    sources["mag_err"] = np.hypot(sources["mag_inst_err"], zp.zp_err if np.isfinite(zp.zp_err) else np.nan)
+    sources["zp"] = zp.zp
+    if zp.status == "model":
+        sources["flags"] = sources["flags"].to_numpy() | F.ZP_MODEL
+    return sources
+
+
+def internal_reference(sources: pd.DataFrame, zeropoint_nominal: float, fwhm_px: float,
+                       cfg: CalibrationConfig) -> pd.DataFrame:
+    """A reference catalogue from one epoch's stable-looking stars (relative calibration).
+
+    Bright, unflagged, isolated detections of the reference epoch, with
+    ``mag = mag_inst + zeropoint_nominal``. Variables among them are removed by the clipping
+    of every epoch's fit. Columns: ra, dec, x_ref, y_ref, mag, mag_err.
+    """
+    s = sources
+    idx = np.arange(len(s))
+    bad = F.PHOTOMETRY_BAD | F.CENTROID  # BLENDED is not excluded: isolation is tested directly
+    good = ((s["flags"].to_numpy() & bad) == 0) & (s["snr"].to_numpy() >= cfg.snr_min)
+    if len(s) > 1:
+        tree = cKDTree(np.c_[s["x"], s["y"]])
+        good &= tree.query_ball_point(np.c_[s["x"], s["y"]], cfg.isolation_fwhm * fwhm_px, return_length=True) <= 1
+    idx = idx[good]
+    idx = idx[np.argsort(-s["snr"].to_numpy()[idx], kind="stable")][: 4 * cfg.max_stars]
+    r = s.iloc[idx]
+    return pd.DataFrame({"ra": r["ra"].to_numpy(), "dec": r["dec"].to_numpy(), "x_ref": r["x_ref"].to_numpy(),
+                         "y_ref": r["y_ref"].to_numpy(), "mag": r["mag_inst"].to_numpy() + zeropoint_nominal,
+                         "mag_err": r["mag_inst_err"].to_numpy()})

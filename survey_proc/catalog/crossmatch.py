@@ -1,0 +1,264 @@
+"""Cross-match over epochs, per spatial region: objects and light curves.
+
+Regions
+-------
+The field's reference pixel frame is cut into square regions of ``region_px``; each is one
+task. A region task reads the sources of every epoch within its region plus a margin,
+finds objects there, keeps the objects whose position lies in its own region, and writes
+their light curves. The margin (several match radii) makes the neighbouring tasks agree
+on every object near the common border, so each source lands in exactly one light curve.
+
+Objects
+-------
+1. *Seeds.* All detections of all epochs are binned on a fine grid (``seed_bin_px``, fixed
+   to the frame so neighbouring regions bin identically) and smoothed. Local maxima of
+   this detection-density map are object candidates; a candidate needs at least
+   ``min_epochs`` detections within the match radius, and candidates closer than the
+   match radius to a stronger one are suppressed. A star detected in many epochs is one
+   sharp peak however noisy its single-epoch centroids are, so the result does not depend
+   on the order of the epochs.
+2. *Association.* Every source goes to its nearest seed within the match radius; one
+   source per object per epoch: when two sources of an epoch claim an object, the nearer
+   wins and the other tries its second-nearest object.
+3. *Refinement.* Object positions become the median of their sources; the match radius is
+   ``max(match_radius_fwhm x FWHM, match_radius_min_px, 3 x astrometric rms)`` (the rms:
+   90th percentile over objects of the per-axis scatter of their positions, measured after
+   the first association); then the association is repeated once.
+4. Objects with fewer than ``min_epochs`` sources are dropped (their sources stay in
+   ``sources/``).
+
+Object ids are ``(field_index * 2**16 + region) * 2**24 + n``, ``n`` numbering the
+region's objects in (y, x) order: deterministic for the same input and configuration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from survey_proc.catalog import flags as F
+
+REGION_BITS = 16
+OBJECT_BITS = 24
+
+
+@dataclass(frozen=True)
+class Region:
+    """A square of the reference frame: pixel indices ``[x0, x1) x [y0, y1)``."""
+
+    index: int
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+    def contains(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Positions whose pixel lies in the region (coordinate interval ``[x0 - 0.5, x1 - 0.5)``)."""
+        return (x >= self.x0 - 0.5) & (x < self.x1 - 0.5) & (y >= self.y0 - 0.5) & (y < self.y1 - 0.5)
+
+
+def region_grid(ny: int, nx: int, region_px: int) -> list[Region]:
+    """Regions covering an ``ny x nx`` reference frame, row-major.
+
+    The outermost regions extend to infinity on their open sides, so sources that fall
+    just outside the reference frame (pointing offsets) still belong to some region.
+    """
+    regions = []
+    ys = list(range(0, ny, region_px))
+    xs = list(range(0, nx, region_px))
+    big = 10**9
+    for iy, y0 in enumerate(ys):
+        for ix, x0 in enumerate(xs):
+            regions.append(Region(len(regions),
+                                  -big if iy == 0 else y0, big if iy == len(ys) - 1 else y0 + region_px,
+                                  -big if ix == 0 else x0, big if ix == len(xs) - 1 else x0 + region_px))
+    return regions
+
+
+def object_ids(field_index: int, region: int, n: int) -> np.ndarray:
+    """Deterministic int64 ids for ``n`` objects of one region."""
+    if n >= 2**OBJECT_BITS or region >= 2**REGION_BITS:
+        raise ValueError(f"too many objects ({n}) or regions ({region}) for the object id layout")
+    base = (np.int64(field_index) * 2**REGION_BITS + np.int64(region)) * 2**OBJECT_BITS
+    return base + np.arange(n, dtype=np.int64)
+
+
+def find_seeds(x: np.ndarray, y: np.ndarray, radius_px: float, bin_px: float, min_count: int) -> np.ndarray:
+    """Object candidates ``(n, 2)`` (x, y) from the detection-density map of all epochs.
+
+    Parameters
+    ----------
+    x, y
+        Positions of every detection (reference frame, pixels).
+    radius_px
+        Match radius: the counting radius and the suppression radius (pixels).
+    bin_px
+        Bin size of the density map (pixels); bins are aligned to the frame's pixel edges.
+    min_count
+        Detections needed within ``radius_px`` of a candidate.
+    """
+    if len(x) == 0:
+        return np.zeros((0, 2))
+    # bins fixed to the frame: edge k at -0.5 + k * bin_px
+    kx = np.floor((x + 0.5) / bin_px).astype(np.int64)
+    ky = np.floor((y + 0.5) / bin_px).astype(np.int64)
+    kx0, ky0 = kx.min() - 4, ky.min() - 4
+    shape = (int(ky.max() - ky0 + 5), int(kx.max() - kx0 + 5))
+    hist = np.zeros(shape, np.float32)
+    np.add.at(hist, (ky - ky0, kx - kx0), 1.0)
+    dens = ndimage.gaussian_filter(hist, sigma=max(1.0, 0.25 / bin_px), mode="constant")
+    size = 2 * max(1, int(round(0.5 * radius_px / bin_px))) + 1
+    peaks = (dens == ndimage.maximum_filter(dens, size=size, mode="constant")) & (dens > 0)
+    py, px = np.nonzero(peaks)
+    if len(py) == 0:
+        return np.zeros((0, 2))
+    cx = (px + kx0 + 0.5) * bin_px - 0.5
+    cy = (py + ky0 + 0.5) * bin_px - 0.5
+    strength = dens[py, px]
+    tree = cKDTree(np.c_[x, y])
+    counts = tree.query_ball_point(np.c_[cx, cy], radius_px, return_length=True)
+    ok = counts >= min_count
+    cx, cy, strength, counts = cx[ok], cy[ok], strength[ok], counts[ok]
+    if len(cx) == 0:
+        return np.zeros((0, 2))
+    # refine each candidate to the mean of its detections, then suppress weaker neighbours
+    nbrs = tree.query_ball_point(np.c_[cx, cy], radius_px)
+    rx = np.array([x[i].mean() for i in nbrs])
+    ry = np.array([y[i].mean() for i in nbrs])
+    order = np.lexsort((ry, rx, -counts, -strength))
+    rx, ry = rx[order], ry[order]
+    ctree = cKDTree(np.c_[rx, ry])
+    alive = np.ones(len(rx), bool)
+    for i, near in enumerate(ctree.query_ball_point(np.c_[rx, ry], radius_px)):
+        if alive[i]:
+            for j in near:
+                if j > i:
+                    alive[j] = False
+    return np.c_[rx[alive], ry[alive]]
+
+
+def associate(seeds: np.ndarray, x: np.ndarray, y: np.ndarray, epoch: np.ndarray, radius_px: float) -> np.ndarray:
+    """Object index of every source (-1: none), one source per object per epoch.
+
+    Conflicts (two sources of one epoch nearest to one object) go to the nearer source;
+    the loser tries its second-nearest object.
+    """
+    n = len(x)
+    out = np.full(n, -1, np.int64)
+    if n == 0 or len(seeds) == 0:
+        return out
+    k = 2 if len(seeds) > 1 else 1
+    d, j = cKDTree(seeds).query(np.c_[x, y], k=k, distance_upper_bound=radius_px)
+    if k == 1:
+        d, j = d[:, None], j[:, None]
+    nseed = len(seeds)
+    taken: set[int] | np.ndarray = np.zeros(0, np.int64)
+    pending = np.arange(n)
+    for rank in range(k):
+        cand = pending[np.isfinite(d[pending, rank])]
+        if len(cand) == 0:
+            break
+        obj = j[cand, rank]
+        key = epoch[cand].astype(np.int64) * nseed + obj
+        free = ~np.isin(key, taken)
+        cand, obj, key = cand[free], obj[free], key[free]
+        order = np.lexsort((cand, d[cand, rank], key))
+        cand, obj, key = cand[order], obj[order], key[order]
+        first = np.r_[True, key[1:] != key[:-1]] if len(key) else np.zeros(0, bool)
+        out[cand[first]] = obj[first]
+        taken = np.union1d(taken, key[first])
+        pending = pending[out[pending] < 0]
+    return out
+
+
+def _object_stats(lc: pd.DataFrame) -> pd.DataFrame:
+    """Per-object photometric statistics over clean points (flags without PHOTOMETRY_BAD)."""
+    good = ((lc["flags"].to_numpy() & F.PHOTOMETRY_BAD) == 0) & np.isfinite(lc["mag"].to_numpy()) \
+        & np.isfinite(lc["mag_err"].to_numpy()) & (lc["mag_err"].to_numpy() > 0)
+    g = lc[good]
+    w = 1.0 / g["mag_err"].to_numpy() ** 2
+    tmp = pd.DataFrame({"obj": g["obj"].to_numpy(), "w": w, "wm": w * g["mag"].to_numpy(), "m": g["mag"].to_numpy(),
+                        "e": g["mag_err"].to_numpy()})
+    grp = tmp.groupby("obj")
+    s = pd.DataFrame({"n_good": grp.size(), "sw": grp["w"].sum(), "swm": grp["wm"].sum(),
+                      "mag_median": grp["m"].median(), "mag_std": grp["m"].std(ddof=1),
+                      "mag_err_median": grp["e"].median()})
+    s["mag_mean"] = s["swm"] / s["sw"]
+    tmp["mean"] = s["mag_mean"].reindex(tmp["obj"]).to_numpy()
+    tmp["chi"] = (tmp["m"] - tmp["mean"]) ** 2 * tmp["w"]
+    chi = tmp.groupby("obj")["chi"].sum()
+    s["chi2_const"] = chi / (s["n_good"] - 1).where(s["n_good"] > 1)
+    return s[["n_good", "mag_mean", "mag_median", "mag_std", "chi2_const", "mag_err_median"]]
+
+
+def crossmatch_region(src: pd.DataFrame, region: Region, *, field: str, field_index: int, fwhm_px: float,
+                      match_radius_fwhm: float, match_radius_min_px: float, min_epochs: int, seed_bin_px: float,
+                      ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Objects and light curves of one region.
+
+    Parameters
+    ----------
+    src
+        Sources of all epochs within the region plus its margin: columns source_id, epoch,
+        mjd, x_ref, y_ref, mag, mag_err, flux, flux_err, flags.
+    region
+        The region whose objects are kept.
+    fwhm_px
+        Typical FWHM of the field (pixels), for the match radius.
+
+    Returns
+    -------
+    objects, lightcurves, info
+        ``objects`` with object_id, x, y (reference frame) and statistics (no ra/dec yet);
+        ``lightcurves`` sorted by (object_id, mjd); ``info`` with the radius and counts.
+    """
+    x = src["x_ref"].to_numpy(float)
+    y = src["y_ref"].to_numpy(float)
+    ep = src["epoch"].to_numpy()
+    r0 = max(match_radius_fwhm * fwhm_px, match_radius_min_px)
+    seeds = find_seeds(x, y, r0, seed_bin_px, min_epochs)
+    obj = associate(seeds, x, y, ep, r0)
+    # refine positions and the radius
+    m = obj >= 0
+    pos = pd.DataFrame({"o": obj[m], "x": x[m], "y": y[m]}).groupby("o")
+    med = pos.median()
+    cnt = pos.size()
+    astrom = pos.std(ddof=1)
+    well = cnt >= 10
+    sigma90 = float(np.nanpercentile(astrom[well].to_numpy(), 90)) if well.any() else 0.0
+    radius = max(r0, 3.0 * sigma90)
+    radius = min(radius, max(r0, fwhm_px))  # never wider than a FWHM: beyond that we would merge neighbours
+    seeds2 = med[cnt >= min_epochs][["x", "y"]].to_numpy()
+    obj = associate(seeds2, x, y, ep, radius)
+
+    m = obj >= 0
+    lc = src[m].copy()
+    lc["obj"] = obj[m]
+    pos = lc.groupby("obj")
+    centre = pd.DataFrame({"x": pos["x_ref"].median(), "y": pos["y_ref"].median(), "n_epochs": pos.size(),
+                           "astrom_rms_px": np.sqrt(0.5 * (pos["x_ref"].var(ddof=1) + pos["y_ref"].var(ddof=1)))})
+    centre = centre[(centre["n_epochs"] >= min_epochs)
+                    & region.contains(centre["x"].to_numpy(), centre["y"].to_numpy())]
+    centre = centre.sort_values(["y", "x"], kind="stable")
+    ids = pd.Series(object_ids(field_index, region.index, len(centre)), index=centre.index)
+    lc = lc[lc["obj"].isin(centre.index)]
+    stats = _object_stats(lc)
+    objects = centre.join(stats, how="left")
+    objects["n_good"] = objects["n_good"].fillna(0).astype(np.int32)
+    objects.insert(0, "object_id", ids.reindex(objects.index).to_numpy())
+    objects.insert(1, "field", field)
+    objects.insert(2, "region", np.int32(region.index))
+    for c in ("period", "period_power", "depth", "duration", "p_periodic", "var_class_prob"):
+        objects[c] = np.nan
+    objects["var_class"] = pd.Series([None] * len(objects), dtype=object, index=objects.index)
+    objects = objects.reset_index(drop=True)
+    lc["object_id"] = ids.reindex(lc["obj"]).to_numpy()
+    lc["field"] = field
+    lc = lc.sort_values(["object_id", "mjd"], kind="stable").reset_index(drop=True)
+    info = {"match_radius_px": radius, "astrom_rms90_px": sigma90, "n_seeds": int(len(seeds)),
+            "n_objects": int(len(objects)), "n_points": int(len(lc)), "n_sources_in": int(len(src))}
+    return objects, lc, info

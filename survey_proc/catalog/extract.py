@@ -1,0 +1,147 @@
+"""Per-block extraction: pixels of a block of tiles -> one catalogue of owned detections.
+
+A block is a set of tiles whose windows (core + halo) are read together. The background
+is modelled once on the whole window (so neighbouring tiles of a block share it), every
+tile is searched on its own window, each tile keeps the detections its core owns (with
+the margin of :mod:`survey_proc.tiling`), and then the block measures them together:
+windowed centroids, aperture photometry, mask flags and the aperture correction.
+
+Nothing here knows about Dask or the store: the caller passes pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import sep
+
+from survey_proc.catalog import flags as F
+from survey_proc.config import RunConfig
+from survey_proc.detect import classical
+from survey_proc.photometry import aperture
+from survey_proc.tiling import Tile, owned
+
+COLUMNS = ("tile", "depth_px", "x", "y", "x_iso", "y_iso", "flux_aper", "flux_aper_err", "flux", "flux_err",
+           "snr", "bkg_adu", "npix", "peak_adu", "flags")
+
+
+@dataclass
+class BlockInfo:
+    """What a block measured about its pixels (kept in the epoch record)."""
+
+    n_detections: int
+    fwhm_px: float
+    n_fwhm_stars: int
+    apcorr: float
+    n_apcorr_stars: int
+    bkg_adu: float  # median background level (ADU)
+    rms_adu: float  # median background noise (ADU)
+    bad_px: int
+    fallback: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _empty() -> pd.DataFrame:
+    return pd.DataFrame({c: np.zeros(0, np.int32 if c in ("tile", "npix", "flags") else float) for c in COLUMNS})
+
+
+def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[int, int], tiles: list[Tile],
+                  gain_e_per_adu: float, saturation_adu: float, cfg: RunConfig) -> tuple[pd.DataFrame, BlockInfo]:
+    """Detect and measure the sources owned by ``tiles`` in a window of one epoch.
+
+    Parameters
+    ----------
+    image, mask
+        The window's pixels (ADU, sky not subtracted) and mask bits (or None).
+    origin_yx
+        Image-frame pixel index of the window's first row and column.
+    tiles
+        The block's tiles (image-frame indices); their halo windows lie inside the window.
+    gain_e_per_adu, saturation_adu
+        Detector gain (e-/ADU) and saturation level (ADU).
+    cfg
+        Run configuration (``detection`` and ``photometry`` sections).
+
+    Returns
+    -------
+    catalogue, info
+        One row per owned detection, positions in the image frame (0-based pixel centres),
+        fluxes in ADU; and a :class:`BlockInfo`.
+    """
+    oy, ox = origin_yx
+    bad = classical.bad_pixels(image, mask, saturation_adu)
+    bkg = classical.estimate_background(image, bad, cfg.detection)
+    data = np.ascontiguousarray(np.where(bad, 0.0, image - bkg.back), dtype=np.float32)
+    # One noise level per window: sep's per-mesh rms map counts star light as noise in crowded
+    # meshes (it halves the detections of a dense field); the sky + read noise is what matters.
+    noise = bkg.global_rms
+
+    parts = []
+    fallbacks = []
+    for t in tiles:
+        sl = (slice(t.hy0 - oy, t.hy1 - oy), slice(t.hx0 - ox, t.hx1 - ox))
+        objs, fallback = classical.extract(np.ascontiguousarray(data[sl]), np.ascontiguousarray(bad[sl]), noise,
+                                           cfg.detection)
+        if fallback:
+            fallbacks.append(fallback)
+        x = objs["x"] + t.hx0
+        y = objs["y"] + t.hy0
+        keep = owned(t, x, y, cfg.detection.own_margin_px)
+        o = objs[keep]
+        fl = np.zeros(len(o), np.int32)
+        fl[(o["flag"] & sep.OBJ_MERGED) != 0] |= F.BLENDED
+        fl[(o["flag"] & sep.OBJ_TRUNC) != 0] |= F.EDGE
+        if fallback:
+            fl |= F.EXTRACT_FALLBACK
+        parts.append(pd.DataFrame({"tile": np.full(len(o), t.index, np.int32), "x_iso": x[keep], "y_iso": y[keep],
+                                   "flux_iso": o["flux"], "npix": o["npix"].astype(np.int32),
+                                   "peak_adu": o["peak"].astype(float), "flags": fl}))
+    info_common = dict(bkg_adu=float(np.median(bkg.back)), rms_adu=bkg.global_rms, bad_px=int(bad.sum()),
+                       fallback=",".join(sorted(set(fallbacks))) or None)
+    det = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    if len(det) == 0:
+        return _empty(), BlockInfo(0, cfg.photometry.fwhm_default_px, 0, 1.0, 0, **info_common)
+
+    xw = det["x_iso"].to_numpy() - ox
+    yw = det["y_iso"].to_numpy() - oy
+    flags = det["flags"].to_numpy().copy()
+    # a rough S/N of the isophotal flux selects the bright stars for FWHM and aperture correction
+    iso_var = det["npix"].to_numpy() * bkg.global_rms**2 + np.clip(det["flux_iso"].to_numpy(), 0, None) / gain_e_per_adu
+    snr_iso = det["flux_iso"].to_numpy() / np.sqrt(iso_var)
+    pcfg = cfg.photometry
+    clean = (flags & F.EDGE) == 0  # (at 1.5 sigma most bright stars touch a neighbour: BLENDED is normal)
+    fwhm, n_fwhm = aperture.estimate_fwhm(data, bad, xw, yw, snr_iso, clean, pcfg)
+
+    xc, yc, failed = aperture.windowed_centroids(data, bad, xw, yw, fwhm, pcfg.winpos_subpix)
+    flags[failed] |= F.CENTROID
+    r_ap = pcfg.aperture_fwhm * fwhm
+    f_ap, f_ap_err, trunc = aperture.aperture_flux(data, noise, bad, xc, yc, r_ap, gain_e_per_adu)
+    flags[trunc] |= F.EDGE
+    flags |= aperture.mask_bits_in_aperture(mask, bad, xc, yc, r_ap)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = np.where(f_ap_err > 0, f_ap / f_ap_err, 0.0)
+    ok = (flags & (F.PHOTOMETRY_BAD | F.CENTROID)) == 0
+    apcorr, n_ap = aperture.aperture_correction(data, bad, xc, yc, f_ap, snr, ok, fwhm, pcfg)
+    flags[f_ap <= 0] |= F.NONPOSITIVE
+
+    x_img, y_img = xc + ox, yc + oy
+    tile_of = {t.index: t for t in tiles}
+    depth = np.empty(len(det))
+    for idx, t in tile_of.items():
+        sel = det["tile"].to_numpy() == idx
+        depth[sel] = t.depth_px(x_img[sel], y_img[sel])
+    iy = np.clip(np.round(yc).astype(int), 0, image.shape[0] - 1)
+    ix = np.clip(np.round(xc).astype(int), 0, image.shape[1] - 1)
+    out = pd.DataFrame({
+        "tile": det["tile"].to_numpy(), "depth_px": depth, "x": x_img, "y": y_img,
+        "x_iso": det["x_iso"].to_numpy(), "y_iso": det["y_iso"].to_numpy(),
+        "flux_aper": f_ap, "flux_aper_err": f_ap_err, "flux": f_ap * apcorr, "flux_err": f_ap_err * apcorr,
+        "snr": snr, "bkg_adu": bkg.back[iy, ix].astype(float), "npix": det["npix"].to_numpy(),
+        "peak_adu": det["peak_adu"].to_numpy(), "flags": flags.astype(np.int32),
+    })
+    info = BlockInfo(len(out), fwhm, n_fwhm, apcorr, n_ap, **info_common)
+    return out, info

@@ -1,0 +1,33 @@
+"""The ``flags`` bit mask of sources and light-curve points (int32), documented in one place.
+
+A flag never removes a row: it says why a measurement may be less trustworthy. Clean
+photometry is ``flags & PHOTOMETRY_BAD == 0``.
+"""
+
+from __future__ import annotations
+
+SATURATED = 1 << 0  # the photometric aperture holds a saturated pixel
+MASKED = 1 << 1  # the aperture holds a bad pixel (bad column, NaN or inf in the image)
+COSMIC = 1 << 2  # the aperture holds a pixel flagged as a cosmic-ray hit
+BLENDED = 1 << 3  # deblended from a larger connected region (its isophote touched another source)
+EDGE = 1 << 4  # the object or aperture is truncated by the image edge
+CENTROID = 1 << 5  # the windowed centroid failed or moved > 1 px: the isophotal centre is kept
+NONPOSITIVE = 1 << 6  # flux <= 0: magnitudes are NaN
+EXTRACT_FALLBACK = 1 << 7  # the epoch was extracted with relaxed settings after a sep overflow
+ZP_MODEL = 1 << 8  # the epoch's zero point comes from the cross-epoch model (too few reference stars)
+NO_WCS = 1 << 9  # the epoch has no WCS: ra/dec are NaN, the cross-match uses pixel positions
+FORCED = 1 << 10  # reserved: forced photometry at an object position (no detection)
+
+NAMES: dict[int, str] = {
+    SATURATED: "SATURATED", MASKED: "MASKED", COSMIC: "COSMIC", BLENDED: "BLENDED", EDGE: "EDGE",
+    CENTROID: "CENTROID", NONPOSITIVE: "NONPOSITIVE", EXTRACT_FALLBACK: "EXTRACT_FALLBACK",
+    ZP_MODEL: "ZP_MODEL", NO_WCS: "NO_WCS", FORCED: "FORCED",
+}
+
+# flags that make a point unfit for photometric statistics (object means, calibration)
+PHOTOMETRY_BAD = SATURATED | MASKED | COSMIC | EDGE | NONPOSITIVE
+
+
+def describe(flags: int) -> list[str]:
+    """Names of the bits set in ``flags``."""
+    return [name for bit, name in NAMES.items() if flags & bit]

@@ -1,0 +1,83 @@
+"""Column contracts of the Parquet outputs (DESIGN.md), as pyarrow schemas.
+
+The DESIGN.md columns come first, in its order, with its names and units; columns after
+them are additions (allowed: never rename, never drop). Writers cast to these schemas, so
+a type drift fails loudly at write time instead of in a user's DuckDB query.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SOURCES = pa.schema([
+    ("field", pa.string()),
+    ("epoch", pa.int32()),
+    ("mjd", pa.float64()),
+    ("source_id", pa.int64()),
+    ("tile", pa.int32()),
+    ("x", pa.float64()),  # epoch pixel frame, 0-based, pixel centres at integers
+    ("y", pa.float64()),
+    ("ra", pa.float64()),  # deg, NaN without a WCS
+    ("dec", pa.float64()),
+    ("flux", pa.float64()),  # ADU per exposure, total (aperture-corrected)
+    ("flux_err", pa.float64()),
+    ("mag_inst", pa.float64()),  # -2.5 log10(flux)
+    ("mag_inst_err", pa.float64()),
+    ("mag_err_aleatoric", pa.float64()),
+    ("mag_err_epistemic", pa.float64()),
+    ("mag", pa.float64()),  # calibrated
+    ("mag_err", pa.float64()),  # includes the zero-point error
+    ("confidence", pa.float32()),  # 0..1
+    ("flags", pa.int32()),  # survey_proc.catalog.flags
+    # additions
+    ("x_ref", pa.float64()),  # field reference pixel frame
+    ("y_ref", pa.float64()),
+    ("flux_aper", pa.float64()),  # ADU inside the aperture
+    ("flux_aper_err", pa.float64()),
+    ("snr", pa.float32()),
+    ("bkg_adu", pa.float32()),  # local background (ADU per pixel)
+    ("npix", pa.int32()),  # pixels above the detection threshold
+    ("peak_adu", pa.float32()),
+    ("zp", pa.float64()),  # the epoch's zero point (mag for 1 ADU per exposure)
+])
+
+OBJECTS = pa.schema([
+    ("object_id", pa.int64()),
+    ("field", pa.string()),
+    ("region", pa.int32()),
+    ("ra", pa.float64()),
+    ("dec", pa.float64()),
+    ("x", pa.float64()),  # reference frame
+    ("y", pa.float64()),
+    ("n_epochs", pa.int32()),
+    ("mag_mean", pa.float64()),  # inverse-variance weighted mean of clean points
+    ("mag_median", pa.float64()),
+    ("mag_std", pa.float64()),
+    ("chi2_const", pa.float64()),  # reduced chi^2 about mag_mean
+    ("period", pa.float64()),  # days
+    ("period_power", pa.float64()),
+    ("depth", pa.float64()),
+    ("duration", pa.float64()),
+    ("p_periodic", pa.float64()),
+    ("var_class", pa.string()),
+    ("var_class_prob", pa.float64()),
+    # additions
+    ("n_good", pa.int32()),  # points without PHOTOMETRY_BAD flags
+    ("mag_err_median", pa.float64()),
+    ("astrom_rms_px", pa.float64()),  # rms scatter of the positions per axis (reference frame)
+])
+
+LIGHTCURVES = pa.schema([
+    ("object_id", pa.int64()),
+    ("field", pa.string()),
+    ("epoch", pa.int32()),
+    ("mjd", pa.float64()),
+    ("mag", pa.float64()),
+    ("mag_err", pa.float64()),
+    ("flux", pa.float64()),
+    ("flux_err", pa.float64()),
+    ("flags", pa.int32()),
+    ("source_id", pa.int64()),  # null for forced measurements
+])
+
+SCHEMAS = {"sources": SOURCES, "objects": OBJECTS, "lightcurves": LIGHTCURVES}

@@ -1,0 +1,212 @@
+"""One typed run configuration for ``survey-proc run``, loadable from TOML, echoed into run.json.
+
+A TOML file may set any top-level key and any key of the sections ``[detection]``,
+``[photometry]``, ``[calibration]`` and ``[crossmatch]``::
+
+    tile_px = 512
+    halo_px = 32
+    [detection]
+    thresh_sigma = 2.0
+    [crossmatch]
+    region_px = 1024
+
+Command-line options override the file. Unknown keys are errors (a typo must not be
+silently ignored in an overnight run).
+
+The *processing fingerprint* (:meth:`RunConfig.fingerprint`) hashes every setting that
+changes the numbers in the outputs. ``--resume`` refuses an output directory written with
+a different fingerprint, so a resumed run never mixes two configurations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from survey_proc.errors import ConfigError
+
+DETECTORS = ("sep", "pnet")
+CLUSTERS = ("local", "cuda")
+MODES = ("resume", "overwrite")
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    """Classical (sep) background and extraction settings."""
+
+    bkg_mesh_px: int = 32  # background mesh size (pixels); small: the sky is estimated locally
+    bkg_filter_px: int = 3  # median filter over meshes
+    thresh_sigma: float = 1.5  # detection threshold in units of the background rms
+    minarea_px: int = 3  # minimum connected pixels above threshold
+    deblend_nthresh: int = 32
+    deblend_cont: float = 0.0005  # low contrast: deblend aggressively in crowded fields
+    pixstack: int = 3_000_000  # sep pixel buffer (pixels); raised once on overflow
+    sub_object_limit: int = 4096  # sep deblending sub-object limit; raised once on overflow
+    own_margin_px: float = 2.0  # a tile keeps detections up to this far outside its core
+    dedup_radius_fwhm: float = 0.5  # border de-duplication radius (x FWHM, at least 1 px)
+
+
+@dataclass(frozen=True)
+class PhotometryConfig:
+    """Aperture photometry settings (radii scale with the measured FWHM of each block)."""
+
+    aperture_fwhm: float = 1.0  # aperture radius in units of the FWHM
+    apcorr_fwhm: float = 4.0  # radius for the aperture correction to total flux (x FWHM; 99.7 % of a Moffat(3))
+    apcorr_snr_min: float = 50.0  # stars used for the aperture correction and the FWHM
+    winpos_subpix: int = 5  # sub-pixel sampling of sep's windowed centroids
+    fwhm_default_px: float = 2.5  # used when a block has too few bright stars to measure it
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Per-epoch photometric zero point against a reference catalogue."""
+
+    match_radius_px: float = 1.0  # reference star <-> detection
+    isolation_fwhm: float = 3.0  # no other detection within this radius (x FWHM)
+    snr_min: float = 20.0
+    clip_sigma: float = 3.0  # sigma clipping about the median with a MAD scale
+    min_stars: int = 10  # fewer: the epoch takes the zero point of the cross-epoch model
+    max_stars: int = 300  # the brightest usable stars
+    reference_epoch: int | None = None  # relative calibration only; None: most detections
+
+
+@dataclass(frozen=True)
+class CrossmatchConfig:
+    """Cross-match over epochs, per spatial region of the reference frame."""
+
+    region_px: int = 512
+    match_radius_fwhm: float = 0.5  # association radius: max(this x FWHM, 3 x astrometric rms, min)
+    match_radius_min_px: float = 1.0
+    min_epochs: int = 3  # objects detected in fewer epochs are dropped
+    seed_bin_px: float = 0.25  # detection-density map used to seed objects
+
+
+SECTIONS: dict[str, type] = {
+    "detection": DetectionConfig,
+    "photometry": PhotometryConfig,
+    "calibration": CalibrationConfig,
+    "crossmatch": CrossmatchConfig,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything ``survey-proc run`` needs. Paths are strings so the config is JSON-able."""
+
+    store: str = ""
+    out: str = ""
+    epochs: int | None = None  # process the first N epochs of each field (None: all)
+    fields: tuple[str, ...] | None = None  # None: every field of the store
+    detector: str = "sep"
+    cluster: str = "local"
+    scheduler: str | None = None
+    workers: int | None = None  # None: one per core (local) or per GPU (cuda)
+    threads_per_worker: int = 1
+    tile_px: int = 512
+    halo_px: int = 32
+    tiles_per_task: int = 16  # a task reads one window holding this many tiles
+    reference: str | None = None  # None: the store's reference_catalog attribute
+    mode: str = "resume"
+    progress: bool = True
+    evaluate: bool = True  # compare with truth when the store was simulated
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+    photometry: PhotometryConfig = field(default_factory=PhotometryConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    crossmatch: CrossmatchConfig = field(default_factory=CrossmatchConfig)
+
+    # settings that do not change output values
+    _NOT_FINGERPRINTED = ("store", "out", "epochs", "fields", "cluster", "scheduler", "workers",
+                          "threads_per_worker", "tiles_per_task", "mode", "progress", "evaluate")
+
+    def validate(self) -> RunConfig:
+        """Check values; raise :class:`ConfigError` naming the setting. Returns self."""
+        if self.detector not in DETECTORS:
+            raise ConfigError(f"detector must be one of {', '.join(DETECTORS)}, got {self.detector!r}")
+        if self.cluster not in CLUSTERS:
+            raise ConfigError(f"cluster must be one of {', '.join(CLUSTERS)}, got {self.cluster!r}")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.tile_px < 64:
+            raise ConfigError(f"tile_px must be >= 64 pixels, got {self.tile_px}")
+        if not 0 <= self.halo_px <= self.tile_px:
+            raise ConfigError(f"halo_px must be between 0 and tile_px ({self.tile_px}), got {self.halo_px}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"epochs must be a positive number of epochs, got {self.epochs}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        if self.crossmatch.region_px < 64:
+            raise ConfigError(f"crossmatch.region_px must be >= 64 pixels, got {self.crossmatch.region_px}")
+        if self.crossmatch.min_epochs < 1:
+            raise ConfigError(f"crossmatch.min_epochs must be >= 1, got {self.crossmatch.min_epochs}")
+        if self.calibration.min_stars < 1:
+            raise ConfigError(f"calibration.min_stars must be >= 1, got {self.calibration.min_stars}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (the form echoed into run.json)."""
+        d = dataclasses.asdict(self)
+        if d["fields"] is not None:
+            d["fields"] = list(d["fields"])
+        return d
+
+    def fingerprint(self) -> str:
+        """Hash of every setting that changes output values (16 hex digits)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in self._NOT_FINGERPRINTED}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _section(cls: type, name: str, values: dict[str, Any]) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in [{name}]: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def config_from_dict(data: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
+    """Build a :class:`RunConfig` from a (TOML-shaped) dict, on top of ``base``."""
+    base = base or RunConfig()
+    top_known = {f.name for f in fields(RunConfig)}
+    unknown = sorted(set(data) - top_known)
+    if unknown:
+        raise ConfigError(f"unknown run setting(s): {', '.join(unknown)}; sections are "
+                          f"{', '.join('[' + s + ']' for s in SECTIONS)}")
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{key}] must be a table of settings, got {value!r}")
+            current = dataclasses.asdict(getattr(base, key))
+            changes[key] = _section(SECTIONS[key], key, current | value)
+        elif key == "fields" and value is not None:
+            changes[key] = tuple(str(v) for v in value)
+        else:
+            changes[key] = value
+    return replace(base, **changes)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read ``path`` (TOML, optional), apply ``overrides`` (None values are ignored), validate."""
+    cfg = RunConfig()
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"run configuration {p} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"run configuration {p} is not valid TOML: {exc}") from None
+        cfg = config_from_dict(data, cfg)
+    if overrides:
+        cfg = config_from_dict({k: v for k, v in overrides.items() if v is not None}, cfg)
+    return cfg.validate()
+
+
+def config_from_json(d: dict[str, Any]) -> RunConfig:
+    """Inverse of :meth:`RunConfig.to_dict` (used by worker tasks)."""
+    return config_from_dict(d)

@@ -1,0 +1,1 @@
+"""Detectors: the classical baseline (sep) and the learned one (PNet)."""

@@ -1,0 +1,427 @@
+"""The task graph of ``survey-proc run``: plan, submit, resume, record.
+
+Stages, in order, each with its own progress bar:
+
+1. **extract**: per (field, epoch), one task per block of tiles (reads its own pixels from
+   Zarr) and one finalize task that merges the blocks, de-duplicates borders, adds
+   astrometry, fits the zero point against the reference catalogue and writes
+   ``sources/field=F/epoch=E.parquet``.
+2. **calibrate**: per field, the cross-epoch zero-point model (with airmass term). Without
+   a reference catalogue, every epoch is first calibrated against the stable stars of a
+   reference epoch (the one with most detections). Epochs with too few reference stars
+   take the model's zero point. Affected units are rewritten atomically. Writes
+   ``epochs.parquet``.
+3. **crossmatch**: per (field, region), objects and light curves.
+
+Resume: a unit whose file exists with this run's configuration fingerprint (and, for
+regions, the same inputs digest) is skipped. Failures of single units (a corrupt chunk, an
+unusable WCS) are recorded in run.json and the run goes on; later stages use what exists.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from survey_proc import __version__, store
+from survey_proc.catalog import calibrate as cal
+from survey_proc.catalog.crossmatch import Region, region_grid
+from survey_proc.config import RunConfig
+from survey_proc.distributed import tasks
+from survey_proc.errors import ConfigError, SurveyProcError
+from survey_proc.outputs import (
+    OutputLayout,
+    clean_temporaries,
+    prepare,
+    read_meta,
+    write_json_atomic,
+    write_parquet_atomic,
+)
+from survey_proc.tiling import block_window, tile_blocks, tile_grid
+
+REFERENCE_COLUMNS = ("ra", "dec", "mag", "mag_err")
+
+
+@dataclass
+class FieldPlan:
+    """What a run does with one field."""
+
+    field: str
+    index: int  # position in the store's sorted field list (part of source/object ids)
+    n_epochs: int  # epochs processed: the first n of the store
+    ny: int
+    nx: int
+    gain_e_per_adu: float
+    saturation_adu: float
+    zeropoint_nominal: float
+    ref_wcs_text: str
+    epoch_meta: list[dict[str, Any]]
+    blocks: list[tuple[list, tuple[int, int, int, int]]]  # (tiles, window)
+    regions: list[Region]
+
+
+@dataclass
+class RunState:
+    """What the driver learns while the run goes (becomes run.json)."""
+
+    records: dict[tuple[str, int], dict] = field(default_factory=dict)  # (field, epoch) -> sources record
+    regions: dict[tuple[str, int], dict] = field(default_factory=dict)
+    failures: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, dict] = field(default_factory=dict)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"survey_proc": __version__, "python": platform.python_version()}
+    for name in ("numpy", "dask", "distributed", "zarr", "xarray", "sep", "astropy", "pyarrow", "pandas", "scipy",
+                 "torch"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def resolve_reference(cfg: RunConfig) -> Path | None:
+    """The reference catalogue to use (``--reference`` or the store's), checked; None: relative calibration."""
+    path = Path(cfg.reference) if cfg.reference else store.reference_catalog_path(cfg.store)
+    if path is None:
+        return None
+    if not path.exists():
+        src = "--reference" if cfg.reference else f"the store's reference_catalog attribute ({cfg.store})"
+        raise ConfigError(f"reference catalogue {path} (from {src}) does not exist; pass --reference PATH "
+                          "or remove the attribute to calibrate relative to a reference epoch")
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+    except Exception as exc:
+        raise ConfigError(f"reference catalogue {path} is not a readable Parquet file ({exc})") from None
+    missing = [c for c in REFERENCE_COLUMNS if c not in names]
+    if missing:
+        raise ConfigError(f"reference catalogue {path} lacks column(s) {', '.join(missing)}; "
+                          f"it needs {', '.join(REFERENCE_COLUMNS)} (deg, deg, mag, mag)")
+    return path.resolve()
+
+
+def plan_fields(cfg: RunConfig) -> list[FieldPlan]:
+    """One :class:`FieldPlan` per field to process."""
+    all_fields = store.list_fields(cfg.store)
+    if not all_fields:
+        raise SurveyProcError(f"{cfg.store}: the store has no fields")
+    wanted = list(cfg.fields) if cfg.fields else all_fields
+    unknown = [f for f in wanted if f not in all_fields]
+    if unknown:
+        raise ConfigError(f"--fields {', '.join(unknown)}: not in {cfg.store} (it has {', '.join(all_fields)})")
+    plans = []
+    for fid in wanted:
+        attrs = store.field_attrs(cfg.store, fid)
+        n_total, ny, nx = store.image_shape(cfg.store, fid)
+        n = n_total if cfg.epochs is None else min(cfg.epochs, n_total)
+        table = store.read_epoch_table(cfg.store, fid)
+        metas = [{"mjd": float(table["mjd"][e]), "exptime": float(table["exptime"][e]),
+                  "airmass": float(table["airmass"][e]), "wcs": str(table["wcs"][e])} for e in range(n)]
+        ref_wcs = attrs.get("reference_wcs") or next((m["wcs"] for m in metas if m["wcs"]), "")
+        _, cy, cx = store.image_chunks(cfg.store, fid)
+        tiles = tile_grid(ny, nx, cfg.tile_px, cfg.halo_px)
+        blocks = [(b, block_window(b)) for b in tile_blocks(tiles, cfg.tiles_per_task, (cy, cx))]
+        plans.append(FieldPlan(fid, all_fields.index(fid), n, ny, nx, float(attrs["gain_e_per_adu"]),
+                               float(attrs.get("saturation_adu", np.inf)), float(attrs["zeropoint_nominal"]),
+                               ref_wcs, metas, blocks, region_grid(ny, nx, cfg.crossmatch.region_px)))
+    return plans
+
+
+class _Bars:
+    """One rich progress bar per stage (disabled when progress is off)."""
+
+    def __init__(self, enabled: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), disable=not enabled)
+
+    def __enter__(self) -> _Bars:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def add(self, name: str, total: int, done: int = 0) -> Any:
+        return self.progress.add_task(name, total=total, completed=done)
+
+    def advance(self, task: Any) -> None:
+        self.progress.advance(task)
+
+
+def _gather(client: Any, futures: dict[Any, Any], bars: _Bars, bar: Any, state: RunState, stage: str,
+            on_result: Any) -> None:
+    """Wait for futures (future -> unit description), record results or failures."""
+    from distributed import as_completed
+
+    for fut in as_completed(list(futures)):
+        unit = futures.pop(fut)
+        try:
+            on_result(unit, fut.result())
+        except Exception as exc:  # a failed unit must not stop the run
+            state.failures.append({"stage": stage, **unit, "error": f"{type(exc).__name__}: {exc}"})
+        finally:
+            fut.release()
+            if bar is not None:
+                bars.advance(bar)
+
+
+def _stage_extract(client: Any, cfg: RunConfig, plans: list[FieldPlan], reference: Path | None, fp: str,
+                   state: RunState, bars: _Bars, run_token: str) -> None:
+    layout = OutputLayout(cfg.out)
+    cfg_json = json.dumps(cfg.to_dict())
+    todo = []
+    for p in plans:
+        for e in range(p.n_epochs):
+            rec = read_meta(layout.sources(p.field, e))
+            if rec is not None and rec.get("fingerprint") == fp:
+                state.records[(p.field, e)] = rec
+            else:
+                todo.append((p, e))
+    total = sum(p.n_epochs for p in plans)
+    bar = bars.add("extract", total, total - len(todo))
+    state.counts["epochs_skipped_resume"] = total - len(todo)
+    futures: dict[Any, dict] = {}
+    for p, e in todo:
+        blocks = [client.submit(tasks.extract_block_task, cfg.store, p.field, e, tiles, window, p.gain_e_per_adu,
+                                p.saturation_adu, cfg_json, key=f"extract-{p.field}-{e}-{b}-{run_token}",
+                                retries=1)
+                  for b, (tiles, window) in enumerate(p.blocks)]
+        fut = client.submit(tasks.finalize_epoch_task, blocks, cfg.out, p.field, p.index, e, p.epoch_meta[e],
+                            p.ref_wcs_text, str(reference) if reference else None, cfg_json, fp, time.time(),
+                            key=f"epoch-{p.field}-{e}-{run_token}", retries=1)
+        futures[fut] = {"field": p.field, "epoch": e}
+
+    def done(unit: dict, rec: dict) -> None:
+        state.records[(unit["field"], unit["epoch"])] = rec
+
+    _gather(client, futures, bars, bar, state, "extract", done)
+
+
+def _choose_reference_epoch(cfg: RunConfig, recs: dict[int, dict]) -> int:
+    if cfg.calibration.reference_epoch is not None:
+        if cfg.calibration.reference_epoch not in recs:
+            raise ConfigError(f"calibration.reference_epoch = {cfg.calibration.reference_epoch} was not extracted "
+                              f"in this run (epochs 0..{max(recs)})")
+        return cfg.calibration.reference_epoch
+    return max(sorted(recs), key=lambda e: recs[e]["n_sources"])
+
+
+def _stage_calibrate(client: Any, cfg: RunConfig, plans: list[FieldPlan], reference: Path | None, fp: str,
+                     state: RunState, bars: _Bars) -> None:
+    layout = OutputLayout(cfg.out)
+    cfg_json = json.dumps(cfg.to_dict())
+    bar = bars.add("calibrate", len(plans))
+    for p in plans:
+        recs = {e: state.records[(p.field, e)] for e in range(p.n_epochs) if (p.field, e) in state.records}
+        if not recs:
+            bars.advance(bar)
+            continue
+        info: dict[str, Any] = {"reference": str(reference) if reference else "internal"}
+        ref_path = str(reference) if reference else None
+        pending = [e for e, r in recs.items() if r["zp"]["status"] == "pending"]
+        if reference is None:
+            ipath = layout.internal_reference(p.field)
+            if read_meta(ipath) is None or read_meta(ipath).get("fingerprint") != fp:
+                ref_epoch = _choose_reference_epoch(cfg, recs)
+                src = pq.read_table(layout.sources(p.field, ref_epoch)).to_pandas()
+                iref = cal.internal_reference(src, p.zeropoint_nominal, recs[ref_epoch]["fwhm_px"], cfg.calibration)
+                schema = pa.schema([(c, pa.float64()) for c in ("ra", "dec", "x_ref", "y_ref", "mag", "mag_err")])
+                write_parquet_atomic(iref, schema, ipath,
+                                     {"fingerprint": fp, "reference_epoch": ref_epoch, "n_stars": len(iref)})
+            info["reference_epoch"] = read_meta(ipath)["reference_epoch"]
+            info["reference_stars"] = read_meta(ipath)["n_stars"]
+            ref_path = str(ipath)
+            futures = {client.submit(tasks.recalibrate_epoch_task, cfg.out, p.field, e, None, ref_path, p.ref_wcs_text,
+                                     cfg_json, fp, pure=False): {"field": p.field, "epoch": e} for e in pending}
+
+            def done(unit: dict, rec: dict) -> None:
+                state.records[(unit["field"], unit["epoch"])] = rec
+                recs[unit["epoch"]] = rec
+
+            _gather(client, futures, bars, None, state, "calibrate", done)
+        table = pd.DataFrame([{"epoch": e, "airmass": r["airmass"], "zp": r["zp"]["zp"], "zp_err": r["zp"]["zp_err"],
+                               "zp_status": r["zp"]["status"]} for e, r in sorted(recs.items())])
+        model = cal.fit_airmass_model(table, cfg.calibration.clip_sigma)
+        info["model"] = model
+        needs_model = [e for e, r in recs.items() if r["zp"]["status"] in ("few", "pending")]
+        if needs_model and not np.isfinite(model["zp0"]):
+            for e in needs_model:
+                state.failures.append({"stage": "calibrate", "field": p.field, "epoch": e,
+                                       "error": "no epoch of this field could be calibrated, so there is no zero-point "
+                                                "model either; check the reference catalogue covers the field"})
+        elif needs_model:
+            futures = {}
+            for e in needs_model:
+                r = recs[e]
+                zp = cal.ZeroPoint(cal.model_zeropoint(model, r["airmass"]), float(model["scatter"]),
+                                   float(model["scatter"]), 0, int(r["zp"]["n_candidates"]), "model")
+                futures[client.submit(tasks.recalibrate_epoch_task, cfg.out, p.field, e, zp.to_dict(), None,
+                                      p.ref_wcs_text, cfg_json, fp, pure=False)] = {"field": p.field, "epoch": e}
+
+            def done2(unit: dict, rec: dict) -> None:
+                state.records[(unit["field"], unit["epoch"])] = rec
+
+            _gather(client, futures, bars, None, state, "calibrate", done2)
+        info["n_model_epochs"] = len(needs_model)
+        state.calibration[p.field] = info
+        bars.advance(bar)
+    rows = [{"field": f, "epoch": e, "mjd": r["mjd"], "airmass": r["airmass"], "exptime_s": r["exptime_s"],
+             "n_sources": r["n_sources"], "fwhm_px": r["fwhm_px"], "apcorr": r["apcorr"], "bkg_adu": r["bkg_adu"],
+             "rms_adu": r["rms_adu"], "zp": r["zp"]["zp"], "zp_err": r["zp"]["zp_err"],
+             "zp_scatter": r["zp"]["scatter"], "zp_n_stars": r["zp"]["n_used"], "zp_status": r["zp"]["status"],
+             "fallback": r["fallback"] or ""}
+            for (f, e), r in sorted(state.records.items())]
+    if rows:
+        df = pd.DataFrame(rows)
+        write_parquet_atomic(df, pa.Schema.from_pandas(df, preserve_index=False), layout.epochs_table,
+                             {"fingerprint": fp})
+
+
+def _stage_crossmatch(client: Any, cfg: RunConfig, plans: list[FieldPlan], fp: str, state: RunState,
+                      bars: _Bars) -> None:
+    cfg_json = json.dumps(cfg.to_dict())
+    futures: dict[Any, dict] = {}
+    total = sum(len(p.regions) for p in plans)
+    skipped = 0
+    submit = []
+    for p in plans:
+        recs = [state.records[(p.field, e)] for e in range(p.n_epochs) if (p.field, e) in state.records]
+        recs = [r for r in recs if np.isfinite(r["zp"]["zp"])]
+        if not recs:
+            continue
+        epochs = sorted(int(r["epoch"]) for r in recs)
+        digest = tasks.inputs_digest(recs)
+        fwhm = float(np.median([r["fwhm_px"] for r in recs]))
+        for reg in p.regions:
+            if tasks.region_done(cfg.out, p.field, reg.index, fp, digest):
+                skipped += 1
+                state.regions[(p.field, reg.index)] = read_meta(OutputLayout(cfg.out).objects(p.field, reg.index))
+                continue
+            submit.append((p, reg, epochs, fwhm, digest))
+    bar = bars.add("crossmatch", total, skipped)
+    state.counts["regions_skipped_resume"] = skipped
+    for p, reg, epochs, fwhm, digest in submit:
+        fut = client.submit(tasks.crossmatch_region_task, cfg.out, p.field, p.index, reg, epochs, fwhm, p.ref_wcs_text,
+                            cfg_json, fp, digest, pure=False, retries=1)
+        futures[fut] = {"field": p.field, "region": reg.index}
+
+    def done(unit: dict, rec: dict) -> None:
+        state.regions[(unit["field"], unit["region"])] = rec
+
+    _gather(client, futures, bars, bar, state, "crossmatch", done)
+
+
+def run_pipeline(cfg: RunConfig, client: Any = None) -> dict[str, Any]:
+    """Run every stage for ``cfg``; returns the run.json content (also written to ``OUT/run.json``).
+
+    Parameters
+    ----------
+    cfg
+        A validated run configuration with ``store`` and ``out`` set.
+    client
+        An existing Dask client (tests, notebooks); None starts/attaches the cluster ``cfg`` names.
+    """
+    from survey_proc.distributed.cluster import make_client
+
+    t_all = time.perf_counter()
+    if not cfg.store or not cfg.out:
+        raise ConfigError("a run needs a store and an --out directory")
+    store.validate_store(cfg.store)
+    fp = cfg.fingerprint()
+    prepare(cfg.out, cfg.mode, fp)
+    clean_temporaries(cfg.out)
+    layout = OutputLayout(cfg.out)
+    reference = resolve_reference(cfg)
+    plans = plan_fields(cfg)
+    state = RunState()
+    run = {"status": "running", "started_unix": time.time(), "config": cfg.to_dict(), "fingerprint": fp,
+           "versions": _versions(), "store": str(Path(cfg.store).resolve()),
+           "reference_catalog": str(reference) if reference else None,
+           "fields": {p.field: {"epochs": p.n_epochs, "shape": [p.ny, p.nx], "blocks_per_epoch": len(p.blocks),
+                                "tiles_per_epoch": sum(len(b[0]) for b in p.blocks), "regions": len(p.regions)}
+                      for p in plans}}
+    write_json_atomic(run, layout.run_json)
+    run_token = uuid.uuid4().hex[:8]
+
+    def stages(c: Any) -> None:
+        with _Bars(cfg.progress) as bars:
+            t = time.perf_counter()
+            _stage_extract(c, cfg, plans, reference, fp, state, bars, run_token)
+            state.timings["extract_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            _stage_calibrate(c, cfg, plans, reference, fp, state, bars)
+            state.timings["calibrate_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            _stage_crossmatch(c, cfg, plans, fp, state, bars)
+            state.timings["crossmatch_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if client is not None:
+        state.timings["cluster_start_s"] = 0.0
+        stages(client)
+    else:
+        with make_client(cfg.cluster, scheduler=cfg.scheduler, workers=cfg.workers,
+                         threads_per_worker=cfg.threads_per_worker, quiet=not cfg.progress) as c:
+            state.timings["cluster_start_s"] = time.perf_counter() - t
+            stages(c)
+    state.timings["total_s"] = time.perf_counter() - t_all
+    run.update(_run_summary(state, plans))
+    run["status"] = "complete" if not state.failures else "incomplete"
+    write_json_atomic(run, layout.run_json)
+    return run
+
+
+def _run_summary(state: RunState, plans: list[FieldPlan]) -> dict[str, Any]:
+    recs = list(state.records.values())
+    n_src = np.array([r["n_sources"] for r in recs]) if recs else np.zeros(0)
+    regs = list(state.regions.values())
+    fallbacks = [{"field": r["field"], "epoch": r["epoch"], "fallback": r["fallback"]} for r in recs if r["fallback"]]
+    zp_by_field = {}
+    for p in plans:
+        z = np.array([state.records[(p.field, e)]["zp"]["zp"] for e in range(p.n_epochs)
+                      if (p.field, e) in state.records], float)
+        z = z[np.isfinite(z)]
+        zp_by_field[p.field] = {"median": float(np.median(z)) if len(z) else None,
+                                "std": float(np.std(z)) if len(z) > 1 else None,
+                                **state.calibration.get(p.field, {})}
+    return {
+        "timings_s": state.timings,
+        "counts": {
+            **state.counts,
+            "epochs_total": int(sum(p.n_epochs for p in plans)),
+            "epochs_written": len(recs),
+            "sources": int(n_src.sum()),
+            "sources_per_epoch": {"median": float(np.median(n_src)) if len(n_src) else 0,
+                                  "min": int(n_src.min()) if len(n_src) else 0,
+                                  "max": int(n_src.max()) if len(n_src) else 0},
+            "border_duplicates_removed": int(sum(r["n_duplicates"] for r in recs)),
+            "objects": int(sum(r["n_objects"] for r in regs)),
+            "lightcurve_points": int(sum(r["n_points"] for r in regs)),
+            "regions_written": len(regs),
+        },
+        "crossmatch": {f"{k[0]}/{k[1]}": {kk: v[kk] for kk in ("match_radius_px", "astrom_rms90_px", "n_objects",
+                                                                 "n_points", "wall_s")}
+                       for k, v in sorted(state.regions.items())},
+        "zeropoints": zp_by_field,
+        "extraction_fallbacks": fallbacks,
+        "failures": state.failures,
+    }

@@ -1,0 +1,192 @@
+"""Worker-side task functions: each takes paths and small arguments, reads its own inputs,
+writes its own unit atomically, and returns a small record.
+
+They know nothing of the task graph (see :mod:`survey_proc.distributed.pipeline`), and
+the science they call knows nothing of Dask.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from survey_proc import store
+from survey_proc.catalog import calibrate as cal
+from survey_proc.catalog import crossmatch as xm
+from survey_proc.catalog.astrometry import parse_wcs, pixel_to_world, world_to_pixel
+from survey_proc.catalog.extract import BlockInfo, extract_block
+from survey_proc.catalog.merge import merge_epoch
+from survey_proc.catalog.schema import LIGHTCURVES, OBJECTS, SOURCES
+from survey_proc.config import RunConfig, config_from_json
+from survey_proc.errors import SurveyProcError
+from survey_proc.outputs import OutputLayout, read_meta, write_parquet_atomic
+from survey_proc.tiling import Tile
+
+
+@functools.lru_cache(maxsize=8)
+def _config(cfg_json: str) -> RunConfig:
+    import json
+
+    return config_from_json(json.loads(cfg_json))
+
+
+@functools.lru_cache(maxsize=8)
+def reference_in_frame(path: str, ref_wcs_text: str) -> pd.DataFrame:
+    """A reference catalogue (ra, dec, mag, mag_err) projected into a field's reference frame.
+
+    Catalogues that already carry ``x_ref``/``y_ref`` (the internal reference) are used as
+    they are. Cached per worker process.
+    """
+    ref = pd.read_parquet(path)
+    if {"x_ref", "y_ref"} <= set(ref.columns):
+        return ref
+    w = parse_wcs(ref_wcs_text)
+    if w is None:
+        return ref.assign(x_ref=np.nan, y_ref=np.nan)
+    x, y = world_to_pixel(w, ref["ra"].to_numpy(), ref["dec"].to_numpy())
+    return ref.assign(x_ref=x, y_ref=y)
+
+
+# ------------------------------------------------------------------ extraction
+def extract_block_task(store_path: str, field: str, epoch: int, tiles: list[Tile], window: tuple[int, int, int, int],
+                       gain_e_per_adu: float, saturation_adu: float, cfg_json: str) -> tuple[pd.DataFrame, dict]:
+    """Read one block's window of one epoch and return its owned detections and a BlockInfo dict."""
+    cfg = _config(cfg_json)
+    y0, y1, x0, x1 = window
+    image, mask = store.read_window(store_path, field, epoch, y0, y1, x0, x1)
+    try:
+        df, info = extract_block(image, mask, (y0, x0), tiles, gain_e_per_adu, saturation_adu, cfg)
+    except SurveyProcError as exc:
+        raise SurveyProcError(f"field {field} epoch {epoch} window {window}: {exc}") from exc
+    return df, info.to_dict()
+
+
+def finalize_epoch_task(blocks: list[tuple[pd.DataFrame, dict]], out: str, field: str, field_index: int, epoch: int,
+                        meta: dict[str, Any], ref_wcs_text: str, reference_path: str | None, cfg_json: str,
+                        fingerprint: str, t_submit: float) -> dict[str, Any]:
+    """Merge an epoch's blocks, add astrometry, calibrate (with an external reference), write sources.
+
+    Returns the epoch record (also stored in the file's footer).
+    """
+    t0 = time.perf_counter()
+    cfg = _config(cfg_json)
+    infos = [BlockInfo(**b[1]) for b in blocks]
+    try:
+        epoch_wcs = parse_wcs(meta["wcs"])
+    except ValueError as exc:
+        raise SurveyProcError(f"field {field} epoch {epoch}: the stored WCS is unusable ({exc}); "
+                              "fix the epoch's wcs header text") from exc
+    ref_wcs = parse_wcs(ref_wcs_text) if ref_wcs_text else None
+    src, fwhm, n_dup = merge_epoch([b[0] for b in blocks], infos, field=field, field_index=field_index, epoch=epoch,
+                                   mjd=meta["mjd"], epoch_wcs=epoch_wcs, ref_wcs=ref_wcs,
+                                   dedup_radius_fwhm=cfg.detection.dedup_radius_fwhm,
+                                   default_fwhm_px=cfg.photometry.fwhm_default_px)
+    if reference_path is not None:
+        ref = reference_in_frame(reference_path, ref_wcs_text)
+        zp = calibrate_sources(src, ref, fwhm, cfg)
+    else:
+        zp = cal.ZeroPoint(np.nan, np.nan, np.nan, 0, 0, "pending")
+    cal.apply_zeropoint(src, zp)
+    record = {
+        "unit": "sources", "field": field, "epoch": epoch, "mjd": meta["mjd"], "airmass": meta["airmass"],
+        "exptime_s": meta["exptime"], "n_sources": len(src), "n_duplicates": n_dup, "fwhm_px": fwhm,
+        "apcorr": float(np.median([i.apcorr for i in infos])), "bkg_adu": float(np.median([i.bkg_adu for i in infos])),
+        "rms_adu": float(np.median([i.rms_adu for i in infos])), "bad_px": int(sum(i.bad_px for i in infos)),
+        "fallback": ",".join(sorted({i.fallback for i in infos if i.fallback})) or None,
+        "has_wcs": epoch_wcs is not None, "zp": zp.to_dict(), "fingerprint": fingerprint,
+        "queue_to_done_s": time.time() - t_submit, "finalize_s": time.perf_counter() - t0,
+    }
+    write_parquet_atomic(src, SOURCES, OutputLayout(out).sources(field, epoch), record)
+    return record
+
+
+def calibrate_sources(src: pd.DataFrame, ref: pd.DataFrame, fwhm_px: float, cfg: RunConfig) -> cal.ZeroPoint:
+    """Fit the epoch's zero point of ``src`` (reference frame positions) against ``ref``."""
+    i_src, i_ref = cal.select_calibrators(src["x_ref"].to_numpy(), src["y_ref"].to_numpy(), src["snr"].to_numpy(),
+                                          src["flags"].to_numpy(), ref["x_ref"].to_numpy(), ref["y_ref"].to_numpy(),
+                                          fwhm_px, cfg.calibration)
+    return cal.fit_epoch_zeropoint(src["mag_inst"].to_numpy()[i_src], src["mag_inst_err"].to_numpy()[i_src],
+                                   ref["mag"].to_numpy()[i_ref], ref["mag_err"].to_numpy()[i_ref], cfg.calibration)
+
+
+def recalibrate_epoch_task(out: str, field: str, epoch: int, model_zp: dict | None, reference_path: str | None,
+                           ref_wcs_text: str, cfg_json: str, fingerprint: str) -> dict[str, Any]:
+    """Re-calibrate a written epoch: against ``reference_path`` (relative calibration), or with the
+    cross-epoch model's zero point ``model_zp``; rewrites the unit atomically."""
+    cfg = _config(cfg_json)
+    path = OutputLayout(out).sources(field, epoch)
+    record = read_meta(path)
+    if record is None:
+        raise SurveyProcError(f"{path}: missing or unreadable; re-run to extract field {field} epoch {epoch}")
+    src = pq.read_table(path).to_pandas()
+    if model_zp is not None:
+        zp = cal.ZeroPoint(**model_zp)
+    else:
+        ref = reference_in_frame(reference_path, ref_wcs_text)
+        zp = calibrate_sources(src, ref, record["fwhm_px"], cfg)
+    cal.apply_zeropoint(src, zp)
+    record = {**record, "zp": zp.to_dict(), "fingerprint": fingerprint}
+    write_parquet_atomic(src, SOURCES, path, record)
+    return record
+
+
+# ------------------------------------------------------------------ cross-match
+XMATCH_COLUMNS = ["source_id", "epoch", "mjd", "x_ref", "y_ref", "mag", "mag_err", "flux", "flux_err", "flags"]
+
+
+def inputs_digest(records: list[dict[str, Any]]) -> str:
+    """Digest of the sources a cross-match reads: (epoch, rows, zero point) of each unit."""
+    items = sorted((int(r["epoch"]), int(r["n_sources"]), round(float(r["zp"]["zp"]), 9)
+                    if np.isfinite(r["zp"]["zp"]) else None) for r in records)
+    return hashlib.sha256(repr(items).encode()).hexdigest()[:16]
+
+
+def crossmatch_region_task(out: str, field: str, field_index: int, region: xm.Region, epochs: list[int],
+                           fwhm_px: float, ref_wcs_text: str, cfg_json: str, fingerprint: str, digest: str
+                           ) -> dict[str, Any]:
+    """Read the region's sources over all epochs, build objects and light curves, write both units."""
+    t0 = time.perf_counter()
+    cfg = _config(cfg_json)
+    xc = cfg.crossmatch
+    layout = OutputLayout(out)
+    margin = 6.0 * max(xc.match_radius_min_px, xc.match_radius_fwhm * fwhm_px, fwhm_px) + 4.0
+    lo_x, hi_x = region.x0 - 0.5 - margin, region.x1 - 0.5 + margin
+    lo_y, hi_y = region.y0 - 0.5 - margin, region.y1 - 0.5 + margin
+    parts = []
+    for e in epochs:
+        t = pq.read_table(layout.sources(field, e), columns=XMATCH_COLUMNS)
+        df = t.to_pandas()
+        sel = (df["x_ref"] >= lo_x) & (df["x_ref"] < hi_x) & (df["y_ref"] >= lo_y) & (df["y_ref"] < hi_y)
+        parts.append(df[sel.to_numpy()])
+    t_read = time.perf_counter() - t0
+    src = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=XMATCH_COLUMNS)
+    objects, lc, info = xm.crossmatch_region(src, region, field=field, field_index=field_index, fwhm_px=fwhm_px,
+                                             match_radius_fwhm=xc.match_radius_fwhm,
+                                             match_radius_min_px=xc.match_radius_min_px,
+                                             min_epochs=xc.min_epochs, seed_bin_px=xc.seed_bin_px)
+    ref_wcs = parse_wcs(ref_wcs_text) if ref_wcs_text else None
+    objects["ra"], objects["dec"] = pixel_to_world(ref_wcs, objects["x"].to_numpy(), objects["y"].to_numpy())
+    record = {"unit": "crossmatch", "field": field, "region": region.index, "n_epochs_in": len(epochs),
+              "digest": digest, "fingerprint": fingerprint, **info, "read_s": t_read,
+              "wall_s": time.perf_counter() - t0}
+    # light curves first: a region counts as done only when its objects file exists
+    write_parquet_atomic(lc, LIGHTCURVES, layout.lightcurves(field, region.index), record)
+    write_parquet_atomic(objects, OBJECTS, layout.objects(field, region.index), record)
+    return record
+
+
+def region_done(out: str | Path, field: str, region: int, fingerprint: str, digest: str) -> bool:
+    """True when both units of a region exist with this configuration and these inputs."""
+    layout = OutputLayout(out)
+    for p in (layout.objects(field, region), layout.lightcurves(field, region)):
+        m = read_meta(p)
+        if m is None or m.get("fingerprint") != fingerprint or m.get("digest") != digest:
+            return False
+    return True

@@ -1,0 +1,1 @@
+"""Photometry: aperture photometry helpers (and the Bayesian photometry network)."""
