@@ -35,7 +35,7 @@ def _table(out: Path, kind: str) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def border_run(border_survey, client, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("border-out") / "out"
-    cfg = run_config(border_survey["store"], out, tile_px=128, halo_px=16,
+    cfg = run_config(border_survey["store"], out, tile_px=128, halo_px=16, tiles_per_task=1,
                      crossmatch={"region_px": 128, "min_epochs": 2})
     run = run_pipeline(cfg, client=client)
     return {"out": out, "run": run, **border_survey}
@@ -86,8 +86,8 @@ def test_recovered_zero_points_match_truth_within_001_mag(field_run):
     assert len(dz) == 8 and dz.notna().all()
     assert (epochs["zp_status"] == "fit").all() and (epochs["zp_n_stars"] >= 10).all()
     assert dz.abs().max() < 0.01, dz.to_dict()
-    # the zero point moves with the truth from epoch to epoch (drift), not just on average
-    assert np.corrcoef(epochs.set_index("epoch")["zp"], truth["zeropoint"])[0, 1] > 0.9
+    # and the quoted errors are of the right size: the rms difference is within 3x the median error
+    assert np.sqrt(np.mean(dz**2)) < 3 * epochs["zp_err"].median() + 0.003
 
 
 def test_field_run_recovers_the_bright_stars(field_run):
@@ -184,7 +184,9 @@ def test_outputs_follow_the_design_schema(field_run, kind):
         got = {n: str(schema.field(n).type) for n in schema.names}
         for name, typ in DESIGN_COLUMNS[kind].items():
             assert name in got, f"{f}: column {name} missing"
-            assert got[name] == typ, f"{f}: column {name} is {got[name]}, DESIGN.md says {typ}"
+            # a string may be dictionary-encoded (``field``, the hive partition key)
+            assert got[name] in (typ, f"dictionary<values={typ}, indices=int32, ordered=0>"), \
+                f"{f}: column {name} is {got[name]}, DESIGN.md says {typ}"
         assert schema.names[: len(DESIGN_COLUMNS[kind])] == list(DESIGN_COLUMNS[kind])
         md = pq.read_metadata(f)
         assert md.row_group(0).column(0).compression == "ZSTD"
@@ -192,6 +194,9 @@ def test_outputs_follow_the_design_schema(field_run, kind):
     rows = duckdb.sql(f"describe select * from '{field_run['out']}/{kind}/**/*.parquet'").fetchall()
     desc = {r[0]: r[1] for r in rows}
     assert desc["field"] == "VARCHAR"
+    # and pandas reads the whole hive directory (the partition key merges with the column)
+    df = pd.read_parquet(field_run["out"] / kind)
+    assert set(df["field"].astype(str)) == {"F000"} and len(df) == sum(pq.read_metadata(f).num_rows for f in files)
 
 
 def test_run_json_records_config_versions_timings_counts(field_run):

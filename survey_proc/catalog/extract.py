@@ -1,10 +1,12 @@
 """Per-block extraction: pixels of a block of tiles -> one catalogue of owned detections.
 
-A block is a set of tiles whose windows (core + halo) are read together. The background
-is modelled once on the whole window (so neighbouring tiles of a block share it), every
-tile is searched on its own window, each tile keeps the detections its core owns (with
-the margin of :mod:`survey_proc.tiling`), and then the block measures them together:
-windowed centroids, aperture photometry, mask flags and the aperture correction.
+A block is a set of tiles whose windows (core + halo) are read together as one window.
+The background is modelled once on the window, sep searches the window once (the tiles of
+a block share their halos, so searching each tile's window would repeat work), each
+detection goes to the tile whose core holds it (kept up to the margin of
+:mod:`survey_proc.tiling` outside the core, for the de-duplication across blocks), and
+the block measures them together: windowed centroids, aperture photometry, mask flags
+and the aperture correction. A detector that works per tile (PNet) fills the same table.
 
 Nothing here knows about Dask or the store: the caller passes pixels.
 """
@@ -80,29 +82,27 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     # meshes (it halves the detections of a dense field); the sky + read noise is what matters.
     noise = bkg.global_rms
 
-    parts = []
-    fallbacks = []
-    for t in tiles:
-        sl = (slice(t.hy0 - oy, t.hy1 - oy), slice(t.hx0 - ox, t.hx1 - ox))
-        objs, fallback = classical.extract(np.ascontiguousarray(data[sl]), np.ascontiguousarray(bad[sl]), noise,
-                                           cfg.detection)
-        if fallback:
-            fallbacks.append(fallback)
-        x = objs["x"] + t.hx0
-        y = objs["y"] + t.hy0
-        keep = owned(t, x, y, cfg.detection.own_margin_px)
-        o = objs[keep]
-        fl = np.zeros(len(o), np.int32)
-        fl[(o["flag"] & sep.OBJ_MERGED) != 0] |= F.BLENDED
-        fl[(o["flag"] & sep.OBJ_TRUNC) != 0] |= F.EDGE
-        if fallback:
-            fl |= F.EXTRACT_FALLBACK
-        parts.append(pd.DataFrame({"tile": np.full(len(o), t.index, np.int32), "x_iso": x[keep], "y_iso": y[keep],
-                                   "flux_iso": o["flux"], "npix": o["npix"].astype(np.int32),
-                                   "peak_adu": o["peak"].astype(float), "flags": fl}))
+    # sep runs once on the whole window: the tiles of a block share their halos, so searching
+    # each tile window separately would only repeat work (27 % more pixels at 512 + 2 x 32).
+    # Ownership is then decided per tile, exactly as for a per-tile detector.
+    objs, fallback = classical.extract(data, bad, noise, cfg.detection)
+    x = objs["x"] + ox
+    y = objs["y"] + oy
+    depth = np.stack([t.depth_px(x, y) for t in tiles]) if len(objs) else np.zeros((len(tiles), 0))
+    best = np.argmax(depth, axis=0) if len(objs) else np.zeros(0, int)
+    keep = depth[best, np.arange(len(objs))] >= -cfg.detection.own_margin_px if len(objs) else np.zeros(0, bool)
+    o = objs[keep]
+    fl = np.zeros(len(o), np.int32)
+    fl[(o["flag"] & sep.OBJ_MERGED) != 0] |= F.BLENDED
+    fl[(o["flag"] & sep.OBJ_TRUNC) != 0] |= F.EDGE
+    if fallback:
+        fl |= F.EXTRACT_FALLBACK
+    tile_index = np.array([t.index for t in tiles], np.int32)[best[keep]]
+    det = pd.DataFrame({"tile": tile_index, "x_iso": x[keep], "y_iso": y[keep], "flux_iso": o["flux"],
+                        "npix": o["npix"].astype(np.int32), "peak_adu": o["peak"].astype(float), "flags": fl})
+    fallbacks = [fallback] if fallback else []
     info_common = dict(bkg_adu=float(np.median(bkg.back)), rms_adu=bkg.global_rms, bad_px=int(bad.sum()),
                        fallback=",".join(sorted(set(fallbacks))) or None)
-    det = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     if len(det) == 0:
         return _empty(), BlockInfo(0, cfg.photometry.fwhm_default_px, 0, 1.0, 0, **info_common)
 

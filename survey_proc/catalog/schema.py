@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+# ``field`` is a dictionary-encoded string: it is also the hive partition key
+# (``field=F000/``), which pyarrow/pandas infer as dictionary<string>; storing the same type
+# lets ``pandas.read_parquet("OUT/sources")`` merge the two. DuckDB reads it as VARCHAR.
+FIELD = pa.dictionary(pa.int32(), pa.string())
+
 SOURCES = pa.schema([
-    ("field", pa.string()),
+    ("field", FIELD),
     ("epoch", pa.int32()),
     ("mjd", pa.float64()),
     ("source_id", pa.int64()),
@@ -43,7 +48,7 @@ SOURCES = pa.schema([
 
 OBJECTS = pa.schema([
     ("object_id", pa.int64()),
-    ("field", pa.string()),
+    ("field", FIELD),
     ("region", pa.int32()),
     ("ra", pa.float64()),
     ("dec", pa.float64()),
@@ -69,7 +74,7 @@ OBJECTS = pa.schema([
 
 LIGHTCURVES = pa.schema([
     ("object_id", pa.int64()),
-    ("field", pa.string()),
+    ("field", FIELD),
     ("epoch", pa.int32()),
     ("mjd", pa.float64()),
     ("mag", pa.float64()),

@@ -8,6 +8,10 @@ fields:
   sky under a crowded field does not raise the threshold;
 - a low threshold (1.5 sigma of the background rms, on the 3x3 matched-filtered image)
   with a 3-pixel minimum area, and aggressive deblending (32 levels, contrast 0.0005);
+- no SExtractor "cleaning": it merges faint neighbours into the wings of bright stars.
+  Measured on a dense epoch (1024^2, 26k stars, 1 px match): cleaning off gives recall
+  0.636 vs 0.593 for stars above the 5-sigma limit at precision 0.992 vs 0.994, and
+  halves the extraction time (0.47 s vs 1.14 s);
 - bad pixels (mask bits, NaN/inf, saturation) are masked, never passed as numbers.
 
 Overflows
@@ -75,10 +79,10 @@ def _is_overflow(exc: Exception) -> bool:
 def _run_extract(data: np.ndarray, bad: np.ndarray, noise: float, thresh: float, cfg: DetectionConfig,
                  deblend_cont: float) -> np.ndarray:
     return sep.extract(data, thresh, err=noise, mask=bad, minarea=cfg.minarea_px,
-                       deblend_nthresh=cfg.deblend_nthresh, deblend_cont=deblend_cont, clean=True)
+                       deblend_nthresh=cfg.deblend_nthresh, deblend_cont=deblend_cont, clean=cfg.clean)
 
 
-def extract(data: np.ndarray, bad: np.ndarray, noise_adu: float, cfg: DetectionConfig) -> tuple[np.ndarray, str | None]:
+def extract(data: np.ndarray, bad: np.ndarray, noise_adu: float | np.ndarray, cfg: DetectionConfig) -> tuple[np.ndarray, str | None]:
     """Detect sources on a background-subtracted image.
 
     Parameters

@@ -216,6 +216,23 @@ def _stage_extract(client: Any, cfg: RunConfig, plans: list[FieldPlan], referenc
     _gather(client, futures, bars, bar, state, "extract", done)
 
 
+def _apcorr_model(recs: dict[int, dict]) -> dict[str, Any]:
+    """Aperture correction as a linear function of FWHM over the epochs that measured it."""
+    good = [(r["fwhm_px"], r["apcorr"]) for r in recs.values()
+            if r.get("n_apcorr_stars", 0) >= 5 and r.get("apcorr_source") != "field model"]
+    if not good:
+        return {"coef": [0.0, 1.0], "n": 0}
+    f, a = np.array(good).T
+    if len(good) >= 5 and np.ptp(f) > 0.05:
+        coef = np.polyfit(f, a, 1)
+        res = a - np.polyval(coef, f)
+        keep = np.abs(res) <= 3 * max(1.4826 * np.median(np.abs(res)), 1e-3)
+        coef = np.polyfit(f[keep], a[keep], 1)
+    else:
+        coef = np.array([0.0, float(np.median(a))])
+    return {"coef": [float(c) for c in coef], "n": len(good)}
+
+
 def _choose_reference_epoch(cfg: RunConfig, recs: dict[int, dict]) -> int:
     if cfg.calibration.reference_epoch is not None:
         if cfg.calibration.reference_epoch not in recs:
@@ -237,27 +254,40 @@ def _stage_calibrate(client: Any, cfg: RunConfig, plans: list[FieldPlan], refere
             continue
         info: dict[str, Any] = {"reference": str(reference) if reference else "internal"}
         ref_path = str(reference) if reference else None
-        pending = [e for e, r in recs.items() if r["zp"]["status"] == "pending"]
+        # 1. epochs whose aperture correction could not be measured take the field's apcorr(FWHM)
+        apc = _apcorr_model(recs)
+        info["apcorr_model"] = apc
+        new_apcorr = {e: float(np.polyval(apc["coef"], r["fwhm_px"])) for e, r in recs.items()
+                      if r.get("n_apcorr_stars", 0) < 5 and r.get("apcorr_source") != "field model" and apc["n"] > 0}
+        # 2. without a reference catalogue: the stable stars of a reference epoch
         if reference is None:
             ipath = layout.internal_reference(p.field)
-            if read_meta(ipath) is None or read_meta(ipath).get("fingerprint") != fp:
+            meta = read_meta(ipath)
+            if meta is None or meta.get("fingerprint") != fp:
                 ref_epoch = _choose_reference_epoch(cfg, recs)
+                if ref_epoch in new_apcorr:
+                    raise SurveyProcError(f"field {p.field}: the reference epoch {ref_epoch} has no measured "
+                                          "aperture correction; set calibration.reference_epoch to another epoch")
                 src = pq.read_table(layout.sources(p.field, ref_epoch)).to_pandas()
                 iref = cal.internal_reference(src, p.zeropoint_nominal, recs[ref_epoch]["fwhm_px"], cfg.calibration)
                 schema = pa.schema([(c, pa.float64()) for c in ("ra", "dec", "x_ref", "y_ref", "mag", "mag_err")])
                 write_parquet_atomic(iref, schema, ipath,
                                      {"fingerprint": fp, "reference_epoch": ref_epoch, "n_stars": len(iref)})
-            info["reference_epoch"] = read_meta(ipath)["reference_epoch"]
-            info["reference_stars"] = read_meta(ipath)["n_stars"]
+                meta = read_meta(ipath)
+            info["reference_epoch"] = meta["reference_epoch"]
+            info["reference_stars"] = meta["n_stars"]
             ref_path = str(ipath)
-            futures = {client.submit(tasks.recalibrate_epoch_task, cfg.out, p.field, e, None, ref_path, p.ref_wcs_text,
-                                     cfg_json, fp, pure=False): {"field": p.field, "epoch": e} for e in pending}
+        refit = sorted(set(new_apcorr) | {e for e, r in recs.items() if r["zp"]["status"] == "pending"})
+        futures = {client.submit(tasks.recalibrate_epoch_task, cfg.out, p.field, e, None, ref_path, p.ref_wcs_text,
+                                 cfg_json, fp, new_apcorr.get(e), pure=False): {"field": p.field, "epoch": e}
+                   for e in refit}
 
-            def done(unit: dict, rec: dict) -> None:
-                state.records[(unit["field"], unit["epoch"])] = rec
-                recs[unit["epoch"]] = rec
+        def done(unit: dict, rec: dict) -> None:
+            state.records[(unit["field"], unit["epoch"])] = rec
+            recs[unit["epoch"]] = rec
 
-            _gather(client, futures, bars, None, state, "calibrate", done)
+        _gather(client, futures, bars, None, state, "calibrate", done)
+        info["n_apcorr_model_epochs"] = len(new_apcorr)
         table = pd.DataFrame([{"epoch": e, "airmass": r["airmass"], "zp": r["zp"]["zp"], "zp_err": r["zp"]["zp_err"],
                                "zp_status": r["zp"]["status"]} for e, r in sorted(recs.items())])
         model = cal.fit_airmass_model(table, cfg.calibration.clip_sigma)
@@ -285,7 +315,9 @@ def _stage_calibrate(client: Any, cfg: RunConfig, plans: list[FieldPlan], refere
         state.calibration[p.field] = info
         bars.advance(bar)
     rows = [{"field": f, "epoch": e, "mjd": r["mjd"], "airmass": r["airmass"], "exptime_s": r["exptime_s"],
-             "n_sources": r["n_sources"], "fwhm_px": r["fwhm_px"], "apcorr": r["apcorr"], "bkg_adu": r["bkg_adu"],
+             "n_sources": r["n_sources"], "fwhm_px": r["fwhm_px"], "apcorr": r["apcorr"],
+             "apcorr_n_stars": r.get("n_apcorr_stars", 0), "apcorr_from_model": r.get("apcorr_source") == "field model",
+             "bkg_adu": r["bkg_adu"],
              "rms_adu": r["rms_adu"], "zp": r["zp"]["zp"], "zp_err": r["zp"]["zp_err"],
              "zp_scatter": r["zp"]["scatter"], "zp_n_stars": r["zp"]["n_used"], "zp_status": r["zp"]["status"],
              "fallback": r["fallback"] or ""}

@@ -97,7 +97,8 @@ def finalize_epoch_task(blocks: list[tuple[pd.DataFrame, dict]], out: str, field
     record = {
         "unit": "sources", "field": field, "epoch": epoch, "mjd": meta["mjd"], "airmass": meta["airmass"],
         "exptime_s": meta["exptime"], "n_sources": len(src), "n_duplicates": n_dup, "fwhm_px": fwhm,
-        "apcorr": float(np.median([i.apcorr for i in infos])), "bkg_adu": float(np.median([i.bkg_adu for i in infos])),
+        "apcorr": float(np.median([i.apcorr for i in infos])),
+        "n_apcorr_stars": int(min(i.n_apcorr_stars for i in infos)), "bkg_adu": float(np.median([i.bkg_adu for i in infos])),
         "rms_adu": float(np.median([i.rms_adu for i in infos])), "bad_px": int(sum(i.bad_px for i in infos)),
         "fallback": ",".join(sorted({i.fallback for i in infos if i.fallback})) or None,
         "has_wcs": epoch_wcs is not None, "zp": zp.to_dict(), "fingerprint": fingerprint,
@@ -117,15 +118,27 @@ def calibrate_sources(src: pd.DataFrame, ref: pd.DataFrame, fwhm_px: float, cfg:
 
 
 def recalibrate_epoch_task(out: str, field: str, epoch: int, model_zp: dict | None, reference_path: str | None,
-                           ref_wcs_text: str, cfg_json: str, fingerprint: str) -> dict[str, Any]:
-    """Re-calibrate a written epoch: against ``reference_path`` (relative calibration), or with the
-    cross-epoch model's zero point ``model_zp``; rewrites the unit atomically."""
+                           ref_wcs_text: str, cfg_json: str, fingerprint: str, apcorr: float | None = None
+                           ) -> dict[str, Any]:
+    """Re-calibrate a written epoch and rewrite the unit atomically.
+
+    ``apcorr`` (optional) replaces the epoch's aperture correction (fluxes are rescaled);
+    then the zero point is ``model_zp`` (the cross-epoch model) or fitted against
+    ``reference_path``.
+    """
     cfg = _config(cfg_json)
     path = OutputLayout(out).sources(field, epoch)
     record = read_meta(path)
     if record is None:
         raise SurveyProcError(f"{path}: missing or unreadable; re-run to extract field {field} epoch {epoch}")
     src = pq.read_table(path).to_pandas()
+    if apcorr is not None:
+        scale = apcorr / record["apcorr"]
+        src["flux"] *= scale
+        src["flux_err"] *= scale
+        src["mag_inst"], src["mag_inst_err"] = cal.instrumental_mag(src["flux"].to_numpy(), src["flux_err"].to_numpy())
+        src["mag_err_aleatoric"] = src["mag_inst_err"]
+        record = {**record, "apcorr": apcorr, "apcorr_source": "field model"}
     if model_zp is not None:
         zp = cal.ZeroPoint(**model_zp)
     else:

@@ -153,17 +153,21 @@ def aperture_correction(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.
                         snr: np.ndarray, ok: np.ndarray, fwhm_px: float, cfg: PhotometryConfig) -> tuple[float, int]:
     """Median ratio of the flux within ``apcorr_fwhm x FWHM`` to the aperture flux; ``(apcorr, n_stars)``.
 
-    Uses the 300 brightest unflagged stars (S/N >= ``apcorr_snr_min``) with no detected
-    neighbour brighter than 2 % of them within the large radius plus one FWHM (in a dense
-    field no star is perfectly alone; 2 % neighbours bias a median by < 0.5 %). With fewer
-    than 5 stars the correction is 1 (n_stars = 0): the zero point then absorbs it.
+    Uses the 300 brightest unflagged stars (S/N >= ``apcorr_snr_min``, or 0.4 of it when
+    fewer than 5 qualify) with no detected neighbour brighter than 2 % of them within the
+    large radius plus one FWHM (in a dense field no star is perfectly alone; 2 % neighbours
+    bias a median by < 0.5 %). With fewer than 5 stars it returns 1 with n_stars = 0, and
+    the calibration stage replaces it by the field's apcorr(FWHM) relation.
     """
     r_big = cfg.apcorr_fwhm * fwhm_px
-    idx = np.flatnonzero(ok & (snr >= cfg.apcorr_snr_min) & (flux_ap > 0))
-    idx = idx[np.argsort(-snr[idx])[:300]]
-    if len(idx) < MIN_STARS_FOR_FWHM:
-        return 1.0, 0
-    idx = idx[_no_bright_neighbour(x, y, np.where(flux_ap > 0, flux_ap, 0.0), idx, r_big + fwhm_px, 0.02)]
+    for snr_min in (cfg.apcorr_snr_min, 0.4 * cfg.apcorr_snr_min):  # fainter stars only when needed
+        idx = np.flatnonzero(ok & (snr >= snr_min) & (flux_ap > 0))
+        idx = idx[np.argsort(-snr[idx])[:300]]
+        if len(idx) < MIN_STARS_FOR_FWHM:
+            continue
+        idx = idx[_no_bright_neighbour(x, y, np.where(flux_ap > 0, flux_ap, 0.0), idx, r_big + fwhm_px, 0.02)]
+        if len(idx) >= MIN_STARS_FOR_FWHM:
+            break
     if len(idx) < MIN_STARS_FOR_FWHM:
         return 1.0, 0
     fb, _, flag = sep.sum_circle(data, x[idx], y[idx], r_big, mask=bad, subpix=5)
