@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, help="worker processes (default: one per core / GPU)")
     r.add_argument("--tile-px", type=int, help="tile core size in pixels (default 512)")
     r.add_argument("--halo-px", type=int, help="tile halo in pixels (default 32)")
-    r.add_argument("--reference", help="reference catalogue Parquet (ra, dec, mag, mag_err); default: the store's")
+    r.add_argument("--reference", help="reference catalogue Parquet (ra, dec, mag, mag_err); default: the store's; "
+                        "'none': calibrate relative to a reference epoch")
     mode = r.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="skip units already written (the default)")
     mode.add_argument("--overwrite", action="store_true", help="delete a previous output in --out and start clean")

@@ -201,8 +201,8 @@ def detection_metrics(sources: pd.DataFrame, truth: pd.DataFrame, mag_limit: flo
     dm = dm[np.isfinite(dm)]
     dx = sources["x"].to_numpy()[i_d][sel] - truth["x_epoch"].to_numpy()[i_t][sel]
     dy = sources["y"].to_numpy()[i_d][sel] - truth["y_epoch"].to_numpy()[i_t][sel]
-    return {"recall": recall, "precision": precision, "f1": f1, "n_det": int(len(sources)),
-            "n_true": int(bright.sum()), "n_matched": int(len(i_d)),
+    return {"recall": recall, "precision": precision, "f1": f1, "n_det": len(sources),
+            "n_true": int(bright.sum()), "n_matched": len(i_d),
             "mag_abs_err_median": float(np.median(np.abs(dm))) if len(dm) else float("nan"),
             "mag_bias": float(np.median(dm)) if len(dm) else float("nan"),
             "astrom_rms_px": float(np.sqrt(0.5 * np.mean(dx**2 + dy**2))) if len(dx) else float("nan")}

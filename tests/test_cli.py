@@ -59,18 +59,23 @@ def test_info_reports_an_invalid_store(tmp_path, capsys):
 
 
 def test_run_without_store_simulates_the_default_survey_once(tmp_path, monkeypatch, capsys):
+    import pandas as pd
+
     monkeypatch.setenv("SURVEY_PROC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("survey_proc.cli.DEFAULT_SIZE_PX", 64)
-    assert main(["run", "--epochs", "2", "--workers", "0"]) == 1  # the stages arrive with issue #3
+    monkeypatch.setattr("survey_proc.cli.DEFAULT_SIZE_PX", 256)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--epochs", "3", "--workers", "1", "--quiet"]) == 0
     captured = capsys.readouterr()
-    assert "Simulating the default survey (dense, 64x64 px, 2 epochs)" in captured.out
-    assert "is valid: fields F000" in captured.out
-    assert "arrive with the pipeline issue (#3)" in captured.err
+    assert "Simulating the default survey (dense, 256x256 px, 3 epochs)" in captured.out
+    assert "Output: survey-proc-out/default-dense-256px-seed0-3ep  (complete)" in captured.out
+    assert "epochs: 3/3 written" in captured.out and "vs truth F000 (3 epochs): recall" in captured.out
     cached = list((tmp_path / "cache").glob("*.zarr"))
-    assert [p.name for p in cached] == ["default-dense-64px-seed0-2ep.zarr"]
-    assert main(["run", "--epochs", "1", "--workers", "0"]) == 1
+    assert [p.name for p in cached] == ["default-dense-256px-seed0-3ep.zarr"]
+    # a shorter run reuses the cache and processes only the first epochs
+    assert main(["run", "--epochs", "2", "--workers", "1", "--quiet", "--out", "short", "--no-evaluate"]) == 0
     assert "Using the cached default survey" in capsys.readouterr().out
     assert len(list((tmp_path / "cache").glob("*.zarr"))) == 1
+    assert sorted(pd.read_parquet(tmp_path / "short" / "epochs.parquet")["epoch"]) == [0, 1]
 
 
 def test_evaluate_loaders_and_missing_truth(tmp_path, capsys):

@@ -211,8 +211,61 @@ def internal_reference(sources: pd.DataFrame, zeropoint_nominal: float, fwhm_px:
         tree = cKDTree(np.c_[s["x"], s["y"]])
         good &= tree.query_ball_point(np.c_[s["x"], s["y"]], cfg.isolation_fwhm * fwhm_px, return_length=True) <= 1
     idx = idx[good]
-    idx = idx[np.argsort(-s["snr"].to_numpy()[idx], kind="stable")][: 4 * cfg.max_stars]
+    idx = idx[np.argsort(-s["snr"].to_numpy()[idx], kind="stable")][: cfg.max_stars]
     r = s.iloc[idx]
     return pd.DataFrame({"ra": r["ra"].to_numpy(), "dec": r["dec"].to_numpy(), "x_ref": r["x_ref"].to_numpy(),
                          "y_ref": r["y_ref"].to_numpy(), "mag": r["mag_inst"].to_numpy() + zeropoint_nominal,
                          "mag_err": r["mag_inst_err"].to_numpy()})
+
+
+def ensemble_zeropoints(matches: pd.DataFrame, clip_sigma: float = 3.0, min_stars: int = 10,
+                        n_iter: int = 20) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Relative zero points of many epochs from the same stars (ensemble photometry).
+
+    Solves ``m_inst[e, s] = M[s] - zp[e]`` for every star ``s`` seen in epoch ``e`` by
+    alternating robust estimates: ``zp[e]`` = median over stars of ``M[s] - m_inst``, then
+    ``M[s]`` = median over epochs of ``m_inst + zp[e]``. Stars whose residual scatter is
+    more than 3 times the typical scatter at their error level (variables, blends) are
+    dropped, and each epoch's final zero point is :func:`robust_zeropoint` of its
+    remaining stars. The level is free (``M + c``, ``zp + c``); it is fixed so that the
+    median zero point is 0 (the caller adds the nominal zero point).
+
+    Parameters
+    ----------
+    matches
+        One row per (epoch, star): ``epoch``, ``star``, ``mag_inst``, ``mag_inst_err``.
+
+    Returns
+    -------
+    zps, stars
+        Per epoch: ``zp``, ``zp_err``, ``scatter``, ``n_used``, ``n_candidates``, ``status``;
+        per star: ``mag`` (= ``M``), ``rms``, ``n``, ``used``.
+    """
+    m = matches[np.isfinite(matches["mag_inst"]) & np.isfinite(matches["mag_inst_err"])].copy()
+    m["M"] = m.groupby("star")["mag_inst"].transform("median")
+    for _ in range(n_iter):
+        zp = (m["M"] - m["mag_inst"]).groupby(m["epoch"]).median()
+        m["zp"] = zp.reindex(m["epoch"]).to_numpy()
+        new_M = (m["mag_inst"] + m["zp"]).groupby(m["star"]).median()
+        shift = float(np.median(zp))
+        m["M"] = new_M.reindex(m["star"]).to_numpy() - shift
+    res = m["mag_inst"] + m["zp"] - shift - m["M"]
+    m["pull"] = res / m["mag_inst_err"]
+    stars = pd.DataFrame({"mag": m.groupby("star")["M"].first(),
+                          "rms": (1.4826 * m["pull"].abs()).groupby(m["star"]).median(),
+                          "n": m.groupby("star").size()})
+    typical = float(np.median(stars["rms"])) if len(stars) else 1.0
+    stars["used"] = stars["rms"] <= 3.0 * max(typical, 1.0)
+    keep = stars.index[stars["used"]]
+    rows = []
+    for e, g in m.groupby("epoch"):
+        g = g[g["star"].isin(keep)]
+        z, ze, sc, n = robust_zeropoint(g["M"] - g["mag_inst"], g["mag_inst_err"], clip_sigma)
+        rows.append({"epoch": e, "zp": z, "zp_err": ze, "scatter": sc, "n_used": n, "n_candidates": len(g),
+                     "status": "fit" if n >= min_stars else "few"})
+    zps = pd.DataFrame(rows).set_index("epoch") if rows else pd.DataFrame(
+        columns=["zp", "zp_err", "scatter", "n_used", "n_candidates", "status"])
+    level = float(np.median(zps.loc[zps["status"] == "fit", "zp"])) if (zps["status"] == "fit").any() else 0.0
+    zps["zp"] -= level
+    stars["mag"] += level
+    return zps, stars

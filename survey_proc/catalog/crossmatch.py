@@ -111,7 +111,7 @@ def find_seeds(x: np.ndarray, y: np.ndarray, radius_px: float, bin_px: float, mi
     hist = np.zeros(shape, np.float32)
     np.add.at(hist, (ky - ky0, kx - kx0), 1.0)
     dens = ndimage.gaussian_filter(hist, sigma=max(1.0, 0.25 / bin_px), mode="constant")
-    size = 2 * max(1, int(round(0.5 * radius_px / bin_px))) + 1
+    size = 2 * max(1, round(0.5 * radius_px / bin_px)) + 1
     peaks = (dens == ndimage.maximum_filter(dens, size=size, mode="constant")) & (dens > 0)
     py, px = np.nonzero(peaks)
     if len(py) == 0:
@@ -259,6 +259,6 @@ def crossmatch_region(src: pd.DataFrame, region: Region, *, field: str, field_in
     lc["object_id"] = ids.reindex(lc["obj"]).to_numpy()
     lc["field"] = field
     lc = lc.sort_values(["object_id", "mjd"], kind="stable").reset_index(drop=True)
-    info = {"match_radius_px": radius, "astrom_rms90_px": sigma90, "n_seeds": int(len(seeds)),
-            "n_objects": int(len(objects)), "n_points": int(len(lc)), "n_sources_in": int(len(src))}
+    info = {"match_radius_px": radius, "astrom_rms90_px": sigma90, "n_seeds": len(seeds),
+            "n_objects": len(objects), "n_points": len(lc), "n_sources_in": len(src)}
     return objects, lc, info

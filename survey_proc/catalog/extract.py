@@ -23,7 +23,7 @@ from survey_proc.catalog import flags as F
 from survey_proc.config import RunConfig
 from survey_proc.detect import classical
 from survey_proc.photometry import aperture
-from survey_proc.tiling import Tile, owned
+from survey_proc.tiling import Tile
 
 COLUMNS = ("tile", "depth_px", "x", "y", "x_iso", "y_iso", "flux_aper", "flux_aper_err", "flux", "flux_err",
            "snr", "bkg_adu", "npix", "peak_adu", "flags")

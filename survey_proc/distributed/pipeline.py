@@ -96,7 +96,12 @@ def _versions() -> dict[str, str]:
 
 
 def resolve_reference(cfg: RunConfig) -> Path | None:
-    """The reference catalogue to use (``--reference`` or the store's), checked; None: relative calibration."""
+    """The reference catalogue to use (``--reference`` or the store's), checked; None: relative calibration.
+
+    ``--reference none`` asks for relative calibration even when the store names a catalogue.
+    """
+    if cfg.reference is not None and cfg.reference.lower() == "none":
+        return None
     path = Path(cfg.reference) if cfg.reference else store.reference_catalog_path(cfg.store)
     if path is None:
         return None
@@ -148,7 +153,13 @@ class _Bars:
     """One rich progress bar per stage (disabled when progress is off)."""
 
     def __init__(self, enabled: bool):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.progress = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), disable=not enabled)
@@ -277,16 +288,40 @@ def _stage_calibrate(client: Any, cfg: RunConfig, plans: list[FieldPlan], refere
             info["reference_epoch"] = meta["reference_epoch"]
             info["reference_stars"] = meta["n_stars"]
             ref_path = str(ipath)
-        refit = sorted(set(new_apcorr) | {e for e, r in recs.items() if r["zp"]["status"] == "pending"})
-        futures = {client.submit(tasks.recalibrate_epoch_task, cfg.out, p.field, e, None, ref_path, p.ref_wcs_text,
-                                 cfg_json, fp, new_apcorr.get(e), pure=False): {"field": p.field, "epoch": e}
-                   for e in refit}
 
-        def done(unit: dict, rec: dict) -> None:
+        def done(unit: dict, rec: dict, recs: dict = recs) -> None:
             state.records[(unit["field"], unit["epoch"])] = rec
             recs[unit["epoch"]] = rec
 
+        # with an external reference the apcorr-corrected epochs are refitted against it;
+        # without one they only get the new aperture correction here (zero point: ensemble below)
+        futures = {client.submit(tasks.recalibrate_epoch_task, cfg.out, p.field, e, None,
+                                 str(reference) if reference else None, p.ref_wcs_text, cfg_json, fp, a,
+                                 pure=False): {"field": p.field, "epoch": e} for e, a in new_apcorr.items()}
         _gather(client, futures, bars, None, state, "calibrate", done)
+        if reference is None and any(r["zp"]["status"] == "pending" for r in recs.values()):
+            # 3. relative calibration: ensemble photometry of the reference stars over all epochs
+            futures = {client.submit(tasks.reference_matches_task, cfg.out, p.field, e, ref_path, cfg_json,
+                                     pure=False): {"field": p.field, "epoch": e} for e in sorted(recs)}
+            parts: list[pd.DataFrame] = []
+
+            def got(unit: dict, m: dict, parts: list = parts) -> None:
+                parts.append(pd.DataFrame({"epoch": m["epoch"], "star": m["i_ref"], "mag_inst": m["mag_inst"],
+                                           "mag_inst_err": m["mag_inst_err"]}))
+
+            _gather(client, futures, bars, None, state, "calibrate", got)
+            zps, stars = cal.ensemble_zeropoints(pd.concat(parts, ignore_index=True), cfg.calibration.clip_sigma,
+                                                 cfg.calibration.min_stars)
+            info["ensemble_stars_used"] = int(stars["used"].sum())
+            futures = {}
+            for e in sorted(recs):
+                z = zps.loc[e] if e in zps.index else None
+                zp = (cal.ZeroPoint(float(z["zp"]) + p.zeropoint_nominal, float(z["zp_err"]), float(z["scatter"]),
+                                    int(z["n_used"]), int(z["n_candidates"]), str(z["status"])) if z is not None
+                      else cal.ZeroPoint(np.nan, np.nan, np.nan, 0, 0, "few"))
+                futures[client.submit(tasks.recalibrate_epoch_task, cfg.out, p.field, e, zp.to_dict(), None,
+                                      p.ref_wcs_text, cfg_json, fp, pure=False)] = {"field": p.field, "epoch": e}
+            _gather(client, futures, bars, None, state, "calibrate", done)
         info["n_apcorr_model_epochs"] = len(new_apcorr)
         table = pd.DataFrame([{"epoch": e, "airmass": r["airmass"], "zp": r["zp"]["zp"], "zp_err": r["zp"]["zp_err"],
                                "zp_status": r["zp"]["status"]} for e, r in sorted(recs.items())])

@@ -58,14 +58,16 @@ def reference_in_frame(path: str, ref_wcs_text: str) -> pd.DataFrame:
 def extract_block_task(store_path: str, field: str, epoch: int, tiles: list[Tile], window: tuple[int, int, int, int],
                        gain_e_per_adu: float, saturation_adu: float, cfg_json: str) -> tuple[pd.DataFrame, dict]:
     """Read one block's window of one epoch and return its owned detections and a BlockInfo dict."""
+    t0 = time.perf_counter()
     cfg = _config(cfg_json)
     y0, y1, x0, x1 = window
     image, mask = store.read_window(store_path, field, epoch, y0, y1, x0, x1)
+    t_read = time.perf_counter() - t0
     try:
         df, info = extract_block(image, mask, (y0, x0), tiles, gain_e_per_adu, saturation_adu, cfg)
     except SurveyProcError as exc:
         raise SurveyProcError(f"field {field} epoch {epoch} window {window}: {exc}") from exc
-    return df, info.to_dict()
+    return df, {**info.to_dict(), "read_s": t_read, "task_s": time.perf_counter() - t0}
 
 
 def finalize_epoch_task(blocks: list[tuple[pd.DataFrame, dict]], out: str, field: str, field_index: int, epoch: int,
@@ -77,7 +79,7 @@ def finalize_epoch_task(blocks: list[tuple[pd.DataFrame, dict]], out: str, field
     """
     t0 = time.perf_counter()
     cfg = _config(cfg_json)
-    infos = [BlockInfo(**b[1]) for b in blocks]
+    infos = [BlockInfo(**{k: v for k, v in b[1].items() if k not in ("read_s", "task_s")}) for b in blocks]
     try:
         epoch_wcs = parse_wcs(meta["wcs"])
     except ValueError as exc:
@@ -103,6 +105,8 @@ def finalize_epoch_task(blocks: list[tuple[pd.DataFrame, dict]], out: str, field
         "fallback": ",".join(sorted({i.fallback for i in infos if i.fallback})) or None,
         "has_wcs": epoch_wcs is not None, "zp": zp.to_dict(), "fingerprint": fingerprint,
         "queue_to_done_s": time.time() - t_submit, "finalize_s": time.perf_counter() - t0,
+        "read_s": float(sum(b[1].get("read_s", 0.0) for b in blocks)),
+        "extract_s": float(sum(b[1].get("task_s", 0.0) for b in blocks)),
     }
     write_parquet_atomic(src, SOURCES, OutputLayout(out).sources(field, epoch), record)
     return record
@@ -141,13 +145,31 @@ def recalibrate_epoch_task(out: str, field: str, epoch: int, model_zp: dict | No
         record = {**record, "apcorr": apcorr, "apcorr_source": "field model"}
     if model_zp is not None:
         zp = cal.ZeroPoint(**model_zp)
-    else:
+    elif reference_path is not None:
         ref = reference_in_frame(reference_path, ref_wcs_text)
         zp = calibrate_sources(src, ref, record["fwhm_px"], cfg)
+    else:  # only the aperture correction changed; the zero point comes later (ensemble)
+        zp = cal.ZeroPoint(np.nan, np.nan, np.nan, 0, 0, "pending")
     cal.apply_zeropoint(src, zp)
     record = {**record, "zp": zp.to_dict(), "fingerprint": fingerprint}
     write_parquet_atomic(src, SOURCES, path, record)
     return record
+
+
+def reference_matches_task(out: str, field: str, epoch: int, reference_path: str, cfg_json: str) -> dict[str, Any]:
+    """The calibrator matches of one written epoch against a reference: indices and instrumental mags."""
+    cfg = _config(cfg_json)
+    path = OutputLayout(out).sources(field, epoch)
+    record = read_meta(path)
+    if record is None:
+        raise SurveyProcError(f"{path}: missing or unreadable; re-run to extract field {field} epoch {epoch}")
+    src = pq.read_table(path, columns=["x_ref", "y_ref", "snr", "flags", "mag_inst", "mag_inst_err"]).to_pandas()
+    ref = reference_in_frame(reference_path, "")
+    i_src, i_ref = cal.select_calibrators(src["x_ref"].to_numpy(), src["y_ref"].to_numpy(), src["snr"].to_numpy(),
+                                          src["flags"].to_numpy(), ref["x_ref"].to_numpy(), ref["y_ref"].to_numpy(),
+                                          record["fwhm_px"], cfg.calibration)
+    return {"epoch": epoch, "i_ref": i_ref, "mag_inst": src["mag_inst"].to_numpy()[i_src],
+            "mag_inst_err": src["mag_inst_err"].to_numpy()[i_src]}
 
 
 # ------------------------------------------------------------------ cross-match

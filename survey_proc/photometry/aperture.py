@@ -91,7 +91,7 @@ def estimate_fwhm(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarra
     f = f[np.isfinite(f) & (f > 0.5) & (f < 50)]
     if len(f) < MIN_STARS_FOR_FWHM:
         return cfg.fwhm_default_px, 0
-    return float(np.median(f)), int(len(f))
+    return float(np.median(f)), len(f)
 
 
 def windowed_centroids(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_px: float,
