@@ -19,7 +19,7 @@ BANK = build_bank("moffat", 2.0, beta=3.0, oversample=7, base_radius_px=6)
 def test_rendered_star_conserves_flux_and_centroid(x, y, flux):
     # the largest stamp (radius 48 px) stays inside the 128 px image
     img = render_stars((128, 128), np.array([x]), np.array([y]), np.array([flux]), BANK, sigma_pix=5.0)
-    assert abs(img.sum() / flux - 1) < 1e-9
+    assert abs(img.sum() / flux - 1) < 1e-6  # float32 stamps (the stored image is float32)
     yy, xx = np.mgrid[:128, :128]
     # first moments of the rendered (untruncated-in-image) star are the true position,
     # up to the stamp truncation of the Moffat wings (< 0.01 px for this PSF)
@@ -37,8 +37,8 @@ def test_stars_partly_outside_put_only_their_in_frame_light(xs, seed):
     img = render_stars((64, 64), x, y, flux, BANK, sigma_pix=5.0)
     assert np.all(img >= 0)
     inside = (x > 8) & (x < 55) & (y > 8) & (y < 55)  # stamps (radius <= 6 at this flux) fully inside
-    assert img.sum() >= flux[inside].sum() - 1e-6
-    assert img.sum() <= flux.sum() + 1e-6
+    assert img.sum() >= flux[inside].sum() * (1 - 1e-6) - 1e-6
+    assert img.sum() <= flux.sum() * (1 + 1e-6) + 1e-6
 
 
 @settings(max_examples=30, deadline=None)

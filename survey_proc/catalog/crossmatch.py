@@ -156,7 +156,8 @@ def associate(seeds: np.ndarray, x: np.ndarray, y: np.ndarray, epoch: np.ndarray
     if k == 1:
         d, j = d[:, None], j[:, None]
     nseed = len(seeds)
-    taken: set[int] | np.ndarray = np.zeros(0, np.int64)
+    n_keys = (int(epoch.max()) + 1) * nseed
+    taken = np.zeros(n_keys, bool)  # (epoch, object) pairs already given a source
     pending = np.arange(n)
     for rank in range(k):
         cand = pending[np.isfinite(d[pending, rank])]
@@ -164,13 +165,13 @@ def associate(seeds: np.ndarray, x: np.ndarray, y: np.ndarray, epoch: np.ndarray
             break
         obj = j[cand, rank]
         key = epoch[cand].astype(np.int64) * nseed + obj
-        free = ~np.isin(key, taken)
+        free = ~taken[key]
         cand, obj, key = cand[free], obj[free], key[free]
         order = np.lexsort((cand, d[cand, rank], key))
         cand, obj, key = cand[order], obj[order], key[order]
         first = np.r_[True, key[1:] != key[:-1]] if len(key) else np.zeros(0, bool)
         out[cand[first]] = obj[first]
-        taken = np.union1d(taken, key[first])
+        taken[key[first]] = True
         pending = pending[out[pending] < 0]
     return out
 

@@ -57,7 +57,7 @@ def render_stars(
         sel = sel[(x[sel] > -radius - 1) & (x[sel] < nx + radius) & (y[sel] > -radius - 1) & (y[sel] < ny + radius)]
         if not len(sel):
             continue
-        b = bank.banks[ri]
+        b = bank.banks[ri].astype(np.float32)  # float32 stamps: half the memory traffic
         j = np.arange(-radius, radius + 1)
         block = max(1, _BLOCK_PIXELS // (2 * radius + 1) ** 2)
         for start in range(0, len(sel), block):
@@ -68,13 +68,13 @@ def render_stars(
             ty = -k * (y[s] - iy)
             tx0 = np.floor(tx)
             ty0 = np.floor(ty)
-            wx = (tx - tx0)[:, None, None]
-            wy = (ty - ty0)[:, None, None]
+            wx = (tx - tx0).astype(np.float32)[:, None, None]
+            wy = (ty - ty0).astype(np.float32)[:, None, None]
             ax = tx0.astype(np.int64) - bank.t_min
             ay = ty0.astype(np.int64) - bank.t_min
             stamp = ((1 - wy) * ((1 - wx) * b[ay, ax] + wx * b[ay, ax + 1])
                      + wy * ((1 - wx) * b[ay + 1, ax] + wx * b[ay + 1, ax + 1]))
-            stamp *= flux[s][:, None, None]
+            stamp *= flux[s].astype(np.float32)[:, None, None]
             py = iy[:, None, None] + j[None, :, None]
             px = ix[:, None, None] + j[None, None, :]
             ok = (py >= 0) & (py < ny) & (px >= 0) & (px < nx)
