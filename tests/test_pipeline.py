@@ -106,8 +106,11 @@ def test_field_run_recovers_the_bright_stars(field_run):
 
 
 def test_object_ids_are_identical_across_two_runs(field_run, client, tmp_path):
-    cfg = run_config(field_run["store"], tmp_path / "again", tile_px=128, halo_px=24, crossmatch={"region_px": 192})
-    run_pipeline(cfg, client=client)
+    # the second run attaches to the running cluster by its scheduler address (--scheduler)
+    cfg = run_config(field_run["store"], tmp_path / "again", tile_px=128, halo_px=24, crossmatch={"region_px": 192},
+                     scheduler=client.scheduler.address)
+    run = run_pipeline(cfg)
+    assert run["status"] == "complete"
     a = _table(field_run["out"], "objects").sort_values("object_id").reset_index(drop=True)
     b = _table(tmp_path / "again", "objects").sort_values("object_id").reset_index(drop=True)
     assert len(a) > 500

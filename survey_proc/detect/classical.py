@@ -102,8 +102,8 @@ def extract(data: np.ndarray, bad: np.ndarray, noise_adu: float | np.ndarray, cf
         sep's structured array (``x``, ``y`` 0-based pixel centres, ``flag``, ``npix``, ...)
         and the fallback rung used (``None``, ``"limits"``, ``"threshold"``, ``"no_deblend"``).
     """
-    sep.set_extract_pixstack(max(cfg.pixstack, sep.get_extract_pixstack()))
-    sep.set_sub_object_limit(max(cfg.sub_object_limit, sep.get_sub_object_limit()))
+    sep.set_extract_pixstack(cfg.pixstack)  # sep's limits are process-global: set them every time
+    sep.set_sub_object_limit(cfg.sub_object_limit)
     rungs = [(None, cfg.thresh_sigma, cfg.deblend_cont),
              ("limits", cfg.thresh_sigma, cfg.deblend_cont),
              ("threshold", 2 * cfg.thresh_sigma, cfg.deblend_cont),
