@@ -127,7 +127,7 @@ def _run_tasks(tasks: list[tuple], workers: int | None, client: Any, progress: b
 
         if client is not None:
             return submit_all(client)
-        with local_client(workers, quiet=not progress) as c:
+        with local_client(workers, quiet=not progress, glibc_malloc=True) as c:
             return submit_all(c)
 
 
