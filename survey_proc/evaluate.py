@@ -240,3 +240,118 @@ def evaluate_run(out: str | Path, store_path: str | Path, n_sample_epochs: int =
             **{k: float(m[k].mean()) for k in m.columns},
         }
     return result
+
+
+# ------------------------------------------------------------------ metrics on matched catalogues
+def match_radius_px(fwhm_px: float, factor: float = 0.5, min_px: float = 1.0) -> float:
+    """A match radius in PSF units: ``max(factor x FWHM, min_px)`` pixels."""
+    return max(factor * fwhm_px, min_px)
+
+
+def nmad(x: np.ndarray) -> float:
+    """Normalised median absolute deviation ``1.4826 median(|x - median(x)|)`` (NaN if empty)."""
+    x = np.asarray(x, float)
+    x = x[np.isfinite(x)]
+    return float(1.4826 * np.median(np.abs(x - np.median(x)))) if len(x) else float("nan")
+
+
+def error_stats(delta: np.ndarray, outlier_nmad: float = 3.0) -> dict[str, float]:
+    """Bias (median), RMS, NMAD and outlier fraction of errors ``delta``.
+
+    An outlier lies more than ``outlier_nmad`` NMADs from the median (a robust analogue of
+    a 3-sigma outlier; with Gaussian errors 0.27 % are outliers).
+    """
+    d = np.asarray(delta, float)
+    d = d[np.isfinite(d)]
+    if len(d) == 0:
+        return {"n": 0, "bias": float("nan"), "rms": float("nan"), "nmad": float("nan"), "outlier_frac": float("nan")}
+    s = nmad(d)
+    med = float(np.median(d))
+    return {"n": len(d), "bias": med, "rms": float(np.sqrt(np.mean(d**2))), "nmad": s,
+            "outlier_frac": float(np.mean(np.abs(d - med) > outlier_nmad * s)) if s > 0 else 0.0}
+
+
+def per_bin(values: np.ndarray, key: np.ndarray, edges: np.ndarray, fn) -> list[dict[str, Any]]:
+    """Apply ``fn(values[in bin])`` per bin of ``key``; returns one dict per bin with its edges."""
+    out = []
+    idx = np.digitize(key, edges) - 1
+    for b in range(len(edges) - 1):
+        sel = idx == b
+        out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), **fn(values[sel])})
+    return out
+
+
+def average_precision(confidence: np.ndarray, is_true: np.ndarray, n_truth: int) -> dict[str, Any]:
+    """Precision-recall curve over the confidence threshold and its area (all-point AP).
+
+    Parameters
+    ----------
+    confidence
+        Confidence of every detection.
+    is_true
+        Whether each detection matched a true star.
+    n_truth
+        Number of true stars that could be found (the recall denominator).
+    """
+    order = np.argsort(-np.asarray(confidence, float), kind="stable")
+    tp = np.cumsum(np.asarray(is_true, bool)[order])
+    fp = np.cumsum(~np.asarray(is_true, bool)[order])
+    recall = tp / max(n_truth, 1)
+    precision = tp / np.maximum(tp + fp, 1)
+    # all-point interpolation: precision envelope (max precision at recall >= r)
+    env = np.maximum.accumulate(precision[::-1])[::-1]
+    r = np.r_[0.0, recall]
+    ap = float(np.sum((r[1:] - r[:-1]) * env))
+    return {"ap": ap, "recall": recall, "precision": precision, "threshold": np.asarray(confidence, float)[order]}
+
+
+def z_score_calibration(delta: np.ndarray, sigma: np.ndarray, n_levels: int = 99) -> dict[str, Any]:
+    """How honest quoted errors are: z-scores, interval coverage and the miscalibration area.
+
+    ``z = delta / sigma``. For each confidence level ``p`` the observed fraction of
+    ``|z| <= Phi^-1((1 + p) / 2)`` is compared with ``p`` (the average-calibration curve of
+    PNet's Fig. 9); the miscalibration area is the mean ``|observed - p|`` over ``p`` in
+    (0, 1) (0: perfect; 0.5: useless).
+    """
+    from scipy.stats import norm
+
+    d = np.asarray(delta, float)
+    s = np.asarray(sigma, float)
+    ok = np.isfinite(d) & np.isfinite(s) & (s > 0)
+    z = d[ok] / s[ok]
+    p = (np.arange(n_levels) + 1) / (n_levels + 1)
+    half = norm.ppf(0.5 + p / 2)
+    observed = np.array([np.mean(np.abs(z) <= h) for h in half]) if len(z) else np.full(n_levels, np.nan)
+    return {"n": len(z), "z_mean": float(np.mean(z)) if len(z) else float("nan"),
+            "z_std": float(np.std(z)) if len(z) else float("nan"), "z_nmad": nmad(z),
+            "coverage_68": float(np.mean(np.abs(z) <= 1.0)) if len(z) else float("nan"),
+            "coverage_95": float(np.mean(np.abs(z) <= 1.959964)) if len(z) else float("nan"),
+            "miscalibration_area": float(np.mean(np.abs(observed - p))), "levels": p, "observed": observed}
+
+
+def classification_metrics(true_class: np.ndarray, pred_class: np.ndarray,
+                           classes: list[str] | None = None) -> dict[str, Any]:
+    """Per-class precision and recall and the confusion matrix (rows: truth, columns: predicted)."""
+    t = np.asarray(true_class, dtype=object)
+    pr = np.asarray(pred_class, dtype=object)
+    classes = classes or sorted(set(t) | set(pr))
+    conf = pd.crosstab(pd.Categorical(t, classes), pd.Categorical(pr, classes), dropna=False)
+    per = {}
+    for c in classes:
+        tp = float(conf.loc[c, c])
+        per[c] = {"precision": tp / conf[c].sum() if conf[c].sum() else float("nan"),
+                  "recall": tp / conf.loc[c].sum() if conf.loc[c].sum() else float("nan"),
+                  "n_true": int(conf.loc[c].sum())}
+    return {"classes": classes, "per_class": per, "confusion": conf.to_numpy().tolist()}
+
+
+def period_recovered(p_found: np.ndarray, p_true: np.ndarray, rel_tol: float = 0.01,
+                     harmonics: tuple[float, ...] = (1.0, 0.5, 2.0)) -> np.ndarray:
+    """Whether each found period matches the true one (or a listed harmonic) within ``rel_tol``.
+
+    Eclipsing binaries are often found at half their period; pass ``harmonics=(1.0,)`` to
+    require the exact period.
+    """
+    pf = np.asarray(p_found, float)[:, None]
+    pt = np.asarray(p_true, float)[:, None] * np.asarray(harmonics)[None, :]
+    return np.any(np.abs(pf - pt) <= rel_tol * pt, axis=1)

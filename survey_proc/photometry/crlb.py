@@ -1,0 +1,132 @@
+"""Cramér-Rao lower bounds for the flux and position of an isolated point source.
+
+For a star of flux ``F`` (ADU) at ``(x0, y0)`` on a sky of ``B`` ADU/pixel, pixel ``i`` has
+expectation ``mu_i = F p_i(x0, y0) + B``, where ``p_i`` is the *pixelised* PSF (the flux
+fraction falling in pixel ``i``; it sums to ~1), and variance
+``v_i = mu_i / g + (rn / g)^2`` (ADU^2; Poisson on electrons plus read noise, gain ``g`` in
+e-/ADU, read noise ``rn`` in e-). With Gaussian noise of parameter-independent variance,
+the Fisher information of ``theta = (F, x0, y0[, B])`` is
+
+    I_jk = sum_i (d mu_i / d theta_j) (d mu_i / d theta_k) / v_i ,
+
+and any unbiased estimator has ``cov(theta_hat) >= I^-1``. ``d mu / d x0`` is taken by
+central differences of the pixelised PSF. The bound depends on the sub-pixel phase of the
+star; :func:`crlb_point_source` averages the *information* over phases when asked (the
+bound for a star at a random position).
+
+The PSF is any callable ``psf(x0, y0) -> (ny, nx) array`` of pixel fractions; helpers
+build it from GalSim profiles (pixel-integrated) or a Gaussian.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import erf
+
+PSF = Callable[[float, float], np.ndarray]
+MAG_PER_FLUX = 2.5 / np.log(10.0)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """Cramér-Rao standard deviations of one point source."""
+
+    flux_adu: float
+    sigma_flux_adu: float
+    sigma_x_px: float
+    sigma_y_px: float
+
+    @property
+    def sigma_mag(self) -> float:
+        """Bound on the magnitude error (mag), ``1.0857 sigma_F / F``."""
+        return MAG_PER_FLUX * self.sigma_flux_adu / self.flux_adu
+
+    @property
+    def snr(self) -> float:
+        """Best achievable flux S/N."""
+        return self.flux_adu / self.sigma_flux_adu
+
+
+def gaussian_psf(sigma_px: float, size_px: int) -> PSF:
+    """Pixel-integrated circular Gaussian on a ``size x size`` stamp (centre pixel ``size // 2``)."""
+    edges = np.arange(size_px + 1) - 0.5 - size_px // 2
+
+    def psf(x0: float, y0: float) -> np.ndarray:
+        s = np.sqrt(2.0) * sigma_px
+        fx = 0.5 * np.diff(erf((edges - x0) / s))
+        fy = 0.5 * np.diff(erf((edges - y0) / s))
+        return np.outer(fy, fx)
+
+    return psf
+
+
+def galsim_psf(profile: str, fwhm_px: float, size_px: int, beta: float = 3.0) -> PSF:
+    """Pixel-integrated GalSim PSF (``moffat`` or ``kolmogorov``) on a ``size x size`` stamp."""
+    from survey_proc.simulate.psf import galsim_profile
+
+    obj = galsim_profile(profile, fwhm_px, beta)
+
+    def psf(x0: float, y0: float) -> np.ndarray:
+        img = obj.drawImage(nx=size_px, ny=size_px, scale=1.0, offset=(x0, y0), method="auto")
+        return img.array.astype(np.float64)
+
+    return psf
+
+
+def fisher_matrix(psf: PSF, flux_adu: float, x0: float, y0: float, sky_adu: float, gain_e_per_adu: float,
+                  read_noise_e: float, *, fit_background: bool = False, step_px: float = 1e-3) -> np.ndarray:
+    """Fisher information of ``(F, x0, y0[, B])`` for one star (units: ADU, px)."""
+    p = psf(x0, y0)
+    dpx = (psf(x0 + step_px, y0) - psf(x0 - step_px, y0)) / (2 * step_px)
+    dpy = (psf(x0, y0 + step_px) - psf(x0, y0 - step_px)) / (2 * step_px)
+    mu = flux_adu * p + sky_adu
+    v = np.maximum(mu / gain_e_per_adu + (read_noise_e / gain_e_per_adu) ** 2, 1e-300)  # noiseless empty pixels
+    grads = [p, flux_adu * dpx, flux_adu * dpy]
+    if fit_background:
+        grads.append(np.ones_like(p))
+    g = np.stack([d.ravel() for d in grads])
+    return (g / v.ravel()) @ g.T
+
+
+def crlb_point_source(psf: PSF, flux_adu: float, sky_adu: float, gain_e_per_adu: float, read_noise_e: float, *,
+                      x0: float = 0.0, y0: float = 0.0, n_phases: int = 1, fit_background: bool = False) -> Bound:
+    """The Cramér-Rao bound for one star.
+
+    Parameters
+    ----------
+    psf
+        Pixelised PSF callable (offsets in px from the stamp centre).
+    flux_adu, sky_adu
+        Total flux of the star and sky per pixel (ADU).
+    gain_e_per_adu, read_noise_e
+        Detector gain (e-/ADU) and read noise (e-).
+    x0, y0
+        Position relative to the centre pixel (used when ``n_phases == 1``).
+    n_phases
+        Average the information over an ``n x n`` grid of sub-pixel phases instead.
+    fit_background
+        Also estimate the sky (it then costs information).
+    """
+    if n_phases > 1:
+        ph = (np.arange(n_phases) + 0.5) / n_phases - 0.5
+        info = np.mean([fisher_matrix(psf, flux_adu, px, py, sky_adu, gain_e_per_adu, read_noise_e,
+                                      fit_background=fit_background) for py in ph for px in ph], axis=0)
+    else:
+        info = fisher_matrix(psf, flux_adu, x0, y0, sky_adu, gain_e_per_adu, read_noise_e,
+                             fit_background=fit_background)
+    cov = np.linalg.inv(info)
+    return Bound(flux_adu, float(np.sqrt(cov[0, 0])), float(np.sqrt(cov[1, 1])), float(np.sqrt(cov[2, 2])))
+
+
+def crlb_curve(psf: PSF, flux_adu: np.ndarray, sky_adu: float, gain_e_per_adu: float, read_noise_e: float,
+               n_phases: int = 3) -> dict[str, np.ndarray]:
+    """Bounds for many fluxes (phase-averaged): arrays ``sigma_flux_adu``, ``sigma_mag``, ``sigma_pos_px``."""
+    out = [crlb_point_source(psf, float(f), sky_adu, gain_e_per_adu, read_noise_e, n_phases=n_phases)
+           for f in np.atleast_1d(flux_adu)]
+    return {"flux_adu": np.array([b.flux_adu for b in out]),
+            "sigma_flux_adu": np.array([b.sigma_flux_adu for b in out]),
+            "sigma_mag": np.array([b.sigma_mag for b in out]),
+            "sigma_pos_px": np.array([np.sqrt(0.5 * (b.sigma_x_px**2 + b.sigma_y_px**2)) for b in out])}

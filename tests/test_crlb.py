@@ -1,0 +1,60 @@
+"""The Cramér-Rao bounds against Monte Carlo PSF fits, and their closed forms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.optimize import least_squares
+
+from survey_proc.photometry.crlb import crlb_point_source, galsim_psf, gaussian_psf
+
+
+def test_bound_matches_closed_form_in_the_background_limit():
+    # faint star on a bright sky, well sampled: var(F) = 4 pi sigma^2 v  and  var(x) = 8 pi sigma^4 v / F^2
+    sigma, sky, gain, rn = 3.0, 1e6, 1.0, 0.0  # pixel integration widens sigma^2 by 1/12: < 1 %
+    b = crlb_point_source(gaussian_psf(sigma, 61), 100.0, sky, gain, rn)
+    v = sky / gain
+    assert b.sigma_flux_adu == pytest.approx(np.sqrt(4 * np.pi * sigma**2 * v), rel=0.02)
+    assert b.sigma_x_px == pytest.approx(np.sqrt(8 * np.pi * sigma**4 * v) / 100.0, rel=0.02)
+
+
+def test_bound_matches_closed_form_in_the_photon_limit():
+    # bright star, no sky, no read noise: var(F) = F / g (every photon counts once)
+    b = crlb_point_source(gaussian_psf(1.5, 31), 1e6, 0.0, 2.0, 0.0)
+    assert b.sigma_flux_adu == pytest.approx(np.sqrt(1e6 / 2.0), rel=1e-3)
+
+
+def test_psf_fit_variance_matches_the_bound_monte_carlo():
+    """An isolated Gaussian-PSF star fitted by weighted least squares over 1000 noise draws."""
+    rng = np.random.default_rng(42)
+    sigma, size, flux, sky, gain, rn = 1.3, 19, 3000.0, 40.0, 1.5, 5.0
+    psf = gaussian_psf(sigma, size)
+    x0, y0 = 0.23, -0.31
+    mu = flux * psf(x0, y0) + sky
+    v = mu / gain + (rn / gain) ** 2
+    w = 1.0 / np.sqrt(v)
+    fits = []
+    for _ in range(1000):
+        electrons = rng.poisson(mu * gain) + rng.normal(0.0, rn, mu.shape)
+        img = electrons / gain
+
+        def resid(t, img=img):
+            return ((t[0] * psf(t[1], t[2]) + sky - img) * w).ravel()
+
+        fits.append(least_squares(resid, [flux, 0.0, 0.0], x_scale=[100.0, 0.1, 0.1]).x)
+    fits = np.array(fits)
+    bound = crlb_point_source(psf, flux, sky, gain, rn, x0=x0, y0=y0)
+    assert np.std(fits[:, 0]) == pytest.approx(bound.sigma_flux_adu, rel=0.10)
+    assert np.std(fits[:, 1]) == pytest.approx(bound.sigma_x_px, rel=0.10)
+    assert np.std(fits[:, 2]) == pytest.approx(bound.sigma_y_px, rel=0.10)
+    assert abs(np.mean(fits[:, 0]) - flux) < 4 * bound.sigma_flux_adu / np.sqrt(1000)
+
+
+def test_galsim_psf_bound_is_worse_for_wider_psfs_and_fitted_sky():
+    narrow = crlb_point_source(galsim_psf("moffat", 1.75, 31), 2000.0, 40.0, 1.5, 5.0, n_phases=3)
+    wide = crlb_point_source(galsim_psf("moffat", 3.5, 31), 2000.0, 40.0, 1.5, 5.0, n_phases=3)
+    fitted_sky = crlb_point_source(galsim_psf("moffat", 1.75, 31), 2000.0, 40.0, 1.5, 5.0, n_phases=3,
+                                   fit_background=True)
+    assert narrow.snr > wide.snr > 0
+    assert narrow.sigma_x_px < wide.sigma_x_px
+    assert fitted_sky.sigma_flux_adu > narrow.sigma_flux_adu
