@@ -1,0 +1,261 @@
+"""Accuracy benchmark: every detector through the same pipeline on the same held-out survey.
+
+    python -m benchmarks.accuracy --scenario dense|sparse [--detectors sep,pnet] [--out DIR] [--quick]
+
+Simulates the held-out survey of ``benchmarks/scenarios/<scenario>-heldout.toml`` (a seed
+and conditions never used for training), runs ``survey-proc run`` once per detector, and
+compares each with the truth and with the Cramér-Rao bound of the same epochs:
+
+- detection: recall per true magnitude, precision per measured magnitude, F1, AP over the
+  confidence (matching one-to-one within max(0.5 FWHM, 1 px) of each epoch);
+- photometry and astrometry of matched stars per magnitude bin: bias, RMS, NMAD, outlier
+  fraction, and the NMAD as a ratio to the CRLB of a star of that magnitude in that epoch;
+- uncertainty calibration of ``mag_err``: z-score width, 68/95 % coverage, miscalibration area.
+
+Writes ``OUT/<scenario>/accuracy.json``, ``accuracy.md`` (tables) and PNG plots
+(completeness, error vs magnitude with the CRLB curve, calibration curve, P-R curve).
+``--quick`` uses a 256^2 x 4-epoch survey (for the test suite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from survey_proc import evaluate as ev
+from survey_proc import store
+from survey_proc.config import load_config
+from survey_proc.distributed.pipeline import run_pipeline
+from survey_proc.outputs import OutputLayout
+from survey_proc.photometry.crlb import crlb_curve, galsim_psf
+from survey_proc.simulate import load_scenario, simulate_survey
+from survey_proc.simulate.scenario import Scenario
+
+SCENARIOS = Path(__file__).parent / "scenarios"
+AVAILABLE = {"sep"}  # detectors whose models ship with this version
+
+
+def heldout(name: str, quick: bool, epochs: int | None, size: int | None) -> Scenario:
+    """The held-out scenario, scaled down for ``--quick``."""
+    over: dict[str, Any] = {"n_epochs": 4, "size_px": 256, "psf_oversample": 7} if quick else {"n_epochs": 20}
+    if epochs:
+        over["n_epochs"] = epochs
+    if size:
+        over["size_px"] = size
+    return load_scenario(str(SCENARIOS / f"{name}-heldout.toml"), over)
+
+
+def _crlb_interp(scn: Scenario, fwhm: float, sky: float, gain: float, rn: float) -> tuple[np.ndarray, dict]:
+    grid = np.logspace(0.5, 7.0, 14)
+    size = int(2 * np.ceil(4 * fwhm) + 1)
+    return grid, crlb_curve(galsim_psf(scn.psf_profile, fwhm, size, scn.moffat_beta), grid, sky, gain, rn, n_phases=2)
+
+
+def evaluate_method(out: Path, store_path: Path, scn: Scenario, epochs: list[int]) -> dict[str, Any]:
+    """Metrics of one method's outputs against truth and the CRLB (see the module docstring)."""
+    layout = OutputLayout(out)
+    fa = store.field_attrs(store_path, "F000")
+    gain, rn = float(fa["gain_e_per_adu"]), float(fa["read_noise_e"])
+    truth_ep = ev.load_truth_epochs(store_path, "F000").set_index("epoch")
+    trows, drows, pairs = [], [], []
+    for e in epochs:
+        src = pd.read_parquet(layout.sources("F000", e))
+        t = ev.truth_at_epoch(store_path, "F000", e)
+        te = truth_ep.loc[e]
+        radius = ev.match_radius_px(float(te["seeing_fwhm_px"]))
+        i_d, i_t = ev.match_one_to_one(src["x"].to_numpy(), src["y"].to_numpy(), t["x_epoch"].to_numpy(),
+                                       t["y_epoch"].to_numpy(), radius)
+        hit_t = np.zeros(len(t), bool)
+        hit_t[i_t] = True
+        hit_d = np.zeros(len(src), bool)
+        hit_d[i_d] = True
+        trows.append(pd.DataFrame({"epoch": e, "mag_true": t["mag_epoch"], "found": hit_t}))
+        drows.append(pd.DataFrame({"epoch": e, "mag": src["mag"], "confidence": src["confidence"], "true": hit_d}))
+        grid, bound = _crlb_interp(scn, float(te["seeing_fwhm_px"]), float(te["sky_adu"]), gain, rn)
+        f = t["flux_adu"].to_numpy()[i_t]
+        lf = np.log(np.clip(f, grid[0], grid[-1]))
+        pairs.append(pd.DataFrame({
+            "epoch": e, "mag_true": t["mag_epoch"].to_numpy()[i_t],
+            "dmag": src["mag"].to_numpy()[i_d] - t["mag_epoch"].to_numpy()[i_t],
+            "mag_err": src["mag_err"].to_numpy()[i_d],
+            "dx": src["x"].to_numpy()[i_d] - t["x_epoch"].to_numpy()[i_t],
+            "dy": src["y"].to_numpy()[i_d] - t["y_epoch"].to_numpy()[i_t],
+            "flags": src["flags"].to_numpy()[i_d],
+            "crlb_mag": np.exp(np.interp(lf, np.log(grid), np.log(bound["sigma_mag"]))),
+            "crlb_pos": np.exp(np.interp(lf, np.log(grid), np.log(bound["sigma_pos_px"]))),
+        }))
+    T, D, P = (pd.concat(x, ignore_index=True) for x in (trows, drows, pairs))
+    limit = float(ev.load_truth_summary(store_path)["limiting_mag_5sigma_psf_crlb"])
+    edges = np.arange(np.floor(scn.mag_min), np.ceil(limit) + 1.5, 1.0)
+    recall_bins = ev.per_bin(T["found"].to_numpy(float), T["mag_true"].to_numpy(), edges,
+                             lambda v: {"recall": float(np.mean(v)) if len(v) else None, "n": len(v)})
+    prec_bins = ev.per_bin(D["true"].to_numpy(float), D["mag"].to_numpy(), edges,
+                           lambda v: {"precision": float(np.mean(v)) if len(v) else None, "n": len(v)})
+
+    def phot(rows: pd.DataFrame) -> dict[str, Any]:
+        s = ev.error_stats(rows["dmag"].to_numpy())
+        pos = ev.error_stats(np.r_[rows["dx"].to_numpy(), rows["dy"].to_numpy()])
+        cr = float(np.median(rows["crlb_mag"])) if len(rows) else float("nan")
+        crp = float(np.median(rows["crlb_pos"])) if len(rows) else float("nan")
+        return {**{f"mag_{k}": v for k, v in s.items()}, "crlb_mag": cr, "mag_nmad_over_crlb": s["nmad"] / cr,
+                **{f"pos_{k}": v for k, v in pos.items() if k != "n"}, "crlb_pos_px": crp,
+                "pos_nmad_over_crlb": pos["nmad"] / crp}
+
+    idx = np.digitize(P["mag_true"], edges) - 1
+    phot_bins = [{"lo": float(edges[b]), "hi": float(edges[b + 1]), **phot(P[idx == b])} for b in range(len(edges) - 1)]
+    bright = T["mag_true"] < limit
+    recall = float(T.loc[bright, "found"].mean())
+    precision = float(D["true"].mean())
+    ap = ev.average_precision(D["confidence"].to_numpy(), D["true"].to_numpy(), int(bright.sum()))
+    calib = ev.z_score_calibration(P["dmag"].to_numpy(), P["mag_err"].to_numpy())
+    return {
+        "epochs": epochs, "mag_limit": limit, "recall": recall, "precision": precision,
+        "f1": 2 * recall * precision / (recall + precision), "ap": ap["ap"],
+        "recall_bins": recall_bins, "precision_bins": prec_bins, "phot_bins": phot_bins,
+        "calibration": {k: v for k, v in calib.items() if k not in ("levels", "observed")},
+        "_curves": {"pr": (ap["recall"].tolist(), ap["precision"].tolist()),
+                    "calib": (calib["levels"].tolist(), calib["observed"].tolist())},
+    }
+
+
+def _plots(results: dict[str, Any], outdir: Path, scenario: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    methods = {k: v for k, v in results["methods"].items() if "recall" in v}
+
+    def save(fig, name: str) -> None:
+        p = outdir / name
+        fig.savefig(p, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        files.append(p.name)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for m, r in methods.items():
+        b = [x for x in r["recall_bins"] if x["n"]]
+        ax.plot([0.5 * (x["lo"] + x["hi"]) for x in b], [x["recall"] for x in b], "o-", label=m)
+    ax.axvline(next(iter(methods.values()))["mag_limit"] if methods else 0, ls=":", c="k", label="5σ limit")
+    ax.set(xlabel="true magnitude", ylabel="completeness", title=f"{scenario}: completeness")
+    ax.legend()
+    save(fig, "completeness.png")
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for m, r in methods.items():
+        b = [x for x in r["phot_bins"] if x["mag_n"] >= 5]
+        mid = [0.5 * (x["lo"] + x["hi"]) for x in b]
+        ax.semilogy(mid, [x["mag_nmad"] for x in b], "o-", label=f"{m} NMAD")
+        ax.semilogy(mid, [x["crlb_mag"] for x in b], "k--", label="Cramér-Rao bound" if m == next(iter(methods)) else None)
+    ax.set(xlabel="true magnitude", ylabel="magnitude error (mag)", title=f"{scenario}: photometry")
+    ax.legend()
+    save(fig, "photometry_vs_crlb.png")
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    for m, r in methods.items():
+        lv, ob = r["_curves"]["calib"]
+        ax.plot(lv, ob, label=f"{m} (area {r['calibration']['miscalibration_area']:.3f})")
+    ax.plot([0, 1], [0, 1], "k:")
+    ax.set(xlabel="expected confidence level", ylabel="observed fraction", title=f"{scenario}: mag_err calibration")
+    ax.legend()
+    save(fig, "calibration.png")
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    for m, r in methods.items():
+        rc, pr = r["_curves"]["pr"]
+        ax.plot(rc, pr, label=f"{m} (AP {r['ap']:.3f})")
+    ax.set(xlabel="recall", ylabel="precision", title=f"{scenario}: P-R over confidence")
+    ax.legend()
+    save(fig, "precision_recall.png")
+    return files
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    lines = [f"### Accuracy, {results['scenario']} (held-out: {results['scenario_file']}, seed {results['seed']}, "
+             f"{results['size_px']}^2 x {results['n_epochs']} epochs)", "",
+             "| method | recall (< 5σ limit) | precision | F1 | AP | mag_err z-width | 68 % coverage | miscalibration |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m, r in results["methods"].items():
+        if "recall" not in r:
+            lines.append(f"| {m} | {r.get('skipped', 'n/a')} | | | | | | |")
+            continue
+        c = r["calibration"]
+        lines.append(f"| {m} | {r['recall']:.3f} | {r['precision']:.3f} | {r['f1']:.3f} | {r['ap']:.3f} | "
+                     f"{c['z_nmad']:.2f} | {c['coverage_68']:.3f} | {c['miscalibration_area']:.3f} |")
+    for m, r in results["methods"].items():
+        if "phot_bins" not in r:
+            continue
+        lines += ["", f"{m}: per true-magnitude bin (matched stars)", "",
+                  "| mag | completeness | n | mag bias | mag NMAD | CRLB | NMAD/CRLB | outliers | pos NMAD (px) | pos CRLB | ratio |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for rb, pb in zip(r["recall_bins"], r["phot_bins"], strict=True):
+            if not rb["n"]:
+                continue
+            lines.append(f"| {rb['lo']:.0f}-{rb['hi']:.0f} | {rb['recall']:.3f} | {pb['mag_n']} | {pb['mag_bias']:+.4f} | "
+                         f"{pb['mag_nmad']:.4f} | {pb['crlb_mag']:.4f} | {pb['mag_nmad_over_crlb']:.2f} | "
+                         f"{pb['mag_outlier_frac']:.3f} | {pb['pos_nmad']:.3f} | {pb['crlb_pos_px']:.3f} | "
+                         f"{pb['pos_nmad_over_crlb']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(scenario: str, detectors: list[str], out: Path, *, quick: bool = False, epochs: int | None = None,
+        size: int | None = None, workers: int | None = None, n_eval_epochs: int = 10) -> dict[str, Any]:
+    """Simulate the held-out survey, run every detector, evaluate, write JSON/Markdown/plots."""
+    scn = heldout(scenario, quick, epochs, size)
+    base = out / scenario
+    base.mkdir(parents=True, exist_ok=True)
+    survey = base / "survey.zarr"
+    t0 = time.perf_counter()
+    if not survey.exists():
+        simulate_survey(scn, survey, workers=0 if quick else workers, progress=False)
+    t_sim = time.perf_counter() - t0
+    results: dict[str, Any] = {"scenario": scenario, "scenario_file": f"benchmarks/scenarios/{scenario}-heldout.toml",
+                               "seed": scn.seed, "size_px": scn.size_px, "n_epochs": scn.n_epochs,
+                               "simulate_s": t_sim, "methods": {}}
+    sample = sorted({int(e) for e in np.linspace(0, scn.n_epochs - 1, min(n_eval_epochs, scn.n_epochs))})
+    for det in detectors:
+        if det not in AVAILABLE:
+            results["methods"][det] = {"skipped": f"{det}: no shipped model in this version"}
+            continue
+        cfg = load_config(None, {"store": str(survey), "out": str(base / det), "detector": det, "progress": False,
+                                 "evaluate": False, "mode": "overwrite", "workers": workers})
+        t = time.perf_counter()
+        run_json = run_pipeline(cfg)
+        r = evaluate_method(base / det, survey, scn, sample)
+        r["run_s"] = time.perf_counter() - t
+        r["run_status"] = run_json["status"]
+        results["methods"][det] = r
+    results["plots"] = _plots(results, base, scenario)
+    (base / "accuracy.md").write_text(_markdown(results))
+    clean = {**results, "methods": {m: {k: v for k, v in r.items() if k != "_curves"}
+                                    for m, r in results["methods"].items()}}
+    (base / "accuracy.json").write_text(json.dumps(clean, indent=2, default=float))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.splitlines()[0])
+    p.add_argument("--scenario", choices=("dense", "sparse"), default="dense")
+    p.add_argument("--detectors", default="sep", help="comma-separated: sep,pnet")
+    p.add_argument("--out", default="bench-out", help="output directory (default bench-out/)")
+    p.add_argument("--epochs", type=int, help="epochs of the held-out survey (default 20; quick 4)")
+    p.add_argument("--size", type=int, help="detector size in px (default 1024; quick 256)")
+    p.add_argument("--workers", type=int, help="Dask worker processes (default: one per core)")
+    p.add_argument("--quick", action="store_true", help="a small survey for the test suite")
+    a = p.parse_args(argv)
+    res = run(a.scenario, [d for d in a.detectors.split(",") if d], Path(a.out), quick=a.quick, epochs=a.epochs,
+              size=a.size, workers=a.workers)
+    print(_markdown(res))
+    print(f"wrote {Path(a.out) / a.scenario}/accuracy.json, accuracy.md and {', '.join(res['plots'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
