@@ -27,3 +27,19 @@ def test_accuracy_quick_writes_tables_plots_and_sane_numbers(tmp_path, capsys):
     md = (base / "accuracy.md").read_text()
     assert "| sep |" in md and "NMAD/CRLB" in md
     assert "wrote" in capsys.readouterr().out
+
+
+def test_throughput_quick(tmp_path, capsys):
+    from benchmarks import throughput
+
+    assert throughput.main(["--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "throughput-dense.json").read_text())
+    stages = res["stages_one_process"]
+    assert set(stages) == {"read", "background", "sep_extract", "block_total", "merge_write"}
+    assert all(v["mpix_per_s_per_core"] > 0 for v in stages.values())
+    # the whole block costs more than its sep extraction alone
+    assert stages["block_total"]["s_per_epoch"] > stages["sep_extract"]["s_per_epoch"]
+    (row,) = res["scaling"]
+    assert row["workers"] == 1 and row["speedup"] == 1.0 and row["epochs_per_s"] > 0
+    assert res["peak_rss_mb"]["largest_child"] > 50
+    assert "Mpix/s per core" in capsys.readouterr().out

@@ -1,0 +1,146 @@
+"""Throughput benchmark: Mpix/s per stage and per worker, scaling over workers, peak memory.
+
+    python -m benchmarks.throughput [--scenario dense] [--epochs 40] [--size 1024] [--max-workers N] [--out DIR] [--quick]
+
+1. *Per stage, one process* (no Dask): Zarr read, background, sep extraction, the whole
+   block (extraction + centroids + photometry), and merge + astrometry + Parquet write, on a
+   sample of epochs; Mpix/s per core.
+2. *Scaling*: ``survey-proc run`` on the same survey with 1..N worker processes; epochs/s,
+   Mpix/s, speed-up and efficiency; light curves built per second by the cross-match; peak
+   RSS of the driver and of the largest worker.
+
+Writes ``OUT/throughput-<scenario>.json`` and ``.md``. ``--quick``: 256^2 x 4 epochs, 1 worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from survey_proc import store
+from survey_proc.catalog.extract import extract_block
+from survey_proc.catalog.merge import merge_epoch
+from survey_proc.catalog.schema import SOURCES
+from survey_proc.config import RunConfig, load_config
+from survey_proc.detect import classical
+from survey_proc.distributed.cluster import available_cores
+from survey_proc.distributed.pipeline import run_pipeline
+from survey_proc.outputs import write_parquet_atomic
+from survey_proc.simulate import load_scenario, simulate_survey
+from survey_proc.tiling import tile_grid
+
+
+def stage_rates(survey: Path, epochs: list[int], tmp: Path) -> dict[str, Any]:
+    """Seconds per epoch and Mpix/s per core of each stage, in this process."""
+    cfg = RunConfig()
+    fa = store.field_attrs(survey, "F000")
+    _, ny, nx = store.image_shape(survey, "F000")
+    tiles = tile_grid(ny, nx, cfg.tile_px, cfg.halo_px)
+    t = {k: 0.0 for k in ("read", "background", "sep_extract", "block_total", "merge_write")}
+    for e in epochs:
+        t0 = time.perf_counter()
+        img, mask = store.read_window(survey, "F000", e, 0, ny, 0, nx)
+        t1 = time.perf_counter()
+        bad = classical.bad_pixels(img, mask, float(fa["saturation_adu"]))
+        bkg = classical.estimate_background(img, bad, cfg.detection)
+        t2 = time.perf_counter()
+        data = np.ascontiguousarray(np.where(bad, 0, img - bkg.back), dtype=np.float32)
+        classical.extract(data, bad, bkg.global_rms, cfg.detection)
+        t3 = time.perf_counter()
+        df, info = extract_block(img, mask, (0, 0), tiles, float(fa["gain_e_per_adu"]), float(fa["saturation_adu"]), cfg)
+        t4 = time.perf_counter()
+        src, _, _ = merge_epoch([df], [info], field="F000", field_index=0, epoch=e, mjd=0.0, epoch_wcs=None,
+                                ref_wcs=None, dedup_radius_fwhm=0.5, default_fwhm_px=2.5)
+        write_parquet_atomic(src, SOURCES, tmp / f"epoch={e}.parquet", {})
+        t5 = time.perf_counter()
+        for k, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+            t[k] += dt
+    mpix = ny * nx / 1e6
+    n = len(epochs)
+    return {k: {"s_per_epoch": v / n, "mpix_per_s_per_core": mpix * n / v if v > 0 else None} for k, v in t.items()}
+
+
+def scaling(survey: Path, out: Path, workers: list[int]) -> list[dict[str, Any]]:
+    """Whole runs with 1..N workers (extraction dominates; cross-match reported separately)."""
+    rows = []
+    _, ny, nx = store.image_shape(survey, "F000")
+    n_ep = store.image_shape(survey, "F000")[0]
+    for w in workers:
+        cfg = load_config(None, {"store": str(survey), "out": str(out / f"w{w}"), "workers": w, "progress": False,
+                                 "evaluate": False, "mode": "overwrite"})
+        t0 = time.perf_counter()
+        run = run_pipeline(cfg)
+        wall = time.perf_counter() - t0
+        tm, c = run["timings_s"], run["counts"]
+        rows.append({"workers": w, "wall_s": wall, "extract_s": tm["extract_s"], "crossmatch_s": tm["crossmatch_s"],
+                     "epochs_per_s": n_ep / tm["extract_s"], "mpix_per_s": n_ep * ny * nx / 1e6 / tm["extract_s"],
+                     "lightcurves_per_s": c["objects"] / tm["crossmatch_s"] if tm["crossmatch_s"] > 0 else None,
+                     "points_per_s": c["lightcurve_points"] / tm["crossmatch_s"] if tm["crossmatch_s"] > 0 else None})
+    base = rows[0]["epochs_per_s"] / rows[0]["workers"]
+    for r in rows:
+        r["speedup"] = r["epochs_per_s"] / rows[0]["epochs_per_s"]
+        r["efficiency"] = r["epochs_per_s"] / (base * r["workers"])
+    return rows
+
+
+def run(scenario: str, epochs: int, size: int, max_workers: int, out: Path, quick: bool = False) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    survey = out / f"throughput-{scenario}-{size}px-{epochs}ep.zarr"
+    if not survey.exists():
+        scn = load_scenario(scenario, {"n_epochs": epochs, "size_px": size, "seed": 2024,
+                                       **({"psf_oversample": 7} if quick else {})})
+        simulate_survey(scn, survey, workers=0 if quick else None, progress=False)
+    tmp = out / f"throughput-{scenario}-stage-writes"
+    tmp.mkdir(exist_ok=True)
+    sample = list(range(min(epochs, 2 if quick else 10)))
+    res: dict[str, Any] = {"scenario": scenario, "size_px": size, "epochs": epochs, "cores": available_cores(),
+                           "stages_one_process": stage_rates(survey, sample, tmp)}
+    res["scaling"] = scaling(survey, out / f"throughput-{scenario}-runs", list(range(1, max_workers + 1)))
+    res["peak_rss_mb"] = {"driver": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                          "largest_child": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    md = _markdown(res)
+    (out / f"throughput-{scenario}.json").write_text(json.dumps(res, indent=2))
+    (out / f"throughput-{scenario}.md").write_text(md)
+    return res
+
+
+def _markdown(r: dict[str, Any]) -> str:
+    lines = [f"### Throughput, {r['scenario']} {r['size_px']}^2 x {r['epochs']} epochs ({r['cores']} cores)", "",
+             "| stage (one process) | s / epoch | Mpix/s per core |", "|---|---|---|"]
+    for k, v in r["stages_one_process"].items():
+        lines.append(f"| {k} | {v['s_per_epoch']:.3f} | {v['mpix_per_s_per_core']:.2f} |")
+    lines += ["", "| workers | extract s | epochs/s | Mpix/s | speed-up | efficiency | cross-match s | light curves/s | "
+              "points/s |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in r["scaling"]:
+        lines.append(f"| {s['workers']} | {s['extract_s']:.1f} | {s['epochs_per_s']:.2f} | {s['mpix_per_s']:.2f} | "
+                     f"{s['speedup']:.2f} | {s['efficiency']:.2f} | {s['crossmatch_s']:.1f} | "
+                     f"{s['lightcurves_per_s'] or 0:.0f} | {s['points_per_s'] or 0:.0f} |")
+    lines.append(f"\npeak RSS: driver {r['peak_rss_mb']['driver']:.0f} MB, largest worker "
+                 f"{r['peak_rss_mb']['largest_child']:.0f} MB")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.splitlines()[0])
+    p.add_argument("--scenario", choices=("dense", "sparse"), default="dense")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--max-workers", type=int, default=available_cores())
+    p.add_argument("--out", default="bench-out")
+    p.add_argument("--quick", action="store_true", help="256^2 x 4 epochs, 1 worker (test suite)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.epochs, a.size, a.max_workers = 4, 256, 1
+    res = run(a.scenario, a.epochs, a.size, a.max_workers, Path(a.out), quick=a.quick)
+    print(_markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
