@@ -10,7 +10,9 @@ compares each with the truth and with the Cramér-Rao bound of the same epochs:
   confidence (matching one-to-one within max(0.5 FWHM, 1 px) of each epoch);
 - photometry and astrometry of matched stars per magnitude bin: bias, RMS, NMAD, outlier
   fraction, and the NMAD as a ratio to the CRLB of a star of that magnitude in that epoch;
-- uncertainty calibration of ``mag_err``: z-score width, 68/95 % coverage, miscalibration area.
+- uncertainty calibration of ``mag_err``: z-score width, 68/95 % coverage, miscalibration area;
+- light curves: the fraction of true stars brighter than the limit that got an object, and
+  the median fraction of epochs in their light curves.
 
 Writes ``OUT/<scenario>/accuracy.json``, ``accuracy.md`` (tables) and PNG plots
 (completeness, error vs magnitude with the CRLB curve, calibration curve, P-R curve).
@@ -114,7 +116,11 @@ def evaluate_method(out: Path, store_path: Path, scn: Scenario, epochs: list[int
     precision = float(D["true"].mean())
     ap = ev.average_precision(D["confidence"].to_numpy(), D["true"].to_numpy(), int(bright.sum()))
     calib = ev.z_score_calibration(P["dmag"].to_numpy(), P["mag_err"].to_numpy())
+    objects = pd.concat([pd.read_parquet(f) for f in sorted((out / "objects").rglob("*.parquet"))], ignore_index=True)
+    lcs = ev.lightcurve_completeness(objects, ev.load_truth_stars(store_path, "F000"), limit, scn.n_epochs,
+                                     ev.match_radius_px(float(truth_ep["seeing_fwhm_px"].median())))
     return {
+        "lightcurves": lcs,
         "epochs": epochs, "mag_limit": limit, "recall": recall, "precision": precision,
         "f1": 2 * recall * precision / (recall + precision), "ap": ap["ap"],
         "recall_bins": recall_bins, "precision_bins": prec_bins, "phot_bins": phot_bins,
@@ -180,15 +186,17 @@ def _plots(results: dict[str, Any], outdir: Path, scenario: str) -> list[str]:
 def _markdown(results: dict[str, Any]) -> str:
     lines = [f"### Accuracy, {results['scenario']} (held-out: {results['scenario_file']}, seed {results['seed']}, "
              f"{results['size_px']}^2 x {results['n_epochs']} epochs)", "",
-             "| method | recall (< 5σ limit) | precision | F1 | AP | mag_err z-width | 68 % coverage | miscalibration |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | recall (< 5σ limit) | precision | F1 | AP | mag_err z-width | 68 % coverage | miscalibration "
+             "| light-curve completeness | light-curve fill |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in results["methods"].items():
         if "recall" not in r:
-            lines.append(f"| {m} | {r.get('skipped', 'n/a')} | | | | | | |")
+            lines.append(f"| {m} | {r.get('skipped', 'n/a')} | | | | | | | | |")
             continue
         c = r["calibration"]
         lines.append(f"| {m} | {r['recall']:.3f} | {r['precision']:.3f} | {r['f1']:.3f} | {r['ap']:.3f} | "
-                     f"{c['z_nmad']:.2f} | {c['coverage_68']:.3f} | {c['miscalibration_area']:.3f} |")
+                     f"{c['z_nmad']:.2f} | {c['coverage_68']:.3f} | {c['miscalibration_area']:.3f} | "
+                     f"{r['lightcurves']['completeness']:.3f} | {r['lightcurves']['points_fraction_median']:.2f} |")
     for m, r in results["methods"].items():
         if "phot_bins" not in r:
             continue

@@ -355,3 +355,34 @@ def period_recovered(p_found: np.ndarray, p_true: np.ndarray, rel_tol: float = 0
     pf = np.asarray(p_found, float)[:, None]
     pt = np.asarray(p_true, float)[:, None] * np.asarray(harmonics)[None, :]
     return np.any(np.abs(pf - pt) <= rel_tol * pt, axis=1)
+
+
+def lightcurve_completeness(objects: pd.DataFrame, stars: pd.DataFrame, mag_limit: float, n_epochs: int,
+                            radius_px: float = DEFAULT_MATCH_RADIUS_PX) -> dict[str, Any]:
+    """How many true stars got a light curve, and how full the light curves are.
+
+    Parameters
+    ----------
+    objects
+        ``objects`` rows: x, y (reference frame), n_epochs.
+    stars
+        Truth ``stars.parquet`` rows of the same field: x, y (reference frame), mag; only
+        ``in_frame`` stars are counted when that column exists.
+    mag_limit
+        Completeness counts true stars brighter than this (mean magnitude).
+    n_epochs
+        Epochs processed (a full light curve has this many points).
+    """
+    if "in_frame" in stars.columns:
+        stars = stars[stars["in_frame"]]
+    i_o, i_s = match_one_to_one(objects["x"].to_numpy(), objects["y"].to_numpy(), stars["x"].to_numpy(),
+                                stars["y"].to_numpy(), radius_px)
+    bright = stars["mag"].to_numpy() < mag_limit
+    has = np.zeros(len(stars), bool)
+    has[i_s] = True
+    frac = objects["n_epochs"].to_numpy()[i_o] / max(n_epochs, 1)
+    sel = bright[i_s]
+    return {"completeness": float(has[bright].mean()) if bright.any() else float("nan"),
+            "n_true": int(bright.sum()), "n_objects": len(objects),
+            "object_purity": float(len(i_o) / len(objects)) if len(objects) else float("nan"),
+            "points_fraction_median": float(np.median(frac[sel])) if sel.any() else float("nan")}

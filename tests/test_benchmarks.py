@@ -26,6 +26,7 @@ def test_accuracy_quick_writes_tables_plots_and_sane_numbers(tmp_path, capsys):
         assert (base / png).stat().st_size > 10_000
     md = (base / "accuracy.md").read_text()
     assert "| sep |" in md and "NMAD/CRLB" in md
+    assert 0.3 < sep["lightcurves"]["completeness"] <= 1.0
     assert "wrote" in capsys.readouterr().out
 
 

@@ -105,3 +105,13 @@ def test_classification_metrics_and_period_recovery():
     ok = ev.period_recovered(np.array([1.0, 0.5, 1.3, 2.005]), np.array([1.0, 1.0, 1.0, 1.0]))
     assert ok.tolist() == [True, True, False, True]
     assert ev.period_recovered(np.array([0.5]), np.array([1.0]), harmonics=(1.0,)).tolist() == [False]
+
+
+def test_lightcurve_completeness():
+    t = _truth().rename(columns={"x_epoch": "x", "y_epoch": "y", "mag_epoch": "mag"})
+    t["in_frame"] = True
+    objs = t.iloc[::2][["x", "y"]].assign(n_epochs=50)
+    spurious = pd.DataFrame({"x": [1000.0], "y": [1000.0], "n_epochs": [3]})
+    m = ev.lightcurve_completeness(pd.concat([objs, spurious]), t, mag_limit=30.0, n_epochs=100)
+    assert m["completeness"] == pytest.approx(0.5) and m["points_fraction_median"] == 0.5
+    assert m["object_purity"] == pytest.approx(len(objs) / (len(objs) + 1))
