@@ -67,7 +67,8 @@ def core_fwhm(data: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         lx = np.log(data[iy, ix - 1]) - 2 * np.log(c) + np.log(data[iy, ix + 1])
         ly = np.log(data[iy - 1, ix]) - 2 * np.log(c) + np.log(data[iy + 1, ix])
         var = 0.5 * (-1.0 / lx - 1.0 / ly)
-    return np.where((lx < 0) & (ly < 0) & (var > 0), 2.3548 * np.sqrt(var), np.nan)
+    ok = (lx < 0) & (ly < 0) & (var > 0)
+    return np.where(ok, 2.3548 * np.sqrt(np.where(ok, var, 1.0)), np.nan)
 
 
 def estimate_fwhm(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, snr: np.ndarray,
