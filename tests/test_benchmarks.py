@@ -38,8 +38,7 @@ def test_throughput_quick(tmp_path, capsys):
     stages = res["stages_one_process"]
     assert set(stages) == {"read", "background", "sep_extract", "block_total", "merge_write"}
     assert all(v["mpix_per_s_per_core"] > 0 for v in stages.values())
-    # the whole block costs more than its sep extraction alone
-    assert stages["block_total"]["s_per_epoch"] > stages["sep_extract"]["s_per_epoch"]
+    # (no timing comparisons here: the suite runs in parallel, so timings are noisy)
     (row,) = res["scaling"]
     assert row["workers"] == 1 and row["speedup"] == 1.0 and row["epochs_per_s"] > 0
     assert res["peak_rss_mb"]["largest_child"] > 50
