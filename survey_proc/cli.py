@@ -113,7 +113,6 @@ def default_out(store_path: Path) -> Path:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from survey_proc import store
     from survey_proc.config import load_config
     from survey_proc.distributed.pipeline import run_pipeline
     from survey_proc.outputs import write_json_atomic
@@ -124,7 +123,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     path = Path(args.store) if args.store else default_survey(args.epochs or 1000, workers=args.workers)
     if args.store is None and args.epochs is None:
         args.epochs = 1000
-    store.validate_store(path)
     fields = tuple(f for item in (args.fields or []) for f in item.split(",") if f) or None
     out = Path(args.out) if args.out else default_out(path)
     overrides = {"store": str(path), "out": str(out), "epochs": args.epochs, "fields": fields,

@@ -95,30 +95,21 @@ _GLIBC_MALLOC = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": N
 
 
 @contextlib.contextmanager
-def local_client(n_workers: int | None = None, *, scheduler: str | None = None,
-                 threads_per_worker: int = 1, quiet: bool = False, glibc_malloc: bool = False) -> Iterator[Client]:
-    """A distributed Client on a new LocalCluster of processes, or on ``scheduler``.
+def local_client(n_workers: int | None = None, *, threads_per_worker: int = 1, quiet: bool = False,
+                 glibc_malloc: bool = False) -> Iterator[Client]:
+    """A distributed Client on a new LocalCluster of processes (attaching: :func:`make_client`).
 
     Parameters
     ----------
     n_workers
         Worker processes (default: one per core / threads_per_worker).
-    scheduler
-        Address of a running scheduler (``tcp://host:8786``); no cluster is started.
     glibc_malloc
         Start workers with glibc's malloc defaults instead of Dask's trim threshold (see above).
     """
-    if scheduler:
-        with Client(scheduler) as client:
-            yield client
-        return
     n = n_workers or max(1, available_cores() // threads_per_worker)
     env = library_thread_env(n, threads_per_worker)
     core_log = logging.getLogger("distributed.core")
     with contextlib.ExitStack() as stack:
-        # The teardown logs "connection closed" INFO lines from the event loop thread, some
-        # after the cluster has closed; they are expected, so distributed.core stays at
-        # WARNING from the teardown on (it is not restored).
         # glibc and OpenMP read these when a process starts, so they must be in the environment
         # the worker is spawned with (Dask's pre-spawn-environ), not set after (``env=``).
         pre_spawn = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in env.items()}
@@ -130,6 +121,9 @@ def local_client(n_workers: int | None = None, *, scheduler: str | None = None,
         cluster = stack.enter_context(LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
                                                    dashboard_address=":0", silence_logs=logging.ERROR, env=env))
         client = stack.enter_context(Client(cluster))
+        # The teardown logs "connection closed" INFO lines from the event loop thread, some
+        # after the cluster has closed; they are expected, so distributed.core stays at
+        # WARNING from the teardown on (it is not restored).
         stack.callback(core_log.setLevel, logging.WARNING)
         # the workers log "connection closed" at INFO when the scheduler goes: expected
         client.run(_quiet_core_log)

@@ -112,11 +112,16 @@ def finalize_epoch_task(blocks: list[tuple[pd.DataFrame, dict]], out: str, field
     return record
 
 
+def _calibrators(src: pd.DataFrame, ref: pd.DataFrame, fwhm_px: float, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`calibrate.select_calibrators` on a sources table and a reference (reference frame)."""
+    return cal.select_calibrators(src["x_ref"].to_numpy(), src["y_ref"].to_numpy(), src["snr"].to_numpy(),
+                                  src["flags"].to_numpy(), ref["x_ref"].to_numpy(), ref["y_ref"].to_numpy(),
+                                  fwhm_px, cfg.calibration)
+
+
 def calibrate_sources(src: pd.DataFrame, ref: pd.DataFrame, fwhm_px: float, cfg: RunConfig) -> cal.ZeroPoint:
     """Fit the epoch's zero point of ``src`` (reference frame positions) against ``ref``."""
-    i_src, i_ref = cal.select_calibrators(src["x_ref"].to_numpy(), src["y_ref"].to_numpy(), src["snr"].to_numpy(),
-                                          src["flags"].to_numpy(), ref["x_ref"].to_numpy(), ref["y_ref"].to_numpy(),
-                                          fwhm_px, cfg.calibration)
+    i_src, i_ref = _calibrators(src, ref, fwhm_px, cfg)
     return cal.fit_epoch_zeropoint(src["mag_inst"].to_numpy()[i_src], src["mag_inst_err"].to_numpy()[i_src],
                                    ref["mag"].to_numpy()[i_ref], ref["mag_err"].to_numpy()[i_ref], cfg.calibration)
 
@@ -165,9 +170,7 @@ def reference_matches_task(out: str, field: str, epoch: int, reference_path: str
         raise SurveyProcError(f"{path}: missing or unreadable; re-run to extract field {field} epoch {epoch}")
     src = pq.read_table(path, columns=["x_ref", "y_ref", "snr", "flags", "mag_inst", "mag_inst_err"]).to_pandas()
     ref = reference_in_frame(reference_path, "")
-    i_src, i_ref = cal.select_calibrators(src["x_ref"].to_numpy(), src["y_ref"].to_numpy(), src["snr"].to_numpy(),
-                                          src["flags"].to_numpy(), ref["x_ref"].to_numpy(), ref["y_ref"].to_numpy(),
-                                          record["fwhm_px"], cfg.calibration)
+    i_src, i_ref = _calibrators(src, ref, record["fwhm_px"], cfg)
     return {"epoch": epoch, "i_ref": i_ref, "mag_inst": src["mag_inst"].to_numpy()[i_src],
             "mag_inst_err": src["mag_inst_err"].to_numpy()[i_src]}
 
