@@ -21,7 +21,7 @@ run: $(VENV)/.installed
 	$(VENV)/bin/survey-proc run --epochs $(EPOCHS) $(ARGS)
 
 test: $(VENV)/.installed
-	$(VENV)/bin/ruff check survey_proc tests benchmarks
+	$(VENV)/bin/ruff check survey_proc tests benchmarks training
 	$(PY) -m pytest -n 2 $(ARGS)
 
 lint: $(VENV)/.installed

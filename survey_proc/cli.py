@@ -16,7 +16,7 @@ from survey_proc import __version__
 from survey_proc.errors import SurveyProcError
 
 DEFAULT_SCENARIO = "dense"
-DEFAULT_SIZE_PX = 1024
+DEFAULT_SIZE_PX = 512  # PNet on 2 CPU cores: 1000 epochs of 512^2 fit the make-run budget (see RESULTS.md)
 DEFAULT_SEED = 0
 
 
@@ -134,9 +134,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.no_evaluate:
         overrides["evaluate"] = False
     cfg = load_config(args.config, overrides)
-    if cfg.detector == "pnet":
-        raise SurveyProcError("--detector pnet needs the trained PNet weights (survey_proc/models/pnet.pt), which "
-                              "this version does not ship yet (the PNet issue, #5); use --detector sep")
     print(f"Processing {path} -> {out} (fields: {', '.join(cfg.fields) if cfg.fields else 'all'}; "
           f"epochs: {cfg.epochs or 'all'}; detector {cfg.detector}; mode {cfg.mode})")
     run = run_pipeline(cfg)
@@ -182,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output directory (default: ./survey-proc-out/<store name>)")
     r.add_argument("--epochs", type=int, help="process the first N epochs (default: all; 1000 for the default survey)")
     r.add_argument("--fields", action="append", metavar="F1,F2", help="fields to process (default: all)")
-    r.add_argument("--detector", choices=("sep", "pnet"), help="source detector (default: sep)")
+    r.add_argument("--detector", choices=("sep", "pnet"), help="source detector: pnet (learned, default) or sep (classical baseline)")
     r.add_argument("--cluster", choices=("local", "cuda"), help="start a local CPU or dask-cuda cluster")
     r.add_argument("--scheduler", metavar="ADDR", help="attach to a running Dask scheduler (tcp://host:8786)")
     r.add_argument("--workers", type=int, help="worker processes (default: one per core / GPU)")

@@ -87,7 +87,17 @@ class CrossmatchConfig:
     seed_bin_px: float = 0.25  # detection-density map used to seed objects
 
 
+@dataclass(frozen=True)
+class PNetSettings:
+    """The learned detector (``detector = "pnet"``)."""
+
+    weights: str = ""  # a detector .pt file; "" = the weights shipped in survey_proc/models/
+    threshold: float = 0.0  # heatmap confidence threshold; 0 = the one on the model card
+    flux_neff_fwhm2: float = 3.78  # noise-equivalent area / FWHM^2 for flux_err (Moffat beta = 3)
+
+
 SECTIONS: dict[str, type] = {
+    "pnet": PNetSettings,
     "detection": DetectionConfig,
     "photometry": PhotometryConfig,
     "calibration": CalibrationConfig,
@@ -103,7 +113,7 @@ class RunConfig:
     out: str = ""
     epochs: int | None = None  # process the first N epochs of each field (None: all)
     fields: tuple[str, ...] | None = None  # None: every field of the store
-    detector: str = "sep"
+    detector: str = "pnet"
     cluster: str = "local"
     scheduler: str | None = None
     workers: int | None = None  # None: one per core (local) or per GPU (cuda)
@@ -116,6 +126,7 @@ class RunConfig:
     progress: bool = True
     evaluate: bool = True  # compare with truth when the store was simulated
     detection: DetectionConfig = field(default_factory=DetectionConfig)
+    pnet: PNetSettings = field(default_factory=PNetSettings)
     photometry: PhotometryConfig = field(default_factory=PhotometryConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     crossmatch: CrossmatchConfig = field(default_factory=CrossmatchConfig)
@@ -144,6 +155,8 @@ class RunConfig:
             raise ConfigError(f"crossmatch.region_px must be >= 64 pixels, got {self.crossmatch.region_px}")
         if self.crossmatch.min_epochs < 1:
             raise ConfigError(f"crossmatch.min_epochs must be >= 1, got {self.crossmatch.min_epochs}")
+        if not 0.0 <= self.pnet.threshold < 1.0:
+            raise ConfigError(f"pnet.threshold must be in [0, 1) (0: the model card's), got {self.pnet.threshold}")
         if self.calibration.min_stars < 1:
             raise ConfigError(f"calibration.min_stars must be >= 1, got {self.calibration.min_stars}")
         return self
@@ -155,9 +168,16 @@ class RunConfig:
             d["fields"] = list(d["fields"])
         return d
 
-    def fingerprint(self) -> str:
-        """Hash of every setting that changes output values (16 hex digits)."""
+    def fingerprint(self, models: dict[str, str] | None = None) -> str:
+        """Hash of every setting that changes output values (16 hex digits).
+
+        ``models`` (name -> weights digest) joins the hash: new weights are a new output.
+        """
         d = {k: v for k, v in self.to_dict().items() if k not in self._NOT_FINGERPRINTED}
+        if self.detector != "pnet":
+            d.pop("pnet", None)
+        if models:
+            d["models"] = models
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -80,10 +80,11 @@ def client():
 
 
 def run_config(store: Path, out: Path, **overrides):
-    """A quiet RunConfig for tests (no truth evaluation, no progress bars)."""
+    """A quiet RunConfig for tests (no truth evaluation, no progress bars; sep unless ``detector`` is given)."""
     from survey_proc.config import load_config
 
-    return load_config(None, {"store": str(store), "out": str(out), "progress": False, "evaluate": False, **overrides})
+    return load_config(None, {"store": str(store), "out": str(out), "progress": False, "evaluate": False,
+                              "detector": "sep", **overrides})
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,13 @@ def test_accuracy_quick_writes_tables_plots_and_sane_numbers(tmp_path, capsys):
     base = tmp_path / "dense"
     res = json.loads((base / "accuracy.json").read_text())
     assert res["seed"] == 1001 and res["n_epochs"] == 4  # the held-out scenario, scaled down
-    assert "no shipped model" in res["methods"]["pnet"]["skipped"]
-    sep = res["methods"]["sep"]
+    sep, pn = res["methods"]["sep"], res["methods"]["pnet"]
+    assert pn["run_status"] == "complete"
+    for m in (sep, pn):
+        assert 0 < m["recall_bright"] <= 1 and 0 < m["precision_bright"] <= 1
+        assert m["f1_bright"] == 2 * m["recall_bright"] * m["precision_bright"] / (m["recall_bright"] + m["precision_bright"])
+        assert m["astrometry_snr20"]["n_stars"] > 20 and m["astrometry_snr20"]["rms_over_crlb_clipped"] > 0.9
+    assert pn["recall_bright"] > sep["recall_bright"]  # the learned detector finds more of the crowded stars
     assert sep["run_status"] == "complete"
     assert 0.3 < sep["recall"] < 1.0 and sep["precision"] > 0.9 and 0 < sep["ap"] <= sep["recall"] + 1e-9
     # nothing measured beats the Cramér-Rao bound (well above the limit, where selection cannot bias it)
@@ -25,7 +30,7 @@ def test_accuracy_quick_writes_tables_plots_and_sane_numbers(tmp_path, capsys):
     for png in ("completeness.png", "photometry_vs_crlb.png", "calibration.png", "precision_recall.png"):
         assert (base / png).stat().st_size > 10_000
     md = (base / "accuracy.md").read_text()
-    assert "| sep |" in md and "NMAD/CRLB" in md
+    assert "| sep |" in md and "| pnet |" in md and "NMAD/CRLB" in md and "precision (measured mag)" in md
     assert 0.3 < sep["lightcurves"]["completeness"] <= 1.0
     assert "wrote" in capsys.readouterr().out
 
@@ -36,10 +41,12 @@ def test_throughput_quick(tmp_path, capsys):
     assert throughput.main(["--quick", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "throughput-dense.json").read_text())
     stages = res["stages_one_process"]
-    assert set(stages) == {"read", "background", "sep_extract", "block_total", "merge_write"}
+    assert set(stages) == {"read", "background", "sep_extract", "block_total", "merge_write", "pnet_network",
+                           "pnet_block_total"}
     assert all(v["mpix_per_s_per_core"] > 0 for v in stages.values())
     # (no timing comparisons here: the suite runs in parallel, so timings are noisy)
-    (row,) = res["scaling"]
-    assert row["workers"] == 1 and row["speedup"] == 1.0 and row["epochs_per_s"] > 0
+    row, row_pnet = res["scaling"]
+    assert (row["detector"], row_pnet["detector"]) == ("sep", "pnet")
+    assert row["workers"] == 1 and row["speedup"] == 1.0 and row["epochs_per_s"] > 0 and row_pnet["epochs_per_s"] > 0
     assert 50 < res["peak_rss_mb"]["largest_worker"] < 4000 and row["worker_peak_rss_mb"] > 50
     assert "Mpix/s per core" in capsys.readouterr().out

@@ -220,7 +220,7 @@ def test_interrupted_run_resumed_gives_the_same_rows(field_run, tmp_path):
     """Kill a real `survey-proc run` mid-way, resume it, compare with the uninterrupted run."""
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "survey_proc.cli", "run", str(field_run["store"]), "--out", str(out),
-           "--tile-px", "128", "--halo-px", "24", "--workers", "2", "--quiet", "--no-evaluate"]
+           "--tile-px", "128", "--halo-px", "24", "--workers", "2", "--quiet", "--no-evaluate", "--detector", "sep"]
     cfg_file = tmp_path / "run.toml"
     cfg_file.write_text("[crossmatch]\nregion_px = 192\n")
     cmd += ["--config", str(cfg_file)]
@@ -301,9 +301,14 @@ def test_cli_run_reports_failures_and_exits_nonzero(border_survey, tmp_path, cap
                "--quiet", "--workers", "1"])
     assert rc == 1
     assert "lacks column(s) mag_err" in capsys.readouterr().err
-    rc = main(["run", str(border_survey["store"]), "--out", str(tmp_path / "o"), "--detector", "pnet", "--quiet"])
+    bad_weights = tmp_path / "broken.pt"
+    bad_weights.write_bytes(b"\x00" * 64)
+    cfg_file = tmp_path / "pnet.toml"
+    cfg_file.write_text(f'[pnet]\nweights = "{bad_weights}"\n')
+    rc = main(["run", str(border_survey["store"]), "--out", str(tmp_path / "o2"), "--config", str(cfg_file), "--quiet"])
     assert rc == 1
-    assert "--detector pnet needs the trained PNet weights" in capsys.readouterr().err
+    assert "broken.pt is corrupt or not a PNet model" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()  # refused before anything was written
     rc = main(["run", str(border_survey["store"]), "--out", str(tmp_path / "o"), "--fields", "F009", "--quiet"])
     assert rc == 1
     assert "--fields F009: not in" in capsys.readouterr().err

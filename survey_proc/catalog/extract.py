@@ -6,7 +6,12 @@ a block share their halos, so searching each tile's window would repeat work), e
 detection goes to the tile whose core holds it (kept up to the margin of
 :mod:`survey_proc.tiling` outside the core, for the de-duplication across blocks), and
 the block measures them together: windowed centroids, aperture photometry, mask flags
-and the aperture correction. A detector that works per tile (PNet) fills the same table.
+and the aperture correction.
+
+:func:`extract_block_pnet` fills the same table with the learned detector. PNet is fully
+convolutional, so the block window is one batch of its tiles that share their halos (the
+same pixels the tiles would be cut into, without computing the overlaps twice); positions
+and total fluxes come from its heads, the aperture columns are measured at its positions.
 
 Nothing here knows about Dask or the store: the caller passes pixels.
 """
@@ -49,6 +54,16 @@ class BlockInfo:
 
 def _empty() -> pd.DataFrame:
     return pd.DataFrame({c: np.zeros(0, np.int32 if c in ("tile", "npix", "flags") else float) for c in COLUMNS})
+
+
+def _owner(x: np.ndarray, y: np.ndarray, tiles: list[Tile], margin_px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For image-frame positions: owning tile index, depth in its core (px), and kept-mask."""
+    if len(x) == 0:
+        return np.zeros(0, np.int32), np.zeros(0), np.zeros(0, bool)
+    depth = np.stack([t.depth_px(x, y) for t in tiles])
+    best = np.argmax(depth, axis=0)
+    d = depth[best, np.arange(len(x))]
+    return np.array([t.index for t in tiles], np.int32)[best], d, d >= -margin_px
 
 
 def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[int, int], tiles: list[Tile],
@@ -145,3 +160,62 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     })
     info = BlockInfo(len(out), fwhm, n_fwhm, apcorr, n_ap, **info_common)
     return out, info
+
+
+def extract_block_pnet(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[int, int], tiles: list[Tile],
+                       gain_e_per_adu: float, saturation_adu: float, cfg: RunConfig, detector
+                       ) -> tuple[pd.DataFrame, BlockInfo]:
+    """:func:`extract_block` with PNet: detections, positions and total fluxes from the network.
+
+    Parameters are those of :func:`extract_block` plus ``detector``, a
+    :class:`survey_proc.detect.pnet.LoadedDetector`.
+
+    Columns
+    -------
+    ``x, y`` are PNet's (peak + offset head); ``flux`` is the flux head's total flux (ADU);
+    ``flux_err`` is the PSF-fit noise estimate ``sqrt(flux / gain + noise^2 * n_eff)`` with
+    ``n_eff = pnet.flux_neff_fwhm2 * FWHM^2`` (a Moffat(3) PSF's noise-equivalent area),
+    until the BPNN gives learned uncertainties; ``flux_aper(_err)`` is a 1-FWHM aperture at
+    PNet's position (diagnostic); ``x_iso, y_iso`` are the peak pixel; ``npix`` is 0;
+    ``confidence`` is the heatmap peak. The aperture correction is 1: the fluxes are total.
+    """
+    from survey_proc.detect import pnet
+
+    oy, ox = origin_yx
+    bad = classical.bad_pixels(image, mask, saturation_adu)
+    bkg = classical.estimate_background(image, bad, cfg.detection)
+    noise = bkg.global_rms
+    norm = pnet.normalise(image, bad, bkg.back, noise)
+    threshold = cfg.pnet.threshold or None
+    d = pnet.predict(detector, norm, threshold=threshold, noise_adu=noise)[0]
+    x, y = d.x + ox, d.y + oy
+    tile_index, depth, keep = _owner(x, y, tiles, cfg.detection.own_margin_px)
+    info_common = dict(bkg_adu=float(np.median(bkg.back)), rms_adu=noise, bad_px=int(bad.sum()), fallback=None)
+    if not keep.any():
+        return _empty().assign(confidence=np.zeros(0, np.float32)), BlockInfo(
+            0, cfg.photometry.fwhm_default_px, 0, 1.0, 0, **info_common)
+    xw, yw = d.x[keep], d.y[keep]
+    flux = d.flux[keep]
+    data = np.ascontiguousarray(np.where(bad, 0.0, image - bkg.back), dtype=np.float32)
+    pcfg = cfg.photometry
+    flags = np.zeros(len(xw), np.int32)
+    snr_head = flux / np.sqrt(np.clip(flux, 0, None) / gain_e_per_adu + noise**2 * 4 * pcfg.fwhm_default_px**2)
+    fwhm, n_fwhm = aperture.estimate_fwhm(data, bad, xw, yw, snr_head, np.ones(len(xw), bool), pcfg)
+    r_ap = pcfg.aperture_fwhm * fwhm
+    f_ap, f_ap_err, trunc = aperture.aperture_flux(data, noise, bad, xw, yw, r_ap, gain_e_per_adu)
+    flags[trunc] |= F.EDGE
+    flags |= aperture.mask_bits_in_aperture(mask, bad, xw, yw, r_ap)
+    n_eff = cfg.pnet.flux_neff_fwhm2 * fwhm**2
+    flux_err = np.sqrt(np.clip(flux, 0, None) / gain_e_per_adu + noise**2 * n_eff)
+    flags[flux <= 0] |= F.NONPOSITIVE
+    iy = np.clip(np.round(yw).astype(int), 0, image.shape[0] - 1)
+    ix = np.clip(np.round(xw).astype(int), 0, image.shape[1] - 1)
+    out = pd.DataFrame({
+        "tile": tile_index[keep], "depth_px": depth[keep], "x": x[keep], "y": y[keep],
+        "x_iso": ix + float(ox), "y_iso": iy + float(oy),
+        "flux_aper": f_ap, "flux_aper_err": f_ap_err, "flux": flux, "flux_err": flux_err,
+        "snr": flux / flux_err, "bkg_adu": bkg.back[iy, ix].astype(float), "npix": np.zeros(len(xw), np.int32),
+        "peak_adu": image[iy, ix].astype(float), "flags": flags,
+        "confidence": d.confidence[keep].astype(np.float32),
+    })
+    return out, BlockInfo(len(out), fwhm, n_fwhm, 1.0, len(out), **info_common)

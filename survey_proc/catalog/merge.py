@@ -82,5 +82,6 @@ def merge_epoch(frames: list[pd.DataFrame], infos: list[BlockInfo], *, field: st
     df["mag"] = np.nan
     df["mag_err"] = np.nan
     df["zp"] = np.nan
-    df["confidence"] = confidence_from_snr(df["snr"].to_numpy())
+    if "confidence" not in df.columns:  # a learned detector brings its own
+        df["confidence"] = confidence_from_snr(df["snr"].to_numpy())
     return df, fwhm, n_dup

@@ -397,6 +397,24 @@ def _stage_crossmatch(client: Any, cfg: RunConfig, plans: list[FieldPlan], fp: s
     _gather(client, futures, bars, bar, state, "crossmatch", done)
 
 
+def _check_models(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    """Load the run's models once on the driver (a bad file fails here, before the cluster).
+
+    Returns name -> {path, sha256, threshold, card summary} for run.json and the fingerprint.
+    """
+    if cfg.detector != "pnet":
+        return {}
+    from survey_proc.detect.pnet import load_detector
+    from survey_proc.distributed.plugins import weights_digest
+
+    det = load_detector(cfg.pnet.weights or None, device="cpu")
+    val = det.card.get("validation", {}).get("best", {})
+    return {"detector": {"path": det.path, "sha256": weights_digest(det.path),
+                         "threshold": cfg.pnet.threshold or det.threshold,
+                         "trained": det.card.get("date"), "git_revision": det.card.get("git_revision"),
+                         "validation_best": val}}
+
+
 def run_pipeline(cfg: RunConfig, client: Any = None) -> dict[str, Any]:
     """Run every stage for ``cfg``; returns the run.json content (also written to ``OUT/run.json``).
 
@@ -413,7 +431,8 @@ def run_pipeline(cfg: RunConfig, client: Any = None) -> dict[str, Any]:
     if not cfg.store or not cfg.out:
         raise ConfigError("a run needs a store and an --out directory")
     store.validate_store(cfg.store)
-    fp = cfg.fingerprint()
+    models = _check_models(cfg)
+    fp = cfg.fingerprint(models={k: v["sha256"] for k, v in models.items()})
     prepare(cfg.out, cfg.mode, fp)
     clean_temporaries(cfg.out)
     layout = OutputLayout(cfg.out)
@@ -421,7 +440,7 @@ def run_pipeline(cfg: RunConfig, client: Any = None) -> dict[str, Any]:
     plans = plan_fields(cfg)
     state = RunState()
     run = {"status": "running", "started_unix": time.time(), "config": cfg.to_dict(), "fingerprint": fp,
-           "versions": _versions(), "store": str(Path(cfg.store).resolve()),
+           "versions": _versions(), "models": models, "store": str(Path(cfg.store).resolve()),
            "reference_catalog": str(reference) if reference else None,
            "fields": {p.field: {"epochs": p.n_epochs, "shape": [p.ny, p.nx], "blocks_per_epoch": len(p.blocks),
                                 "tiles_per_epoch": sum(len(b[0]) for b in p.blocks), "regions": len(p.regions)}
@@ -430,6 +449,10 @@ def run_pipeline(cfg: RunConfig, client: Any = None) -> dict[str, Any]:
     run_token = uuid.uuid4().hex[:8]
 
     def stages(c: Any) -> None:
+        if cfg.detector == "pnet":
+            from survey_proc.distributed.plugins import ModelPlugin
+
+            c.register_plugin(ModelPlugin(cfg.pnet.weights or None))
         with _Bars(cfg.progress) as bars:
             t = time.perf_counter()
             _stage_extract(c, cfg, plans, reference, fp, state, bars, run_token)

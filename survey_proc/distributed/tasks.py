@@ -21,7 +21,7 @@ from survey_proc import store
 from survey_proc.catalog import calibrate as cal
 from survey_proc.catalog import crossmatch as xm
 from survey_proc.catalog.astrometry import parse_wcs, pixel_to_world, world_to_pixel
-from survey_proc.catalog.extract import BlockInfo, extract_block
+from survey_proc.catalog.extract import BlockInfo, extract_block, extract_block_pnet
 from survey_proc.catalog.merge import merge_epoch
 from survey_proc.catalog.schema import LIGHTCURVES, OBJECTS, SOURCES
 from survey_proc.config import RunConfig, config_from_json
@@ -64,7 +64,13 @@ def extract_block_task(store_path: str, field: str, epoch: int, tiles: list[Tile
     image, mask = store.read_window(store_path, field, epoch, y0, y1, x0, x1)
     t_read = time.perf_counter() - t0
     try:
-        df, info = extract_block(image, mask, (y0, x0), tiles, gain_e_per_adu, saturation_adu, cfg)
+        if cfg.detector == "pnet":
+            from survey_proc.distributed.plugins import worker_detector
+
+            df, info = extract_block_pnet(image, mask, (y0, x0), tiles, gain_e_per_adu, saturation_adu, cfg,
+                                          worker_detector(cfg.pnet.weights or None))
+        else:
+            df, info = extract_block(image, mask, (y0, x0), tiles, gain_e_per_adu, saturation_adu, cfg)
     except SurveyProcError as exc:
         raise SurveyProcError(f"field {field} epoch {epoch} window {window}: {exc}") from exc
     return df, {**info.to_dict(), "read_s": t_read, "task_s": time.perf_counter() - t0}
