@@ -32,10 +32,10 @@ def _table(out: Path, kind: str) -> pd.DataFrame:
     return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
 
 
-@pytest.fixture(scope="module")
-def border_run(border_survey, client, tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("border-out") / "out"
-    cfg = run_config(border_survey["store"], out, tile_px=128, halo_px=16, tiles_per_task=1,
+@pytest.fixture(scope="module", params=["sep", "pnet"])
+def border_run(border_survey, client, tmp_path_factory, request) -> dict:
+    out = tmp_path_factory.mktemp(f"border-out-{request.param}") / "out"
+    cfg = run_config(border_survey["store"], out, tile_px=128, halo_px=16, tiles_per_task=1, detector=request.param,
                      crossmatch={"region_px": 128, "min_epochs": 2})
     run = run_pipeline(cfg, client=client)
     return {"out": out, "run": run, **border_survey}

@@ -172,14 +172,18 @@ def extract_block_pnet(image: np.ndarray, mask: np.ndarray | None, origin_yx: tu
 
     Columns
     -------
-    ``x, y`` are PNet's (peak + offset head); ``flux`` is the flux head's total flux (ADU);
+    ``x, y`` are PNet's (peak + offset head), refined for detections with S/N >=
+    ``pnet.refine_snr_min`` by a simultaneous PSF fit of the whole window
+    (:mod:`survey_proc.photometry.psffit`); ``x_iso, y_iso`` keep PNet's own position;
+    ``flux`` is the flux head's total flux (ADU);
     ``flux_err`` is the PSF-fit noise estimate ``sqrt(flux / gain + noise^2 * n_eff)`` with
     ``n_eff = pnet.flux_neff_fwhm2 * FWHM^2`` (a Moffat(3) PSF's noise-equivalent area),
     until the BPNN gives learned uncertainties; ``flux_aper(_err)`` is a 1-FWHM aperture at
-    PNet's position (diagnostic); ``x_iso, y_iso`` are the peak pixel; ``npix`` is 0;
+    PNet's position (diagnostic); ``npix`` is 0;
     ``confidence`` is the heatmap peak. The aperture correction is 1: the fluxes are total.
     """
     from survey_proc.detect import pnet
+    from survey_proc.photometry.psffit import refine_positions
 
     oy, ox = origin_yx
     bad = classical.bad_pixels(image, mask, saturation_adu)
@@ -188,33 +192,43 @@ def extract_block_pnet(image: np.ndarray, mask: np.ndarray | None, origin_yx: tu
     norm = pnet.normalise(image, bad, bkg.back, noise)
     threshold = cfg.pnet.threshold or None
     d = pnet.predict(detector, norm, threshold=threshold, noise_adu=noise)[0]
-    x, y = d.x + ox, d.y + oy
-    tile_index, depth, keep = _owner(x, y, tiles, cfg.detection.own_margin_px)
     info_common = dict(bkg_adu=float(np.median(bkg.back)), rms_adu=noise, bad_px=int(bad.sum()), fallback=None)
-    if not keep.any():
-        return _empty().assign(confidence=np.zeros(0, np.float32)), BlockInfo(
-            0, cfg.photometry.fwhm_default_px, 0, 1.0, 0, **info_common)
-    xw, yw = d.x[keep], d.y[keep]
-    flux = d.flux[keep]
+    empty = (_empty().assign(confidence=np.zeros(0, np.float32)),
+             BlockInfo(0, cfg.photometry.fwhm_default_px, 0, 1.0, 0, **info_common))
+    if len(d) == 0:
+        return empty
     data = np.ascontiguousarray(np.where(bad, 0.0, image - bkg.back), dtype=np.float32)
     pcfg = cfg.photometry
+    flux = d.flux
+    snr0 = flux / np.sqrt(np.clip(flux, 0, None) / gain_e_per_adu + noise**2 * 4 * pcfg.fwhm_default_px**2)
+    fwhm, n_fwhm = aperture.estimate_fwhm(data, bad, d.x, d.y, snr0, np.ones(len(d), bool), pcfg)
+    n_eff = cfg.pnet.flux_neff_fwhm2 * fwhm**2
+    flux_err = np.sqrt(np.clip(flux, 0, None) / gain_e_per_adu + noise**2 * n_eff)
+    snr = flux / flux_err
+    xw, yw = d.x.copy(), d.y.copy()
+    if cfg.pnet.refine:
+        # every detection of the window (halo ones too) is a neighbour to subtract
+        r = refine_positions(data, bad, noise, gain_e_per_adu, d.x, d.y, flux, fwhm,
+                             fit=snr >= cfg.pnet.refine_snr_min, beta=cfg.pnet.psf_beta)
+        xw, yw = r.x, r.y
+    x, y = xw + ox, yw + oy
+    tile_index, depth, keep = _owner(x, y, tiles, cfg.detection.own_margin_px)
+    if not keep.any():
+        return empty
+    xw, yw, flux, flux_err, snr = xw[keep], yw[keep], flux[keep], flux_err[keep], snr[keep]
     flags = np.zeros(len(xw), np.int32)
-    snr_head = flux / np.sqrt(np.clip(flux, 0, None) / gain_e_per_adu + noise**2 * 4 * pcfg.fwhm_default_px**2)
-    fwhm, n_fwhm = aperture.estimate_fwhm(data, bad, xw, yw, snr_head, np.ones(len(xw), bool), pcfg)
     r_ap = pcfg.aperture_fwhm * fwhm
     f_ap, f_ap_err, trunc = aperture.aperture_flux(data, noise, bad, xw, yw, r_ap, gain_e_per_adu)
     flags[trunc] |= F.EDGE
     flags |= aperture.mask_bits_in_aperture(mask, bad, xw, yw, r_ap)
-    n_eff = cfg.pnet.flux_neff_fwhm2 * fwhm**2
-    flux_err = np.sqrt(np.clip(flux, 0, None) / gain_e_per_adu + noise**2 * n_eff)
     flags[flux <= 0] |= F.NONPOSITIVE
     iy = np.clip(np.round(yw).astype(int), 0, image.shape[0] - 1)
     ix = np.clip(np.round(xw).astype(int), 0, image.shape[1] - 1)
     out = pd.DataFrame({
         "tile": tile_index[keep], "depth_px": depth[keep], "x": x[keep], "y": y[keep],
-        "x_iso": ix + float(ox), "y_iso": iy + float(oy),
+        "x_iso": d.x[keep] + ox, "y_iso": d.y[keep] + oy,
         "flux_aper": f_ap, "flux_aper_err": f_ap_err, "flux": flux, "flux_err": flux_err,
-        "snr": flux / flux_err, "bkg_adu": bkg.back[iy, ix].astype(float), "npix": np.zeros(len(xw), np.int32),
+        "snr": snr, "bkg_adu": bkg.back[iy, ix].astype(float), "npix": np.zeros(len(xw), np.int32),
         "peak_adu": image[iy, ix].astype(float), "flags": flags,
         "confidence": d.confidence[keep].astype(np.float32),
     })

@@ -1,0 +1,195 @@
+"""Simultaneous PSF-fit refinement of positions in a crowded window (DAOPHOT ALLSTAR-like).
+
+A detector gives positions good to a few hundredths of a pixel; the Cramér-Rao bound of a
+bright star is a few thousandths. This module closes the gap the classical way: every
+star's model (flux x PSF) is rendered into one image; each star is then refitted on its own
+stamp *with all its neighbours' models subtracted*, by one Gauss-Newton step of a weighted
+linear least-squares fit of (flux, dx, dy, local sky); the model image is re-rendered and
+the step repeated (Jacobi iterations: every star moves at once from the previous
+estimates, so the result does not depend on the order of the stars).
+
+PSF model: a pixel-integrated Moffat of the block's measured FWHM and ``beta`` (3 by
+default: the dense preset's PSF, and close to the wings of real seeing-limited PSFs). The
+integral over each pixel is a 3 x 3 sub-pixel average. A wrong profile biases fluxes, but
+for a symmetric PSF it does not bias the centre, which is what is refined here.
+
+Weights: ``1 / (noise^2 + model / gain)`` (sky + read noise, plus the stars' own Poisson
+noise). Steps are capped at ``max_step_px`` per iteration and positions may not move more
+than ``max_shift_px`` from the detector's; a star whose fit fails (singular system, a
+non-positive flux) keeps its detector position (``ok`` False).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+_SUB = (np.arange(3) - 1) / 3.0  # 3 x 3 sub-pixel offsets for the pixel integral
+
+
+@dataclass
+class RefineResult:
+    """Refined positions (same frame as the inputs), fitted fluxes (ADU) and a per-star success mask."""
+
+    x: np.ndarray
+    y: np.ndarray
+    flux: np.ndarray
+    ok: np.ndarray
+
+
+def moffat_alpha(fwhm_px: float, beta: float) -> float:
+    """Moffat core width α (px) for a FWHM (px)."""
+    return fwhm_px / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+
+
+def moffat_pixel(du: np.ndarray, dv: np.ndarray, alpha: float, beta: float) -> np.ndarray:
+    """Fraction of a unit-flux Moffat centred at 0 falling in pixels centred at (du, dv) (px)."""
+    du, dv = np.asarray(du, float), np.asarray(dv, float)
+    out = np.zeros(np.broadcast(du, dv).shape)
+    norm = (beta - 1.0) / (np.pi * alpha**2) / 9.0
+    for sy in _SUB:
+        for sx in _SUB:
+            r2 = (du + sx) ** 2 + (dv + sy) ** 2
+            out += _tpow(1.0 + r2 / alpha**2, beta)
+    return out * norm
+
+
+def _tpow(t: np.ndarray, beta: float) -> np.ndarray:
+    """``t ** -beta`` (integer beta by multiplication: 5x faster than pow)."""
+    if beta == 3.0:
+        return 1.0 / (t * t * t)
+    return t ** (-beta)
+
+
+def moffat_pixel_grad(du: np.ndarray, dv: np.ndarray, alpha: float, beta: float
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`moffat_pixel` and its derivatives with respect to ``du`` and ``dv``."""
+    shape = np.broadcast(du, dv).shape
+    p = np.zeros(shape)
+    gu = np.zeros(shape)
+    gv = np.zeros(shape)
+    a2 = alpha**2
+    for sy in _SUB:
+        v = dv + sy
+        for sx in _SUB:
+            u = du + sx
+            t = 1.0 + (u * u + v * v) / a2
+            q = _tpow(t, beta)
+            p += q
+            dq = q / t  # t^-(beta+1)
+            gu += u * dq
+            gv += v * dq
+    norm = (beta - 1.0) / (np.pi * a2) / 9.0
+    k = -2.0 * beta / a2
+    return p * norm, gu * (k * norm), gv * (k * norm)
+
+
+def _stamps(x: np.ndarray, y: np.ndarray, radius: int, shape: tuple[int, int]):
+    """Pixel index grids (N, S, S) of stamps centred on the nearest pixels, and an in-image mask."""
+    j = np.arange(-radius, radius + 1)
+    ix = np.floor(x + 0.5).astype(np.int64)
+    iy = np.floor(y + 0.5).astype(np.int64)
+    py = iy[:, None, None] + j[None, :, None]
+    px = ix[:, None, None] + j[None, None, :]
+    inside = (py >= 0) & (py < shape[0]) & (px >= 0) & (px < shape[1])
+    return np.clip(py, 0, shape[0] - 1), np.clip(px, 0, shape[1] - 1), inside
+
+
+def render(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray, alpha: float, beta: float,
+           radius: int) -> np.ndarray:
+    """Image of point sources (flux x pixel-integrated Moffat) within ``radius`` px of each.
+
+    The pixel integral (3 x 3 sub-samples) is computed for the central 5 x 5 pixels of each
+    star; further out the profile is smooth enough for a single sample at the pixel centre
+    (relative error < 1 % there), which makes rendering 4x faster.
+    """
+    py, px, inside = _stamps(x, y, radius, shape)
+    du, dv = np.broadcast_arrays(px - x[:, None, None], py - y[:, None, None])
+    a2 = alpha**2
+    prof = _tpow(1.0 + (du * du + dv * dv) / a2, beta) * ((beta - 1.0) / (np.pi * a2))
+    c = slice(max(0, radius - 2), radius + 3)
+    prof[:, c, c] = moffat_pixel(du[:, c, c], dv[:, c, c], alpha, beta)
+    vals = flux[:, None, None] * prof
+    img = np.bincount((py * shape[1] + px)[inside], weights=vals[inside], minlength=shape[0] * shape[1])
+    return img.reshape(shape)
+
+
+def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_adu: float,
+                     x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm_px: float, *, fit: np.ndarray | None = None,
+                     beta: float = 3.0, n_iter: int = 3, fit_radius_fwhm: float = 1.5,
+                     model_radius_fwhm: float = 3.0, max_step_px: float = 0.25, max_shift_px: float = 0.75,
+                     damping: float = 1.0
+                     ) -> RefineResult:
+    """Refine the positions of all stars of a window together (see the module docstring).
+
+    Parameters
+    ----------
+    data
+        Background-subtracted window (ADU); ``bad`` pixels are ignored.
+    noise_adu, gain_e_per_adu
+        Background noise per pixel (ADU) and gain (e-/ADU) for the weights.
+    x, y, flux
+        Initial positions (px, window frame) and total fluxes (ADU) of every detection.
+    fwhm_px, beta
+        The PSF (Moffat).
+    fit
+        Which stars to refit (default all); the others stay where they are but their models
+        are still subtracted from their neighbours' stamps.
+
+    Returns
+    -------
+    RefineResult
+    """
+    n = len(x)
+    x0 = np.asarray(x, float).copy()
+    y0 = np.asarray(y, float).copy()
+    xc, yc = x0.copy(), y0.copy()
+    f = np.clip(np.asarray(flux, float), 1e-3, None).copy()
+    ok = np.ones(n, bool)
+    if n == 0:
+        return RefineResult(xc, yc, f, ok)
+    idx = np.flatnonzero(np.ones(n, bool) if fit is None else fit)
+    m = len(idx)
+    alpha = moffat_alpha(fwhm_px, beta)
+    rfit = max(2, int(np.ceil(fit_radius_fwhm * fwhm_px)))
+    rmod = max(rfit + 1, int(np.ceil(model_radius_fwhm * fwhm_px)))
+    good = ~bad
+    for _ in range(n_iter):
+        model = render(data.shape, xc, yc, f, alpha, beta, rmod)
+        if m == 0:
+            break
+        xs, ys, fs = xc[idx], yc[idx], f[idx]
+        py, px, inside = _stamps(xs, ys, rfit, data.shape)
+        use = inside & good[py, px]
+        du = px - xs[:, None, None]
+        dv = py - ys[:, None, None]
+        p, gu, gv = moffat_pixel_grad(du, dv, alpha, beta)
+        dpx, dpy = -gu, -gv  # d model / d x_c = -d P / d u
+        resid = data[py, px] - model[py, px]  # residual of the full model: the star's own step fits it
+        w = use / (noise_adu**2 + np.clip(model[py, px], 0, None) / gain_e_per_adu)
+        cols = np.stack([p, fs[:, None, None] * dpx, fs[:, None, None] * dpy, np.ones_like(p)], axis=1)
+        cols = cols.reshape(m, 4, -1)
+        wv = w.reshape(m, 1, -1)
+        a = np.einsum("nis,njs->nij", cols * wv, cols)
+        b = np.einsum("nis,ns->ni", cols * wv, resid.reshape(m, -1))
+        a += np.eye(4)[None] * 1e-9 * np.trace(a, axis1=1, axis2=2)[:, None, None]
+        try:
+            step = np.linalg.solve(a, b[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            step = np.zeros((m, 4))
+            for k in range(m):
+                try:
+                    step[k] = np.linalg.solve(a[k], b[k])
+                except np.linalg.LinAlgError:
+                    ok[idx[k]] = False
+        bad_fit = ~np.isfinite(step).all(axis=1) | (fs + step[:, 0] <= 0)
+        ok[idx[bad_fit]] = False
+        step[~ok[idx]] = 0.0
+        f[idx] = fs + damping * step[:, 0]
+        xc[idx] = xs + np.clip(damping * step[:, 1], -max_step_px, max_step_px)
+        yc[idx] = ys + np.clip(damping * step[:, 2], -max_step_px, max_step_px)
+    moved = np.hypot(xc - x0, yc - y0) > max_shift_px
+    ok &= ~moved
+    xc[~ok], yc[~ok] = x0[~ok], y0[~ok]
+    return RefineResult(xc, yc, f, ok)
