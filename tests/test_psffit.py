@@ -48,7 +48,7 @@ def test_refinement_of_blended_pairs_reaches_the_bound(sep_px):
         if sep_px >= 2 * fwhm:  # the isolated-star bound, within 1.5x, from 0.15 px starting errors
             assert rms < 1.5 * bound.sigma_x_px, (k, rms, bound.sigma_x_px)
         else:  # close blends converge more slowly (Jacobi steps), but still far below the start
-            assert rms < 0.25 * 0.15 and rms < 5 * bound.sigma_x_px, (k, rms, bound.sigma_x_px)
+            assert rms < 0.3 * 0.15 and rms < 5 * bound.sigma_x_px, (k, rms, bound.sigma_x_px)
 
 
 def test_refinement_keeps_stars_it_cannot_fit_where_they_were():

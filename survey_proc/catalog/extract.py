@@ -175,7 +175,8 @@ def extract_block_pnet(image: np.ndarray, mask: np.ndarray | None, origin_yx: tu
     ``x, y`` are PNet's (peak + offset head), refined for detections with S/N >=
     ``pnet.refine_snr_min`` by a simultaneous PSF fit of the whole window
     (:mod:`survey_proc.photometry.psffit`); ``x_iso, y_iso`` keep PNet's own position;
-    ``flux`` is the flux head's total flux (ADU);
+    ``flux`` is the total flux (ADU) of that PSF fit where it ran and converged, else the
+    flux head's (the head is good to ~0.1 dex; the fit to near the Cramér-Rao bound);
     ``flux_err`` is the PSF-fit noise estimate ``sqrt(flux / gain + noise^2 * n_eff)`` with
     ``n_eff = pnet.flux_neff_fwhm2 * FWHM^2`` (a Moffat(3) PSF's noise-equivalent area),
     until the BPNN gives learned uncertainties; ``flux_aper(_err)`` is a 1-FWHM aperture at
@@ -208,9 +209,14 @@ def extract_block_pnet(image: np.ndarray, mask: np.ndarray | None, origin_yx: tu
     xw, yw = d.x.copy(), d.y.copy()
     if cfg.pnet.refine:
         # every detection of the window (halo ones too) is a neighbour to subtract
-        r = refine_positions(data, bad, noise, gain_e_per_adu, d.x, d.y, flux, fwhm,
-                             fit=snr >= cfg.pnet.refine_snr_min, beta=cfg.pnet.psf_beta)
+        fit = snr >= cfg.pnet.refine_snr_min
+        r = refine_positions(data, bad, noise, gain_e_per_adu, d.x, d.y, flux, fwhm, fit=fit, beta=cfg.pnet.psf_beta)
         xw, yw = r.x, r.y
+        # the fit's flux replaces the head's where the fit ran and converged (see docs/pnet.md)
+        use = fit & r.ok & (r.flux > 0)
+        flux = np.where(use, r.flux, flux)
+        flux_err = np.sqrt(np.clip(flux, 0, None) / gain_e_per_adu + noise**2 * n_eff)
+        snr = flux / flux_err
     x, y = xw + ox, yw + oy
     tile_index, depth, keep = _owner(x, y, tiles, cfg.detection.own_margin_px)
     if not keep.any():

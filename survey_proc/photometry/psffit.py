@@ -3,10 +3,12 @@
 A detector gives positions good to a few hundredths of a pixel; the Cramér-Rao bound of a
 bright star is a few thousandths. This module closes the gap the classical way: every
 star's model (flux x PSF) is rendered into one image; each star is then refitted on its own
-stamp *with all its neighbours' models subtracted*, by one Gauss-Newton step of a weighted
-linear least-squares fit of (flux, dx, dy, local sky); the model image is re-rendered and
-the step repeated (Jacobi iterations: every star moves at once from the previous
-estimates, so the result does not depend on the order of the stars).
+stamp *with all its neighbours' models subtracted*: first a linear weighted least-squares
+fit of (flux, local sky) at the detector's position (a detector's flux may be far off, and
+a position step scaled by a wrong flux overshoots), then ``n_iter`` Gauss-Newton steps of
+(flux, dx, dy, local sky), the position steps rescaled to the updated flux; the model image
+is re-rendered before each step (Jacobi iterations: every star moves at once from the
+previous estimates, so the result does not depend on the order of the stars).
 
 PSF model: a pixel-integrated Moffat of the block's measured FWHM and ``beta`` (3 by
 default: the dense preset's PSF, and close to the wings of real seeing-limited PSFs). The
@@ -47,7 +49,7 @@ def moffat_pixel(du: np.ndarray, dv: np.ndarray, alpha: float, beta: float) -> n
     """Fraction of a unit-flux Moffat centred at 0 falling in pixels centred at (du, dv) (px)."""
     du, dv = np.asarray(du, float), np.asarray(dv, float)
     out = np.zeros(np.broadcast(du, dv).shape)
-    norm = (beta - 1.0) / (np.pi * alpha**2) / 9.0
+    norm = (beta - 1.0) / (np.pi * alpha**2) / len(_SUB) ** 2
     for sy in _SUB:
         for sx in _SUB:
             r2 = (du + sx) ** 2 + (dv + sy) ** 2
@@ -80,7 +82,7 @@ def moffat_pixel_grad(du: np.ndarray, dv: np.ndarray, alpha: float, beta: float
             dq = q / t  # t^-(beta+1)
             gu += u * dq
             gv += v * dq
-    norm = (beta - 1.0) / (np.pi * a2) / 9.0
+    norm = (beta - 1.0) / (np.pi * a2) / len(_SUB) ** 2
     k = -2.0 * beta / a2
     return p * norm, gu * (k * norm), gv * (k * norm)
 
@@ -117,7 +119,7 @@ def render(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarra
 
 def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_adu: float,
                      x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm_px: float, *, fit: np.ndarray | None = None,
-                     beta: float = 3.0, n_iter: int = 3, fit_radius_fwhm: float = 1.5,
+                     beta: float = 3.0, n_iter: int = 2, fit_radius_fwhm: float = 1.5,
                      model_radius_fwhm: float = 3.0, max_step_px: float = 0.25, max_shift_px: float = 0.75,
                      damping: float = 1.0
                      ) -> RefineResult:
@@ -155,7 +157,8 @@ def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
     rfit = max(2, int(np.ceil(fit_radius_fwhm * fwhm_px)))
     rmod = max(rfit + 1, int(np.ceil(model_radius_fwhm * fwhm_px)))
     good = ~bad
-    for _ in range(n_iter):
+    for it in range(n_iter + 1):
+        flux_only = it == 0  # first a linear (flux, sky) step at the detector's positions
         model = render(data.shape, xc, yc, f, alpha, beta, rmod)
         if m == 0:
             break
@@ -168,21 +171,33 @@ def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
         dpx, dpy = -gu, -gv  # d model / d x_c = -d P / d u
         resid = data[py, px] - model[py, px]  # residual of the full model: the star's own step fits it
         w = use / (noise_adu**2 + np.clip(model[py, px], 0, None) / gain_e_per_adu)
-        cols = np.stack([p, fs[:, None, None] * dpx, fs[:, None, None] * dpy, np.ones_like(p)], axis=1)
-        cols = cols.reshape(m, 4, -1)
+        if flux_only:
+            cols = np.stack([p, np.ones_like(p)], axis=1)
+        else:
+            cols = np.stack([p, fs[:, None, None] * dpx, fs[:, None, None] * dpy, np.ones_like(p)], axis=1)
+        k_par = cols.shape[1]
+        cols = cols.reshape(m, k_par, -1)
         wv = w.reshape(m, 1, -1)
         a = np.einsum("nis,njs->nij", cols * wv, cols)
         b = np.einsum("nis,ns->ni", cols * wv, resid.reshape(m, -1))
-        a += np.eye(4)[None] * 1e-9 * np.trace(a, axis1=1, axis2=2)[:, None, None]
+        a += np.eye(k_par)[None] * 1e-9 * np.trace(a, axis1=1, axis2=2)[:, None, None]
         try:
-            step = np.linalg.solve(a, b[..., None])[..., 0]
+            sol = np.linalg.solve(a, b[..., None])[..., 0]
         except np.linalg.LinAlgError:
-            step = np.zeros((m, 4))
+            sol = np.zeros((m, k_par))
             for k in range(m):
                 try:
-                    step[k] = np.linalg.solve(a[k], b[k])
+                    sol[k] = np.linalg.solve(a[k], b[k])
                 except np.linalg.LinAlgError:
                     ok[idx[k]] = False
+        step = np.zeros((m, 4))
+        if flux_only:
+            step[:, 0] = sol[:, 0]
+        else:
+            # the position columns were scaled by the old flux: rescale the steps to the new one
+            step[:, :3] = sol[:, :3]
+            scale = fs / np.where(fs + sol[:, 0] > 0, fs + sol[:, 0], np.inf)
+            step[:, 1:3] *= scale[:, None]
         bad_fit = ~np.isfinite(step).all(axis=1) | (fs + step[:, 0] <= 0)
         ok[idx[bad_fit]] = False
         step[~ok[idx]] = 0.0
