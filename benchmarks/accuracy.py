@@ -263,7 +263,8 @@ def _markdown(results: dict[str, Any]) -> str:
 
 
 def run(scenario: str, detectors: list[str], out: Path, *, quick: bool = False, epochs: int | None = None,
-        size: int | None = None, workers: int | None = None, n_eval_epochs: int = 10) -> dict[str, Any]:
+        size: int | None = None, workers: int | None = None, n_eval_epochs: int = 10,
+        pnet_threshold: float | None = None) -> dict[str, Any]:
     """Simulate the held-out survey, run every detector, evaluate, write JSON/Markdown/plots."""
     scn = heldout(scenario, quick, epochs, size)
     base = out / scenario
@@ -282,7 +283,8 @@ def run(scenario: str, detectors: list[str], out: Path, *, quick: bool = False, 
             results["methods"][det] = {"skipped": f"{det}: no shipped model in this version"}
             continue
         cfg = load_config(None, {"store": str(survey), "out": str(base / det), "detector": det, "progress": False,
-                                 "evaluate": False, "mode": "overwrite", "workers": workers})
+                                 "evaluate": False, "mode": "overwrite", "workers": workers,
+                                 **({"pnet": {"threshold": pnet_threshold}} if pnet_threshold else {})})
         t = time.perf_counter()
         run_json = run_pipeline(cfg)
         r = evaluate_method(base / det, survey, scn, sample)
@@ -306,9 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, help="detector size in px (default 1024; quick 256)")
     p.add_argument("--workers", type=int, help="Dask worker processes (default: one per core)")
     p.add_argument("--quick", action="store_true", help="a small survey for the test suite")
+    p.add_argument("--pnet-threshold", type=float, help="PNet confidence threshold (default: the model card's)")
     a = p.parse_args(argv)
     res = run(a.scenario, [d for d in a.detectors.split(",") if d], Path(a.out), quick=a.quick, epochs=a.epochs,
-              size=a.size, workers=a.workers)
+              size=a.size, workers=a.workers, pnet_threshold=a.pnet_threshold)
     print(_markdown(res))
     print(f"wrote {Path(a.out) / a.scenario}/accuracy.json, accuracy.md and {', '.join(res['plots'])}")
     return 0

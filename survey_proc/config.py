@@ -95,7 +95,7 @@ class PNetSettings:
     threshold: float = 0.0  # heatmap confidence threshold; 0 = the one on the model card
     flux_neff_fwhm2: float = 3.78  # noise-equivalent area / FWHM^2 for flux_err (Moffat beta = 3)
     refine: bool = True  # refine positions by a simultaneous PSF fit (photometry/psffit.py)
-    refine_snr_min: float = 10.0  # ... of the detections with at least this S/N (all are subtracted)
+    refine_snr_min: float = 0.0  # ... of the detections with at least this S/N (all are subtracted)
     psf_beta: float = 3.0  # Moffat beta of the refinement's PSF model
 
 
