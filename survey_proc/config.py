@@ -68,7 +68,8 @@ class CalibrationConfig:
     """Per-epoch photometric zero point against a reference catalogue."""
 
     match_radius_px: float = 1.0  # reference star <-> detection
-    isolation_fwhm: float = 3.0  # no other detection within this radius (x FWHM)
+    isolation_fwhm: float = 3.0  # no other detection within this radius (x FWHM) ...
+    isolation_flux_ratio: float = 0.025  # ... with at least this fraction of the star's flux (4 mag)
     snr_min: float = 20.0
     clip_sigma: float = 3.0  # sigma clipping about the median with a MAD scale
     min_stars: int = 10  # fewer: the epoch takes the zero point of the cross-epoch model

@@ -58,3 +58,17 @@ def test_galsim_psf_bound_is_worse_for_wider_psfs_and_fitted_sky():
     assert narrow.snr > wide.snr > 0
     assert narrow.sigma_x_px < wide.sigma_x_px
     assert fitted_sky.sigma_flux_adu > narrow.sigma_flux_adu
+
+
+def test_crowding_factor_is_one_alone_and_grows_as_a_neighbour_approaches():
+    from survey_proc.photometry.crlb import crowding_factor
+
+    x = np.array([20.0, 40.0])
+    y = np.array([20.0, 20.0])
+    f = np.array([5000.0, 5000.0])
+    alone = crowding_factor(x, y, f, np.array([0]), 2.0, 40.0, 1.5, 5.0)
+    assert alone[0] == pytest.approx(1.0, abs=1e-6)  # the other star is 20 px away
+    factors = []
+    for sep in (6.0, 3.0, 2.0, 1.0):
+        factors.append(crowding_factor(np.array([20.0, 20.0 + sep]), y, f, np.array([0]), 2.0, 40.0, 1.5, 5.0)[0])
+    assert factors[0] < 1.1 and np.all(np.diff(factors) > 0) and factors[-1] > 3

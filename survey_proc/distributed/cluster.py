@@ -81,7 +81,7 @@ def make_client(cluster: str, *, scheduler: str | None, workers: int | None, thr
         with cuda_client(workers, quiet=quiet) as client:
             yield client
         return
-    with local_client(workers, threads_per_worker=threads_per_worker, quiet=quiet) as client:
+    with local_client(workers, threads_per_worker=threads_per_worker, quiet=quiet, glibc_malloc=True) as client:
         yield client
 
 
@@ -89,8 +89,11 @@ def make_client(cluster: str, *, scheduler: str | None, workers: int | None, thr
 # Setting any MALLOC_* variable switches off glibc's dynamic mmap threshold, so each large
 # temporary becomes a fresh mmap the kernel must zero. For the simulator's render tasks that
 # costs 0.85 s instead of 0.60 s per dense epoch (interleaved A/B, 3 rounds: system time
-# 0.31 vs 0.07 s); for extraction tasks it made no measurable difference, so only the
-# simulator asks for glibc's defaults (``glibc_malloc=True``).
+# 0.31 vs 0.07 s). sep extraction showed no measurable difference, but PNet + the PSF-fit
+# refinement (large numpy/torch temporaries) extracted 40 default-survey epochs in 30 s with
+# glibc's defaults against 53-63 s with Dask's setting (interleaved A/B, 2 rounds, 2 workers;
+# the workers spent most of their time in the kernel). So runs (make_client) and the
+# simulator both start their LocalClusters with glibc's defaults (``glibc_malloc=True``).
 _GLIBC_MALLOC = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
 

@@ -35,6 +35,8 @@ def _load(path: str | None, device: str | None) -> pnet.LoadedDetector:
 
     det = pnet.load_detector(path or None, device=device)
     if det.device.type == "cpu":
+        # normalised sky pixels make near-zero activations; denormal floats are slow on x86
+        torch.set_flush_denormal(True)
         try:
             from distributed import get_worker
 

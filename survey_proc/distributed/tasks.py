@@ -122,7 +122,7 @@ def _calibrators(src: pd.DataFrame, ref: pd.DataFrame, fwhm_px: float, cfg: RunC
     """:func:`calibrate.select_calibrators` on a sources table and a reference (reference frame)."""
     return cal.select_calibrators(src["x_ref"].to_numpy(), src["y_ref"].to_numpy(), src["snr"].to_numpy(),
                                   src["flags"].to_numpy(), ref["x_ref"].to_numpy(), ref["y_ref"].to_numpy(),
-                                  fwhm_px, cfg.calibration)
+                                  fwhm_px, cfg.calibration, flux=src["flux"].to_numpy())
 
 
 def calibrate_sources(src: pd.DataFrame, ref: pd.DataFrame, fwhm_px: float, cfg: RunConfig) -> cal.ZeroPoint:
