@@ -98,6 +98,7 @@ class PNetSettings:
     refine: bool = True  # refine positions by a simultaneous PSF fit (photometry/psffit.py)
     refine_snr_min: float = 0.0  # ... of the detections with at least this S/N (all are subtracted)
     psf_beta: float = 3.0  # Moffat beta of the refinement's PSF model
+    min_fit_snr: float = 3.0  # a detection whose PSF-fit flux has a lower S/N is dropped (wing artefacts)
 
 
 SECTIONS: dict[str, type] = {

@@ -174,9 +174,11 @@ def extract_block_pnet(image: np.ndarray, mask: np.ndarray | None, origin_yx: tu
     -------
     ``x, y`` are PNet's (peak + offset head), refined for detections with S/N >=
     ``pnet.refine_snr_min`` by a simultaneous PSF fit of the whole window
-    (:mod:`survey_proc.photometry.psffit`); ``x_iso, y_iso`` keep PNet's own position;
+    (:mod:`survey_proc.photometry.psffit`); ``x_iso, y_iso`` keep PNet's own position (this
+    table only: the sources schema does not carry them);
     ``flux`` is the total flux (ADU) of that PSF fit where it ran and converged, else the
     flux head's (the head is good to ~0.1 dex; the fit to near the Cramér-Rao bound);
+    detections whose fitted S/N is below ``pnet.min_fit_snr`` are dropped;
     ``flux_err`` is the PSF-fit noise estimate ``sqrt(flux / gain + noise^2 * n_eff)`` with
     ``n_eff = pnet.flux_neff_fwhm2 * FWHM^2`` (a Moffat(3) PSF's noise-equivalent area),
     until the BPNN gives learned uncertainties; ``flux_aper(_err)`` is a 1-FWHM aperture at
@@ -217,8 +219,14 @@ def extract_block_pnet(image: np.ndarray, mask: np.ndarray | None, origin_yx: tu
         flux = np.where(use, r.flux, flux)
         flux_err = np.sqrt(np.clip(flux, 0, None) / gain_e_per_adu + noise**2 * n_eff)
         snr = flux / flux_err
+        # a second opinion: a peak the PSF fit (its neighbours subtracted) finds no light in is an
+        # artefact of a brighter star's wings, not a star
+        real = ~(fit & r.ok & (snr < cfg.pnet.min_fit_snr))
+    else:
+        real = np.ones(len(d), bool)
     x, y = xw + ox, yw + oy
     tile_index, depth, keep = _owner(x, y, tiles, cfg.detection.own_margin_px)
+    keep &= real
     if not keep.any():
         return empty
     xw, yw, flux, flux_err, snr = xw[keep], yw[keep], flux[keep], flux_err[keep], snr[keep]

@@ -174,7 +174,7 @@ def reference_matches_task(out: str, field: str, epoch: int, reference_path: str
     record = read_meta(path)
     if record is None:
         raise SurveyProcError(f"{path}: missing or unreadable; re-run to extract field {field} epoch {epoch}")
-    src = pq.read_table(path, columns=["x_ref", "y_ref", "snr", "flags", "mag_inst", "mag_inst_err"]).to_pandas()
+    src = pq.read_table(path, columns=["x_ref", "y_ref", "snr", "flags", "flux", "mag_inst", "mag_inst_err"]).to_pandas()
     ref = reference_in_frame(reference_path, "")
     i_src, i_ref = _calibrators(src, ref, record["fwhm_px"], cfg)
     return {"epoch": epoch, "i_ref": i_ref, "mag_inst": src["mag_inst"].to_numpy()[i_src],
