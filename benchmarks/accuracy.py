@@ -40,6 +40,7 @@ import pandas as pd
 
 from survey_proc import evaluate as ev
 from survey_proc import store
+from survey_proc.catalog.flags import PHOTOMETRY_BAD
 from survey_proc.config import load_config
 from survey_proc.distributed.pipeline import run_pipeline
 from survey_proc.outputs import OutputLayout
@@ -145,9 +146,7 @@ def evaluate_method(out: Path, store_path: Path, scn: Scenario, epochs: list[int
     rb = float(T.loc[T["mag_true"] < cut, "found"].mean())
     dsel = D["mag"] < cut
     pb = float(D.loc[dsel, "true"].mean()) if dsel.any() else float("nan")
-    snr_true = 1.0857 / P["crlb_mag"].to_numpy()
-    from survey_proc.catalog.flags import PHOTOMETRY_BAD
-
+    snr_true = MAG_PER_FLUX / P["crlb_mag"].to_numpy()
     a = P[(snr_true > 20) & ((P["flags"].to_numpy() & PHOTOMETRY_BAD) == 0)]
     d2 = np.r_[a["dx"].to_numpy(), a["dy"].to_numpy()]
     c2 = np.r_[a["crlb_pos"].to_numpy(), a["crlb_pos"].to_numpy()]

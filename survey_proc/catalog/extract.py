@@ -103,17 +103,14 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     objs, fallback = classical.extract(data, bad, noise, cfg.detection)
     x = objs["x"] + ox
     y = objs["y"] + oy
-    depth = np.stack([t.depth_px(x, y) for t in tiles]) if len(objs) else np.zeros((len(tiles), 0))
-    best = np.argmax(depth, axis=0) if len(objs) else np.zeros(0, int)
-    keep = depth[best, np.arange(len(objs))] >= -cfg.detection.own_margin_px if len(objs) else np.zeros(0, bool)
+    owner, _, keep = _owner(np.asarray(x), np.asarray(y), tiles, cfg.detection.own_margin_px)
     o = objs[keep]
     fl = np.zeros(len(o), np.int32)
     fl[(o["flag"] & sep.OBJ_MERGED) != 0] |= F.BLENDED
     fl[(o["flag"] & sep.OBJ_TRUNC) != 0] |= F.EDGE
     if fallback:
         fl |= F.EXTRACT_FALLBACK
-    tile_index = np.array([t.index for t in tiles], np.int32)[best[keep]]
-    det = pd.DataFrame({"tile": tile_index, "x_iso": x[keep], "y_iso": y[keep], "flux_iso": o["flux"],
+    det = pd.DataFrame({"tile": owner[keep], "x_iso": x[keep], "y_iso": y[keep], "flux_iso": o["flux"],
                         "npix": o["npix"].astype(np.int32), "peak_adu": o["peak"].astype(float), "flags": fl})
     fallbacks = [fallback] if fallback else []
     info_common = dict(bkg_adu=float(np.median(bkg.back)), rms_adu=bkg.global_rms, bad_px=int(bad.sum()),

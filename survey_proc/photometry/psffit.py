@@ -120,8 +120,7 @@ def render(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarra
 def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_adu: float,
                      x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm_px: float, *, fit: np.ndarray | None = None,
                      beta: float = 3.0, n_iter: int = 2, fit_radius_fwhm: float = 1.5,
-                     model_radius_fwhm: float = 3.0, max_step_px: float = 0.25, max_shift_px: float = 0.75,
-                     damping: float = 1.0
+                     model_radius_fwhm: float = 3.0, max_step_px: float = 0.25, max_shift_px: float = 0.75
                      ) -> RefineResult:
     """Refine the positions of all stars of a window together (see the module docstring).
 
@@ -201,9 +200,9 @@ def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
         bad_fit = ~np.isfinite(step).all(axis=1) | (fs + step[:, 0] <= 0)
         ok[idx[bad_fit]] = False
         step[~ok[idx]] = 0.0
-        f[idx] = fs + damping * step[:, 0]
-        xc[idx] = xs + np.clip(damping * step[:, 1], -max_step_px, max_step_px)
-        yc[idx] = ys + np.clip(damping * step[:, 2], -max_step_px, max_step_px)
+        f[idx] = fs + step[:, 0]
+        xc[idx] = xs + np.clip(step[:, 1], -max_step_px, max_step_px)
+        yc[idx] = ys + np.clip(step[:, 2], -max_step_px, max_step_px)
     moved = np.hypot(xc - x0, yc - y0) > max_shift_px
     ok &= ~moved
     xc[~ok], yc[~ok] = x0[~ok], y0[~ok]
