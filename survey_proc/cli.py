@@ -131,6 +131,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                  "reference": args.reference, "mode": "overwrite" if args.overwrite else None}
     if args.quiet:
         overrides["progress"] = False
+    if args.photometry:
+        overrides["bpnn"] = {"enabled": args.photometry == "bpnn"}
     if args.no_evaluate:
         overrides["evaluate"] = False
     cfg = load_config(args.config, overrides)
@@ -180,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=int, help="process the first N epochs (default: all; 1000 for the default survey)")
     r.add_argument("--fields", action="append", metavar="F1,F2", help="fields to process (default: all)")
     r.add_argument("--detector", choices=("sep", "pnet"), help="source detector: pnet (learned, default) or sep (classical baseline)")
+    r.add_argument("--photometry", choices=("bpnn", "classical"),
+                   help="magnitudes from the BPNN (default; aleatoric + epistemic errors) or the detector's own "
+                        "(sep: aperture; pnet: PSF fit)")
     r.add_argument("--cluster", choices=("local", "cuda"), help="start a local CPU or dask-cuda cluster")
     r.add_argument("--scheduler", metavar="ADDR", help="attach to a running Dask scheduler (tcp://host:8786)")
     r.add_argument("--workers", type=int, help="worker processes (default: one per core / GPU)")

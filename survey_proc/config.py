@@ -101,8 +101,20 @@ class PNetSettings:
     min_fit_snr: float = 3.0  # a detection whose PSF-fit flux has a lower S/N is dropped (wing artefacts)
 
 
+@dataclass(frozen=True)
+class BPNNSettings:
+    """The Bayesian photometry network (magnitudes and their aleatoric + epistemic errors)."""
+
+    enabled: bool = True  # False: the detector's own photometry (aperture for sep, PSF fit for pnet)
+    weights: str = ""  # a BPNN .pt file; "" = the weights shipped in survey_proc/models/
+    n_samples: int = 0  # MC weight samples T; 0 = the one on the model card
+    seed: int = 0  # seeds the MC samples (with the epoch and window): reruns are identical
+    psf_beta: float = 3.0  # Moffat beta of the neighbours' model in the stamps
+
+
 SECTIONS: dict[str, type] = {
     "pnet": PNetSettings,
+    "bpnn": BPNNSettings,
     "detection": DetectionConfig,
     "photometry": PhotometryConfig,
     "calibration": CalibrationConfig,
@@ -132,6 +144,7 @@ class RunConfig:
     evaluate: bool = True  # compare with truth when the store was simulated
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     pnet: PNetSettings = field(default_factory=PNetSettings)
+    bpnn: BPNNSettings = field(default_factory=BPNNSettings)
     photometry: PhotometryConfig = field(default_factory=PhotometryConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     crossmatch: CrossmatchConfig = field(default_factory=CrossmatchConfig)
@@ -162,6 +175,8 @@ class RunConfig:
             raise ConfigError(f"crossmatch.min_epochs must be >= 1, got {self.crossmatch.min_epochs}")
         if not 0.0 <= self.pnet.threshold < 1.0:
             raise ConfigError(f"pnet.threshold must be in [0, 1) (0: the model card's), got {self.pnet.threshold}")
+        if self.bpnn.n_samples < 0:
+            raise ConfigError(f"bpnn.n_samples must be >= 0 (0: the model card's), got {self.bpnn.n_samples}")
         if self.calibration.min_stars < 1:
             raise ConfigError(f"calibration.min_stars must be >= 1, got {self.calibration.min_stars}")
         return self
@@ -181,6 +196,8 @@ class RunConfig:
         d = {k: v for k, v in self.to_dict().items() if k not in self._NOT_FINGERPRINTED}
         if self.detector != "pnet":
             d.pop("pnet", None)
+        if not self.bpnn.enabled:
+            d.pop("bpnn", None)
         if models:
             d["models"] = models
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -80,11 +80,12 @@ def client():
 
 
 def run_config(store: Path, out: Path, **overrides):
-    """A quiet RunConfig for tests (no truth evaluation, no progress bars; sep unless ``detector`` is given)."""
+    """A quiet RunConfig for tests (no truth evaluation, no progress bars; sep and aperture
+    photometry unless ``detector`` / ``bpnn`` are given)."""
     from survey_proc.config import load_config
 
     return load_config(None, {"store": str(store), "out": str(out), "progress": False, "evaluate": False,
-                              "detector": "sep", **overrides})
+                              "detector": "sep", "bpnn": {"enabled": False}, **overrides})
 
 
 @pytest.fixture(scope="session")

@@ -92,8 +92,12 @@ class TileGenerator:
         centred = bank.banks[1][-bank.t_min, -bank.t_min]
         return _Psf(bank, float(1.0 / np.sum(centred**2)), fwhm)
 
-    def tile(self) -> dict[str, np.ndarray]:
-        """One tile: ``image`` (H, W) float32 normalised, ``bad``, targets and the star list."""
+    def scene(self) -> dict:
+        """One raw tile: ``image`` (ADU, sky included), ``bad``, conditions and every star (ADU).
+
+        Draws exactly the random numbers :meth:`tile` draws before normalising, in the same
+        order (the detector's training stream does not change).
+        """
         c, rng = self.cfg, self.rng
         n = c.size_px
         psf = self.psfs[rng.integers(len(self.psfs))]
@@ -135,6 +139,15 @@ class TileGenerator:
         if rng.random() < c.frac_bad_column:
             col = rng.integers(n)
             bad[rng.integers(n):, col] = True
+        return {"image": img, "bad": bad, "psf": psf, "gain": gain, "read_noise_e": rn_e, "sky": sky,
+                "sigma": sigma, "saturation_adu": sat, "x": x, "y": y, "flux": flux}
+
+    def tile(self) -> dict[str, np.ndarray]:
+        """One tile: ``image`` (H, W) float32 normalised, ``bad``, targets and the star list."""
+        c, rng = self.cfg, self.rng
+        sc = self.scene()
+        img, bad, psf, gain, sky, sigma = sc["image"], sc["bad"], sc["psf"], sc["gain"], sc["sky"], sc["sigma"]
+        x, y, flux, n = sc["x"], sc["y"], sc["flux"], c.size_px
         bkg = sky + rng.normal(0, c.bkg_error_sigma) * sigma
         noise = sigma * (1 + rng.normal(0, c.noise_scale_error))
         norm = ((img - bkg) / noise).astype(np.float32)

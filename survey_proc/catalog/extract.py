@@ -28,6 +28,8 @@ from survey_proc.catalog import flags as F
 from survey_proc.config import RunConfig
 from survey_proc.detect import classical
 from survey_proc.photometry import aperture
+from survey_proc.photometry.measure import Window, bpnn_photometry
+from survey_proc.photometry.psffit import refine_positions
 from survey_proc.tiling import Tile
 
 COLUMNS = ("tile", "depth_px", "x", "y", "x_iso", "y_iso", "flux_aper", "flux_aper_err", "flux", "flux_err",
@@ -67,7 +69,8 @@ def _owner(x: np.ndarray, y: np.ndarray, tiles: list[Tile], margin_px: float) ->
 
 
 def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[int, int], tiles: list[Tile],
-                  gain_e_per_adu: float, saturation_adu: float, cfg: RunConfig) -> tuple[pd.DataFrame, BlockInfo]:
+                  gain_e_per_adu: float, saturation_adu: float, cfg: RunConfig, bpnn=None, *, seed: int = 0,
+                  return_window: bool = False):
     """Detect and measure the sources owned by ``tiles`` in a window of one epoch.
 
     Parameters
@@ -81,13 +84,22 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     gain_e_per_adu, saturation_adu
         Detector gain (e-/ADU) and saturation level (ADU).
     cfg
-        Run configuration (``detection`` and ``photometry`` sections).
+        Run configuration (``detection``, ``photometry`` and ``bpnn`` sections).
+    bpnn, seed
+        A :class:`survey_proc.photometry.bpnn.LoadedBPNN` to measure magnitudes with, and
+        the MC seed (:func:`survey_proc.photometry.measure.block_seed`); None keeps the
+        aperture photometry.
+    return_window
+        Also return the :class:`~survey_proc.photometry.measure.Window` and the indices of
+        the kept detections in it (for training the BPNN on exactly the pipeline's inputs).
 
     Returns
     -------
     catalogue, info
         One row per owned detection, positions in the image frame (0-based pixel centres),
-        fluxes in ADU; and a :class:`BlockInfo`.
+        fluxes in ADU; and a :class:`BlockInfo`. With a BPNN the catalogue also has the
+        magnitude columns of :func:`~survey_proc.photometry.measure.bpnn_photometry`, and
+        its ``flux``/``flux_err`` (the aperture ones stay in ``flux_aper``).
     """
     oy, ox = origin_yx
     bad = classical.bad_pixels(image, mask, saturation_adu)
@@ -116,7 +128,8 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     info_common = dict(bkg_adu=float(np.median(bkg.back)), rms_adu=bkg.global_rms, bad_px=int(bad.sum()),
                        fallback=",".join(sorted(set(fallbacks))) or None)
     if len(det) == 0:
-        return _empty(), BlockInfo(0, cfg.photometry.fwhm_default_px, 0, 1.0, 0, **info_common)
+        res = (_empty(), BlockInfo(0, cfg.photometry.fwhm_default_px, 0, 1.0, 0, **info_common))
+        return (*res, None, np.zeros(0, np.int64)) if return_window else res
 
     xw = det["x_iso"].to_numpy() - ox
     yw = det["y_iso"].to_numpy() - oy
@@ -156,16 +169,30 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
         "peak_adu": det["peak_adu"].to_numpy(), "flags": flags.astype(np.int32),
     })
     info = BlockInfo(len(out), fwhm, n_fwhm, apcorr, n_ap, **info_common)
-    return out, info
+    if bpnn is None and not return_window:
+        return out, info
+    # the BPNN's neighbours are every detection of the window (halo ones at sep's positions),
+    # with fluxes from one linear simultaneous PSF fit at fixed positions
+    targets = np.flatnonzero(keep)
+    x_all, y_all = np.asarray(objs["x"], float).copy(), np.asarray(objs["y"], float).copy()
+    x_all[targets], y_all[targets] = xc, yc
+    fit = refine_positions(data, bad, noise, gain_e_per_adu, x_all, y_all, np.asarray(objs["flux"], float), fwhm,
+                           n_iter=0, beta=cfg.bpnn.psf_beta)
+    win = Window(data, bad, bkg.back, noise, gain_e_per_adu, fwhm, x_all, y_all, fit.flux)
+    if bpnn is not None:
+        out = _with_bpnn(out, win, targets, bpnn, cfg, seed)
+    return (out, info, win, targets) if return_window else (out, info)
 
 
 def extract_block_pnet(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[int, int], tiles: list[Tile],
-                       gain_e_per_adu: float, saturation_adu: float, cfg: RunConfig, detector
-                       ) -> tuple[pd.DataFrame, BlockInfo]:
+                       gain_e_per_adu: float, saturation_adu: float, cfg: RunConfig, detector, bpnn=None, *,
+                       seed: int = 0, return_window: bool = False):
     """:func:`extract_block` with PNet: detections, positions and total fluxes from the network.
 
     Parameters are those of :func:`extract_block` plus ``detector``, a
-    :class:`survey_proc.detect.pnet.LoadedDetector`.
+    :class:`survey_proc.detect.pnet.LoadedDetector`. With ``bpnn`` the magnitude columns
+    come from the BPNN on stamps at the refined positions (the neighbours at their PSF-fit
+    fluxes), and ``flux``/``flux_err`` follow them; the PSF fit's flux is ``flux_fit``.
 
     Columns
     -------
@@ -183,7 +210,6 @@ def extract_block_pnet(image: np.ndarray, mask: np.ndarray | None, origin_yx: tu
     ``confidence`` is the heatmap peak. The aperture correction is 1: the fluxes are total.
     """
     from survey_proc.detect import pnet
-    from survey_proc.photometry.psffit import refine_positions
 
     oy, ox = origin_yx
     bad = classical.bad_pixels(image, mask, saturation_adu)
@@ -195,6 +221,8 @@ def extract_block_pnet(image: np.ndarray, mask: np.ndarray | None, origin_yx: tu
     info_common = dict(bkg_adu=float(np.median(bkg.back)), rms_adu=noise, bad_px=int(bad.sum()), fallback=None)
     empty = (_empty().assign(confidence=np.zeros(0, np.float32)),
              BlockInfo(0, cfg.photometry.fwhm_default_px, 0, 1.0, 0, **info_common))
+    if return_window:
+        empty = (*empty, None, np.zeros(0, np.int64))
     if len(d) == 0:
         return empty
     data = np.ascontiguousarray(np.where(bad, 0.0, image - bkg.back), dtype=np.float32)
@@ -226,6 +254,8 @@ def extract_block_pnet(image: np.ndarray, mask: np.ndarray | None, origin_yx: tu
     keep &= real
     if not keep.any():
         return empty
+    win = Window(data, bad, bkg.back, noise, gain_e_per_adu, fwhm, xw.copy(), yw.copy(), flux.copy())
+    targets = np.flatnonzero(keep)
     xw, yw, flux, flux_err, snr = xw[keep], yw[keep], flux[keep], flux_err[keep], snr[keep]
     flags = np.zeros(len(xw), np.int32)
     r_ap = pcfg.aperture_fwhm * fwhm
@@ -243,4 +273,22 @@ def extract_block_pnet(image: np.ndarray, mask: np.ndarray | None, origin_yx: tu
         "peak_adu": image[iy, ix].astype(float), "flags": flags,
         "confidence": d.confidence[keep].astype(np.float32),
     })
-    return out, BlockInfo(len(out), fwhm, n_fwhm, 1.0, len(out), **info_common)
+    info = BlockInfo(len(out), fwhm, n_fwhm, 1.0, len(out), **info_common)
+    if bpnn is not None:
+        out = _with_bpnn(out, win, targets, bpnn, cfg, seed)
+    return (out, info, win, targets) if return_window else (out, info)
+
+
+def _with_bpnn(out: pd.DataFrame, win: Window, targets: np.ndarray, bpnn, cfg: RunConfig, seed: int) -> pd.DataFrame:
+    """The block table with the BPNN's magnitude columns (``flux``/``flux_err`` follow them)."""
+    cols = bpnn_photometry(win, targets, bpnn, beta=cfg.bpnn.psf_beta, n_samples=cfg.bpnn.n_samples or None,
+                           seed=seed)
+    out = out.copy()
+    for k in ("mag_inst", "mag_inst_err", "mag_err_aleatoric", "mag_err_epistemic", "flux", "flux_err", "flux_fit"):
+        out[k] = cols[k]
+    flags = out["flags"].to_numpy().copy()
+    flags[cols["stamp_masked"]] |= F.STAMP_FILLED
+    # NONPOSITIVE describes the measurement in the table: the BPNN's magnitudes are always finite
+    flags &= ~np.int32(F.NONPOSITIVE)
+    out["flags"] = flags.astype(np.int32)
+    return out

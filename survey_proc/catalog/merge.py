@@ -76,9 +76,10 @@ def merge_epoch(frames: list[pd.DataFrame], infos: list[BlockInfo], *, field: st
     df["x_ref"], df["y_ref"] = to_reference_frame(epoch_wcs, ref_wcs, x, y)
     if epoch_wcs is None:
         df["flags"] = df["flags"].to_numpy() | F.NO_WCS
-    df["mag_inst"], df["mag_inst_err"] = instrumental_mag(df["flux"].to_numpy(), df["flux_err"].to_numpy())
-    df["mag_err_aleatoric"] = df["mag_inst_err"]
-    df["mag_err_epistemic"] = 0.0  # the classical measurement has no model uncertainty
+    if "mag_inst" not in df.columns:  # the BPNN brings its own magnitudes and their two uncertainties
+        df["mag_inst"], df["mag_inst_err"] = instrumental_mag(df["flux"].to_numpy(), df["flux_err"].to_numpy())
+        df["mag_err_aleatoric"] = df["mag_inst_err"]
+        df["mag_err_epistemic"] = 0.0  # the classical measurement has no model uncertainty
     df["mag"] = np.nan
     df["mag_err"] = np.nan
     df["zp"] = np.nan

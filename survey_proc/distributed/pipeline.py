@@ -402,17 +402,26 @@ def _check_models(cfg: RunConfig) -> dict[str, dict[str, Any]]:
 
     Returns name -> {path, sha256, threshold, card summary} for run.json and the fingerprint.
     """
-    if cfg.detector != "pnet":
-        return {}
-    from survey_proc.detect.pnet import load_detector
     from survey_proc.distributed.plugins import weights_digest
 
-    det = load_detector(cfg.pnet.weights or None, device="cpu")
-    val = det.card.get("validation", {}).get("best", {})
-    return {"detector": {"path": det.path, "sha256": weights_digest(det.path),
-                         "threshold": cfg.pnet.threshold or det.threshold,
-                         "trained": det.card.get("date"), "git_revision": det.card.get("git_revision"),
-                         "validation_best": val}}
+    models: dict[str, dict[str, Any]] = {}
+    if cfg.detector == "pnet":
+        from survey_proc.detect.pnet import load_detector
+
+        det = load_detector(cfg.pnet.weights or None, device="cpu")
+        val = det.card.get("validation", {}).get("best", {})
+        models["detector"] = {"path": det.path, "sha256": weights_digest(det.path),
+                              "threshold": cfg.pnet.threshold or det.threshold,
+                              "trained": det.card.get("date"), "git_revision": det.card.get("git_revision"),
+                              "validation_best": val}
+    if cfg.bpnn.enabled:
+        from survey_proc.photometry.bpnn import load_bpnn
+
+        bp = load_bpnn(cfg.bpnn.weights or None, device="cpu")
+        models["bpnn"] = {"path": bp.path, "sha256": weights_digest(bp.path),
+                          "n_samples": cfg.bpnn.n_samples or bp.n_samples, "trained": bp.card.get("date"),
+                          "git_revision": bp.card.get("git_revision"), "validation": bp.card.get("validation")}
+    return models
 
 
 def run_pipeline(cfg: RunConfig, client: Any = None) -> dict[str, Any]:
@@ -449,10 +458,11 @@ def run_pipeline(cfg: RunConfig, client: Any = None) -> dict[str, Any]:
     run_token = uuid.uuid4().hex[:8]
 
     def stages(c: Any) -> None:
-        if cfg.detector == "pnet":
+        if cfg.detector == "pnet" or cfg.bpnn.enabled:
             from survey_proc.distributed.plugins import ModelPlugin
 
-            c.register_plugin(ModelPlugin(cfg.pnet.weights or None))
+            c.register_plugin(ModelPlugin(cfg.pnet.weights or None if cfg.detector == "pnet" else False,
+                                          bpnn_path=(cfg.bpnn.weights or None) if cfg.bpnn.enabled else False))
         with _Bars(cfg.progress) as bars:
             t = time.perf_counter()
             _stage_extract(c, cfg, plans, reference, fp, state, bars, run_token)

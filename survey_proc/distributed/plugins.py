@@ -21,55 +21,79 @@ from distributed import WorkerPlugin
 from survey_proc.detect import pnet
 
 PLUGIN_NAME = "survey-proc-models"
-LOADS = {"detector": 0}  # how many times this process loaded weights (tests count them)
+LOADS = {"detector": 0, "bpnn": 0}  # how many times this process loaded weights (tests count them)
 
 
 def weights_digest(path: str | Path | None) -> str:
-    """sha256 (16 hex digits) of a weights file (the shipped one for None/"")."""
+    """sha256 (16 hex digits) of a weights file (the shipped detector for None/"")."""
     p = Path(path) if path else pnet.DEFAULT_WEIGHTS
     return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
 
 
-def _load(path: str | None, device: str | None) -> pnet.LoadedDetector:
+def _cpu_settings() -> None:
     import torch
 
+    # normalised sky pixels make near-zero activations; denormal floats are slow on x86
+    torch.set_flush_denormal(True)
+    try:
+        from distributed import get_worker
+
+        torch.set_num_threads(max(1, get_worker().state.nthreads))
+    except ValueError:  # not in a worker
+        pass
+
+
+def _load(path: str | None, device: str | None) -> pnet.LoadedDetector:
     det = pnet.load_detector(path or None, device=device)
     if det.device.type == "cpu":
-        # normalised sky pixels make near-zero activations; denormal floats are slow on x86
-        torch.set_flush_denormal(True)
-        try:
-            from distributed import get_worker
-
-            torch.set_num_threads(max(1, get_worker().state.nthreads))
-        except ValueError:  # not in a worker
-            pass
+        _cpu_settings()
     LOADS["detector"] += 1
     return det
 
 
+def _load_bpnn(path: str | None, device: str | None):
+    from survey_proc.photometry import bpnn
+
+    model = bpnn.load_bpnn(path or None, device=device)
+    if model.device.type == "cpu":
+        _cpu_settings()
+    LOADS["bpnn"] += 1
+    return model
+
+
 class ModelPlugin(WorkerPlugin):
-    """Loads the detector (PNet) on each worker once.
+    """Loads the detector (PNet) and the BPNN on each worker once.
 
     Parameters
     ----------
-    detector_path
-        Weights file; None or "" for the shipped ``survey_proc/models/detector.pt``.
+    detector_path, bpnn_path
+        Weights files; None or "" for the shipped ``survey_proc/models/detector.pt`` and
+        ``bpnn.pt``; False: that model is not used by this run (not loaded).
     device
         Torch device; None picks the worker's GPU if it has one, else the CPU.
     """
 
     name = PLUGIN_NAME
 
-    def __init__(self, detector_path: str | None = None, device: str | None = None):
-        self.detector_path = detector_path or None
+    def __init__(self, detector_path: str | bool | None = None, device: str | None = None, *,
+                 bpnn_path: str | bool | None = False):
+        self.use_detector = detector_path is not False
+        self.use_bpnn = bpnn_path is not False
+        self.detector_path = (detector_path or None) if self.use_detector else None
+        self.bpnn_path = (bpnn_path or None) if self.use_bpnn else None
         self.device = device
         self.detector: pnet.LoadedDetector | None = None
+        self.bpnn = None
 
     def setup(self, worker) -> None:
-        self.detector = _load(self.detector_path, self.device)
+        if self.use_detector:
+            self.detector = _load(self.detector_path, self.device)
+        if self.use_bpnn:
+            self.bpnn = _load_bpnn(self.bpnn_path, self.device)
 
     def teardown(self, worker) -> None:
         self.detector = None
+        self.bpnn = None
 
 
 @functools.lru_cache(maxsize=2)
@@ -89,3 +113,22 @@ def worker_detector(path: str | None = None) -> pnet.LoadedDetector:
     if plugin is None or plugin.detector is None or (plugin.detector_path or None) != (path or None):
         return _local_detector(path or None)
     return plugin.detector
+
+
+@functools.lru_cache(maxsize=2)
+def _local_bpnn(path: str | None):
+    return _load_bpnn(path, None)
+
+
+def worker_bpnn(path: str | None = None):
+    """The BPNN of this worker (from :class:`ModelPlugin`), or one loaded once per process."""
+    try:
+        from distributed import get_worker
+
+        w = get_worker()
+    except ValueError:
+        return _local_bpnn(path or None)
+    plugin = w.plugins.get(PLUGIN_NAME)
+    if plugin is None or plugin.bpnn is None or (plugin.bpnn_path or None) != (path or None):
+        return _local_bpnn(path or None)
+    return plugin.bpnn

@@ -27,6 +27,7 @@ from survey_proc.catalog.schema import LIGHTCURVES, OBJECTS, SOURCES
 from survey_proc.config import RunConfig, config_from_json
 from survey_proc.errors import SurveyProcError
 from survey_proc.outputs import OutputLayout, read_meta, write_parquet_atomic
+from survey_proc.photometry.measure import block_seed
 from survey_proc.tiling import Tile
 
 
@@ -64,13 +65,20 @@ def extract_block_task(store_path: str, field: str, epoch: int, tiles: list[Tile
     image, mask = store.read_window(store_path, field, epoch, y0, y1, x0, x1)
     t_read = time.perf_counter() - t0
     try:
+        bpnn = None
+        if cfg.bpnn.enabled:
+            from survey_proc.distributed.plugins import worker_bpnn
+
+            bpnn = worker_bpnn(cfg.bpnn.weights or None)
+        seed = block_seed(cfg.bpnn.seed, epoch, (y0, x0))
         if cfg.detector == "pnet":
             from survey_proc.distributed.plugins import worker_detector
 
             df, info = extract_block_pnet(image, mask, (y0, x0), tiles, gain_e_per_adu, saturation_adu, cfg,
-                                          worker_detector(cfg.pnet.weights or None))
+                                          worker_detector(cfg.pnet.weights or None), bpnn, seed=seed)
         else:
-            df, info = extract_block(image, mask, (y0, x0), tiles, gain_e_per_adu, saturation_adu, cfg)
+            df, info = extract_block(image, mask, (y0, x0), tiles, gain_e_per_adu, saturation_adu, cfg, bpnn,
+                                     seed=seed)
     except SurveyProcError as exc:
         raise SurveyProcError(f"field {field} epoch {epoch} window {window}: {exc}") from exc
     return df, {**info.to_dict(), "read_s": t_read, "task_s": time.perf_counter() - t0}
@@ -148,11 +156,13 @@ def recalibrate_epoch_task(out: str, field: str, epoch: int, model_zp: dict | No
         raise SurveyProcError(f"{path}: missing or unreadable; re-run to extract field {field} epoch {epoch}")
     src = pq.read_table(path).to_pandas()
     if apcorr is not None:
-        scale = apcorr / record["apcorr"]
-        src["flux"] *= scale
-        src["flux_err"] *= scale
-        src["mag_inst"], src["mag_inst_err"] = cal.instrumental_mag(src["flux"].to_numpy(), src["flux_err"].to_numpy())
-        src["mag_err_aleatoric"] = src["mag_inst_err"]
+        if "flux_fit" not in src.columns:  # aperture photometry; the BPNN's magnitudes do not depend on it
+            scale = apcorr / record["apcorr"]
+            src["flux"] *= scale
+            src["flux_err"] *= scale
+            src["mag_inst"], src["mag_inst_err"] = cal.instrumental_mag(src["flux"].to_numpy(),
+                                                                        src["flux_err"].to_numpy())
+            src["mag_err_aleatoric"] = src["mag_inst_err"]
         record = {**record, "apcorr": apcorr, "apcorr_source": "field model"}
     if model_zp is not None:
         zp = cal.ZeroPoint(**model_zp)
