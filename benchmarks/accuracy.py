@@ -1,6 +1,6 @@
 """Accuracy benchmark: every detector through the same pipeline on the same held-out survey.
 
-    python -m benchmarks.accuracy --scenario dense|sparse [--detectors sep,pnet] [--out DIR] [--quick]
+    python -m benchmarks.accuracy --scenario dense|sparse [--methods sep,sep+bpnn,pnet,pnet+bpnn] [--out DIR] [--quick]
 
 Simulates the held-out survey of ``benchmarks/scenarios/<scenario>-heldout.toml`` (a seed
 and conditions never used for training), runs ``survey-proc run`` once per detector, and
@@ -18,7 +18,14 @@ compares each with the truth and with the Cramér-Rao bound of the same epochs:
   these images;
 - photometry and astrometry of matched stars per magnitude bin: bias, RMS, NMAD, outlier
   fraction, and the NMAD as a ratio to the CRLB of a star of that magnitude in that epoch;
-- uncertainty calibration of ``mag_err``: z-score width, 68/95 % coverage, miscalibration area;
+- uncertainty calibration of ``mag_err``: z-score width, 68/95 % coverage, miscalibration area,
+  overall and per bin of measured magnitude (z = (m_true - mag) / mag_err);
+- the BPNN criteria (:func:`photometry_summary`): photometric RMS of *isolated* unflagged
+  stars with S/N > 20 against the CRLB, using ``mag_inst`` + the true zero point (the
+  photometry alone) and the calibrated ``mag``; isolation: true neighbours add less than
+  1 % of the star's light, PSF-weighted (:func:`_contamination`; computed for the same
+  <= 1500 S/N > 20 stars per epoch as the crowded bound); the median and mean |Δmag| of
+  the calibrated magnitudes in the middle range (5σ limit − 6 to − 3 mag, S/N ~ 300 to 20);
 - light curves: the fraction of true stars brighter than the limit that got an object, and
   the median fraction of epochs in their light curves.
 
@@ -49,11 +56,18 @@ from survey_proc.simulate import load_scenario, simulate_survey
 from survey_proc.simulate.scenario import Scenario
 
 SCENARIOS = Path(__file__).parent / "scenarios"
+ISOLATION_MAX = 0.01  # "isolated": neighbours add < 1 % of the star's light, PSF-weighted (see _contamination)
 def available() -> set[str]:
-    """Detectors that can run in this installation (PNet needs its shipped weights)."""
-    from survey_proc.detect.pnet import DEFAULT_WEIGHTS
+    """Methods that can run in this installation (PNet and the BPNN need their shipped weights).
 
-    return {"sep", "pnet"} if DEFAULT_WEIGHTS.exists() else {"sep"}
+    A method is a detector, optionally with ``+bpnn`` (BPNN magnitudes on that detector's
+    detections; without it, the detector's own photometry: sep aperture, PNet PSF fit).
+    """
+    from survey_proc.detect.pnet import DEFAULT_WEIGHTS
+    from survey_proc.photometry.bpnn import DEFAULT_WEIGHTS as BPNN_WEIGHTS
+
+    dets = {"sep", "pnet"} if DEFAULT_WEIGHTS.exists() else {"sep"}
+    return dets | ({f"{d}+bpnn" for d in dets} if BPNN_WEIGHTS.exists() else set())
 
 
 AVAILABLE = available()
@@ -73,6 +87,80 @@ def _crlb_interp(scn: Scenario, fwhm: float, sky: float, gain: float, rn: float)
     grid = np.logspace(0.5, 7.0, 14)
     size = int(2 * np.ceil(4 * fwhm) + 1)
     return grid, crlb_curve(galsim_psf(scn.psf_profile, fwhm, size, scn.moffat_beta), grid, sky, gain, rn, n_phases=2)
+
+
+def _contamination(x: np.ndarray, y: np.ndarray, flux: np.ndarray, targets: np.ndarray, fwhm: float) -> np.ndarray:
+    """Neighbours' light on each target star relative to its own, PSF-weighted.
+
+    ``c_i = sum_j (F_j / F_i) exp(-d_ij^2 / (4 s^2))`` over true stars within 4 FWHM
+    (``s = FWHM / 2.355``): the overlap of two Gaussian PSFs, 1 for a star on top of an
+    equal one. A star is *isolated* when ``c < ISOLATION_MAX``.
+    """
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(np.c_[x, y])
+    s2 = (fwhm / 2.3548) ** 2
+    out = np.zeros(len(targets))
+    for k, (i, js) in enumerate(zip(targets, tree.query_ball_point(np.c_[x[targets], y[targets]], 4 * fwhm),
+                                    strict=True)):
+        js = np.asarray([j for j in js if j != i], int)
+        if len(js):
+            d2 = (x[js] - x[i]) ** 2 + (y[js] - y[i]) ** 2
+            out[k] = np.sum(flux[js] * np.exp(-d2 / (4 * s2))) / flux[i]
+    return out
+
+
+def photometry_summary(P: pd.DataFrame, limit: float) -> dict[str, Any]:
+    """The BPNN issue's photometry criteria from the matched pairs ``P`` (see the module docstring)."""
+    snr_true = MAG_PER_FLUX / P["crlb_mag"].to_numpy()
+    clean = (P["flags"].to_numpy() & PHOTOMETRY_BAD) == 0
+    iso = P[(snr_true > 20) & clean & (P["contamination"].to_numpy() < ISOLATION_MAX)]
+    out: dict[str, Any] = {"isolated_snr20": {"n": len(iso)}}
+    if len(iso):
+        zi = (iso["dmag_inst"] / iso["crlb_mag"]).to_numpy()
+        zc = (iso["dmag"] / iso["crlb_mag"]).to_numpy()
+        zi, zc = zi[np.isfinite(zi)], zc[np.isfinite(zc)]
+        snr_i = MAG_PER_FLUX / iso["crlb_mag"].to_numpy()
+        bins = []
+        for lo, hi in ((20, 50), (50, 200), (200, 1e9)):
+            m = (snr_i >= lo) & (snr_i < hi)
+            z = (iso["dmag_inst"] / iso["crlb_mag"]).to_numpy()[m]
+            z = z[np.isfinite(z)]
+            if len(z) >= 5:
+                bins.append({"snr_lo": lo, "snr_hi": min(hi, 1e4), "n": len(z),
+                             "rms_over_crlb": float(np.sqrt(np.mean(z**2))),
+                             "bias_over_crlb": float(np.median(z))})
+        out["isolated_snr20"].update({
+            "rms_over_crlb": float(np.sqrt(np.mean(zi**2))),
+            "rms_over_crlb_clipped5": float(np.sqrt(np.mean(zi[np.abs(zi) < 5] ** 2))),
+            "clipped_fraction": float(np.mean(np.abs(zi) >= 5)),
+            "rms_over_crlb_calibrated": float(np.sqrt(np.mean(zc**2))),
+            "median_bias_mag": float(np.median(iso["dmag_inst"])), "bins": bins})
+    lo, hi = limit - 6.0, limit - 3.0
+    mid = P[(P["mag_true"] >= lo) & (P["mag_true"] < hi)]
+    ad = np.abs(mid["dmag"].to_numpy())
+    ad = ad[np.isfinite(ad)]
+    out["middle_range"] = {"lo": lo, "hi": hi, "n": len(ad),
+                           "median_abs_dmag": float(np.median(ad)) if len(ad) else None,
+                           "mean_abs_dmag": float(np.mean(ad)) if len(ad) else None,
+                           "mean_abs_dmag_clipped_1mag": float(np.mean(ad[ad < 1])) if len(ad) else None}
+    # z = (m_true - mag) / mag_err per bin of *measured* magnitude (the calibration a user relies on)
+    z = (-P["dmag"] / P["mag_err"]).to_numpy()
+    mm = P["mag"].to_numpy()
+    ok = np.isfinite(z) & np.isfinite(mm)
+    calib_bins = []
+    for b0 in np.arange(np.floor(np.nanmin(mm[ok])) if ok.any() else 0, np.ceil(limit) + 1, 1.0):
+        sel = ok & (mm >= b0) & (mm < b0 + 1)
+        if sel.sum() < 20:
+            continue
+        zz = z[sel]
+        c = ev.z_score_calibration(zz, np.ones(len(zz)))
+        calib_bins.append({"lo": float(b0), "hi": float(b0 + 1), "n": int(sel.sum()), "z_mean": float(np.mean(zz)),
+                           "z_std": float(np.std(zz)), "z_std_clipped5": float(np.std(zz[np.abs(zz) < 5])),
+                           "clipped_fraction": float(np.mean(np.abs(zz) >= 5)), "z_nmad": c["z_nmad"],
+                           "miscalibration_area": c["miscalibration_area"]})
+    out["calibration_bins"] = calib_bins
+    return out
 
 
 def evaluate_method(out: Path, store_path: Path, scn: Scenario, epochs: list[int]) -> dict[str, Any]:
@@ -110,9 +198,15 @@ def evaluate_method(out: Path, store_path: Path, scn: Scenario, epochs: list[int
         crowd[cand] = crowding_factor(t["x_epoch"].to_numpy(), t["y_epoch"].to_numpy(), t["flux_adu"].to_numpy(),
                                       i_t[cand], float(te["seeing_fwhm_px"]), float(te["sky_adu"]), gain, rn,
                                       beta=scn.moffat_beta if scn.psf_profile == "moffat" else 4.0)
+        contam = np.full(len(i_t), np.nan)
+        contam[cand] = _contamination(t["x_epoch"].to_numpy(), t["y_epoch"].to_numpy(), t["flux_adu"].to_numpy(),
+                                      i_t[cand], float(te["seeing_fwhm_px"]))
         pairs.append(pd.DataFrame({
-            "epoch": e, "mag_true": t["mag_epoch"].to_numpy()[i_t],
+            "epoch": e, "mag_true": t["mag_epoch"].to_numpy()[i_t], "mag": src["mag"].to_numpy()[i_d],
             "dmag": src["mag"].to_numpy()[i_d] - t["mag_epoch"].to_numpy()[i_t],
+            # the instrumental magnitude with the true zero point: photometry alone, no calibration
+            "dmag_inst": src["mag_inst"].to_numpy()[i_d] + float(te["zeropoint"]) - t["mag_epoch"].to_numpy()[i_t],
+            "contamination": contam,
             "mag_err": src["mag_err"].to_numpy()[i_d],
             "dx": src["x"].to_numpy()[i_d] - t["x_epoch"].to_numpy()[i_t],
             "dy": src["y"].to_numpy()[i_d] - t["y_epoch"].to_numpy()[i_t],
@@ -182,6 +276,7 @@ def evaluate_method(out: Path, store_path: Path, scn: Scenario, epochs: list[int
     lcs = ev.lightcurve_completeness(objects, ev.load_truth_stars(store_path, "F000"), limit, scn.n_epochs,
                                      ev.match_radius_px(float(truth_ep["seeing_fwhm_px"].median())))
     return {
+        "photometry": photometry_summary(P, limit),
         "lightcurves": lcs,
         "epochs": epochs, "mag_limit": limit, "recall": recall, "precision": precision,
         "f1": 2 * recall * precision / (recall + precision), "ap": ap["ap"],
@@ -237,6 +332,16 @@ def _plots(results: dict[str, Any], outdir: Path, scenario: str) -> list[str]:
     ax.legend()
     save(fig, "calibration.png")
 
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for m, r in methods.items():
+        cb = r["photometry"]["calibration_bins"]
+        ax.plot([0.5 * (b["lo"] + b["hi"]) for b in cb], [b["z_std_clipped5"] for b in cb], "o-", label=m)
+    ax.axhspan(0.85, 1.15, color="0.9", label="0.85-1.15")
+    ax.set(xlabel="measured magnitude", ylabel="std of z (5σ-clipped)", yscale="log",
+           title=f"{scenario}: z = (m_true - mag) / mag_err")
+    ax.legend(fontsize=7)
+    save(fig, "z_width_per_bin.png")
+
     fig, ax = plt.subplots(figsize=(4, 4))
     for m, r in methods.items():
         rc, pr = r["_curves"]["pr"]
@@ -276,6 +381,41 @@ def _markdown(results: dict[str, Any]) -> str:
                      f"{a.get('rms_over_crlb_clipped', float('nan')):.2f} ({a.get('clipped_fraction', 0):.3f}) | "
                      f"{a.get('rms_over_crlb_crowded') or float('nan'):.2f} | {a.get('rms_z_crowded') or float('nan'):.2f} | "
                      f"{r.get('run_s', float('nan')):.0f} |")
+    lines += ["", "Photometry (BPNN issue): isolated (neighbours < 1 % of the light) unflagged stars with S/N > 20, "
+              "instrumental magnitude + true zero point against the Cramér-Rao bound (per-star ratio, RMS); "
+              "|Δmag| of the calibrated magnitudes of all matched stars in the middle range (5σ limit − 6 to − 3 mag); "
+              "z = (m_true − mag)/mag_err per measured-magnitude bin", "",
+              "| method | isolated n | RMS/CRLB | 5σ-clipped (fraction) | calibrated mags RMS/CRLB | middle range (mag) "
+              "| median abs Δmag | mean abs Δmag | z std per bin (min-max) | z std clipped 5σ (min-max) "
+              "| miscal. area per bin (max) | miscal. area (all) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m, r in results["methods"].items():
+        if "photometry" not in r:
+            continue
+        ph, iso, mid = r["photometry"], r["photometry"]["isolated_snr20"], r["photometry"]["middle_range"]
+        cb = ph["calibration_bins"]
+
+        def rng(key: str, cb=cb) -> str:
+            v = [b[key] for b in cb]
+            return f"{min(v):.2f}-{max(v):.2f}" if v else "-"
+
+        lines.append(f"| {m} | {iso['n']} | **{iso.get('rms_over_crlb', float('nan')):.2f}** | "
+                     f"{iso.get('rms_over_crlb_clipped5', float('nan')):.2f} ({iso.get('clipped_fraction', 0):.3f}) | "
+                     f"{iso.get('rms_over_crlb_calibrated', float('nan')):.2f} | {mid['lo']:.1f}-{mid['hi']:.1f} | "
+                     f"**{mid['median_abs_dmag'] or float('nan'):.4f}** | {mid['mean_abs_dmag'] or float('nan'):.4f} | "
+                     f"{rng('z_std')} | {rng('z_std_clipped5')} | "
+                     f"{max((b['miscalibration_area'] for b in cb), default=float('nan')):.3f} | "
+                     f"{r['calibration']['miscalibration_area']:.3f} |")
+    for m, r in results["methods"].items():
+        if "photometry" not in r:
+            continue
+        lines += ["", f"{m}: uncertainty calibration per measured-magnitude bin", "",
+                  "| mag | n | z mean | z std | z std (5σ-clipped) | clipped | z NMAD | miscalibration area |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for b in r["photometry"]["calibration_bins"]:
+            lines.append(f"| {b['lo']:.0f}-{b['hi']:.0f} | {b['n']} | {b['z_mean']:+.2f} | {b['z_std']:.2f} | "
+                         f"{b['z_std_clipped5']:.2f} | {b['clipped_fraction']:.3f} | {b['z_nmad']:.2f} | "
+                         f"{b['miscalibration_area']:.3f} |")
     for m, r in results["methods"].items():
         if "phot_bins" not in r:
             continue
@@ -314,7 +454,9 @@ def run(scenario: str, detectors: list[str], out: Path, *, quick: bool = False, 
         if det not in AVAILABLE:
             results["methods"][det] = {"skipped": f"{det}: no shipped model in this version"}
             continue
-        cfg = load_config(None, {"store": str(survey), "out": str(base / det), "detector": det, "progress": False,
+        detector, _, phot = det.partition("+")
+        cfg = load_config(None, {"store": str(survey), "out": str(base / det), "detector": detector,
+                                 "bpnn": {"enabled": phot == "bpnn"}, "progress": False,
                                  "evaluate": False, "mode": "overwrite", "workers": workers,
                                  **({"pnet": {"threshold": pnet_threshold}} if pnet_threshold else {})})
         t = time.perf_counter()
@@ -334,7 +476,9 @@ def run(scenario: str, detectors: list[str], out: Path, *, quick: bool = False, 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.splitlines()[0])
     p.add_argument("--scenario", choices=("dense", "sparse"), default="dense")
-    p.add_argument("--detectors", default="sep,pnet", help="comma-separated: sep,pnet (default both)")
+    p.add_argument("--detectors", "--methods", dest="detectors", default="sep,sep+bpnn,pnet,pnet+bpnn",
+                   help="comma-separated methods: a detector (sep, pnet: its own photometry) or detector+bpnn "
+                        "(BPNN magnitudes on its detections); default all four")
     p.add_argument("--out", default="bench-out", help="output directory (default bench-out/)")
     p.add_argument("--epochs", type=int, help="epochs of the held-out survey (default 20; quick 4)")
     p.add_argument("--size", type=int, help="detector size in px (default 1024; quick 256)")

@@ -8,7 +8,8 @@ from benchmarks import accuracy
 
 
 def test_accuracy_quick_writes_tables_plots_and_sane_numbers(tmp_path, capsys):
-    assert accuracy.main(["--scenario", "dense", "--quick", "--out", str(tmp_path), "--detectors", "sep,pnet",
+    methods = "sep,pnet" + (",sep+bpnn" if "sep+bpnn" in accuracy.AVAILABLE else "")
+    assert accuracy.main(["--scenario", "dense", "--quick", "--out", str(tmp_path), "--detectors", methods,
                           "--workers", "2"]) == 0
     base = tmp_path / "dense"
     res = json.loads((base / "accuracy.json").read_text())
@@ -27,8 +28,17 @@ def test_accuracy_quick_writes_tables_plots_and_sane_numbers(tmp_path, capsys):
         if b["mag_n"] >= 20 and b["hi"] <= sep["mag_limit"] - 1:
             assert b["mag_nmad_over_crlb"] > 0.9, b
             assert b["pos_nmad_over_crlb"] > 0.9, b
-    for png in ("completeness.png", "photometry_vs_crlb.png", "calibration.png", "precision_recall.png"):
+    for png in ("completeness.png", "photometry_vs_crlb.png", "calibration.png", "precision_recall.png",
+                "z_width_per_bin.png"):
         assert (base / png).stat().st_size > 10_000
+    ph = sep["photometry"]
+    assert ph["middle_range"]["n"] > 50 and 0 < ph["middle_range"]["median_abs_dmag"] < 0.2
+    assert ph["isolated_snr20"]["n"] > 5 and ph["isolated_snr20"]["rms_over_crlb"] > 0.8
+    assert ph["calibration_bins"] and all(b["z_std_clipped5"] > 0 for b in ph["calibration_bins"])
+    if "sep+bpnn" in res["methods"]:  # the same detections, BPNN magnitudes with both uncertainties
+        sb = res["methods"]["sep+bpnn"]
+        assert sb["run_status"] == "complete" and sb["recall"] == sep["recall"]
+        assert sb["photometry"]["middle_range"]["median_abs_dmag"] < 0.1
     md = (base / "accuracy.md").read_text()
     assert "| sep |" in md and "| pnet |" in md and "NMAD/CRLB" in md and "precision (measured mag)" in md
     assert 0.3 < sep["lightcurves"]["completeness"] <= 1.0

@@ -43,6 +43,7 @@ class StampDataConfig:
     tile: TileConfig = field(default_factory=lambda: TileConfig(size_px=160, pad_px=16))
     halo_px: int = 24
     frac_pnet: float = 0.7
+    binning: int | None = None  # None: the stamps' size rule (override only for out-of-distribution tests)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,7 +90,7 @@ def window_samples(gen: TileGenerator, cfg: StampDataConfig, detector, use_pnet:
         return None
     profile = calibration_profile(gen, sc, win.fwhm_px, rc.bpnn.psf_beta)
     st = cut_stamps(win.data, win.bad, win.bkg_adu, win.x, win.y, win.flux_fit, targets, win.fwhm_px, win.noise_adu,
-                    win.gain_e_per_adu, beta=rc.bpnn.psf_beta, profile=profile)
+                    win.gain_e_per_adu, beta=rc.bpnn.psf_beta, profile=profile, binning=cfg.binning)
     psf = sc["psf"]
     i_d, i_t = match_one_to_one(win.x[targets], win.y[targets], sc["x"], sc["y"], match_radius_px(psf.fwhm_px))
     if len(i_d) == 0:

@@ -178,7 +178,7 @@ def profile_ratios(data: np.ndarray, bad: np.ndarray, model: np.ndarray, x: np.n
 def cut_stamps(data: np.ndarray, bad: np.ndarray, bkg_adu: np.ndarray | None, x: np.ndarray, y: np.ndarray,
                flux_adu: np.ndarray, targets: np.ndarray, fwhm_px: float, noise_adu: float, gain_e_per_adu: float,
                *, beta: float = 3.0, model_radius_fwhm: float = 3.0, n_eff_fwhm2: float = 3.78,
-               profile: np.ndarray | None = None) -> Stamps:
+               profile: np.ndarray | None = None, binning: int | None = None) -> Stamps:
     """Stamps of the stars ``targets`` among all the window's detections (see the module docstring).
 
     Parameters
@@ -198,6 +198,8 @@ def cut_stamps(data: np.ndarray, bad: np.ndarray, bkg_adu: np.ndarray | None, x:
         Background noise per pixel (ADU) and gain (e-/ADU).
     profile
         The PSF profile features (:func:`profile_ratios`); None measures them on this window.
+    binning
+        Override the size rule's binning factor (out-of-distribution experiments only).
 
     Returns
     -------
@@ -205,7 +207,7 @@ def cut_stamps(data: np.ndarray, bad: np.ndarray, bkg_adu: np.ndarray | None, x:
     """
     targets = np.asarray(targets, np.int64)
     n = len(targets)
-    b = stamp_binning(fwhm_px)
+    b = stamp_binning(fwhm_px) if binning is None else int(binning)
     size = STAMP_PX * b
     alpha = moffat_alpha(fwhm_px, beta)
     rmod = _model_radius(fwhm_px, model_radius_fwhm)
