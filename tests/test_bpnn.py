@@ -224,3 +224,25 @@ def test_pipeline_with_bpnn_gives_calibrated_magnitudes_with_both_uncertainties(
     src2 = pd.read_parquet(tmp_path / "out2" / "sources")
     np.testing.assert_array_equal(src.sort_values("source_id")["mag_inst"].to_numpy(),
                                   src2.sort_values("source_id")["mag_inst"].to_numpy())
+
+
+def test_config_checks_mc_samples_and_fingerprints_the_bpnn_section():
+    from survey_proc.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"bpnn.n_samples must be >= 0 \(0: the model card's\), got -1"):
+        load_config(None, {"bpnn": {"n_samples": -1}})
+    on = load_config(None, {})
+    assert on.fingerprint() != load_config(None, {"bpnn": {"n_samples": 4}}).fingerprint()
+    off = load_config(None, {"bpnn": {"enabled": False}})
+    assert off.fingerprint() == load_config(None, {"bpnn": {"enabled": False, "n_samples": 4}}).fingerprint()
+
+
+def test_a_corrupt_bpnn_file_stops_the_run_before_anything_is_written(grid_survey, tmp_path):
+    from survey_proc.distributed.pipeline import run_pipeline
+
+    bad = tmp_path / "bpnn.pt"
+    bad.write_bytes(b"\x00" * 100)
+    cfg = run_config(grid_survey["store"], tmp_path / "out", bpnn={"enabled": True, "weights": str(bad)})
+    with pytest.raises(SurveyProcError, match=r"BPNN weights file .*bpnn\.pt is corrupt"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "out" / "sources").exists()

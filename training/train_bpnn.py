@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=21)
     p.add_argument("--val-seed", type=int, default=521)
     p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--val-every", type=int, default=1000)
     p.add_argument("--out", default=str(bp.DEFAULT_WEIGHTS))
     a = p.parse_args(argv)
 
@@ -158,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         sched.step()
         if step % 100 == 0 or step == 1:
-            rec = {"step": step, "loss": float(loss), "nll": float(nll), "kl": float(kl), "kl_weight": kl_w,
+            rec = {"step": step, "loss": loss.item(), "nll": nll.item(), "kl": kl.item(), "kl_weight": kl_w,
                    "lr": sched.get_last_lr()[0], "wall_s": time.perf_counter() - t0}
-            if step % 1000 == 0 or step == a.steps:
+            if step % a.val_every == 0 or step == a.steps:
                 rec["val"] = validate(model, val)
             log.write(json.dumps(rec) + "\n")
             log.flush()

@@ -190,7 +190,14 @@ class BPNN(nn.Module):
             self.head[-1].bias_mu.copy_(torch.tensor([0.0, np.log(0.01)]))
 
     def features(self, pixels: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 9, 9), (B, 7) -> (B, bottleneck): everything before the Bayesian layers."""
+        """(B, 3, 9, 9), (B, n_aux) -> (B, bottleneck): everything before the Bayesian layers.
+
+        The image channels are compressed with ``asinh`` (linear below 1, logarithmic above:
+        a faint star's stamp next to a bright one holds values of 10^2-10^3 of its own
+        scale), the auxiliary inputs clipped to +-10.
+        """
+        pixels = torch.cat([torch.asinh(pixels[:, :2]), pixels[:, 2:]], dim=1)
+        aux = torch.clamp(aux, -10.0, 10.0)
         f = self.reduce(self.blocks(self.stem(pixels)))
         return nnf.relu(self.project(torch.cat([f.flatten(1), pixels.flatten(1), aux], dim=1)))
 
