@@ -228,7 +228,8 @@ def test_interrupted_run_resumed_gives_the_same_rows(field_run, tmp_path):
     """Kill a real `survey-proc run` mid-way, resume it, compare with the uninterrupted run."""
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "survey_proc.cli", "run", str(field_run["store"]), "--out", str(out),
-           "--tile-px", "128", "--halo-px", "24", "--workers", "2", "--quiet", "--no-evaluate", "--detector", "sep"]
+           "--tile-px", "128", "--halo-px", "24", "--workers", "2", "--quiet", "--no-evaluate", "--detector", "sep",
+           "--photometry", "classical"]
     cfg_file = tmp_path / "run.toml"
     cfg_file.write_text("[crossmatch]\nregion_px = 192\n")
     cmd += ["--config", str(cfg_file)]
