@@ -69,7 +69,7 @@ def throughput(model: bp.LoadedBPNN, store: Path) -> dict:
     from survey_proc import store as st_mod
     from survey_proc.catalog.extract import extract_block
     from survey_proc.config import RunConfig
-    from survey_proc.photometry.stamps import cut_stamps
+    from survey_proc.photometry.measure import window_stamps
     from survey_proc.tiling import tile_grid
 
     fa = st_mod.field_attrs(store, "F000")
@@ -79,8 +79,7 @@ def throughput(model: bp.LoadedBPNN, store: Path) -> dict:
     _, _, win, targets = extract_block(image, mask, (0, 0), tiles, float(fa["gain_e_per_adu"]),
                                        float(fa["saturation_adu"]), rc, return_window=True)
     t0 = time.perf_counter()
-    st = cut_stamps(win.data, win.bad, win.bkg_adu, win.x, win.y, win.flux_fit, targets, win.fwhm_px, win.noise_adu,
-                    win.gain_e_per_adu)
+    st = window_stamps(win, targets)
     t_cut = time.perf_counter() - t0
     rows = []
     for threads in (1, 2):

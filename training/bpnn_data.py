@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from survey_proc.evaluate import match_one_to_one, match_radius_px
+from survey_proc.photometry.measure import window_stamps
 from survey_proc.photometry.psffit import moffat_alpha, refine_positions, render
-from survey_proc.photometry.stamps import _model_radius, cut_stamps, profile_ratios
+from survey_proc.photometry.stamps import _model_radius, profile_ratios
 from survey_proc.simulate.render import render_stars
 from survey_proc.tiling import Tile
 from training.detector_data import TileConfig, TileGenerator
@@ -89,8 +90,7 @@ def window_samples(gen: TileGenerator, cfg: StampDataConfig, detector, use_pnet:
     if win is None or len(targets) == 0:
         return None
     profile = calibration_profile(gen, sc, win.fwhm_px, rc.bpnn.psf_beta)
-    st = cut_stamps(win.data, win.bad, win.bkg_adu, win.x, win.y, win.flux_fit, targets, win.fwhm_px, win.noise_adu,
-                    win.gain_e_per_adu, beta=rc.bpnn.psf_beta, profile=profile, binning=cfg.binning)
+    st = window_stamps(win, targets, beta=rc.bpnn.psf_beta, profile=profile, binning=cfg.binning)
     psf = sc["psf"]
     i_d, i_t = match_one_to_one(win.x[targets], win.y[targets], sc["x"], sc["y"], match_radius_px(psf.fwhm_px))
     if len(i_d) == 0:

@@ -192,7 +192,8 @@ def extract_block_pnet(image: np.ndarray, mask: np.ndarray | None, origin_yx: tu
     Parameters are those of :func:`extract_block` plus ``detector``, a
     :class:`survey_proc.detect.pnet.LoadedDetector`. With ``bpnn`` the magnitude columns
     come from the BPNN on stamps at the refined positions (the neighbours at their PSF-fit
-    fluxes), and ``flux``/``flux_err`` follow them; the PSF fit's flux is ``flux_fit``.
+    fluxes), and ``flux``/``flux_err`` follow them; the PSF fit's flux is ``flux_fit`` (this
+    table only: the sources schema does not carry it).
 
     Columns
     -------

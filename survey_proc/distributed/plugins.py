@@ -101,34 +101,31 @@ def _local_detector(path: str | None) -> pnet.LoadedDetector:
     return _load(path, None)
 
 
-def worker_detector(path: str | None = None) -> pnet.LoadedDetector:
-    """The detector of this worker (from :class:`ModelPlugin`), or one loaded once per process."""
-    try:
-        from distributed import get_worker
-
-        w = get_worker()
-    except ValueError:
-        return _local_detector(path or None)
-    plugin = w.plugins.get(PLUGIN_NAME)
-    if plugin is None or plugin.detector is None or (plugin.detector_path or None) != (path or None):
-        return _local_detector(path or None)
-    return plugin.detector
-
-
 @functools.lru_cache(maxsize=2)
 def _local_bpnn(path: str | None):
     return _load_bpnn(path, None)
 
 
-def worker_bpnn(path: str | None = None):
-    """The BPNN of this worker (from :class:`ModelPlugin`), or one loaded once per process."""
+def _worker_model(name: str, path: str | None, local):
+    """This worker's plugin-held model ``name`` if it was loaded from ``path``, else ``local(path)``."""
+    path = path or None
     try:
         from distributed import get_worker
 
-        w = get_worker()
-    except ValueError:
-        return _local_bpnn(path or None)
-    plugin = w.plugins.get(PLUGIN_NAME)
-    if plugin is None or plugin.bpnn is None or (plugin.bpnn_path or None) != (path or None):
-        return _local_bpnn(path or None)
-    return plugin.bpnn
+        plugin = get_worker().plugins.get(PLUGIN_NAME)
+    except ValueError:  # not in a worker
+        return local(path)
+    model = getattr(plugin, name, None)
+    if model is None or (getattr(plugin, f"{name}_path") or None) != path:
+        return local(path)
+    return model
+
+
+def worker_detector(path: str | None = None) -> pnet.LoadedDetector:
+    """The detector of this worker (from :class:`ModelPlugin`), or one loaded once per process."""
+    return _worker_model("detector", path, _local_detector)
+
+
+def worker_bpnn(path: str | None = None):
+    """The BPNN of this worker (from :class:`ModelPlugin`), or one loaded once per process."""
+    return _worker_model("bpnn", path, _local_bpnn)

@@ -156,7 +156,7 @@ def recalibrate_epoch_task(out: str, field: str, epoch: int, model_zp: dict | No
         raise SurveyProcError(f"{path}: missing or unreadable; re-run to extract field {field} epoch {epoch}")
     src = pq.read_table(path).to_pandas()
     if apcorr is not None:
-        if "flux_fit" not in src.columns:  # aperture photometry; the BPNN's magnitudes do not depend on it
+        if not cfg.bpnn.enabled:  # aperture photometry; the BPNN's magnitudes do not depend on it
             scale = apcorr / record["apcorr"]
             src["flux"] *= scale
             src["flux_err"] *= scale

@@ -11,7 +11,8 @@ network and returns the sources columns:
   ``mag_inst_err = sqrt(aleatoric^2 + epistemic^2)``;
 - ``flux = 10^(-0.4 mag_inst)`` and ``flux_err = flux * mag_inst_err / 1.0857`` (ADU), so
   that ``mag_inst = -2.5 log10 flux`` holds for every row, as the schema says;
-- ``flux_fit``: the PSF-fit flux the stamp was scaled by (diagnostic).
+- ``flux_fit``: the PSF-fit flux the stamp was scaled by (a diagnostic of the block
+  table; the sources schema does not carry it).
 
 Nothing here knows about tiles, Dask or the store.
 """
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from survey_proc.photometry.crlb import MAG_PER_FLUX
-from survey_proc.photometry.stamps import cut_stamps
+from survey_proc.photometry.stamps import Stamps, cut_stamps
 
 
 @dataclass
@@ -45,6 +46,13 @@ def block_seed(seed: int, epoch: int, origin_yx: tuple[int, int]) -> int:
     """A deterministic MC seed per (run seed, epoch, window): reruns give identical magnitudes."""
     return int((int(seed) * 1_000_003 + int(epoch) * 7_919 + int(origin_yx[0]) * 104_729 + int(origin_yx[1]))
                % (2**63 - 1))
+
+
+def window_stamps(win: Window, targets: np.ndarray, *, beta: float = 3.0, **kwargs) -> Stamps:
+    """The stamps of ``win``'s detections ``targets`` (:func:`~survey_proc.photometry.stamps.cut_stamps`;
+    ``kwargs`` go to it: ``profile``, ``binning``)."""
+    return cut_stamps(win.data, win.bad, win.bkg_adu, win.x, win.y, win.flux_fit, targets, win.fwhm_px, win.noise_adu,
+                      win.gain_e_per_adu, beta=beta, **kwargs)
 
 
 def bpnn_photometry(win: Window, targets: np.ndarray, bpnn, *, beta: float = 3.0, n_samples: int | None = None,
@@ -72,8 +80,7 @@ def bpnn_photometry(win: Window, targets: np.ndarray, bpnn, *, beta: float = 3.0
     """
     from survey_proc.photometry import bpnn as bp
 
-    st = cut_stamps(win.data, win.bad, win.bkg_adu, win.x, win.y, win.flux_fit, targets, win.fwhm_px, win.noise_adu,
-                    win.gain_e_per_adu, beta=beta)
+    st = window_stamps(win, targets, beta=beta)
     r = bp.predict(bpnn, st, n_samples=n_samples, seed=seed)
     mag = st.mag_scale + r.mu
     err = r.sigma

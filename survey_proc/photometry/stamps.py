@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from survey_proc.photometry.psffit import _tpow, moffat_alpha, moffat_pixel, render
+from survey_proc.photometry.psffit import _stamps, _tpow, moffat_alpha, moffat_pixel, render
 
 STAMP_PX = 9
 AUX_NAMES = ("dx_bin", "dy_bin", "fwhm_bin_minus_2", "log_snr_per_binned_px", "log_scale_e_minus_3",
@@ -146,23 +146,16 @@ def profile_ratios(data: np.ndarray, bad: np.ndarray, model: np.ndarray, x: np.n
     rad = int(np.ceil(r2)) + 1
     alpha = moffat_alpha(fwhm_px, beta)
     rmod = _model_radius(fwhm_px, model_radius_fwhm)
-    j = np.arange(-rad, rad + 1)
-    ix = np.floor(x[sel] + 0.5).astype(np.int64)
-    iy = np.floor(y[sel] + 0.5).astype(np.int64)
-    py = iy[:, None, None] + j[None, :, None]
-    px = ix[:, None, None] + j[None, None, :]
-    ny, nx = data.shape
-    inside = (py >= 0) & (py < ny) & (px >= 0) & (px < nx)
-    pyc, pxc = np.clip(py, 0, ny - 1), np.clip(px, 0, nx - 1)
-    du = (px - x[sel][:, None, None]).astype(float)
-    dv = (py - y[sel][:, None, None]).astype(float)
-    du, dv = np.broadcast_arrays(du, dv)
-    near = (np.abs(px - ix[:, None, None]) <= 2) & (np.abs(py - iy[:, None, None]) <= 2)
-    within = (np.abs(px - ix[:, None, None]) <= rmod) & (np.abs(py - iy[:, None, None]) <= rmod)
-    within = np.broadcast_to(within, du.shape)
-    near = np.broadcast_to(near, du.shape)
-    own = f[sel][:, None, None] * own_model(np.ascontiguousarray(du), np.ascontiguousarray(dv), near.copy(),
-                                            within.copy(), alpha, beta)
+    # stamps centred on the stars' nearest pixels (psffit's grids: clipped indices + in-image mask)
+    pyc, pxc, inside = _stamps(x[sel], y[sel], rad, data.shape)
+    j = np.abs(np.arange(-rad, rad + 1))
+    off = np.maximum(j[:, None], j[None, :])  # Chebyshev distance from the nearest pixel
+    du = np.arange(-rad, rad + 1)[None, None, :] + (np.floor(x[sel] + 0.5) - x[sel])[:, None, None]
+    dv = np.arange(-rad, rad + 1)[None, :, None] + (np.floor(y[sel] + 0.5) - y[sel])[:, None, None]
+    du, dv = (np.ascontiguousarray(a) for a in np.broadcast_arrays(du, dv))
+    near = np.broadcast_to(off <= 2, du.shape).copy()
+    within = np.broadcast_to(off <= rmod, du.shape).copy()
+    own = f[sel][:, None, None] * own_model(du, dv, near, within, alpha, beta)
     star = data[pyc, pxc] - (model[pyc, pxc] - own)  # the star alone: its neighbours' models subtracted
     r = np.hypot(du, dv)
     clean = ~((r <= r2) & (~inside | bad[pyc, pxc])).any(axis=(1, 2))
