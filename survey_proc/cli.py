@@ -135,6 +135,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides["bpnn"] = {"enabled": args.photometry == "bpnn"}
     if args.no_evaluate:
         overrides["evaluate"] = False
+    if args.no_classify:
+        overrides["classify"] = {"enabled": False}
     cfg = load_config(args.config, overrides)
     print(f"Processing {path} -> {out} (fields: {', '.join(cfg.fields) if cfg.fields else 'all'}; "
           f"epochs: {cfg.epochs or 'all'}; detector {cfg.detector}; mode {cfg.mode})")
@@ -185,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--photometry", choices=("bpnn", "classical"),
                    help="magnitudes from the BPNN (default; aleatoric + epistemic errors) or the detector's own "
                         "(sep: aperture; pnet: PSF fit)")
+    r.add_argument("--no-classify", action="store_true",
+                   help="skip the periodic-variable search and classifier (objects keep NaN periods and classes)")
     r.add_argument("--cluster", choices=("local", "cuda"), help="start a local CPU or dask-cuda cluster")
     r.add_argument("--scheduler", metavar="ADDR", help="attach to a running Dask scheduler (tcp://host:8786)")
     r.add_argument("--workers", type=int, help="worker processes (default: one per core / GPU)")

@@ -112,6 +112,24 @@ class BPNNSettings:
     psf_beta: float = 3.0  # Moffat beta of the neighbours' model in the stamps
 
 
+@dataclass(frozen=True)
+class ClassifySettings:
+    """The periodic-variable search and classifier (``survey_proc/lightcurves``), per region.
+
+    Its settings and the classifier's weights have their own fingerprint: changing them
+    re-runs only this stage on a resumed output.
+    """
+
+    enabled: bool = True
+    weights: str = ""  # a classifier .pt file; "" = the weights shipped in survey_proc/models/
+    threshold: float = 0.0  # p_periodic above which an object is periodic; 0 = the model card's
+    clip_sigma: float = 3.0  # outlier clipping against a running median (preprocess.py)
+    min_points: int = 20  # objects with fewer kept points (or < min_fraction of the epochs) are not classified
+    min_fraction: float = 0.1
+    period_min_days: float = 0.25
+    period_max_days: float = 0.0  # 0: baseline / 1.15
+
+
 SECTIONS: dict[str, type] = {
     "pnet": PNetSettings,
     "bpnn": BPNNSettings,
@@ -119,6 +137,7 @@ SECTIONS: dict[str, type] = {
     "photometry": PhotometryConfig,
     "calibration": CalibrationConfig,
     "crossmatch": CrossmatchConfig,
+    "classify": ClassifySettings,
 }
 
 
@@ -148,10 +167,12 @@ class RunConfig:
     photometry: PhotometryConfig = field(default_factory=PhotometryConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     crossmatch: CrossmatchConfig = field(default_factory=CrossmatchConfig)
+    classify: ClassifySettings = field(default_factory=ClassifySettings)
 
     # settings that do not change output values
     _NOT_FINGERPRINTED = ("store", "out", "epochs", "fields", "cluster", "scheduler", "workers",
-                          "threads_per_worker", "tiles_per_task", "mode", "progress", "evaluate")
+                          "threads_per_worker", "tiles_per_task", "mode", "progress", "evaluate",
+                          "classify")  # the classify stage has its own fingerprint
 
     def validate(self) -> RunConfig:
         """Check values; raise :class:`ConfigError` naming the setting. Returns self."""
@@ -177,6 +198,14 @@ class RunConfig:
             raise ConfigError(f"pnet.threshold must be in [0, 1) (0: the model card's), got {self.pnet.threshold}")
         if self.bpnn.n_samples < 0:
             raise ConfigError(f"bpnn.n_samples must be >= 0 (0: the model card's), got {self.bpnn.n_samples}")
+        c = self.classify
+        if not 0.0 <= c.threshold < 1.0:
+            raise ConfigError(f"classify.threshold must be in [0, 1) (0: the model card's), got {c.threshold}")
+        if c.min_points < 3:
+            raise ConfigError(f"classify.min_points must be >= 3, got {c.min_points}")
+        if not (c.period_min_days > 0 and (c.period_max_days == 0 or c.period_max_days > c.period_min_days)):
+            raise ConfigError(f"classify.period_min_days ({c.period_min_days}) must be > 0 and below "
+                              f"classify.period_max_days ({c.period_max_days}; 0 = baseline / 1.15)")
         if self.calibration.min_stars < 1:
             raise ConfigError(f"calibration.min_stars must be >= 1, got {self.calibration.min_stars}")
         return self
@@ -187,6 +216,11 @@ class RunConfig:
         if d["fields"] is not None:
             d["fields"] = list(d["fields"])
         return d
+
+    def classify_fingerprint(self, fingerprint: str, classifier_digest: str) -> str:
+        """Hash of the classify stage's inputs: the run's fingerprint, its settings and weights."""
+        d = {"run": fingerprint, "classify": dataclasses.asdict(self.classify), "weights": classifier_digest}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def fingerprint(self, models: dict[str, str] | None = None) -> str:
         """Hash of every setting that changes output values (16 hex digits).

@@ -70,6 +70,12 @@ OBJECTS = pa.schema([
     ("n_good", pa.int32()),  # points without PHOTOMETRY_BAD flags
     ("mag_err_median", pa.float64()),
     ("astrom_rms_px", pa.float64()),  # rms scatter of the positions per axis (reference frame)
+    ("t0_mjd", pa.float64()),  # periodic: mid-eclipse/transit (BLS) or minimum light (pulsators)
+    ("period_bls", pa.float64()),  # days, best BLS period before refinement
+    ("period_ls", pa.float64()),  # days, best Lomb-Scargle period before refinement
+    ("von_neumann", pa.float64()),  # mean squared successive difference / variance (2: white noise)
+    ("robust_rms", pa.float64()),  # NMAD of the relative flux
+    ("n_points_classified", pa.int32()),  # points kept by the preprocessing
 ])
 
 LIGHTCURVES = pa.schema([

@@ -12,6 +12,11 @@ Stages, in order, each with its own progress bar:
    take the model's zero point. Affected units are rewritten atomically. Writes
    ``epochs.parquet``.
 3. **crossmatch**: per (field, region), objects and light curves.
+4. **classify**: per (field, region), the periodic-variable search and classifier
+   (``survey_proc/lightcurves``) on the worker's device; rewrites the region's objects
+   with period, class and probabilities. It has its own fingerprint (the run's, its
+   ``[classify]`` settings and the classifier's weights), so a new classifier re-runs only
+   this stage on a resumed output.
 
 Resume: a unit whose file exists with this run's configuration fingerprint (and, for
 regions, the same inputs digest) is skipped. Failures of single units (a corrupt chunk, an
@@ -76,6 +81,7 @@ class RunState:
 
     records: dict[tuple[str, int], dict] = field(default_factory=dict)  # (field, epoch) -> sources record
     regions: dict[tuple[str, int], dict] = field(default_factory=dict)
+    classified: dict[tuple[str, int], dict] = field(default_factory=dict)
     failures: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     counts: dict[str, Any] = field(default_factory=dict)
@@ -397,6 +403,25 @@ def _stage_crossmatch(client: Any, cfg: RunConfig, plans: list[FieldPlan], fp: s
     _gather(client, futures, bars, bar, state, "crossmatch", done)
 
 
+def _stage_classify(client: Any, cfg: RunConfig, plans: list[FieldPlan], cfp: str, state: RunState,
+                    bars: _Bars) -> None:
+    cfg_json = json.dumps(cfg.to_dict())
+    units = [(p.field, r.index) for p in plans for r in p.regions if (p.field, r.index) in state.regions]
+    todo = [u for u in units if not tasks.classify_done(cfg.out, u[0], u[1], cfp)]
+    for u in units:
+        if u not in todo:
+            state.classified[u] = {"field": u[0], "region": u[1], **read_meta(OutputLayout(cfg.out).objects(*u))["classify"]}
+    bar = bars.add("classify", len(units), len(units) - len(todo))
+    state.counts["classify_regions_skipped_resume"] = len(units) - len(todo)
+    futures = {client.submit(tasks.classify_region_task, cfg.out, f, r, cfg_json, cfp, pure=False, retries=1):
+               {"field": f, "region": r} for f, r in todo}
+
+    def done(unit: dict, rec: dict) -> None:
+        state.classified[(unit["field"], unit["region"])] = rec
+
+    _gather(client, futures, bars, bar, state, "classify", done)
+
+
 def _check_models(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     """Load the run's models once on the driver (a bad file fails here, before the cluster).
 
@@ -421,6 +446,14 @@ def _check_models(cfg: RunConfig) -> dict[str, dict[str, Any]]:
         models["bpnn"] = {"path": bp.path, "sha256": weights_digest(bp.path),
                           "n_samples": cfg.bpnn.n_samples or bp.n_samples, "trained": bp.card.get("date"),
                           "git_revision": bp.card.get("git_revision"), "validation": bp.card.get("validation")}
+    if cfg.classify.enabled:
+        from survey_proc.lightcurves.classifier import load_classifier
+
+        cl = load_classifier(cfg.classify.weights or None, device="cpu")
+        models["classifier"] = {"path": cl.path, "sha256": weights_digest(cl.path),
+                                "threshold": cfg.classify.threshold or cl.threshold, "trained": cl.card.get("date"),
+                                "git_revision": cl.card.get("git_revision"),
+                                "validation_threshold": cl.card.get("validation", {}).get("threshold")}
     return models
 
 
@@ -441,7 +474,8 @@ def run_pipeline(cfg: RunConfig, client: Any = None) -> dict[str, Any]:
         raise ConfigError("a run needs a store and an --out directory")
     store.validate_store(cfg.store)
     models = _check_models(cfg)
-    fp = cfg.fingerprint(models={k: v["sha256"] for k, v in models.items()})
+    fp = cfg.fingerprint(models={k: v["sha256"] for k, v in models.items() if k != "classifier"})
+    cfp = cfg.classify_fingerprint(fp, models["classifier"]["sha256"]) if "classifier" in models else None
     prepare(cfg.out, cfg.mode, fp)
     clean_temporaries(cfg.out)
     layout = OutputLayout(cfg.out)
@@ -449,6 +483,7 @@ def run_pipeline(cfg: RunConfig, client: Any = None) -> dict[str, Any]:
     plans = plan_fields(cfg)
     state = RunState()
     run = {"status": "running", "started_unix": time.time(), "config": cfg.to_dict(), "fingerprint": fp,
+           "classify_fingerprint": cfp,
            "versions": _versions(), "models": models, "store": str(Path(cfg.store).resolve()),
            "reference_catalog": str(reference) if reference else None,
            "fields": {p.field: {"epochs": p.n_epochs, "shape": [p.ny, p.nx], "blocks_per_epoch": len(p.blocks),
@@ -458,11 +493,13 @@ def run_pipeline(cfg: RunConfig, client: Any = None) -> dict[str, Any]:
     run_token = uuid.uuid4().hex[:8]
 
     def stages(c: Any) -> None:
-        if cfg.detector == "pnet" or cfg.bpnn.enabled:
+        if cfg.detector == "pnet" or cfg.bpnn.enabled or cfg.classify.enabled:
             from survey_proc.distributed.plugins import ModelPlugin
 
             c.register_plugin(ModelPlugin(cfg.pnet.weights or None if cfg.detector == "pnet" else False,
-                                          bpnn_path=(cfg.bpnn.weights or None) if cfg.bpnn.enabled else False))
+                                          bpnn_path=(cfg.bpnn.weights or None) if cfg.bpnn.enabled else False,
+                                          classifier_path=(cfg.classify.weights or None) if cfg.classify.enabled
+                                          else False))
         with _Bars(cfg.progress) as bars:
             t = time.perf_counter()
             _stage_extract(c, cfg, plans, reference, fp, state, bars, run_token)
@@ -473,6 +510,10 @@ def run_pipeline(cfg: RunConfig, client: Any = None) -> dict[str, Any]:
             t = time.perf_counter()
             _stage_crossmatch(c, cfg, plans, fp, state, bars)
             state.timings["crossmatch_s"] = time.perf_counter() - t
+            if cfp is not None:
+                t = time.perf_counter()
+                _stage_classify(c, cfg, plans, cfp, state, bars)
+                state.timings["classify_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     if client is not None:
@@ -517,6 +558,8 @@ def _run_summary(state: RunState, plans: list[FieldPlan]) -> dict[str, Any]:
             "objects": int(sum(r["n_objects"] for r in regs)),
             "lightcurve_points": int(sum(r["n_points"] for r in regs)),
             "regions_written": len(regs),
+            "objects_classified": int(sum(r.get("n_classified", 0) for r in state.classified.values())),
+            "periodic_variables": int(sum(r.get("n_periodic", 0) for r in state.classified.values())),
         },
         "crossmatch": {f"{k[0]}/{k[1]}": {kk: v[kk] for kk in ("match_radius_px", "astrom_rms90_px", "n_objects",
                                                                  "n_points", "wall_s")}

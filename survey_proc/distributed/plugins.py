@@ -21,7 +21,7 @@ from distributed import WorkerPlugin
 from survey_proc.detect import pnet
 
 PLUGIN_NAME = "survey-proc-models"
-LOADS = {"detector": 0, "bpnn": 0}  # how many times this process loaded weights (tests count them)
+LOADS = {"detector": 0, "bpnn": 0, "classifier": 0}  # how many times this process loaded weights (tests count them)
 
 
 def weights_digest(path: str | Path | None) -> str:
@@ -61,14 +61,24 @@ def _load_bpnn(path: str | None, device: str | None):
     return model
 
 
+def _load_classifier(path: str | None, device: str | None):
+    from survey_proc.lightcurves import classifier
+
+    model = classifier.load_classifier(path or None, device=device)
+    if model.device.type == "cpu":
+        _cpu_settings()
+    LOADS["classifier"] += 1
+    return model
+
+
 class ModelPlugin(WorkerPlugin):
-    """Loads the detector (PNet) and the BPNN on each worker once.
+    """Loads the detector (PNet), the BPNN and the variable classifier on each worker once.
 
     Parameters
     ----------
-    detector_path, bpnn_path
-        Weights files; None or "" for the shipped ``survey_proc/models/detector.pt`` and
-        ``bpnn.pt``; False: that model is not used by this run (not loaded).
+    detector_path, bpnn_path, classifier_path
+        Weights files; None or "" for the shipped ``survey_proc/models/detector.pt``,
+        ``bpnn.pt`` and ``classifier.pt``; False: that model is not used by this run (not loaded).
     device
         Torch device; None picks the worker's GPU if it has one, else the CPU.
     """
@@ -76,24 +86,30 @@ class ModelPlugin(WorkerPlugin):
     name = PLUGIN_NAME
 
     def __init__(self, detector_path: str | bool | None = None, device: str | None = None, *,
-                 bpnn_path: str | bool | None = False):
+                 bpnn_path: str | bool | None = False, classifier_path: str | bool | None = False):
         self.use_detector = detector_path is not False
         self.use_bpnn = bpnn_path is not False
         self.detector_path = (detector_path or None) if self.use_detector else None
         self.bpnn_path = (bpnn_path or None) if self.use_bpnn else None
+        self.use_classifier = classifier_path is not False
+        self.classifier_path = (classifier_path or None) if self.use_classifier else None
         self.device = device
         self.detector: pnet.LoadedDetector | None = None
         self.bpnn = None
+        self.classifier = None
 
     def setup(self, worker) -> None:
         if self.use_detector:
             self.detector = _load(self.detector_path, self.device)
         if self.use_bpnn:
             self.bpnn = _load_bpnn(self.bpnn_path, self.device)
+        if self.use_classifier:
+            self.classifier = _load_classifier(self.classifier_path, self.device)
 
     def teardown(self, worker) -> None:
         self.detector = None
         self.bpnn = None
+        self.classifier = None
 
 
 @functools.lru_cache(maxsize=2)
@@ -104,6 +120,11 @@ def _local_detector(path: str | None) -> pnet.LoadedDetector:
 @functools.lru_cache(maxsize=2)
 def _local_bpnn(path: str | None):
     return _load_bpnn(path, None)
+
+
+@functools.lru_cache(maxsize=2)
+def _local_classifier(path: str | None):
+    return _load_classifier(path, None)
 
 
 def _worker_model(name: str, path: str | None, local):
@@ -129,3 +150,8 @@ def worker_detector(path: str | None = None) -> pnet.LoadedDetector:
 def worker_bpnn(path: str | None = None):
     """The BPNN of this worker (from :class:`ModelPlugin`), or one loaded once per process."""
     return _worker_model("bpnn", path, _local_bpnn)
+
+
+def worker_classifier(path: str | None = None):
+    """The variable classifier of this worker (from :class:`ModelPlugin`), or one loaded once per process."""
+    return _worker_model("classifier", path, _local_classifier)

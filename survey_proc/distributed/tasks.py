@@ -244,3 +244,68 @@ def region_done(out: str | Path, field: str, region: int, fingerprint: str, dige
         if m is None or m.get("fingerprint") != fingerprint or m.get("digest") != digest:
             return False
     return True
+
+
+# ------------------------------------------------------------------ classify
+CLASSIFY_COLUMNS = ("period", "period_power", "depth", "duration", "p_periodic", "var_class", "var_class_prob",
+                    "t0_mjd", "period_bls", "period_ls", "von_neumann", "robust_rms", "n_points_classified")
+
+
+def classify_done(out: str | Path, field: str, region: int, classify_fingerprint: str) -> bool:
+    """True when the region's objects carry this classify fingerprint."""
+    m = read_meta(OutputLayout(out).objects(field, region))
+    return m is not None and m.get("classify_fingerprint") == classify_fingerprint
+
+
+def classify_region_task(out: str, field: str, region: int, cfg_json: str, classify_fingerprint: str
+                         ) -> dict[str, Any]:
+    """Search and classify the light curves of one region; rewrite its objects file with the results.
+
+    The light curves are read from ``lightcurves/``; the objects file keeps its cross-match
+    record (fingerprint, digest) and gains ``classify_fingerprint`` and ``classify``.
+    """
+    from survey_proc.distributed.plugins import worker_classifier
+    from survey_proc.lightcurves.classifier import classify
+    from survey_proc.lightcurves.periodogram import search_grid
+    from survey_proc.lightcurves.preprocess import PreprocessConfig, preprocess, to_matrix
+
+    t0 = time.perf_counter()
+    cfg = _config(cfg_json)
+    cc = cfg.classify
+    layout = OutputLayout(out)
+    opath = layout.objects(field, region)
+    record = read_meta(opath)
+    if record is None:
+        raise SurveyProcError(f"{opath}: missing or unreadable; re-run to cross-match field {field} region {region}")
+    objects = pq.read_table(opath).to_pandas()
+    lc = pq.read_table(layout.lightcurves(field, region),
+                       columns=["object_id", "epoch", "mjd", "mag", "mag_err", "flags"]).to_pandas()
+    clf = worker_classifier(cc.weights or None)
+    if cc.threshold > 0:
+        clf = type(clf)(clf.model, cc.threshold, clf.card, clf.path, clf.device)
+    info: dict[str, Any] = {"n_objects": len(objects), "n_classified": 0, "n_periodic": 0}
+    if len(lc) and len(np.unique(lc["epoch"])) >= 3:
+        ids, _, mjd, mag, err, flg = to_matrix(lc)
+        batch = preprocess(ids, mjd, mag, err, flg, PreprocessConfig(clip_sigma=cc.clip_sigma,
+                                                                      min_points=cc.min_points,
+                                                                      min_fraction=cc.min_fraction))
+        grid = search_grid(batch.t_days, period_min_days=cc.period_min_days,
+                           period_max_days=cc.period_max_days or None)
+        res = classify(batch, clf, grid).set_index("object_id")
+        res["n_points_classified"] = batch.n_points.astype(np.int32)
+        res = res.rename(columns={"chi2_red": "_chi2_red"})
+        idx = objects["object_id"].to_numpy()
+        for c in CLASSIFY_COLUMNS:
+            if c in res.columns:
+                vals = res[c].reindex(idx)
+                objects[c] = vals.to_numpy() if c != "n_points_classified" else vals.fillna(0).astype(np.int32).to_numpy()
+        info.update(n_classified=int(batch.usable.sum()),
+                    n_periodic=int(np.isin(res["var_class"].to_numpy(), ("eclipsing_binary", "pulsator",
+                                                                          "transit")).sum()),
+                    classes={str(k): int(v) for k, v in res["var_class"].value_counts().items()},
+                    baseline_days=float(grid.baseline_days), n_bls_freq=len(grid.bls_freq),
+                    n_ls_freq=len(grid.ls_freq))
+    info["wall_s"] = time.perf_counter() - t0
+    record = {**record, "classify_fingerprint": classify_fingerprint, "classify": info}
+    write_parquet_atomic(objects, OBJECTS, opath, record)
+    return {"field": field, "region": region, **info}

@@ -1,0 +1,1 @@
+"""Light curves: preprocessing, periodograms, folded views and the periodic-variable classifier."""

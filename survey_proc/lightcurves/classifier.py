@@ -1,0 +1,284 @@
+"""The periodic-variable classifier: an Astronet-style local/global CNN, and the classify step.
+
+Model (plain PyTorch; nothing here knows about Dask or the output layout)
+-------------------------------------------------------------------------
+Astronet's ``local_global`` shape (Shallue & Vanderburg 2018), scaled from 2001/201 bins to
+the CSST 201/61-bin views:
+
+- global column on (2, 201) (the BLS and LS folds, :mod:`~survey_proc.lightcurves.views`):
+  3 blocks of [conv1d k5 - ReLU - conv1d k5 - ReLU - max-pool 5, stride 2] with 16, 32, 64
+  channels (Astronet: 5 blocks, 16-256 channels, on 2001 bins);
+- local column on (1, 61): 2 blocks with 16, 32 channels (Astronet: 2 blocks, 16/32);
+- the flattened columns and the auxiliary features (:data:`~survey_proc.lightcurves.views.AUX_NAMES`)
+  go through 3 fully connected layers of 128 (Astronet: 4 of 512) with dropout, then a
+  softmax over :data:`CLASSES`.
+
+``p_periodic`` is the summed probability of the periodic classes. An object is periodic
+when ``p_periodic >= threshold`` (chosen on the validation set, on the model card); its
+class is then the most probable periodic class, otherwise the more probable of
+``constant`` and ``non_periodic`` (flares, trends and other aperiodic variables).
+
+Reported period
+---------------
+- eclipsing binaries and transits: the BLS period refined by a fine BLS (:func:`refine_bls`);
+  an eclipsing binary whose odd and even eclipses differ by more than 3 sigma had two
+  unequal eclipses folded together, and its period is doubled;
+- pulsators: the Lomb-Scargle period refined by a 3-harmonic Fourier fit (:func:`refine_fourier`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from survey_proc.errors import SurveyProcError
+from survey_proc.lightcurves import views
+from survey_proc.lightcurves.periodogram import (
+    BatchedBLS,
+    BatchedLS,
+    BLSResult,
+    LSResult,
+    SearchGrid,
+    search_grid,
+)
+from survey_proc.lightcurves.preprocess import LightCurveBatch, variability_stats
+
+CLASSES = ("constant", "eclipsing_binary", "pulsator", "transit", "non_periodic")
+PERIODIC = ("eclipsing_binary", "pulsator", "transit")
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_WEIGHTS = MODELS_DIR / "classifier.pt"
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Architecture of :class:`LocalGlobalCNN`."""
+
+    global_channels: tuple[int, ...] = (16, 32, 64)
+    local_channels: tuple[int, ...] = (16, 32)
+    kernel: int = 5
+    hidden: tuple[int, ...] = (128, 128, 128)
+    dropout: float = 0.2
+    n_aux: int = len(views.AUX_NAMES)
+    global_in: int = 2
+    local_in: int = 1
+    global_bins: int = views.GLOBAL_BINS
+    local_bins: int = views.LOCAL_BINS
+    n_classes: int = len(CLASSES)
+
+
+def _column(c_in: int, channels: tuple[int, ...], kernel: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for c in channels:
+        layers += [nn.Conv1d(c_in, c, kernel, padding=kernel // 2), nn.ReLU(),
+                   nn.Conv1d(c, c, kernel, padding=kernel // 2), nn.ReLU(), nn.MaxPool1d(5, stride=2)]
+        c_in = c
+    return nn.Sequential(*layers)
+
+
+class LocalGlobalCNN(nn.Module):
+    """Two convolutional columns + auxiliary features -> class logits."""
+
+    def __init__(self, cfg: ClassifierConfig = ClassifierConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.glob = _column(cfg.global_in, cfg.global_channels, cfg.kernel)
+        self.loc = _column(cfg.local_in, cfg.local_channels, cfg.kernel)
+        with torch.no_grad():
+            n_g = self.glob(torch.zeros(1, cfg.global_in, cfg.global_bins)).numel()
+            n_l = self.loc(torch.zeros(1, cfg.local_in, cfg.local_bins)).numel()
+        layers: list[nn.Module] = []
+        n_in = n_g + n_l + cfg.n_aux
+        for h in cfg.hidden:
+            layers += [nn.Linear(n_in, h), nn.ReLU(), nn.Dropout(cfg.dropout)]
+            n_in = h
+        layers.append(nn.Linear(n_in, cfg.n_classes))
+        self.head = nn.Sequential(*layers)
+        # the aux features are standardised with the training set's moments (saved with the weights)
+        self.register_buffer("aux_mean", torch.zeros(cfg.n_aux))
+        self.register_buffer("aux_std", torch.ones(cfg.n_aux))
+
+    def forward(self, g: torch.Tensor, loc: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        """Logits (B, n_classes) from global (B, 2, 201), local (B, 1, 61) and aux (B, n_aux)."""
+        a = (aux - self.aux_mean) / self.aux_std
+        return self.head(torch.cat([self.glob(g).flatten(1), self.loc(loc).flatten(1), a], 1))
+
+
+@dataclass
+class LoadedClassifier:
+    """A classifier ready for inference: model, threshold, card and where it came from."""
+
+    model: LocalGlobalCNN
+    threshold: float
+    card: dict
+    path: str
+    device: torch.device
+
+
+def save_classifier(model: LocalGlobalCNN, path: str | Path, card: dict) -> None:
+    """Write weights + architecture to ``path`` and the card to ``path`` with ``.json``."""
+    path = Path(path)
+    torch.save({"config": asdict(model.cfg), "state_dict": model.state_dict()}, path)
+    path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+
+
+def load_classifier(path: str | Path | None = None, device: str | None = None) -> LoadedClassifier:
+    """Load classifier weights (default: the shipped ones) in inference mode on ``device``."""
+    p = Path(path) if path else DEFAULT_WEIGHTS
+    if not p.is_file():
+        raise SurveyProcError(f"classifier weights not found at {p}; pass [classify] weights = PATH or retrain "
+                              "with `python training/train_classifier.py`")
+    try:
+        blob = torch.load(p, map_location="cpu", weights_only=False)
+        cfg_d = {k: tuple(v) if isinstance(v, list) else v for k, v in blob["config"].items()}
+        model = LocalGlobalCNN(ClassifierConfig(**cfg_d))
+        model.load_state_dict(blob["state_dict"])
+    except Exception as exc:
+        raise SurveyProcError(f"classifier weights {p} are corrupt or not a classifier model ({exc}); "
+                              "restore the file or retrain with `python training/train_classifier.py`") from None
+    card_path = p.with_suffix(".json")
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    dev = torch.device(device or "cpu")
+    model.to(dev).eval()
+    return LoadedClassifier(model, float(card.get("threshold", 0.5)), card, str(p), dev)
+
+
+@torch.no_grad()
+def predict_proba(clf: LoadedClassifier, g: np.ndarray, loc: np.ndarray, aux: np.ndarray,
+                  batch: int = 1024) -> np.ndarray:
+    """Class probabilities (n, n_classes) for the inputs of :func:`views.make_inputs`."""
+    out = []
+    for i in range(0, len(g), batch):
+        t = [torch.as_tensor(a[i:i + batch], device=clf.device) for a in (g, loc, aux)]
+        out.append(torch.softmax(clf.model(*t), 1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
+
+
+def decide(prob: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(p_periodic, class name, class probability) per row of ``prob`` (see the module docstring)."""
+    idx = {c: i for i, c in enumerate(CLASSES)}
+    per = [idx[c] for c in PERIODIC]
+    non = [idx["constant"], idx["non_periodic"]]
+    p_per = prob[:, per].sum(1)
+    is_per = p_per >= threshold
+    k = np.where(is_per, np.array(per)[prob[:, per].argmax(1)], np.array(non)[prob[:, non].argmax(1)])
+    names = np.array(CLASSES, dtype=object)[k]
+    return p_per, names, prob[np.arange(len(prob)), k]
+
+
+def refine_bls(t_days: np.ndarray, y: np.ndarray, w: np.ndarray, period_days: float, duration_days: float,
+               coarse: SearchGrid, n_freq: int = 81, bins_per_duration: int = 8) -> tuple[float, float, float]:
+    """Refine one BLS peak: a fine frequency grid over +-2 coarse steps, a phase grid of
+    ``bins_per_duration`` bins per duration. Returns (period, duration, t0) in days."""
+    f0 = 1.0 / period_days
+    step = float(coarse.bls_freq[1] - coarse.bls_freq[0]) if len(coarse.bls_freq) > 1 else 0.01 * f0
+    freq = np.linspace(max(f0 - 2 * step, 0.5 * f0), f0 + 2 * step, n_freq)
+    nb = int(np.clip(round(bins_per_duration * period_days / max(duration_days, 1e-6)), 32, 1024))
+    k = bins_per_duration
+    widths = tuple(sorted({max(1, round(k * s)) for s in (0.5, 0.75, 1.0, 1.25, 1.5)}))
+    grid = SearchGrid(freq, coarse.ls_freq, nb, widths, 0.0, 1 / freq.max(), 1 / freq.min(), coarse.baseline_days,
+                      coarse.cadence_days)
+    r = BatchedBLS(t_days, grid, min_points_in_box=3)(y[None, :], w[None, :])
+    if not np.isfinite(r.period_days[0]) or r.power[0] <= 0:
+        return period_days, duration_days, float("nan")
+    return float(r.period_days[0]), float(r.duration_days[0]), float(r.t0_days[0])
+
+
+def refine_fourier(t_days: np.ndarray, y: np.ndarray, w: np.ndarray, period_days: float, coarse: SearchGrid,
+                   n_harmonics: int = 3, n_freq: int = 61) -> float:
+    """Refine one LS period by a weighted ``n_harmonics`` Fourier fit over +-1 LS grid step."""
+    keep = w > 0
+    t, yy, sw = t_days[keep], y[keep], np.sqrt(w[keep])
+    f0 = 1.0 / period_days
+    step = float(coarse.ls_freq[1] - coarse.ls_freq[0]) if len(coarse.ls_freq) > 1 else 0.01 * f0
+    best, f_best = np.inf, f0
+    for f in np.linspace(f0 - step, f0 + step, n_freq):
+        arg = 2 * np.pi * f * t
+        cols = [np.ones_like(t)] + [fn(h * arg) for h in range(1, n_harmonics + 1) for fn in (np.cos, np.sin)]
+        A = np.stack(cols, 1) * sw[:, None]
+        coef, *_ = np.linalg.lstsq(A, yy * sw, rcond=None)
+        chi2 = float(np.sum((A @ coef - yy * sw) ** 2))
+        if chi2 < best:
+            best, f_best = chi2, f
+    return 1.0 / f_best
+
+
+def search(batch: LightCurveBatch, grid: SearchGrid, device: torch.device | str | None = None,
+           stats: pd.DataFrame | None = None, bls_batch: int = 32
+           ) -> tuple[BLSResult, LSResult, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """BLS and LS of every curve of ``batch`` and the classifier's inputs (global, local, aux)."""
+    stats = variability_stats(batch) if stats is None else stats
+    bls = BatchedBLS(batch.t_days, grid, device=device)(batch.y, batch.w, batch=bls_batch)
+    ls = BatchedLS(batch.t_days, grid, device=device)(batch.y, batch.w)
+    return bls, ls, views.make_inputs(batch, bls, ls, stats)
+
+
+def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | None = None,
+             bls_batch: int = 32) -> pd.DataFrame:
+    """Search, classify and measure every usable light curve of ``batch``.
+
+    Returns
+    -------
+    DataFrame, one row per object of the batch (unusable ones with NaN / None): object_id,
+    period (days), period_power (BLS SDE for eclipsing binaries and transits, LS power for
+    pulsators and the rest), depth (relative flux: BLS depth, or the LS peak-to-peak for
+    pulsators), duration (days, BLS), p_periodic, var_class, var_class_prob, t0_mjd, the
+    variability statistics and the class probabilities ``prob_<class>``.
+    """
+    n = len(batch)
+    out = pd.DataFrame({"object_id": batch.object_id})
+    for c in ("period", "period_power", "depth", "duration", "p_periodic", "var_class_prob", "t0_mjd",
+              "period_bls", "period_ls", "bls_sde", "ls_power"):
+        out[c] = np.nan
+    out["var_class"] = pd.Series([None] * n, dtype=object)
+    for c in CLASSES:
+        out[f"prob_{c}"] = np.nan
+    stats = variability_stats(batch)
+    for c in stats.columns:
+        out[c] = stats[c].to_numpy()
+    use = np.flatnonzero(batch.usable)
+    if len(use) == 0:
+        return out
+    sub = batch.subset(use)
+    grid = grid or search_grid(batch.t_days)
+    bls, ls, (g, loc, aux) = search(sub, grid, clf.device, stats.iloc[use].reset_index(drop=True), bls_batch)
+    prob = predict_proba(clf, g, loc, aux)
+    p_per, names, p_cls = decide(prob, clf.threshold)
+    _sec, oe = views.eclipse_tests(sub, bls)
+    period = np.where(names == "pulsator", ls.period_days, bls.period_days)
+    power = np.where(names == "pulsator", ls.power, bls.sde)
+    depth = np.where(names == "pulsator", 2 * ls.amplitude, bls.depth)
+    duration = bls.duration_days.copy()
+    t0 = np.where(names == "pulsator", ls.t_min_days, bls.t0_days)
+    for i in np.flatnonzero(np.isin(names, PERIODIC)):
+        if names[i] == "pulsator":
+            period[i] = refine_fourier(batch.t_days, sub.y[i].astype(float), sub.w[i].astype(float), period[i], grid)
+        else:
+            p, d, t0i = refine_bls(batch.t_days, sub.y[i].astype(float), sub.w[i].astype(float), period[i],
+                                   duration[i], grid)
+            period[i], duration[i] = p, d
+            if np.isfinite(t0i):
+                t0[i] = t0i
+            if names[i] == "eclipsing_binary" and abs(oe[i]) > 3.0:
+                period[i] *= 2.0
+    rows = use
+    out.loc[rows, "period"] = period
+    out.loc[rows, "period_power"] = power
+    out.loc[rows, "depth"] = depth
+    out.loc[rows, "duration"] = duration
+    out.loc[rows, "p_periodic"] = p_per
+    out.loc[rows, "var_class_prob"] = p_cls
+    out.loc[rows, "t0_mjd"] = t0 + batch.t_ref_mjd
+    out.loc[rows, "period_bls"] = bls.period_days
+    out.loc[rows, "period_ls"] = ls.period_days
+    out.loc[rows, "bls_sde"] = bls.sde
+    out.loc[rows, "ls_power"] = ls.power
+    out.loc[rows, "var_class"] = names
+    for j, c in enumerate(CLASSES):
+        out.loc[rows, f"prob_{c}"] = prob[:, j]
+    return out
