@@ -286,6 +286,10 @@ def classify_region_task(out: str, field: str, region: int, cfg_json: str, class
     info: dict[str, Any] = {"n_objects": len(objects), "n_classified": 0, "n_periodic": 0}
     if len(lc) and len(np.unique(lc["epoch"])) >= 3:
         ids, _, mjd, mag, err, flg = to_matrix(lc)
+        # objects that cannot reach the minimum number of points are not even preprocessed
+        need = max(cc.min_points, int(np.ceil(cc.min_fraction * len(mjd))))
+        enough = np.isfinite(mag).sum(1) >= need
+        ids, mag, err, flg = ids[enough], mag[enough], err[enough], flg[enough]
         batch = preprocess(ids, mjd, mag, err, flg, PreprocessConfig(clip_sigma=cc.clip_sigma,
                                                                       min_points=cc.min_points,
                                                                       min_fraction=cc.min_fraction))

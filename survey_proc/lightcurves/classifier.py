@@ -21,8 +21,8 @@ class is then the most probable periodic class, otherwise the more probable of
 Reported period
 ---------------
 - eclipsing binaries and transits: the BLS period refined by a fine BLS (:func:`refine_bls`);
-  an eclipsing binary whose odd and even eclipses differ by more than 3 sigma had two
-  unequal eclipses folded together, and its period is doubled;
+  an eclipsing binary whose odd and even eclipses differ (by > 3 sigma and > 25 %, with no
+  secondary at phase 0.5) had two unlike eclipses folded together, and its period is doubled;
 - pulsators: the Lomb-Scargle period refined by a 3-harmonic Fourier fit (:func:`refine_fourier`).
 """
 
@@ -190,14 +190,14 @@ def refine_bls(t_days: np.ndarray, y: np.ndarray, w: np.ndarray, period_days: fl
 
 
 def refine_fourier(t_days: np.ndarray, y: np.ndarray, w: np.ndarray, period_days: float, coarse: SearchGrid,
-                   n_harmonics: int = 3, n_freq: int = 61) -> float:
-    """Refine one LS period by a weighted ``n_harmonics`` Fourier fit over +-1 LS grid step."""
+                   n_harmonics: int = 6, n_freq: int = 81) -> float:
+    """Refine one LS period by a weighted ``n_harmonics`` Fourier fit over +-2 LS grid steps."""
     keep = w > 0
     t, yy, sw = t_days[keep], y[keep], np.sqrt(w[keep])
     f0 = 1.0 / period_days
     step = float(coarse.ls_freq[1] - coarse.ls_freq[0]) if len(coarse.ls_freq) > 1 else 0.01 * f0
     best, f_best = np.inf, f0
-    for f in np.linspace(f0 - step, f0 + step, n_freq):
+    for f in np.linspace(f0 - 2 * step, f0 + 2 * step, n_freq):
         arg = 2 * np.pi * f * t
         cols = [np.ones_like(t)] + [fn(h * arg) for h in range(1, n_harmonics + 1) for fn in (np.cos, np.sin)]
         A = np.stack(cols, 1) * sw[:, None]
@@ -206,6 +206,19 @@ def refine_fourier(t_days: np.ndarray, y: np.ndarray, w: np.ndarray, period_days
         if chi2 < best:
             best, f_best = chi2, f
     return 1.0 / f_best
+
+
+def _unequal_eclipses(one: LightCurveBatch, period: float, duration: float, t0: float) -> bool:
+    """True when the odd and even events at ``period`` differ (two unlike eclipses folded together).
+
+    The depths must differ by > 3 sigma and by > 25 %, with no secondary eclipse at phase 0.5.
+    """
+    r = BLSResult(np.array([period]), np.zeros(1), np.zeros(1), np.zeros(1), np.ones(1), np.array([duration]),
+                  np.array([t0]), np.zeros(1))
+    sec, oe = views.eclipse_tests(one, r, return_depths=True)
+    d_odd, d_even = oe[1][0], oe[2][0]
+    rel = abs(d_odd - d_even) / max(abs(d_odd), abs(d_even), 1e-12)
+    return bool(abs(oe[0][0]) > 3.0 and rel > 0.25 and abs(sec[0]) < 3.0)
 
 
 def search(batch: LightCurveBatch, grid: SearchGrid, device: torch.device | str | None = None,
@@ -249,7 +262,6 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
     bls, ls, (g, loc, aux) = search(sub, grid, clf.device, stats.iloc[use].reset_index(drop=True), bls_batch)
     prob = predict_proba(clf, g, loc, aux)
     p_per, names, p_cls = decide(prob, clf.threshold)
-    _sec, oe = views.eclipse_tests(sub, bls)
     period = np.where(names == "pulsator", ls.period_days, bls.period_days)
     power = np.where(names == "pulsator", ls.power, bls.sde)
     depth = np.where(names == "pulsator", 2 * ls.amplitude, bls.depth)
@@ -264,7 +276,7 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
             period[i], duration[i] = p, d
             if np.isfinite(t0i):
                 t0[i] = t0i
-            if names[i] == "eclipsing_binary" and abs(oe[i]) > 3.0:
+            if names[i] == "eclipsing_binary" and _unequal_eclipses(sub.subset([i]), p, d, t0[i]):
                 period[i] *= 2.0
     rows = use
     out.loc[rows, "period"] = period
