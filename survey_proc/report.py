@@ -22,6 +22,9 @@ def summary_lines(run: dict[str, Any]) -> list[str]:
         f"  objects: {c['objects']}; light-curve points: {c['lightcurve_points']} "
         f"(mean length {c['lightcurve_points'] / max(1, c['objects']):.0f} epochs)",
     ]
+    if run.get("classify_fingerprint"):
+        lines.append(f"  variables: {c.get('periodic_variables', 0)} periodic among {c.get('objects_classified', 0)} "
+                     "classified light curves (objects/: period, var_class, p_periodic)")
     for fid, z in run["zeropoints"].items():
         model = z.get("model", {})
         k = model.get("k_mag_per_airmass")

@@ -139,8 +139,12 @@ def _fold_matrix(t: np.ndarray, freq: np.ndarray, n_bins: int, device: torch.dev
     cols = np.broadcast_to(np.arange(len(t)), k.shape).ravel()
     idx = torch.from_numpy(np.vstack([rows, cols]))
     val = torch.ones(len(rows), dtype=torch.float32)
-    m = torch.sparse_coo_tensor(idx, val, (len(freq) * n_bins, len(t))).coalesce()
-    return m.to_sparse_csr().to(device)
+    import warnings
+
+    with warnings.catch_warnings():  # torch's notes that sparse CSR is "beta"
+        warnings.simplefilter("ignore", UserWarning)
+        m = torch.sparse_coo_tensor(idx, val, (len(freq) * n_bins, len(t)), check_invariants=False).coalesce()
+        return m.to_sparse_csr().to(device)
 
 
 class BatchedBLS:
