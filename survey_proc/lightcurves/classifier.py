@@ -21,8 +21,9 @@ class is then the most probable periodic class, otherwise the more probable of
 Reported period
 ---------------
 - eclipsing binaries and transits: the BLS period refined by a fine BLS (:func:`refine_bls`);
-  an eclipsing binary whose odd and even eclipses differ (by > 3 sigma and > 25 %, with no
-  secondary at phase 0.5) had two unlike eclipses folded together, and its period is doubled;
+  an eclipsing binary whose refined BLS fold shows no secondary eclipse at phase 0.5
+  (S/N < 3) had its two eclipses folded onto each other, and its period is doubled
+  (:func:`_folded_eclipses`);
 - pulsators: the Lomb-Scargle period refined by a 3-harmonic Fourier fit (:func:`refine_fourier`).
 """
 
@@ -208,17 +209,18 @@ def refine_fourier(t_days: np.ndarray, y: np.ndarray, w: np.ndarray, period_days
     return 1.0 / f_best
 
 
-def _unequal_eclipses(one: LightCurveBatch, period: float, duration: float, t0: float) -> bool:
-    """True when the odd and even events at ``period`` differ (two unlike eclipses folded together).
+def _folded_eclipses(one: LightCurveBatch, period: float, duration: float, t0: float) -> bool:
+    """True when an eclipsing binary's BLS period shows no secondary eclipse at phase 0.5 (S/N < 3).
 
-    The depths must differ by > 3 sigma and by > 25 %, with no secondary eclipse at phase 0.5.
+    A binary eclipses twice per orbit; the BLS box prefers half the orbit when both eclipses
+    fold onto each other. Measured on the training survey (seed 0), the refined BLS period of
+    every binary found at its true period had a secondary at S/N >= 7.9, and every one found at
+    half its period had S/N <= 2.1 at phase 0.5.
     """
     r = BLSResult(np.array([period]), np.zeros(1), np.zeros(1), np.zeros(1), np.ones(1), np.array([duration]),
                   np.array([t0]), np.zeros(1))
-    sec, oe = views.eclipse_tests(one, r, return_depths=True)
-    d_odd, d_even = oe[1][0], oe[2][0]
-    rel = abs(d_odd - d_even) / max(abs(d_odd), abs(d_even), 1e-12)
-    return bool(abs(oe[0][0]) > 3.0 and rel > 0.25 and abs(sec[0]) < 3.0)
+    sec, _ = views.eclipse_tests(one, r)
+    return bool(sec[0] < 3.0)
 
 
 def search(batch: LightCurveBatch, grid: SearchGrid, device: torch.device | str | None = None,
@@ -276,7 +278,7 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
             period[i], duration[i] = p, d
             if np.isfinite(t0i):
                 t0[i] = t0i
-            if names[i] == "eclipsing_binary" and _unequal_eclipses(sub.subset([i]), p, d, t0[i]):
+            if names[i] == "eclipsing_binary" and _folded_eclipses(sub.subset([i]), p, d, t0[i]):
                 period[i] *= 2.0
     rows = use
     out.loc[rows, "period"] = period
