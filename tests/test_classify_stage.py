@@ -63,3 +63,19 @@ def test_classify_stage_fills_objects_and_resumes_alone(variable_survey, client,
     assert (obj2["p_periodic"] >= 0.97).sum() == obj2["var_class"].isin(("eclipsing_binary", "pulsator",
                                                                           "transit")).sum()
     assert json.loads((out / "run.json").read_text())["counts"]["objects_classified"] == 6
+
+
+def test_short_surveys_are_not_searched_and_a_missing_region_is_named(border_survey, client, tmp_path):
+    from survey_proc.distributed.tasks import classify_region_task
+    from survey_proc.errors import SurveyProcError
+
+    out = tmp_path / "out"
+    cfg = run_config(border_survey["store"], out, tile_px=128, halo_px=16, crossmatch={"region_px": 128,
+                                                                                        "min_epochs": 2})
+    run = run_pipeline(cfg, client=client)
+    assert run["status"] == "complete" and run["counts"]["objects_classified"] == 0
+    meta = read_meta(OutputLayout(out).objects("F000", 0))
+    assert "no light curve with 20 points" in meta["classify"]["not_searched"]
+    assert pd.read_parquet(out / "objects")["var_class"].isna().all()
+    with pytest.raises(SurveyProcError, match=r"objects/field=F000/region=9\.parquet: missing or unreadable"):
+        classify_region_task(str(out), "F000", 9, json.dumps(cfg.to_dict()), "x")

@@ -97,6 +97,8 @@ def test_search_grid_covers_the_simulated_periods_and_rejects_an_empty_range():
     assert g.bls_freq.min() == pytest.approx(1 / g.period_max_days)
     with pytest.raises(ValueError, match="period range"):
         search_grid(T[:20])  # 1.6 h of data: nothing to search above 0.25 d
+    with pytest.raises(ValueError, match="need at least 3 epochs"):
+        search_grid(T[:2])
 
 
 @pytest.mark.parametrize("period, depth", [(0.62, 0.3), (1.31, 0.05), (2.07, 0.03)])

@@ -293,8 +293,18 @@ def classify_region_task(out: str, field: str, region: int, cfg_json: str, class
         batch = preprocess(ids, mjd, mag, err, flg, PreprocessConfig(clip_sigma=cc.clip_sigma,
                                                                       min_points=cc.min_points,
                                                                       min_fraction=cc.min_fraction))
-        grid = search_grid(batch.t_days, period_min_days=cc.period_min_days,
-                           period_max_days=cc.period_max_days or None)
+        baseline = float(batch.t_days[-1] - batch.t_days[0])
+        p_max = cc.period_max_days or baseline / 1.15
+        if not batch.usable.any() or p_max <= cc.period_min_days:
+            info["not_searched"] = (f"no light curve with {need} points" if not batch.usable.any() else
+                                    f"baseline {baseline:.3f} d too short for periods >= {cc.period_min_days} d")
+            batch = batch.subset(np.zeros(len(batch), bool))
+        if len(batch) == 0:
+            info["wall_s"] = time.perf_counter() - t0
+            write_parquet_atomic(objects, OBJECTS, opath,
+                                 {**record, "classify_fingerprint": classify_fingerprint, "classify": info})
+            return {"field": field, "region": region, **info}
+        grid = search_grid(batch.t_days, period_min_days=cc.period_min_days, period_max_days=p_max)
         res = classify(batch, clf, grid).set_index("object_id")
         res["n_points_classified"] = batch.n_points.astype(np.int32)
         res = res.rename(columns={"chi2_red": "_chi2_red"})
