@@ -254,7 +254,7 @@ def crossmatch_region(src: pd.DataFrame, region: Region, *, field: str, field_in
     objects.insert(1, "field", field)
     objects.insert(2, "region", np.int32(region.index))
     for c in ("period", "period_power", "depth", "duration", "p_periodic", "var_class_prob", "t0_mjd", "period_bls",
-              "period_ls", "von_neumann", "robust_rms"):  # filled by the classify stage
+              "period_ls", "von_neumann", "robust_rms", "iqr"):  # filled by the classify stage
         objects[c] = np.nan
     objects["n_points_classified"] = np.int32(0)
     objects["var_class"] = pd.Series([None] * len(objects), dtype=object, index=objects.index)

@@ -75,6 +75,7 @@ OBJECTS = pa.schema([
     ("period_ls", pa.float64()),  # days, best Lomb-Scargle period before refinement
     ("von_neumann", pa.float64()),  # mean squared successive difference / variance (2: white noise)
     ("robust_rms", pa.float64()),  # NMAD of the relative flux
+    ("iqr", pa.float64()),  # interquartile range of the relative flux
     ("n_points_classified", pa.int32()),  # points kept by the preprocessing
 ])
 

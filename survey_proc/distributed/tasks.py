@@ -248,7 +248,7 @@ def region_done(out: str | Path, field: str, region: int, fingerprint: str, dige
 
 # ------------------------------------------------------------------ classify
 CLASSIFY_COLUMNS = ("period", "period_power", "depth", "duration", "p_periodic", "var_class", "var_class_prob",
-                    "t0_mjd", "period_bls", "period_ls", "von_neumann", "robust_rms", "n_points_classified")
+                    "t0_mjd", "period_bls", "period_ls", "von_neumann", "robust_rms", "iqr", "n_points_classified")
 
 
 def classify_done(out: str | Path, field: str, region: int, classify_fingerprint: str) -> bool:
@@ -278,6 +278,9 @@ def classify_region_task(out: str, field: str, region: int, cfg_json: str, class
     if record is None:
         raise SurveyProcError(f"{opath}: missing or unreadable; re-run to cross-match field {field} region {region}")
     objects = pq.read_table(opath).to_pandas()
+    for c in CLASSIFY_COLUMNS:  # outputs of an older version lack some of the additions
+        if c not in objects.columns:
+            objects[c] = 0 if c == "n_points_classified" else np.nan
     lc = pq.read_table(layout.lightcurves(field, region),
                        columns=["object_id", "epoch", "mjd", "mag", "mag_err", "flags"]).to_pandas()
     clf = worker_classifier(cc.weights or None)
