@@ -39,8 +39,8 @@ from survey_proc.evaluate import load_truth_stars, match_one_to_one
 from survey_proc.lightcurves.preprocess import to_matrix
 from survey_proc.simulate.variables import assign_variables, delta_mag
 
-CLASS_MIX = {"constant": 0.40, "eclipsing_binary": 0.16, "pulsator": 0.14, "transit": 0.16, "flare": 0.07,
-             "trend": 0.07}
+CLASS_MIX = {"constant": 0.50, "eclipsing_binary": 0.13, "pulsator": 0.12, "transit": 0.13, "flare": 0.06,
+             "trend": 0.06}
 RANGES = {
     "eb_period_days": (0.25, 10.0),
     "pulsator_period_days": (0.3, 3.0),

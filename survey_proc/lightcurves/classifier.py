@@ -224,7 +224,7 @@ def _folded_eclipses(one: LightCurveBatch, period: float, duration: float, t0: f
 
 
 def search(batch: LightCurveBatch, grid: SearchGrid, device: torch.device | str | None = None,
-           stats: pd.DataFrame | None = None, bls_batch: int = 32
+           stats: pd.DataFrame | None = None, bls_batch: int = 16
            ) -> tuple[BLSResult, LSResult, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """BLS and LS of every curve of ``batch`` and the classifier's inputs (global, local, aux)."""
     stats = variability_stats(batch) if stats is None else stats
@@ -234,7 +234,7 @@ def search(batch: LightCurveBatch, grid: SearchGrid, device: torch.device | str 
 
 
 def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | None = None,
-             bls_batch: int = 32) -> pd.DataFrame:
+             bls_batch: int = 16) -> pd.DataFrame:
     """Search, classify and measure every usable light curve of ``batch``.
 
     Returns

@@ -30,8 +30,8 @@ BLS statistic
 With weights ``w`` (inverse variances), the weighted mean removed from ``y`` and, in a box,
 ``r = sum w`` and ``s = sum w y``: ``delta chi^2 = s^2 W / (r (W - r))`` (``W`` the total
 weight), the chi^2 improvement of a box model over a constant (Kovacs et al. 2002; astropy's
-``objective="likelihood"`` power is half of it). Only dimming boxes (``s < 0``) with at
-least ``min_points_in_box`` points count. ``depth = -s W / (r (W - r))`` in relative flux,
+``objective="likelihood"`` power is half of it). Only dimming boxes (``s < 0``) holding the
+weight of at least ``min_points_in_box`` average points of the curve count. ``depth = -s W / (r (W - r))`` in relative flux,
 ``depth_err = sqrt(1/r + 1/(W - r))``.
 """
 
@@ -176,7 +176,7 @@ class BatchedBLS:
                                          ).to(self.device)  # (F, K)
 
     @torch.no_grad()
-    def __call__(self, y: np.ndarray, w: np.ndarray, keep_spectrum: bool = False, batch: int = 64) -> BLSResult:
+    def __call__(self, y: np.ndarray, w: np.ndarray, keep_spectrum: bool = False, batch: int = 16) -> BLSResult:
         """BLS of curves ``y`` (n, n_t) with weights ``w`` (n, n_t; 0 = no point)."""
         parts = [self._run(y[i:i + batch], w[i:i + batch], keep_spectrum) for i in range(0, len(y), batch)]
         if not parts:
@@ -195,30 +195,35 @@ class BatchedBLS:
         wt = torch.as_tensor(np.asarray(w, np.float32), device=dev)
         n = yt.shape[0]
         wsum = wt.sum(1).clamp_min(1e-30)
+        n_valid = (wt > 0).sum(1).clamp_min(1)
         ym = (wt * yt).sum(1) / wsum
         yc = (yt - ym[:, None]) * (wt > 0)
-        ind = (wt > 0).to(torch.float32)
-        rhs = torch.cat([wt, wt * yc, ind], 0).T.contiguous()  # (n_t, 3n)
-        sums = (self.fold @ rhs).reshape(nf, nb, 3, n).permute(2, 0, 1, 3)  # (3, F, nb, n)
+        rhs = torch.cat([wt, wt * yc], 0).T.contiguous()  # (n_t, 2n)
+        sums = (self.fold @ rhs).reshape(nf, nb, 2, n).permute(2, 0, 1, 3)  # (2, F, nb, n)
         kmax = max(g.widths_bins)
-        cum = torch.zeros((3, nf, nb + kmax + 1, n), device=dev)
+        cum = torch.zeros((2, nf, nb + kmax + 1, n), device=dev)
         torch.cumsum(torch.cat([sums, sums[:, :, :kmax]], 2), 2, out=cum[:, :, 1:])
+        cum_r, cum_s = cum[0], cum[1]
         best = torch.full((nf, n), -1.0, device=dev)
         best_k = torch.zeros((nf, n), dtype=torch.int64, device=dev)
         best_j = torch.zeros((nf, n), dtype=torch.int64, device=dev)
         W = wsum[None, None, :]
-        neg = torch.tensor(-1.0, device=dev)
+        # "at least min_points points": the weight of min_points average points of the curve
+        r_min = (self.min_points * wsum / n_valid)[None, None, :] * 0.999
+        all_ok = self.width_ok.all(0)
         for ki, k in enumerate(g.widths_bins):
-            box = cum[:, :, k:k + nb] - cum[:, :, :nb]  # (3, F, nb, n)
-            r, s, c = box[0], box[1], box[2]
-            ok = (s < 0) & (c >= self.min_points) & (r < W) & self.width_ok[:, ki, None, None]
-            p = torch.where(ok, s * s * W / (r * (W - r)).clamp_min(1e-30), neg)
+            r = cum_r[:, k:k + nb] - cum_r[:, :nb]  # (F, nb, n)
+            s = (cum_s[:, k:k + nb] - cum_s[:, :nb]).clamp_(max=0.0)  # dimming boxes only
+            den = (W - r).mul_(r).clamp_(min=1e-30)
+            p = s.mul_(s).div_(den).mul_(r >= r_min)
+            if not bool(all_ok[ki]):
+                p.mul_(self.width_ok[:, ki, None, None])
             pm, pj = p.max(1)  # over start bins: (F, n)
             better = pm > best
             best = torch.where(better, pm, best)
             best_k = torch.where(better, k, best_k)
             best_j = torch.where(better, pj, best_j)
-        spec = best.clamp_min(0.0)  # (F, n)
+        spec = best.clamp_min(0.0) * W[0]  # delta chi^2 per frequency, (F, n)
         fi = spec.argmax(0)  # (n,)
         cols = torch.arange(n, device=dev)
         peak = spec[fi, cols]
@@ -228,18 +233,23 @@ class BatchedBLS:
         k = best_k[fi, cols]
         j = best_j[fi, cols]
         # the winning box
-        sel = cum[:, fi, :, cols]  # (n, 3, nb + kmax + 1)
-        box = sel[cols, :, j + k] - sel[cols, :, j]  # (n, 3)
-        r, s, c = box[:, 0], box[:, 1], box[:, 2]
+        sel = cum[:, fi, :, cols]  # (n, 2, nb + kmax + 1)
+        box = sel[cols, :, j + k] - sel[cols, :, j]  # (n, 2)
+        r, s = box[:, 0], box[:, 1]
         depth = -s * wsum / (r * (wsum - r)).clamp_min(1e-30)
         depth_err = torch.sqrt(1.0 / r.clamp_min(1e-30) + 1.0 / (wsum - r).clamp_min(1e-30))
         freq = torch.as_tensor(g.bls_freq, device=dev)[fi]
         period = 1.0 / freq
         duration = k.to(torch.float64) / nb * period
         t0 = (j.to(torch.float64) + k.to(torch.float64) / 2.0) / nb * period
+        # points in the winning box
+        tt = torch.as_tensor(self.t, device=dev)
+        ph = torch.remainder(tt[None, :] - t0[:, None] + 0.5 * period[:, None], period[:, None]) \
+            - 0.5 * period[:, None]
+        n_in = ((ph.abs() < 0.5 * duration[:, None]) & (wt > 0)).sum(1)
         return BLSResult(period.cpu().numpy(), peak.double().cpu().numpy(), sde.double().cpu().numpy(),
                          depth.double().cpu().numpy(), depth_err.double().cpu().numpy(), duration.cpu().numpy(),
-                         t0.cpu().numpy(), c.round().long().cpu().numpy(),
+                         t0.cpu().numpy(), n_in.cpu().numpy(),
                          spectrum=spec.T.double().cpu().numpy() if keep_spectrum else None)
 
 
