@@ -30,8 +30,8 @@ BLS statistic
 With weights ``w`` (inverse variances), the weighted mean removed from ``y`` and, in a box,
 ``r = sum w`` and ``s = sum w y``: ``delta chi^2 = s^2 W / (r (W - r))`` (``W`` the total
 weight), the chi^2 improvement of a box model over a constant (Kovacs et al. 2002; astropy's
-``objective="likelihood"`` power is half of it). Only dimming boxes (``s < 0``) holding the
-weight of at least ``min_points_in_box`` average points of the curve count. ``depth = -s W / (r (W - r))`` in relative flux,
+``objective="likelihood"`` power is half of it). Only dimming boxes (``s < 0``) with at
+least ``min_points_in_box`` kept points count. ``depth = -s W / (r (W - r))`` in relative flux,
 ``depth_err = sqrt(1/r + 1/(W - r))``.
 """
 
@@ -195,27 +195,24 @@ class BatchedBLS:
         wt = torch.as_tensor(np.asarray(w, np.float32), device=dev)
         n = yt.shape[0]
         wsum = wt.sum(1).clamp_min(1e-30)
-        n_valid = (wt > 0).sum(1).clamp_min(1)
         ym = (wt * yt).sum(1) / wsum
         yc = (yt - ym[:, None]) * (wt > 0)
-        rhs = torch.cat([wt, wt * yc], 0).T.contiguous()  # (n_t, 2n)
-        sums = (self.fold @ rhs).reshape(nf, nb, 2, n).permute(2, 0, 1, 3)  # (2, F, nb, n)
+        rhs = torch.cat([wt, wt * yc, (wt > 0).to(torch.float32)], 0).T.contiguous()  # (n_t, 3n)
+        sums = (self.fold @ rhs).reshape(nf, nb, 3, n).permute(2, 0, 1, 3)  # (3, F, nb, n)
         kmax = max(g.widths_bins)
-        cum = torch.zeros((2, nf, nb + kmax + 1, n), device=dev)
+        cum = torch.zeros((3, nf, nb + kmax + 1, n), device=dev)
         torch.cumsum(torch.cat([sums, sums[:, :, :kmax]], 2), 2, out=cum[:, :, 1:])
-        cum_r, cum_s = cum[0], cum[1]
+        cum_r, cum_s, cum_c = cum[0], cum[1], cum[2]
         best = torch.full((nf, n), -1.0, device=dev)
         best_k = torch.zeros((nf, n), dtype=torch.int64, device=dev)
         best_j = torch.zeros((nf, n), dtype=torch.int64, device=dev)
         W = wsum[None, None, :]
-        # "at least min_points points": the weight of min_points average points of the curve
-        r_min = (self.min_points * wsum / n_valid)[None, None, :] * 0.999
         all_ok = self.width_ok.all(0)
         for ki, k in enumerate(g.widths_bins):
             r = cum_r[:, k:k + nb] - cum_r[:, :nb]  # (F, nb, n)
             s = (cum_s[:, k:k + nb] - cum_s[:, :nb]).clamp_(max=0.0)  # dimming boxes only
             den = (W - r).mul_(r).clamp_(min=1e-30)
-            p = s.mul_(s).div_(den).mul_(r >= r_min)
+            p = s.mul_(s).div_(den).mul_((cum_c[:, k:k + nb] - cum_c[:, :nb]) >= self.min_points - 0.5)
             if not bool(all_ok[ki]):
                 p.mul_(self.width_ok[:, ki, None, None])
             pm, pj = p.max(1)  # over start bins: (F, n)
@@ -233,7 +230,7 @@ class BatchedBLS:
         k = best_k[fi, cols]
         j = best_j[fi, cols]
         # the winning box
-        sel = cum[:, fi, :, cols]  # (n, 2, nb + kmax + 1)
+        sel = cum[:2, fi, :, cols]  # (n, 2, nb + kmax + 1)
         box = sel[cols, :, j + k] - sel[cols, :, j]  # (n, 2)
         r, s = box[:, 0], box[:, 1]
         depth = -s * wsum / (r * (wsum - r)).clamp_min(1e-30)
