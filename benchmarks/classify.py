@@ -280,7 +280,7 @@ def injection_curve(run: str | Path, store: str | Path, n_stars: int = 400, seed
     resid = mag - np.nanmedian(mag, 1, keepdims=True)
     sig_lc = 1.4826 * np.nanmedian(np.abs(resid - np.nanmedian(resid, 1, keepdims=True)), 1)
     clf = load_classifier()
-    out = {"n_stars": len(ids), "mag_median": float(np.nanmedian(np.nanmedian(mag, 1))), "rows": []}
+    out = {"n_pool": len(ids), "n_per_point_max": n_stars, "mag_median": float(np.nanmedian(np.nanmedian(mag, 1))), "rows": []}
     for basis, sig in (("photon", sig_ph), ("measured", sig_lc)):
         for snr in snr_grid:
             # transits are 0.3-5 % deep (the classifier's transit class; deeper is an eclipsing binary)
@@ -343,7 +343,8 @@ def plot_snr(res: dict, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("transit S/N = depth / sigma")
-        ax.set_title(f"transits injected into {inj['n_stars']} held-out constant-star light curves", fontsize=9)
+        ax.set_title(f"transits injected into held-out constant-star light curves (<= {inj['n_per_point_max']} "
+                     f"per point, of {inj['n_pool']})", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
