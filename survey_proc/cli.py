@@ -106,6 +106,31 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    import glob
+
+    from survey_proc.ingest import IngestError, ingest
+
+    paths: list[str] = []
+    for pattern in args.paths:
+        hits = sorted(glob.glob(pattern))
+        if not hits:
+            raise IngestError(f"{pattern}: matches no file")
+        paths.extend(hits)
+    hdus = [int(h) for h in args.hdu.split(",")] if args.hdu else None
+    report = ingest(paths, args.out, field_key=args.field_key, hdus=hdus, append=args.append, gain=args.gain,
+                    read_noise=args.read_noise, saturation=args.saturation, band=args.band,
+                    pixel_scale_arcsec=args.pixel_scale if args.pixel_scale is not None else float("nan"),
+                    zeropoint_nominal=args.zeropoint)
+    for fid, r in report["fields"].items():
+        print(f"field {fid}: {r['added']} epoch(s) added, {r['skipped_already_ingested']} already ingested")
+    for path, keys in report["missing"].items():
+        print(f"  {path}: missing {', '.join(keys)} (stored as unknown)")
+    print(f"Wrote {args.out}: {report['files']} file(s), {report['bytes'] / 1e6:.1f} MB in {report['wall_s']:.1f} s "
+          f"({report['mb_per_s']:.1f} MB/s)")
+    return 0
+
+
 def default_out(store_path: Path) -> Path:
     """Default ``--out``: ``./survey-proc-out/<store name without .zarr>``."""
     name = store_path.name[: -len(".zarr")] if store_path.name.endswith(".zarr") else store_path.name
@@ -177,6 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="summarise and validate a survey store")
     i.add_argument("store")
     i.set_defaults(func=_cmd_info)
+
+    g = sub.add_parser("ingest", help="FITS exposures -> survey store (append with --append)")
+    g.add_argument("paths", nargs="+", help="FITS files or globs (.fits, .fits.fz, .fits.gz; single or multi-extension)")
+    g.add_argument("--out", required=True, help="survey store to create (or extend with --append)")
+    g.add_argument("--field-key", help="header keyword naming the field (e.g. OBJECT); default: pointing + detector")
+    g.add_argument("--hdu", help="comma-separated HDU indices to read (default: every image HDU)")
+    g.add_argument("--append", action="store_true", help="add to an existing store; already ingested files are skipped")
+    g.add_argument("--gain", type=float, help="e/ADU, overrides GAIN/EGAIN/CCDGAIN")
+    g.add_argument("--read-noise", type=float, help="electrons, overrides RDNOISE/READNOIS/RON")
+    g.add_argument("--saturation", type=float, help="ADU, overrides SATURATE/SATLEVEL")
+    g.add_argument("--band", default="unknown", help="photometric band name")
+    g.add_argument("--pixel-scale", type=float, help="arcsec per pixel")
+    g.add_argument("--zeropoint", type=float, default=25.0, help="nominal zero point (mag for 1 ADU per exposure)")
+    g.set_defaults(func=_cmd_ingest)
 
     r = sub.add_parser("run", help="process a survey (without STORE: the default simulated survey)")
     r.add_argument("store", nargs="?", help="survey store (default: simulate/reuse the default survey)")

@@ -466,6 +466,14 @@ def read_epoch_table(path: str | Path, field_id: str) -> dict[str, np.ndarray]:
     return out
 
 
+def read_source_files(path: str | Path, field_id: str) -> list[str]:
+    """The recorded source of every epoch of a field ("" where unknown)."""
+    g = _field_group(path, field_id)
+    if "source_file" not in g:
+        return [""] * g["mjd"].shape[0]
+    return [str(s) if s is not None else "" for s in g["source_file"][:]]
+
+
 def image_shape(path: str | Path, field_id: str) -> tuple[int, int, int]:
     """``(n_epochs, ny, nx)`` of a field's image array."""
     return tuple(int(s) for s in _field_group(path, field_id)["image"].shape)  # type: ignore[return-value]

@@ -1,0 +1,350 @@
+"""FITS exposures -> survey store (``survey-proc ingest``).
+
+One exposure is one image HDU of a FITS file: a single-HDU file, or every image extension
+of a multi-extension file (one per CCD), or the HDUs chosen with ``hdus``. Compressed
+files (``.fits.fz`` tile compression, ``.fits.gz``) are read by astropy directly.
+
+Header handling (each rule names the keywords it reads, in order)
+-----------------------------------------------------------------
+- **Time** (mid-exposure MJD): ``MJD-MID``; ``MJD-OBS`` (start) + half the exposure;
+  ``DATE-OBS`` (ISO ``YYYY-MM-DD[Thh:mm:ss]``, or the pre-2000 ``DD/MM/YY`` meaning 19YY)
+  with ``TIME-OBS``/``UT``/``UTSTART`` when the date has no time, + half the exposure;
+  ``JD`` (start) + half the exposure. The time scale is ``TIMESYS`` (default UTC); the
+  store records it. None of these: an error naming the file.
+- **Exposure time** (s): ``EXPTIME``, ``EXPOSURE``, ``ITIME``; a comment saying minutes
+  (``min``) converts. Missing: NaN, reported (the time is then the start time).
+- **Gain** (e/ADU): ``GAIN``, ``EGAIN``, ``CCDGAIN``; **read noise** (e): ``RDNOISE``,
+  ``READNOIS``, ``RON``, ``READNOISE``; **saturation** (ADU): ``SATURATE``, ``SATLEVEL``.
+  Options override headers. A missing gain or read noise without an option is an error
+  naming the file and the keywords; a missing saturation becomes the largest value of an
+  integer image's type (or none for float images), reported.
+- **Airmass**: ``AIRMASS``, ``SECZ``; missing: NaN, reported.
+- **WCS**: a celestial WCS in the header (``CTYPE1/2``) is stored as header text; none: "".
+- **Pixels**: float32 ADU. astropy applies ``BSCALE``/``BZERO``; integer images are
+  converted. Mask bits: 1 for NaN/inf pixels and for nonzero pixels of a ``BPM``/``MASK``/``DQ``
+  extension of the same shape; 2 for pixels at or above saturation.
+
+Fields: exposures are grouped by the value of ``field_key`` (e.g. ``OBJECT``) and the
+detector (``EXTNAME``, else ``CCDNAME``/``DETECTOR``, else the HDU index); without a key, by
+pointing (``CRVAL1/2``, else ``RA``/``DEC``, rounded to 0.01 deg) and detector. Epochs are
+ordered by time.
+
+Appending: every epoch records its source (``file basename[HDU]@mjd``). Ingesting a source
+already in the field is skipped, so the same files ingested twice are added once. New
+exposures must be later than the field's last epoch (the store keeps time order).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from survey_proc import store
+from survey_proc.errors import SurveyProcError
+
+TIME_KEYS = ("MJD-MID", "MJD-OBS", "DATE-OBS", "JD")
+EXPTIME_KEYS = ("EXPTIME", "EXPOSURE", "ITIME")
+GAIN_KEYS = ("GAIN", "EGAIN", "CCDGAIN")
+RDNOISE_KEYS = ("RDNOISE", "READNOIS", "RON", "READNOISE")
+SATURATION_KEYS = ("SATURATE", "SATLEVEL")
+AIRMASS_KEYS = ("AIRMASS", "SECZ")
+MASK_EXTNAMES = ("BPM", "MASK", "DQ")
+
+
+class IngestError(SurveyProcError):
+    """A file that cannot be ingested; the message names the file and what to do."""
+
+
+@dataclass
+class Exposure:
+    """One image HDU, read and interpreted."""
+
+    source: str  # "basename[hdu]@mjd": the idempotency key
+    path: str
+    hdu: int
+    detector: str
+    pointing: str
+    field_value: str | None
+    image: np.ndarray
+    mask: np.ndarray
+    mjd: float
+    timescale: str
+    exptime_s: float
+    airmass: float
+    wcs: str
+    gain: float | None
+    read_noise: float | None
+    saturation: float | None
+    missing: list[str] = field(default_factory=list)
+
+
+def _first(header: Any, keys: tuple[str, ...]) -> tuple[str | None, Any]:
+    for k in keys:
+        if k in header and header[k] not in (None, ""):
+            return k, header[k]
+    return None, None
+
+
+def _parse_date(text: str, path: str, key: str) -> tuple[str, bool]:
+    """ISO date(-time) string from a FITS date; returns (iso, has_time)."""
+    t = str(text).strip()
+    m = re.fullmatch(r"(\d{2})/(\d{2})/(\d{2})", t)
+    if m:  # pre-2000 FITS: DD/MM/YY, years 19YY
+        return f"19{m.group(3)}-{m.group(2)}-{m.group(1)}", False
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", t):
+        return t, False
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}[T ]\d{1,2}:\d{2}(:\d{2}(\.\d*)?)?", t):
+        return t.replace(" ", "T"), True
+    raise IngestError(f"{path}: {key} = {t!r} is not a date this reader knows (YYYY-MM-DD[Thh:mm:ss] or DD/MM/YY); "
+                      "fix the header or add MJD-OBS")
+
+
+def exposure_time_s(header: Any) -> tuple[float, str | None]:
+    """Exposure time in seconds and the keyword it came from (NaN, None when missing)."""
+    k, v = _first(header, EXPTIME_KEYS)
+    if k is None:
+        return float("nan"), None
+    scale = 60.0 if "min" in str(header.comments[k]).lower() else 1.0
+    return float(v) * scale, k
+
+
+def mid_exposure_mjd(header: Any, path: str) -> tuple[float, str]:
+    """Mid-exposure MJD and its time scale from a header (see the module docstring)."""
+    from astropy.time import Time
+
+    scale = str(header.get("TIMESYS", "UTC")).strip().lower() or "utc"
+    if scale not in ("utc", "tai", "tt", "tdb"):
+        raise IngestError(f"{path}: TIMESYS = {scale!r} is not supported (UTC, TAI, TT or TDB)")
+    exptime, _ = exposure_time_s(header)
+    half = 0.0 if not np.isfinite(exptime) else exptime / 2.0 / 86400.0
+    if "MJD-MID" in header:
+        return float(header["MJD-MID"]), scale
+    if "MJD-OBS" in header:
+        return float(header["MJD-OBS"]) + half, scale
+    if "DATE-OBS" in header:
+        iso, has_time = _parse_date(header["DATE-OBS"], path, "DATE-OBS")
+        if not has_time:
+            k, tod = _first(header, ("TIME-OBS", "UT", "UTSTART"))
+            if k is None:
+                raise IngestError(f"{path}: DATE-OBS = {header['DATE-OBS']!r} has no time of day and there is no "
+                                  "TIME-OBS/UT/UTSTART; add one (or MJD-OBS) to the header")
+            iso = f"{iso}T{str(tod).strip()}"
+        try:
+            import warnings
+
+            with warnings.catch_warnings():  # ERFA calls pre-1960 UTC "dubious"; it is still the date
+                warnings.simplefilter("ignore")
+                return float(Time(iso, format="isot", scale=scale).mjd) + half, scale
+        except ValueError as exc:
+            raise IngestError(f"{path}: DATE-OBS/time {iso!r} cannot be read ({exc})") from None
+    if "JD" in header:
+        return float(header["JD"]) - 2400000.5 + half, scale
+    raise IngestError(f"{path}: no observation time: none of {', '.join(TIME_KEYS)} is in the header; "
+                      "add MJD-OBS or DATE-OBS")
+
+
+def _wcs_text(header: Any) -> str:
+    ctype1, ctype2 = str(header.get("CTYPE1", "")), str(header.get("CTYPE2", ""))
+    if not (ctype1.startswith(("RA", "GLON", "ELON")) and ctype2.startswith(("DEC", "GLAT", "ELAT"))):
+        return ""
+    from astropy.wcs import WCS
+
+    try:
+        w = WCS(header, naxis=2)
+    except Exception:
+        return ""
+    return w.to_header(relax=True).tostring(sep="\n") if w.has_celestial else ""
+
+
+def _pointing(header: Any) -> str:
+    for ka, kd in (("CRVAL1", "CRVAL2"), ("RA", "DEC")):
+        if ka in header and kd in header:
+            try:
+                return f"{float(header[ka]):.2f}{float(header[kd]):+.2f}"
+            except (TypeError, ValueError):
+                continue
+    return "nopointing"
+
+
+def read_fits(path: str | Path, *, hdus: list[int] | None = None, field_key: str | None = None,
+              gain: float | None = None, read_noise: float | None = None, saturation: float | None = None
+              ) -> list[Exposure]:
+    """Read every image HDU of one FITS file (or the ``hdus`` listed) as :class:`Exposure` objects.
+
+    Parameters
+    ----------
+    path
+        A FITS file (``.fits``, ``.fits.fz``, ``.fits.gz``).
+    hdus
+        HDU indices to read; None: every 2-D image HDU except mask extensions.
+    field_key
+        Header keyword whose value names the field (e.g. ``OBJECT``).
+    gain, read_noise, saturation
+        Values that override the headers (e/ADU, e, ADU).
+    """
+    from astropy.io import fits
+
+    path = str(path)
+    try:
+        hl = fits.open(path, memmap=False)
+    except FileNotFoundError:
+        raise IngestError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise IngestError(f"{path}: not a readable FITS file ({exc}); check the file is complete") from None
+    with hl:
+        primary = hl[0].header
+        images = [i for i, h in enumerate(hl) if h.is_image and h.header.get("NAXIS", 0) == 2
+                  and str(h.header.get("EXTNAME", "")).upper() not in MASK_EXTNAMES]
+        if hdus is not None:
+            bad = [i for i in hdus if i not in images]
+            if bad:
+                raise IngestError(f"{path}: HDU(s) {bad} are not 2-D image HDUs (image HDUs: {images})")
+            images = list(hdus)
+        if not images:
+            raise IngestError(f"{path}: no 2-D image HDU in the file; nothing to ingest")
+        masks = {str(h.header.get("EXTNAME", "")).upper(): h for h in hl if h.is_image
+                 and str(h.header.get("EXTNAME", "")).upper() in MASK_EXTNAMES}
+        out = []
+        for i in images:
+            hdu = hl[i]
+            header = hdu.header.copy()
+            for card in primary.cards:  # inherit the primary header's keywords (MEF convention)
+                if card.keyword not in header and card.keyword not in ("", "COMMENT", "HISTORY"):
+                    header[card.keyword] = (card.value, card.comment)
+            try:
+                data = np.asarray(hdu.data, dtype=np.float32)
+            except (TypeError, ValueError) as exc:
+                raise IngestError(f"{path}[{i}]: the image data cannot be read ({exc})") from None
+            missing: list[str] = []
+            mjd, scale = mid_exposure_mjd(header, f"{path}[{i}]")
+            exptime, k_exp = exposure_time_s(header)
+            if k_exp is None:
+                missing.append("EXPTIME")
+            _, g = _first(header, GAIN_KEYS)
+            _, rn = _first(header, RDNOISE_KEYS)
+            _, sat = _first(header, SATURATION_KEYS)
+            g = gain if gain is not None else (float(g) if g is not None else None)
+            rn = read_noise if read_noise is not None else (float(rn) if rn is not None else None)
+            sat = saturation if saturation is not None else (float(sat) if sat is not None else None)
+            if sat is None:
+                raw_kind = np.dtype(hdu.data.dtype).kind if hdu.data is not None else "f"
+                if raw_kind in "iu" and "BSCALE" not in header and "BZERO" not in header:
+                    sat = float(np.iinfo(hdu.data.dtype).max)
+                missing.append("SATURATE")
+            _, am = _first(header, AIRMASS_KEYS)
+            if am is None:
+                missing.append("AIRMASS")
+            mask = np.zeros(data.shape, np.uint8)
+            mask[~np.isfinite(data)] |= 1
+            for m in masks.values():
+                if m.data is not None and m.data.shape == data.shape:
+                    mask[np.asarray(m.data) != 0] |= 1
+            if sat is not None:
+                with np.errstate(invalid="ignore"):
+                    mask[data >= sat] |= 2
+            det = str(header.get("EXTNAME", "") or header.get("CCDNAME", "") or header.get("DETECTOR", "")
+                      or (f"hdu{i}" if len(images) > 1 or i > 0 else "")).strip()
+            fv = None
+            if field_key:
+                if field_key not in header:
+                    raise IngestError(f"{path}[{i}]: the field key {field_key} is not in the header; "
+                                      "choose another --field-key or leave it out to group by pointing")
+                fv = str(header[field_key]).strip()
+            out.append(Exposure(f"{Path(path).name}[{i}]@{mjd:.8f}", path, i, det, _pointing(header), fv, data,
+                                mask, mjd, scale, exptime, float(am) if am is not None else float("nan"),
+                                _wcs_text(header), g, rn, sat, missing))
+    return out
+
+
+def field_id_of(exp: Exposure) -> str:
+    """The field an exposure belongs to: the field key's value (or the pointing) and the detector."""
+    base = exp.field_value if exp.field_value is not None else exp.pointing
+    name = f"{base}_{exp.detector}" if exp.detector else base
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", name).strip("_") or "field"
+
+
+def ingest(paths: list[str | Path], out: str | Path, *, field_key: str | None = None, hdus: list[int] | None = None,
+           append: bool = False, gain: float | None = None, read_noise: float | None = None,
+           saturation: float | None = None, band: str = "unknown", pixel_scale_arcsec: float = float("nan"),
+           zeropoint_nominal: float = 25.0, client: Any = None, progress: bool = True) -> dict[str, Any]:
+    """Ingest FITS files into a survey store (created, or appended to with ``append``).
+
+    Returns
+    -------
+    dict
+        Per field the epochs added and skipped, per file the missing header values, the
+        bytes read and the wall time (for MB/s).
+    """
+    t0 = time.perf_counter()
+    files = [str(p) for p in paths]
+    if not files:
+        raise IngestError("no input files: give FITS paths or globs that match files")
+    out = Path(out)
+    if out.exists() and not append:
+        raise IngestError(f"{out} already exists; pass --append to add exposures to it")
+    if append and not out.exists():
+        append = False
+    kwargs = dict(hdus=hdus, field_key=field_key, gain=gain, read_noise=read_noise, saturation=saturation)
+    if client is not None:
+        futures = [client.submit(read_fits, f, **kwargs, pure=False) for f in files]
+        exposures = [e for fut in futures for e in fut.result()]
+    else:
+        exposures = [e for f in files for e in read_fits(f, **kwargs)]
+    n_bytes = sum(Path(f).stat().st_size for f in files)
+    groups: dict[str, list[Exposure]] = {}
+    for e in exposures:
+        groups.setdefault(field_id_of(e), []).append(e)
+    have = set(store.list_fields(out)) if append else set()
+    for fid, exps in groups.items():  # check before writing anything
+        e0 = exps[0]
+        shapes = {e.image.shape for e in exps}
+        if fid in have:
+            shapes.add(store.image_shape(out, fid)[1:])
+        if len(shapes) > 1:
+            raise IngestError(f"field {fid}: images of different shapes {sorted(shapes)} "
+                              f"({', '.join(e.source for e in exps[:4])}); a field is one detector: "
+                              "choose the HDUs with --hdu or a --field-key that separates them")
+        if fid not in have:
+            for name, val, keys in (("gain", e0.gain, GAIN_KEYS), ("read noise", e0.read_noise, RDNOISE_KEYS)):
+                if val is None:
+                    raise IngestError(f"{e0.path}[{e0.hdu}]: no {name} in the header (looked for "
+                                      f"{', '.join(keys)}); pass --{name.replace(' ', '-')}")
+    if not append:
+        store.create_store(out, band=band, pixel_scale_arcsec=pixel_scale_arcsec,
+                           attrs={"created_by": "survey-proc ingest"})
+    report: dict[str, Any] = {"fields": {}, "missing": {}, "files": len(files)}
+    for fid, exps in sorted(groups.items()):
+        exps.sort(key=lambda e: e.mjd)
+        if fid in have:
+            done = set(store.read_source_files(out, fid))
+        else:
+            e0 = exps[0]
+            ny, nx = e0.image.shape
+            store.create_field(out, fid, ny=ny, nx=nx, n_epochs=0, gain_e_per_adu=e0.gain,
+                               read_noise_e=e0.read_noise,
+                               saturation_adu=e0.saturation if e0.saturation is not None else float(np.finfo(np.float32).max),
+                               zeropoint_nominal=zeropoint_nominal, mjd_timescale=e0.timescale,
+                               attrs={"ingest_field_key": field_key})
+            done = set()
+        new = [e for e in exps if e.source not in done]
+        # the same exposure twice in one call counts once
+        seen: set[str] = set()
+        new = [e for e in new if not (e.source in seen or seen.add(e.source))]
+        if new:
+            store.append_epochs(out, fid, np.stack([e.image for e in new]),
+                                store.EpochMeta(np.array([e.mjd for e in new]), np.array([e.exptime_s for e in new]),
+                                                np.array([e.airmass for e in new]), [e.wcs for e in new],
+                                                [e.source for e in new]),
+                                np.stack([e.mask for e in new]))
+        report["fields"][fid] = {"added": len(new), "skipped_already_ingested": len(exps) - len(new)}
+        for e in exps:
+            if e.missing:
+                report["missing"].setdefault(e.path, sorted(set(e.missing)))
+    wall = time.perf_counter() - t0
+    report.update(bytes=n_bytes, wall_s=wall, mb_per_s=n_bytes / 1e6 / max(wall, 1e-9))
+    return report

@@ -1,0 +1,201 @@
+"""FITS ingest: round trip from a simulated store, headers, masks, appending, errors on bad files."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.time import Time
+
+from survey_proc import store
+from survey_proc.ingest import IngestError, ingest, read_fits
+from survey_proc.simulate import load_scenario, simulate_survey
+from tests.conftest import CLEAN
+
+# the project's real plate (outside the repository; the test is skipped where it is absent)
+REAL = str(Path(__file__).resolve().parents[1].parent / "shared/data/real/M6707HH.fits")
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("ingest") / "sim.zarr"
+    scn = load_scenario("dense", {**CLEAN, "size_px": 64, "n_epochs": 4, "n_fields": 2, "seed": 31,
+                                  "star_density_per_px2": 0.01})
+    simulate_survey(scn, out, workers=0, progress=False)
+    return {"store": out, "scn": scn}
+
+
+def _header(mjd: float, exptime: float, wcs_text: str, *, iso: bool) -> fits.Header:
+    h = fits.Header.fromstring(wcs_text.strip(), sep="\n") if wcs_text else fits.Header()
+    start = mjd - exptime / 2 / 86400
+    if iso:
+        h["DATE-OBS"] = Time(start, format="mjd", scale="utc").isot
+    else:
+        h["MJD-OBS"] = start
+    h["EXPTIME"] = exptime
+    h["GAIN"], h["RDNOISE"], h["SATURATE"] = 1.5, 5.0, 60000.0
+    h["OBJECT"] = "SIMFIELD"
+    return h
+
+
+def _write_mef(sim: dict, tmp_path, with_wcs: bool) -> list:
+    """One MEF per epoch, one extension per field (CCD), as a camera writes them."""
+    paths = []
+    fids = store.list_fields(sim["store"])
+    for e in range(4):
+        hdus = [fits.PrimaryHDU()]
+        for fid in fids:
+            ds = store.open_field(sim["store"], fid)
+            img = ds["image"].values[e]
+            t = store.read_epoch_table(sim["store"], fid)
+            h = _header(float(t["mjd"][e]), float(t["exptime"][e]), str(t["wcs"][e]) if with_wcs else "",
+                        iso=e % 2 == 1)
+            hdus.append(fits.ImageHDU(img, header=h, name=fid))
+        p = tmp_path / f"exp{e}.fits"
+        fits.HDUList(hdus).writeto(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.mark.parametrize("with_wcs", [True, False])
+def test_mef_round_trip_gives_the_simulated_store(sim, tmp_path, with_wcs):
+    paths = _write_mef(sim, tmp_path, with_wcs)
+    out = tmp_path / "ingested.zarr"
+    rep = ingest(paths, out, field_key="OBJECT", band="i")
+    assert store.validate_store(out, raise_on_error=False) == []
+    assert sorted(rep["fields"]) == ["SIMFIELD_F000", "SIMFIELD_F001"]
+    for fid in ("F000", "F001"):
+        a = store.open_field(sim["store"], fid)
+        b = store.open_field(out, f"SIMFIELD_{fid}")
+        np.testing.assert_array_equal(a["image"].values, b["image"].values)
+        np.testing.assert_allclose(b["mjd"].values, a["mjd"].values, atol=2e-8)  # ms precision of ISO dates
+        np.testing.assert_array_equal(b["exptime"].values, a["exptime"].values)
+        ta, tb = store.read_epoch_table(sim["store"], fid), store.read_epoch_table(out, f"SIMFIELD_{fid}")
+        assert all(bool(w) == with_wcs for w in tb["wcs"])
+        if with_wcs:
+            from astropy.wcs import WCS
+
+            wa, wb = WCS(fits.Header.fromstring(ta["wcs"][2], sep="\n")), WCS(fits.Header.fromstring(tb["wcs"][2], sep="\n"))
+            np.testing.assert_allclose(wb.all_pix2world([[10.0, 20.0]], 0), wa.all_pix2world([[10.0, 20.0]], 0),
+                                       atol=1e-9)
+    attrs = store.field_attrs(out, "SIMFIELD_F000")
+    assert attrs["gain_e_per_adu"] == 1.5 and attrs["read_noise_e"] == 5.0 and attrs["saturation_adu"] == 60000.0
+    assert rep["missing"][str(paths[0])] == ["AIRMASS"]  # reported, not invented
+
+
+def test_ingesting_twice_and_appending_a_later_night_adds_no_duplicates(sim, tmp_path):
+    paths = _write_mef(sim, tmp_path, True)
+    out = tmp_path / "app.zarr"
+    ingest(paths[:2], out, field_key="OBJECT")
+    rep = ingest(paths[:3], out, field_key="OBJECT", append=True)  # 2 again + 1 new
+    assert rep["fields"]["SIMFIELD_F000"] == {"added": 1, "skipped_already_ingested": 2}
+    rep = ingest(paths, out, field_key="OBJECT", append=True)
+    assert rep["fields"]["SIMFIELD_F001"] == {"added": 1, "skipped_already_ingested": 3}
+    assert store.image_shape(out, "SIMFIELD_F000")[0] == 4
+    np.testing.assert_array_equal(store.open_field(out, "SIMFIELD_F001")["image"].values,
+                                  store.open_field(sim["store"], "F001")["image"].values)
+    # an exposure earlier than the field's last epoch cannot be appended: the store keeps time order
+    early = tmp_path / "early.fits"
+    with fits.open(paths[0]) as hl:
+        for h in hl[1:]:
+            h.header["MJD-OBS"] = h.header.get("MJD-OBS", 60999.0) - 1.0
+            h.header.remove("DATE-OBS", ignore_missing=True)
+        hl.writeto(early)
+    with pytest.raises(Exception, match=r"is not after the last epoch"):
+        ingest([early], out, field_key="OBJECT", append=True)
+    with pytest.raises(IngestError, match=r"already exists; pass --append"):
+        ingest(paths, out, field_key="OBJECT")
+
+
+def _single(tmp_path, data, name="x.fits", **cards) -> str:
+    h = fits.Header()
+    for k, v in cards.items():
+        h[k.replace("_", "-")] = v
+    p = tmp_path / name
+    fits.PrimaryHDU(data, header=h).writeto(p)
+    return str(p)
+
+
+def test_header_times_exptime_units_and_pixel_scaling(tmp_path):
+    img = np.arange(100, dtype=np.int16).reshape(10, 10)
+    p = _single(tmp_path, img, DATE_OBS="29/11/51", UT="12:07:00", EXPOSURE=(50.0, "Exposure time minutes"),
+                GAIN=2.0, RDNOISE=4.0)
+    e = read_fits(p)[0]
+    assert e.exptime_s == 3000.0
+    assert e.mjd == pytest.approx(Time("1951-11-29T12:07:00", scale="utc").mjd + 1500 / 86400, abs=1e-9)
+    assert e.saturation == 32767.0 and "SATURATE" in e.missing and "AIRMASS" in e.missing
+    # BSCALE/BZERO: astropy applies them; the store gets physical ADU as float32
+    hdu = fits.PrimaryHDU(np.array([[0.5, 1000.5], [2.0, 16000.0]], dtype=np.float64))
+    hdu.scale("int16", bscale=0.5, bzero=8192)
+    hdu.header["JD"] = 2460000.5
+    hdu.header["EXPTIME"], hdu.header["GAIN"], hdu.header["RDNOISE"] = 10.0, 1.0, 3.0
+    q = tmp_path / "scaled.fits"
+    hdu.writeto(q)
+    e = read_fits(q)[0]
+    np.testing.assert_allclose(e.image, [[0.5, 1000.5], [2.0, 16000.0]])
+    assert e.saturation is None  # a scaled integer image: its type's maximum says nothing
+    assert e.image.dtype == np.float32 and e.mjd == pytest.approx(60000.0 + 5 / 86400)
+
+
+def test_nan_regions_bad_pixel_extension_and_saturation_are_masked(tmp_path):
+    img = np.full((8, 8), 100.0, np.float32)
+    img[0:2, 0:3] = np.nan
+    img[5, 5] = 70000.0
+    bpm = np.zeros((8, 8), np.uint8)
+    bpm[:, 7] = 1
+    h = fits.Header()
+    h["MJD-OBS"], h["EXPTIME"], h["GAIN"], h["RDNOISE"], h["SATURATE"] = 60000.0, 30.0, 1.0, 3.0, 65000.0
+    p = tmp_path / "masked.fits.gz"
+    raw = tmp_path / "masked.fits"
+    fits.HDUList([fits.PrimaryHDU(img, header=h), fits.ImageHDU(bpm, name="BPM")]).writeto(raw)
+    with open(raw, "rb") as f, gzip.open(p, "wb") as g:
+        shutil.copyfileobj(f, g)
+    e, = read_fits(p)  # compressed, and the BPM extension is not an exposure
+    assert np.all(e.mask[0:2, 0:3] & 1) and np.all(e.mask[:, 7] & 1) and e.mask[5, 5] == 2
+    assert e.mask.sum() == 6 + 8 + 2 - 0 and e.mask[3, 3] == 0
+
+
+@pytest.mark.parametrize("cards, match", [
+    ({"EXPTIME": 10.0, "GAIN": 1.0, "RDNOISE": 3.0}, r"x\.fits\[0\]: no observation time: none of MJD-MID, MJD-OBS"),
+    ({"DATE_OBS": "Nov 29 1951", "GAIN": 1.0, "RDNOISE": 3.0}, r"DATE-OBS = 'Nov 29 1951' is not a date"),
+    ({"DATE_OBS": "2024-03-01", "GAIN": 1.0, "RDNOISE": 3.0}, r"has no time of day and there is no TIME-OBS"),
+    ({"MJD_OBS": 60000.0, "TIMESYS": "GPS", "GAIN": 1.0, "RDNOISE": 3.0}, r"TIMESYS = 'gps' is not supported"),
+])
+def test_missing_or_odd_headers_name_the_file_and_keyword(tmp_path, cards, match):
+    p = _single(tmp_path, np.zeros((4, 4), np.float32), **cards)
+    with pytest.raises(IngestError, match=match):
+        read_fits(p)
+
+
+def test_bad_files_and_missing_detector_values_are_clear_errors(tmp_path):
+    p = _single(tmp_path, np.zeros((16, 16), np.float32), MJD_OBS=60000.0, EXPTIME=10.0)
+    with pytest.raises(IngestError, match=r"x\.fits\[0\]: no gain in the header .*; pass --gain"):
+        ingest([p], tmp_path / "s.zarr")
+    assert not (tmp_path / "s.zarr").exists()  # nothing written
+    trunc = tmp_path / "trunc.fits"
+    trunc.write_bytes(open(p, "rb").read()[:3000])
+    with pytest.raises(IngestError, match=r"trunc\.fits"):
+        read_fits(trunc)
+    table = tmp_path / "table.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns([fits.Column("a", "E", array=[1.0])])]
+                 ).writeto(table)
+    with pytest.raises(IngestError, match=r"table\.fits: no 2-D image HDU in the file"):
+        read_fits(table)
+    with pytest.raises(IngestError, match=r"no input files"):
+        ingest([], tmp_path / "t.zarr")
+
+
+@pytest.mark.skipif(not Path(REAL).exists(), reason="the real plate ../shared/data/real/M6707HH.fits is not here")
+def test_the_real_plate_ingests_with_its_odd_header(tmp_path):
+    out = tmp_path / "m67.zarr"
+    rep = ingest([REAL], out, gain=1.0, read_noise=5.0)
+    fid, = rep["fields"]
+    t = store.read_epoch_table(out, fid)
+    assert t["exptime"][0] == 3000.0  # EXPOSURE in minutes
+    assert t["mjd"][0] == pytest.approx(Time("1951-11-29T12:07:00", scale="utc").mjd + 1500 / 86400, abs=1e-8)
+    assert store.image_shape(out, fid) == (1, 1059, 1059)
+    assert rep["missing"][REAL] == ["AIRMASS", "SATURATE"]
