@@ -1,0 +1,188 @@
+"""Registration of an epoch without a (usable) WCS to a reference epoch, from star lists alone.
+
+Method (asterism matching, as astroalign / Lang et al.'s astrometry.net quads, in small):
+
+1. The ``n_bright`` brightest sources of each list; for each, the triangles it forms with
+   pairs of its ``k`` nearest bright neighbours.
+2. Each triangle's invariants: the ratios of its sorted side lengths ``(L2/L3, L1/L3)``
+   (unchanged by shift, rotation and scale). Triangles of the two lists are matched in
+   invariant space with a KD-tree; each match votes for its 3 vertex correspondences.
+3. RANSAC over the voted correspondences: the similarity (shift + rotation + scale) from two
+   pairs, kept when most pairs agree within ``tol_px``.
+4. Refinement: every source within ``match_radius_px`` of a transformed reference position
+   (nearest neighbour, both ways), a least-squares **affine** fit, 3-sigma clipping, repeated.
+
+Returns the 2 x 3 affine matrix ``A`` that maps epoch pixels to reference pixels,
+``[x_ref, y_ref] = A @ [x, y, 1]``, the number of stars used and the residual RMS (px).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from survey_proc.errors import SurveyProcError
+
+
+class RegistrationError(SurveyProcError):
+    """Two star lists could not be registered."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Result of :func:`register`."""
+
+    matrix: np.ndarray  # (2, 3): epoch pixels -> reference pixels
+    n_stars: int  # stars in the final fit
+    rms_px: float  # residual RMS per axis of the fit (pixels, reference frame)
+    shift_px: tuple[float, float]
+    rotation_deg: float
+    scale: float
+
+    def apply(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Epoch pixel positions -> reference pixel positions."""
+        a = self.matrix
+        return a[0, 0] * x + a[0, 1] * y + a[0, 2], a[1, 0] * x + a[1, 1] * y + a[1, 2]
+
+    def to_dict(self) -> dict:
+        """JSON-able form for run.json."""
+        return {"matrix": self.matrix.tolist(), "n_stars": self.n_stars, "rms_px": self.rms_px,
+                "shift_px": list(self.shift_px), "rotation_deg": self.rotation_deg, "scale": self.scale}
+
+
+def _triangles(xy: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Invariants (m, 2) and vertex indices (m, 3) of the triangles of each point with its k neighbours.
+
+    Vertices are ordered by the opposite side: vertex 0 faces the shortest side, 2 the longest,
+    so matched triangles give vertex correspondences directly.
+    """
+    n = len(xy)
+    k = min(k, n - 1)
+    if k < 2:
+        return np.zeros((0, 2)), np.zeros((0, 3), int)
+    _, nb = cKDTree(xy).query(xy, k + 1)
+    tri = set()
+    for i in range(n):
+        js = nb[i, 1:]
+        for a in range(len(js)):
+            for b in range(a + 1, len(js)):
+                tri.add(tuple(sorted((i, int(js[a]), int(js[b])))))
+    t = np.array(sorted(tri), int)
+    p = xy[t]  # (m, 3, 2)
+    # side opposite each vertex
+    s = np.stack([np.hypot(*(p[:, 1] - p[:, 2]).T), np.hypot(*(p[:, 0] - p[:, 2]).T),
+                  np.hypot(*(p[:, 0] - p[:, 1]).T)], 1)
+    order = np.argsort(s, 1)
+    s_sorted = np.take_along_axis(s, order, 1)
+    ok = s_sorted[:, 0] > 1e-6
+    inv = np.c_[s_sorted[:, 1] / s_sorted[:, 2], s_sorted[:, 0] / s_sorted[:, 2]]
+    return inv[ok], np.take_along_axis(t, order, 1)[ok]
+
+
+def _similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (2 x 3) mapping src -> dst (Umeyama, no reflection)."""
+    ms, md = src.mean(0), dst.mean(0)
+    a, b = src - ms, dst - md
+    cov = b.T @ a / len(src)
+    u, d, vt = np.linalg.svd(cov)
+    sgn = np.sign(np.linalg.det(u @ vt)) or 1.0
+    dm = np.diag([1.0, sgn])
+    r = u @ dm @ vt
+    scale = np.trace(np.diag(d) @ dm) / max(a.var(0).sum(), 1e-30)
+    m = np.zeros((2, 3))
+    m[:, :2] = scale * r
+    m[:, 2] = md - scale * r @ ms
+    return m
+
+
+def _apply(m: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    return xy @ m[:, :2].T + m[:, 2]
+
+
+def _affine(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    a = np.c_[src, np.ones(len(src))]
+    sol, *_ = np.linalg.lstsq(a, dst, rcond=None)
+    return sol.T
+
+
+def register(xy: np.ndarray, flux: np.ndarray, ref_xy: np.ndarray, ref_flux: np.ndarray, *, n_bright: int = 40,
+             k: int = 5, tol_px: float = 2.0, match_radius_px: float = 1.5, min_stars: int = 6,
+             seed: int = 0) -> Registration:
+    """Register an epoch's sources to a reference list (see the module docstring).
+
+    Parameters
+    ----------
+    xy, flux
+        The epoch's source positions (n, 2) (pixels) and fluxes (any unit: only the order counts).
+    ref_xy, ref_flux
+        The reference list.
+    n_bright
+        Brightest sources of each list used for the asterisms.
+    k
+        Neighbours per source forming triangles.
+    tol_px
+        RANSAC inlier tolerance (pixels).
+    match_radius_px
+        Radius of the refinement matches (pixels).
+    min_stars
+        Fewer stars in the final fit is an error.
+    """
+    xy, ref_xy = np.asarray(xy, float), np.asarray(ref_xy, float)
+    if len(xy) < 3 or len(ref_xy) < 3:
+        raise RegistrationError(f"too few sources to register ({len(xy)} in the epoch, {len(ref_xy)} in the "
+                                "reference); at least 3 are needed, better 20")
+    bi = np.argsort(-np.asarray(flux, float))[:n_bright]
+    br = np.argsort(-np.asarray(ref_flux, float))[:n_bright]
+    inv_s, tri_s = _triangles(xy[bi], k)
+    inv_r, tri_r = _triangles(ref_xy[br], k)
+    if len(inv_s) == 0 or len(inv_r) == 0:
+        raise RegistrationError("no star triangles to match; the lists are too sparse")
+    d, j = cKDTree(inv_r).query(inv_s, distance_upper_bound=0.01)
+    ok = np.isfinite(d)
+    if not ok.any():
+        raise RegistrationError("no matching star triangles between the epoch and the reference")
+    pairs = np.c_[bi[tri_s[ok].ravel()], br[tri_r[j[ok]].ravel()]]
+    pairs, votes = np.unique(pairs, axis=0, return_counts=True)
+    order = np.argsort(-votes)
+    pairs = pairs[order][:200]
+    rng = np.random.default_rng(seed)
+    best, best_n = None, 0
+    n_p = len(pairs)
+    trials = min(500, n_p * (n_p - 1) // 2)
+    for _ in range(trials):
+        a, b = rng.choice(n_p, 2, replace=False)
+        if np.hypot(*(xy[pairs[a, 0]] - xy[pairs[b, 0]])) < 5:
+            continue
+        m = _similarity(xy[pairs[[a, b], 0]], ref_xy[pairs[[a, b], 1]])
+        res = np.hypot(*(_apply(m, xy[pairs[:, 0]]) - ref_xy[pairs[:, 1]]).T)
+        n_in = int((res < tol_px).sum())
+        if n_in > best_n:
+            best, best_n = m, n_in
+    if best is None or best_n < 3:
+        raise RegistrationError(f"no consistent transformation (best {best_n} agreeing star pairs); the epoch "
+                                "and the reference may not overlap")
+    m = best
+    tree_r = cKDTree(ref_xy)
+    n_used, rms = 0, np.inf
+    for radius in (tol_px, match_radius_px, match_radius_px):
+        p = _apply(m, xy)
+        d, j = tree_r.query(p, distance_upper_bound=radius)
+        sel = np.isfinite(d)
+        # mutual nearest neighbours only
+        back = cKDTree(p).query(ref_xy[j[sel]])[1]
+        keep = np.flatnonzero(sel)[back == np.flatnonzero(sel)]
+        if len(keep) < min_stars:
+            raise RegistrationError(f"only {len(keep)} stars match after the first solution (need {min_stars})")
+        src, dst = xy[keep], ref_xy[j[keep]]
+        clip = np.ones(len(keep), bool)
+        for _ in range(3):
+            m = _affine(src[clip], dst[clip])
+            r = _apply(m, src) - dst
+            s = np.sqrt(np.mean(r[clip] ** 2))
+            clip = np.hypot(*r.T) < max(3 * s * np.sqrt(2), 1e-3)
+        n_used, rms = int(clip.sum()), float(np.sqrt(np.mean((_apply(m, src[clip]) - dst[clip]) ** 2)))
+    scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
+    rot = float(np.degrees(np.arctan2(m[1, 0] - m[0, 1], m[0, 0] + m[1, 1])))
+    return Registration(m, n_used, rms, (float(m[0, 2]), float(m[1, 2])), rot, scale)
