@@ -10,7 +10,8 @@ Method (asterism matching, as astroalign / Lang et al.'s astrometry.net quads, i
 3. RANSAC over the voted correspondences: the similarity (shift + rotation + scale) from two
    pairs, kept when most pairs agree within ``tol_px``.
 4. Refinement: every source within ``match_radius_px`` of a transformed reference position
-   (nearest neighbour, both ways), a least-squares **affine** fit, 3-sigma clipping, repeated.
+   (nearest neighbour, both ways), a least-squares **affine** fit (weighted by S/N^2 when
+   given), 3-sigma clipping, repeated.
 
 Returns the 2 x 3 affine matrix ``A`` that maps epoch pixels to reference pixels,
 ``[x_ref, y_ref] = A @ [x, y, 1]``, the number of stars used and the residual RMS (px).
@@ -101,15 +102,16 @@ def _apply(m: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return xy @ m[:, :2].T + m[:, 2]
 
 
-def _affine(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+def _affine(src: np.ndarray, dst: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
     a = np.c_[src, np.ones(len(src))]
-    sol, *_ = np.linalg.lstsq(a, dst, rcond=None)
+    sw = np.ones(len(src)) if w is None else np.sqrt(w)
+    sol, *_ = np.linalg.lstsq(a * sw[:, None], dst * sw[:, None], rcond=None)
     return sol.T
 
 
 def register(xy: np.ndarray, flux: np.ndarray, ref_xy: np.ndarray, ref_flux: np.ndarray, *, n_bright: int = 40,
              k: int = 5, tol_px: float = 2.0, match_radius_px: float = 1.5, min_stars: int = 6,
-             seed: int = 0) -> Registration:
+             seed: int = 0, snr: np.ndarray | None = None) -> Registration:
     """Register an epoch's sources to a reference list (see the module docstring).
 
     Parameters
@@ -128,6 +130,9 @@ def register(xy: np.ndarray, flux: np.ndarray, ref_xy: np.ndarray, ref_flux: np.
         Radius of the refinement matches (pixels).
     min_stars
         Fewer stars in the final fit is an error.
+    snr
+        S/N of the epoch's sources; the affine fit then weights each star by
+        ``min(snr, 200)^2`` (its centroid variance ~ 1/snr^2). None: equal weights.
     """
     xy, ref_xy = np.asarray(xy, float), np.asarray(ref_xy, float)
     if len(xy) < 3 or len(ref_xy) < 3:
@@ -176,12 +181,18 @@ def register(xy: np.ndarray, flux: np.ndarray, ref_xy: np.ndarray, ref_flux: np.
         if len(keep) < min_stars:
             raise RegistrationError(f"only {len(keep)} stars match after the first solution (need {min_stars})")
         src, dst = xy[keep], ref_xy[j[keep]]
+        w = None if snr is None else np.clip(np.asarray(snr, float)[keep], 1.0, 200.0) ** 2
         clip = np.ones(len(keep), bool)
         for _ in range(3):
-            m = _affine(src[clip], dst[clip])
+            m = _affine(src[clip], dst[clip], None if w is None else w[clip])
             r = _apply(m, src) - dst
-            s = np.sqrt(np.mean(r[clip] ** 2))
-            clip = np.hypot(*r.T) < max(3 * s * np.sqrt(2), 1e-3)
+            if w is None:
+                s = np.sqrt(np.mean(r[clip] ** 2))
+                clip = np.hypot(*r.T) < max(3 * s * np.sqrt(2), 1e-3)
+            else:  # residuals in units of the expected scatter ~ 1 / snr
+                z = np.hypot(*r.T) * np.sqrt(w)
+                s = np.sqrt(np.mean(z[clip] ** 2))
+                clip = z < max(3 * s, 1e-3)
         n_used, rms = int(clip.sum()), float(np.sqrt(np.mean((_apply(m, src[clip]) - dst[clip]) ** 2)))
     scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
     rot = float(np.degrees(np.arctan2(m[1, 0] - m[0, 1], m[0, 0] + m[1, 1])))

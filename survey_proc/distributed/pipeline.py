@@ -6,13 +6,17 @@ Stages, in order, each with its own progress bar:
    Zarr) and one finalize task that merges the blocks, de-duplicates borders, adds
    astrometry, fits the zero point against the reference catalogue and writes
    ``sources/field=F/epoch=E.parquet``.
-2. **calibrate**: per field, the cross-epoch zero-point model (with airmass term). Without
+2. **register**: per epoch without a WCS, its sources are registered to the reference
+   epoch's (the epoch with a WCS, else any, with most detections) by asterism matching
+   (``catalog/registration.py``); positions and, with a reference catalogue, the zero point
+   are rewritten; the residual RMS goes to run.json (``registration``).
+3. **calibrate**: per field, the cross-epoch zero-point model (with airmass term). Without
    a reference catalogue, every epoch is first calibrated against the stable stars of a
    reference epoch (the one with most detections). Epochs with too few reference stars
    take the model's zero point. Affected units are rewritten atomically. Writes
    ``epochs.parquet``.
-3. **crossmatch**: per (field, region), objects and light curves.
-4. **classify**: per (field, region), the periodic-variable search and classifier
+4. **crossmatch**: per (field, region), objects and light curves.
+5. **classify**: per (field, region), the periodic-variable search and classifier
    (``survey_proc/lightcurves``) on the worker's device; rewrites the region's objects
    with period, class and probabilities. It has its own fingerprint (the run's, its
    ``[classify]`` settings and the classifier's weights), so a new classifier re-runs only
@@ -231,6 +235,44 @@ def _stage_extract(client: Any, cfg: RunConfig, plans: list[FieldPlan], referenc
         state.records[(unit["field"], unit["epoch"])] = rec
 
     _gather(client, futures, bars, bar, state, "extract", done)
+
+
+def _stage_register(client: Any, cfg: RunConfig, plans: list[FieldPlan], reference: Path | None, fp: str,
+                    state: RunState, bars: _Bars) -> None:
+    cfg_json = json.dumps(cfg.to_dict())
+    futures: dict[Any, dict] = {}
+    for p in plans:
+        recs = {e: state.records[(p.field, e)] for e in range(p.n_epochs) if (p.field, e) in state.records}
+        todo = [e for e, r in recs.items() if not r.get("has_wcs", True) and "registration" not in r]
+        if not todo:
+            continue
+        with_wcs = [e for e, r in recs.items() if r.get("has_wcs", True)]
+        earlier = {r["registration"]["reference_epoch"] for r in recs.values() if "registration" in r}
+        if earlier and not with_wcs:  # a resumed run keeps the frame it started with
+            ref_epoch = min(earlier)
+        else:
+            ref_epoch = max(sorted(with_wcs or recs), key=lambda e: recs[e]["n_sources"])
+        if ref_epoch in todo:  # no epoch has a WCS: the reference epoch's pixels are the frame
+            todo.remove(ref_epoch)
+            rec = dict(recs[ref_epoch])
+            rec["registration"] = {"reference_epoch": ref_epoch, "rms_px": 0.0, "n_stars": rec["n_sources"],
+                                   "matrix": [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]}
+            state.records[(p.field, ref_epoch)] = rec
+        for e in todo:
+            fut = client.submit(tasks.register_epoch_task, cfg.out, p.field, e, ref_epoch, p.ref_wcs_text,
+                                str(reference) if reference else None, cfg_json, fp, pure=False, retries=1)
+            futures[fut] = {"field": p.field, "epoch": e}
+    if not futures:
+        return
+    bar = bars.add("register", len(futures))
+    n_fail = len(state.failures)
+
+    def done(unit: dict, rec: dict) -> None:
+        state.records[(unit["field"], unit["epoch"])] = rec
+
+    _gather(client, futures, bars, bar, state, "register", done)
+    for f in state.failures[n_fail:]:  # an unregistered epoch must not reach the cross-match
+        state.records.pop((f["field"], f["epoch"]), None)
 
 
 def _apcorr_model(recs: dict[int, dict]) -> dict[str, Any]:
@@ -505,6 +547,9 @@ def run_pipeline(cfg: RunConfig, client: Any = None) -> dict[str, Any]:
             _stage_extract(c, cfg, plans, reference, fp, state, bars, run_token)
             state.timings["extract_s"] = time.perf_counter() - t
             t = time.perf_counter()
+            _stage_register(c, cfg, plans, reference, fp, state, bars)
+            state.timings["register_s"] = time.perf_counter() - t
+            t = time.perf_counter()
             _stage_calibrate(c, cfg, plans, reference, fp, state, bars)
             state.timings["calibrate_s"] = time.perf_counter() - t
             t = time.perf_counter()
@@ -565,6 +610,9 @@ def _run_summary(state: RunState, plans: list[FieldPlan]) -> dict[str, Any]:
                                                                  "n_points", "wall_s")}
                        for k, v in sorted(state.regions.items())},
         "zeropoints": zp_by_field,
+        "registration": {f"{r['field']}/{r['epoch']}": {k: r["registration"][k] for k in
+                                                        ("reference_epoch", "rms_px", "n_stars")}
+                         for r in recs if "registration" in r},
         "extraction_fallbacks": fallbacks,
         "failures": state.failures,
     }

@@ -326,3 +326,46 @@ def classify_region_task(out: str, field: str, region: int, cfg_json: str, class
     record = {**record, "classify_fingerprint": classify_fingerprint, "classify": info}
     write_parquet_atomic(objects, OBJECTS, opath, record)
     return {"field": field, "region": region, **info}
+
+
+# ------------------------------------------------------------------ registration (epochs without a WCS)
+def register_epoch_task(out: str, field: str, epoch: int, ref_epoch: int, ref_wcs_text: str,
+                        reference_path: str | None, cfg_json: str, fingerprint: str) -> dict[str, Any]:
+    """Register an epoch without a WCS to the reference epoch's sources; rewrite its positions.
+
+    The epoch's clean sources are matched to the reference epoch's (``catalog/registration.py``);
+    ``x_ref``/``y_ref`` become the affine transform of ``x``/``y``, ``ra``/``dec`` follow from
+    the reference WCS when there is one, and with a reference catalogue the zero point is
+    fitted again. The record gains ``registration`` (matrix, stars, residual RMS).
+    """
+    from survey_proc.catalog import flags as F
+    from survey_proc.catalog.registration import RegistrationError, register
+
+    cfg = _config(cfg_json)
+    layout = OutputLayout(out)
+    path = layout.sources(field, epoch)
+    record = read_meta(path)
+    if record is None:
+        raise SurveyProcError(f"{path}: missing or unreadable; re-run to extract field {field} epoch {epoch}")
+    src = pq.read_table(path).to_pandas()
+    ref = pq.read_table(layout.sources(field, ref_epoch), columns=["x_ref", "y_ref", "flux", "flags"]).to_pandas()
+    good = (src["flags"].to_numpy() & F.PHOTOMETRY_BAD) == 0
+    rgood = (ref["flags"].to_numpy() & F.PHOTOMETRY_BAD) == 0
+    try:
+        reg = register(src[["x", "y"]].to_numpy()[good], src["flux"].to_numpy()[good],
+                       ref[["x_ref", "y_ref"]].to_numpy()[rgood], ref["flux"].to_numpy()[rgood],
+                       match_radius_px=max(1.0, 0.75 * float(record["fwhm_px"])), snr=src["snr"].to_numpy()[good])
+    except RegistrationError as exc:
+        raise SurveyProcError(f"field {field} epoch {epoch}: no WCS and registration to epoch {ref_epoch} "
+                              f"failed ({exc}); add a WCS to the epoch or exclude it") from None
+    src["x_ref"], src["y_ref"] = reg.apply(src["x"].to_numpy(float), src["y"].to_numpy(float))
+    ref_wcs = parse_wcs(ref_wcs_text) if ref_wcs_text else None
+    src["ra"], src["dec"] = pixel_to_world(ref_wcs, src["x_ref"].to_numpy(), src["y_ref"].to_numpy())
+    zp = cal.ZeroPoint(**record["zp"])
+    if reference_path is not None and ref_wcs is not None:
+        zp = calibrate_sources(src, reference_in_frame(reference_path, ref_wcs_text), record["fwhm_px"], cfg)
+        cal.apply_zeropoint(src, zp)
+    record = {**record, "zp": zp.to_dict(), "registration": {**reg.to_dict(), "reference_epoch": ref_epoch},
+              "fingerprint": fingerprint}
+    write_parquet_atomic(src, SOURCES, path, record)
+    return record
