@@ -120,6 +120,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     hdus = [int(h) for h in args.hdu.split(",")] if args.hdu else None
     report = ingest(paths, args.out, field_key=args.field_key, hdus=hdus, append=args.append, gain=args.gain,
                     read_noise=args.read_noise, saturation=args.saturation, band=args.band,
+                    site=tuple(float(v) for v in args.site.split(",")) if args.site else None,
                     pixel_scale_arcsec=args.pixel_scale if args.pixel_scale is not None else float("nan"),
                     zeropoint_nominal=args.zeropoint)
     for fid, r in report["fields"].items():
@@ -212,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gain", type=float, help="e/ADU, overrides GAIN/EGAIN/CCDGAIN")
     g.add_argument("--read-noise", type=float, help="electrons, overrides RDNOISE/READNOIS/RON")
     g.add_argument("--saturation", type=float, help="ADU, overrides SATURATE/SATLEVEL")
+    g.add_argument("--site", metavar="LAT,LON", help="observatory latitude,longitude (deg) for the airmass when "
+                   "headers have none")
     g.add_argument("--band", default="unknown", help="photometric band name")
     g.add_argument("--pixel-scale", type=float, help="arcsec per pixel")
     g.add_argument("--zeropoint", type=float, default=25.0, help="nominal zero point (mag for 1 ADU per exposure)")

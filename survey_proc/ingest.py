@@ -18,7 +18,11 @@ Header handling (each rule names the keywords it reads, in order)
   Options override headers. A missing gain or read noise without an option is an error
   naming the file and the keywords; a missing saturation becomes the largest value of an
   integer image's type (or none for float images), reported.
-- **Airmass**: ``AIRMASS``, ``SECZ``; missing: NaN, reported.
+- **Airmass**: ``AIRMASS``, ``SECZ``; else computed (astropy AltAz, plane-parallel sec z)
+  from the pointing (``RA``/``DEC`` in degrees or sexagesimal hours/degrees, else
+  ``CRVAL1/2``), the mid-exposure time and the site (``SITELAT``/``SITELONG``,
+  ``LATITUDE``/``LONGITUD``, ``OBSGEO-B``/``OBSGEO-L``, or the ``site`` option); else NaN,
+  reported.
 - **WCS**: a celestial WCS in the header (``CTYPE1/2``) is stored as header text; none: "".
 - **Pixels**: float32 ADU. astropy applies ``BSCALE``/``BZERO``; integer images are
   converted. Mask bits: 1 for NaN/inf pixels and for nonzero pixels of a ``BPM``/``MASK``/``DQ``
@@ -161,6 +165,54 @@ def _wcs_text(header: Any) -> str:
     return w.to_header(relax=True).tostring(sep="\n") if w.has_celestial else ""
 
 
+def _angle(value: Any, hours: bool) -> float | None:
+    """Degrees from a number or a sexagesimal string (hours when ``hours``)."""
+    from astropy.coordinates import Angle
+
+    try:
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = str(value).strip()
+        if re.fullmatch(r"[+-]?\d+(\.\d*)?", text):
+            return float(text)
+        return float(Angle(text, unit="hourangle" if hours else "deg").deg)
+    except (ValueError, TypeError):
+        return None
+
+
+def computed_airmass(header: Any, mjd: float, timescale: str, site: tuple[float, float] | None = None
+                     ) -> float | None:
+    """sec z at mid-exposure from the header's pointing and site (or ``site`` = (lat, lon) deg); None if unknown."""
+    from astropy import units as u
+    from astropy.coordinates import AltAz, EarthLocation, SkyCoord
+    from astropy.time import Time
+
+    ra = dec = None
+    if "RA" in header and "DEC" in header:
+        ra, dec = _angle(header["RA"], hours=isinstance(header["RA"], str) and ":" in header["RA"]), \
+            _angle(header["DEC"], hours=False)
+    elif "CRVAL1" in header and "CRVAL2" in header:
+        ra, dec = _angle(header["CRVAL1"], False), _angle(header["CRVAL2"], False)
+    if site is None:
+        for klat, klon in (("SITELAT", "SITELONG"), ("LATITUDE", "LONGITUD"), ("OBSGEO-B", "OBSGEO-L")):
+            if klat in header and klon in header:
+                lat, lon = _angle(header[klat], False), _angle(header[klon], False)
+                if lat is not None and lon is not None:
+                    site = (lat, lon)
+                    break
+    if ra is None or dec is None or site is None:
+        return None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loc = EarthLocation.from_geodetic(lon=site[1] * u.deg, lat=site[0] * u.deg)
+        altaz = SkyCoord(ra * u.deg, dec * u.deg).transform_to(
+            AltAz(obstime=Time(mjd, format="mjd", scale=timescale), location=loc))
+    alt = float(altaz.alt.deg)
+    return 1.0 / np.sin(np.radians(alt)) if alt > 0 else float("nan")
+
+
 def _pointing(header: Any) -> str:
     for ka, kd in (("CRVAL1", "CRVAL2"), ("RA", "DEC")):
         if ka in header and kd in header:
@@ -172,8 +224,8 @@ def _pointing(header: Any) -> str:
 
 
 def read_fits(path: str | Path, *, hdus: list[int] | None = None, field_key: str | None = None,
-              gain: float | None = None, read_noise: float | None = None, saturation: float | None = None
-              ) -> list[Exposure]:
+              gain: float | None = None, read_noise: float | None = None, saturation: float | None = None,
+              site: tuple[float, float] | None = None) -> list[Exposure]:
     """Read every image HDU of one FITS file (or the ``hdus`` listed) as :class:`Exposure` objects.
 
     Parameters
@@ -186,6 +238,8 @@ def read_fits(path: str | Path, *, hdus: list[int] | None = None, field_key: str
         Header keyword whose value names the field (e.g. ``OBJECT``).
     gain, read_noise, saturation
         Values that override the headers (e/ADU, e, ADU).
+    site
+        Observatory (latitude, longitude) in degrees, for the airmass when the header has none.
     """
     from astropy.io import fits
 
@@ -238,6 +292,8 @@ def read_fits(path: str | Path, *, hdus: list[int] | None = None, field_key: str
                 missing.append("SATURATE")
             _, am = _first(header, AIRMASS_KEYS)
             if am is None:
+                am = computed_airmass(header, mjd, scale, site)
+            if am is None:
                 missing.append("AIRMASS")
             mask = np.zeros(data.shape, np.uint8)
             mask[~np.isfinite(data)] |= 1
@@ -270,7 +326,8 @@ def field_id_of(exp: Exposure) -> str:
 
 def ingest(paths: list[str | Path], out: str | Path, *, field_key: str | None = None, hdus: list[int] | None = None,
            append: bool = False, gain: float | None = None, read_noise: float | None = None,
-           saturation: float | None = None, band: str = "unknown", pixel_scale_arcsec: float = float("nan"),
+           saturation: float | None = None, site: tuple[float, float] | None = None, band: str = "unknown",
+           pixel_scale_arcsec: float = float("nan"),
            zeropoint_nominal: float = 25.0, client: Any = None, progress: bool = True) -> dict[str, Any]:
     """Ingest FITS files into a survey store (created, or appended to with ``append``).
 
@@ -289,7 +346,7 @@ def ingest(paths: list[str | Path], out: str | Path, *, field_key: str | None = 
         raise IngestError(f"{out} already exists; pass --append to add exposures to it")
     if append and not out.exists():
         append = False
-    kwargs = dict(hdus=hdus, field_key=field_key, gain=gain, read_noise=read_noise, saturation=saturation)
+    kwargs = dict(hdus=hdus, field_key=field_key, gain=gain, read_noise=read_noise, saturation=saturation, site=site)
     if client is not None:
         futures = [client.submit(read_fits, f, **kwargs, pure=False) for f in files]
         exposures = [e for fut in futures for e in fut.result()]

@@ -199,3 +199,21 @@ def test_the_real_plate_ingests_with_its_odd_header(tmp_path):
     assert t["mjd"][0] == pytest.approx(Time("1951-11-29T12:07:00", scale="utc").mjd + 1500 / 86400, abs=1e-8)
     assert store.image_shape(out, fid) == (1, 1059, 1059)
     assert rep["missing"][REAL] == ["AIRMASS", "SATURATE"]
+
+
+def test_airmass_is_computed_from_pointing_site_and_time_when_missing(tmp_path):
+    from astropy import units as u
+    from astropy.coordinates import AltAz, EarthLocation, SkyCoord
+
+    p = _single(tmp_path, np.zeros((4, 4), np.float32), DATE_OBS="2024-03-01T05:00:00", EXPTIME=600.0, GAIN=1.0,
+                RDNOISE=3.0, RA="08:51:20.0", DEC="+11:48:00", SITELAT="+33:21:22", SITELONG="-116:51:53")
+    e = read_fits(p)[0]
+    t = Time("2024-03-01T05:05:00", scale="utc")
+    loc = EarthLocation.from_geodetic(lon=-(116 + 51 / 60 + 53 / 3600) * u.deg, lat=(33 + 21 / 60 + 22 / 3600) * u.deg)
+    alt = SkyCoord("08h51m20s", "+11d48m00s").transform_to(AltAz(obstime=t, location=loc)).alt.deg
+    assert e.airmass == pytest.approx(1 / np.sin(np.radians(alt)), rel=1e-6) and "AIRMASS" not in e.missing
+    # an explicit site works when the header has none
+    q = _single(tmp_path, np.zeros((4, 4), np.float32), "y.fits", DATE_OBS="2024-03-01T05:00:00", EXPTIME=600.0,
+                GAIN=1.0, RDNOISE=3.0, RA=132.8333, DEC=11.8)
+    assert np.isnan(read_fits(q)[0].airmass)
+    assert read_fits(q, site=(33.356, -116.865))[0].airmass == pytest.approx(e.airmass, rel=1e-3)
