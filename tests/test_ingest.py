@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from astropy.io import fits
 from astropy.time import Time
@@ -217,3 +218,59 @@ def test_airmass_is_computed_from_pointing_site_and_time_when_missing(tmp_path):
                 GAIN=1.0, RDNOISE=3.0, RA=132.8333, DEC=11.8)
     assert np.isnan(read_fits(q)[0].airmass)
     assert read_fits(q, site=(33.356, -116.865))[0].airmass == pytest.approx(e.airmass, rel=1e-3)
+
+
+@pytest.mark.parametrize("with_wcs", [True, False])
+def test_ingested_fits_give_the_same_objects_and_light_curves_as_the_store(tmp_path, client, with_wcs):
+    """Single-HDU FITS from a jittered simulated survey, with and without WCS, ingested and run."""
+    from survey_proc.catalog.registration import register
+    from survey_proc.distributed.pipeline import run_pipeline
+    from tests.conftest import run_config
+
+    st = tmp_path / "sim.zarr"
+    scn = load_scenario("dense", {"size_px": 192, "n_epochs": 6, "seed": 43, "psf_oversample": 5,
+                                  "star_density_per_px2": 0.006, "jitter_px": 8.0, "rotation_jitter_deg": 0.3,
+                                  "n_bad_columns": 0})
+    simulate_survey(scn, st, workers=0, progress=False)
+    paths = []
+    ds = store.open_field(st, "F000")
+    t = store.read_epoch_table(st, "F000")
+    for e in range(6):
+        h = _header(float(t["mjd"][e]), float(t["exptime"][e]), str(t["wcs"][e]) if with_wcs else "", iso=False)
+        h["SATURATE"] = store.field_attrs(st, "F000")["saturation_adu"]
+        p = tmp_path / f"e{e}.fits"
+        bpm = fits.ImageHDU(ds["mask"].values[e], name="BPM")  # the camera's data-quality mask
+        fits.HDUList([fits.PrimaryHDU(ds["image"].values[e], header=h), bpm]).writeto(p)
+        paths.append(p)
+    ing = tmp_path / "ing.zarr"
+    ingest(paths, ing, field_key="OBJECT", zeropoint_nominal=store.field_attrs(st, "F000")["zeropoint_nominal"])
+    runs = {}
+    for name, s in (("direct", st), ("ingested", ing)):
+        out = tmp_path / f"out-{name}"
+        run = run_pipeline(run_config(s, out, tile_px=192, halo_px=24, reference="none",
+                                      crossmatch={"region_px": 192}), client=client)
+        assert run["status"] == "complete", run["failures"]
+        runs[name] = (pd.read_parquet(out / "objects"), pd.read_parquet(out / "lightcurves"), run)
+    (oa, la, _), (ob, lb, rb) = runs["direct"], runs["ingested"]
+    assert bool(rb["registration"]) != with_wcs  # registered exactly when there was no WCS
+    # the two reference frames differ by the pointing of their reference epochs: align them
+    reg = register(ob[["x", "y"]].to_numpy(), -ob["mag_median"].to_numpy(), oa[["x", "y"]].to_numpy(),
+                   -oa["mag_median"].to_numpy())
+    bx, by = reg.apply(ob["x"].to_numpy(), ob["y"].to_numpy())
+    from survey_proc.evaluate import match_one_to_one
+
+    i_a, i_b = match_one_to_one(oa["x"].to_numpy(), oa["y"].to_numpy(), bx, by, 0.5)
+    bright = oa["mag_median"].to_numpy()[i_a] < 22
+    assert len(i_a) >= 0.95 * min(len(oa), len(ob))
+    # relative calibration: the level is the reference epoch's, so compare up to one constant
+    dm = (ob["mag_median"].to_numpy()[i_b] - oa["mag_median"].to_numpy()[i_a])[bright]
+    offset = float(np.median(dm))
+    assert abs(offset) < 0.05 and np.median(np.abs(dm - offset)) < 0.005
+    assert np.mean(oa["n_epochs"].to_numpy()[i_a] == ob["n_epochs"].to_numpy()[i_b]) > 0.95
+    # light curves of bright matched objects: the same epochs, the same magnitudes
+    ida, idb = oa["object_id"].to_numpy()[i_a][bright][:20], ob["object_id"].to_numpy()[i_b][bright][:20]
+    for a_id, b_id in zip(ida, idb, strict=True):
+        ca, cb = la[la["object_id"] == a_id], lb[lb["object_id"] == b_id]
+        assert ca["epoch"].tolist() == cb["epoch"].tolist()
+        np.testing.assert_allclose(cb["mjd"].to_numpy(), ca["mjd"].to_numpy(), atol=1e-7)
+        np.testing.assert_allclose(cb["mag"].to_numpy() - offset, ca["mag"].to_numpy(), atol=0.02)
