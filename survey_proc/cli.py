@@ -118,11 +118,18 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
             raise IngestError(f"{pattern}: matches no file")
         paths.extend(hits)
     hdus = [int(h) for h in args.hdu.split(",")] if args.hdu else None
-    report = ingest(paths, args.out, field_key=args.field_key, hdus=hdus, append=args.append, gain=args.gain,
-                    read_noise=args.read_noise, saturation=args.saturation, band=args.band,
-                    site=tuple(float(v) for v in args.site.split(",")) if args.site else None,
-                    pixel_scale_arcsec=args.pixel_scale if args.pixel_scale is not None else float("nan"),
-                    zeropoint_nominal=args.zeropoint)
+    kw = dict(field_key=args.field_key, hdus=hdus, append=args.append, gain=args.gain,
+              read_noise=args.read_noise, saturation=args.saturation, band=args.band,
+              site=tuple(float(v) for v in args.site.split(",")) if args.site else None,
+              pixel_scale_arcsec=args.pixel_scale if args.pixel_scale is not None else float("nan"),
+              zeropoint_nominal=args.zeropoint, progress=not args.quiet)
+    if not args.workers or len(paths) == 1:
+        report = ingest(paths, args.out, **kw)
+    else:
+        from survey_proc.distributed.cluster import local_client
+
+        with local_client(args.workers, quiet=args.quiet) as client:
+            report = ingest(paths, args.out, client=client, **kw)
     for fid, r in report["fields"].items():
         print(f"field {fid}: {r['added']} epoch(s) added, {r['skipped_already_ingested']} already ingested")
     for path, keys in report["missing"].items():
@@ -216,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--site", metavar="LAT,LON", help="observatory latitude,longitude (deg) for the airmass when "
                    "headers have none")
     g.add_argument("--band", default="unknown", help="photometric band name")
+    g.add_argument("--workers", type=int, default=0,
+                   help="worker processes reading files in parallel (default 0: in-process, measured faster here "
+                        "because the store is written by one process; see benchmarks/RESULTS.md)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--pixel-scale", type=float, help="arcsec per pixel")
     g.add_argument("--zeropoint", type=float, default=25.0, help="nominal zero point (mag for 1 ADU per exposure)")
     g.set_defaults(func=_cmd_ingest)

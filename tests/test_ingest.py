@@ -274,3 +274,18 @@ def test_ingested_fits_give_the_same_objects_and_light_curves_as_the_store(tmp_p
         assert ca["epoch"].tolist() == cb["epoch"].tolist()
         np.testing.assert_allclose(cb["mjd"].to_numpy(), ca["mjd"].to_numpy(), atol=1e-7)
         np.testing.assert_allclose(cb["mag"].to_numpy() - offset, ca["mag"].to_numpy(), atol=0.02)
+
+
+def test_cli_ingest_and_append_with_worker_processes(sim, tmp_path, capsys):
+    from survey_proc.cli import main
+
+    paths = [str(p) for p in _write_mef(sim, tmp_path, True)]
+    out = tmp_path / "cli.zarr"
+    assert main(["ingest", *paths[:2], "--out", str(out), "--field-key", "OBJECT", "--quiet"]) == 0
+    assert main(["ingest", str(tmp_path / "exp*.fits"), "--out", str(out), "--field-key", "OBJECT", "--append",
+                 "--workers", "2", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "field SIMFIELD_F000: 2 epoch(s) added, 2 already ingested" in text and "MB/s" in text
+    assert store.image_shape(out, "SIMFIELD_F001")[0] == 4
+    assert main(["ingest", str(tmp_path / "nothing*.fits"), "--out", str(tmp_path / "n.zarr")]) == 1
+    assert "nothing*.fits: matches no file" in capsys.readouterr().err
