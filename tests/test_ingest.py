@@ -220,9 +220,9 @@ def test_airmass_is_computed_from_pointing_site_and_time_when_missing(tmp_path):
     assert read_fits(q, site=(33.356, -116.865))[0].airmass == pytest.approx(e.airmass, rel=1e-3)
 
 
-@pytest.mark.parametrize("with_wcs", [True, False])
-def test_ingested_fits_give_the_same_objects_and_light_curves_as_the_store(tmp_path, client, with_wcs):
-    """Single-HDU FITS from a jittered simulated survey, with and without WCS, ingested and run."""
+@pytest.mark.parametrize("with_wcs, mef", [(True, False), (False, False), (False, True)])
+def test_ingested_fits_give_the_same_objects_and_light_curves_as_the_store(tmp_path, client, with_wcs, mef):
+    """FITS from a jittered simulated survey (single-HDU or MEF, with or without WCS), ingested and run."""
     from survey_proc.catalog.registration import register
     from survey_proc.distributed.pipeline import run_pipeline
     from tests.conftest import run_config
@@ -240,7 +240,11 @@ def test_ingested_fits_give_the_same_objects_and_light_curves_as_the_store(tmp_p
         h["SATURATE"] = store.field_attrs(st, "F000")["saturation_adu"]
         p = tmp_path / f"e{e}.fits"
         bpm = fits.ImageHDU(ds["mask"].values[e], name="BPM")  # the camera's data-quality mask
-        fits.HDUList([fits.PrimaryHDU(ds["image"].values[e], header=h), bpm]).writeto(p)
+        if mef:  # a camera's file: an empty primary header, the CCD as an extension
+            hl = fits.HDUList([fits.PrimaryHDU(header=h), fits.ImageHDU(ds["image"].values[e], name="CCD1"), bpm])
+        else:
+            hl = fits.HDUList([fits.PrimaryHDU(ds["image"].values[e], header=h), bpm])
+        hl.writeto(p)
         paths.append(p)
     ing = tmp_path / "ing.zarr"
     ingest(paths, ing, field_key="OBJECT", zeropoint_nominal=store.field_attrs(st, "F000")["zeropoint_nominal"])
