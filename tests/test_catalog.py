@@ -230,3 +230,12 @@ def test_sep_overflow_falls_back_and_says_so(border_survey):
     assert fallback == "limits" and len(objs) == len(border_survey["stars"])
     ok, none = classical.extract(data, bad, bkg.global_rms, DetectionConfig())
     assert none is None and len(ok) == len(objs)
+
+
+def test_select_calibrators_with_no_reference_star_in_reach_returns_nothing():
+    from survey_proc.catalog.calibrate import CalibrationConfig, select_calibrators
+
+    x = np.array([10.0, 50.0])
+    i_s, i_r = select_calibrators(x, x, np.array([100.0, 100.0]), np.zeros(2, np.int32), x + 30.0, x + 30.0, 2.0,
+                                  CalibrationConfig())
+    assert len(i_s) == 0 and len(i_r) == 0

@@ -102,3 +102,47 @@ def json_meta(path):
     from survey_proc.outputs import read_meta
 
     return read_meta(path)
+
+
+def test_a_rough_wcs_is_refined_against_the_reference_catalogue(tmp_path, client):
+    """Two epochs whose WCS is 25-30 px off: registered to the catalogue, calibrated, positions right."""
+    import zarr
+    from astropy.io import fits
+
+    from survey_proc.distributed.pipeline import run_pipeline
+    from survey_proc.evaluate import load_truth_stars
+    from survey_proc.simulate import load_scenario, simulate_survey
+    from tests.conftest import run_config
+
+    st = tmp_path / "rough.zarr"
+    scn = load_scenario("dense", {"size_px": 256, "n_epochs": 4, "seed": 47, "psf_oversample": 5,
+                                  "star_density_per_px2": 0.01, "n_bad_columns": 0,
+                                  "reference_mag_faint": 23.0})
+    simulate_survey(scn, st, workers=0, progress=False)
+    g = zarr.open_group(str(st / "fields" / "F000"), mode="r+")
+    wcs = [str(w) for w in g["wcs"][:]]
+    for e, (dx, dy) in ((1, (30.0, -12.0)), (3, (-25.0, 20.0))):
+        h = fits.Header.fromstring(wcs[e].strip(), sep="\n")
+        h["CRPIX1"] += dx
+        h["CRPIX2"] += dy
+        wcs[e] = h.tostring(sep="\n")
+    g["wcs"][:] = np.asarray(wcs, dtype=object)
+    out = tmp_path / "out"
+    run = run_pipeline(run_config(st, out, tile_px=256, halo_px=24, crossmatch={"region_px": 256}), client=client)
+    assert run["status"] == "complete", run["failures"]
+    assert sorted(run["registration"]) == ["F000/1", "F000/3"]
+    assert all(r["against"] == "reference catalogue" for r in run["registration"].values())
+    stars = load_truth_stars(st)
+    bright = stars[stars["mag"] < 21]
+    import pandas as pd
+    from scipy.spatial import cKDTree
+
+    for e in (1, 3):
+        src = pd.read_parquet(out / "sources" / "field=F000" / f"epoch={e}.parquet")
+        src = src[src["snr"] > 100]
+        d, _ = cKDTree(bright[["x", "y"]].to_numpy()).query(src[["x_ref", "y_ref"]].to_numpy(),
+                                                             distance_upper_bound=1.0)
+        ok = np.isfinite(d)
+        assert ok.sum() >= 10 and np.median(d[ok]) < 0.05
+        meta = json_meta(out / "sources" / "field=F000" / f"epoch={e}.parquet")
+        assert meta["zp"]["status"] == "fit" and meta["zp"]["n_used"] >= 10

@@ -125,6 +125,8 @@ def select_calibrators(x: np.ndarray, y: np.ndarray, snr: np.ndarray, flags: np.
     # one reference star per detection: keep the nearest
     order = np.lexsort((d[has], i_src))
     i_src, i_ref = i_src[order], i_ref[order]
+    if len(i_src) == 0:  # no reference star within the match radius (e.g. a WCS tens of pixels off)
+        return np.zeros(0, int), np.zeros(0, int)
     first = np.r_[True, i_src[1:] != i_src[:-1]]
     i_src, i_ref = i_src[first], i_ref[first]
     bad = F.PHOTOMETRY_BAD | F.CENTROID  # BLENDED is not excluded: isolation is tested directly

@@ -9,7 +9,9 @@ Stages, in order, each with its own progress bar:
 2. **register**: per epoch without a WCS, its sources are registered to the reference
    epoch's (the epoch with a WCS, else any, with most detections) by asterism matching
    (``catalog/registration.py``); positions and, with a reference catalogue, the zero point
-   are rewritten; the residual RMS goes to run.json (``registration``).
+   are rewritten; the residual RMS goes to run.json (``registration``). An epoch *with* a
+   WCS that matched fewer than ``calibration.min_stars`` reference stars (a rough WCS) is
+   registered the same way against the reference catalogue.
 3. **calibrate**: per field, the cross-epoch zero-point model (with airmass term). Without
    a reference catalogue, every epoch is first calibrated against the stable stars of a
    reference epoch (the one with most detections). Epochs with too few reference stars
@@ -243,6 +245,14 @@ def _stage_register(client: Any, cfg: RunConfig, plans: list[FieldPlan], referen
     futures: dict[Any, dict] = {}
     for p in plans:
         recs = {e: state.records[(p.field, e)] for e in range(p.n_epochs) if (p.field, e) in state.records}
+        if reference is not None and p.ref_wcs_text:
+            # a WCS that matched too few reference stars is probably rough: refine it against the catalogue
+            rough = [e for e, r in recs.items() if r.get("has_wcs", True) and "wcs_refinement" not in r
+                     and r["zp"]["n_candidates"] < cfg.calibration.min_stars]
+            for e in rough:
+                fut = client.submit(tasks.refine_wcs_task, cfg.out, p.field, e, p.ref_wcs_text, str(reference),
+                                    cfg_json, fp, pure=False, retries=1)
+                futures[fut] = {"field": p.field, "epoch": e}
         todo = [e for e, r in recs.items() if not r.get("has_wcs", True) and "registration" not in r]
         if not todo:
             continue
@@ -610,8 +620,8 @@ def _run_summary(state: RunState, plans: list[FieldPlan]) -> dict[str, Any]:
                                                                  "n_points", "wall_s")}
                        for k, v in sorted(state.regions.items())},
         "zeropoints": zp_by_field,
-        "registration": {f"{r['field']}/{r['epoch']}": {k: r["registration"][k] for k in
-                                                        ("reference_epoch", "rms_px", "n_stars")}
+        "registration": {f"{r['field']}/{r['epoch']}": {k: r["registration"].get(k) for k in
+                                                        ("reference_epoch", "against", "rms_px", "n_stars")}
                          for r in recs if "registration" in r},
         "extraction_fallbacks": fallbacks,
         "failures": state.failures,

@@ -329,6 +329,52 @@ def classify_region_task(out: str, field: str, region: int, cfg_json: str, class
 
 
 # ------------------------------------------------------------------ registration (epochs without a WCS)
+def refine_wcs_task(out: str, field: str, epoch: int, ref_wcs_text: str, reference_path: str, cfg_json: str,
+                    fingerprint: str) -> dict[str, Any]:
+    """An epoch whose WCS matched too few reference stars (a rough WCS): register its
+    reference-frame positions to the reference catalogue and fit the zero point again.
+
+    When the registration fails or finds no correction (< 0.5 px anywhere), the unit is left
+    as it was and the record says why (``wcs_refinement``).
+    """
+    from survey_proc.catalog import flags as F
+    from survey_proc.catalog.registration import RegistrationError, register
+
+    cfg = _config(cfg_json)
+    path = OutputLayout(out).sources(field, epoch)
+    record = read_meta(path)
+    if record is None:
+        raise SurveyProcError(f"{path}: missing or unreadable; re-run to extract field {field} epoch {epoch}")
+    src = pq.read_table(path).to_pandas()
+    ref = reference_in_frame(reference_path, ref_wcs_text)
+    ref = ref[np.isfinite(ref["x_ref"]) & np.isfinite(ref["y_ref"])]
+    good = ((src["flags"].to_numpy() & F.PHOTOMETRY_BAD) == 0) & np.isfinite(src["x_ref"].to_numpy())
+    try:
+        reg = register(src[["x_ref", "y_ref"]].to_numpy()[good], src["flux"].to_numpy()[good],
+                       ref[["x_ref", "y_ref"]].to_numpy(), 10 ** (-0.4 * ref["mag"].to_numpy()),
+                       match_radius_px=max(1.0, 0.75 * float(record["fwhm_px"])), snr=src["snr"].to_numpy()[good])
+    except RegistrationError as exc:
+        record = {**record, "wcs_refinement": f"not refined: {exc}"}
+        write_parquet_atomic(src, SOURCES, path, record)
+        return record
+    x0, y0 = src["x_ref"].to_numpy(float), src["y_ref"].to_numpy(float)
+    x1, y1 = reg.apply(x0, y0)
+    if np.nanmax(np.hypot(x1 - x0, y1 - y0)) < 0.5:  # a good WCS with few reference stars: leave it
+        record = {**record, "wcs_refinement": "not refined: the WCS agrees with the reference catalogue to 0.5 px"}
+        write_parquet_atomic(src, SOURCES, path, record)
+        return record
+    src["x_ref"], src["y_ref"] = x1, y1
+    ref_wcs = parse_wcs(ref_wcs_text) if ref_wcs_text else None
+    src["ra"], src["dec"] = pixel_to_world(ref_wcs, x1, y1)
+    zp = calibrate_sources(src, ref, record["fwhm_px"], cfg)
+    cal.apply_zeropoint(src, zp)
+    record = {**record, "zp": zp.to_dict(), "registration": {**reg.to_dict(), "reference_epoch": None,
+                                                              "against": "reference catalogue"},
+              "wcs_refinement": "refined against the reference catalogue", "fingerprint": fingerprint}
+    write_parquet_atomic(src, SOURCES, path, record)
+    return record
+
+
 def register_epoch_task(out: str, field: str, epoch: int, ref_epoch: int, ref_wcs_text: str,
                         reference_path: str | None, cfg_json: str, fingerprint: str) -> dict[str, Any]:
     """Register an epoch without a WCS to the reference epoch's sources; rewrite its positions.
