@@ -143,6 +143,7 @@ def test_a_rough_wcs_is_refined_against_the_reference_catalogue(tmp_path, client
         d, _ = cKDTree(bright[["x", "y"]].to_numpy()).query(src[["x_ref", "y_ref"]].to_numpy(),
                                                              distance_upper_bound=1.0)
         ok = np.isfinite(d)
+        print(f"rough WCS epoch {e}: {ok.sum()} bright stars, median distance to truth {np.median(d[ok]):.4f} px")
         assert ok.sum() >= 10 and np.median(d[ok]) < 0.05
         meta = json_meta(out / "sources" / "field=F000" / f"epoch={e}.parquet")
         assert meta["zp"]["status"] == "fit" and meta["zp"]["n_used"] >= 10
