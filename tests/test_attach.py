@@ -1,0 +1,67 @@
+"""`survey-proc run --scheduler`: a scheduler and two workers started as separate processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from survey_proc.cli import main
+
+
+def _tables(out) -> dict[str, pd.DataFrame]:
+    keys = {"sources": ["source_id"], "objects": ["object_id"], "lightcurves": ["object_id", "epoch"]}
+    return {k: pd.read_parquet(out / k).sort_values(v).reset_index(drop=True) for k, v in keys.items()}
+
+
+@pytest.fixture()
+def external_cluster(tmp_path):
+    sf = tmp_path / "scheduler.json"
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", "0", "--no-dashboard", "--scheduler-file", str(sf)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        t0 = time.time()
+        while not (sf.exists() and sf.stat().st_size > 0):
+            if time.time() - t0 > 60:
+                raise RuntimeError("the dask scheduler did not start in 60 s")
+            time.sleep(0.2)
+        addr = json.loads(sf.read_text())["address"]
+        for _ in range(2):
+            procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", addr, "--nthreads",
+                                           "1", "--no-dashboard", "--host", "127.0.0.1"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        from distributed import Client
+
+        with Client(addr, timeout="30s") as c:
+            c.wait_for_workers(2, timeout=90)
+        yield addr
+    finally:
+        for p in procs[::-1]:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_run_attached_to_a_running_cluster_gives_the_same_outputs_as_a_local_one(border_survey, external_cluster,
+                                                                                    tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("[crossmatch]\nregion_px = 128\nmin_epochs = 2\n")
+    common = [str(border_survey["store"]), "--tile-px", "128", "--halo-px", "16", "--detector", "pnet",
+              "--config", str(cfg), "--quiet", "--no-evaluate", "--reference", "none"]
+    a, b = tmp_path / "attached", tmp_path / "local"
+    assert main(["run", *common, "--out", str(a), "--scheduler", external_cluster]) == 0
+    assert main(["run", *common, "--out", str(b), "--workers", "2"]) == 0
+    ta, tb = _tables(a), _tables(b)
+    for k in ta:
+        assert len(ta[k]) > 0
+        pd.testing.assert_frame_equal(ta[k], tb[k])
+    run = json.loads((a / "run.json").read_text())
+    assert run["config"]["scheduler"] == external_cluster and run["status"] == "complete"
