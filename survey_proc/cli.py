@@ -153,11 +153,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if args.epochs is not None and args.epochs < 1:
         raise SurveyProcError(f"--epochs must be a positive number of epochs, got {args.epochs}")
-    path = Path(args.store) if args.store else default_survey(args.epochs or 1000, workers=args.workers)
+    from survey_proc.config import local_path
+
+    path = Path(local_path(args.store, "store")) if args.store else default_survey(args.epochs or 1000,
+                                                                                  workers=args.workers)
     if args.store is None and args.epochs is None:
         args.epochs = 1000
     fields = tuple(f for item in (args.fields or []) for f in item.split(",") if f) or None
-    out = Path(args.out) if args.out else default_out(path)
+    out = Path(local_path(args.out, "--out")) if args.out else default_out(path)
     overrides = {"store": str(path), "out": str(out), "epochs": args.epochs, "fields": fields,
                  "detector": args.detector, "cluster": args.cluster, "scheduler": args.scheduler,
                  "workers": args.workers, "tile_px": args.tile_px, "halo_px": args.halo_px,

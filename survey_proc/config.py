@@ -141,6 +141,25 @@ SECTIONS: dict[str, type] = {
 }
 
 
+def local_path(value: str, name: str = "path") -> str:
+    """A local path from a path or a ``file://`` URL; other URL schemes are a :class:`ConfigError`.
+
+    Object stores (s3://, gs://, memory://) are refused: every output unit is written to a
+    temporary file and renamed atomically, and object stores have no atomic rename (see
+    deployments/README.md, "Storage").
+    """
+    if "://" not in value:
+        return value
+    from urllib.parse import unquote, urlparse
+
+    url = urlparse(value)
+    if url.scheme == "file" and url.netloc in ("", "localhost"):
+        return unquote(url.path)
+    raise ConfigError(f"{name} {value!r}: {url.scheme}:// URLs are not supported yet; survey-proc writes every unit "
+                      "by a temporary file and an atomic rename, which object stores lack. Mount the bucket "
+                      "(s3fs, gcsfuse) or copy the store to a shared filesystem, or use a file:// URL")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything ``survey-proc run`` needs. Paths are strings so the config is JSON-able."""
@@ -175,7 +194,16 @@ class RunConfig:
                           "classify")  # the classify stage has its own fingerprint
 
     def validate(self) -> RunConfig:
-        """Check values; raise :class:`ConfigError` naming the setting. Returns self."""
+        """Check values; raise :class:`ConfigError` naming the setting. Returns self.
+
+        ``file://`` URLs for the store and the output become local paths. Other fsspec URLs
+        (s3://, gs://, memory://) are refused with a message: outputs rely on atomic renames,
+        which object stores do not have (see deployments/README.md).
+        """
+        for name in ("store", "out"):
+            value = getattr(self, name)
+            if value:
+                object.__setattr__(self, name, local_path(value, name))
         if self.detector not in DETECTORS:
             raise ConfigError(f"detector must be one of {', '.join(DETECTORS)}, got {self.detector!r}")
         if self.cluster not in CLUSTERS:

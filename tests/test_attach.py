@@ -65,3 +65,22 @@ def test_run_attached_to_a_running_cluster_gives_the_same_outputs_as_a_local_one
         pd.testing.assert_frame_equal(ta[k], tb[k])
     run = json.loads((a / "run.json").read_text())
     assert run["config"]["scheduler"] == external_cluster and run["status"] == "complete"
+
+
+def test_file_urls_for_store_and_output_and_a_clear_refusal_of_object_stores(border_survey, client, tmp_path):
+    from survey_proc.config import load_config
+    from survey_proc.distributed.pipeline import run_pipeline
+    from survey_proc.errors import ConfigError
+    from tests.conftest import run_config
+
+    out = tmp_path / "out"
+    cfg = run_config(f"file://{border_survey['store']}", f"file://{out}", tile_px=128, halo_px=16,
+                     crossmatch={"region_px": 128, "min_epochs": 2})
+    assert cfg.store == str(border_survey["store"]) and cfg.out == str(out)
+    run = run_pipeline(cfg, client=client)
+    assert run["status"] == "complete" and (out / "objects").exists()
+    assert len(pd.read_parquet(out / "sources")) == run["counts"]["sources"]
+    with pytest.raises(ConfigError, match=r"store 's3://bucket/s\.zarr': s3:// URLs are not supported yet"):
+        load_config(None, {"store": "s3://bucket/s.zarr", "out": str(out)})
+    with pytest.raises(ConfigError, match=r"out 'memory://x': memory:// URLs are not supported yet"):
+        load_config(None, {"store": str(border_survey["store"]), "out": "memory://x"})
