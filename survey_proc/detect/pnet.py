@@ -356,6 +356,24 @@ def load_detector(path: Path | str | None = None, device: str | torch.device | N
     return LoadedDetector(model=model, threshold=threshold, device=dev, card=card, path=str(path))
 
 
+def _forward_backing_off(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``model(x)``; on a GPU out-of-memory error, the batch is run in halves (recursively)."""
+    from survey_proc.gpu_memory import is_oom, release_cache
+
+    try:
+        return model(x)
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        release_cache()
+        if len(x) == 1:
+            raise SurveyProcError(f"one {tuple(x.shape[-2:])}-pixel tile does not fit in the GPU's memory; "
+                                  "use a smaller --tile-px") from exc
+        h = len(x) // 2
+        a, b = _forward_backing_off(model, x[:h]), _forward_backing_off(model, x[h:])
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
 def predict(det: LoadedDetector, images: np.ndarray, *, threshold: float | None = None,
             noise_adu: float = 1.0) -> list[Detections]:
     """Run the detector on a batch of normalised images (N, H, W) and decode.
@@ -374,7 +392,7 @@ def predict(det: LoadedDetector, images: np.ndarray, *, threshold: float | None 
     x = torch.from_numpy(np.ascontiguousarray(padded[:, None])).to(det.device)
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        out = det.model(x)
+        out = _forward_backing_off(det.model, x)
         hm = torch.sigmoid(out["heatmap"]).float()
         dets = decode(hm, out["offset"].float(), out["flux"].float(),
                       threshold=det.threshold if threshold is None else threshold,

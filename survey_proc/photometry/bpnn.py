@@ -356,17 +356,38 @@ def predict(bpnn: LoadedBPNN, stamps: Stamps, *, n_samples: int | None = None, s
     if max_batch is None:
         max_batch = 256 if bpnn.device.type == "cpu" else 16384
     chunk = max(1, min(max_batch, max_rows // max(t, 1)))
+    from survey_proc.gpu_memory import is_oom, release_cache
+
+    a = 0
     with torch.inference_mode():
-        for a in range(0, n, chunk):
-            px = torch.from_numpy(stamps.pixels[a:a + chunk]).to(bpnn.device)
-            px = px.contiguous(memory_format=torch.channels_last)
-            ax = torch.from_numpy(stamps.aux[a:a + chunk]).to(bpnn.device)
-            if t == 0:
-                m, lv = bpnn.model.run_head(bpnn.model.features(px, ax), sample=False)
-                mu[a:a + chunk] = m.double().cpu().numpy()
-                alea[a:a + chunk] = torch.exp(0.5 * lv).double().cpu().numpy()
+        while a < n:
+            try:
+                _predict_chunk(bpnn, stamps, a, chunk, t, g, mu, alea, epi)
+            except Exception as exc:  # a GPU out of memory: halve the batch and run it again
+                if not is_oom(exc) or chunk == 1:
+                    raise
+                release_cache()
+                chunk = max(1, chunk // 2)
                 continue
-            m_t, lv_t = mc_forward(bpnn.model, px, ax, t, generator=g)
-            m, s_a, s_e = decompose(m_t.double(), lv_t.double())
-            mu[a:a + chunk], alea[a:a + chunk], epi[a:a + chunk] = (v.cpu().numpy() for v in (m, s_a, s_e))
+            a += chunk
     return MCResult(mu, alea, epi)
+
+
+def _predict_chunk(bpnn: LoadedBPNN, stamps: Stamps, a: int, chunk: int, t: int, g: torch.Generator,
+                   mu: np.ndarray, alea: np.ndarray, epi: np.ndarray) -> None:
+    """Predictions for stamps ``a .. a + chunk`` written into ``mu``, ``alea``, ``epi``.
+
+    After an out-of-memory back-off the MC draws of the rerun chunks differ from an
+    uninterrupted run's (the generator has moved on); the result is as valid, not identical.
+    """
+    px = torch.from_numpy(stamps.pixels[a:a + chunk]).to(bpnn.device)
+    px = px.contiguous(memory_format=torch.channels_last)
+    ax = torch.from_numpy(stamps.aux[a:a + chunk]).to(bpnn.device)
+    if t == 0:
+        m, lv = bpnn.model.run_head(bpnn.model.features(px, ax), sample=False)
+        mu[a:a + chunk] = m.double().cpu().numpy()
+        alea[a:a + chunk] = torch.exp(0.5 * lv).double().cpu().numpy()
+        return
+    m_t, lv_t = mc_forward(bpnn.model, px, ax, t, generator=g)
+    m, s_a, s_e = decompose(m_t.double(), lv_t.double())
+    mu[a:a + chunk], alea[a:a + chunk], epi[a:a + chunk] = (v.cpu().numpy() for v in (m, s_a, s_e))
