@@ -139,6 +139,19 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from survey_proc.validate import validate_output
+
+    problems = validate_output(args.out)
+    if problems:
+        print(f"{args.out}: {len(problems)} problem(s)")
+        for p in problems:
+            print(f"  - {p}")
+        return 1
+    print(f"{args.out}: valid (schemas, unique keys, references, counts against run.json)")
+    return 0
+
+
 def default_out(store_path: Path) -> Path:
     """Default ``--out``: ``./survey-proc-out/<store name without .zarr>``."""
     name = store_path.name[: -len(".zarr")] if store_path.name.endswith(".zarr") else store_path.name
@@ -233,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pixel-scale", type=float, help="arcsec per pixel")
     g.add_argument("--zeropoint", type=float, default=25.0, help="nominal zero point (mag for 1 ADU per exposure)")
     g.set_defaults(func=_cmd_ingest)
+
+    v = sub.add_parser("validate", help="check a run's outputs: schemas, unique keys, references, counts")
+    v.add_argument("out", help="the output directory of survey-proc run")
+    v.set_defaults(func=_cmd_validate)
 
     r = sub.add_parser("run", help="process a survey (without STORE: the default simulated survey)")
     r.add_argument("store", nargs="?", help="survey store (default: simulate/reuse the default survey)")

@@ -1,0 +1,100 @@
+"""``survey-proc validate OUT``: check a run's outputs against the contract, with DuckDB.
+
+Checks, each reported as one line naming the file or key:
+
+1. ``run.json`` exists and is readable;
+2. every Parquet file of ``sources/``, ``objects/``, ``lightcurves/`` carries the contract's
+   columns (DESIGN.md, :data:`survey_proc.catalog.schema.SCHEMAS`) with their types;
+3. unique keys: ``sources.source_id``; ``objects.object_id``; ``(object_id, epoch)`` of
+   ``lightcurves``;
+4. referential integrity: every light-curve object is in ``objects``, every light-curve
+   ``source_id`` (non-null) is in ``sources``, and ``objects.n_epochs`` equals the object's
+   light-curve length;
+5. counts against ``run.json``: sources, objects, light-curve points, epochs written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from survey_proc.catalog.schema import SCHEMAS
+
+
+def _files(out: Path, kind: str) -> list[Path]:
+    return sorted((out / kind).rglob("*.parquet")) if (out / kind).exists() else []
+
+
+def validate_output(out: str | Path, max_examples: int = 3) -> list[str]:
+    """Problems found in the run output ``out`` (empty: valid)."""
+    import duckdb
+
+    out = Path(out)
+    problems: list[str] = []
+    try:
+        run = json.loads((out / "run.json").read_text())
+    except FileNotFoundError:
+        return [f"{out / 'run.json'}: missing; {out} is not a survey-proc output (or the run never started)"]
+    except json.JSONDecodeError as exc:
+        return [f"{out / 'run.json'}: not valid JSON ({exc}); the run was interrupted while writing it"]
+    files = {k: _files(out, k) for k in SCHEMAS}
+    for kind, schema in SCHEMAS.items():
+        for f in files[kind]:
+            try:
+                have = pq.read_schema(f)
+            except Exception as exc:
+                problems.append(f"{f}: unreadable Parquet ({exc})")
+                continue
+            for field in schema:
+                if field.name not in have.names:
+                    problems.append(f"{f}: column {field.name!r} ({field.type}) is missing")
+                elif not have.field(field.name).type.equals(field.type) and not (
+                        str(field.type) == "string" and str(have.field(field.name).type).startswith("dictionary")):
+                    problems.append(f"{f}: column {field.name!r} has type {have.field(field.name).type}, "
+                                    f"the contract says {field.type}")
+    if problems:
+        return problems  # the queries below need the columns
+    con = duckdb.connect()
+
+    def rel(kind: str) -> str:
+        return "read_parquet([" + ", ".join(f"'{p}'" for p in files[kind]) + "], hive_partitioning = false)"
+
+    def q(sql: str) -> list[tuple]:
+        return con.execute(sql).fetchall()
+
+    n = {k: (q(f"select count(*) from {rel(k)}")[0][0] if files[k] else 0) for k in SCHEMAS}
+    for kind, key in (("sources", "source_id"), ("objects", "object_id"), ("lightcurves", "object_id, epoch")):
+        if not files[kind]:
+            continue
+        dup = q(f"select {key}, count(*) c from {rel(kind)} group by all having c > 1 order by c desc "
+                f"limit {max_examples}")
+        if dup:
+            n_dup = q(f"select count(*) from (select {key} from {rel(kind)} group by all having count(*) > 1)")[0][0]
+            problems.append(f"{kind}: {n_dup} duplicated key(s) ({key}), e.g. {dup[0][:-1]} x{dup[0][-1]}")
+    if files["lightcurves"]:
+        if files["objects"]:
+            orphans = q(f"select count(distinct l.object_id), min(l.object_id) from {rel('lightcurves')} l "
+                        f"anti join {rel('objects')} o using (object_id)")[0]
+        else:
+            orphans = q(f"select count(distinct object_id), min(object_id) from {rel('lightcurves')}")[0]
+        if orphans[0]:
+            problems.append(f"lightcurves: {orphans[0]} object_id(s) not in objects/, e.g. {orphans[1]}")
+        if files["sources"]:
+            miss = q(f"select count(*), min(l.source_id) from {rel('lightcurves')} l where l.source_id is not null "
+                     f"and l.source_id not in (select source_id from {rel('sources')})")[0]
+            if miss[0]:
+                problems.append(f"lightcurves: {miss[0]} source_id(s) not in sources/, e.g. {miss[1]}")
+        if files["objects"]:
+            bad = q(f"select count(*), min(o.object_id) from {rel('objects')} o join (select object_id, count(*) m "
+                    f"from {rel('lightcurves')} group by 1) l using (object_id) where o.n_epochs != l.m")[0]
+            if bad[0]:
+                problems.append(f"objects: {bad[0]} object(s) whose n_epochs differs from their light-curve length, "
+                                f"e.g. {bad[1]}")
+    counts = run.get("counts", {})
+    for key, have in (("sources", n["sources"]), ("objects", n["objects"]), ("lightcurve_points", n["lightcurves"]),
+                      ("epochs_written", len(files["sources"]))):
+        if key in counts and counts[key] != have:
+            problems.append(f"run.json counts.{key} = {counts[key]} but the output has {have}")
+    return problems

@@ -1,0 +1,77 @@
+"""`survey-proc validate OUT`: a good run passes; each kind of damage is named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from survey_proc.cli import main
+from survey_proc.distributed.pipeline import run_pipeline
+from survey_proc.validate import validate_output
+from tests.conftest import run_config
+
+
+@pytest.fixture(scope="module")
+def good_run(border_survey, client, tmp_path_factory):
+    out = tmp_path_factory.mktemp("validate") / "out"
+    run_pipeline(run_config(border_survey["store"], out, tile_px=128, halo_px=16,
+                            crossmatch={"region_px": 128, "min_epochs": 2}), client=client)
+    return out
+
+
+def _copy(good_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(good_run, out)
+    return out
+
+
+def test_a_good_run_is_valid(good_run, capsys):
+    assert validate_output(good_run) == []
+    assert main(["validate", str(good_run)]) == 0
+    assert "valid (schemas, unique keys, references, counts against run.json)" in capsys.readouterr().out
+
+
+def test_duplicated_rows_and_wrong_counts_are_reported(good_run, tmp_path, capsys):
+    out = _copy(good_run, tmp_path)
+    f = sorted((out / "sources").rglob("*.parquet"))[0]
+    t = pq.read_table(f)
+    pq.write_table(pa.concat_tables([t, t.slice(0, 1)]), f)
+    problems = validate_output(out)
+    assert any(p.startswith("sources: 1 duplicated key(s) (source_id)") for p in problems)
+    assert any("run.json counts.sources = " in p and "but the output has" in p for p in problems)
+    assert main(["validate", str(out)]) == 1
+    assert "problem(s)" in capsys.readouterr().out
+
+
+def test_missing_objects_and_sources_break_the_references(good_run, tmp_path):
+    out = _copy(good_run, tmp_path)
+    f = sorted((out / "objects").rglob("*.parquet"))[0]
+    pq.write_table(pq.read_table(f).slice(1), f)  # drop one object
+    e0 = sorted((out / "sources").rglob("*.parquet"))[0]
+    e0.unlink()
+    problems = validate_output(out)
+    assert any(p.startswith("lightcurves: 1 object_id(s) not in objects/") for p in problems)
+    assert any(p.startswith("lightcurves: ") and "source_id(s) not in sources/" in p for p in problems)
+    assert any(p.startswith("run.json counts.epochs_written = ") for p in problems)
+
+
+def test_schema_damage_and_a_missing_run_json_are_named(good_run, tmp_path):
+    out = _copy(good_run, tmp_path)
+    f = sorted((out / "lightcurves").rglob("*.parquet"))[0]
+    t = pq.read_table(f)
+    pq.write_table(t.drop(["mag_err"]).set_column(t.schema.get_field_index("epoch") - 0, "epoch",
+                                                   t["epoch"].cast(pa.float64())), f)
+    problems = validate_output(out)
+    assert any("column 'mag_err' (double) is missing" in p for p in problems)
+    assert any("column 'epoch' has type double, the contract says int32" in p for p in problems)
+    (out / "run.json").unlink()
+    assert validate_output(out)[0].endswith("run.json: missing; " + str(out) + " is not a survey-proc output "
+                                            "(or the run never started)")
+    (out / "run.json").write_text("{")
+    assert "run.json: not valid JSON" in validate_output(out)[0]
+    run = json.loads((good_run / "run.json").read_text())
+    assert run["counts"]["sources"] > 0
