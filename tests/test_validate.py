@@ -75,3 +75,20 @@ def test_schema_damage_and_a_missing_run_json_are_named(good_run, tmp_path):
     assert "run.json: not valid JSON" in validate_output(out)[0]
     run = json.loads((good_run / "run.json").read_text())
     assert run["counts"]["sources"] > 0
+
+
+def test_cli_lists_failed_units_and_allow_failures_exits_zero(border_survey, tmp_path, capsys):
+    store = tmp_path / "broken.zarr"
+    shutil.copytree(border_survey["store"], store)
+    (store / "fields" / "F000" / "image" / "c" / "1" / "0" / "0").write_bytes(b"this is not a zstd frame")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("[crossmatch]\nregion_px = 128\nmin_epochs = 2\n")
+    args = ["run", str(store), "--tile-px", "128", "--halo-px", "16", "--config", str(cfg), "--quiet",
+            "--no-evaluate", "--detector", "sep", "--photometry", "classical", "--no-classify", "--workers", "1",
+            "--reference", str(border_survey["store"]).replace(".zarr", ".reference.parquet")]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 1
+    text = capsys.readouterr().out
+    assert "FAILED units: 1" in text and "field F000 epoch 1: cannot read pixels" in text
+    assert main([*args, "--out", str(tmp_path / "b"), "--allow-failures"]) == 0
+    assert "1 failed unit(s) allowed by --allow-failures" in capsys.readouterr().out
+    assert validate_output(tmp_path / "b") == []  # what was written is consistent
