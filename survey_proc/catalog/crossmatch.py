@@ -41,6 +41,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from survey_proc.catalog import flags as F
+from survey_proc.catalog.schema import CLASSIFY_COLUMNS
 
 REGION_BITS = 16
 OBJECT_BITS = 24
@@ -253,8 +254,7 @@ def crossmatch_region(src: pd.DataFrame, region: Region, *, field: str, field_in
     objects.insert(0, "object_id", ids.reindex(objects.index).to_numpy())
     objects.insert(1, "field", field)
     objects.insert(2, "region", np.int32(region.index))
-    for c in ("period", "period_power", "depth", "duration", "p_periodic", "var_class_prob", "t0_mjd", "period_bls",
-              "period_ls", "von_neumann", "robust_rms", "iqr"):  # filled by the classify stage
+    for c in CLASSIFY_COLUMNS:  # filled by the classify stage
         objects[c] = np.nan
     objects["n_points_classified"] = np.int32(0)
     objects["var_class"] = pd.Series([None] * len(objects), dtype=object, index=objects.index)

@@ -93,3 +93,7 @@ LIGHTCURVES = pa.schema([
 ])
 
 SCHEMAS = {"sources": SOURCES, "objects": OBJECTS, "lightcurves": LIGHTCURVES}
+
+#: ``objects`` columns the classify stage fills (null / NaN / 0 until it has run)
+CLASSIFY_COLUMNS = ("period", "period_power", "depth", "duration", "p_periodic", "var_class", "var_class_prob",
+                    "t0_mjd", "period_bls", "period_ls", "von_neumann", "robust_rms", "iqr", "n_points_classified")

@@ -43,31 +43,25 @@ def _cpu_settings() -> None:
         pass
 
 
-def _load(path: str | None, device: str | None) -> pnet.LoadedDetector:
-    det = pnet.load_detector(path or None, device=device)
-    if det.device.type == "cpu":
-        _cpu_settings()
-    LOADS["detector"] += 1
-    return det
+def _loader(name: str):
+    """The ``load_*`` function of model ``name`` (detector, bpnn, classifier)."""
+    if name == "detector":
+        return pnet.load_detector
+    if name == "bpnn":
+        from survey_proc.photometry.bpnn import load_bpnn
+
+        return load_bpnn
+    from survey_proc.lightcurves.classifier import load_classifier
+
+    return load_classifier
 
 
-def _load_bpnn(path: str | None, device: str | None):
-    from survey_proc.photometry import bpnn
-
-    model = bpnn.load_bpnn(path or None, device=device)
+def _load(name: str, path: str | None, device: str | None):
+    """Load model ``name`` from ``path`` (None: shipped) onto ``device``; CPU threads set, counted in LOADS."""
+    model = _loader(name)(path or None, device=device)
     if model.device.type == "cpu":
         _cpu_settings()
-    LOADS["bpnn"] += 1
-    return model
-
-
-def _load_classifier(path: str | None, device: str | None):
-    from survey_proc.lightcurves import classifier
-
-    model = classifier.load_classifier(path or None, device=device)
-    if model.device.type == "cpu":
-        _cpu_settings()
-    LOADS["classifier"] += 1
+    LOADS[name] += 1
     return model
 
 
@@ -100,11 +94,11 @@ class ModelPlugin(WorkerPlugin):
 
     def setup(self, worker) -> None:
         if self.use_detector:
-            self.detector = _load(self.detector_path, self.device)
+            self.detector = _load("detector", self.detector_path, self.device)
         if self.use_bpnn:
-            self.bpnn = _load_bpnn(self.bpnn_path, self.device)
+            self.bpnn = _load("bpnn", self.bpnn_path, self.device)
         if self.use_classifier:
-            self.classifier = _load_classifier(self.classifier_path, self.device)
+            self.classifier = _load("classifier", self.classifier_path, self.device)
 
     def teardown(self, worker) -> None:
         self.detector = None
@@ -112,46 +106,37 @@ class ModelPlugin(WorkerPlugin):
         self.classifier = None
 
 
-@functools.lru_cache(maxsize=2)
-def _local_detector(path: str | None) -> pnet.LoadedDetector:
-    return _load(path, None)
+@functools.lru_cache(maxsize=6)
+def _local(name: str, path: str | None):
+    """Model ``name`` loaded once per process (outside a worker, or from other weights)."""
+    return _load(name, path, None)
 
 
-@functools.lru_cache(maxsize=2)
-def _local_bpnn(path: str | None):
-    return _load_bpnn(path, None)
-
-
-@functools.lru_cache(maxsize=2)
-def _local_classifier(path: str | None):
-    return _load_classifier(path, None)
-
-
-def _worker_model(name: str, path: str | None, local):
-    """This worker's plugin-held model ``name`` if it was loaded from ``path``, else ``local(path)``."""
+def _worker_model(name: str, path: str | None):
+    """This worker's plugin-held model ``name`` if it was loaded from ``path``, else :func:`_local`."""
     path = path or None
     try:
         from distributed import get_worker
 
         plugin = get_worker().plugins.get(PLUGIN_NAME)
     except ValueError:  # not in a worker
-        return local(path)
+        return _local(name, path)
     model = getattr(plugin, name, None)
     if model is None or (getattr(plugin, f"{name}_path") or None) != path:
-        return local(path)
+        return _local(name, path)
     return model
 
 
 def worker_detector(path: str | None = None) -> pnet.LoadedDetector:
     """The detector of this worker (from :class:`ModelPlugin`), or one loaded once per process."""
-    return _worker_model("detector", path, _local_detector)
+    return _worker_model("detector", path)
 
 
 def worker_bpnn(path: str | None = None):
     """The BPNN of this worker (from :class:`ModelPlugin`), or one loaded once per process."""
-    return _worker_model("bpnn", path, _local_bpnn)
+    return _worker_model("bpnn", path)
 
 
 def worker_classifier(path: str | None = None):
     """The variable classifier of this worker (from :class:`ModelPlugin`), or one loaded once per process."""
-    return _worker_model("classifier", path, _local_classifier)
+    return _worker_model("classifier", path)

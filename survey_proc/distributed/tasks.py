@@ -23,7 +23,7 @@ from survey_proc.catalog import crossmatch as xm
 from survey_proc.catalog.astrometry import parse_wcs, pixel_to_world, world_to_pixel
 from survey_proc.catalog.extract import BlockInfo, extract_block, extract_block_pnet
 from survey_proc.catalog.merge import merge_epoch
-from survey_proc.catalog.schema import LIGHTCURVES, OBJECTS, SOURCES
+from survey_proc.catalog.schema import CLASSIFY_COLUMNS, LIGHTCURVES, OBJECTS, SOURCES
 from survey_proc.config import RunConfig, config_from_json
 from survey_proc.errors import SurveyProcError
 from survey_proc.outputs import OutputLayout, read_meta, write_parquet_atomic
@@ -140,6 +140,14 @@ def calibrate_sources(src: pd.DataFrame, ref: pd.DataFrame, fwhm_px: float, cfg:
                                    ref["mag"].to_numpy()[i_ref], ref["mag_err"].to_numpy()[i_ref], cfg.calibration)
 
 
+def _epoch_record(path: Path, field: str, epoch: int) -> dict[str, Any]:
+    """The record of a written sources unit, or an error saying how to get it back."""
+    record = read_meta(path)
+    if record is None:
+        raise SurveyProcError(f"{path}: missing or unreadable; re-run to extract field {field} epoch {epoch}")
+    return record
+
+
 def recalibrate_epoch_task(out: str, field: str, epoch: int, model_zp: dict | None, reference_path: str | None,
                            ref_wcs_text: str, cfg_json: str, fingerprint: str, apcorr: float | None = None
                            ) -> dict[str, Any]:
@@ -151,9 +159,7 @@ def recalibrate_epoch_task(out: str, field: str, epoch: int, model_zp: dict | No
     """
     cfg = _config(cfg_json)
     path = OutputLayout(out).sources(field, epoch)
-    record = read_meta(path)
-    if record is None:
-        raise SurveyProcError(f"{path}: missing or unreadable; re-run to extract field {field} epoch {epoch}")
+    record = _epoch_record(path, field, epoch)
     src = pq.read_table(path).to_pandas()
     if apcorr is not None:
         if not cfg.bpnn.enabled:  # aperture photometry; the BPNN's magnitudes do not depend on it
@@ -181,9 +187,7 @@ def reference_matches_task(out: str, field: str, epoch: int, reference_path: str
     """The calibrator matches of one written epoch against a reference: indices and instrumental mags."""
     cfg = _config(cfg_json)
     path = OutputLayout(out).sources(field, epoch)
-    record = read_meta(path)
-    if record is None:
-        raise SurveyProcError(f"{path}: missing or unreadable; re-run to extract field {field} epoch {epoch}")
+    record = _epoch_record(path, field, epoch)
     src = pq.read_table(path, columns=["x_ref", "y_ref", "snr", "flags", "flux", "mag_inst", "mag_inst_err"]).to_pandas()
     ref = reference_in_frame(reference_path, "")
     i_src, i_ref = _calibrators(src, ref, record["fwhm_px"], cfg)
@@ -247,8 +251,6 @@ def region_done(out: str | Path, field: str, region: int, fingerprint: str, dige
 
 
 # ------------------------------------------------------------------ classify
-CLASSIFY_COLUMNS = ("period", "period_power", "depth", "duration", "p_periodic", "var_class", "var_class_prob",
-                    "t0_mjd", "period_bls", "period_ls", "von_neumann", "robust_rms", "iqr", "n_points_classified")
 
 
 def classify_done(out: str | Path, field: str, region: int, classify_fingerprint: str) -> bool:
@@ -342,9 +344,7 @@ def refine_wcs_task(out: str, field: str, epoch: int, ref_wcs_text: str, referen
 
     cfg = _config(cfg_json)
     path = OutputLayout(out).sources(field, epoch)
-    record = read_meta(path)
-    if record is None:
-        raise SurveyProcError(f"{path}: missing or unreadable; re-run to extract field {field} epoch {epoch}")
+    record = _epoch_record(path, field, epoch)
     src = pq.read_table(path).to_pandas()
     ref = reference_in_frame(reference_path, ref_wcs_text)
     ref = ref[np.isfinite(ref["x_ref"]) & np.isfinite(ref["y_ref"])]
@@ -390,9 +390,7 @@ def register_epoch_task(out: str, field: str, epoch: int, ref_epoch: int, ref_wc
     cfg = _config(cfg_json)
     layout = OutputLayout(out)
     path = layout.sources(field, epoch)
-    record = read_meta(path)
-    if record is None:
-        raise SurveyProcError(f"{path}: missing or unreadable; re-run to extract field {field} epoch {epoch}")
+    record = _epoch_record(path, field, epoch)
     src = pq.read_table(path).to_pandas()
     ref = pq.read_table(layout.sources(field, ref_epoch), columns=["x_ref", "y_ref", "flux", "flags"]).to_pandas()
     good = (src["flags"].to_numpy() & F.PHOTOMETRY_BAD) == 0

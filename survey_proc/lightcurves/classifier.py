@@ -135,7 +135,7 @@ def load_classifier(path: str | Path | None = None, device: str | None = None) -
         raise SurveyProcError(f"classifier weights not found at {p}; pass [classify] weights = PATH or retrain "
                               "with `python training/train_classifier.py`")
     try:
-        blob = torch.load(p, map_location="cpu", weights_only=False)
+        blob = torch.load(p, map_location="cpu", weights_only=True)
         cfg_d = {k: tuple(v) if isinstance(v, list) else v for k, v in blob["config"].items()}
         model = LocalGlobalCNN(ClassifierConfig(**cfg_d))
         model.load_state_dict(blob["state_dict"])

@@ -35,6 +35,9 @@ class of their own (non-periodic variables) and are left in.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,25 +154,26 @@ def to_matrix(lc: pd.DataFrame, epochs: np.ndarray | None = None
     return ids, epochs, mjd, mag, err, flg
 
 
+@contextlib.contextmanager
+def _empty_slices_ok() -> Iterator[None]:
+    """Silence numpy's all-NaN / empty-slice RuntimeWarnings: a row without points gives NaN, by design."""
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
 def _running_nanmedian(a: np.ndarray, k: int) -> np.ndarray:
     """Centred running median over the last axis, ignoring NaN (window ``k``, odd; edges padded)."""
     if k <= 1:
         return a.copy()
     h = k // 2
     pad = np.pad(a, [(0, 0)] * (a.ndim - 1) + [(h, h)], constant_values=np.nan)
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmedian(sliding_window_view(pad, k, axis=-1), axis=-1)
+    with _empty_slices_ok():
+        return np.nanmedian(sliding_window_view(pad, k, axis=-1), axis=-1)
 
 
 def _nmad_rows(z: np.ndarray) -> np.ndarray:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with _empty_slices_ok():
         med = np.nanmedian(z, axis=1, keepdims=True)
         return 1.4826 * np.nanmedian(np.abs(z - med), axis=1)
 
@@ -214,10 +218,7 @@ def preprocess(object_id: np.ndarray, mjd: np.ndarray, mag: np.ndarray, mag_err:
     _n, n_t = mag.shape
     valid = np.isfinite(mag) & np.isfinite(err) & (err > 0) & ((np.asarray(flags) & cfg.bad_flags) == 0)
     m = np.where(valid, mag, np.nan)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with _empty_slices_ok():
         med = np.nanmedian(m, axis=1)
     y = 10.0 ** (-0.4 * (m - med[:, None])) - 1.0
     sig = LN10_04 * np.where(valid, err, np.nan) * (1.0 + y)
@@ -258,10 +259,7 @@ def variability_stats(batch: LightCurveBatch) -> pd.DataFrame:
     k = keep.sum(axis=1)
     chi2 = (w * (y - mean[:, None]) ** 2).sum(axis=1) / np.maximum(k - 1, 1)
     yk = np.where(keep, y, np.nan)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with _empty_slices_ok():
         q25, q75 = np.nanpercentile(yk, [25, 75], axis=1)
         rms = _nmad_rows(yk)
         var = np.nanvar(yk, axis=1, ddof=1)

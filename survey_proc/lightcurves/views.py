@@ -118,14 +118,13 @@ def _box_depth(batch: LightCurveBatch, inside: np.ndarray, outside: np.ndarray) 
     return np.where(ok, d, 0.0), np.where(ok, e, np.inf)
 
 
-def eclipse_tests(batch: LightCurveBatch, bls: BLSResult, return_depths: bool = False) -> tuple:
+def eclipse_tests(batch: LightCurveBatch, bls: BLSResult) -> tuple[np.ndarray, np.ndarray]:
     """S/N of a secondary eclipse at phase 0.5, and of the odd-even difference of the primary depths.
 
     Returns
     -------
     secondary_snr, odd_even_snr (n,)
-        ``depth_secondary / err`` and ``(depth_odd - depth_even) / err``; with
-        ``return_depths`` the second item is ``(odd_even_snr, depth_odd, depth_even)``.
+        ``depth_secondary / err`` and ``(depth_odd - depth_even) / err``.
     """
     P, t0, D = bls.period_days, bls.t0_days, bls.duration_days
     ph = fold_phase(batch.t_days, P, t0)
@@ -141,10 +140,7 @@ def eclipse_tests(batch: LightCurveBatch, bls: BLSResult, return_depths: bool = 
     de, ee = _box_depth(batch, even, out)
     with np.errstate(invalid="ignore"):
         oe = np.where(np.isfinite(eo) & np.isfinite(ee), (do - de) / np.hypot(eo, ee), 0.0)
-    sec_snr = np.where(np.isfinite(e2), d2 / e2, 0.0)
-    if return_depths:
-        return sec_snr, (oe, do, de)
-    return sec_snr, oe
+    return np.where(np.isfinite(e2), d2 / e2, 0.0), oe
 
 
 def make_inputs(batch: LightCurveBatch, bls: BLSResult, ls: LSResult, stats: pd.DataFrame
