@@ -177,7 +177,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = {"store": str(path), "out": str(out), "epochs": args.epochs, "fields": fields,
                  "detector": args.detector, "cluster": args.cluster, "scheduler": args.scheduler,
                  "workers": args.workers, "tile_px": args.tile_px, "halo_px": args.halo_px,
-                 "reference": args.reference, "mode": "overwrite" if args.overwrite else None}
+                 "reference": args.reference, "mode": "overwrite" if args.overwrite else None, "retries": args.retries}
     if args.quiet:
         overrides["progress"] = False
     if args.photometry:
@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(sep: aperture; pnet: PSF fit)")
     r.add_argument("--allow-failures", action="store_true",
                    help="exit 0 even when some units failed (they are listed and recorded in run.json)")
+    r.add_argument("--retries", type=int, help="times a failed unit is submitted again before it is quarantined "
+                   "(default 1)")
     r.add_argument("--no-classify", action="store_true",
                    help="skip the periodic-variable search and classifier (objects keep NaN periods and classes)")
     r.add_argument("--cluster", choices=("local", "cuda"), help="start a local CPU or dask-cuda cluster")

@@ -176,6 +176,7 @@ class RunConfig:
     tile_px: int = 512
     halo_px: int = 32
     tiles_per_task: int = 16  # a task reads one window holding this many tiles
+    retries: int = 1  # a failed unit is submitted again this many times before it is quarantined
     reference: str | None = None  # None: the store's reference_catalog attribute
     mode: str = "resume"
     progress: bool = True
@@ -190,7 +191,7 @@ class RunConfig:
 
     # settings that do not change output values
     _NOT_FINGERPRINTED = ("store", "out", "epochs", "fields", "cluster", "scheduler", "workers",
-                          "threads_per_worker", "tiles_per_task", "mode", "progress", "evaluate",
+                          "threads_per_worker", "tiles_per_task", "retries", "mode", "progress", "evaluate",
                           "classify")  # the classify stage has its own fingerprint
 
     def validate(self) -> RunConfig:
@@ -216,6 +217,8 @@ class RunConfig:
             raise ConfigError(f"halo_px must be between 0 and tile_px ({self.tile_px}), got {self.halo_px}")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"epochs must be a positive number of epochs, got {self.epochs}")
+        if self.retries < 0:
+            raise ConfigError(f"retries must be >= 0 (0: a failed unit is quarantined at once), got {self.retries}")
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.crossmatch.region_px < 64:

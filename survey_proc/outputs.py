@@ -97,7 +97,14 @@ def prepare(out: str | Path, mode: str, fingerprint: str) -> dict[str, Any] | No
                 raise SurveyProcError(
                     f"--out {root} holds a run made with a different processing configuration "
                     f"(fingerprint {old}, now {fingerprint}); use --overwrite to start clean or choose another --out")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{uuid.uuid4().hex[:8]}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise SurveyProcError(f"--out {root}: cannot write there ({exc.strerror or exc}); choose a directory you "
+                              "can write to, or fix its permissions") from None
     return previous
 
 
@@ -108,7 +115,6 @@ def write_parquet_atomic(df: pd.DataFrame, schema: pa.Schema, path: str | Path, 
     Extra columns of ``df`` not in the schema are dropped; missing ones are an error.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     missing = [n for n in schema.names if n not in df.columns]
     if missing:
         raise SurveyProcError(f"internal error: {path.name} lacks columns {missing}")
@@ -117,8 +123,13 @@ def write_parquet_atomic(df: pd.DataFrame, schema: pa.Schema, path: str | Path, 
         table = table.replace_schema_metadata({META_KEY: json.dumps(meta, default=_json_default).encode()})
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows)
         os.replace(tmp, path)
+    except OSError as exc:  # disk full, quota, permissions, a vanished mount
+        raise SurveyProcError(f"cannot write {path}: {exc}; nothing of this unit was kept (the previous version, "
+                              "if any, is intact). Free space or fix the output filesystem, then run the same "
+                              "command again to resume") from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -45,8 +45,11 @@ def summary_lines(run: dict[str, Any]) -> list[str]:
                 f"|mag - true| median {e['mag_abs_err_median']:.4f} and astrometry rms {e['astrom_rms_px']:.3f} px "
                 f"for stars < i={ev['mag_limit'] - 3:.2f}")
     if run["failures"]:
-        lines.append(f"  FAILED units: {len(run['failures'])} (details in run.json); re-run the same command to retry:")
-        for f in run["failures"][:10]:
+        lines.append(f"  FAILED units: {len(run['failures'])}, quarantined after their retries (details in run.json); "
+                     "fix the input and re-run the same command to retry them:")
+        for f in run["failures"]:
             where = ", ".join(f"{k} {v}" for k, v in f.items() if k in ("field", "epoch", "region"))
-            lines.append(f"    {f['stage']} {where}: {f['error']}")
+            tries = f" ({f['attempts']} attempts)" if f.get("attempts", 1) > 1 else ""
+            error = " ".join(str(f["error"]).split())  # one line, whatever the library's message looked like
+            lines.append(f"    {f['stage']} {where}{tries}: {error}")
     return lines

@@ -49,9 +49,43 @@ class BlockInfo:
     rms_adu: float  # median background noise (ADU)
     bad_px: int
     fallback: str | None
+    n_px: int = 0  # pixels in the window
+    nonfinite_px: int = 0  # NaN or inf
+    saturated_px: int = 0  # finite and at or above the saturation level
+    usable_ptp_adu: float = float("nan")  # max - min of the usable pixels (0: a constant image; NaN: none usable)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def pixel_census(image: np.ndarray, bad: np.ndarray, saturation_adu: float) -> dict[str, int | float]:
+    """Counts of a window's unusable pixels and the range of its usable ones (BlockInfo fields)."""
+    usable = image[~bad]
+    finite = np.isfinite(image)
+    saturated = int(np.count_nonzero(image[finite] >= saturation_adu)) if np.isfinite(saturation_adu) else 0
+    return {"n_px": int(image.size), "nonfinite_px": int(image.size - np.count_nonzero(finite)),
+            "saturated_px": saturated, "usable_ptp_adu": float(np.ptp(usable)) if usable.size else float("nan")}
+
+
+def epoch_pixel_problem(infos: list[BlockInfo], saturation_adu: float) -> str | None:
+    """Why an epoch's pixels cannot be measured at all, or None when some can.
+
+    Two cases: no usable pixel (every one NaN/inf, flagged in the mask or saturated), and
+    usable pixels that all hold one value (an empty or failed readout: no sky, no noise).
+    Partly bad epochs pass: their bad pixels are masked and their detections flagged.
+    """
+    n = sum(i.n_px for i in infos)
+    if n == 0:
+        return None  # blocks measured before the census existed
+    ptp = np.array([i.usable_ptp_adu for i in infos], float)
+    if not np.isfinite(ptp).any():
+        pct = {k: 100.0 * sum(getattr(i, k) for i in infos) / n for k in ("nonfinite_px", "saturated_px")}
+        masked = 100.0 - pct["nonfinite_px"] - pct["saturated_px"]
+        return (f"no usable pixels ({pct['nonfinite_px']:.0f} % NaN/inf, {pct['saturated_px']:.0f} % at or above "
+                f"the saturation level {saturation_adu:g} ADU, {masked:.0f} % flagged bad in the mask)")
+    if np.nanmax(ptp) == 0.0:
+        return "every usable pixel has the same value (an empty or failed readout: no sky, no noise)"
+    return None
 
 
 def _empty() -> pd.DataFrame:
@@ -126,7 +160,7 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
                         "npix": o["npix"].astype(np.int32), "peak_adu": o["peak"].astype(float), "flags": fl})
     fallbacks = [fallback] if fallback else []
     info_common = dict(bkg_adu=float(np.median(bkg.back)), rms_adu=bkg.global_rms, bad_px=int(bad.sum()),
-                       fallback=",".join(sorted(set(fallbacks))) or None)
+                       fallback=",".join(sorted(set(fallbacks))) or None, **pixel_census(image, bad, saturation_adu))
     if len(det) == 0:
         res = (_empty(), BlockInfo(0, cfg.photometry.fwhm_default_px, 0, 1.0, 0, **info_common))
         return (*res, None, np.zeros(0, np.int64)) if return_window else res
@@ -219,7 +253,8 @@ def extract_block_pnet(image: np.ndarray, mask: np.ndarray | None, origin_yx: tu
     norm = pnet.normalise(image, bad, bkg.back, noise)
     threshold = cfg.pnet.threshold or None
     d = pnet.predict(detector, norm, threshold=threshold, noise_adu=noise)[0]
-    info_common = dict(bkg_adu=float(np.median(bkg.back)), rms_adu=noise, bad_px=int(bad.sum()), fallback=None)
+    info_common = dict(bkg_adu=float(np.median(bkg.back)), rms_adu=noise, bad_px=int(bad.sum()), fallback=None,
+                       **pixel_census(image, bad, saturation_adu))
     empty = (_empty().assign(confidence=np.zeros(0, np.float32)),
              BlockInfo(0, cfg.photometry.fwhm_default_px, 0, 1.0, 0, **info_common))
     if return_window:

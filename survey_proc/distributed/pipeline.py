@@ -88,7 +88,8 @@ class RunState:
     records: dict[tuple[str, int], dict] = field(default_factory=dict)  # (field, epoch) -> sources record
     regions: dict[tuple[str, int], dict] = field(default_factory=dict)
     classified: dict[tuple[str, int], dict] = field(default_factory=dict)
-    failures: list[dict] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)  # quarantined units, after their retries
+    retried: list[dict] = field(default_factory=list)  # units that succeeded on a retry
     timings: dict[str, float] = field(default_factory=dict)
     counts: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, dict] = field(default_factory=dict)
@@ -131,7 +132,28 @@ def resolve_reference(cfg: RunConfig) -> Path | None:
     if missing:
         raise ConfigError(f"reference catalogue {path} lacks column(s) {', '.join(missing)}; "
                           f"it needs {', '.join(REFERENCE_COLUMNS)} (deg, deg, mag, mag)")
+    if pq.read_metadata(path).num_rows == 0:
+        raise ConfigError(f"reference catalogue {path} has no rows; pass a catalogue of the field's stars with "
+                          "--reference PATH, or --reference none to calibrate relative to a reference epoch")
     return path.resolve()
+
+
+def check_reference_overlap(reference: Path, plans: list[FieldPlan]) -> None:
+    """Refuse a reference catalogue with no star inside a field (a field without a WCS is not checked)."""
+    for p in plans:
+        if not p.ref_wcs_text:
+            continue
+        ref = tasks.reference_in_frame(str(reference), p.ref_wcs_text)
+        x, y = ref["x_ref"].to_numpy(), ref["y_ref"].to_numpy()
+        if not np.any((x >= -0.5) & (x < p.nx - 0.5) & (y >= -0.5) & (y < p.ny - 0.5)):
+            from survey_proc.catalog.astrometry import parse_wcs, pixel_to_world
+
+            ra, dec = pixel_to_world(parse_wcs(p.ref_wcs_text), np.array([(p.nx - 1) / 2]), np.array([(p.ny - 1) / 2]))
+            raise ConfigError(
+                f"reference catalogue {reference} has no star inside field {p.field} (centre RA {ra[0]:.4f}, "
+                f"Dec {dec[0]:.4f} deg; the catalogue spans RA {ref['ra'].min():.4f}..{ref['ra'].max():.4f}, "
+                f"Dec {ref['dec'].min():.4f}..{ref['dec'].max():.4f}); pass a catalogue that covers the field, "
+                "or --reference none to calibrate relative to a reference epoch")
 
 
 def plan_fields(cfg: RunConfig) -> list[FieldPlan]:
@@ -190,21 +212,50 @@ class _Bars:
         self.progress.advance(task)
 
 
-def _gather(client: Any, futures: dict[Any, Any], bars: _Bars, bar: Any, state: RunState, stage: str,
-            on_result: Any) -> None:
-    """Wait for futures (future -> unit description), record results or failures."""
+def _unit(client: Any, unit: dict, fn: Any, *args: Any) -> tuple[Any, dict]:
+    """Submit ``fn(*args)`` for ``unit``; returns (future, unit that knows how to submit it again)."""
+    def again(attempt: int) -> Any:
+        return client.submit(fn, *args, pure=False)
+
+    return again(1), {**unit, "_again": again}
+
+
+def _gather(client: Any, futures: dict[Any, dict], bars: _Bars, bar: Any, state: RunState, stage: str,
+            on_result: Any, max_attempts: int) -> None:
+    """Wait for futures (future -> unit), record results; retry, then quarantine, failed units.
+
+    A unit may carry ``"_again"``: a callable that submits it once more (argument: the attempt
+    number). A unit
+    that fails is resubmitted until it has been tried ``max_attempts`` times; after that it
+    is quarantined: recorded in ``state.failures`` (stage, unit, last error, attempts) and
+    left out of later stages, while the rest of the run goes on. A unit that succeeded only
+    on a retry is recorded in ``state.retried`` with the errors of its failed attempts.
+    """
     from distributed import as_completed
 
-    for fut in as_completed(list(futures)):
+    pending = as_completed(list(futures))
+    for fut in pending:
         unit = futures.pop(fut)
+        attempt = unit.get("_attempt", 1)
+        public = {k: v for k, v in unit.items() if not k.startswith("_")}
         try:
-            on_result(unit, fut.result())
+            result = fut.result()
+            on_result(public, result)
         except Exception as exc:  # a failed unit must not stop the run
-            state.failures.append({"stage": stage, **unit, "error": f"{type(exc).__name__}: {exc}"})
-        finally:
-            fut.release()
-            if bar is not None:
-                bars.advance(bar)
+            error = f"{type(exc).__name__}: {exc}"
+            if unit.get("_again") is not None and attempt < max_attempts:
+                retry = unit["_again"](attempt + 1)
+                futures[retry] = {**unit, "_attempt": attempt + 1, "_errors": [*unit.get("_errors", []), error]}
+                pending.add(retry)
+                fut.release()
+                continue
+            state.failures.append({"stage": stage, **public, "error": error, "attempts": attempt})
+        else:
+            if attempt > 1:
+                state.retried.append({"stage": stage, **public, "attempts": attempt, "errors": unit["_errors"]})
+        fut.release()
+        if bar is not None:
+            bars.advance(bar)
 
 
 def _stage_extract(client: Any, cfg: RunConfig, plans: list[FieldPlan], reference: Path | None, fp: str,
@@ -222,21 +273,23 @@ def _stage_extract(client: Any, cfg: RunConfig, plans: list[FieldPlan], referenc
     total = sum(p.n_epochs for p in plans)
     bar = bars.add("extract", total, total - len(todo))
     state.counts["epochs_skipped_resume"] = total - len(todo)
+    def submit(p: FieldPlan, e: int, attempt: int) -> Any:
+        tag = f"{run_token}-a{attempt}"
+        blocks = [client.submit(tasks.extract_block_task, cfg.store, p.field, e, tiles, window, p.gain_e_per_adu,
+                                p.saturation_adu, cfg_json, key=f"extract-{p.field}-{e}-{b}-{tag}")
+                  for b, (tiles, window) in enumerate(p.blocks)]
+        return client.submit(tasks.finalize_epoch_task, blocks, cfg.out, p.field, p.index, e, p.epoch_meta[e],
+                             p.ref_wcs_text, str(reference) if reference else None, cfg_json, fp, time.time(),
+                             p.saturation_adu, key=f"epoch-{p.field}-{e}-{tag}")
+
     futures: dict[Any, dict] = {}
     for p, e in todo:
-        blocks = [client.submit(tasks.extract_block_task, cfg.store, p.field, e, tiles, window, p.gain_e_per_adu,
-                                p.saturation_adu, cfg_json, key=f"extract-{p.field}-{e}-{b}-{run_token}",
-                                retries=1)
-                  for b, (tiles, window) in enumerate(p.blocks)]
-        fut = client.submit(tasks.finalize_epoch_task, blocks, cfg.out, p.field, p.index, e, p.epoch_meta[e],
-                            p.ref_wcs_text, str(reference) if reference else None, cfg_json, fp, time.time(),
-                            key=f"epoch-{p.field}-{e}-{run_token}", retries=1)
-        futures[fut] = {"field": p.field, "epoch": e}
+        futures[submit(p, e, 1)] = {"field": p.field, "epoch": e, "_again": lambda a, p=p, e=e: submit(p, e, a)}
 
     def done(unit: dict, rec: dict) -> None:
         state.records[(unit["field"], unit["epoch"])] = rec
 
-    _gather(client, futures, bars, bar, state, "extract", done)
+    _gather(client, futures, bars, bar, state, "extract", done, cfg.retries + 1)
 
 
 def _stage_register(client: Any, cfg: RunConfig, plans: list[FieldPlan], reference: Path | None, fp: str,
@@ -250,9 +303,9 @@ def _stage_register(client: Any, cfg: RunConfig, plans: list[FieldPlan], referen
             rough = [e for e, r in recs.items() if r.get("has_wcs", True) and "wcs_refinement" not in r
                      and r["zp"]["n_candidates"] < cfg.calibration.min_stars]
             for e in rough:
-                fut = client.submit(tasks.refine_wcs_task, cfg.out, p.field, e, p.ref_wcs_text, str(reference),
-                                    cfg_json, fp, pure=False, retries=1)
-                futures[fut] = {"field": p.field, "epoch": e}
+                fut, unit = _unit(client, {"field": p.field, "epoch": e}, tasks.refine_wcs_task, cfg.out, p.field, e,
+                                  p.ref_wcs_text, str(reference), cfg_json, fp)
+                futures[fut] = unit
         todo = [e for e, r in recs.items() if not r.get("has_wcs", True) and "registration" not in r]
         if not todo:
             continue
@@ -269,9 +322,9 @@ def _stage_register(client: Any, cfg: RunConfig, plans: list[FieldPlan], referen
                                    "matrix": [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]}
             state.records[(p.field, ref_epoch)] = rec
         for e in todo:
-            fut = client.submit(tasks.register_epoch_task, cfg.out, p.field, e, ref_epoch, p.ref_wcs_text,
-                                str(reference) if reference else None, cfg_json, fp, pure=False, retries=1)
-            futures[fut] = {"field": p.field, "epoch": e}
+            fut, unit = _unit(client, {"field": p.field, "epoch": e}, tasks.register_epoch_task, cfg.out, p.field, e,
+                              ref_epoch, p.ref_wcs_text, str(reference) if reference else None, cfg_json, fp)
+            futures[fut] = unit
     if not futures:
         return
     bar = bars.add("register", len(futures))
@@ -280,7 +333,7 @@ def _stage_register(client: Any, cfg: RunConfig, plans: list[FieldPlan], referen
     def done(unit: dict, rec: dict) -> None:
         state.records[(unit["field"], unit["epoch"])] = rec
 
-    _gather(client, futures, bars, bar, state, "register", done)
+    _gather(client, futures, bars, bar, state, "register", done, cfg.retries + 1)
     for f in state.failures[n_fail:]:  # an unregistered epoch must not reach the cross-match
         state.records.pop((f["field"], f["epoch"]), None)
 
@@ -353,21 +406,21 @@ def _stage_calibrate(client: Any, cfg: RunConfig, plans: list[FieldPlan], refere
 
         # with an external reference the apcorr-corrected epochs are refitted against it;
         # without one they only get the new aperture correction here (zero point: ensemble below)
-        futures = {client.submit(tasks.recalibrate_epoch_task, cfg.out, p.field, e, None,
-                                 str(reference) if reference else None, p.ref_wcs_text, cfg_json, fp, a,
-                                 pure=False): {"field": p.field, "epoch": e} for e, a in new_apcorr.items()}
-        _gather(client, futures, bars, None, state, "calibrate", done)
+        futures = dict(_unit(client, {"field": p.field, "epoch": e}, tasks.recalibrate_epoch_task, cfg.out, p.field, e,
+                             None, str(reference) if reference else None, p.ref_wcs_text, cfg_json, fp, a)
+                       for e, a in new_apcorr.items())
+        _gather(client, futures, bars, None, state, "calibrate", done, cfg.retries + 1)
         if reference is None and any(r["zp"]["status"] == "pending" for r in recs.values()):
             # 3. relative calibration: ensemble photometry of the reference stars over all epochs
-            futures = {client.submit(tasks.reference_matches_task, cfg.out, p.field, e, ref_path, cfg_json,
-                                     pure=False): {"field": p.field, "epoch": e} for e in sorted(recs)}
+            futures = dict(_unit(client, {"field": p.field, "epoch": e}, tasks.reference_matches_task, cfg.out, p.field,
+                                 e, ref_path, cfg_json) for e in sorted(recs))
             parts: list[pd.DataFrame] = []
 
             def got(unit: dict, m: dict, parts: list = parts) -> None:
                 parts.append(pd.DataFrame({"epoch": m["epoch"], "star": m["i_ref"], "mag_inst": m["mag_inst"],
                                            "mag_inst_err": m["mag_inst_err"]}))
 
-            _gather(client, futures, bars, None, state, "calibrate", got)
+            _gather(client, futures, bars, None, state, "calibrate", got, cfg.retries + 1)
             zps, stars = cal.ensemble_zeropoints(pd.concat(parts, ignore_index=True), cfg.calibration.clip_sigma,
                                                  cfg.calibration.min_stars)
             info["ensemble_stars_used"] = int(stars["used"].sum())
@@ -377,9 +430,10 @@ def _stage_calibrate(client: Any, cfg: RunConfig, plans: list[FieldPlan], refere
                 zp = (cal.ZeroPoint(float(z["zp"]) + p.zeropoint_nominal, float(z["zp_err"]), float(z["scatter"]),
                                     int(z["n_used"]), int(z["n_candidates"]), str(z["status"])) if z is not None
                       else cal.ZeroPoint(np.nan, np.nan, np.nan, 0, 0, "few"))
-                futures[client.submit(tasks.recalibrate_epoch_task, cfg.out, p.field, e, zp.to_dict(), None,
-                                      p.ref_wcs_text, cfg_json, fp, pure=False)] = {"field": p.field, "epoch": e}
-            _gather(client, futures, bars, None, state, "calibrate", done)
+                fut, unit = _unit(client, {"field": p.field, "epoch": e}, tasks.recalibrate_epoch_task, cfg.out,
+                                  p.field, e, zp.to_dict(), None, p.ref_wcs_text, cfg_json, fp)
+                futures[fut] = unit
+            _gather(client, futures, bars, None, state, "calibrate", done, cfg.retries + 1)
         info["n_apcorr_model_epochs"] = len(new_apcorr)
         table = pd.DataFrame([{"epoch": e, "airmass": r["airmass"], "zp": r["zp"]["zp"], "zp_err": r["zp"]["zp_err"],
                                "zp_status": r["zp"]["status"]} for e, r in sorted(recs.items())])
@@ -397,13 +451,14 @@ def _stage_calibrate(client: Any, cfg: RunConfig, plans: list[FieldPlan], refere
                 r = recs[e]
                 zp = cal.ZeroPoint(cal.model_zeropoint(model, r["airmass"]), float(model["scatter"]),
                                    float(model["scatter"]), 0, int(r["zp"]["n_candidates"]), "model")
-                futures[client.submit(tasks.recalibrate_epoch_task, cfg.out, p.field, e, zp.to_dict(), None,
-                                      p.ref_wcs_text, cfg_json, fp, pure=False)] = {"field": p.field, "epoch": e}
+                fut, unit = _unit(client, {"field": p.field, "epoch": e}, tasks.recalibrate_epoch_task, cfg.out,
+                                  p.field, e, zp.to_dict(), None, p.ref_wcs_text, cfg_json, fp)
+                futures[fut] = unit
 
             def done2(unit: dict, rec: dict) -> None:
                 state.records[(unit["field"], unit["epoch"])] = rec
 
-            _gather(client, futures, bars, None, state, "calibrate", done2)
+            _gather(client, futures, bars, None, state, "calibrate", done2, cfg.retries + 1)
         info["n_model_epochs"] = len(needs_model)
         state.calibration[p.field] = info
         bars.advance(bar)
@@ -445,14 +500,14 @@ def _stage_crossmatch(client: Any, cfg: RunConfig, plans: list[FieldPlan], fp: s
     bar = bars.add("crossmatch", total, skipped)
     state.counts["regions_skipped_resume"] = skipped
     for p, reg, epochs, fwhm, digest in submit:
-        fut = client.submit(tasks.crossmatch_region_task, cfg.out, p.field, p.index, reg, epochs, fwhm, p.ref_wcs_text,
-                            cfg_json, fp, digest, pure=False, retries=1)
-        futures[fut] = {"field": p.field, "region": reg.index}
+        fut, unit = _unit(client, {"field": p.field, "region": reg.index}, tasks.crossmatch_region_task, cfg.out,
+                          p.field, p.index, reg, epochs, fwhm, p.ref_wcs_text, cfg_json, fp, digest)
+        futures[fut] = unit
 
     def done(unit: dict, rec: dict) -> None:
         state.regions[(unit["field"], unit["region"])] = rec
 
-    _gather(client, futures, bars, bar, state, "crossmatch", done)
+    _gather(client, futures, bars, bar, state, "crossmatch", done, cfg.retries + 1)
 
 
 def _stage_classify(client: Any, cfg: RunConfig, plans: list[FieldPlan], cfp: str, state: RunState,
@@ -465,13 +520,13 @@ def _stage_classify(client: Any, cfg: RunConfig, plans: list[FieldPlan], cfp: st
             state.classified[u] = {"field": u[0], "region": u[1], **read_meta(OutputLayout(cfg.out).objects(*u))["classify"]}
     bar = bars.add("classify", len(units), len(units) - len(todo))
     state.counts["classify_regions_skipped_resume"] = len(units) - len(todo)
-    futures = {client.submit(tasks.classify_region_task, cfg.out, f, r, cfg_json, cfp, pure=False, retries=1):
-               {"field": f, "region": r} for f, r in todo}
+    futures = dict(_unit(client, {"field": f, "region": r}, tasks.classify_region_task, cfg.out, f, r, cfg_json, cfp)
+                   for f, r in todo)
 
     def done(unit: dict, rec: dict) -> None:
         state.classified[(unit["field"], unit["region"])] = rec
 
-    _gather(client, futures, bars, bar, state, "classify", done)
+    _gather(client, futures, bars, bar, state, "classify", done, cfg.retries + 1)
 
 
 def _check_models(cfg: RunConfig) -> dict[str, dict[str, Any]]:
@@ -528,11 +583,13 @@ def run_pipeline(cfg: RunConfig, client: Any = None) -> dict[str, Any]:
     models = _check_models(cfg)
     fp = cfg.fingerprint(models={k: v["sha256"] for k, v in models.items() if k != "classifier"})
     cfp = cfg.classify_fingerprint(fp, models["classifier"]["sha256"]) if "classifier" in models else None
-    prepare(cfg.out, cfg.mode, fp)
-    clean_temporaries(cfg.out)
-    layout = OutputLayout(cfg.out)
     reference = resolve_reference(cfg)
     plans = plan_fields(cfg)
+    if reference is not None:
+        check_reference_overlap(reference, plans)
+    prepare(cfg.out, cfg.mode, fp)  # only after every input check: a refused run writes nothing
+    clean_temporaries(cfg.out)
+    layout = OutputLayout(cfg.out)
     state = RunState()
     run = {"status": "running", "started_unix": time.time(), "config": cfg.to_dict(), "fingerprint": fp,
            "classify_fingerprint": cfp,
@@ -625,4 +682,5 @@ def _run_summary(state: RunState, plans: list[FieldPlan]) -> dict[str, Any]:
                          for r in recs if "registration" in r},
         "extraction_fallbacks": fallbacks,
         "failures": state.failures,
+        "retried": state.retried,
     }

@@ -21,7 +21,12 @@ from survey_proc import store
 from survey_proc.catalog import calibrate as cal
 from survey_proc.catalog import crossmatch as xm
 from survey_proc.catalog.astrometry import parse_wcs, pixel_to_world, world_to_pixel
-from survey_proc.catalog.extract import BlockInfo, extract_block, extract_block_pnet
+from survey_proc.catalog.extract import (
+    BlockInfo,
+    epoch_pixel_problem,
+    extract_block,
+    extract_block_pnet,
+)
 from survey_proc.catalog.merge import merge_epoch
 from survey_proc.catalog.schema import CLASSIFY_COLUMNS, LIGHTCURVES, OBJECTS, SOURCES
 from survey_proc.config import RunConfig, config_from_json
@@ -86,14 +91,19 @@ def extract_block_task(store_path: str, field: str, epoch: int, tiles: list[Tile
 
 def finalize_epoch_task(blocks: list[tuple[pd.DataFrame, dict]], out: str, field: str, field_index: int, epoch: int,
                         meta: dict[str, Any], ref_wcs_text: str, reference_path: str | None, cfg_json: str,
-                        fingerprint: str, t_submit: float) -> dict[str, Any]:
+                        fingerprint: str, t_submit: float, saturation_adu: float = np.inf) -> dict[str, Any]:
     """Merge an epoch's blocks, add astrometry, calibrate (with an external reference), write sources.
 
-    Returns the epoch record (also stored in the file's footer).
+    Returns the epoch record (also stored in the file's footer). An epoch with no measurable
+    pixel (all NaN/inf/masked/saturated, or a constant image) raises and writes nothing.
     """
     t0 = time.perf_counter()
     cfg = _config(cfg_json)
     infos = [BlockInfo(**{k: v for k, v in b[1].items() if k not in ("read_s", "task_s")}) for b in blocks]
+    problem = epoch_pixel_problem(infos, saturation_adu)
+    if problem:
+        raise SurveyProcError(f"field {field} epoch {epoch}: {problem}; the epoch is left out of this run. "
+                              "Check the exposure it came from (the store's source_file) and re-ingest it")
     try:
         epoch_wcs = parse_wcs(meta["wcs"])
     except ValueError as exc:
