@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"survey-proc {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"survey-proc {args.command}: interrupted", file=sys.stderr)
+        hint = "; the units written so far are kept: run the same command again to resume" if args.command == "run" else ""
+        print(f"survey-proc {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 

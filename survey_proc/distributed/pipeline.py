@@ -628,14 +628,22 @@ def run_pipeline(cfg: RunConfig, client: Any = None) -> dict[str, Any]:
                 state.timings["classify_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if client is not None:
-        state.timings["cluster_start_s"] = 0.0
-        stages(client)
-    else:
-        with make_client(cfg.cluster, scheduler=cfg.scheduler, workers=cfg.workers,
-                         threads_per_worker=cfg.threads_per_worker, quiet=not cfg.progress) as c:
-            state.timings["cluster_start_s"] = time.perf_counter() - t
-            stages(c)
+    try:
+        if client is not None:
+            state.timings["cluster_start_s"] = 0.0
+            stages(client)
+        else:
+            with make_client(cfg.cluster, scheduler=cfg.scheduler, workers=cfg.workers,
+                             threads_per_worker=cfg.threads_per_worker, quiet=not cfg.progress) as c:
+                state.timings["cluster_start_s"] = time.perf_counter() - t
+                stages(c)
+    except KeyboardInterrupt:  # Ctrl-C: record what was done; the written units stay and a re-run resumes
+        state.timings["total_s"] = time.perf_counter() - t_all
+        run.update(_run_summary(state, plans))
+        run["status"] = "interrupted"
+        write_json_atomic(run, layout.run_json)
+        raise
+    clean_temporaries(cfg.out)  # a worker killed while writing leaves its temporary file behind
     state.timings["total_s"] = time.perf_counter() - t_all
     run.update(_run_summary(state, plans))
     run["status"] = "complete" if not state.failures else "incomplete"
