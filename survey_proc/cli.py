@@ -136,6 +136,13 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         print(f"  {path}: missing {', '.join(keys)} (stored as unknown)")
     print(f"Wrote {args.out}: {report['files']} file(s), {report['bytes'] / 1e6:.1f} MB in {report['wall_s']:.1f} s "
           f"({report['mb_per_s']:.1f} MB/s)")
+    if report["rejected"]:
+        print(f"{len(report['rejected'])} file(s) could not be read and were left out:", file=sys.stderr)
+        for reason in report["rejected"].values():
+            print(f"  {' '.join(reason.split())}", file=sys.stderr)
+        print("Fix or replace them and ingest them with --append (a file earlier than its field's last epoch needs a "
+              "new store: the store keeps time order)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -334,11 +334,16 @@ def ingest(paths: list[str | Path], out: str | Path, *, field_key: str | None = 
            zeropoint_nominal: float = 25.0, client: Any = None, progress: bool = True) -> dict[str, Any]:
     """Ingest FITS files into a survey store (created, or appended to with ``append``).
 
+    A file that cannot be read (corrupt, truncated, no image, no time) is left out and
+    listed under ``rejected`` with the reason; the others are ingested. Problems that
+    concern a whole field (no gain, images of different shapes) stop the call before
+    anything is written.
+
     Returns
     -------
     dict
         Per field the epochs added and skipped, per file the missing header values, the
-        bytes read and the wall time (for MB/s).
+        rejected files and why, the bytes read and the wall time (for MB/s).
     """
     t0 = time.perf_counter()
     files = [str(p) for p in paths]
@@ -353,6 +358,7 @@ def ingest(paths: list[str | Path], out: str | Path, *, field_key: str | None = 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     exposures: list[Exposure] = []
+    rejected: dict[str, str] = {}  # file -> why it could not be read
     with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=not progress) as bar:
         task = bar.add_task("read FITS", total=len(files))
@@ -361,12 +367,21 @@ def ingest(paths: list[str | Path], out: str | Path, *, field_key: str | None = 
 
             futures = {client.submit(read_fits, f, **kwargs, pure=False): f for f in files}
             for fut in as_completed(list(futures)):
-                exposures.extend(fut.result())
+                try:
+                    exposures.extend(fut.result())
+                except IngestError as exc:  # a bad file is left out; the others go on
+                    rejected[futures[fut]] = str(exc)
                 bar.advance(task)
         else:
             for f in files:
-                exposures.extend(read_fits(f, **kwargs))
+                try:
+                    exposures.extend(read_fits(f, **kwargs))
+                except IngestError as exc:
+                    rejected[f] = str(exc)
                 bar.advance(task)
+    if not exposures:
+        raise IngestError(f"no readable exposure in {len(files)} file(s); nothing was written. First problem: "
+                          f"{next(iter(rejected.values()))}")
     t_read = time.perf_counter() - t0
     n_bytes = sum(Path(f).stat().st_size for f in files)
     groups: dict[str, list[Exposure]] = {}
@@ -390,7 +405,7 @@ def ingest(paths: list[str | Path], out: str | Path, *, field_key: str | None = 
     if not append:
         store.create_store(out, band=band, pixel_scale_arcsec=pixel_scale_arcsec,
                            attrs={"created_by": "survey-proc ingest"})
-    report: dict[str, Any] = {"fields": {}, "missing": {}, "files": len(files)}
+    report: dict[str, Any] = {"fields": {}, "missing": {}, "files": len(files), "rejected": rejected}
     for fid, exps in sorted(groups.items()):
         exps.sort(key=lambda e: e.mjd)
         if fid in have:

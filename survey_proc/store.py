@@ -449,6 +449,9 @@ def read_window(path: str | Path, field_id: str, epoch: int, y0: int, y1: int, x
     """
     g = _field_group(path, field_id)
     try:
+        for name in ("image", "mask"):
+            if name in g:
+                _check_blosc_chunks(Path(path) / "fields" / field_id / name, g[name], epoch, y0, y1, x0, x1)
         image = np.asarray(g["image"][epoch, y0:y1, x0:x1], dtype=np.float32)
         mask = np.asarray(g["mask"][epoch, y0:y1, x0:x1]) if "mask" in g else None
     except Exception as exc:  # a corrupt or missing chunk: zarr/numcodecs raise many types
@@ -456,6 +459,32 @@ def read_window(path: str | Path, field_id: str, epoch: int, y0: int, y1: int, x
                          f"[{y0}:{y1}, {x0}:{x1}] ({type(exc).__name__}: {exc}); "
                          "check or re-ingest that epoch") from exc
     return image, mask
+
+
+def _check_blosc_chunks(array_dir: Path, arr: zarr.Array, epoch: int, y0: int, y1: int, x0: int, x1: int) -> None:
+    """Refuse a truncated or damaged Blosc chunk file before it is decompressed.
+
+    Blosc trusts the compressed size in its 16-byte header; decompressing a file shorter
+    than that reads past the buffer, which can crash the worker process (seen with a chunk
+    cut in half: the task killed four workers in a row). A chunk whose file size is not
+    the header's is reported instead. Absent chunks are fine (they read as the fill value).
+    """
+    if not array_dir.is_dir() or not any(isinstance(c, BloscCodec) for c in arr.compressors):
+        return
+    _, cy, cx = arr.chunks
+    for iy in range(y0 // cy, (y1 - 1) // cy + 1):
+        for ix in range(x0 // cx, (x1 - 1) // cx + 1):
+            chunk = array_dir / "c" / str(epoch) / str(iy) / str(ix)
+            try:
+                size = chunk.stat().st_size
+                with open(chunk, "rb") as f:
+                    header = f.read(16)
+            except FileNotFoundError:
+                continue
+            said = int.from_bytes(header[12:16], "little") if len(header) == 16 else None
+            if said != size:
+                raise ValueError(f"chunk file {chunk} is truncated or damaged ({size} bytes; its Blosc header says "
+                                 f"{said if said is not None else 'nothing'})")
 
 
 def read_epoch_table(path: str | Path, field_id: str) -> dict[str, np.ndarray]:

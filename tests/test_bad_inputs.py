@@ -68,7 +68,10 @@ BAD_EPOCHS = {
                                        r"saturation level \d+ ADU"),
     "malformed-wcs": (_malformed_wcs, r"field F000 epoch 1: the stored WCS is unusable \(.*\); fix the epoch's wcs "
                                       r"header text"),
-    "truncated-chunk": (_truncated_chunk, r"field F000 epoch 1: cannot read pixels .*re-ingest"),
+    # a Blosc chunk cut in half crashed worker processes (KilledWorker) before read_window checked its size
+    "truncated-chunk": (_truncated_chunk, r"field F000 epoch 1: cannot read pixels \[0:256, 0:256\] \(ValueError: chunk "
+                                          r"file .*image/c/1/0/0 is truncated or damaged \(\d+ bytes; its Blosc header "
+                                          r"says \d+\)\); check or re-ingest that epoch"),
 }
 
 
@@ -180,3 +183,58 @@ def test_a_damaged_output_unit_is_redone_on_resume(small_field, client, tmp_path
 def test_negative_retries_are_refused():
     with pytest.raises(ConfigError, match=r"retries must be >= 0 \(0: a failed unit is quarantined at once\), got -1"):
         run_config(Path("s.zarr"), Path("o"), retries=-1)
+
+
+def _fits(path: Path, shape: tuple[int, int], mjd: float) -> Path:
+    from astropy.io import fits
+
+    h = fits.Header()
+    h["MJD-OBS"], h["EXPTIME"], h["GAIN"], h["RDNOISE"], h["OBJECT"] = mjd, 10.0, 1.5, 4.0, "M67"
+    data = np.random.default_rng(int(mjd * 100) % 2**32).normal(100.0, 5.0, shape).astype(np.float32)
+    fits.PrimaryHDU(data, h).writeto(path)
+    return path
+
+
+def test_unreadable_fits_files_are_left_out_and_named(tmp_path, capsys):
+    from survey_proc.cli import main
+    from survey_proc.store import image_shape, list_fields
+
+    for i in range(2):
+        _fits(tmp_path / f"good{i}.fits", (64, 64), 60000.0 + 0.1 * i)
+    truncated = tmp_path / "truncated.fits"
+    truncated.write_bytes(_fits(tmp_path / "whole.fits", (64, 64), 60000.3).read_bytes()[:5000])
+    (tmp_path / "whole.fits").unlink()
+    garbage = tmp_path / "garbage.fits"
+    garbage.write_bytes(b"not a FITS file " * 400)
+    out = tmp_path / "s.zarr"
+    rc = main(["ingest", str(tmp_path / "*.fits"), "--out", str(out), "--field-key", "OBJECT", "--quiet"])
+    assert rc == 1
+    (fid,) = list_fields(out)
+    assert image_shape(out, fid) == (2, 64, 64)  # the good files are in
+    err = capsys.readouterr().err
+    assert "2 file(s) could not be read and were left out:" in err
+    assert "truncated.fits[0]: the image data cannot be read (cannot reshape array of size 530 into shape (64,64))" \
+        in err
+    assert "garbage.fits: not a readable FITS file (No SIMPLE card found" in err
+    assert "ingest them with --append" in err
+
+
+def test_only_unreadable_files_write_nothing(tmp_path):
+    from survey_proc.ingest import IngestError, ingest
+
+    garbage = tmp_path / "garbage.fits"
+    garbage.write_bytes(b"\0" * 2880)
+    with pytest.raises(IngestError, match=r"no readable exposure in 1 file\(s\); nothing was written\. First problem: "
+                                          r".*garbage\.fits: not a readable FITS file"):
+        ingest([garbage], tmp_path / "s.zarr", progress=False)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_images_of_different_shapes_in_one_field_write_nothing(tmp_path):
+    from survey_proc.ingest import IngestError, ingest
+
+    files = [_fits(tmp_path / "a.fits", (64, 64), 60000.0), _fits(tmp_path / "b.fits", (64, 80), 60000.1)]
+    with pytest.raises(IngestError, match=r"field M67: images of different shapes \[\(64, 64\), \(64, 80\)\] .*a field "
+                                          r"is one detector: choose the HDUs with --hdu or a --field-key"):
+        ingest(files, tmp_path / "s.zarr", field_key="OBJECT", progress=False)
+    assert not (tmp_path / "s.zarr").exists()
