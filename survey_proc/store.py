@@ -346,13 +346,15 @@ def _dtype_ok(arr: zarr.Array, expected: Any) -> bool:
     return arr.dtype == expected
 
 
-def validate_store(path: str | Path, *, raise_on_error: bool = True) -> list[str]:
+def validate_store(path: str | Path, *, raise_on_error: bool = True, epoch_checks: bool = True) -> list[str]:
     """Check a store against the format; return (or raise with) every problem found.
 
     Checks: the format version and root attributes; that there are fields; per field the
     required variables, their dtypes, dimensions and shapes, chunking, the ``epoch``
-    coordinate, finite and strictly increasing ``mjd``, positive ``exptime`` and the
-    required detector attributes. Each problem names the field and variable.
+    coordinate, strictly increasing ``mjd`` (over its finite values), the required
+    detector attributes and, with ``epoch_checks``, :func:`epoch_problems` (finite ``mjd``,
+    positive ``exptime``). ``survey-proc run`` checks those per epoch instead and leaves the
+    bad epochs out. Each problem names the field and variable.
 
     Raises
     ------
@@ -377,13 +379,24 @@ def validate_store(path: str | Path, *, raise_on_error: bool = True) -> list[str
     if not field_ids:
         problems.append("root: the store has no fields (expected groups under fields/)")
     for fid in field_ids:
-        problems.extend(_validate_field(root["fields"][fid], fid))
+        problems.extend(_validate_field(root["fields"][fid], fid, epoch_checks))
     if problems and raise_on_error:
         raise StoreValidationError(str(path), problems)
     return problems
 
 
-def _validate_field(g: zarr.Group, fid: str) -> list[str]:
+def epoch_problems(mjd: np.ndarray, exptime_s: np.ndarray) -> dict[int, str]:
+    """Epochs whose metadata make them unusable: a non-finite mid-exposure MJD or an exposure
+    time that is not > 0. Returns epoch -> message (naming the variable and what to do)."""
+    out: dict[int, str] = {}
+    for e in np.flatnonzero(~(exptime_s > 0)):
+        out[int(e)] = f"variable 'exptime': {exptime_s[e]} s at epoch {e}; exposure times must be > 0"
+    for e in np.flatnonzero(~np.isfinite(mjd)):
+        out[int(e)] = f"variable 'mjd': not finite at epoch {e}; every epoch needs a mid-exposure MJD"
+    return dict(sorted(out.items()))
+
+
+def _validate_field(g: zarr.Group, fid: str, epoch_checks: bool = True) -> list[str]:
     problems: list[str] = []
     where = f"field {fid!r}"
     names = {name for name, _ in g.arrays()}
@@ -418,24 +431,20 @@ def _validate_field(g: zarr.Group, fid: str) -> list[str]:
         if not np.array_equal(ep, np.arange(n_epochs)):
             bad = int(np.flatnonzero(ep != np.arange(n_epochs))[0])
             problems.append(f"{where}, variable 'epoch': must be 0..{n_epochs - 1} in order; epoch index {bad} holds {ep[bad]}")
-    if "mjd" in names and g["mjd"].ndim == 1:
-        mjd = np.asarray(g["mjd"][:], dtype="float64")
-        if not np.all(np.isfinite(mjd)):
-            bad = int(np.flatnonzero(~np.isfinite(mjd))[0])
-            problems.append(f"{where}, variable 'mjd': not finite at epoch {bad}; every epoch needs a mid-exposure MJD")
-        else:
-            steps = np.diff(mjd)
-            if np.any(steps <= 0):
-                bad = int(np.flatnonzero(steps <= 0)[0]) + 1
-                problems.append(
-                    f"{where}, variable 'mjd': not strictly increasing at epoch {bad} "
-                    f"(mjd {mjd[bad]:.6f} after {mjd[bad - 1]:.6f}); epochs must be stored in time order"
-                )
-    if "exptime" in names and g["exptime"].ndim == 1:
-        exptime = np.asarray(g["exptime"][:], dtype="float64")
-        if np.any(~(exptime > 0)):
-            bad = int(np.flatnonzero(~(exptime > 0))[0])
-            problems.append(f"{where}, variable 'exptime': {exptime[bad]} s at epoch {bad}; exposure times must be > 0")
+    mjd = np.asarray(g["mjd"][:], dtype="float64") if "mjd" in names and g["mjd"].ndim == 1 else None
+    exptime = np.asarray(g["exptime"][:], dtype="float64") if "exptime" in names and g["exptime"].ndim == 1 else None
+    if epoch_checks and mjd is not None and exptime is not None and len(mjd) == len(exptime):
+        problems.extend(f"{where}, {msg}" for msg in epoch_problems(mjd, exptime).values())
+    if mjd is not None:
+        ok = np.flatnonzero(np.isfinite(mjd))
+        steps = np.diff(mjd[ok])
+        if np.any(steps <= 0):
+            i = int(np.flatnonzero(steps <= 0)[0])
+            bad, prev = int(ok[i + 1]), int(ok[i])
+            problems.append(
+                f"{where}, variable 'mjd': not strictly increasing at epoch {bad} "
+                f"(mjd {mjd[bad]:.6f} after {mjd[prev]:.6f}); epochs must be stored in time order"
+            )
     return problems
 
 

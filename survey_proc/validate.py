@@ -98,3 +98,35 @@ def validate_output(out: str | Path, max_examples: int = 3) -> list[str]:
         if key in counts and counts[key] != have:
             problems.append(f"run.json counts.{key} = {counts[key]} but the output has {have}")
     return problems
+
+
+DIGEST_KEYS = {"sources": ["source_id"], "objects": ["object_id"], "lightcurves": ["object_id", "epoch"]}
+
+
+def content_digest(out: str | Path) -> dict[str, tuple[int, str]]:
+    """Row count and content checksum of each output table, independent of file layout.
+
+    Rows are put in key order and columns in name order, then hashed (pandas' row hashes,
+    SHA-256 over them), so two runs with the same rows give the same digest whatever their
+    task order or the number of files. Used to compare a disturbed run with an undisturbed
+    one (``benchmarks/faults.py``, ``tests/test_faults.py``).
+
+    Returns
+    -------
+    dict
+        Table name -> (rows, hex SHA-256).
+    """
+    import hashlib
+
+    import pandas as pd
+
+    out = Path(out)
+    digest = {}
+    for kind, key in DIGEST_KEYS.items():
+        files = _files(out, kind)
+        df = pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True) if files else pd.DataFrame()
+        if len(df):
+            df = df.sort_values(key).reset_index(drop=True)[sorted(df.columns)]
+        rows = pd.util.hash_pandas_object(df, index=False).to_numpy() if len(df) else b""
+        digest[kind] = (len(df), hashlib.sha256(bytes(rows)).hexdigest())
+    return digest

@@ -95,6 +95,27 @@ def test_a_bad_epoch_fails_alone(kind, small_field, client, tmp_path):
     assert validate_output(out) == []
 
 
+def test_epochs_without_a_time_or_exposure_are_left_out_of_the_run(small_field, client, tmp_path):
+    """store.validate_store refuses these (tests/test_store.py); a run leaves just those epochs out."""
+    store = tmp_path / "meta.zarr"
+    shutil.copytree(small_field, store)
+    g = zarr.open_group(str(store), mode="r+")["fields/F000"]
+    g["mjd"][1] = np.nan
+    g["exptime"][2] = 0.0
+    out = tmp_path / "out"
+    run = run_pipeline(run_config(store, out, reference=str(_reference(small_field)), **SETTINGS), client=client)
+    assert run["status"] == "incomplete"
+    assert [(f["epoch"], f["attempts"]) for f in run["failures"]] == [(1, 0), (2, 0)]
+    with pytest.raises(SurveyProcError, match=r"meta\.zarr: field F000, variable 'mjd': not finite at epoch 1; every "
+                                              r"epoch needs a mid-exposure MJD; the epoch is left out\. Fix the store's "
+                                              r"metadata \(or re-ingest the exposure\) and run again"):
+        raise SurveyProcError(run["failures"][0]["error"])
+    with pytest.raises(SurveyProcError, match=r"variable 'exptime': 0\.0 s at epoch 2; exposure times must be > 0"):
+        raise SurveyProcError(run["failures"][1]["error"])
+    assert set(pd.read_parquet(out / "lightcurves")["epoch"]) == {0, 3}
+    assert validate_output(out) == []
+
+
 def test_half_an_epoch_of_nan_is_masked_not_failed(small_field, client, tmp_path):
     """Partly bad pixels are masked and the epoch is measured (only a wholly unusable one fails)."""
     store = tmp_path / "half.zarr"

@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from survey_proc.distributed.pipeline import run_pipeline
 from survey_proc.simulate import load_scenario, simulate_survey
-from survey_proc.validate import validate_output
+from survey_proc.validate import content_digest, validate_output
 from tests.conftest import run_config
 
 N_EPOCHS = 12
@@ -57,22 +56,6 @@ def baseline(fault_survey, fault_client, tmp_path_factory) -> dict:
     run = run_pipeline(run_config(fault_survey, out, **SETTINGS), client=fault_client)
     assert run["status"] == "complete" and run["failures"] == [] and run["retried"] == []
     return {"out": out, "run": run, "digest": content_digest(out)}
-
-
-def content_digest(out: Path) -> dict[str, tuple[int, str]]:
-    """Per table: (rows, sha256 of its rows in key order, every column)."""
-    import hashlib
-
-    keys = {"sources": ["source_id"], "objects": ["object_id"], "lightcurves": ["object_id", "epoch"]}
-    digest = {}
-    for kind, key in keys.items():
-        files = sorted((out / kind).rglob("*.parquet"))
-        df = pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
-        df = df.sort_values(key).reset_index(drop=True)
-        df = df[sorted(df.columns)]
-        h = hashlib.sha256(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes()).hexdigest()
-        digest[kind] = (len(df), h)
-    return digest
 
 
 def _n_sources(out: Path) -> int:
@@ -199,7 +182,10 @@ def test_ctrl_c_then_rerun_resumes_without_duplicates(fault_survey, baseline, tm
     cmd = [sys.executable, "-m", "survey_proc.cli", "run", str(fault_survey), "--out", str(out), "--tile-px", "128",
            "--halo-px", "24", "--workers", "2", "--quiet", "--no-evaluate", "--detector", "sep", "--photometry",
            "classical", "--config", str(cfg_file)]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # preexec: Ctrl-C's default action even where pytest runs with SIGINT ignored (a background
+    # job of a non-interactive shell), which the CLI would inherit and rightly respect
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for_sources(out, 3)
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)

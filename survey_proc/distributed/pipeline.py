@@ -79,6 +79,7 @@ class FieldPlan:
     epoch_meta: list[dict[str, Any]]
     blocks: list[tuple[list, tuple[int, int, int, int]]]  # (tiles, window)
     regions: list[Region]
+    unusable: dict[int, str] = field(default_factory=dict)  # epoch -> why its metadata make it unusable
 
 
 @dataclass
@@ -177,9 +178,10 @@ def plan_fields(cfg: RunConfig) -> list[FieldPlan]:
         _, cy, cx = store.image_chunks(cfg.store, fid)
         tiles = tile_grid(ny, nx, cfg.tile_px, cfg.halo_px)
         blocks = [(b, block_window(b)) for b in tile_blocks(tiles, cfg.tiles_per_task, (cy, cx))]
+        unusable = store.epoch_problems(table["mjd"][:n].astype(float), table["exptime"][:n].astype(float))
         plans.append(FieldPlan(fid, all_fields.index(fid), n, ny, nx, float(attrs["gain_e_per_adu"]),
                                float(attrs.get("saturation_adu", np.inf)), float(attrs["zeropoint_nominal"]),
-                               ref_wcs, metas, blocks, region_grid(ny, nx, cfg.crossmatch.region_px)))
+                               ref_wcs, metas, blocks, region_grid(ny, nx, cfg.crossmatch.region_px), unusable))
     return plans
 
 
@@ -264,13 +266,19 @@ def _stage_extract(client: Any, cfg: RunConfig, plans: list[FieldPlan], referenc
     cfg_json = json.dumps(cfg.to_dict())
     todo = []
     for p in plans:
+        for e, why in p.unusable.items():  # not submitted: no retry can give it a time or an exposure
+            state.failures.append({"stage": "extract", "field": p.field, "epoch": e, "attempts": 0,
+                                   "error": f"{cfg.store}: field {p.field}, {why}; the epoch is left out. Fix the "
+                                            "store's metadata (or re-ingest the exposure) and run again"})
         for e in range(p.n_epochs):
+            if e in p.unusable:
+                continue
             rec = read_meta(layout.sources(p.field, e))
             if rec is not None and rec.get("fingerprint") == fp:
                 state.records[(p.field, e)] = rec
             else:
                 todo.append((p, e))
-    total = sum(p.n_epochs for p in plans)
+    total = sum(p.n_epochs - len(p.unusable) for p in plans)
     bar = bars.add("extract", total, total - len(todo))
     state.counts["epochs_skipped_resume"] = total - len(todo)
     def submit(p: FieldPlan, e: int, attempt: int) -> Any:
@@ -579,7 +587,7 @@ def run_pipeline(cfg: RunConfig, client: Any = None) -> dict[str, Any]:
     t_all = time.perf_counter()
     if not cfg.store or not cfg.out:
         raise ConfigError("a run needs a store and an --out directory")
-    store.validate_store(cfg.store)
+    store.validate_store(cfg.store, epoch_checks=False)  # an epoch without a time is left out, not the run
     models = _check_models(cfg)
     fp = cfg.fingerprint(models={k: v["sha256"] for k, v in models.items() if k != "classifier"})
     cfp = cfg.classify_fingerprint(fp, models["classifier"]["sha256"]) if "classifier" in models else None
