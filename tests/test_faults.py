@@ -137,18 +137,28 @@ class Fault(WorkerPlugin):
             pq_.write_table = self.original
 
 
+class _Faults:
+    """``fault(plugin)`` registers a :class:`Fault` on the workers; ``fault.clear()`` removes it."""
+
+    def __init__(self, client):
+        self.client, self.active = client, False
+
+    def __call__(self, plugin: Fault) -> None:
+        self.client.register_plugin(plugin)
+        self.active = True
+
+    def clear(self) -> None:
+        if self.active:
+            self.client.unregister_worker_plugin(Fault.name)
+            self.active = False
+
+
 @pytest.fixture
 def fault(fault_client):
-    """Register a :class:`Fault` on the fault cluster's workers; removed after the test."""
-    registered = []
-
-    def add(plugin: Fault) -> None:
-        fault_client.register_plugin(plugin)
-        registered.append(plugin.name)
-
-    yield add
-    for name in registered:
-        fault_client.unregister_worker_plugin(name)
+    """Faults on the fault cluster's workers, removed at the end of the test."""
+    faults = _Faults(fault_client)
+    yield faults
+    faults.clear()
 
 
 def test_a_killed_worker_loses_nothing(fault_survey, fault_client, baseline, tmp_path):
@@ -253,8 +263,7 @@ def test_disk_full_mid_stage_then_resume(fault_survey, fault_client, fault, base
     assert not (out / "sources" / "field=F000" / "epoch=5.parquet").exists()
     assert not list(out.rglob(".*.tmp"))  # the partial temporary file was removed
     assert validate_output(out) == []
-    fault_client.unregister_worker_plugin(Fault.name)  # space was freed
-    fault_client.register_plugin(Fault("read_window", epoch=-1))  # a no-op, so the fixture's teardown finds one
+    fault.clear()  # space was freed
     again = run_pipeline(run_config(fault_survey, out, **SETTINGS), client=fault_client)
     assert again["status"] == "complete" and again["counts"]["epochs_skipped_resume"] == N_EPOCHS - 1
     assert content_digest(out) == baseline["digest"]
