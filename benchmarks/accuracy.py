@@ -49,13 +49,14 @@ import pandas as pd
 
 from survey_proc import evaluate as ev
 from survey_proc import store
-from survey_proc.catalog.flags import PHOTOMETRY_BAD
 from survey_proc.config import load_config
 from survey_proc.distributed.pipeline import run_pipeline
 from survey_proc.outputs import OutputLayout
-from survey_proc.photometry.crlb import MAG_PER_FLUX, crlb_curve, crowding_factor, galsim_psf
+from survey_proc.photometry.crlb import crlb_curve, crowding_factor
 from survey_proc.simulate import load_scenario, simulate_survey
+from survey_proc.simulate.psf import galsim_psf
 from survey_proc.simulate.scenario import Scenario
+from survey_proc.vocab import MAG_PER_FLUX, PHOTOMETRY_BAD
 
 SCENARIOS = Path(__file__).parent / "scenarios"
 ISOLATION_MAX = 0.01  # "isolated": neighbours add < 1 % of the star's light, PSF-weighted (see _contamination)

@@ -46,15 +46,15 @@ from survey_proc.evaluate import (
     load_truth_summary,
     match_one_to_one,
 )
-from survey_proc.lightcurves.classifier import PERIODIC
-from survey_proc.simulate.variables import PERIODIC_CLASSES
+from survey_proc.vocab import PERIODIC_CLASSES
 
 ALIASES = (0.5, 2.0, 1 / 3, 3.0)
 
 
 def photon_sigma_mag(summary: dict, mag: np.ndarray) -> np.ndarray:
     """Single-epoch magnitude error from photon noise (isolated-star CRLB at median conditions)."""
-    from survey_proc.photometry.crlb import crlb_point_source, galsim_psf
+    from survey_proc.photometry.crlb import crlb_point_source
+    from survey_proc.simulate.psf import galsim_psf
 
     scn = summary["scenario"]
     psf = galsim_psf(scn["psf_profile"], float(summary["median_seeing_fwhm_px"]), 25, scn.get("moffat_beta", 3.0))
@@ -122,7 +122,7 @@ def evaluate(run: str | Path, store: str | Path, blend_aware: bool = True) -> tu
     stars = truth_table(store)
     obj_of, true_per_obj = _pairing(objects, stars, 1.0, blend_aware)
     stars["object"] = obj_of
-    pred_per = objects["var_class"].isin(PERIODIC).to_numpy()
+    pred_per = objects["var_class"].isin(PERIODIC_CLASSES).to_numpy()
     tp_obj = pred_per & true_per_obj
     precision = float(tp_obj.sum() / max(pred_per.sum(), 1))
     i_o, i_s = match_one_to_one(objects["x"].to_numpy(), objects["y"].to_numpy(), stars["x"].to_numpy(),
@@ -304,7 +304,7 @@ def injection_curve(run: str | Path, store: str | Path, n_stars: int = 400, seed
             ok_cls = res["var_class"].notna().to_numpy()
             out["rows"].append({"basis": basis, "snr": float(snr), "n": int(ok_cls.sum()),
                                 "transit": float((res["var_class"][ok_cls] == "transit").mean()),
-                                "periodic": float(res["var_class"][ok_cls].isin(PERIODIC).mean()),
+                                "periodic": float(res["var_class"][ok_cls].isin(PERIODIC_CLASSES).mean()),
                                 "period_1pct": float((np.abs(res["period"][ok_cls] / p[ok_cls] - 1) <= 0.01).mean()),
                                 "mag_median": float(np.median(np.nanmedian(mag[use], 1)))})
     return out

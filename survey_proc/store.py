@@ -39,14 +39,12 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 
 from survey_proc.errors import StoreError, StoreValidationError
+from survey_proc.vocab import MASK_BAD, MASK_COSMIC, MASK_SATURATED  # noqa: F401  (the store's mask bits)
 
 FORMAT_VERSION = 1
 TILE_GRID_PX = 512
 MAX_CHUNK_PX = 2048
 
-MASK_BAD = 1
-MASK_SATURATED = 2
-MASK_COSMIC = 4
 
 REQUIRED_ROOT_ATTRS = ("survey_proc_format", "band", "pixel_scale_arcsec")
 REQUIRED_FIELD_ATTRS = ("gain_e_per_adu", "read_noise_e", "saturation_adu", "zeropoint_nominal")

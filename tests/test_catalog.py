@@ -194,7 +194,7 @@ def _border_epoch(border_survey):
 
 
 def test_nan_inf_and_saturated_pixels_are_flagged_not_fatal(border_survey):
-    from survey_proc.catalog import flags as F
+    from survey_proc import vocab as F
     from survey_proc.catalog.extract import extract_block
     from survey_proc.config import RunConfig
     from survey_proc.evaluate import truth_at_epoch

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy.optimize import least_squares
 
-from survey_proc.photometry.crlb import crlb_point_source, galsim_psf, gaussian_psf
+from survey_proc.photometry.crlb import crlb_point_source, gaussian_psf
+from survey_proc.simulate.psf import galsim_psf
 
 
 def test_bound_matches_closed_form_in_the_background_limit():

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from survey_proc.catalog import flags as F
+from survey_proc import vocab as F
 from survey_proc.lightcurves import classifier as C
 from survey_proc.lightcurves.periodogram import (
     BatchedBLS,

@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from survey_proc.catalog import flags as F
+from survey_proc import vocab as F
 from survey_proc.distributed.pipeline import run_pipeline
 from survey_proc.evaluate import load_truth_epochs, match_one_to_one, truth_at_epoch
 from survey_proc.outputs import OutputLayout

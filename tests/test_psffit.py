@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from survey_proc.photometry import psffit
-from survey_proc.photometry.crlb import crlb_point_source, galsim_psf
+from survey_proc.photometry.crlb import crlb_point_source
+from survey_proc.simulate.psf import galsim_psf
 
 
 def test_moffat_pixel_integrates_to_one():

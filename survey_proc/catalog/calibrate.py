@@ -38,10 +38,8 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
-from survey_proc.catalog import flags as F
+from survey_proc import vocab as F
 from survey_proc.config import CalibrationConfig
-
-MAG_PER_FLUX_ERR = 2.5 / np.log(10.0)  # 1.0857: d(mag) = 1.0857 d(flux)/flux
 
 
 @dataclass
@@ -64,7 +62,7 @@ def instrumental_mag(flux: np.ndarray, flux_err: np.ndarray) -> tuple[np.ndarray
     flux = np.asarray(flux, float)
     with np.errstate(divide="ignore", invalid="ignore"):
         m = np.where(flux > 0, -2.5 * np.log10(np.where(flux > 0, flux, 1.0)), np.nan)
-        e = np.where(flux > 0, MAG_PER_FLUX_ERR * np.asarray(flux_err, float) / flux, np.nan)
+        e = np.where(flux > 0, F.MAG_PER_FLUX * np.asarray(flux_err, float) / flux, np.nan)
     return m, e
 
 

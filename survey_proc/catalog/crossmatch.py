@@ -40,7 +40,7 @@ import pandas as pd
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from survey_proc.catalog import flags as F
+from survey_proc import vocab as F
 from survey_proc.catalog.schema import CLASSIFY_COLUMNS
 
 REGION_BITS = 16

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import sep
 
-from survey_proc.catalog import flags as F
+from survey_proc import vocab as F
 from survey_proc.config import RunConfig
 from survey_proc.detect import classical
 from survey_proc.photometry import aperture

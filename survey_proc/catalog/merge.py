@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from survey_proc.catalog import flags as F
+from survey_proc import vocab as F
 from survey_proc.catalog.astrometry import pixel_to_world, to_reference_frame
 from survey_proc.catalog.calibrate import instrumental_mag
 from survey_proc.catalog.extract import BlockInfo

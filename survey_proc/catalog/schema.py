@@ -33,7 +33,7 @@ SOURCES = pa.schema([
     ("mag", pa.float64()),  # calibrated
     ("mag_err", pa.float64()),  # includes the zero-point error
     ("confidence", pa.float32()),  # 0..1
-    ("flags", pa.int32()),  # survey_proc.catalog.flags
+    ("flags", pa.int32()),  # survey_proc.vocab
     # additions
     ("x_ref", pa.float64()),  # field reference pixel frame
     ("y_ref", pa.float64()),

@@ -349,7 +349,7 @@ def refine_wcs_task(out: str, field: str, epoch: int, ref_wcs_text: str, referen
     When the registration fails or finds no correction (< 0.5 px anywhere), the unit is left
     as it was and the record says why (``wcs_refinement``).
     """
-    from survey_proc.catalog import flags as F
+    from survey_proc import vocab as F
     from survey_proc.catalog.registration import RegistrationError, register
 
     cfg = _config(cfg_json)
@@ -394,7 +394,7 @@ def register_epoch_task(out: str, field: str, epoch: int, ref_epoch: int, ref_wc
     the reference WCS when there is one, and with a reference catalogue the zero point is
     fitted again. The record gains ``registration`` (matrix, stars, residual RMS).
     """
-    from survey_proc.catalog import flags as F
+    from survey_proc import vocab as F
     from survey_proc.catalog.registration import RegistrationError, register
 
     cfg = _config(cfg_json)

@@ -49,9 +49,10 @@ from survey_proc.lightcurves.periodogram import (
     search_grid,
 )
 from survey_proc.lightcurves.preprocess import LightCurveBatch, variability_stats
+from survey_proc.vocab import CLASSIFIER_CLASSES, PERIODIC_CLASSES
 
-CLASSES = ("constant", "eclipsing_binary", "pulsator", "transit", "non_periodic")
-PERIODIC = ("eclipsing_binary", "pulsator", "transit")
+CLASSES = CLASSIFIER_CLASSES
+PERIODIC = PERIODIC_CLASSES
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_WEIGHTS = MODELS_DIR / "classifier.pt"
 

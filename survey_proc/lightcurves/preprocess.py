@@ -4,7 +4,7 @@ All light curves of a field share its epochs, so a batch is a matrix: one row pe
 one column per epoch (time order). Missing points are NaN. The steps, per object:
 
 1. **Rejection**: points with non-finite magnitudes or errors, ``mag_err <= 0`` or any of
-   ``bad_flags`` (default :data:`~survey_proc.catalog.flags.PHOTOMETRY_BAD`) are dropped.
+   ``bad_flags`` (default :data:`~survey_proc.vocab.PHOTOMETRY_BAD`) are dropped.
 2. **Normalisation**: relative flux ``y = 10**(-0.4 (mag - median)) - 1`` (0 at the median,
    -0.01 is 1 % fainter), error ``0.4 ln(10) mag_err (1 + y)``.
 3. **3-sigma clipping** of isolated outliers: ``z = (y - running median) / sigma`` over
@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 from numpy.lib.stride_tricks import sliding_window_view
 
-from survey_proc.catalog import flags as F
+from survey_proc import vocab as F
 
 LN10_04 = 0.4 * np.log(10.0)
 

@@ -29,9 +29,9 @@ import sep
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from survey_proc.catalog import flags as F
+from survey_proc import vocab as F
 from survey_proc.config import PhotometryConfig
-from survey_proc.store import MASK_COSMIC, MASK_SATURATED
+from survey_proc.vocab import MASK_COSMIC, MASK_SATURATED
 
 MIN_STARS_FOR_FWHM = 5
 

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import erf
 
+from survey_proc.vocab import MAG_PER_FLUX
+
 PSF = Callable[[float, float], np.ndarray]
-MAG_PER_FLUX = 2.5 / np.log(10.0)
 
 
 @dataclass(frozen=True)
@@ -59,19 +60,6 @@ def gaussian_psf(sigma_px: float, size_px: int) -> PSF:
         fx = 0.5 * np.diff(erf((edges - x0) / s))
         fy = 0.5 * np.diff(erf((edges - y0) / s))
         return np.outer(fy, fx)
-
-    return psf
-
-
-def galsim_psf(profile: str, fwhm_px: float, size_px: int, beta: float = 3.0) -> PSF:
-    """Pixel-integrated GalSim PSF (``moffat`` or ``kolmogorov``) on a ``size x size`` stamp."""
-    from survey_proc.simulate.psf import galsim_profile
-
-    obj = galsim_profile(profile, fwhm_px, beta)
-
-    def psf(x0: float, y0: float) -> np.ndarray:
-        img = obj.drawImage(nx=size_px, ny=size_px, scale=1.0, offset=(x0, y0), method="auto")
-        return img.array.astype(np.float64)
 
     return psf
 

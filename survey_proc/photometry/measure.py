@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from survey_proc.photometry.crlb import MAG_PER_FLUX
 from survey_proc.photometry.stamps import Stamps, cut_stamps
+from survey_proc.vocab import MAG_PER_FLUX
 
 
 @dataclass

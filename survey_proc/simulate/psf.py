@@ -33,6 +33,8 @@ import galsim
 import numpy as np
 from scipy.ndimage import uniform_filter
 
+from survey_proc.photometry.crlb import PSF
+
 RADIUS_LADDER_FACTORS = (1, 2, 4, 8)
 
 
@@ -160,3 +162,14 @@ def fit_point_source(image: np.ndarray, x: float, y: float, profile: str = "moff
     p0 = np.array([stamp.sum(), x - ix, y - iy, 2.0])
     res = least_squares(lambda p: (model(p) - stamp).ravel(), p0, x_scale=[max(p0[0], 1), 0.1, 0.1, 0.2])
     return {"flux": float(res.x[0]), "x": float(ix + res.x[1]), "y": float(iy + res.x[2]), "fwhm_px": float(abs(res.x[3]))}
+
+
+def galsim_psf(profile: str, fwhm_px: float, size_px: int, beta: float = 3.0) -> PSF:
+    """Pixel-integrated GalSim PSF (``moffat`` or ``kolmogorov``) on a ``size x size`` stamp."""
+    obj = galsim_profile(profile, fwhm_px, beta)
+
+    def psf(x0: float, y0: float) -> np.ndarray:
+        img = obj.drawImage(nx=size_px, ny=size_px, scale=1.0, offset=(x0, y0), method="auto")
+        return img.array.astype(np.float64)
+
+    return psf

@@ -26,7 +26,7 @@ from survey_proc.simulate.psf import PSFBank, build_bank
 from survey_proc.simulate.scenario import Scenario
 from survey_proc.simulate.variables import magnitudes_at
 from survey_proc.simulate.wcs import reference_to_epoch
-from survey_proc.store import MASK_BAD, MASK_COSMIC, MASK_SATURATED
+from survey_proc.vocab import MASK_BAD, MASK_COSMIC, MASK_SATURATED
 
 _BLOCK_PIXELS = 2_000_000  # stamp pixels per vectorised block: bounds temporaries to ~16 MB each
 

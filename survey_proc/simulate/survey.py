@@ -39,6 +39,7 @@ from survey_proc.simulate.scenario import Scenario, scenario_from_dict
 from survey_proc.simulate.stars import field_id_for, make_stars, neighbour_fraction
 from survey_proc.simulate.variables import magnitudes_at
 from survey_proc.simulate.wcs import epoch_wcs, field_center, reference_wcs, wcs_header_text
+from survey_proc.vocab import MASK_COSMIC, MASK_SATURATED
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,8 @@ def render_task(scn_dict: dict[str, Any], store_path: str, stars_path: str, fiel
     stars, bad_cols = _field_inputs(stars_path, scn, field_index)
     image, mask = render_epoch(scn, field_index, stars, cond, bad_cols)
     store.write_epoch_pixels(store_path, field_id_for(field_index), int(cond["epoch"]), image, mask)
-    return {"saturated_px": int(np.count_nonzero(mask & store.MASK_SATURATED)),
-            "cosmic_px": int(np.count_nonzero(mask & store.MASK_COSMIC))}
+    return {"saturated_px": int(np.count_nonzero(mask & MASK_SATURATED)),
+            "cosmic_px": int(np.count_nonzero(mask & MASK_COSMIC))}
 
 
 # ---------------------------------------------------------------- driver side

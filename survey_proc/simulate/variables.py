@@ -37,8 +37,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-VAR_CLASSES = ("constant", "eclipsing_binary", "pulsator", "transit", "flare", "trend")
-PERIODIC_CLASSES = ("eclipsing_binary", "pulsator", "transit")
+from survey_proc.vocab import VAR_CLASSES
 
 # RRab-like template: sawtooth-ish Fourier series, evaluated once on a fine phase grid.
 _TEMPLATE_PHASE = np.linspace(0.0, 1.0, 2001)
