@@ -63,12 +63,16 @@ class OutputLayout:
         return self.root / "calibration" / f"field={field}" / "reference.parquet"
 
 
-def prepare(out: str | Path, mode: str, fingerprint: str) -> dict[str, Any] | None:
+def prepare(out: str | Path, mode: str, fingerprint: str,
+            owned: list[str] | tuple[str, ...] = (*OUTPUT_MARKERS, "epochs.parquet", "calibration")
+            ) -> dict[str, Any] | None:
     """Make ``out`` ready for a run; returns the previous run.json (resume) or None.
 
     ``overwrite`` removes a previous survey-proc output (only if the directory looks like
-    one: it refuses to delete anything else). ``resume`` refuses an output written with a
-    different processing configuration.
+    one: it refuses to delete anything else), i.e. the top-level names in ``owned`` (the
+    orchestrator passes those of every stage's output units). ``resume`` refuses an output
+    written with a different processing configuration; which units are complete is each
+    stage's done-check (:meth:`survey_proc.stages.base.Stage.done`).
     """
     layout = OutputLayout(out)
     root = layout.root
@@ -81,7 +85,7 @@ def prepare(out: str | Path, mode: str, fingerprint: str) -> dict[str, Any] | No
             raise SurveyProcError(f"--out {root} is a non-empty directory that is not a survey-proc output; "
                                   "choose an empty or new directory")
         if mode == "overwrite":
-            for name in (*OUTPUT_MARKERS, "epochs.parquet", "calibration"):
+            for name in owned:
                 p = root / name
                 if p.is_dir():
                     shutil.rmtree(p)

@@ -66,7 +66,7 @@ def test_classify_stage_fills_objects_and_resumes_alone(variable_survey, client,
 
 
 def test_short_surveys_are_not_searched_and_a_missing_region_is_named(border_survey, client, tmp_path):
-    from survey_proc.distributed.tasks import classify_region_task
+    from survey_proc.stages.classify import classify_region_task
     from survey_proc.errors import SurveyProcError
 
     out = tmp_path / "out"

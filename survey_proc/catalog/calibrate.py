@@ -28,11 +28,23 @@ of a field by iteratively clipped weighted least squares (``k``: extinction, mag
 airmass; space data with no airmass fit a constant). Epochs with fewer than ``min_stars``
 usable reference stars take the model's zero point, with the model's scatter as error,
 and their sources get the ``ZP_MODEL`` flag.
+
+Aperture correction across epochs
+---------------------------------
+An epoch whose blocks had fewer than :data:`APCORR_MIN_STARS` bright isolated stars to
+measure its aperture correction takes the field's ``apcorr(FWHM)`` line
+(:func:`fit_apcorr_model`), fitted by 3-sigma clipped least squares over the epochs that
+measured it; :func:`rescale_aperture_photometry` applies it to a written epoch.
+
+Everything that fits or applies a zero point lives here; the calibrate stage
+(:mod:`survey_proc.stages.calibrate`) only reads units, calls these functions and writes.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,20 +53,57 @@ from scipy.spatial import cKDTree
 from survey_proc import vocab as F
 from survey_proc.config import CalibrationConfig
 
+APCORR_MIN_STARS = 5  # an epoch's aperture correction counts as measured with at least this many stars
+APCORR_LINE_MIN_EPOCHS = 5  # fewer measured epochs: the field's apcorr is their median, not a line in FWHM
+
+
+class ZpStatus(StrEnum):
+    """How an epoch's zero point was obtained (stored as its string value in records and ``epochs.parquet``)."""
+
+    FIT = "fit"  # fitted against reference stars
+    MODEL = "model"  # the field's cross-epoch model (too few reference stars); sources get ZP_MODEL
+    FEW = "few"  # too few reference stars: awaiting the model
+    PENDING = "pending"  # no reference yet (relative calibration: the ensemble fit comes later)
+
 
 @dataclass
 class ZeroPoint:
-    """A zero point (mag for 1 ADU per exposure) and how it was obtained."""
+    """A zero point (mag for 1 ADU per exposure) and how it was obtained.
+
+    Attributes
+    ----------
+    zp, zp_err
+        Zero point and its error (mag); NaN when not (yet) known.
+    scatter
+        Robust rms of the per-star zero points (mag).
+    n_used, n_candidates
+        Reference stars kept after clipping, and matched before it.
+    status
+        A :class:`ZpStatus`.
+    """
 
     zp: float
     zp_err: float
-    scatter: float  # robust rms of the per-star zero points (mag)
+    scatter: float
     n_used: int
     n_candidates: int
-    status: str  # "fit", "model", "few" (awaiting the model), "pending" (no reference yet)
+    status: ZpStatus
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def __post_init__(self) -> None:
+        self.status = ZpStatus(self.status)
+
+    @classmethod
+    def pending(cls) -> ZeroPoint:
+        """No zero point yet (relative calibration before the ensemble fit)."""
+        return cls(np.nan, np.nan, np.nan, 0, 0, ZpStatus.PENDING)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ZeroPoint:
+        return cls(float(d["zp"]), float(d["zp_err"]), float(d["scatter"]), int(d["n_used"]),
+                   int(d["n_candidates"]), ZpStatus(d["status"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "status": str(self.status)}
 
 
 def instrumental_mag(flux: np.ndarray, flux_err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -134,7 +183,8 @@ def select_calibrators(x: np.ndarray, y: np.ndarray, snr: np.ndarray, flags: np.
         n_near = np.array([len(n) for n in near])
     else:
         f = np.asarray(flux, float)
-        n_near = np.array([int(np.sum(f[n] >= cfg.isolation_flux_ratio * f[k])) for n, k in zip(near, i_src, strict=True)])
+        n_near = np.array([int(np.sum(f[n] >= cfg.isolation_flux_ratio * f[k]))
+                           for n, k in zip(near, i_src, strict=True)])
     good &= n_near <= 1
     i_src, i_ref = i_src[good], i_ref[good]
     order = np.argsort(-snr[i_src], kind="stable")[: cfg.max_stars]
@@ -147,7 +197,7 @@ def fit_epoch_zeropoint(mag_inst: np.ndarray, mag_inst_err: np.ndarray, ref_mag:
     n_cand = len(mag_inst)
     err = np.hypot(mag_inst_err, ref_mag_err)
     zp, zp_err, scatter, n = robust_zeropoint(ref_mag - mag_inst, err, cfg.clip_sigma)
-    status = "fit" if n >= cfg.min_stars else "few"
+    status = ZpStatus.FIT if n >= cfg.min_stars else ZpStatus.FEW
     return ZeroPoint(zp, zp_err, scatter, n, n_cand, status)
 
 
@@ -165,7 +215,7 @@ def fit_airmass_model(epochs: pd.DataFrame, clip_sigma: float = 3.0) -> dict:
         ``zp0`` (mag), ``k_mag_per_airmass`` (NaN when airmass is unknown or constant),
         ``scatter`` (robust rms of the residuals, mag), ``n`` epochs used.
     """
-    e = epochs[(epochs["zp_status"] == "fit") & np.isfinite(epochs["zp"])]
+    e = epochs[(epochs["zp_status"] == ZpStatus.FIT) & np.isfinite(epochs["zp"])]
     if len(e) == 0:
         return {"zp0": np.nan, "k_mag_per_airmass": np.nan, "scatter": np.nan, "n": 0}
     zp = e["zp"].to_numpy(float)
@@ -205,7 +255,7 @@ def apply_zeropoint(sources: pd.DataFrame, zp: ZeroPoint) -> pd.DataFrame:
     sources["mag"] = sources["mag_inst"] + zp.zp
     sources["mag_err"] = np.hypot(sources["mag_inst_err"], zp.zp_err if np.isfinite(zp.zp_err) else np.nan)
     sources["zp"] = zp.zp
-    if zp.status == "model":
+    if zp.status == ZpStatus.MODEL:
         sources["flags"] = sources["flags"].to_numpy() | F.ZP_MODEL
     return sources
 
@@ -277,10 +327,130 @@ def ensemble_zeropoints(matches: pd.DataFrame, clip_sigma: float = 3.0, min_star
         g = g[g["star"].isin(keep)]
         z, ze, sc, n = robust_zeropoint(g["M"] - g["mag_inst"], g["mag_inst_err"], clip_sigma)
         rows.append({"epoch": e, "zp": z, "zp_err": ze, "scatter": sc, "n_used": n, "n_candidates": len(g),
-                     "status": "fit" if n >= min_stars else "few"})
+                     "status": str(ZpStatus.FIT if n >= min_stars else ZpStatus.FEW)})
     zps = pd.DataFrame(rows).set_index("epoch") if rows else pd.DataFrame(
         columns=["zp", "zp_err", "scatter", "n_used", "n_candidates", "status"])
-    level = float(np.median(zps.loc[zps["status"] == "fit", "zp"])) if (zps["status"] == "fit").any() else 0.0
+    fit = zps["status"] == ZpStatus.FIT
+    level = float(np.median(zps.loc[fit, "zp"])) if fit.any() else 0.0
     zps["zp"] -= level
     stars["mag"] += level
     return zps, stars
+
+
+# ------------------------------------------------------------------ reference stars in a field's frame
+def reference_in_frame(ref: pd.DataFrame, wcs: Any) -> pd.DataFrame:
+    """A reference catalogue (ra, dec, mag, mag_err) with ``x_ref``/``y_ref`` in a field's reference frame.
+
+    Catalogues that already carry ``x_ref``/``y_ref`` (the internal reference) are returned
+    as they are; without a WCS (``wcs`` None) the positions are NaN.
+    """
+    from survey_proc.catalog.astrometry import world_to_pixel
+
+    if {"x_ref", "y_ref"} <= set(ref.columns):
+        return ref
+    if wcs is None:
+        return ref.assign(x_ref=np.nan, y_ref=np.nan)
+    x, y = world_to_pixel(wcs, ref["ra"].to_numpy(), ref["dec"].to_numpy())
+    return ref.assign(x_ref=x, y_ref=y)
+
+
+def calibrator_matches(sources: pd.DataFrame, ref: pd.DataFrame, fwhm_px: float,
+                       cfg: CalibrationConfig) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`select_calibrators` on a sources table and a reference, both in the reference frame.
+
+    ``sources`` needs ``x_ref, y_ref, snr, flags, flux``; ``ref`` needs ``x_ref, y_ref``.
+    Returns ``(i_source, i_ref)``.
+    """
+    return select_calibrators(sources["x_ref"].to_numpy(), sources["y_ref"].to_numpy(), sources["snr"].to_numpy(),
+                              sources["flags"].to_numpy(), ref["x_ref"].to_numpy(), ref["y_ref"].to_numpy(),
+                              fwhm_px, cfg, flux=sources["flux"].to_numpy())
+
+
+def calibrate_epoch(sources: pd.DataFrame, ref: pd.DataFrame, fwhm_px: float, cfg: CalibrationConfig) -> ZeroPoint:
+    """Fit one epoch's zero point (``sources`` in the reference frame) against reference stars ``ref``.
+
+    The magnitudes are not changed: apply the result with :func:`apply_zeropoint`.
+    """
+    i_src, i_ref = calibrator_matches(sources, ref, fwhm_px, cfg)
+    return fit_epoch_zeropoint(sources["mag_inst"].to_numpy()[i_src], sources["mag_inst_err"].to_numpy()[i_src],
+                               ref["mag"].to_numpy()[i_ref], ref["mag_err"].to_numpy()[i_ref], cfg)
+
+
+def ensemble_epoch_zeropoints(zps: pd.DataFrame, epochs: list[int], zeropoint_nominal: float) -> dict[int, ZeroPoint]:
+    """The :func:`ensemble_zeropoints` result per epoch as :class:`ZeroPoint` (nominal level added).
+
+    Epochs the ensemble did not reach get NaN with status ``few`` (they then take the model's).
+    """
+    out = {}
+    for e in epochs:
+        if e in zps.index:
+            z = zps.loc[e]
+            out[e] = ZeroPoint(float(z["zp"]) + zeropoint_nominal, float(z["zp_err"]), float(z["scatter"]),
+                               int(z["n_used"]), int(z["n_candidates"]), ZpStatus(str(z["status"])))
+        else:
+            out[e] = ZeroPoint(np.nan, np.nan, np.nan, 0, 0, ZpStatus.FEW)
+    return out
+
+
+def model_epoch_zeropoint(model: dict, airmass: float, n_candidates: int) -> ZeroPoint:
+    """The zero point an epoch without enough reference stars takes from the field's model."""
+    return ZeroPoint(model_zeropoint(model, airmass), float(model["scatter"]), float(model["scatter"]), 0,
+                     n_candidates, ZpStatus.MODEL)
+
+
+# ------------------------------------------------------------------ aperture correction across epochs
+def fit_apcorr_model(fwhm_px: np.ndarray, apcorr: np.ndarray, clip_sigma: float = 3.0) -> dict[str, Any]:
+    """Aperture correction as a line in FWHM over the epochs that measured it.
+
+    Parameters
+    ----------
+    fwhm_px, apcorr
+        Per measured epoch: FWHM (px) and aperture correction (total / aperture flux).
+    clip_sigma
+        Residuals beyond this many robust sigma (1.4826 MAD, at least 0.001) are dropped
+        before the final fit.
+
+    Returns
+    -------
+    dict
+        ``coef`` (``numpy.polyval`` order: slope per px, intercept) and ``n`` epochs. With fewer
+        than :data:`APCORR_LINE_MIN_EPOCHS` epochs or FWHMs spanning <= 0.05 px, a constant (the median).
+    """
+    f, a = np.asarray(fwhm_px, float), np.asarray(apcorr, float)
+    if len(f) == 0:
+        return {"coef": [0.0, 1.0], "n": 0}
+    if len(f) >= APCORR_LINE_MIN_EPOCHS and np.ptp(f) > 0.05:
+        coef = np.polyfit(f, a, 1)
+        res = a - np.polyval(coef, f)
+        keep = np.abs(res) <= clip_sigma * max(1.4826 * np.median(np.abs(res)), 1e-3)
+        coef = np.polyfit(f[keep], a[keep], 1)
+    else:
+        coef = np.array([0.0, float(np.median(a))])
+    return {"coef": [float(c) for c in coef], "n": len(f)}
+
+
+def rescale_aperture_photometry(sources: pd.DataFrame, old_apcorr: float, new_apcorr: float) -> pd.DataFrame:
+    """Replace an epoch's aperture correction in place: fluxes scaled, instrumental magnitudes recomputed."""
+    scale = new_apcorr / old_apcorr
+    sources["flux"] *= scale
+    sources["flux_err"] *= scale
+    sources["mag_inst"], sources["mag_inst_err"] = instrumental_mag(sources["flux"].to_numpy(),
+                                                                    sources["flux_err"].to_numpy())
+    sources["mag_err_aleatoric"] = sources["mag_inst_err"]
+    return sources
+
+
+def choose_reference_epoch(n_sources: dict[int, int], requested: int | None = None) -> int:
+    """The reference epoch of relative calibration: ``requested`` if given, else the one with most detections.
+
+    Raises
+    ------
+    ValueError
+        When ``requested`` is not among the epochs.
+    """
+    if requested is not None:
+        if requested not in n_sources:
+            raise ValueError(f"calibration.reference_epoch = {requested} was not extracted in this run "
+                             f"(epochs 0..{max(n_sources)})")
+        return requested
+    return max(sorted(n_sources), key=lambda e: n_sources[e])

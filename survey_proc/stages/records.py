@@ -1,0 +1,118 @@
+"""The record of a sources unit (one field x epoch), kept in the unit's Parquet footer and in run.json.
+
+The footer holds :meth:`EpochRecord.to_dict`; a resumed run reads it back with
+:meth:`EpochRecord.from_dict`, so the file stays the only ledger (``survey_proc.outputs``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from survey_proc.catalog.calibrate import ZeroPoint, ZpStatus
+
+APCORR_FROM_MODEL = "field model"  # apcorr_source of an epoch whose aperture correction is the field's line
+
+
+@dataclass
+class EpochRecord:
+    """What extraction, registration and calibration measured and decided about one epoch.
+
+    Attributes
+    ----------
+    field, epoch, mjd, airmass, exptime_s
+        The unit's key and its exposure's metadata (MJD, airmass, seconds).
+    n_sources, n_duplicates
+        Rows written and border duplicates removed.
+    fwhm_px, apcorr, n_apcorr_stars
+        Measured seeing (px), aperture correction (total / aperture flux) and the fewest
+        stars any block measured it on.
+    bkg_adu, rms_adu, bad_px
+        Median sky level and noise (ADU); unusable pixels.
+    fallback
+        Relaxed extraction settings a block fell back to (comma-separated), or None.
+    has_wcs
+        Whether the epoch had a usable WCS (else it is registered).
+    zp
+        The zero point (:class:`~survey_proc.catalog.calibrate.ZeroPoint`).
+    fingerprint
+        The run configuration's fingerprint the unit was written with.
+    apcorr_source, registration, wcs_refinement
+        Set by later stages: the aperture correction's origin, the registration's solution,
+        the outcome of refining a rough WCS. None when not applicable (omitted from the footer).
+    """
+
+    field: str
+    epoch: int
+    mjd: float
+    airmass: float
+    exptime_s: float
+    n_sources: int
+    n_duplicates: int
+    fwhm_px: float
+    apcorr: float
+    n_apcorr_stars: int
+    bkg_adu: float
+    rms_adu: float
+    bad_px: int
+    fallback: str | None
+    has_wcs: bool
+    zp: ZeroPoint
+    fingerprint: str
+    queue_to_done_s: float = 0.0
+    finalize_s: float = 0.0
+    read_s: float = 0.0
+    extract_s: float = 0.0
+    apcorr_source: str | None = None
+    registration: dict[str, Any] | None = None
+    wcs_refinement: str | None = None
+    unit: str = "sources"
+    extra: dict[str, Any] = field(default_factory=dict)  # keys of a newer or older version, kept as they are
+
+    @property
+    def calibrated(self) -> bool:
+        """The epoch has a finite zero point (a fit, a model or an ensemble value)."""
+        return bool(math.isfinite(self.zp.zp))
+
+    @property
+    def apcorr_from_model(self) -> bool:
+        return self.apcorr_source == APCORR_FROM_MODEL
+
+    @property
+    def needs_model_zp(self) -> bool:
+        """Too few reference stars, or none yet: the epoch takes the field's zero-point model."""
+        return self.zp.status in (ZpStatus.FEW, ZpStatus.PENDING)
+
+    def with_(self, **changes: Any) -> EpochRecord:
+        """A copy with ``changes``."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The footer form: plain JSON types, optional keys omitted when None."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("zp", "extra")}
+        d["zp"] = self.zp.to_dict()
+        for k in ("apcorr_source", "registration", "wcs_refinement"):
+            if d[k] is None:
+                del d[k]
+        return {**self.extra, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EpochRecord:
+        """Read a footer record (keys this version does not know go to ``extra``)."""
+        names = {f.name for f in fields(cls)} - {"extra"}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["zp"] = ZeroPoint.from_dict(d["zp"])
+        kw.setdefault("has_wcs", True)
+        kw.setdefault("n_apcorr_stars", 0)
+        return cls(**kw, extra={k: v for k, v in d.items() if k not in names})
+
+    def summary(self) -> dict[str, Any]:
+        """The row of ``epochs.parquet`` for this epoch."""
+        z = asdict(self.zp)
+        return {"field": self.field, "epoch": self.epoch, "mjd": self.mjd, "airmass": self.airmass,
+                "exptime_s": self.exptime_s, "n_sources": self.n_sources, "fwhm_px": self.fwhm_px,
+                "apcorr": self.apcorr, "apcorr_n_stars": self.n_apcorr_stars,
+                "apcorr_from_model": self.apcorr_from_model, "bkg_adu": self.bkg_adu, "rms_adu": self.rms_adu,
+                "zp": z["zp"], "zp_err": z["zp_err"], "zp_scatter": z["scatter"], "zp_n_stars": z["n_used"],
+                "zp_status": str(self.zp.status), "fallback": self.fallback or ""}
