@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 EPOCHS ?= 1000
 ARGS ?=
 
-.PHONY: run test lint venv clean
+.PHONY: run test lint typecheck venv clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,10 +22,14 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check survey_proc tests benchmarks training
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -n 2 $(ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check survey_proc tests benchmarks training
+
+typecheck: $(VENV)/.installed
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV)

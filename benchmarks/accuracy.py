@@ -268,7 +268,8 @@ def evaluate_method(out: Path, store_path: Path, scn: Scenario, epochs: list[int
         astrometry.update({
             "n_crowded": int(ok.sum() // 2), "crowding_factor_median": float(np.median(k2[ok])) if ok.any() else None,
             "crlb_crowded_rms_px": float(np.sqrt(np.mean(cc**2))) if ok.any() else None,
-            "rms_over_crlb_crowded": float(np.sqrt(np.mean(d2[ok] ** 2)) / np.sqrt(np.mean(cc**2))) if ok.any() else None,
+            "rms_over_crlb_crowded": (float(np.sqrt(np.mean(d2[ok] ** 2)) / np.sqrt(np.mean(cc**2)))
+                                      if ok.any() else None),
             "rms_z_isolated": float(np.sqrt(np.mean((d2[ok] / c2[ok]) ** 2))) if ok.any() else None,
             "rms_z_crowded": float(np.sqrt(np.mean((d2[ok] / cc) ** 2))) if ok.any() else None,
         })
@@ -326,7 +327,8 @@ def _plots(results: dict[str, Any], outdir: Path, scenario: str) -> list[str]:
         b = [x for x in r["phot_bins"] if x["mag_n"] >= 5]
         mid = [0.5 * (x["lo"] + x["hi"]) for x in b]
         ax.semilogy(mid, [x["mag_nmad"] for x in b], "o-", label=f"{m} NMAD")
-        ax.semilogy(mid, [x["crlb_mag"] for x in b], "k--", label="Cramér-Rao bound" if m == next(iter(methods)) else None)
+        ax.semilogy(mid, [x["crlb_mag"] for x in b], "k--",
+                    label="Cramér-Rao bound" if m == next(iter(methods)) else None)
     ax.set(xlabel="true magnitude", ylabel="magnitude error (mag)", title=f"{scenario}: photometry")
     ax.legend()
     save(fig, "photometry_vs_crlb.png")
@@ -387,7 +389,8 @@ def _markdown(results: dict[str, Any]) -> str:
                      f"**{r['f1_bright']:.3f}** | {a.get('rms_px', float('nan')):.4f} | "
                      f"{a.get('crlb_rms_px', float('nan')):.4f} | {a.get('rms_over_crlb', float('nan')):.2f} | "
                      f"{a.get('rms_over_crlb_clipped', float('nan')):.2f} ({a.get('clipped_fraction', 0):.3f}) | "
-                     f"{a.get('rms_over_crlb_crowded') or float('nan'):.2f} | {a.get('rms_z_crowded') or float('nan'):.2f} | "
+                     f"{a.get('rms_over_crlb_crowded') or float('nan'):.2f} | "
+                     f"{a.get('rms_z_crowded') or float('nan'):.2f} | "
                      f"{r.get('run_s', float('nan')):.0f} |")
     lines += ["", "Photometry (BPNN issue): isolated (neighbours < 1 % of the light) unflagged stars with S/N > 20, "
               "instrumental magnitude + true zero point against the Cramér-Rao bound (per-star ratio, RMS); "
@@ -438,7 +441,8 @@ def _markdown(results: dict[str, Any]) -> str:
             if not rb["n"]:
                 continue
             prec = f"{qb['precision']:.3f}" if qb["precision"] is not None else "-"
-            lines.append(f"| {rb['lo']:.0f}-{rb['hi']:.0f} | {rb['recall']:.3f} | {prec} | {pb['mag_n']} | {pb['mag_bias']:+.4f} | "
+            lines.append(f"| {rb['lo']:.0f}-{rb['hi']:.0f} | {rb['recall']:.3f} | {prec} | {pb['mag_n']} | "
+                         f"{pb['mag_bias']:+.4f} | "
                          f"{pb['mag_nmad']:.4f} | {pb['crlb_mag']:.4f} | {pb['mag_nmad_over_crlb']:.2f} | "
                          f"{pb['mag_outlier_frac']:.3f} | {pb['pos_nmad']:.3f} | {pb['crlb_pos_px']:.3f} | "
                          f"{pb['pos_nmad_over_crlb']:.2f} |")

@@ -16,7 +16,7 @@ from survey_proc import __version__
 from survey_proc.errors import SurveyProcError
 
 DEFAULT_SCENARIO = "dense"
-DEFAULT_SIZE_PX = 512  # PNet on 2 CPU cores: 1000 epochs of 512^2 fit the make-run budget (see RESULTS.md)
+DEFAULT_SIZE_PX = 512  # PNet on 2 CPU cores: 1000 epochs of 512^2 fit the make-run budget (benchmarks/RESULTS.md)
 DEFAULT_SEED = 0
 
 
@@ -24,6 +24,11 @@ def cache_dir() -> Path:
     """Where ``survey-proc run`` without a STORE keeps the default simulated survey.
 
     ``$SURVEY_PROC_CACHE`` if set, else ``$XDG_CACHE_HOME/survey-proc``, else ``~/.cache/survey-proc``.
+
+    Returns
+    -------
+    Path
+        The cache directory (not created here).
     """
     if os.environ.get("SURVEY_PROC_CACHE"):
         return Path(os.environ["SURVEY_PROC_CACHE"])
@@ -35,6 +40,20 @@ def default_survey(n_epochs: int, *, workers: int | None, directory: Path | None
     """The default simulated survey with at least ``n_epochs`` epochs, simulating it once if needed.
 
     A cached default survey with more epochs is reused (the run then uses its first epochs).
+
+    Parameters
+    ----------
+    n_epochs
+        Epochs needed.
+    workers
+        Dask workers for the simulation (None: one per core).
+    directory
+        Where the default surveys live; None: :func:`cache_dir`.
+
+    Returns
+    -------
+    Path
+        The store (``default-<scenario>-<size>px-seed<seed>-<epochs>ep.zarr``).
     """
     from survey_proc.simulate import load_scenario, simulate_survey
 
@@ -74,7 +93,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from survey_proc.simulate import SurveyPaths, load_scenario, parse_overrides, simulate_survey
 
     overrides = parse_overrides(args.set)
-    for key, value in (("n_epochs", args.epochs), ("size_px", args.size), ("n_fields", args.fields), ("seed", args.seed)):
+    for key, value in (("n_epochs", args.epochs), ("size_px", args.size), ("n_fields", args.fields),
+                       ("seed", args.seed)):
         if value is not None:
             overrides[key] = value
     scn = load_scenario(args.scenario, overrides)
@@ -160,7 +180,18 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def default_out(store_path: Path) -> Path:
-    """Default ``--out``: ``./survey-proc-out/<store name without .zarr>``."""
+    """Default ``--out``: ``./survey-proc-out/<store name without .zarr>``.
+
+    Parameters
+    ----------
+    store_path
+        The input store.
+
+    Returns
+    -------
+    Path
+        The output directory (relative to the working directory).
+    """
     name = store_path.name[: -len(".zarr")] if store_path.name.endswith(".zarr") else store_path.name
     return Path("survey-proc-out") / name
 
@@ -238,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=_cmd_info)
 
     g = sub.add_parser("ingest", help="FITS exposures -> survey store (append with --append)")
-    g.add_argument("paths", nargs="+", help="FITS files or globs (.fits, .fits.fz, .fits.gz; single or multi-extension)")
+    g.add_argument("paths", nargs="+",
+                   help="FITS files or globs (.fits, .fits.fz, .fits.gz; single or multi-extension)")
     g.add_argument("--out", required=True, help="survey store to create (or extend with --append)")
     g.add_argument("--field-key", help="header keyword naming the field (e.g. OBJECT); default: pointing + detector")
     g.add_argument("--hdu", help="comma-separated HDU indices to read (default: every image HDU)")
@@ -266,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output directory (default: ./survey-proc-out/<store name>)")
     r.add_argument("--epochs", type=int, help="process the first N epochs (default: all; 1000 for the default survey)")
     r.add_argument("--fields", action="append", metavar="F1,F2", help="fields to process (default: all)")
-    r.add_argument("--detector", choices=("sep", "pnet"), help="source detector: pnet (learned, default) or sep (classical baseline)")
+    r.add_argument("--detector", choices=("sep", "pnet"),
+                   help="source detector: pnet (learned, default) or sep (classical baseline)")
     r.add_argument("--photometry", choices=("bpnn", "classical"),
                    help="magnitudes from the BPNN (default; aleatoric + epistemic errors) or the detector's own "
                         "(sep: aperture; pnet: PSF fit)")
@@ -294,7 +327,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``survey-proc`` console script."""
+    """Entry point of the ``survey-proc`` console script.
+
+    Parameters
+    ----------
+    argv
+        Command-line arguments without the program name; None: ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        The exit status: 0 success; 1 a user error, failed units or validation problems; 130 Ctrl-C.
+    """
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
@@ -302,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"survey-proc {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        hint = "; the units written so far are kept: run the same command again to resume" if args.command == "run" else ""
+        hint = ("; the units written so far are kept: run the same command again to resume"
+                if args.command == "run" else "")
         print(f"survey-proc {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 

@@ -1,7 +1,10 @@
 """One typed run configuration for ``survey-proc run``, loadable from TOML, echoed into run.json.
 
-A TOML file may set any top-level key and any key of the sections ``[detection]``,
-``[photometry]``, ``[calibration]`` and ``[crossmatch]``::
+A TOML file may set any top-level key of :class:`RunConfig` and any key of its seven
+sections (:data:`SECTIONS`): ``[detection]`` (:class:`DetectionConfig`), ``[pnet]``
+(:class:`PNetSettings`), ``[bpnn]`` (:class:`BPNNSettings`), ``[photometry]``
+(:class:`PhotometryConfig`), ``[calibration]`` (:class:`CalibrationConfig`),
+``[crossmatch]`` (:class:`CrossmatchConfig`) and ``[classify]`` (:class:`ClassifySettings`)::
 
     tile_px = 512
     halo_px = 32
@@ -14,8 +17,11 @@ Command-line options override the file. Unknown keys are errors (a typo must not
 silently ignored in an overnight run).
 
 The *processing fingerprint* (:meth:`RunConfig.fingerprint`) hashes every setting that
-changes the numbers in the outputs. ``--resume`` refuses an output directory written with
-a different fingerprint, so a resumed run never mixes two configurations.
+changes the numbers in the outputs (and the digests of the model weights; ``[pnet]`` only
+with ``detector = "pnet"``, ``[bpnn]`` only when it is enabled). ``--resume`` refuses an
+output directory written with a different fingerprint, so a resumed run never mixes two
+configurations. ``[classify]`` has a fingerprint of its own
+(:meth:`RunConfig.classify_fingerprint`): changing it re-runs only the classify stage.
 """
 
 from __future__ import annotations
@@ -147,6 +153,18 @@ def local_path(value: str, name: str = "path") -> str:
     Object stores (s3://, gs://, memory://) are refused: every output unit is written to a
     temporary file and renamed atomically, and object stores have no atomic rename (see
     deployments/README.md, "Storage").
+
+    Parameters
+    ----------
+    value
+        A path or a URL.
+    name
+        The setting's name, for the error message.
+
+    Returns
+    -------
+    str
+        The local path.
     """
     if "://" not in value:
         return value
@@ -242,14 +260,33 @@ class RunConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (the form echoed into run.json)."""
+        """A JSON-serialisable dict (the form echoed into run.json).
+
+        Returns
+        -------
+        dict
+            Every setting, sections as nested dicts, ``fields`` as a list.
+        """
         d = dataclasses.asdict(self)
         if d["fields"] is not None:
             d["fields"] = list(d["fields"])
         return d
 
     def classify_fingerprint(self, fingerprint: str, classifier_digest: str) -> str:
-        """Hash of the classify stage's inputs: the run's fingerprint, its settings and weights."""
+        """Hash of the classify stage's inputs: the run's fingerprint, its settings and weights.
+
+        Parameters
+        ----------
+        fingerprint
+            The run's :meth:`fingerprint`.
+        classifier_digest
+            SHA-256 of the classifier's weights.
+
+        Returns
+        -------
+        str
+            16 hex digits.
+        """
         d = {"run": fingerprint, "classify": dataclasses.asdict(self.classify), "weights": classifier_digest}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -257,6 +294,16 @@ class RunConfig:
         """Hash of every setting that changes output values (16 hex digits).
 
         ``models`` (name -> weights digest) joins the hash: new weights are a new output.
+
+        Parameters
+        ----------
+        models
+            Model name -> SHA-256 of its weights; None: no models.
+
+        Returns
+        -------
+        str
+            16 hex digits.
         """
         d = {k: v for k, v in self.to_dict().items() if k not in self._NOT_FINGERPRINTED}
         if self.detector != "pnet":
@@ -277,7 +324,26 @@ def _section(cls: type, name: str, values: dict[str, Any]) -> Any:
 
 
 def config_from_dict(data: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
-    """Build a :class:`RunConfig` from a (TOML-shaped) dict, on top of ``base``."""
+    """Build a :class:`RunConfig` from a (TOML-shaped) dict, on top of ``base``.
+
+    Parameters
+    ----------
+    data
+        Top-level settings and section tables (``{"detection": {...}, ...}``); a section's
+        keys replace those of ``base``'s section, the others stay.
+    base
+        The configuration to start from; None: the defaults.
+
+    Returns
+    -------
+    RunConfig
+        Not validated (see :meth:`RunConfig.validate`).
+
+    Raises
+    ------
+    ConfigError
+        For an unknown setting or a section that is not a table.
+    """
     base = base or RunConfig()
     top_known = {f.name for f in fields(RunConfig)}
     unknown = sorted(set(data) - top_known)
@@ -299,7 +365,25 @@ def config_from_dict(data: dict[str, Any], base: RunConfig | None = None) -> Run
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read ``path`` (TOML, optional), apply ``overrides`` (None values are ignored), validate."""
+    """Read ``path`` (TOML, optional), apply ``overrides`` (None values are ignored), validate.
+
+    Parameters
+    ----------
+    path
+        A TOML run configuration; None: the defaults.
+    overrides
+        Settings applied last (e.g. from the command line), in the form of :func:`config_from_dict`.
+
+    Returns
+    -------
+    RunConfig
+        The validated configuration.
+
+    Raises
+    ------
+    ConfigError
+        For a missing or invalid file, an unknown setting or a value out of range.
+    """
     cfg = RunConfig()
     if path is not None:
         p = Path(path)
@@ -316,5 +400,16 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def config_from_json(d: dict[str, Any]) -> RunConfig:
-    """Inverse of :meth:`RunConfig.to_dict` (used by worker tasks)."""
+    """Inverse of :meth:`RunConfig.to_dict` (used by worker tasks).
+
+    Parameters
+    ----------
+    d
+        A dict from :meth:`RunConfig.to_dict`.
+
+    Returns
+    -------
+    RunConfig
+        Not validated.
+    """
     return config_from_dict(d)

@@ -1,4 +1,4 @@
-"""Truth matching and metrics. This module starts with the loaders every stage shares.
+"""Truth matching and metrics. This module starts with the truth loaders everything shares.
 
 A simulated survey ``DIR/NAME.zarr`` has its truth in ``DIR/NAME.truth/`` (never inside
 the pipeline's inputs). Always read truth through these functions so benchmarks, tests and
@@ -28,6 +28,16 @@ def truth_paths(store_path: str | Path) -> SurveyPaths:
     ------
     SurveyProcError
         When the truth directory or one of its files is missing (e.g. an ingested, real survey).
+
+    Parameters
+    ----------
+    store_path
+        The simulated survey store (``DIR/NAME.zarr``).
+
+    Returns
+    -------
+    SurveyPaths
+        The store, its reference catalogue and its truth directory.
     """
     paths = SurveyPaths.for_store(store_path)
     if not paths.truth.is_dir():
@@ -41,8 +51,8 @@ def truth_paths(store_path: str | Path) -> SurveyPaths:
     return paths
 
 
-def _filters(field: str | None, **extra: Any) -> list[tuple] | None:
-    f = [("field", "==", field)] if field is not None else []
+def _filters(field: str | None, **extra: Any) -> list[tuple[str, str, Any]] | None:
+    f: list[tuple[str, str, Any]] = [("field", "==", field)] if field is not None else []
     for k, v in extra.items():
         if v is not None:
             f.append((k, "in", list(v)))
@@ -50,36 +60,118 @@ def _filters(field: str | None, **extra: Any) -> list[tuple] | None:
 
 
 def load_truth_stars(store_path: str | Path, field: str | None = None, *, in_frame_only: bool = False) -> pd.DataFrame:
-    """Truth star table (``stars.parquet``), optionally one field / only stars on the detector."""
+    """Truth star table (``stars.parquet``), optionally one field / only stars on the detector.
+
+    Parameters
+    ----------
+    store_path
+        The simulated survey store (``DIR/NAME.zarr``).
+    field
+        Only this field; None: every field.
+    in_frame_only
+        Only stars whose reference position lies on the detector (``in_frame``).
+
+    Returns
+    -------
+    DataFrame
+        One row per star: ``star_id``, ``field``, positions (reference frame, px; ra, dec in
+        deg), ``mag`` and the variability model's parameters.
+    """
     df = pd.read_parquet(truth_paths(store_path).truth / "stars.parquet", filters=_filters(field))
     return df[df["in_frame"]].reset_index(drop=True) if in_frame_only else df
 
 
 def load_truth_epochs(store_path: str | Path, field: str | None = None) -> pd.DataFrame:
-    """Per field x epoch truth conditions (``epochs.parquet``): zeropoint, airmass, seeing, sky, ..."""
+    """Per field x epoch truth conditions (``epochs.parquet``): zeropoint, airmass, seeing, sky, ...
+
+    Parameters
+    ----------
+    store_path
+        The simulated survey store (``DIR/NAME.zarr``).
+    field
+        Only this field; None: every field.
+
+    Returns
+    -------
+    DataFrame
+        One row per field x epoch (``mjd`` in days, ``zeropoint`` in mag, ...).
+    """
     return pd.read_parquet(truth_paths(store_path).truth / "epochs.parquet", filters=_filters(field))
 
 
 def load_truth_lightcurves(
     store_path: str | Path, field: str | None = None, star_ids: list[int] | np.ndarray | None = None
 ) -> pd.DataFrame:
-    """Exact model magnitudes of non-constant stars per epoch (``lightcurves.parquet``)."""
+    """Exact model magnitudes of non-constant stars per epoch (``lightcurves.parquet``).
+
+    Parameters
+    ----------
+    store_path
+        The simulated survey store (``DIR/NAME.zarr``).
+    field
+        Only this field; None: every field.
+    star_ids
+        Only these stars; None: all.
+
+    Returns
+    -------
+    DataFrame
+        One row per star x epoch with the model magnitude (mag).
+    """
     return pd.read_parquet(truth_paths(store_path).truth / "lightcurves.parquet",
                            filters=_filters(field, star_id=star_ids))
 
 
 def load_truth_fields(store_path: str | Path) -> pd.DataFrame:
-    """Per-field pointing and reference-frame WCS (``fields.parquet``)."""
+    """Per-field pointing and reference-frame WCS (``fields.parquet``).
+
+    Parameters
+    ----------
+    store_path
+        The simulated survey store (``DIR/NAME.zarr``).
+
+    Returns
+    -------
+    DataFrame
+        One row per field.
+    """
     return pd.read_parquet(truth_paths(store_path).truth / "fields.parquet")
 
 
 def load_truth_summary(store_path: str | Path) -> dict[str, Any]:
-    """The simulator's summary (scenario, crowding, depth, timing)."""
+    """The simulator's summary (scenario, crowding, depth, timing).
+
+    Parameters
+    ----------
+    store_path
+        The simulated survey store (``DIR/NAME.zarr``).
+
+    Returns
+    -------
+    dict
+        The parsed ``summary.json``.
+    """
     return json.loads((truth_paths(store_path).truth / "summary.json").read_text())
 
 
 def load_reference_catalog(path: str | Path) -> pd.DataFrame:
-    """A reference catalogue (ra, dec, mag, mag_err) with a clear error for a bad file."""
+    """A reference catalogue (ra, dec, mag, mag_err) with a clear error for a bad file.
+
+    Parameters
+    ----------
+    path
+        A Parquet file with at least ra, dec (deg), mag and mag_err (mag).
+
+    Returns
+    -------
+    DataFrame
+        The catalogue.
+
+    Raises
+    ------
+    SurveyProcError
+        When the file is missing or lacks one of those columns.
+    """
     p = Path(path)
     if not p.is_file():
         raise SurveyProcError(f"reference catalogue {p} does not exist; pass --reference or re-simulate")
@@ -95,6 +187,18 @@ def truth_magnitudes(stars: pd.DataFrame, mjd: float | np.ndarray) -> np.ndarray
 
     Uses the same variability models as the renderer, so it agrees with the pixels and with
     ``lightcurves.parquet`` at the epochs' mid-exposure times.
+
+    Parameters
+    ----------
+    stars
+        Truth star rows (``stars.parquet``).
+    mjd
+        Time or times (MJD, days).
+
+    Returns
+    -------
+    ndarray
+        Magnitudes (mag), shape (n_stars, n_times).
     """
     return magnitudes_at(stars, mjd)
 
@@ -105,16 +209,32 @@ def truth_at_epoch(store_path: str | Path, field: str, epoch: int, *, in_frame_o
     Adds columns ``mag_epoch``, ``flux_adu`` (``10**(-0.4*(mag_epoch - zeropoint))``) and
     ``x_epoch``, ``y_epoch`` (the star's position in that epoch's detector pixels, through the
     epoch WCS stored in the survey).
+
+    Parameters
+    ----------
+    store_path
+        The simulated survey store (``DIR/NAME.zarr``).
+    field
+        The field.
+    epoch
+        Index of the epoch.
+    in_frame_only
+        Only stars whose epoch position lies on the detector.
+
+    Returns
+    -------
+    DataFrame
+        :func:`load_truth_stars` of the field with the added columns.
     """
     from survey_proc.simulate.wcs import wcs_from_text
     from survey_proc.store import open_field
 
     stars = load_truth_stars(store_path, field)
     ep = load_truth_epochs(store_path, field)
-    row = ep[ep["epoch"] == epoch]
-    if row.empty:
+    rows = ep[ep["epoch"] == epoch]
+    if rows.empty:
         raise SurveyProcError(f"field {field!r} has no epoch {epoch} in the truth of {store_path}")
-    row = row.iloc[0]
+    row = rows.iloc[0]
     out = stars.copy()
     out["mag_epoch"] = truth_magnitudes(stars, float(row["mjd"]))[:, 0]
     out["flux_adu"] = 10.0 ** (-0.4 * (out["mag_epoch"] - float(row["zeropoint"])))
@@ -141,6 +261,20 @@ def match_one_to_one(x_det: np.ndarray, y_det: np.ndarray, x_true: np.ndarray, y
     """Greedy one-to-one matching by distance; returns ``(i_det, i_true)`` of the pairs.
 
     Pairs are accepted nearest first; each detection and each true star is used at most once.
+
+    Parameters
+    ----------
+    x_det, y_det
+        Detected positions (px).
+    x_true, y_true
+        True positions (px, same frame).
+    radius_px
+        Largest accepted distance (px).
+
+    Returns
+    -------
+    i_det, i_true
+        Indices of the matched detections and true stars, pair by pair.
     """
     from scipy.spatial import cKDTree
 
@@ -213,6 +347,22 @@ def evaluate_run(out: str | Path, store_path: str | Path, n_sample_epochs: int =
 
     Returns per field: zero points against truth (all calibrated epochs), and detection
     metrics averaged over up to ``n_sample_epochs`` evenly spaced epochs.
+
+    Parameters
+    ----------
+    out
+        The run's output directory.
+    store_path
+        The simulated store it processed.
+    n_sample_epochs
+        Epochs per field whose sources are matched to the truth.
+
+    Returns
+    -------
+    dict
+        ``mag_limit``, ``match_radius_px`` and per field the zero-point differences
+        (``zp_minus_truth_*``, mag), the sampled epochs and the mean
+        :func:`detection_metrics`.
     """
     from survey_proc.outputs import OutputLayout
 
@@ -244,12 +394,38 @@ def evaluate_run(out: str | Path, store_path: str | Path, n_sample_epochs: int =
 
 # ------------------------------------------------------------------ metrics on matched catalogues
 def match_radius_px(fwhm_px: float, factor: float = 0.5, min_px: float = 1.0) -> float:
-    """A match radius in PSF units: ``max(factor x FWHM, min_px)`` pixels."""
+    """A match radius in PSF units: ``max(factor x FWHM, min_px)`` pixels.
+
+    Parameters
+    ----------
+    fwhm_px
+        The PSF FWHM (px).
+    factor
+        Radius in FWHM.
+    min_px
+        Smallest radius (px).
+
+    Returns
+    -------
+    float
+        The radius (px).
+    """
     return max(factor * fwhm_px, min_px)
 
 
 def nmad(x: np.ndarray) -> float:
-    """Normalised median absolute deviation ``1.4826 median(|x - median(x)|)`` (NaN if empty)."""
+    """Normalised median absolute deviation ``1.4826 median(|x - median(x)|)`` (NaN if empty).
+
+    Parameters
+    ----------
+    x
+        Values (non-finite ones are ignored).
+
+    Returns
+    -------
+    float
+        The NMAD, in the unit of ``x``.
+    """
     x = np.asarray(x, float)
     x = x[np.isfinite(x)]
     return float(1.4826 * np.median(np.abs(x - np.median(x)))) if len(x) else float("nan")
@@ -260,6 +436,18 @@ def error_stats(delta: np.ndarray, outlier_nmad: float = 3.0) -> dict[str, float
 
     An outlier lies more than ``outlier_nmad`` NMADs from the median (a robust analogue of
     a 3-sigma outlier; with Gaussian errors 0.27 % are outliers).
+
+    Parameters
+    ----------
+    delta
+        Errors, measured - true (non-finite ones are ignored).
+    outlier_nmad
+        Outlier threshold in NMADs.
+
+    Returns
+    -------
+    dict
+        ``n``, ``bias``, ``rms``, ``nmad`` (unit of ``delta``) and ``outlier_frac``.
     """
     d = np.asarray(delta, float)
     d = d[np.isfinite(d)]
@@ -272,7 +460,24 @@ def error_stats(delta: np.ndarray, outlier_nmad: float = 3.0) -> dict[str, float
 
 
 def per_bin(values: np.ndarray, key: np.ndarray, edges: np.ndarray, fn) -> list[dict[str, Any]]:
-    """Apply ``fn(values[in bin])`` per bin of ``key``; returns one dict per bin with its edges."""
+    """Apply ``fn(values[in bin])`` per bin of ``key``; returns one dict per bin with its edges.
+
+    Parameters
+    ----------
+    values
+        Values to summarise.
+    key
+        The binning variable, one per value.
+    edges
+        Bin edges of ``key`` (bins ``[edges[i], edges[i + 1])``).
+    fn
+        Summary of one bin's values, returning a dict (e.g. :func:`error_stats`).
+
+    Returns
+    -------
+    list of dict
+        Per bin ``lo``, ``hi`` and ``fn``'s entries.
+    """
     out = []
     idx = np.digitize(key, edges) - 1
     for b in range(len(edges) - 1):
@@ -292,6 +497,12 @@ def average_precision(confidence: np.ndarray, is_true: np.ndarray, n_truth: int)
         Whether each detection matched a true star.
     n_truth
         Number of true stars that could be found (the recall denominator).
+
+    Returns
+    -------
+    dict
+        ``ap`` (area under the interpolated precision-recall curve), and per detection in
+        order of decreasing confidence ``recall``, ``precision`` and ``threshold``.
     """
     order = np.argsort(-np.asarray(confidence, float), kind="stable")
     tp = np.cumsum(np.asarray(is_true, bool)[order])
@@ -312,6 +523,21 @@ def z_score_calibration(delta: np.ndarray, sigma: np.ndarray, n_levels: int = 99
     ``|z| <= Phi^-1((1 + p) / 2)`` is compared with ``p`` (the average-calibration curve of
     PNet's Fig. 9); the miscalibration area is the mean ``|observed - p|`` over ``p`` in
     (0, 1) (0: perfect; 0.5: useless).
+
+    Parameters
+    ----------
+    delta
+        Errors, measured - true.
+    sigma
+        Quoted uncertainties (same unit); pairs with a non-finite or non-positive ``sigma`` are ignored.
+    n_levels
+        Confidence levels ``p`` evaluated, evenly spaced in (0, 1).
+
+    Returns
+    -------
+    dict
+        ``n``, ``z_mean``, ``z_std``, ``z_nmad``, ``coverage_68``, ``coverage_95``,
+        ``miscalibration_area``, and the curve: ``levels`` (p) and ``observed``.
     """
     from scipy.stats import norm
 
@@ -331,17 +557,33 @@ def z_score_calibration(delta: np.ndarray, sigma: np.ndarray, n_levels: int = 99
 
 def classification_metrics(true_class: np.ndarray, pred_class: np.ndarray,
                            classes: list[str] | None = None) -> dict[str, Any]:
-    """Per-class precision and recall and the confusion matrix (rows: truth, columns: predicted)."""
+    """Per-class precision and recall and the confusion matrix (rows: truth, columns: predicted).
+
+    Parameters
+    ----------
+    true_class, pred_class
+        Class names, one per object.
+    classes
+        The classes, in the order of the matrix; None: every class present, sorted.
+
+    Returns
+    -------
+    dict
+        ``classes``, ``per_class`` (``precision``, ``recall``, ``n_true`` per class) and
+        ``confusion`` (nested lists of counts).
+    """
     t = np.asarray(true_class, dtype=object)
     pr = np.asarray(pred_class, dtype=object)
     classes = classes or sorted(set(t) | set(pr))
     conf = pd.crosstab(pd.Categorical(t, classes), pd.Categorical(pr, classes), dropna=False)
+    pred_totals, true_totals = conf.sum(axis=0), conf.sum(axis=1)  # per predicted / per true class
     per = {}
     for c in classes:
-        tp = float(conf.loc[c, c])
-        per[c] = {"precision": tp / conf[c].sum() if conf[c].sum() else float("nan"),
-                  "recall": tp / conf.loc[c].sum() if conf.loc[c].sum() else float("nan"),
-                  "n_true": int(conf.loc[c].sum())}
+        tp = float(conf[c].loc[c])
+        n_pred, n_true = pred_totals.loc[c], true_totals.loc[c]
+        per[c] = {"precision": tp / n_pred if n_pred else float("nan"),
+                  "recall": tp / n_true if n_true else float("nan"),
+                  "n_true": int(n_true)}
     return {"classes": classes, "per_class": per, "confusion": conf.to_numpy().tolist()}
 
 
@@ -351,6 +593,20 @@ def period_recovered(p_found: np.ndarray, p_true: np.ndarray, rel_tol: float = 0
 
     Eclipsing binaries are often found at half their period; pass ``harmonics=(1.0,)`` to
     require the exact period.
+
+    Parameters
+    ----------
+    p_found, p_true
+        Found and true periods (days), one per object.
+    rel_tol
+        Relative tolerance.
+    harmonics
+        Multiples of the true period that count as recovered.
+
+    Returns
+    -------
+    ndarray of bool
+        One per object.
     """
     pf = np.asarray(p_found, float)[:, None]
     pt = np.asarray(p_true, float)[:, None] * np.asarray(harmonics)[None, :]
@@ -372,6 +628,13 @@ def lightcurve_completeness(objects: pd.DataFrame, stars: pd.DataFrame, mag_limi
         Completeness counts true stars brighter than this (mean magnitude).
     n_epochs
         Epochs processed (a full light curve has this many points).
+
+    Returns
+    -------
+    dict
+        ``completeness`` (bright true stars with an object), ``n_true``, ``n_objects``,
+        ``object_purity`` (objects matched to a true star) and ``points_fraction_median``
+        (median fraction of the epochs in a matched bright star's light curve).
     """
     if "in_frame" in stars.columns:
         stars = stars[stars["in_frame"]]

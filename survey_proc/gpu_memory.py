@@ -12,7 +12,18 @@ import torch
 
 
 def is_oom(exc: BaseException) -> bool:
-    """True for a CUDA out-of-memory error (torch's class, or the RuntimeError older versions raise)."""
+    """True for a CUDA out-of-memory error (torch's class, or the RuntimeError older versions raise).
+
+    Parameters
+    ----------
+    exc
+        The exception raised by a batch.
+
+    Returns
+    -------
+    bool
+        Whether a smaller batch may succeed.
+    """
     oom = getattr(torch.cuda, "OutOfMemoryError", None)
     return (oom is not None and isinstance(exc, oom)) or (isinstance(exc, RuntimeError)
                                                           and "out of memory" in str(exc).lower())

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,18 @@ def _parse_date(text: str, path: str, key: str) -> tuple[str, bool]:
 
 
 def exposure_time_s(header: Any) -> tuple[float, str | None]:
-    """Exposure time in seconds and the keyword it came from (NaN, None when missing)."""
+    """Exposure time in seconds and the keyword it came from (NaN, None when missing).
+
+    Parameters
+    ----------
+    header
+        A FITS header (:class:`astropy.io.fits.Header` or a mapping with ``comments``).
+
+    Returns
+    -------
+    exptime_s, keyword
+        Seconds (a comment saying minutes converts) and the keyword read.
+    """
     k, v = _first(header, EXPTIME_KEYS)
     if k is None:
         return float("nan"), None
@@ -121,7 +133,25 @@ def exposure_time_s(header: Any) -> tuple[float, str | None]:
 
 
 def mid_exposure_mjd(header: Any, path: str) -> tuple[float, str]:
-    """Mid-exposure MJD and its time scale from a header (see the module docstring)."""
+    """Mid-exposure MJD and its time scale from a header (see the module docstring).
+
+    Parameters
+    ----------
+    header
+        A FITS header.
+    path
+        The file, for error messages.
+
+    Returns
+    -------
+    mjd, timescale
+        Mid-exposure MJD (days) and the time scale (``utc``, ``tai``, ``tt`` or ``tdb``).
+
+    Raises
+    ------
+    IngestError
+        When no time keyword can be read or the time scale is not supported.
+    """
     from astropy.time import Time
 
     scale = str(header.get("TIMESYS", "UTC")).strip().lower() or "utc"
@@ -185,7 +215,24 @@ def _angle(value: Any, hours: bool) -> float | None:
 
 def computed_airmass(header: Any, mjd: float, timescale: str, site: tuple[float, float] | None = None
                      ) -> float | None:
-    """sec z at mid-exposure from the header's pointing and site (or ``site`` = (lat, lon) deg); None if unknown."""
+    """sec z at mid-exposure from the header's pointing and site (or ``site`` = (lat, lon) deg); None if unknown.
+
+    Parameters
+    ----------
+    header
+        A FITS header (pointing: ``RA``/``DEC``, else ``CRVAL1/2``; site keywords).
+    mjd
+        Mid-exposure MJD (days).
+    timescale
+        Time scale of ``mjd`` (``utc``, ``tai``, ``tt``, ``tdb``).
+    site
+        Observatory (latitude, longitude) in degrees; None: from the header.
+
+    Returns
+    -------
+    float or None
+        The airmass (plane-parallel sec z), None without a pointing or a site.
+    """
     from astropy import units as u
     from astropy.coordinates import AltAz, EarthLocation, SkyCoord
     from astropy.time import Time
@@ -243,6 +290,16 @@ def read_fits(path: str | Path, *, hdus: list[int] | None = None, field_key: str
         Values that override the headers (e/ADU, e, ADU).
     site
         Observatory (latitude, longitude) in degrees, for the airmass when the header has none.
+
+    Returns
+    -------
+    list of Exposure
+        One per image HDU read.
+
+    Raises
+    ------
+    IngestError
+        When the file cannot be read or has no usable image or time.
     """
     from astropy.io import fits
 
@@ -321,13 +378,24 @@ def read_fits(path: str | Path, *, hdus: list[int] | None = None, field_key: str
 
 
 def field_id_of(exp: Exposure) -> str:
-    """The field an exposure belongs to: the field key's value (or the pointing) and the detector."""
+    """The field an exposure belongs to: the field key's value (or the pointing) and the detector.
+
+    Parameters
+    ----------
+    exp
+        The exposure.
+
+    Returns
+    -------
+    str
+        The field id (letters, digits, ``.+-`` and ``_``).
+    """
     base = exp.field_value if exp.field_value is not None else exp.pointing
     name = f"{base}_{exp.detector}" if exp.detector else base
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", name).strip("_") or "field"
 
 
-def ingest(paths: list[str | Path], out: str | Path, *, field_key: str | None = None, hdus: list[int] | None = None,
+def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | None = None, hdus: list[int] | None = None,
            append: bool = False, gain: float | None = None, read_noise: float | None = None,
            saturation: float | None = None, site: tuple[float, float] | None = None, band: str = "unknown",
            pixel_scale_arcsec: float = float("nan"),
@@ -344,6 +412,33 @@ def ingest(paths: list[str | Path], out: str | Path, *, field_key: str | None = 
     dict
         Per field the epochs added and skipped, per file the missing header values, the
         rejected files and why, the bytes read and the wall time (for MB/s).
+
+    Parameters
+    ----------
+    paths
+        FITS files (``.fits``, ``.fits.fz``, ``.fits.gz``).
+    out
+        The survey store to create (or to append to).
+    field_key
+        Header keyword whose value names the field (e.g. ``OBJECT``); None: group by pointing.
+    hdus
+        HDU indices to read from every file; None: every 2-D image HDU except mask extensions.
+    append
+        Add to an existing store (epochs already there are skipped); else ``out`` must not exist.
+    gain, read_noise, saturation
+        Values that override the headers (e-/ADU, e-, ADU).
+    site
+        Observatory (latitude, longitude) in degrees, for airmasses the headers lack.
+    band
+        Photometric band recorded in the store.
+    pixel_scale_arcsec
+        Nominal pixel scale (arcsec per pixel) recorded in the store.
+    zeropoint_nominal
+        Expected zero point (mag for 1 ADU per exposure) recorded for new fields.
+    client
+        A ``distributed.Client`` to read the files in parallel on; None reads them here.
+    progress
+        Show a progress bar.
     """
     t0 = time.perf_counter()
     files = [str(p) for p in paths]
@@ -354,7 +449,8 @@ def ingest(paths: list[str | Path], out: str | Path, *, field_key: str | None = 
         raise IngestError(f"{out} already exists; pass --append to add exposures to it")
     if append and not out.exists():
         append = False
-    kwargs = dict(hdus=hdus, field_key=field_key, gain=gain, read_noise=read_noise, saturation=saturation, site=site)
+    kwargs: dict[str, Any] = dict(hdus=hdus, field_key=field_key, gain=gain, read_noise=read_noise,
+                                  saturation=saturation, site=site)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     exposures: list[Exposure] = []
@@ -412,17 +508,23 @@ def ingest(paths: list[str | Path], out: str | Path, *, field_key: str | None = 
             done = set(store.read_source_files(out, fid))
         else:
             e0 = exps[0]
+            assert e0.gain is not None and e0.read_noise is not None  # checked for every new field above
             ny, nx = e0.image.shape
+            saturation_adu = e0.saturation if e0.saturation is not None else float(np.finfo(np.float32).max)
             store.create_field(out, fid, ny=ny, nx=nx, n_epochs=0, gain_e_per_adu=e0.gain,
-                               read_noise_e=e0.read_noise,
-                               saturation_adu=e0.saturation if e0.saturation is not None else float(np.finfo(np.float32).max),
+                               read_noise_e=e0.read_noise, saturation_adu=saturation_adu,
                                zeropoint_nominal=zeropoint_nominal, mjd_timescale=e0.timescale,
                                attrs={"ingest_field_key": field_key})
             done = set()
         new = [e for e in exps if e.source not in done]
         # the same exposure twice in one call counts once
         seen: set[str] = set()
-        new = [e for e in new if not (e.source in seen or seen.add(e.source))]
+        unique: list[Exposure] = []
+        for e in new:
+            if e.source not in seen:
+                seen.add(e.source)
+                unique.append(e)
+        new = unique
         if new:
             store.append_epochs(out, fid, np.stack([e.image for e in new]),
                                 store.EpochMeta(np.array([e.mjd for e in new]), np.array([e.exptime_s for e in new]),

@@ -10,7 +10,18 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 
 
 def summary_lines(run: dict[str, Any]) -> list[str]:
-    """Human-readable lines: detections, objects, light curves, zero points, timings, truth."""
+    """Human-readable lines: detections, objects, light curves, zero points, timings, truth.
+
+    Parameters
+    ----------
+    run
+        The parsed ``run.json`` of a finished run.
+
+    Returns
+    -------
+    list of str
+        The lines, without newlines.
+    """
     c = run["counts"]
     t = run["timings_s"]
     spe = c["sources_per_epoch"]
@@ -39,7 +50,8 @@ def summary_lines(run: dict[str, Any]) -> list[str]:
     if ev:
         for fid, e in ev["fields"].items():
             lines.append(
-                f"  vs truth {fid} ({len(e['sample_epochs'])} epochs): recall {e['recall']:.3f} (stars < i={ev['mag_limit']:.2f}), "
+                f"  vs truth {fid} ({len(e['sample_epochs'])} epochs): recall {e['recall']:.3f} "
+                f"(stars < i={ev['mag_limit']:.2f}), "
                 f"precision {e['precision']:.3f}, F1 {e['f1']:.3f}; zero point - truth rms "
                 f"{_fmt(e['zp_minus_truth_rms'], '.4f')} mag (max {_fmt(e['zp_minus_truth_max_abs'], '.4f')}); "
                 f"|mag - true| median {e['mag_abs_err_median']:.4f} and astrometry rms {e['astrom_rms_px']:.3f} px "

@@ -1,6 +1,7 @@
 """The survey store: Zarr v3, one group per field, readable as an ``xarray.Dataset``.
 
-Layout (the format DESIGN.md records; ``survey_proc_format`` = :data:`FORMAT_VERSION`)::
+Layout (the format ``../shared/DESIGN.md`` records and docs/store.md explains;
+``survey_proc_format`` = :data:`FORMAT_VERSION`)::
 
     survey.zarr/                 root attrs: survey_proc_format, band, pixel_scale_arcsec,
                                  [reference_catalog (path relative to the store), ...]
@@ -15,10 +16,12 @@ Layout (the format DESIGN.md records; ``survey_proc_format`` = :data:`FORMAT_VER
         wcs       string  (epoch)        FITS WCS header text, "" when unknown
         source_file string (epoch)       where the epoch came from (optional)
 
-Chunks are ``(1, chunk_px, chunk_px)`` with ``chunk_px`` a multiple of :data:`TILE_GRID_PX`
-(the default tile size) and at most 2048 (or the whole axis when one chunk covers it), so a tile's core never straddles a chunk
-boundary and a worker reading one epoch of one tile block touches few chunks. Pixels are
-compressed with Blosc-zstd (byte shuffle); the per-epoch vectors with zstd.
+Chunks are ``(1, cy, cx)``: per axis the smallest multiple of :data:`TILE_GRID_PX` (the
+default tile size) that covers it, capped at :data:`MAX_CHUNK_PX` (2048), or the whole axis
+when one such chunk covers it (:func:`chunk_px_for`). So a tile's core never straddles a
+chunk boundary and a worker reading one epoch of one tile block touches few chunks. Pixels
+are compressed with Blosc-zstd level 3 (byte shuffle); the numeric per-epoch vectors with
+zstd level 3 (chunks of 4096 epochs).
 
 Writers here are used by the simulator and by ingest; readers by every stage. Workers
 open the store themselves from its path (never pass arrays between processes).
@@ -31,12 +34,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+from zarr.core.metadata import ArrayV3Metadata
 
 from survey_proc.errors import StoreError, StoreValidationError
 from survey_proc.vocab import MASK_BAD, MASK_COSMIC, MASK_SATURATED  # noqa: F401  (the store's mask bits)
@@ -93,7 +97,18 @@ class EpochMeta:
 
 
 def chunk_px_for(size_px: int) -> int:
-    """Chunk edge (pixels) for an image axis of ``size_px``: a multiple of the tile grid, <= 2048."""
+    """Chunk edge (pixels) for an image axis of ``size_px``: a multiple of the tile grid, <= 2048.
+
+    Parameters
+    ----------
+    size_px
+        Length of the image axis (pixels).
+
+    Returns
+    -------
+    int
+        The chunk edge (pixels).
+    """
     return min(MAX_CHUNK_PX, TILE_GRID_PX * max(1, math.ceil(size_px / TILE_GRID_PX)))
 
 
@@ -103,11 +118,15 @@ def _axis_chunk(size_px: int) -> int:
     return max(1, size_px) if c >= size_px else c
 
 
-def _open_root(path: str | Path, mode: str = "r") -> zarr.Group:
+_Mode = Literal["r", "r+", "a", "w", "w-"]
+
+
+def _open_root(path: str | Path, mode: _Mode = "r") -> zarr.Group:
     try:
         return zarr.open_group(str(path), mode=mode, zarr_format=3)
     except FileNotFoundError:
-        raise StoreError(f"survey store {path} does not exist; create it with `survey-proc simulate` or `survey-proc ingest`") from None
+        raise StoreError(f"survey store {path} does not exist; create it with `survey-proc simulate` "
+                         "or `survey-proc ingest`") from None
     except (ValueError, TypeError, KeyError) as exc:
         raise StoreError(f"{path} is not a Zarr v3 survey store ({exc})") from None
 
@@ -134,13 +153,19 @@ def create_store(
         Extra root attributes (JSON-serialisable).
     overwrite
         Replace an existing store; otherwise an existing path is an error.
+
+    Returns
+    -------
+    Path
+        The store's path.
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise StoreError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     root.attrs.update(
-        {"survey_proc_format": FORMAT_VERSION, "band": band, "pixel_scale_arcsec": float(pixel_scale_arcsec), **(attrs or {})}
+        {"survey_proc_format": FORMAT_VERSION, "band": band, "pixel_scale_arcsec": float(pixel_scale_arcsec),
+         **(attrs or {})}
     )
     root.require_group("fields")
     return path
@@ -197,54 +222,99 @@ def create_field(
     if with_mask:
         g.create_array("mask", shape=(n_epochs, ny, nx), chunks=cpx, dtype="uint8", fill_value=0,
                        compressors=[_PIXEL_COMPRESSOR], dimension_names=["epoch", "y", "x"])
-    vec = dict(chunks=(_EPOCH_VECTOR_CHUNK,), dimension_names=["epoch"])
-    g.create_array("epoch", shape=(n_epochs,), dtype="int32", fill_value=-1, compressors=[_VECTOR_COMPRESSOR], **vec)
-    g.create_array("mjd", shape=(n_epochs,), dtype="float64", fill_value=np.nan, compressors=[_VECTOR_COMPRESSOR], **vec)
-    g.create_array("exptime", shape=(n_epochs,), dtype="float32", fill_value=np.nan, compressors=[_VECTOR_COMPRESSOR], **vec)
-    g.create_array("airmass", shape=(n_epochs,), dtype="float32", fill_value=np.nan, compressors=[_VECTOR_COMPRESSOR], **vec)
+    vec: dict[str, Any] = dict(chunks=(_EPOCH_VECTOR_CHUNK,), dimension_names=["epoch"])
+    num: dict[str, Any] = dict(compressors=[_VECTOR_COMPRESSOR], **vec)  # numeric per-epoch vectors
+    g.create_array("epoch", shape=(n_epochs,), dtype="int32", fill_value=-1, **num)
+    g.create_array("mjd", shape=(n_epochs,), dtype="float64", fill_value=np.nan, **num)
+    g.create_array("exptime", shape=(n_epochs,), dtype="float32", fill_value=np.nan, **num)
+    g.create_array("airmass", shape=(n_epochs,), dtype="float32", fill_value=np.nan, **num)
     g.create_array("wcs", shape=(n_epochs,), dtype=str, fill_value="", **vec)
     g.create_array("source_file", shape=(n_epochs,), dtype=str, fill_value="", **vec)
     if n_epochs:
-        g["epoch"][:] = np.arange(n_epochs, dtype="int32")
+        _array(g, "epoch")[:] = np.arange(n_epochs, dtype="int32")
 
 
-def _field_group(path: str | Path, field_id: str, mode: str = "r") -> zarr.Group:
+def _array(g: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of group ``g`` (KeyError when absent, StoreError when it is a group)."""
+    node = g[name]
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"{g.path or '/'}: {name!r} is a {type(node).__name__}, expected an array")
+    return node
+
+
+def _group(g: zarr.Group, name: str) -> zarr.Group:
+    """The subgroup ``name`` of group ``g`` (KeyError when absent, StoreError when it is an array)."""
+    node = g[name]
+    if not isinstance(node, zarr.Group):
+        raise StoreError(f"{g.path or '/'}: {name!r} is a {type(node).__name__}, expected a group")
+    return node
+
+
+def _field_group(path: str | Path, field_id: str, mode: _Mode = "r") -> zarr.Group:
     root = _open_root(path, mode=mode)
     try:
-        return root["fields"][field_id]
+        return _group(_group(root, "fields"), field_id)
     except KeyError:
         have = ", ".join(list_fields(path)) or "none"
         raise StoreError(f"field {field_id!r} is not in survey store {path} (fields: {have})") from None
 
 
 def write_epoch_meta(path: str | Path, field_id: str, start_epoch: int, meta: EpochMeta) -> None:
-    """Write metadata for epochs ``start_epoch .. start_epoch + len(meta) - 1`` of a field."""
+    """Write metadata for epochs ``start_epoch .. start_epoch + len(meta) - 1`` of a field.
+
+    Parameters
+    ----------
+    path
+        The survey store.
+    field_id
+        The field (it must exist, with room for the epochs: :func:`create_field`).
+    start_epoch
+        Index of the first epoch written.
+    meta
+        The epochs' metadata (mjd in days, exposure times in seconds, airmass, WCS text).
+    """
     g = _field_group(path, field_id, mode="r+")
     stop = start_epoch + len(meta.mjd)
-    if stop > g["mjd"].shape[0]:
-        raise StoreError(f"field {field_id!r}: epochs up to {stop - 1} do not fit in {g['mjd'].shape[0]} allocated epochs")
+    n_alloc = _array(g, "mjd").shape[0]
+    if stop > n_alloc:
+        raise StoreError(f"field {field_id!r}: epochs up to {stop - 1} do not fit in {n_alloc} allocated epochs")
     sl = slice(start_epoch, stop)
-    g["epoch"][sl] = np.arange(start_epoch, stop, dtype="int32")
-    g["mjd"][sl] = np.asarray(meta.mjd, dtype="float64")
-    g["exptime"][sl] = np.asarray(meta.exptime_s, dtype="float32")
-    g["airmass"][sl] = np.asarray(meta.airmass, dtype="float32")
-    g["wcs"][sl] = np.asarray(list(meta.wcs), dtype=object)
-    g["source_file"][sl] = np.asarray(list(meta.source_file), dtype=object)
+    _array(g, "epoch")[sl] = np.arange(start_epoch, stop, dtype="int32")
+    _array(g, "mjd")[sl] = np.asarray(meta.mjd, dtype="float64")
+    _array(g, "exptime")[sl] = np.asarray(meta.exptime_s, dtype="float32")
+    _array(g, "airmass")[sl] = np.asarray(meta.airmass, dtype="float32")
+    _array(g, "wcs")[sl] = np.asarray(list(meta.wcs), dtype=object)
+    _array(g, "source_file")[sl] = np.asarray(list(meta.source_file), dtype=object)
 
 
 def write_epoch_pixels(
     path: str | Path, field_id: str, epoch: int, image: np.ndarray, mask: np.ndarray | None = None
 ) -> None:
-    """Write one epoch's image (ADU, float32) and optional mask (uint8 bits)."""
+    """Write one epoch's image (ADU, float32) and optional mask (uint8 bits).
+
+    Parameters
+    ----------
+    path
+        The survey store.
+    field_id
+        The field.
+    epoch
+        Index of the epoch (already allocated).
+    image
+        The ``(ny, nx)`` image (ADU), the field's shape.
+    mask
+        Optional ``(ny, nx)`` mask bits (:data:`MASK_BAD`, :data:`MASK_SATURATED`,
+        :data:`MASK_COSMIC`); the field must have a mask array.
+    """
     g = _field_group(path, field_id, mode="r+")
-    img = g["image"]
+    img = _array(g, "image")
     if image.shape != img.shape[1:]:
         raise StoreError(f"field {field_id!r} epoch {epoch}: image shape {image.shape} != field shape {img.shape[1:]}")
     img[epoch] = np.asarray(image, dtype="float32")
     if mask is not None:
         if "mask" not in g:
             raise StoreError(f"field {field_id!r} has no mask array; create the field with with_mask=True")
-        g["mask"][epoch] = np.asarray(mask, dtype="uint8")
+        _array(g, "mask")[epoch] = np.asarray(mask, dtype="uint8")
 
 
 def append_epochs(
@@ -277,12 +347,13 @@ def append_epochs(
     if len(meta.mjd) != n_new:
         raise StoreError(f"field {field_id!r}: {n_new} images but metadata for {len(meta.mjd)} epochs")
     g = _field_group(path, field_id, mode="r+")
-    n_old = g["image"].shape[0]
+    n_old = _array(g, "image").shape[0]
     new_mjd = np.asarray(meta.mjd, dtype="float64")
     if np.any(np.diff(new_mjd) <= 0):
-        raise StoreError(f"field {field_id!r}: appended epochs are not in increasing mjd order; sort them by time first")
+        raise StoreError(f"field {field_id!r}: appended epochs are not in increasing mjd order; "
+                         "sort them by time first")
     if n_old:
-        last = float(g["mjd"][n_old - 1])
+        last = float(np.asarray(_array(g, "mjd")[n_old - 1]))
         if new_mjd[0] <= last:
             raise StoreError(
                 f"field {field_id!r}: appended epoch mjd {new_mjd[0]:.6f} is not after the last epoch "
@@ -290,9 +361,10 @@ def append_epochs(
             )
     for name in ("image", "mask"):
         if name in g:
-            g[name].resize((n_old + n_new, *g[name].shape[1:]))
+            arr = _array(g, name)
+            arr.resize((n_old + n_new, *arr.shape[1:]))
     for name in ("epoch", "mjd", "exptime", "airmass", "wcs", "source_file"):
-        g[name].resize((n_old + n_new,))
+        _array(g, name).resize((n_old + n_new,))
     write_epoch_meta(path, field_id, n_old, meta)
     for i in range(n_new):
         write_epoch_pixels(path, field_id, n_old + i, images[i], None if masks is None else masks[i])
@@ -300,20 +372,55 @@ def append_epochs(
 
 
 def list_fields(path: str | Path) -> list[str]:
-    """Field ids in a store, sorted."""
+    """Field ids in a store, sorted.
+
+    Parameters
+    ----------
+    path
+        The survey store.
+
+    Returns
+    -------
+    list of str
+        The field ids (empty when the store has no ``fields`` group).
+    """
     root = _open_root(path)
     if "fields" not in root:
         return []
-    return sorted(name for name, _ in root["fields"].groups())
+    return sorted(name for name, _ in _group(root, "fields").groups())
 
 
 def store_attrs(path: str | Path) -> dict[str, Any]:
-    """Root attributes of a store."""
+    """Root attributes of a store.
+
+    Parameters
+    ----------
+    path
+        The survey store.
+
+    Returns
+    -------
+    dict
+        A copy of the root attributes (``survey_proc_format``, ``band``, ...).
+    """
     return dict(_open_root(path).attrs)
 
 
 def field_attrs(path: str | Path, field_id: str) -> dict[str, Any]:
-    """Attributes of one field group."""
+    """Attributes of one field group.
+
+    Parameters
+    ----------
+    path
+        The survey store.
+    field_id
+        The field.
+
+    Returns
+    -------
+    dict
+        A copy of the field's attributes (gain in e-/ADU, read noise in e-, saturation in ADU, ...).
+    """
     return dict(_field_group(path, field_id).attrs)
 
 
@@ -322,6 +429,20 @@ def open_field(path: str | Path, field_id: str, *, chunks: Any = None) -> xr.Dat
 
     ``chunks=None`` keeps the store's chunks. The dataset's ``attrs`` merge the field's
     attributes over the store's root attributes.
+
+    Parameters
+    ----------
+    path
+        The survey store.
+    field_id
+        The field.
+    chunks
+        Dask chunks, as for :func:`xarray.open_zarr`; None keeps the store's.
+
+    Returns
+    -------
+    xarray.Dataset
+        The field's variables (``image``, ``mask``, ``mjd``, ...), indexed by ``epoch``.
     """
     _field_group(path, field_id)  # clear error for a missing field
     ds = xr.open_zarr(str(path), group=f"fields/{field_id}", consolidated=False, zarr_format=3,
@@ -331,7 +452,19 @@ def open_field(path: str | Path, field_id: str, *, chunks: Any = None) -> xr.Dat
 
 
 def reference_catalog_path(path: str | Path) -> Path | None:
-    """Absolute path of the reference catalogue the store names, or None."""
+    """Absolute path of the reference catalogue the store names, or None.
+
+    Parameters
+    ----------
+    path
+        The survey store.
+
+    Returns
+    -------
+    Path or None
+        The catalogue's absolute path (a relative attribute is taken relative to the store);
+        None when the store names none.
+    """
     rel = store_attrs(path).get("reference_catalog")
     if not rel:
         return None
@@ -340,7 +473,8 @@ def reference_catalog_path(path: str | Path) -> Path | None:
 
 def _dtype_ok(arr: zarr.Array, expected: Any) -> bool:
     if expected is None:  # variable-length string
-        return arr.dtype == np.dtype("O") or arr.dtype.kind in ("T", "O", "U") or "str" in str(arr.metadata.data_type).lower()
+        return (arr.dtype == np.dtype("O") or arr.dtype.kind in ("T", "O", "U")
+                or (isinstance(arr.metadata, ArrayV3Metadata) and "str" in str(arr.metadata.data_type).lower()))
     return arr.dtype == expected
 
 
@@ -358,6 +492,20 @@ def validate_store(path: str | Path, *, raise_on_error: bool = True, epoch_check
     ------
     StoreValidationError
         When ``raise_on_error`` and anything is wrong.
+
+    Parameters
+    ----------
+    path
+        The survey store.
+    raise_on_error
+        Raise when a problem is found (else only return the list).
+    epoch_checks
+        Include the per-epoch metadata checks of :func:`epoch_problems`.
+
+    Returns
+    -------
+    list of str
+        One message per problem; empty for a valid store.
     """
     problems: list[str] = []
     root = _open_root(path)
@@ -377,7 +525,7 @@ def validate_store(path: str | Path, *, raise_on_error: bool = True, epoch_check
     if not field_ids:
         problems.append("root: the store has no fields (expected groups under fields/)")
     for fid in field_ids:
-        problems.extend(_validate_field(root["fields"][fid], fid, epoch_checks))
+        problems.extend(_validate_field(_group(_group(root, "fields"), fid), fid, epoch_checks))
     if problems and raise_on_error:
         raise StoreValidationError(str(path), problems)
     return problems
@@ -385,7 +533,15 @@ def validate_store(path: str | Path, *, raise_on_error: bool = True, epoch_check
 
 def epoch_problems(mjd: np.ndarray, exptime_s: np.ndarray) -> dict[int, str]:
     """Epochs whose metadata make them unusable: a non-finite mid-exposure MJD or an exposure
-    time that is not > 0. Returns epoch -> message (naming the variable and what to do)."""
+    time that is not > 0. Returns epoch -> message (naming the variable and what to do).
+
+    Parameters
+    ----------
+    mjd
+        Mid-exposure MJD per epoch (days).
+    exptime_s
+        Exposure time per epoch (seconds).
+    """
     out: dict[int, str] = {}
     for e in np.flatnonzero(~(exptime_s > 0)):
         out[int(e)] = f"variable 'exptime': {exptime_s[e]} s at epoch {e}; exposure times must be > 0"
@@ -397,40 +553,46 @@ def epoch_problems(mjd: np.ndarray, exptime_s: np.ndarray) -> dict[int, str]:
 def _validate_field(g: zarr.Group, fid: str, epoch_checks: bool = True) -> list[str]:
     problems: list[str] = []
     where = f"field {fid!r}"
-    names = {name for name, _ in g.arrays()}
+    arrays = dict(g.arrays())
+    names = set(arrays)
     for key in REQUIRED_FIELD_ATTRS:
         if key not in g.attrs:
             problems.append(f"{where}: attribute {key!r} is missing")
     for var in REQUIRED_VARIABLES:
         if var not in names:
             problems.append(f"{where}, variable {var!r}: missing (required by the survey store format)")
-    n_epochs = g["image"].shape[0] if "image" in names else None
+    n_epochs = arrays["image"].shape[0] if "image" in names else None
     for var in sorted(names & set(SCHEMA)):
-        arr = g[var]
+        arr = arrays[var]
         label, dtype, dims = SCHEMA[var]
         if not _dtype_ok(arr, dtype):
             problems.append(f"{where}, variable {var!r}: dtype {arr.dtype} but the format requires {label}")
-        got_dims = tuple(arr.metadata.dimension_names or ())
+        meta = arr.metadata
+        got_dims = tuple((meta.dimension_names if isinstance(meta, ArrayV3Metadata) else None) or ())
         if got_dims != dims:
             problems.append(f"{where}, variable {var!r}: dimensions {got_dims} but the format requires {dims}")
         if len(arr.shape) != len(dims):
-            problems.append(f"{where}, variable {var!r}: shape {arr.shape} has {len(arr.shape)} axes, expected {len(dims)}")
+            problems.append(f"{where}, variable {var!r}: shape {arr.shape} has {len(arr.shape)} axes, "
+                            f"expected {len(dims)}")
             continue
         if n_epochs is not None and arr.shape[0] != n_epochs:
             problems.append(f"{where}, variable {var!r}: {arr.shape[0]} epochs but image has {n_epochs}")
-    if "image" in names and len(g["image"].shape) == 3:
-        chunks = g["image"].chunks
+    if "image" in names and len(arrays["image"].shape) == 3:
+        chunks = arrays["image"].chunks
         if chunks[0] != 1 or chunks[1] > MAX_CHUNK_PX or chunks[2] > MAX_CHUNK_PX:
             problems.append(f"{where}, variable 'image': chunks {chunks} but the format requires (1, <=2048, <=2048)")
-        if "mask" in names and g["mask"].shape != g["image"].shape:
-            problems.append(f"{where}, variable 'mask': shape {g['mask'].shape} differs from image {g['image'].shape}")
-    if "epoch" in names and n_epochs is not None and g["epoch"].shape == (n_epochs,):
-        ep = g["epoch"][:]
+        if "mask" in names and arrays["mask"].shape != arrays["image"].shape:
+            problems.append(f"{where}, variable 'mask': shape {arrays['mask'].shape} differs from image "
+                            f"{arrays['image'].shape}")
+    if "epoch" in names and n_epochs is not None and arrays["epoch"].shape == (n_epochs,):
+        ep = np.asarray(arrays["epoch"][:])
         if not np.array_equal(ep, np.arange(n_epochs)):
             bad = int(np.flatnonzero(ep != np.arange(n_epochs))[0])
-            problems.append(f"{where}, variable 'epoch': must be 0..{n_epochs - 1} in order; epoch index {bad} holds {ep[bad]}")
-    mjd = np.asarray(g["mjd"][:], dtype="float64") if "mjd" in names and g["mjd"].ndim == 1 else None
-    exptime = np.asarray(g["exptime"][:], dtype="float64") if "exptime" in names and g["exptime"].ndim == 1 else None
+            problems.append(f"{where}, variable 'epoch': must be 0..{n_epochs - 1} in order; "
+                            f"epoch index {bad} holds {ep[bad]}")
+    mjd = np.asarray(arrays["mjd"][:], dtype="float64") if "mjd" in names and arrays["mjd"].ndim == 1 else None
+    exptime = (np.asarray(arrays["exptime"][:], dtype="float64")
+               if "exptime" in names and arrays["exptime"].ndim == 1 else None)
     if epoch_checks and mjd is not None and exptime is not None and len(mjd) == len(exptime):
         problems.extend(f"{where}, {msg}" for msg in epoch_problems(mjd, exptime).values())
     if mjd is not None:
@@ -453,14 +615,30 @@ def read_window(path: str | Path, field_id: str, epoch: int, y0: int, y1: int, x
     Reads straight from Zarr (no xarray/dask), so a worker task decompresses only the
     chunks its window touches. Raises :class:`StoreError` naming the field and epoch when
     the chunk cannot be read.
+
+    Parameters
+    ----------
+    path
+        The survey store.
+    field_id
+        The field.
+    epoch
+        Index of the epoch.
+    y0, y1, x0, x1
+        The window's rows ``y0:y1`` and columns ``x0:x1`` (pixels, image frame).
+
+    Returns
+    -------
+    image, mask
+        ``(y1 - y0, x1 - x0)`` pixels (float32, ADU) and mask bits (uint8), or None without a mask.
     """
     g = _field_group(path, field_id)
     try:
         for name in ("image", "mask"):
             if name in g:
-                _check_blosc_chunks(Path(path) / "fields" / field_id / name, g[name], epoch, y0, y1, x0, x1)
-        image = np.asarray(g["image"][epoch, y0:y1, x0:x1], dtype=np.float32)
-        mask = np.asarray(g["mask"][epoch, y0:y1, x0:x1]) if "mask" in g else None
+                _check_blosc_chunks(Path(path) / "fields" / field_id / name, _array(g, name), epoch, y0, y1, x0, x1)
+        image = np.asarray(_array(g, "image")[epoch, y0:y1, x0:x1], dtype=np.float32)
+        mask = np.asarray(_array(g, "mask")[epoch, y0:y1, x0:x1]) if "mask" in g else None
     except Exception as exc:  # a corrupt or missing chunk: zarr/numcodecs raise many types
         raise StoreError(f"{path}: field {field_id} epoch {epoch}: cannot read pixels "
                          f"[{y0}:{y1}, {x0}:{x1}] ({type(exc).__name__}: {exc}); "
@@ -495,26 +673,81 @@ def _check_blosc_chunks(array_dir: Path, arr: zarr.Array, epoch: int, y0: int, y
 
 
 def read_epoch_table(path: str | Path, field_id: str) -> dict[str, np.ndarray]:
-    """Per-epoch metadata of a field as arrays: epoch, mjd, exptime, airmass, wcs (header text)."""
+    """Per-epoch metadata of a field as arrays: epoch, mjd, exptime, airmass, wcs (header text).
+
+    Parameters
+    ----------
+    path
+        The survey store.
+    field_id
+        The field.
+
+    Returns
+    -------
+    dict of str to ndarray
+        ``epoch``, ``mjd`` (days), ``exptime`` (seconds), ``airmass`` and ``wcs`` (object
+        array of header text, "" when unknown), one entry per epoch.
+    """
     g = _field_group(path, field_id)
-    out = {name: np.asarray(g[name][:]) for name in ("epoch", "mjd", "exptime", "airmass")}
-    out["wcs"] = np.asarray([str(s) if s is not None else "" for s in g["wcs"][:]], dtype=object)
+    out = {name: np.asarray(_array(g, name)[:]) for name in ("epoch", "mjd", "exptime", "airmass")}
+    out["wcs"] = np.asarray([str(s) if s is not None else "" for s in np.asarray(_array(g, "wcs")[:])], dtype=object)
     return out
 
 
 def read_source_files(path: str | Path, field_id: str) -> list[str]:
-    """The recorded source of every epoch of a field ("" where unknown)."""
+    """The recorded source of every epoch of a field ("" where unknown).
+
+    Parameters
+    ----------
+    path
+        The survey store.
+    field_id
+        The field.
+
+    Returns
+    -------
+    list of str
+        One entry per epoch.
+    """
     g = _field_group(path, field_id)
     if "source_file" not in g:
-        return [""] * g["mjd"].shape[0]
-    return [str(s) if s is not None else "" for s in g["source_file"][:]]
+        return [""] * _array(g, "mjd").shape[0]
+    return [str(s) if s is not None else "" for s in np.asarray(_array(g, "source_file")[:])]
 
 
 def image_shape(path: str | Path, field_id: str) -> tuple[int, int, int]:
-    """``(n_epochs, ny, nx)`` of a field's image array."""
-    return tuple(int(s) for s in _field_group(path, field_id)["image"].shape)  # type: ignore[return-value]
+    """``(n_epochs, ny, nx)`` of a field's image array.
+
+    Parameters
+    ----------
+    path
+        The survey store.
+    field_id
+        The field.
+
+    Returns
+    -------
+    tuple of int
+        Epochs, rows and columns (pixels).
+    """
+    n, ny, nx = _array(_field_group(path, field_id), "image").shape
+    return int(n), int(ny), int(nx)
 
 
 def image_chunks(path: str | Path, field_id: str) -> tuple[int, int, int]:
-    """Chunk shape ``(1, cy, cx)`` of a field's image array."""
-    return tuple(int(s) for s in _field_group(path, field_id)["image"].chunks)  # type: ignore[return-value]
+    """Chunk shape ``(1, cy, cx)`` of a field's image array.
+
+    Parameters
+    ----------
+    path
+        The survey store.
+    field_id
+        The field.
+
+    Returns
+    -------
+    tuple of int
+        1 (epoch), rows and columns (pixels) of one chunk.
+    """
+    c0, cy, cx = _array(_field_group(path, field_id), "image").chunks
+    return int(c0), int(cy), int(cx)

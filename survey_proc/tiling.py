@@ -44,10 +44,22 @@ class Tile:
 
     @property
     def core_shape(self) -> tuple[int, int]:
+        """``(rows, columns)`` of the core (pixels)."""
         return (self.y1 - self.y0, self.x1 - self.x0)
 
     def depth_px(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Signed distance (px) of positions inside the core from its nearest edge (< 0 outside)."""
+        """Signed distance (px) of positions inside the core from its nearest edge (< 0 outside).
+
+        Parameters
+        ----------
+        x, y
+            Positions (px, image frame).
+
+        Returns
+        -------
+        ndarray
+            The distance (px) per position.
+        """
         lo_x, hi_x = self.x0 - 0.5, self.x1 - 0.5
         lo_y, hi_y = self.y0 - 0.5, self.y1 - 0.5
         return np.minimum.reduce([x - lo_x, hi_x - x, y - lo_y, hi_y - y])
@@ -64,8 +76,13 @@ def tile_grid(ny: int, nx: int, tile_px: int, halo_px: int) -> list[Tile]:
         Core size (pixels).
     halo_px
         Halo width on each side (pixels), clipped at the image edge.
+
+    Returns
+    -------
+    list of Tile
+        Tiles with ``index`` 0, 1, ... in row-major order.
     """
-    tiles = []
+    tiles: list[Tile] = []
     for y0 in range(0, ny, tile_px):
         for x0 in range(0, nx, tile_px):
             y1, x1 = min(y0 + tile_px, ny), min(x0 + tile_px, nx)
@@ -79,12 +96,26 @@ def tile_blocks(tiles: list[Tile], tiles_per_task: int, chunk_px: tuple[int, int
 
     When ``chunk_px`` (the store's ``(y, x)`` chunk shape) is given, a block never spans two
     chunks, so each task decompresses each chunk it reads once (halos aside).
+
+    Parameters
+    ----------
+    tiles
+        The tiles (:func:`tile_grid`).
+    tiles_per_task
+        Most tiles in one block.
+    chunk_px
+        The store's ``(cy, cx)`` chunk shape (pixels); None: blocks ignore chunks.
+
+    Returns
+    -------
+    list of list of Tile
+        The blocks, chunk by chunk in row-major order.
     """
     groups: dict[tuple[int, int], list[Tile]] = {}
     for t in tiles:
         key = (t.y0 // chunk_px[0], t.x0 // chunk_px[1]) if chunk_px else (0, 0)
         groups.setdefault(key, []).append(t)
-    blocks = []
+    blocks: list[list[Tile]] = []
     for key in sorted(groups):
         g = groups[key]
         blocks.extend(g[i : i + tiles_per_task] for i in range(0, len(g), tiles_per_task))
@@ -92,13 +123,39 @@ def tile_blocks(tiles: list[Tile], tiles_per_task: int, chunk_px: tuple[int, int
 
 
 def block_window(block: list[Tile]) -> tuple[int, int, int, int]:
-    """The pixel window ``(y0, y1, x0, x1)`` holding every tile (core + halo) of a block."""
+    """The pixel window ``(y0, y1, x0, x1)`` holding every tile (core + halo) of a block.
+
+    Parameters
+    ----------
+    block
+        Tiles of one block (at least one).
+
+    Returns
+    -------
+    tuple of int
+        ``(y0, y1, x0, x1)`` (pixels, image frame; end exclusive).
+    """
     return (min(t.hy0 for t in block), max(t.hy1 for t in block),
             min(t.hx0 for t in block), max(t.hx1 for t in block))
 
 
 def owned(tile: Tile, x: np.ndarray, y: np.ndarray, margin_px: float) -> np.ndarray:
-    """Detections a tile keeps: centre inside its core grown by ``margin_px``."""
+    """Detections a tile keeps: centre inside its core grown by ``margin_px``.
+
+    Parameters
+    ----------
+    tile
+        The tile.
+    x, y
+        Detection centres (px, image frame).
+    margin_px
+        How far outside the core a detection is still kept (px).
+
+    Returns
+    -------
+    ndarray of bool
+        One per detection.
+    """
     return tile.depth_px(np.asarray(x, float), np.asarray(y, float)) >= -margin_px
 
 
@@ -118,6 +175,11 @@ def deduplicate(x: np.ndarray, y: np.ndarray, tile: np.ndarray, depth_px: np.nda
         :meth:`Tile.depth_px` of each detection in its own tile.
     radius_px
         De-duplication radius (pixels).
+
+    Returns
+    -------
+    ndarray of bool
+        True for the detections to keep.
     """
     n = len(x)
     keep = np.ones(n, bool)

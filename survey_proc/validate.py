@@ -28,7 +28,20 @@ def _files(out: Path, kind: str) -> list[Path]:
 
 
 def validate_output(out: str | Path, max_examples: int = 3) -> list[str]:
-    """Problems found in the run output ``out`` (empty: valid)."""
+    """Problems found in the run output ``out`` (empty: valid).
+
+    Parameters
+    ----------
+    out
+        The run's output directory (``run.json``, ``sources/``, ``objects/``, ``lightcurves/``).
+    max_examples
+        Offending keys quoted per problem.
+
+    Returns
+    -------
+    list of str
+        One message per problem, naming the file or key.
+    """
     import duckdb
 
     out = Path(out)
@@ -115,6 +128,11 @@ def content_digest(out: str | Path) -> dict[str, tuple[int, str]]:
     -------
     dict
         Table name -> (rows, hex SHA-256).
+
+    Parameters
+    ----------
+    out
+        The run's output directory.
     """
     import hashlib
 

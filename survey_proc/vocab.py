@@ -46,7 +46,18 @@ PHOTOMETRY_BAD = SATURATED | MASKED | COSMIC | EDGE | NONPOSITIVE
 
 
 def describe(flags: int) -> list[str]:
-    """Names of the bits set in ``flags``."""
+    """Names of the bits set in ``flags``.
+
+    Parameters
+    ----------
+    flags
+        A source-flag bit mask.
+
+    Returns
+    -------
+    list of str
+        The flag names, in bit order.
+    """
     return [name for bit, name in NAMES.items() if flags & bit]
 
 

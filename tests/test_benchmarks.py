@@ -18,7 +18,8 @@ def test_accuracy_quick_writes_tables_plots_and_sane_numbers(tmp_path, capsys):
     assert pn["run_status"] == "complete"
     for m in (sep, pn):
         assert 0 < m["recall_bright"] <= 1 and 0 < m["precision_bright"] <= 1
-        assert m["f1_bright"] == 2 * m["recall_bright"] * m["precision_bright"] / (m["recall_bright"] + m["precision_bright"])
+        assert m["f1_bright"] == (2 * m["recall_bright"] * m["precision_bright"]
+                                  / (m["recall_bright"] + m["precision_bright"]))
         assert m["astrometry_snr20"]["n_stars"] > 20 and m["astrometry_snr20"]["rms_over_crlb_clipped"] > 0.9
     assert pn["recall_bright"] > sep["recall_bright"]  # the learned detector finds more of the crowded stars
     assert sep["run_status"] == "complete"

@@ -80,7 +80,8 @@ def test_mef_round_trip_gives_the_simulated_store(sim, tmp_path, with_wcs):
         if with_wcs:
             from astropy.wcs import WCS
 
-            wa, wb = WCS(fits.Header.fromstring(ta["wcs"][2], sep="\n")), WCS(fits.Header.fromstring(tb["wcs"][2], sep="\n"))
+            wa = WCS(fits.Header.fromstring(ta["wcs"][2], sep="\n"))
+            wb = WCS(fits.Header.fromstring(tb["wcs"][2], sep="\n"))
             np.testing.assert_allclose(wb.all_pix2world([[10.0, 20.0]], 0), wa.all_pix2world([[10.0, 20.0]], 0),
                                        atol=1e-9)
     attrs = store.field_attrs(out, "SIMFIELD_F000")

@@ -47,7 +47,8 @@ def test_isolated_star_flux_matches_truth_within_poisson_error(grid_survey):
             ix, iy = round(r.x_epoch), round(r.y_epoch)
             box = img[iy - half : iy + half + 1, ix - half : ix + half + 1]
             measured = float(np.sum(box - sky))
-            var = r.flux_adu / scn.gain_e_per_adu + box.size * (sky / scn.gain_e_per_adu + (scn.read_noise_e / scn.gain_e_per_adu) ** 2)
+            var = r.flux_adu / scn.gain_e_per_adu + box.size * (sky / scn.gain_e_per_adu
+                                                                 + (scn.read_noise_e / scn.gain_e_per_adu) ** 2)
             z.append((measured - r.flux_adu) / np.sqrt(var))
     z = np.asarray(z)
     assert len(z) == 16 * scn.n_epochs
@@ -95,7 +96,8 @@ def test_wcs_round_trips_and_matches_the_rendered_positions(grid_survey):
         row = ep[ep.epoch == e].iloc[0]
         # sky -> epoch pixels through the stored header == the renderer's exact transform
         xw, yw = w.all_world2pix(stars["ra"].to_numpy(), stars["dec"].to_numpy(), 0)
-        xr, yr = reference_to_epoch(scn, stars["x"].to_numpy(), stars["y"].to_numpy(), row.dx_px, row.dy_px, row.rotation_deg)
+        xr, yr = reference_to_epoch(scn, stars["x"].to_numpy(), stars["y"].to_numpy(), row.dx_px, row.dy_px,
+                                    row.rotation_deg)
         np.testing.assert_allclose(xw, xr, atol=1e-6)
         np.testing.assert_allclose(yw, yr, atol=1e-6)
         # pixels -> sky -> pixels
@@ -119,7 +121,8 @@ def _aperture_lightcurve(path, scn, star_row, half=12):
     out = []
     for e in range(scn.n_epochs):
         row = ep.iloc[e]
-        xe, ye = reference_to_epoch(scn, np.array([star_row.x]), np.array([star_row.y]), row.dx_px, row.dy_px, row.rotation_deg)
+        xe, ye = reference_to_epoch(scn, np.array([star_row.x]), np.array([star_row.y]), row.dx_px, row.dy_px,
+                                    row.rotation_deg)
         ix, iy = round(float(xe[0])), round(float(ye[0]))
         box = ds["image"].isel(epoch=e, y=slice(iy - half, iy + half + 1), x=slice(ix - half, ix + half + 1)).values
         flux = float(np.sum(box - row.sky_adu))
@@ -133,7 +136,8 @@ def variable_survey(tmp_path_factory):
                                   "psf_fwhm_px": 2.2, "seed": 8})
     t_start = scn.start_mjd
     rows = [
-        {"x": 32.3, "y": 32.6, "mag": 19.0, "var_class": "pulsator", "period": 1.7, "amplitude": 0.5, "t0": t_start + 0.31},
+        {"x": 32.3, "y": 32.6, "mag": 19.0, "var_class": "pulsator", "period": 1.7, "amplitude": 0.5,
+         "t0": t_start + 0.31},
         {"x": 95.8, "y": 32.1, "mag": 19.0, "var_class": "eclipsing_binary", "period": 0.9, "depth": 0.4,
          "duration": 0.1, "secondary_ratio": 0.5, "ellipsoidal": 0.02, "t0": t_start + 0.2,
          "amplitude": -2.5 * np.log10(0.6)},
@@ -153,7 +157,8 @@ def test_pulsator_period_amplitude_and_phase_in_pixels_match_truth(variable_surv
     mjd, measured = _aperture_lightcurve(path, scn, star)
     truth = evaluate.load_truth_lightcurves(path, star_ids=[int(star.star_id)]).sort_values("epoch")["mag"].to_numpy()
     # period: Lomb-Scargle on the measured light curve finds the true period
-    freq, power = LombScargle(mjd, measured).autopower(minimum_frequency=0.2, maximum_frequency=3.0, samples_per_peak=50)
+    freq, power = LombScargle(mjd, measured).autopower(minimum_frequency=0.2, maximum_frequency=3.0,
+                                                       samples_per_peak=50)
     assert 1 / freq[np.argmax(power)] == pytest.approx(star.period, rel=0.01)
     # amplitude: measured = a * truth + b with a = 1; phase: residuals are noise-sized
     a, _ = np.polyfit(truth, measured, 1)
@@ -170,7 +175,8 @@ def test_eclipses_and_transits_in_pixels_match_truth(variable_survey):
     for i in (1, 2):
         star = stars.iloc[i]
         _, measured = _aperture_lightcurve(path, scn, star)
-        truth = evaluate.load_truth_lightcurves(path, star_ids=[int(star.star_id)]).sort_values("epoch")["mag"].to_numpy()
+        truth = (evaluate.load_truth_lightcurves(path, star_ids=[int(star.star_id)])
+                 .sort_values("epoch")["mag"].to_numpy())
         in_event = truth - star.mag > 0.5 * star.amplitude
         assert in_event.sum() >= 3, "the cadence should catch the events"
         offset = np.median((measured - truth)[~in_event])
@@ -332,7 +338,8 @@ def test_stars_at_the_reported_5sigma_limit_are_measured_at_snr_5(tmp_path):
     ep = field_epochs(scn, 0, "F000")
     m5 = [limiting_magnitude(scn, r.seeing_fwhm_px, r.sky_adu, r.zeropoint) for r in ep.itertuples()]
     rng = np.random.default_rng(0)
-    grid = [(12 + 16 * i + rng.uniform(-0.5, 0.5), 12 + 16 * j + rng.uniform(-0.5, 0.5)) for i in range(14) for j in range(14)]
+    grid = [(12 + 16 * i + rng.uniform(-0.5, 0.5), 12 + 16 * j + rng.uniform(-0.5, 0.5))
+            for i in range(14) for j in range(14)]
     stars = planted_stars(scn, [{"x": x, "y": y, "mag": float(np.mean(m5))} for x, y in grid])
     simulate_survey(scn, tmp_path / "depth.zarr", workers=0, stars=stars, progress=False)
     ds = store.open_field(tmp_path / "depth.zarr", "F000")

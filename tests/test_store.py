@@ -56,7 +56,8 @@ def test_append_epochs_extends_in_time_order(small_store):
 
 
 def test_append_rejects_epochs_before_the_last(small_store):
-    with pytest.raises(StoreError, match=r"field 'F000': appended epoch mjd 60000.250000 is not after the last epoch \(epoch 2"):
+    with pytest.raises(StoreError,
+                       match=r"field 'F000': appended epoch mjd 60000.250000 is not after the last epoch \(epoch 2"):
         store.append_epochs(small_store, "F000", np.zeros((1, 40, 50)), _meta([60000.25]))
 
 
@@ -127,7 +128,8 @@ def test_validation_non_finite_mjd_and_bad_exptime(small_store):
 
 def test_validation_format_version(small_store):
     zarr.open_group(str(small_store)).attrs["survey_proc_format"] = 99
-    with pytest.raises(StoreValidationError, match=r"format version 99 is not supported \(this survey-proc reads version 1\)"):
+    with pytest.raises(StoreValidationError,
+                       match=r"format version 99 is not supported \(this survey-proc reads version 1\)"):
         store.validate_store(small_store)
 
 

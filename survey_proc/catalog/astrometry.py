@@ -22,6 +22,16 @@ def parse_wcs(header_text: str) -> WCS | None:
     """An astropy WCS from FITS header text; None for "" (no WCS).
 
     Raises ValueError when the text is not a usable celestial WCS.
+
+    Parameters
+    ----------
+    header_text
+        FITS header cards separated by newlines (the store's ``wcs`` variable).
+
+    Returns
+    -------
+    astropy.wcs.WCS or None
+        The celestial part of the WCS.
     """
     if not header_text or not header_text.strip():
         return None
@@ -35,7 +45,20 @@ def parse_wcs(header_text: str) -> WCS | None:
 
 
 def pixel_to_world(w: WCS | None, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(ra, dec) in degrees of 0-based pixel positions; NaN without a WCS."""
+    """(ra, dec) in degrees of 0-based pixel positions; NaN without a WCS.
+
+    Parameters
+    ----------
+    w
+        The epoch's WCS, or None.
+    x, y
+        Pixel positions (0-based, pixel centres at integers).
+
+    Returns
+    -------
+    ra, dec
+        Degrees (ra in [0, 360)).
+    """
     if w is None or len(x) == 0:
         return np.full(len(x), np.nan), np.full(len(x), np.nan)
     ra, dec = w.all_pix2world(np.asarray(x, float), np.asarray(y, float), 0)
@@ -43,7 +66,20 @@ def pixel_to_world(w: WCS | None, x: np.ndarray, y: np.ndarray) -> tuple[np.ndar
 
 
 def world_to_pixel(w: WCS, ra: np.ndarray, dec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """0-based pixel positions of (ra, dec) in degrees."""
+    """0-based pixel positions of (ra, dec) in degrees.
+
+    Parameters
+    ----------
+    w
+        A WCS.
+    ra, dec
+        Sky positions (deg).
+
+    Returns
+    -------
+    x, y
+        Pixel positions (0-based).
+    """
     if len(ra) == 0:
         return np.zeros(0), np.zeros(0)
     x, y = w.all_world2pix(np.asarray(ra, float), np.asarray(dec, float), 0)
@@ -52,7 +88,21 @@ def world_to_pixel(w: WCS, ra: np.ndarray, dec: np.ndarray) -> tuple[np.ndarray,
 
 def to_reference_frame(epoch_wcs: WCS | None, ref_wcs: WCS | None, x: np.ndarray, y: np.ndarray
                        ) -> tuple[np.ndarray, np.ndarray]:
-    """Positions in the field's reference pixel frame (through the sky when both WCS exist)."""
+    """Positions in the field's reference pixel frame (through the sky when both WCS exist).
+
+    Parameters
+    ----------
+    epoch_wcs, ref_wcs
+        The epoch's and the field reference frame's WCS; when either is None the positions
+        are returned unchanged.
+    x, y
+        Epoch pixel positions (px).
+
+    Returns
+    -------
+    x_ref, y_ref
+        Reference-frame pixel positions (px).
+    """
     if epoch_wcs is None or ref_wcs is None:
         return np.asarray(x, float).copy(), np.asarray(y, float).copy()
     ra, dec = pixel_to_world(epoch_wcs, x, y)

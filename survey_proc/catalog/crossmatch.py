@@ -20,10 +20,13 @@ Objects
 2. *Association.* Every source goes to its nearest seed within the match radius; one
    source per object per epoch: when two sources of an epoch claim an object, the nearer
    wins and the other tries its second-nearest object.
-3. *Refinement.* Object positions become the median of their sources; the match radius is
-   ``max(match_radius_fwhm x FWHM, match_radius_min_px, 3 x astrometric rms)`` (the rms:
-   90th percentile over objects of the per-axis scatter of their positions, measured after
-   the first association); then the association is repeated once.
+3. *Refinement.* Object positions become the median of their sources (objects with fewer
+   than ``min_epochs`` sources are no longer seeds); the match radius is
+   ``max(r0, 3 x astrometric rms)`` with ``r0 = max(match_radius_fwhm x FWHM,
+   match_radius_min_px)``, but at most ``max(r0, FWHM)`` (a wider radius would merge
+   neighbours). The rms is the 90th percentile, over objects with at least 10 sources, of
+   the per-axis scatter of their positions after the first association. Then the
+   association is repeated once.
 4. Objects with fewer than ``min_epochs`` sources are dropped (their sources stay in
    ``sources/``).
 
@@ -58,7 +61,18 @@ class Region:
     x1: int
 
     def contains(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Positions whose pixel lies in the region (coordinate interval ``[x0 - 0.5, x1 - 0.5)``)."""
+        """Positions whose pixel lies in the region (coordinate interval ``[x0 - 0.5, x1 - 0.5)``).
+
+        Parameters
+        ----------
+        x, y
+            Positions (px, reference frame).
+
+        Returns
+        -------
+        ndarray of bool
+            One per position.
+        """
         return (x >= self.x0 - 0.5) & (x < self.x1 - 0.5) & (y >= self.y0 - 0.5) & (y < self.y1 - 0.5)
 
 
@@ -67,8 +81,20 @@ def region_grid(ny: int, nx: int, region_px: int) -> list[Region]:
 
     The outermost regions extend to infinity on their open sides, so sources that fall
     just outside the reference frame (pointing offsets) still belong to some region.
+
+    Parameters
+    ----------
+    ny, nx
+        Size of the reference frame (px).
+    region_px
+        Region edge (px).
+
+    Returns
+    -------
+    list of Region
+        Regions with ``index`` 0, 1, ... in row-major order.
     """
-    regions = []
+    regions: list[Region] = []
     ys = list(range(0, ny, region_px))
     xs = list(range(0, nx, region_px))
     big = 10**9
@@ -81,7 +107,27 @@ def region_grid(ny: int, nx: int, region_px: int) -> list[Region]:
 
 
 def object_ids(field_index: int, region: int, n: int) -> np.ndarray:
-    """Deterministic int64 ids for ``n`` objects of one region."""
+    """Deterministic int64 ids for ``n`` objects of one region.
+
+    Parameters
+    ----------
+    field_index
+        Index of the field in the store.
+    region
+        Index of the region.
+    n
+        Number of objects.
+
+    Returns
+    -------
+    ndarray
+        int64 ids, ``(field_index * 2**16 + region) * 2**24 + (0 .. n - 1)``.
+
+    Raises
+    ------
+    ValueError
+        When ``n`` or ``region`` does not fit the id layout.
+    """
     if n >= 2**OBJECT_BITS or region >= 2**REGION_BITS:
         raise ValueError(f"too many objects ({n}) or regions ({region}) for the object id layout")
     base = (np.int64(field_index) * 2**REGION_BITS + np.int64(region)) * 2**OBJECT_BITS
@@ -101,6 +147,11 @@ def find_seeds(x: np.ndarray, y: np.ndarray, radius_px: float, bin_px: float, mi
         Bin size of the density map (pixels); bins are aligned to the frame's pixel edges.
     min_count
         Detections needed within ``radius_px`` of a candidate.
+
+    Returns
+    -------
+    ndarray
+        Candidate positions (px), shape (n, 2).
     """
     if len(x) == 0:
         return np.zeros((0, 2))
@@ -147,6 +198,22 @@ def associate(seeds: np.ndarray, x: np.ndarray, y: np.ndarray, epoch: np.ndarray
 
     Conflicts (two sources of one epoch nearest to one object) go to the nearer source;
     the loser tries its second-nearest object.
+
+    Parameters
+    ----------
+    seeds
+        Object positions (n_obj, 2) (px, reference frame).
+    x, y
+        Source positions (px, reference frame).
+    epoch
+        Epoch of every source.
+    radius_px
+        Match radius (px).
+
+    Returns
+    -------
+    ndarray
+        int64 object index per source, -1 for none.
     """
     n = len(x)
     out = np.full(n, -1, np.int64)

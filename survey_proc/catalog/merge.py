@@ -21,7 +21,27 @@ SOURCE_BITS = 24
 
 
 def source_ids(field_index: int, epoch: int, n: int) -> np.ndarray:
-    """Deterministic int64 ids for ``n`` sources of one field x epoch."""
+    """Deterministic int64 ids for ``n`` sources of one field x epoch.
+
+    Parameters
+    ----------
+    field_index
+        Index of the field in the store.
+    epoch
+        Index of the epoch.
+    n
+        Number of sources.
+
+    Returns
+    -------
+    ndarray
+        int64 ids, ``(field_index * 2**24 + epoch) * 2**24 + (0 .. n - 1)``.
+
+    Raises
+    ------
+    ValueError
+        When ``n`` or ``epoch`` does not fit in 24 bits.
+    """
     if n >= 2**SOURCE_BITS or epoch >= 2**EPOCH_BITS:
         raise ValueError(f"too many sources ({n}) or epochs ({epoch}) for 24-bit source ids")
     base = (np.int64(field_index) * 2**EPOCH_BITS + np.int64(epoch)) * 2**SOURCE_BITS
@@ -29,7 +49,20 @@ def source_ids(field_index: int, epoch: int, n: int) -> np.ndarray:
 
 
 def epoch_fwhm(infos: list[BlockInfo], default_px: float) -> float:
-    """The epoch's FWHM (px): the star-count-weighted mean over blocks that measured it."""
+    """The epoch's FWHM (px): the star-count-weighted mean over blocks that measured it.
+
+    Parameters
+    ----------
+    infos
+        The blocks' measurements (``fwhm_px``, ``n_fwhm_stars``).
+    default_px
+        FWHM (px) when no block measured it.
+
+    Returns
+    -------
+    float
+        The FWHM (px).
+    """
     w = np.array([i.n_fwhm_stars for i in infos], float)
     if w.sum() == 0:
         return default_px
@@ -41,6 +74,16 @@ def confidence_from_snr(snr: np.ndarray) -> np.ndarray:
 
     A monotone map of the measured S/N onto 0..1 so that classical and learned detections
     share one column; it is not a calibrated probability.
+
+    Parameters
+    ----------
+    snr
+        S/N per source (NaN counts as 0).
+
+    Returns
+    -------
+    ndarray
+        Confidence in [0, 1) (float32).
     """
     s = np.clip(np.nan_to_num(np.asarray(snr, float), nan=0.0), 0, None)
     return (1.0 - np.exp(-(s**2) / 18.0)).astype(np.float32)
@@ -57,6 +100,24 @@ def merge_epoch(frames: list[pd.DataFrame], infos: list[BlockInfo], *, field: st
         Sources sorted by (y, x) with ids, sky and reference-frame positions and
         instrumental magnitudes (calibrated columns are NaN until calibration); the epoch
         FWHM (px); and how many border duplicates were removed.
+
+    Parameters
+    ----------
+    frames
+        The block catalogues of the epoch (at least one; image-frame ``x``, ``y`` in px,
+        ``tile``, ``depth_px``, ``flags``, ``flux``, ``flux_err`` (ADU), ...).
+    infos
+        The blocks' measurements (FWHM and the stars that measured it).
+    field, field_index
+        The field's id and its index in the store.
+    epoch, mjd
+        Index of the epoch and its mid-exposure MJD (days).
+    epoch_wcs, ref_wcs
+        The epoch's WCS and the field reference frame's (astropy; None when unknown).
+    dedup_radius_fwhm
+        Border de-duplication radius (FWHM; at least 1 px).
+    default_fwhm_px
+        FWHM (px) when no block measured it.
     """
     fwhm = epoch_fwhm(infos, default_fwhm_px)
     df = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else frames[0]

@@ -7,14 +7,17 @@ Method (asterism matching, as astroalign / Lang et al.'s astrometry.net quads, i
 2. Each triangle's invariants: the ratios of its sorted side lengths ``(L2/L3, L1/L3)``
    (unchanged by shift, rotation and scale). Triangles of the two lists are matched in
    invariant space with a KD-tree; each match votes for its 3 vertex correspondences.
-3. RANSAC over the voted correspondences: the similarity (shift + rotation + scale) from two
-   pairs, kept when most pairs agree within ``tol_px``.
-4. Refinement: every source within ``match_radius_px`` of a transformed reference position
-   (nearest neighbour, both ways), a least-squares **affine** fit (weighted by S/N^2 when
-   given), 3-sigma clipping, repeated.
+3. RANSAC over the (at most 200) most-voted correspondences: the similarity (shift +
+   rotation + scale) from two pairs; the one that the most pairs agree with within
+   ``tol_px`` is kept.
+4. Refinement: every epoch source whose transformed position lies within the match radius
+   of a reference source (nearest neighbour, both ways), a least-squares **affine** fit
+   (weighted by ``min(S/N, 200)^2`` when given), 3-sigma clipping (3 rounds); repeated with
+   the radius ``tol_px``, then twice ``match_radius_px``.
 
-Returns the 2 x 3 affine matrix ``A`` that maps epoch pixels to reference pixels,
-``[x_ref, y_ref] = A @ [x, y, 1]``, the number of stars used and the residual RMS (px).
+Returns a :class:`Registration`: the 2 x 3 affine matrix ``A`` that maps epoch pixels to
+reference pixels, ``[x_ref, y_ref] = A @ [x, y, 1]``, the number of stars used, the
+residual RMS (px), and the shift, rotation and scale it implies.
 """
 
 from __future__ import annotations
@@ -43,12 +46,29 @@ class Registration:
     scale: float
 
     def apply(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Epoch pixel positions -> reference pixel positions."""
+        """Epoch pixel positions -> reference pixel positions.
+
+        Parameters
+        ----------
+        x, y
+            Epoch pixel positions (px).
+
+        Returns
+        -------
+        x_ref, y_ref
+            Reference pixel positions (px).
+        """
         a = self.matrix
         return a[0, 0] * x + a[0, 1] * y + a[0, 2], a[1, 0] * x + a[1, 1] * y + a[1, 2]
 
     def to_dict(self) -> dict:
-        """JSON-able form for run.json."""
+        """JSON-able form for run.json.
+
+        Returns
+        -------
+        dict
+            ``matrix`` (nested lists), ``n_stars``, ``rms_px``, ``shift_px``, ``rotation_deg``, ``scale``.
+        """
         return {"matrix": self.matrix.tolist(), "n_stars": self.n_stars, "rms_px": self.rms_px,
                 "shift_px": list(self.shift_px), "rotation_deg": self.rotation_deg, "scale": self.scale}
 
@@ -133,6 +153,16 @@ def register(xy: np.ndarray, flux: np.ndarray, ref_xy: np.ndarray, ref_flux: np.
     snr
         S/N of the epoch's sources; the affine fit then weights each star by
         ``min(snr, 200)^2`` (its centroid variance ~ 1/snr^2). None: equal weights.
+
+    Returns
+    -------
+    Registration
+        The transformation and its quality.
+
+    Raises
+    ------
+    RegistrationError
+        When the lists are too sparse, do not overlap, or fewer than ``min_stars`` stars match.
     """
     xy, ref_xy = np.asarray(xy, float), np.asarray(ref_xy, float)
     if len(xy) < 3 or len(ref_xy) < 3:

@@ -3,27 +3,31 @@
 The light curves of a field share its epochs, so both periodograms are computed for a
 batch of curves at once with matrix products (torch; on the GPU when the tensors are
 there). astropy's :class:`~astropy.timeseries.BoxLeastSquares` and
-:class:`~astropy.timeseries.LombScargle` are the references (``tests/test_periodogram.py``
-checks the best periods against them; ``benchmarks/classify.py`` times both).
+:class:`~astropy.timeseries.LombScargle` are the references (:func:`astropy_bls`,
+:func:`astropy_ls`; ``tests/test_lightcurves.py`` checks the best periods against them,
+``benchmarks/classify.py`` times both).
 
 The period grid (:func:`search_grid`)
 -------------------------------------
-With baseline ``T`` (days) and cadence ``dt`` (the median interval):
+With baseline ``T`` (days) and cadence ``dt`` (the median interval). The numbers are for
+the default survey of ``make run`` (1000 back-to-back epochs of 300 s, ``T`` = 3.47 d) with
+the defaults of :class:`survey_proc.config.ClassifySettings`:
 
-- periods from ``period_min_days`` (default 0.25 d: at least ~70 epochs of 300 s per cycle)
-  to ``period_max_days`` (default ``T / 1.15``: 3.02 d for the default 3.47-day survey,
-  which covers the simulated periods up to 2.95 d; those show one or two events). Longer
-  periods are not searched: they would be a single event, not a measured period.
-  astropy's ``autoperiod`` would stop at ``T / (min_n_transit - 1)`` = 1.73 d.
-- **BLS**: the phase is cut into ``n_bins`` (100) bins; boxes are 2-16 bins wide
-  (durations from 2 % to 16 % of the period, and at least ``duration_min_days``, 2
-  cadences). Frequencies are spaced ``df = q_min / (oversample T)`` with ``q_min`` the
-  narrowest box (0.02 in phase) and ``oversample = 2``: a frequency error of half a step
-  moves an event by at most a quarter of the narrowest box over the whole baseline.
-  1272 frequencies for the default survey.
-- **LS**: frequencies spaced ``1 / (ls_oversample T)`` (``ls_oversample = 10``) over the
-  same period range, then each curve's peak is refined by a parabola through the three
-  highest grid points.
+- periods from ``period_min_days`` (default 0.25 d: 72 epochs of 300 s per cycle)
+  to ``period_max_days`` (default ``T / 1.15``: 3.02 d). That covers the simulated
+  pulsator and transit periods (1.45-2.95 d; they show one or two events) and the
+  eclipsing binaries below 3.02 d (theirs reach 10 d). Longer periods are not searched:
+  they would be a single event, not a measured period. astropy's ``autoperiod`` would
+  stop at ``T / (min_n_transit - 1)`` = 1.73 d.
+- **BLS**: the phase is cut into ``n_bins`` (64) bins; boxes are :data:`BLS_WIDTHS_BINS`
+  (2, 3, 4, 5, 7 or 10 bins) wide (durations from 3.1 % to 15.6 % of the period), and at
+  least ``duration_min_days`` (2 cadences, 600 s) long. Frequencies are spaced
+  ``df = q_min / (oversample T)`` with ``q_min`` the narrowest box (2/64 = 0.031 in phase)
+  and ``oversample = 1``: a frequency error of half a step moves an event by at most half
+  the narrowest box over the whole baseline. 408 frequencies for the default survey.
+- **LS**: frequencies spaced ``1 / (ls_oversample T)`` (``ls_oversample = 10``; 128
+  frequencies for the default survey) over the same period range, then each curve's peak
+  is refined by a parabola through the grid maximum and its two neighbours.
 
 BLS statistic
 -------------
@@ -81,6 +85,16 @@ def search_grid(t_days: np.ndarray, *, period_min_days: float = 0.25, period_max
         LS frequency oversampling: ``df = 1 / (ls_oversample x baseline)``.
     duration_min_cadences
         Shortest box (in cadences).
+
+    Returns
+    -------
+    SearchGrid
+        BLS and LS frequencies (1/day), bins, widths and the period range (days).
+
+    Raises
+    ------
+    ValueError
+        With fewer than 3 epochs or an empty period range.
     """
     t = np.asarray(t_days, float)
     if len(t) < 3:
@@ -227,18 +241,17 @@ class BatchedBLS:
         med = spec.median(0).values
         mad = (spec - med).abs().median(0).values * 1.4826
         sde = (peak - med) / mad.clamp_min(1e-30)
-        k = best_k[fi, cols]
+        kw = best_k[fi, cols]  # the winning box: width and start bin per curve
         j = best_j[fi, cols]
-        # the winning box
         sel = cum[:2, fi, :, cols]  # (n, 2, nb + kmax + 1)
-        box = sel[cols, :, j + k] - sel[cols, :, j]  # (n, 2)
+        box = sel[cols, :, j + kw] - sel[cols, :, j]  # (n, 2)
         r, s = box[:, 0], box[:, 1]
         depth = -s * wsum / (r * (wsum - r)).clamp_min(1e-30)
         depth_err = torch.sqrt(1.0 / r.clamp_min(1e-30) + 1.0 / (wsum - r).clamp_min(1e-30))
         freq = torch.as_tensor(g.bls_freq, device=dev)[fi]
         period = 1.0 / freq
-        duration = k.to(torch.float64) / nb * period
-        t0 = (j.to(torch.float64) + k.to(torch.float64) / 2.0) / nb * period
+        duration = kw.to(torch.float64) / nb * period
+        t0 = (j.to(torch.float64) + kw.to(torch.float64) / 2.0) / nb * period
         # points in the winning box
         tt = torch.as_tensor(self.t, device=dev)
         ph = torch.remainder(tt[None, :] - t0[:, None] + 0.5 * period[:, None], period[:, None]) \
@@ -339,6 +352,23 @@ def astropy_bls(t_days: np.ndarray, y: np.ndarray, w: np.ndarray, grid: SearchGr
     """Reference: astropy BLS of one curve over the grid's periods; returns (period, duration, depth).
 
     The period range is passed explicitly (``autoperiod`` would cap it at ``T / (n - 1)``).
+
+    Parameters
+    ----------
+    t_days
+        Epoch times (days).
+    y, w
+        Relative flux and weights (inverse variances; 0 = no point) of one curve.
+    grid
+        The search grid (its BLS frequencies are searched).
+    durations_days
+        Box durations (days); None: the grid's widths at the middle of the period range,
+        clipped to ``[duration_min_days, 0.99 period_min_days]``.
+
+    Returns
+    -------
+    period, duration, depth
+        Days, days and relative flux.
     """
     from astropy.timeseries import BoxLeastSquares
 
@@ -354,7 +384,22 @@ def astropy_bls(t_days: np.ndarray, y: np.ndarray, w: np.ndarray, grid: SearchGr
 
 
 def astropy_ls(t_days: np.ndarray, y: np.ndarray, w: np.ndarray, grid: SearchGrid) -> tuple[float, np.ndarray]:
-    """Reference: astropy LS (floating mean, standard normalisation); returns (best period, power on the grid)."""
+    """Reference: astropy LS (floating mean, standard normalisation); returns (best period, power on the grid).
+
+    Parameters
+    ----------
+    t_days
+        Epoch times (days).
+    y, w
+        Relative flux and weights (inverse variances; 0 = no point) of one curve.
+    grid
+        The search grid (its LS frequencies are evaluated).
+
+    Returns
+    -------
+    period, power
+        Best period (days) and the power at every grid frequency.
+    """
     from astropy.timeseries import LombScargle
 
     keep = w > 0

@@ -108,7 +108,18 @@ class LightCurveBatch:
         return len(self.object_id)
 
     def subset(self, sel: np.ndarray) -> LightCurveBatch:
-        """The rows ``sel`` (boolean mask or indices)."""
+        """The rows ``sel`` (boolean mask or indices).
+
+        Parameters
+        ----------
+        sel
+            A boolean mask or indices over the curves.
+
+        Returns
+        -------
+        LightCurveBatch
+            The selected curves on the same epochs.
+        """
         return LightCurveBatch(self.object_id[sel], self.t_days, self.t_ref_mjd, self.y[sel], self.w[sel],
                                self.y_smooth[sel], self.mag_median[sel], self.noise_scale[sel], self.n_points[sel],
                                self.n_clipped[sel], self.usable[sel])
@@ -209,6 +220,16 @@ def preprocess(object_id: np.ndarray, mjd: np.ndarray, mag: np.ndarray, mag_err:
         (n, n_t) flag bits of each point.
     cfg
         The settings.
+
+    Returns
+    -------
+    LightCurveBatch
+        The preprocessed batch.
+
+    Raises
+    ------
+    ValueError
+        When ``mjd`` is not strictly increasing.
     """
     mjd = np.asarray(mjd, float)
     if np.any(np.diff(mjd) <= 0):
@@ -250,6 +271,11 @@ def variability_stats(batch: LightCurveBatch) -> pd.DataFrame:
     ``robust_rms`` (NMAD of the relative flux), ``iqr`` (interquartile range of the relative
     flux) and ``von_neumann`` (mean squared successive difference over the variance: 2 for
     white noise, small for a signal correlated in time).
+
+    Parameters
+    ----------
+    batch
+        Preprocessed light curves.
     """
     w = batch.w.astype(float)
     y = batch.y.astype(float)

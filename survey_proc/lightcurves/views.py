@@ -7,13 +7,17 @@ For every light curve (a row of a :class:`~survey_proc.lightcurves.preprocess.Li
   time, channel 1 at the Lomb-Scargle period around the sinusoid's minimum light
   (pulsators). Each bin is the weighted mean of its kept points; empty bins are linearly
   interpolated from their neighbours (circularly).
-- **local view** (1 x 61 bins): the BLS fold within +-2 durations of the event.
+- **local view** (1 x 61 bins): the BLS fold within +-2 durations of the event (at most
+  +-half a period); empty bins are linearly interpolated (the edges take the nearest bin).
 - Each view is normalised as in Astronet: median 0, minimum -1 (a view whose minimum is
   not below its median is only centred). The amplitude is not lost: it is an auxiliary
   feature.
-- **auxiliary features** (:data:`AUX_NAMES`): periods, duration, depth and its S/N, BLS
-  SDE, LS power and amplitude S/N, the secondary-eclipse and odd-even depth S/N, the
-  variability statistics, the magnitude, the fraction of kept points.
+- **auxiliary features** (:data:`AUX_NAMES`, 19): the BLS and LS periods and their ratio,
+  the duty cycle (duration / period), the BLS depth and its S/N, the BLS SDE, the LS power,
+  amplitude and amplitude S/N, the secondary-eclipse and odd-even depth S/N, the
+  variability statistics (:func:`~survey_proc.lightcurves.preprocess.variability_stats`),
+  the median magnitude, the fractions of kept and clipped points and the fraction of kept
+  points inside the BLS box. Logarithms and ``arcsinh`` keep them of order 1.
 """
 
 from __future__ import annotations
@@ -80,13 +84,41 @@ def _normalise(v: np.ndarray) -> np.ndarray:
 
 
 def fold_phase(t_days: np.ndarray, period_days: np.ndarray, t0_days: np.ndarray) -> np.ndarray:
-    """Phase in [-0.5, 0.5) of every epoch for every curve, 0 at ``t0``: shape (n, n_t)."""
+    """Phase in [-0.5, 0.5) of every epoch for every curve, 0 at ``t0``: shape (n, n_t).
+
+    Parameters
+    ----------
+    t_days
+        Epoch times (days), shape (n_t,).
+    period_days, t0_days
+        Period and reference time (days) per curve, shape (n,).
+
+    Returns
+    -------
+    ndarray
+        Phases (cycles).
+    """
     return np.mod((t_days[None, :] - t0_days[:, None]) / period_days[:, None] + 0.5, 1.0) - 0.5
 
 
 def global_view(batch: LightCurveBatch, period_days: np.ndarray, t0_days: np.ndarray,
                 n_bins: int = GLOBAL_BINS) -> np.ndarray:
-    """(n, n_bins) folded, binned, filled and normalised view over the whole phase."""
+    """(n, n_bins) folded, binned, filled and normalised view over the whole phase.
+
+    Parameters
+    ----------
+    batch
+        Preprocessed light curves.
+    period_days, t0_days
+        Folding period and event time (days) per curve.
+    n_bins
+        Phase bins.
+
+    Returns
+    -------
+    ndarray
+        Normalised view (float32).
+    """
     ph = fold_phase(batch.t_days, period_days, t0_days)
     bins = np.minimum(((ph + 0.5) * n_bins).astype(np.int64), n_bins - 1)
     v = _binned(bins, batch.y_smooth.astype(float), batch.w.astype(float), n_bins)
@@ -95,7 +127,24 @@ def global_view(batch: LightCurveBatch, period_days: np.ndarray, t0_days: np.nda
 
 def local_view(batch: LightCurveBatch, period_days: np.ndarray, t0_days: np.ndarray, duration_days: np.ndarray,
                n_bins: int = LOCAL_BINS, half_width_durations: float = LOCAL_HALF_WIDTH_DURATIONS) -> np.ndarray:
-    """(n, n_bins) view of +-``half_width_durations`` durations around the event."""
+    """(n, n_bins) view of +-``half_width_durations`` durations around the event.
+
+    Parameters
+    ----------
+    batch
+        Preprocessed light curves.
+    period_days, t0_days, duration_days
+        Folding period, event time and event duration (days) per curve.
+    n_bins
+        Bins over the window.
+    half_width_durations
+        Half-width of the window (durations), at most half a period.
+
+    Returns
+    -------
+    ndarray
+        Normalised view (float32).
+    """
     ph = fold_phase(batch.t_days, period_days, t0_days)
     dt = ph * period_days[:, None]  # days from the event
     half = np.minimum(half_width_durations * duration_days, 0.5 * period_days)[:, None]
@@ -125,6 +174,13 @@ def eclipse_tests(batch: LightCurveBatch, bls: BLSResult) -> tuple[np.ndarray, n
     -------
     secondary_snr, odd_even_snr (n,)
         ``depth_secondary / err`` and ``(depth_odd - depth_even) / err``.
+
+    Parameters
+    ----------
+    batch
+        Preprocessed light curves.
+    bls
+        Their BLS results (period, mid-event time and duration).
     """
     P, t0, D = bls.period_days, bls.t0_days, bls.duration_days
     ph = fold_phase(batch.t_days, P, t0)
@@ -145,7 +201,22 @@ def eclipse_tests(batch: LightCurveBatch, bls: BLSResult) -> tuple[np.ndarray, n
 
 def make_inputs(batch: LightCurveBatch, bls: BLSResult, ls: LSResult, stats: pd.DataFrame
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The classifier's inputs: global (n, 2, 201), local (n, 1, 61), aux (n, len(AUX_NAMES)) float32."""
+    """The classifier's inputs: global (n, 2, 201), local (n, 1, 61), aux (n, len(AUX_NAMES)) float32.
+
+    Parameters
+    ----------
+    batch
+        Preprocessed light curves.
+    bls, ls
+        Their BLS and LS results.
+    stats
+        :func:`~survey_proc.lightcurves.preprocess.variability_stats` of the batch.
+
+    Returns
+    -------
+    global, local, aux
+        The views and the auxiliary features, one row per curve.
+    """
     g_bls = global_view(batch, bls.period_days, bls.t0_days)
     g_ls = global_view(batch, ls.period_days, ls.t_min_days)
     loc = local_view(batch, bls.period_days, bls.t0_days, bls.duration_days)

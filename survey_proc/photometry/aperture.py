@@ -52,6 +52,18 @@ def core_fwhm(data: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     (0.94 FWHM at beta = 3). It uses only the 3 x 3 pixels around the peak, so neighbours a
     few pixels away do not bias it (a half-light radius would need an aperture of several
     FWHM, which in a crowded field always holds other stars). NaN where undefined.
+
+    Parameters
+    ----------
+    data
+        Background-subtracted image (ADU).
+    x, y
+        Star positions (px, image frame).
+
+    Returns
+    -------
+    ndarray
+        FWHM (px) per star.
     """
     ny, nx = data.shape
     ix = np.clip(np.round(x).astype(int), 2, nx - 3)
@@ -78,6 +90,26 @@ def estimate_fwhm(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarra
     Stars: unflagged, S/N >= ``apcorr_snr_min``, no bad pixel and no other detection within
     3 px; the 300 brightest. Falls back to ``cfg.fwhm_default_px`` (n_stars = 0) when fewer
     than 5 qualify.
+
+    Parameters
+    ----------
+    data
+        Background-subtracted image (ADU).
+    bad
+        Pixels not to use.
+    x, y
+        Detection positions (px).
+    snr
+        A S/N per detection (it selects and ranks the stars).
+    ok
+        Detections allowed (e.g. without EDGE flags).
+    cfg
+        Photometry settings (``apcorr_snr_min``, ``fwhm_default_px``).
+
+    Returns
+    -------
+    fwhm_px, n_stars
+        The FWHM (px) and the number of stars that measured it.
     """
     sel = np.flatnonzero(ok & (snr >= cfg.apcorr_snr_min))
     sel = sel[_isolated(x, y, 3.0)[sel]]
@@ -101,6 +133,19 @@ def windowed_centroids(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.n
 
     Returns ``(x, y, failed)``: where the windowed centroid fails or moves more than 1 px
     from the detection, the input position is kept and ``failed`` is True.
+
+    Parameters
+    ----------
+    data
+        Background-subtracted image (ADU).
+    bad
+        Pixels not to use.
+    x, y
+        Detection positions (px).
+    fwhm_px
+        The block's FWHM (px).
+    subpix
+        sep's sub-pixel sampling.
     """
     if len(x) == 0:
         return x.copy(), y.copy(), np.zeros(0, bool)
@@ -112,7 +157,24 @@ def windowed_centroids(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.n
 
 def mask_bits_in_aperture(bitmask: np.ndarray | None, bad: np.ndarray, x: np.ndarray, y: np.ndarray,
                           r_px: float) -> np.ndarray:
-    """Flags for saturated / cosmic / other bad pixels inside each aperture (int32)."""
+    """Flags for saturated / cosmic / other bad pixels inside each aperture (int32).
+
+    Parameters
+    ----------
+    bitmask
+        The store's mask bits of the window, or None (then every bad pixel is MASKED).
+    bad
+        Pixels not to use.
+    x, y
+        Aperture centres (px).
+    r_px
+        Aperture radius (px).
+
+    Returns
+    -------
+    ndarray
+        Source flags (SATURATED, COSMIC, MASKED) per aperture.
+    """
     out = np.zeros(len(x), np.int32)
     if len(x) == 0 or not bad.any():
         return out
@@ -130,7 +192,28 @@ def mask_bits_in_aperture(bitmask: np.ndarray | None, bad: np.ndarray, x: np.nda
 
 def aperture_flux(data: np.ndarray, noise: float | np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray,
                   r_px: float, gain_e_per_adu: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flux and error (ADU) in circular apertures of radius ``r_px``; returns ``(flux, err, truncated)``."""
+    """Flux and error (ADU) in circular apertures of radius ``r_px``; returns ``(flux, err, truncated)``.
+
+    Parameters
+    ----------
+    data
+        Background-subtracted image (ADU).
+    noise
+        Background noise (ADU per pixel): one value or a per-pixel map.
+    bad
+        Pixels left out of the sums.
+    x, y
+        Aperture centres (px).
+    r_px
+        Aperture radius (px).
+    gain_e_per_adu
+        Detector gain (e-/ADU), for the source's Poisson noise.
+
+    Returns
+    -------
+    flux, err, truncated
+        Flux and its error (ADU) per aperture, and whether the aperture leaves the image.
+    """
     if len(x) == 0:
         return np.zeros(0), np.zeros(0), np.zeros(0, bool)
     f, fe, flag = sep.sum_circle(data, x, y, r_px, err=noise, mask=bad, gain=gain_e_per_adu, subpix=5)
@@ -159,6 +242,30 @@ def aperture_correction(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.
     large radius plus one FWHM (in a dense field no star is perfectly alone; 2 % neighbours
     bias a median by < 0.5 %). With fewer than 5 stars it returns 1 with n_stars = 0, and
     the calibration stage replaces it by the field's apcorr(FWHM) relation.
+
+    Parameters
+    ----------
+    data
+        Background-subtracted image (ADU).
+    bad
+        Pixels not to use.
+    x, y
+        Detection positions (px).
+    flux_ap
+        Aperture fluxes (ADU).
+    snr
+        Aperture S/N per detection.
+    ok
+        Detections allowed (no photometry or centroid flag).
+    fwhm_px
+        The block's FWHM (px).
+    cfg
+        Photometry settings (``apcorr_fwhm``, ``apcorr_snr_min``).
+
+    Returns
+    -------
+    apcorr, n_stars
+        The correction factor (total / aperture flux) and the stars that measured it.
     """
     r_big = cfg.apcorr_fwhm * fwhm_px
     for snr_min in (cfg.apcorr_snr_min, 0.4 * cfg.apcorr_snr_min):  # fainter stars only when needed

@@ -14,8 +14,10 @@ central differences of the pixelised PSF. The bound depends on the sub-pixel pha
 star; :func:`crlb_point_source` averages the *information* over phases when asked (the
 bound for a star at a random position).
 
-The PSF is any callable ``psf(x0, y0) -> (ny, nx) array`` of pixel fractions; helpers
-build it from GalSim profiles (pixel-integrated) or a Gaussian.
+The PSF is any callable ``psf(x0, y0) -> (ny, nx) array`` of pixel fractions:
+:func:`gaussian_psf` here, or :func:`survey_proc.simulate.psf.galsim_psf` for GalSim
+profiles (pixel-integrated; it lives with the simulator so photometry does not import
+GalSim). :func:`crowding_factor` is how much neighbours raise a star's position bound.
 """
 
 from __future__ import annotations
@@ -42,17 +44,42 @@ class Bound:
 
     @property
     def sigma_mag(self) -> float:
-        """Bound on the magnitude error (mag), ``1.0857 sigma_F / F``."""
+        """Bound on the magnitude error (mag), ``1.0857 sigma_F / F``.
+
+        Returns
+        -------
+        float
+            The bound (mag).
+        """
         return MAG_PER_FLUX * self.sigma_flux_adu / self.flux_adu
 
     @property
     def snr(self) -> float:
-        """Best achievable flux S/N."""
+        """Best achievable flux S/N.
+
+        Returns
+        -------
+        float
+            ``F / sigma_F``.
+        """
         return self.flux_adu / self.sigma_flux_adu
 
 
 def gaussian_psf(sigma_px: float, size_px: int) -> PSF:
-    """Pixel-integrated circular Gaussian on a ``size x size`` stamp (centre pixel ``size // 2``)."""
+    """Pixel-integrated circular Gaussian on a ``size x size`` stamp (centre pixel ``size // 2``).
+
+    Parameters
+    ----------
+    sigma_px
+        Gaussian sigma (px).
+    size_px
+        Stamp size (px).
+
+    Returns
+    -------
+    callable
+        ``psf(x0, y0)``: the pixel fractions for a star at offset ``(x0, y0)`` px from the centre pixel.
+    """
     edges = np.arange(size_px + 1) - 0.5 - size_px // 2
 
     def psf(x0: float, y0: float) -> np.ndarray:
@@ -66,7 +93,30 @@ def gaussian_psf(sigma_px: float, size_px: int) -> PSF:
 
 def fisher_matrix(psf: PSF, flux_adu: float, x0: float, y0: float, sky_adu: float, gain_e_per_adu: float,
                   read_noise_e: float, *, fit_background: bool = False, step_px: float = 1e-3) -> np.ndarray:
-    """Fisher information of ``(F, x0, y0[, B])`` for one star (units: ADU, px)."""
+    """Fisher information of ``(F, x0, y0[, B])`` for one star (units: ADU, px).
+
+    Parameters
+    ----------
+    psf
+        Pixelised PSF callable.
+    flux_adu
+        Total flux of the star (ADU).
+    x0, y0
+        Position relative to the centre pixel (px).
+    sky_adu
+        Sky per pixel (ADU).
+    gain_e_per_adu, read_noise_e
+        Detector gain (e-/ADU) and read noise (e-).
+    fit_background
+        Include the sky level as a fourth parameter.
+    step_px
+        Central-difference step of the position derivatives (px).
+
+    Returns
+    -------
+    ndarray
+        The 3 x 3 (or 4 x 4) information matrix.
+    """
     p = psf(x0, y0)
     dpx = (psf(x0 + step_px, y0) - psf(x0 - step_px, y0)) / (2 * step_px)
     dpy = (psf(x0, y0 + step_px) - psf(x0, y0 - step_px)) / (2 * step_px)
@@ -97,6 +147,11 @@ def crlb_point_source(psf: PSF, flux_adu: float, sky_adu: float, gain_e_per_adu:
         Average the information over an ``n x n`` grid of sub-pixel phases instead.
     fit_background
         Also estimate the sky (it then costs information).
+
+    Returns
+    -------
+    Bound
+        Standard deviations of flux (ADU) and position (px).
     """
     if n_phases > 1:
         ph = (np.arange(n_phases) + 0.5) / n_phases - 0.5
@@ -111,7 +166,27 @@ def crlb_point_source(psf: PSF, flux_adu: float, sky_adu: float, gain_e_per_adu:
 
 def crlb_curve(psf: PSF, flux_adu: np.ndarray, sky_adu: float, gain_e_per_adu: float, read_noise_e: float,
                n_phases: int = 3) -> dict[str, np.ndarray]:
-    """Bounds for many fluxes (phase-averaged): arrays ``sigma_flux_adu``, ``sigma_mag``, ``sigma_pos_px``."""
+    """Bounds for many fluxes (phase-averaged): arrays ``sigma_flux_adu``, ``sigma_mag``, ``sigma_pos_px``.
+
+    Parameters
+    ----------
+    psf
+        Pixelised PSF callable.
+    flux_adu
+        Star fluxes (ADU).
+    sky_adu
+        Sky per pixel (ADU).
+    gain_e_per_adu, read_noise_e
+        Detector gain (e-/ADU) and read noise (e-).
+    n_phases
+        Sub-pixel phases per axis averaged over.
+
+    Returns
+    -------
+    dict of ndarray
+        ``flux_adu``, ``sigma_flux_adu`` (ADU), ``sigma_mag`` (mag) and ``sigma_pos_px``
+        (per-axis position bound, px), one per flux.
+    """
     out = [crlb_point_source(psf, float(f), sky_adu, gain_e_per_adu, read_noise_e, n_phases=n_phases)
            for f in np.atleast_1d(flux_adu)]
     return {"flux_adu": np.array([b.flux_adu for b in out]),
@@ -163,7 +238,8 @@ def crowding_factor(x: np.ndarray, y: np.ndarray, flux_adu: np.ndarray, targets:
         ix, iy = np.floor(x[t] + 0.5), np.floor(y[t] + 0.5)
         px = (ix + j)[None, :].repeat(len(j), 0)
         py = (iy + j)[:, None].repeat(len(j), 1)
-        nb = [i for i in tree.query_ball_point([x[t], y[t]], rw + 2 * fwhm_px) if i != t and snr[i] >= min_neighbour_snr]
+        nb = [i for i in tree.query_ball_point([x[t], y[t]], rw + 2 * fwhm_px)
+              if i != t and snr[i] >= min_neighbour_snr]
         idx = [t, *nb]
         grads = []
         mu = np.full(px.shape, float(sky_adu))

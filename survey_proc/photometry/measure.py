@@ -43,14 +43,44 @@ class Window:
 
 
 def block_seed(seed: int, epoch: int, origin_yx: tuple[int, int]) -> int:
-    """A deterministic MC seed per (run seed, epoch, window): reruns give identical magnitudes."""
+    """A deterministic MC seed per (run seed, epoch, window): reruns give identical magnitudes.
+
+    Parameters
+    ----------
+    seed
+        The run's BPNN seed.
+    epoch
+        Index of the epoch.
+    origin_yx
+        Image-frame index of the window's first row and column (px).
+
+    Returns
+    -------
+    int
+        A non-negative seed below 2**63.
+    """
     return int((int(seed) * 1_000_003 + int(epoch) * 7_919 + int(origin_yx[0]) * 104_729 + int(origin_yx[1]))
                % (2**63 - 1))
 
 
 def window_stamps(win: Window, targets: np.ndarray, *, beta: float = 3.0, **kwargs) -> Stamps:
     """The stamps of ``win``'s detections ``targets`` (:func:`~survey_proc.photometry.stamps.cut_stamps`;
-    ``kwargs`` go to it: ``profile``, ``binning``)."""
+    ``kwargs`` go to it: ``profile``, ``binning``).
+
+    Parameters
+    ----------
+    win
+        The window and all its detections.
+    targets
+        Indices into ``win.x`` of the detections to cut stamps for.
+    beta
+        Moffat beta of the PSF model.
+
+    Returns
+    -------
+    Stamps
+        The network's inputs for ``targets``.
+    """
     return cut_stamps(win.data, win.bad, win.bkg_adu, win.x, win.y, win.flux_fit, targets, win.fwhm_px, win.noise_adu,
                       win.gain_e_per_adu, beta=beta, **kwargs)
 

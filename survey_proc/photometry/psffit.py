@@ -12,13 +12,15 @@ previous estimates, so the result does not depend on the order of the stars).
 
 PSF model: a pixel-integrated Moffat of the block's measured FWHM and ``beta`` (3 by
 default: the dense preset's PSF, and close to the wings of real seeing-limited PSFs). The
-integral over each pixel is a 3 x 3 sub-pixel average. A wrong profile biases fluxes, but
-for a symmetric PSF it does not bias the centre, which is what is refined here.
+integral over each pixel is a 3 x 3 sub-pixel average in the central 5 x 5 pixels of a
+star and one sample at the pixel centre further out (:func:`render`). A wrong profile
+biases fluxes, but for a symmetric PSF it does not bias the centre, which is what is
+refined here.
 
 Weights: ``1 / (noise^2 + model / gain)`` (sky + read noise, plus the stars' own Poisson
-noise). Steps are capped at ``max_step_px`` per iteration and positions may not move more
-than ``max_shift_px`` from the detector's; a star whose fit fails (singular system, a
-non-positive flux) keeps its detector position (``ok`` False).
+noise). Steps are capped at ``max_step_px`` (0.25 px) per iteration; a star whose fit fails
+(singular system, a non-positive flux) or that ends more than ``max_shift_px`` (0.75 px)
+from the detector's position keeps its detector position (``ok`` False).
 """
 
 from __future__ import annotations
@@ -41,12 +43,38 @@ class RefineResult:
 
 
 def moffat_alpha(fwhm_px: float, beta: float) -> float:
-    """Moffat core width α (px) for a FWHM (px)."""
+    """Moffat core width α (px) for a FWHM (px).
+
+    Parameters
+    ----------
+    fwhm_px
+        FWHM (px).
+    beta
+        Moffat index.
+
+    Returns
+    -------
+    float
+        α (px).
+    """
     return fwhm_px / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
 
 
 def moffat_pixel(du: np.ndarray, dv: np.ndarray, alpha: float, beta: float) -> np.ndarray:
-    """Fraction of a unit-flux Moffat centred at 0 falling in pixels centred at (du, dv) (px)."""
+    """Fraction of a unit-flux Moffat centred at 0 falling in pixels centred at (du, dv) (px).
+
+    Parameters
+    ----------
+    du, dv
+        Pixel-centre offsets from the star (px), broadcastable.
+    alpha, beta
+        The Moffat profile (α in px).
+
+    Returns
+    -------
+    ndarray
+        Flux fractions (3 x 3 sub-pixel average), the broadcast shape.
+    """
     du, dv = np.asarray(du, float), np.asarray(dv, float)
     out = np.zeros(np.broadcast(du, dv).shape)
     norm = (beta - 1.0) / (np.pi * alpha**2) / len(_SUB) ** 2
@@ -66,7 +94,20 @@ def _tpow(t: np.ndarray, beta: float) -> np.ndarray:
 
 def moffat_pixel_grad(du: np.ndarray, dv: np.ndarray, alpha: float, beta: float
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`moffat_pixel` and its derivatives with respect to ``du`` and ``dv``."""
+    """:func:`moffat_pixel` and its derivatives with respect to ``du`` and ``dv``.
+
+    Parameters
+    ----------
+    du, dv
+        Pixel-centre offsets from the star (px), broadcastable.
+    alpha, beta
+        The Moffat profile (α in px).
+
+    Returns
+    -------
+    p, dp_du, dp_dv
+        Flux fractions and their derivatives (per px).
+    """
     shape = np.broadcast(du, dv).shape
     p = np.zeros(shape)
     gu = np.zeros(shape)
@@ -105,6 +146,24 @@ def render(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarra
     The pixel integral (3 x 3 sub-samples) is computed for the central 5 x 5 pixels of each
     star; further out the profile is smooth enough for a single sample at the pixel centre
     (relative error < 1 % there), which makes rendering 4x faster.
+
+    Parameters
+    ----------
+    shape
+        ``(ny, nx)`` of the image (px).
+    x, y
+        Star positions (px).
+    flux
+        Total fluxes (ADU).
+    alpha, beta
+        The Moffat profile (α in px).
+    radius
+        Half-size of each star's square stamp (px).
+
+    Returns
+    -------
+    ndarray
+        The model image (ADU).
     """
     py, px, inside = _stamps(x, y, radius, shape)
     du, dv = np.broadcast_arrays(px - x[:, None, None], py - y[:, None, None])

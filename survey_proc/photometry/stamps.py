@@ -3,12 +3,12 @@
 Size rule
 ---------
 The network always sees ``STAMP_PX`` x ``STAMP_PX`` (9 x 9) binned pixels. The binning
-factor is the integer that brings the FWHM in binned pixels closest to 2:
-``b = max(1, round(fwhm_px / 2))`` (:func:`stamp_binning`), and the stamp is cut at
-``9 b`` x ``9 b`` image pixels and summed in ``b x b`` blocks. So a stamp spans
-±4.5 binned pixels = ±2.25 binned FWHM at the nominal 2 px (±1.5 FWHM at the widest,
-FWHM = 3 px unbinned, ±3.4 FWHM at the narrowest, 1.3 px), and every FWHM the network
-sees lies in 1.3-3 binned px, whatever the seeing. Binning sums pixels, so fluxes and
+factor is the integer nearest to ``fwhm_px / 2`` (halves round up), so that the FWHM is
+about 2 binned pixels: ``b = max(1, floor(fwhm_px / 2 + 0.5))`` (:func:`stamp_binning`).
+The stamp is cut at ``9 b`` x ``9 b`` image pixels and summed in ``b x b`` blocks. So a
+stamp spans ±4.5 binned pixels = ±2.25 binned FWHM at the nominal 2 px (±1.5 FWHM at the
+widest, just under 3 binned px, ±3.5 FWHM at the narrowest, 1.3 px), and every FWHM of
+1.3 px or more becomes 1.3-3 binned px, whatever the seeing. Binning sums pixels, so fluxes and
 Poisson statistics are preserved; the binned FWHM is an auxiliary input.
 
 The stamp of a star at ``x`` spans image pixels ``x0 .. x0 + 9b - 1`` with
@@ -86,7 +86,13 @@ class Stamps:
 
     @property
     def mag_scale(self) -> np.ndarray:
-        """``-2.5 log10(scale_adu)`` (mag)."""
+        """``-2.5 log10(scale_adu)`` (mag).
+
+        Returns
+        -------
+        ndarray
+            ``m_s`` per stamp (mag).
+        """
         return -2.5 * np.log10(self.scale_adu)
 
     def __len__(self) -> int:
@@ -94,12 +100,40 @@ class Stamps:
 
 
 def stamp_binning(fwhm_px: float) -> int:
-    """The binning factor of the size rule: ``max(1, round(fwhm_px / 2))``."""
+    """The binning factor of the size rule: ``max(1, floor(fwhm_px / 2 + 0.5))`` (halves round up).
+
+    Parameters
+    ----------
+    fwhm_px
+        The window's FWHM (image px).
+
+    Returns
+    -------
+    int
+        ``b`` (image pixels per binned pixel along each axis).
+    """
     return max(1, int(np.floor(float(fwhm_px) / 2.0 + 0.5)))
 
 
 def flux_scale(flux_adu: np.ndarray, noise_adu: float, gain_e_per_adu: float, n_eff_px: float) -> np.ndarray:
-    """``max(flux, 3 sigma_flux)`` (ADU) with ``sigma^2 = noise^2 n_eff + flux / gain``."""
+    """``max(flux, 3 sigma_flux)`` (ADU) with ``sigma^2 = noise^2 n_eff + flux / gain``.
+
+    Parameters
+    ----------
+    flux_adu
+        PSF-fit fluxes (ADU); NaN counts as 0.
+    noise_adu
+        Background noise per pixel (ADU).
+    gain_e_per_adu
+        Detector gain (e-/ADU).
+    n_eff_px
+        Noise-equivalent area of the PSF (px).
+
+    Returns
+    -------
+    ndarray
+        The flux scale ``s`` (ADU), > 0.
+    """
     f = np.asarray(flux_adu, float)
     sig = np.sqrt(noise_adu**2 * n_eff_px + np.clip(f, 0, None) / gain_e_per_adu)
     return np.maximum(np.nan_to_num(f, nan=0.0), 3.0 * sig)
@@ -111,6 +145,20 @@ def own_model(du: np.ndarray, dv: np.ndarray, near: np.ndarray, within: np.ndarr
 
     ``near``: pixels within 2 px of the star's nearest pixel (pixel-integrated there);
     ``within``: pixels inside render's model radius (0 elsewhere).
+
+    Parameters
+    ----------
+    du, dv
+        Pixel-centre offsets from the star (px).
+    near, within
+        Boolean maps (see above), the shape of ``du``.
+    alpha, beta
+        The Moffat profile (α in px).
+
+    Returns
+    -------
+    ndarray
+        The model (flux fraction per pixel), the shape of ``du``.
     """
     a2 = alpha**2
     prof = _tpow(1.0 + (du * du + dv * dv) / a2, beta) * ((beta - 1.0) / (np.pi * a2))
@@ -134,6 +182,32 @@ def profile_ratios(data: np.ndarray, bad: np.ndarray, model: np.ndarray, x: np.n
     :data:`PROFILE_RADII_FWHM` of the star with its neighbours' models subtracted and ``f``
     the fit's flux; ``known`` is 1 with at least 3 such stars, else ``[0, 0, 0]``.
     ``model`` is the rendered model image of every star (:func:`psffit.render`).
+
+    Parameters
+    ----------
+    data
+        Background-subtracted window (ADU).
+    bad
+        Pixels not to use.
+    model
+        The model image (ADU).
+    x, y, flux_adu
+        Every detection of the window: positions (px) and PSF-fit fluxes (ADU).
+    fwhm_px, beta
+        The window's PSF (Moffat; FWHM in px).
+    noise_adu, gain_e_per_adu
+        Background noise per pixel (ADU) and gain (e-/ADU), for the S/N.
+    model_radius_fwhm
+        Radius of the rendered models (FWHM), as in the fit.
+    n_eff_fwhm2
+        Noise-equivalent area / FWHM^2.
+    max_stars
+        The brightest stars used at most.
+
+    Returns
+    -------
+    ndarray
+        ``[dm1, dm2, known]`` (mag x 10, mag x 10, 0 or 1).
     """
     x, y, f = (np.asarray(a, float) for a in (x, y, flux_adu))
     sig = np.sqrt(noise_adu**2 * n_eff_fwhm2 * fwhm_px**2 + np.clip(f, 0, None) / gain_e_per_adu)

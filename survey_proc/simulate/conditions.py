@@ -24,7 +24,19 @@ STREAM_STARS, STREAM_VARIABLES, STREAM_NOISE, STREAM_COSMICS, STREAM_BADCOLS, ST
 
 
 def rng_for(scn: Scenario, *keys: int) -> np.random.Generator:
-    """A generator for one random stream of this scenario (seeded by ``scn.seed`` and ``keys``)."""
+    """A generator for one random stream of this scenario (seeded by ``scn.seed`` and ``keys``).
+
+    Parameters
+    ----------
+    scn
+        The scenario.
+    keys
+        Stream keys (the ``STREAM_*`` constants, then e.g. a field index).
+
+    Returns
+    -------
+    numpy.random.Generator
+    """
     return np.random.default_rng(np.random.SeedSequence([int(scn.seed), *map(int, keys)]))
 
 
@@ -42,12 +54,38 @@ def _ar1(rng: np.random.Generator, n: int, corr: float) -> np.ndarray:
 
 
 def gmst_hours(mjd: np.ndarray) -> np.ndarray:
-    """Greenwich mean sidereal time in hours (IAU 1982 linear term; < 1 s error over decades)."""
+    """Greenwich mean sidereal time in hours (IAU 1982 linear term; < 1 s error over decades).
+
+    Parameters
+    ----------
+    mjd
+        Times (MJD UT1, days; UTC is close enough here).
+
+    Returns
+    -------
+    ndarray
+        GMST in [0, 24) hours.
+    """
     return np.mod(18.697374558 + 24.06570982441908 * (np.asarray(mjd) - 51544.5), 24.0)
 
 
 def airmass_at(mjd: np.ndarray, ra_deg: float, dec_deg: float, lat_deg: float, lon_deg: float) -> np.ndarray:
-    """Plane-parallel airmass sec(z) of a pointing at ``mjd`` (inf when below the horizon)."""
+    """Plane-parallel airmass sec(z) of a pointing at ``mjd`` (inf when below the horizon).
+
+    Parameters
+    ----------
+    mjd
+        Times (MJD, days).
+    ra_deg, dec_deg
+        The pointing (deg).
+    lat_deg, lon_deg
+        The site (deg; longitude east positive).
+
+    Returns
+    -------
+    ndarray
+        Airmass per time.
+    """
     lst_h = gmst_hours(mjd) + lon_deg / 15.0
     ha = np.deg2rad(lst_h * 15.0 - ra_deg)
     lat, dec = np.deg2rad(lat_deg), np.deg2rad(dec_deg)
@@ -57,7 +95,23 @@ def airmass_at(mjd: np.ndarray, ra_deg: float, dec_deg: float, lat_deg: float, l
 
 
 def exposure_start_mjds(scn: Scenario) -> np.ndarray:
-    """MJD at the start of each exposure, honouring night-only observing and random gaps."""
+    """MJD at the start of each exposure, honouring night-only observing and random gaps.
+
+    Parameters
+    ----------
+    scn
+        The scenario.
+
+    Returns
+    -------
+    ndarray
+        ``scn.n_epochs`` start times (MJD, days), increasing.
+
+    Raises
+    ------
+    RuntimeError
+        When the field is never observable from the site.
+    """
     step_d = scn.cadence_or_exptime_s / SECONDS_PER_DAY
     rng = rng_for(scn, STREAM_TIMES)
     # Random gaps: each starts after a uniformly chosen epoch index (in the gap-free sequence).
@@ -94,6 +148,16 @@ def epoch_conditions(scn: Scenario) -> pd.DataFrame:
     Columns: epoch, mjd (mid-exposure), exptime_s, airmass (NaN in space), seeing_fwhm_px,
     psf_g1, psf_g2, sky_adu (before the per-field scale), zp_drift_mag, dx_px, dy_px,
     rotation_deg (pointing offset of the detector relative to the field's reference frame).
+
+    Parameters
+    ----------
+    scn
+        The scenario.
+
+    Returns
+    -------
+    DataFrame
+        The table above.
     """
     n = scn.n_epochs
     mjd = exposure_start_mjds(scn) + scn.exptime_s / 2 / SECONDS_PER_DAY
@@ -136,7 +200,20 @@ def epoch_conditions(scn: Scenario) -> pd.DataFrame:
 
 
 def field_offsets(scn: Scenario, field_index: int) -> tuple[float, float]:
-    """Constant (zero-point offset in mag, sky scale factor) of one field's detector."""
+    """Constant (zero-point offset in mag, sky scale factor) of one field's detector.
+
+    Parameters
+    ----------
+    scn
+        The scenario.
+    field_index
+        Index of the field.
+
+    Returns
+    -------
+    zp_offset_mag, sky_scale
+        Added to every epoch's zero point (mag); multiplies every epoch's sky.
+    """
     rng = rng_for(scn, STREAM_FIELD, field_index)
     return float(scn.zp_field_scatter_mag * rng.standard_normal()), float(1.0 + 0.02 * rng.standard_normal())
 
@@ -145,6 +222,22 @@ def field_epochs(scn: Scenario, field_index: int, field_id: str, cond: pd.DataFr
     """Per-field epoch table: the shared conditions plus this field's zero point and sky.
 
     ``zeropoint`` is the epoch's magnitude zero point: ``mag = -2.5 log10(flux_adu) + zeropoint``.
+
+    Parameters
+    ----------
+    scn
+        The scenario.
+    field_index
+        Index of the field.
+    field_id
+        Its id (the ``field`` column).
+    cond
+        :func:`epoch_conditions` of ``scn``, when already computed.
+
+    Returns
+    -------
+    DataFrame
+        :func:`epoch_conditions` with ``field`` first, ``zeropoint`` (mag) and the field's ``sky_adu``.
     """
     cond = epoch_conditions(scn) if cond is None else cond
     zp_off, sky_scale = field_offsets(scn, field_index)

@@ -28,6 +28,22 @@ def flux_snr(scn: Scenario, flux_adu: np.ndarray, fwhm_px: float, sky_adu: float
     """Cramér-Rao S/N of PSF-fit flux for point sources of the given fluxes (ADU).
 
     ``phase_stamps`` (phases, ny, nx), each summing to 1, may be passed to skip drawing the PSF.
+
+    Parameters
+    ----------
+    scn
+        The scenario.
+    flux_adu
+        Star fluxes (ADU).
+    fwhm_px
+        The epoch's PSF FWHM (px).
+    sky_adu
+        Sky per pixel (ADU).
+
+    Returns
+    -------
+    ndarray
+        S/N per flux, averaged over sub-pixel phases (information mean).
     """
     p = _phase_stamps(scn, fwhm_px) if phase_stamps is None else phase_stamps
     g, rn = scn.gain_e_per_adu, scn.read_noise_e
@@ -41,7 +57,26 @@ def flux_snr(scn: Scenario, flux_adu: np.ndarray, fwhm_px: float, sky_adu: float
 
 
 def limiting_magnitude(scn: Scenario, fwhm_px: float, sky_adu: float, zeropoint: float, snr: float = 5.0) -> float:
-    """Magnitude at which the Cramér-Rao PSF-fit S/N equals ``snr``."""
+    """Magnitude at which the Cramér-Rao PSF-fit S/N equals ``snr``.
+
+    Parameters
+    ----------
+    scn
+        The scenario.
+    fwhm_px
+        The epoch's PSF FWHM (px).
+    sky_adu
+        Sky per pixel (ADU).
+    zeropoint
+        The epoch's zero point (mag for 1 ADU).
+    snr
+        The S/N that defines the limit.
+
+    Returns
+    -------
+    float
+        The limiting magnitude (mag).
+    """
     stamps = _phase_stamps(scn, fwhm_px)
     lo, hi = -3.0, 9.0  # log10 flux (ADU)
     for _ in range(60):
@@ -54,7 +89,24 @@ def limiting_magnitude(scn: Scenario, fwhm_px: float, sky_adu: float, zeropoint:
 
 
 def saturation_magnitude(scn: Scenario, fwhm_px: float, sky_adu: float, zeropoint: float) -> float:
-    """Magnitude at which a star centred on a pixel brings that pixel to saturation."""
+    """Magnitude at which a star centred on a pixel brings that pixel to saturation.
+
+    Parameters
+    ----------
+    scn
+        The scenario.
+    fwhm_px
+        The epoch's PSF FWHM (px).
+    sky_adu
+        Sky per pixel (ADU).
+    zeropoint
+        The epoch's zero point (mag for 1 ADU).
+
+    Returns
+    -------
+    float
+        The saturation magnitude (mag); brighter stars saturate.
+    """
     bank = build_bank(scn.psf_profile, fwhm_px, beta=scn.moffat_beta, oversample=scn.psf_oversample,
                       base_radius_px=scn.stamp_radius_px, max_factor=1)
     flux = (scn.saturation_adu - sky_adu) / bank.peak_fraction

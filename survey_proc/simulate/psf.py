@@ -60,7 +60,20 @@ class PSFBank:
     peak_fraction: float
 
     def radius_index(self, flux_adu: np.ndarray, sigma_pix_adu: float) -> np.ndarray:
-        """Index into ``radii_px`` of the stamp each star needs (see module docstring)."""
+        """Index into ``radii_px`` of the stamp each star needs (see module docstring).
+
+        Parameters
+        ----------
+        flux_adu
+            Star fluxes (ADU).
+        sigma_pix_adu
+            Per-pixel noise of the sky (ADU).
+
+        Returns
+        -------
+        ndarray of int
+            The radius index per star.
+        """
         flux = np.asarray(flux_adu, dtype="float64")
         idx = np.full(flux.shape, len(self.radii_px) - 1, dtype=int)
         for k in range(len(self.radii_px) - 1, -1, -1):
@@ -69,8 +82,25 @@ class PSFBank:
         return idx
 
 
-def galsim_profile(profile: str, fwhm_px: float, beta: float = 3.0, g1: float = 0.0, g2: float = 0.0) -> galsim.GSObject:
-    """The PSF as a GalSim object in pixel units (1 'arcsec' = 1 pixel), unit flux."""
+def galsim_profile(profile: str, fwhm_px: float, beta: float = 3.0, g1: float = 0.0, g2: float = 0.0
+                   ) -> galsim.GSObject:
+    """The PSF as a GalSim object in pixel units (1 'arcsec' = 1 pixel), unit flux.
+
+    Parameters
+    ----------
+    profile
+        ``moffat`` or ``kolmogorov``.
+    fwhm_px
+        FWHM before pixel integration (px).
+    beta
+        Moffat index (Moffat only).
+    g1, g2
+        Reduced shear (ellipticity) applied to the profile.
+
+    Returns
+    -------
+    galsim.GSObject
+    """
     if profile == "moffat":
         obj = galsim.Moffat(beta=beta, fwhm=fwhm_px)
     elif profile == "kolmogorov":
@@ -93,6 +123,15 @@ def effective_psf(
     ndarray, shape (M, M), M = 2*c + 1 with c = oversample*(radius_px + 1)
         ``out[c + K*v, c + K*u]`` is the flux fraction in a pixel centred (u, v) pixels
         from the star.
+
+    Parameters
+    ----------
+    profile, fwhm_px, beta, g1, g2
+        The PSF (:func:`galsim_profile`; FWHM in px).
+    oversample
+        K, samples per pixel (odd).
+    radius_px
+        Half-size of the table (px).
     """
     k = int(oversample)
     c = k * (radius_px + 1)
@@ -109,7 +148,23 @@ def build_bank(
     profile: str, fwhm_px: float, *, beta: float = 3.0, g1: float = 0.0, g2: float = 0.0,
     oversample: int = 11, base_radius_px: int = 7, max_factor: int = 8,
 ) -> PSFBank:
-    """Draw the epoch's effective PSF and cut it into phase banks for the radius ladder."""
+    """Draw the epoch's effective PSF and cut it into phase banks for the radius ladder.
+
+    Parameters
+    ----------
+    profile, fwhm_px, beta, g1, g2
+        The PSF (:func:`galsim_profile`; FWHM in px).
+    oversample
+        K, sub-pixel phases per pixel (odd).
+    base_radius_px
+        R0, the smallest stamp radius (px).
+    max_factor
+        The largest ladder factor used (1, 2, 4 or 8).
+
+    Returns
+    -------
+    PSFBank
+    """
     k = int(oversample)
     radii = tuple(base_radius_px * f for f in RADIUS_LADDER_FACTORS if f <= max_factor)
     r_max = radii[-1]
@@ -144,6 +199,21 @@ def fit_point_source(image: np.ndarray, x: float, y: float, profile: str = "moff
     Returns
     -------
     dict with flux, x, y, fwhm_px
+
+    Parameters
+    ----------
+    image
+        The image (ADU).
+    x, y
+        Initial position (px, 0-based).
+    profile, beta
+        The PSF family (:func:`galsim_profile`).
+    sky
+        Sky level subtracted first (ADU per pixel).
+    radius_px
+        Stamp half-size (px).
+    oversample
+        Sub-pixel samples per pixel of the model.
     """
     from scipy.optimize import least_squares
 
@@ -161,11 +231,30 @@ def fit_point_source(image: np.ndarray, x: float, y: float, profile: str = "moff
 
     p0 = np.array([stamp.sum(), x - ix, y - iy, 2.0])
     res = least_squares(lambda p: (model(p) - stamp).ravel(), p0, x_scale=[max(p0[0], 1), 0.1, 0.1, 0.2])
-    return {"flux": float(res.x[0]), "x": float(ix + res.x[1]), "y": float(iy + res.x[2]), "fwhm_px": float(abs(res.x[3]))}
+    return {"flux": float(res.x[0]), "x": float(ix + res.x[1]), "y": float(iy + res.x[2]),
+            "fwhm_px": float(abs(res.x[3]))}
 
 
 def galsim_psf(profile: str, fwhm_px: float, size_px: int, beta: float = 3.0) -> PSF:
-    """Pixel-integrated GalSim PSF (``moffat`` or ``kolmogorov``) on a ``size x size`` stamp."""
+    """Pixel-integrated GalSim PSF (``moffat`` or ``kolmogorov``) on a ``size x size`` stamp.
+
+    Parameters
+    ----------
+    profile
+        ``moffat`` or ``kolmogorov``.
+    fwhm_px
+        FWHM before pixel integration (px).
+    size_px
+        Stamp size (px).
+    beta
+        Moffat index.
+
+    Returns
+    -------
+    callable
+        ``psf(x0, y0)``: flux fractions (size_px, size_px) for a star at offset ``(x0, y0)`` px
+        from the stamp centre (:data:`survey_proc.photometry.crlb.PSF`).
+    """
     obj = galsim_profile(profile, fwhm_px, beta)
 
     def psf(x0: float, y0: float) -> np.ndarray:

@@ -19,7 +19,21 @@ from survey_proc.simulate.scenario import Scenario
 
 
 def reference_mag_err(scn: Scenario, mag: np.ndarray) -> np.ndarray:
-    """Catalogue magnitude error (mag) as a function of magnitude."""
+    """Catalogue magnitude error (mag) as a function of magnitude.
+
+    Parameters
+    ----------
+    scn
+        The scenario.
+    mag
+        Magnitudes (mag).
+
+    Returns
+    -------
+    ndarray
+        Errors (mag): ``reference_err_floor_mag`` plus a term growing 10x per 2.5 mag that
+        reaches ``reference_err_at_faint_mag`` at ``reference_mag_faint``.
+    """
     floor, at_faint = scn.reference_err_floor_mag, scn.reference_err_at_faint_mag
     return floor + (at_faint - floor) * 10.0 ** (0.4 * (np.asarray(mag) - scn.reference_mag_faint))
 
@@ -33,6 +47,12 @@ def make_reference(scn: Scenario, stars: pd.DataFrame, mag_bright: float) -> pd.
         Truth stars of all fields.
     mag_bright
         Brightest magnitude kept (saturation at the best seeing plus the margin).
+
+    Returns
+    -------
+    DataFrame
+        ``ref_id``, ``ra``, ``dec`` (deg, scattered by ``reference_pos_err_mas``), ``mag`` and
+        ``mag_err`` (mag).
     """
     sel = (
         (stars["var_class"] == "constant")

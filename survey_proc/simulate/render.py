@@ -32,7 +32,20 @@ _BLOCK_PIXELS = 2_000_000  # stamp pixels per vectorised block: bounds temporari
 
 
 def sigma_pix_adu(scn: Scenario, sky_adu: float) -> float:
-    """Per-pixel noise (ADU) of the sky background: Poisson on sky plus read noise."""
+    """Per-pixel noise (ADU) of the sky background: Poisson on sky plus read noise.
+
+    Parameters
+    ----------
+    scn
+        The scenario.
+    sky_adu
+        Sky per pixel (ADU).
+
+    Returns
+    -------
+    float
+        The noise (ADU).
+    """
     return float(np.sqrt(sky_adu / scn.gain_e_per_adu + (scn.read_noise_e / scn.gain_e_per_adu) ** 2))
 
 
@@ -43,6 +56,24 @@ def render_stars(
 
     Each star's stamp is normalised to its flux exactly (see ``psf.py``); pixels outside
     the image are dropped, so a star near the edge puts only its in-frame light on it.
+
+    Parameters
+    ----------
+    shape
+        ``(ny, nx)`` of the image (px).
+    x, y
+        Star positions (px, 0-based detector frame).
+    flux_adu
+        Total fluxes (ADU).
+    bank
+        The epoch's effective-PSF phase banks.
+    sigma_pix
+        Per-pixel sky noise (ADU), for the stamp radius rule.
+
+    Returns
+    -------
+    ndarray
+        The image (ADU, float64).
     """
     ny, nx = shape
     acc = np.zeros(ny * nx, dtype="float64")
@@ -86,7 +117,20 @@ def render_stars(
 
 
 def bad_columns(scn: Scenario, field_index: int) -> pd.DataFrame:
-    """The field's bad columns: column x, first bad row, kind ('dead' or 'hot')."""
+    """The field's bad columns: column x, first bad row, kind ('dead' or 'hot').
+
+    Parameters
+    ----------
+    scn
+        The scenario.
+    field_index
+        Index of the field.
+
+    Returns
+    -------
+    DataFrame
+        ``x``, ``y_start`` (first bad row) and ``kind`` per bad column.
+    """
     rng = rng_for(scn, STREAM_BADCOLS, field_index)
     n = scn.n_bad_columns
     return pd.DataFrame(
@@ -99,7 +143,24 @@ def bad_columns(scn: Scenario, field_index: int) -> pd.DataFrame:
 
 
 def add_cosmic_rays(img: np.ndarray, mask: np.ndarray, scn: Scenario, rng: np.random.Generator) -> int:
-    """Add cosmic-ray tracks in place (ADU) and flag them; return the number of events."""
+    """Add cosmic-ray tracks in place (ADU) and flag them; return the number of events.
+
+    Parameters
+    ----------
+    img
+        The image (ADU), modified in place.
+    mask
+        Its mask bits, modified in place (:data:`~survey_proc.vocab.MASK_COSMIC`).
+    scn
+        The scenario.
+    rng
+        The epoch's cosmic-ray stream.
+
+    Returns
+    -------
+    int
+        The number of cosmic-ray events.
+    """
     ny, nx = img.shape
     n = int(rng.poisson(scn.cosmic_rate_per_px_s * ny * nx * scn.exptime_s))
     if n == 0:

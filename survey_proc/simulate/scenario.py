@@ -114,16 +114,34 @@ class Scenario:
 
     @property
     def cadence_or_exptime_s(self) -> float:
-        """Start-to-start interval between exposures in seconds."""
+        """Start-to-start interval between exposures in seconds.
+
+        Returns
+        -------
+        float
+            ``cadence_s``, or ``exptime_s`` when the cadence is 0 (back to back).
+        """
         return self.cadence_s if self.cadence_s > 0 else self.exptime_s
 
     @property
     def saturation_adu(self) -> float:
-        """Pixel value (ADU) at which the detector saturates."""
+        """Pixel value (ADU) at which the detector saturates.
+
+        Returns
+        -------
+        float
+            ``full_well_e / gain_e_per_adu``.
+        """
         return self.full_well_e / self.gain_e_per_adu
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON/TOML-serialisable dict (tuples become lists)."""
+        """Plain JSON/TOML-serialisable dict (tuples become lists).
+
+        Returns
+        -------
+        dict
+            Every parameter by name.
+        """
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
     def validate(self) -> Scenario:
@@ -234,7 +252,23 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """Parse CLI ``key=value`` strings into a dict of typed overrides."""
+    """Parse CLI ``key=value`` strings into a dict of typed overrides.
+
+    Parameters
+    ----------
+    items
+        Strings ``key=value`` (``--set``); None: none.
+
+    Returns
+    -------
+    dict
+        Parameter name -> value of the parameter's type.
+
+    Raises
+    ------
+    ConfigError
+        For an item without ``=``, an unknown parameter or a value of the wrong type.
+    """
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
@@ -254,6 +288,16 @@ def load_scenario(name_or_path: str | Path = "dense", overrides: dict[str, Any] 
         are Scenario parameters, optionally with ``base = "<preset>"``.
     overrides
         Parameter values applied last (e.g. ``{"n_epochs": 50, "seed": 3}``).
+
+    Returns
+    -------
+    Scenario
+        The validated scenario.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown preset, a missing or invalid file, or an invalid parameter.
     """
     text = str(name_or_path)
     if text in PRESETS:
@@ -281,7 +325,18 @@ def load_scenario(name_or_path: str | Path = "dense", overrides: dict[str, Any] 
 
 
 def scenario_from_dict(data: dict[str, Any]) -> Scenario:
-    """Rebuild a scenario from :meth:`Scenario.to_dict` output (e.g. a store's attrs)."""
+    """Rebuild a scenario from :meth:`Scenario.to_dict` output (e.g. a store's attrs).
+
+    Parameters
+    ----------
+    data
+        Parameter name -> value; unknown names are ignored.
+
+    Returns
+    -------
+    Scenario
+        The validated scenario.
+    """
     names = {f.name for f in fields(Scenario)}
     return replace(Scenario(), **{k: _coerce(k, v) for k, v in data.items() if k in names}).validate()
 

@@ -19,17 +19,55 @@ from survey_proc.simulate.wcs import reference_wcs
 
 
 def field_id_for(index: int) -> str:
-    """Field identifier of the ``index``-th simulated field (``F000``, ``F001``, ...)."""
+    """Field identifier of the ``index``-th simulated field (``F000``, ``F001``, ...).
+
+    Parameters
+    ----------
+    index
+        Index of the field.
+
+    Returns
+    -------
+    str
+    """
     return f"F{index:03d}"
 
 
 def margin_px(scn: Scenario) -> float:
-    """Width (pixels) of the border around the detector where stars are also simulated."""
+    """Width (pixels) of the border around the detector where stars are also simulated.
+
+    Parameters
+    ----------
+    scn
+        The scenario.
+
+    Returns
+    -------
+    float
+        ``5 jitter_px + 4 psf_fwhm_px + 2 stamp_radius_px`` (pixels).
+    """
     return 5.0 * scn.jitter_px + 4.0 * scn.psf_fwhm_px + 2.0 * scn.stamp_radius_px
 
 
 def sample_magnitudes(rng: np.random.Generator, n: int, mag_min: float, mag_max: float, slope: float) -> np.ndarray:
-    """Draw ``n`` magnitudes from ``dN/dm ∝ 10**(slope*m)`` on [mag_min, mag_max] (inverse CDF)."""
+    """Draw ``n`` magnitudes from ``dN/dm ∝ 10**(slope*m)`` on [mag_min, mag_max] (inverse CDF).
+
+    Parameters
+    ----------
+    rng
+        The random stream.
+    n
+        Number of magnitudes.
+    mag_min, mag_max
+        The magnitude range (mag).
+    slope
+        Luminosity-function slope (dex per mag); 0 is uniform.
+
+    Returns
+    -------
+    ndarray
+        ``n`` magnitudes (mag).
+    """
     u = rng.uniform(0.0, 1.0, n)
     if slope == 0:
         return mag_min + u * (mag_max - mag_min)
@@ -106,7 +144,20 @@ def make_stars(scn: Scenario, field_index: int, t_start: float, t_end: float) ->
 
 
 def neighbour_fraction(x: np.ndarray, y: np.ndarray, radius_px: float) -> float:
-    """Fraction of points with another point closer than ``radius_px``."""
+    """Fraction of points with another point closer than ``radius_px``.
+
+    Parameters
+    ----------
+    x, y
+        Positions (px).
+    radius_px
+        The distance (px).
+
+    Returns
+    -------
+    float
+        The fraction, in [0, 1].
+    """
     from scipy.spatial import cKDTree
 
     if len(x) < 2:

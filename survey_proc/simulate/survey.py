@@ -52,7 +52,17 @@ class SurveyPaths:
 
     @classmethod
     def for_store(cls, store_path: str | Path) -> SurveyPaths:
-        """Paths beside ``DIR/NAME.zarr``: ``DIR/NAME.truth/`` and ``DIR/NAME.reference.parquet``."""
+        """Paths beside ``DIR/NAME.zarr``: ``DIR/NAME.truth/`` and ``DIR/NAME.reference.parquet``.
+
+        Parameters
+        ----------
+        store_path
+            The store (``DIR/NAME.zarr``).
+
+        Returns
+        -------
+        SurveyPaths
+        """
         p = Path(store_path)
         name = p.name[: -len(".zarr")] if p.name.endswith(".zarr") else p.name
         return cls(store=p, truth=p.parent / f"{name}.truth", reference=p.parent / f"{name}.reference.parquet")
@@ -85,7 +95,26 @@ def _field_inputs(stars_path: str, scn: Scenario, field_index: int) -> tuple[pd.
 
 def render_task(scn_dict: dict[str, Any], store_path: str, stars_path: str, field_index: int,
                 cond: dict[str, Any]) -> dict[str, int]:
-    """Render one field x epoch and write it into the store (runs on a worker)."""
+    """Render one field x epoch and write it into the store (runs on a worker).
+
+    Parameters
+    ----------
+    scn_dict
+        :meth:`Scenario.to_dict` of the scenario.
+    store_path
+        The store being written (the field and the epoch's metadata already exist).
+    stars_path
+        The truth ``stars.parquet``.
+    field_index
+        Index of the field.
+    cond
+        The epoch's row of the field's epoch table (``epoch``, ``mjd``, seeing, sky, offsets, ...).
+
+    Returns
+    -------
+    dict
+        ``saturated_px`` and ``cosmic_px``: pixels flagged in the epoch.
+    """
     scn = scenario_from_dict(scn_dict)
     stars, bad_cols = _field_inputs(stars_path, scn, field_index)
     image, mask = render_epoch(scn, field_index, stars, cond, bad_cols)
@@ -154,12 +183,27 @@ def _lightcurves(stars: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
 
 
 def survey_summary(scn: Scenario, stars: pd.DataFrame, epochs: pd.DataFrame) -> dict[str, Any]:
-    """Crowding and depth figures of a simulated survey (what RESULTS.md reports).
+    """Crowding and depth figures of a simulated survey (what benchmarks/RESULTS.md reports).
 
     ``neighbour_frac_2fwhm_all``: in-frame stars with any other star within 2x the median
     FWHM; ``..._detectable``: among stars brighter than the 5σ limit, the fraction with
     another such star that close. Depth and saturation use the median epoch's seeing and
     sky (and the median field zero point).
+
+    Parameters
+    ----------
+    scn
+        The scenario.
+    stars
+        Truth stars of every field.
+    epochs
+        Epoch tables of every field (:func:`~survey_proc.simulate.conditions.field_epochs`).
+
+    Returns
+    -------
+    dict
+        Star counts, the crowding fractions above, ``limiting_mag_5sigma_psf_crlb`` and the
+        saturation magnitude (mag), with the seeing (px), sky (ADU) and zero point (mag) used.
     """
     fwhm = float(np.median(epochs["seeing_fwhm_px"]))
     sky = float(np.median(epochs["sky_adu"]))
@@ -281,9 +325,12 @@ def _simulate_into(scn: Scenario, tmp: SurveyPaths, final: SurveyPaths, *, worke
         store.create_field(tmp.store, fid, ny=scn.size_px, nx=scn.size_px, n_epochs=scn.n_epochs,
                            gain_e_per_adu=scn.gain_e_per_adu, read_noise_e=scn.read_noise_e,
                            saturation_adu=scn.saturation_adu,
-                           zeropoint_nominal=scn.zeropoint_mag - (scn.extinction_k_mag if scn.site == "ground" else 0.0),
+                           zeropoint_nominal=(scn.zeropoint_mag
+                                              - (scn.extinction_k_mag if scn.site == "ground" else 0.0)),
                            mjd_timescale="utc", attrs={"reference_wcs": wcs_header_text(ref)})
-        wcs_text = [wcs_header_text(epoch_wcs(scn, i, r.dx_px, r.dy_px, r.rotation_deg)) for r in ep.itertuples()]
+        wcs_text = [wcs_header_text(epoch_wcs(scn, i, dx, dy, rot))
+                    for dx, dy, rot in zip(ep["dx_px"].tolist(), ep["dy_px"].tolist(), ep["rotation_deg"].tolist(),
+                                           strict=True)]
         store.write_epoch_meta(tmp.store, fid, 0, store.EpochMeta(
             mjd=ep["mjd"].to_numpy(), exptime_s=ep["exptime_s"].to_numpy(), airmass=ep["airmass"].to_numpy(),
             wcs=wcs_text, source_file=[f"simulated:{scn.name}:seed={scn.seed}:{fid}:epoch={e}" for e in ep["epoch"]]))

@@ -59,7 +59,18 @@ _TEMPLATE_MAG = _make_template()
 
 
 def pulsator_template(phase: np.ndarray) -> np.ndarray:
-    """Unit peak-to-peak, zero-mean magnitude template; maximum light at phase 0."""
+    """Unit peak-to-peak, zero-mean magnitude template; maximum light at phase 0.
+
+    Parameters
+    ----------
+    phase
+        Phases (cycles; any real value, taken modulo 1).
+
+    Returns
+    -------
+    ndarray
+        Magnitude offsets (mag; negative is brighter).
+    """
     return np.interp(np.mod(phase, 1.0), _TEMPLATE_PHASE, _TEMPLATE_MAG)
 
 
@@ -131,7 +142,20 @@ def delta_mag(stars: pd.DataFrame, mjd: np.ndarray) -> np.ndarray:
 
 
 def magnitudes_at(stars: pd.DataFrame, mjd: np.ndarray | float) -> np.ndarray:
-    """True magnitudes of every star at the given time(s); shape (n_stars, n_times)."""
+    """True magnitudes of every star at the given time(s); shape (n_stars, n_times).
+
+    Parameters
+    ----------
+    stars
+        Star rows with ``mag`` and the variability columns (``stars.parquet``).
+    mjd
+        Time or times (MJD, days).
+
+    Returns
+    -------
+    ndarray
+        Magnitudes (mag).
+    """
     return stars["mag"].to_numpy(dtype="float64")[:, None] + delta_mag(stars, np.atleast_1d(mjd))
 
 

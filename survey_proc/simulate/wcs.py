@@ -21,7 +21,20 @@ FIELD_SPACING_FACTOR = 1.1  # fields tile the sky eastwards with a 10 % gap
 
 
 def field_center(scn: Scenario, field_index: int) -> tuple[float, float]:
-    """(ra, dec) in degrees of the centre of field ``field_index``."""
+    """(ra, dec) in degrees of the centre of field ``field_index``.
+
+    Parameters
+    ----------
+    scn
+        The scenario.
+    field_index
+        Index of the field.
+
+    Returns
+    -------
+    ra, dec
+        Degrees; fields are spaced eastwards by 1.1 field widths.
+    """
     width_deg = scn.size_px * scn.pixel_scale_arcsec / 3600.0
     cos_dec = max(np.cos(np.deg2rad(scn.field_dec_deg)), 1e-3)
     ra = (scn.field_ra_deg + field_index * FIELD_SPACING_FACTOR * width_deg / cos_dec) % 360.0
@@ -36,7 +49,23 @@ def _cd(scale_deg: float, rotation_deg: float) -> np.ndarray:
 
 
 def make_wcs(crval: tuple[float, float], crpix0: tuple[float, float], cd: np.ndarray, size_px: int) -> WCS:
-    """A TAN WCS. ``crpix0`` is the 0-based pixel (x, y) of the tangent point."""
+    """A TAN WCS. ``crpix0`` is the 0-based pixel (x, y) of the tangent point.
+
+    Parameters
+    ----------
+    crval
+        Tangent point (ra, dec) in degrees.
+    crpix0
+        Its 0-based pixel (x, y).
+    cd
+        The 2 x 2 CD matrix (deg per pixel).
+    size_px
+        Image size (pixels, square).
+
+    Returns
+    -------
+    astropy.wcs.WCS
+    """
     w = WCS(naxis=2)
     w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
     w.wcs.crval = list(crval)
@@ -49,14 +78,42 @@ def make_wcs(crval: tuple[float, float], crpix0: tuple[float, float], cd: np.nda
 
 
 def reference_wcs(scn: Scenario, field_index: int) -> WCS:
-    """The field's reference frame (no pointing offset)."""
+    """The field's reference frame (no pointing offset).
+
+    Parameters
+    ----------
+    scn
+        The scenario.
+    field_index
+        Index of the field.
+
+    Returns
+    -------
+    astropy.wcs.WCS
+    """
     c = (scn.size_px - 1) / 2.0
     return make_wcs(field_center(scn, field_index), (c, c),
                     _cd(scn.pixel_scale_arcsec / 3600.0, scn.field_rotation_deg), scn.size_px)
 
 
 def epoch_wcs(scn: Scenario, field_index: int, dx_px: float, dy_px: float, rotation_deg: float) -> WCS:
-    """WCS of one epoch: tangent point at reference pixel centre + (dx, dy), rotated by ``rotation_deg``."""
+    """WCS of one epoch: tangent point at reference pixel centre + (dx, dy), rotated by ``rotation_deg``.
+
+    Parameters
+    ----------
+    scn
+        The scenario.
+    field_index
+        Index of the field.
+    dx_px, dy_px
+        Pointing offset of the epoch (px).
+    rotation_deg
+        Rotation of the epoch relative to the reference frame (deg).
+
+    Returns
+    -------
+    astropy.wcs.WCS
+    """
     c = (scn.size_px - 1) / 2.0
     return make_wcs(field_center(scn, field_index), (c + dx_px, c + dy_px),
                     _cd(scn.pixel_scale_arcsec / 3600.0, scn.field_rotation_deg + rotation_deg), scn.size_px)
@@ -69,6 +126,20 @@ def reference_to_epoch(
 
     Both frames share CRVAL, so intermediate world coordinates agree:
     ``CD_e (p_e - crpix_e) = CD_ref (p - crpix_ref)``.
+
+    Parameters
+    ----------
+    scn
+        The scenario.
+    x, y
+        Reference-frame positions (px, 0-based).
+    dx_px, dy_px, rotation_deg
+        The epoch's pointing offset (px) and rotation (deg), as in :func:`epoch_wcs`.
+
+    Returns
+    -------
+    x_epoch, y_epoch
+        Detector positions (px, 0-based).
     """
     c = (scn.size_px - 1) / 2.0
     th = np.deg2rad(rotation_deg)
@@ -83,14 +154,35 @@ def reference_to_epoch(
 
 
 def wcs_header_text(w: WCS) -> str:
-    """FITS header text of a WCS (what the store's ``wcs`` variable holds)."""
+    """FITS header text of a WCS (what the store's ``wcs`` variable holds).
+
+    Parameters
+    ----------
+    w
+        A WCS.
+
+    Returns
+    -------
+    str
+        Header cards separated by newlines.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return w.to_header(relax=True).tostring(sep="\n")
 
 
 def wcs_from_text(text: str) -> WCS | None:
-    """Parse a store ``wcs`` entry; None for the empty string (no WCS)."""
+    """Parse a store ``wcs`` entry; None for the empty string (no WCS).
+
+    Parameters
+    ----------
+    text
+        Header cards separated by newlines, or "".
+
+    Returns
+    -------
+    astropy.wcs.WCS or None
+    """
     if not text:
         return None
     from astropy.io.fits import Header
