@@ -256,7 +256,8 @@ def injection_curve(run: str | Path, store: str | Path, n_stars: int = 400, seed
     """
     from scipy.spatial import cKDTree
 
-    from survey_proc.lightcurves.classifier import classify, load_classifier
+    from survey_proc import model_registry
+    from survey_proc.lightcurves.classifier import classify
     from survey_proc.lightcurves.preprocess import preprocess, to_matrix
     from survey_proc.simulate.variables import delta_mag
 
@@ -279,7 +280,7 @@ def injection_curve(run: str | Path, store: str | Path, n_stars: int = 400, seed
     mag, err, flg = mag[order], err[order], flg[order]
     resid = mag - np.nanmedian(mag, 1, keepdims=True)
     sig_lc = 1.4826 * np.nanmedian(np.abs(resid - np.nanmedian(resid, 1, keepdims=True)), 1)
-    clf = load_classifier()
+    clf = model_registry.load("classifier", device="cpu")  # the CPU, as the measurements were made
     out = {"n_pool": len(ids), "n_per_point_max": n_stars, "mag_median": float(np.nanmedian(np.nanmedian(mag, 1))), "rows": []}
     for basis, sig in (("photon", sig_ph), ("measured", sig_lc)):
         for snr in snr_grid:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from survey_proc import store
+from survey_proc import model_registry, store
 from survey_proc.catalog.extract import extract_block, extract_block_pnet
 from survey_proc.catalog.merge import merge_epoch
 from survey_proc.catalog.schema import SOURCES
@@ -53,8 +53,8 @@ def stage_rates(survey: Path, epochs: list[int], tmp: Path, detectors: list[str]
     use_pnet = "pnet" in detectors
     if use_pnet:
         torch.set_num_threads(1)
-        det = pnet.load_detector(device="cpu")
-        gpu = pnet.load_detector(device="cuda") if torch.cuda.is_available() else None
+        det = model_registry.load("detector", device="cpu")
+        gpu = model_registry.load("detector", device="cuda") if torch.cuda.is_available() else None
         t.update({"pnet_network": 0.0, "pnet_block_total": 0.0})
         if gpu is not None:
             t["pnet_network_gpu"] = 0.0

@@ -1,4 +1,7 @@
-"""BPNN: flipout layers, batched MC, the sigma decomposition, stamps, weights I/O, the pipeline."""
+"""BPNN: flipout layers, batched MC, the sigma decomposition, stamps, the pipeline.
+
+Weights I/O: tests/test_model_registry.py.
+"""
 
 from __future__ import annotations
 
@@ -163,33 +166,6 @@ def test_masked_pixels_are_filled_with_the_model_and_flagged():
     # the fill is the model; the noise-free data are the model, so the stamp is unchanged
     np.testing.assert_allclose(st.pixels[0, 0], clean.pixels[0, 0], atol=2e-3)
     assert st.aux[0, stp.AUX_NAMES.index("masked_fraction")] == pytest.approx(5 / 81)
-
-
-def test_weights_files_that_are_missing_corrupt_or_of_another_model_are_reported(tmp_path):
-    with pytest.raises(SurveyProcError, match=r"BPNN weights not found at .*missing\.pt.*train_bpnn"):
-        bp.load_bpnn(tmp_path / "missing.pt")
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a torch file")
-    with pytest.raises(SurveyProcError, match=r"BPNN weights file .*bad\.pt is corrupt or not a BPNN model"):
-        bp.load_bpnn(bad)
-    from survey_proc.detect.pnet import DEFAULT_WEIGHTS
-
-    with pytest.raises(SurveyProcError, match=r"not a BPNN model \(ValueError: kind is None"):
-        bp.load_bpnn(DEFAULT_WEIGHTS)
-
-
-def test_save_and_load_round_trip(tmp_path):
-    torch.manual_seed(0)
-    model = bp.BPNN(SMALL)
-    bp.save_bpnn(model, tmp_path / "m.pt", n_samples=12, card={"hello": 1})
-    loaded = bp.load_bpnn(tmp_path / "m.pt", device="cpu")
-    assert loaded.n_samples == 12 and loaded.card == {"hello": 1}
-    st = stp.Stamps(np.random.default_rng(0).normal(size=(4, 3, 9, 9)).astype(np.float32),
-                    np.zeros((4, len(stp.AUX_NAMES)), np.float32), np.ones(4), np.zeros(4, bool), 1)
-    a = bp.predict(loaded, st, seed=5)
-    b = bp.predict(loaded, st, seed=5)
-    np.testing.assert_array_equal(a.mu, b.mu)
-    assert (a.sigma_epistemic > 0).all() and np.allclose(a.sigma**2, a.sigma_aleatoric**2 + a.sigma_epistemic**2)
 
 
 needs_weights = pytest.mark.skipif(not bp.DEFAULT_WEIGHTS.exists(), reason="no shipped BPNN weights")

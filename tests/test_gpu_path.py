@@ -32,9 +32,10 @@ def test_is_oom_recognises_cuda_out_of_memory_only():
 
 
 def test_pnet_halves_its_batch_on_out_of_memory_and_gives_the_same_detections():
+    from survey_proc import model_registry
     from survey_proc.detect import pnet
 
-    det = pnet.load_detector(None, device="cpu")
+    det = model_registry.load("detector", None, device="cpu")
     rng = np.random.default_rng(0)
     imgs = rng.normal(0, 1, (4, 64, 64)).astype(np.float32)
     imgs[:, 30:33, 30:33] += 40.0
@@ -55,10 +56,11 @@ def test_pnet_halves_its_batch_on_out_of_memory_and_gives_the_same_detections():
 
 
 def test_bpnn_halves_its_batch_on_out_of_memory():
+    from survey_proc import model_registry
     from survey_proc.photometry import bpnn as bp
     from survey_proc.photometry.stamps import AUX_NAMES, STAMP_PX, Stamps
 
-    loaded = bp.load_bpnn(None, device="cpu")
+    loaded = model_registry.load("bpnn", None, device="cpu")
     rng = np.random.default_rng(1)
     n = 40
     st = Stamps(rng.normal(0, 0.1, (n, 3, STAMP_PX, STAMP_PX)).astype(np.float32),

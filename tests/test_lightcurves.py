@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from survey_proc import model_registry
 from survey_proc import vocab as F
 from survey_proc.lightcurves import classifier as C
 from survey_proc.lightcurves.periodogram import (
@@ -138,7 +139,7 @@ def test_batched_lomb_scargle_equals_astropy():
 
 # ------------------------------------------------------------------ classifier
 def test_shipped_classifier_recognises_clean_injected_curves():
-    clf = C.load_classifier()
+    clf = model_registry.load("classifier", device="cpu")
     stars = _stars([
         {"var_class": "constant"},
         {"var_class": "constant", "mag": 21.0},
@@ -168,15 +169,6 @@ def test_decide_uses_the_threshold_on_the_summed_periodic_probability():
     np.testing.assert_allclose(p, [0.45, 0.15, 0.0])
     assert names.tolist() == ["eclipsing_binary", "constant", "non_periodic"]
     np.testing.assert_allclose(pc, [0.2, 0.8, 0.9])
-
-
-def test_classifier_weights_errors_name_the_file(tmp_path):
-    with pytest.raises(Exception, match=r"classifier weights not found at .*nope\.pt"):
-        C.load_classifier(tmp_path / "nope.pt")
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a model")
-    with pytest.raises(Exception, match=r"bad\.pt are corrupt or not a classifier model"):
-        C.load_classifier(bad)
 
 
 def test_classify_settings_have_their_own_fingerprint():

@@ -1,4 +1,7 @@
-"""PNet: decoding, loss, weights I/O, the shipped model on simulated pixels, the worker plugin."""
+"""PNet: decoding, loss, the shipped model on simulated pixels, the worker plugin.
+
+Weights I/O: tests/test_model_registry.py.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from survey_proc import store
+from survey_proc import model_registry, store
 from survey_proc.catalog.extract import extract_block_pnet
 from survey_proc.detect import pnet
 from survey_proc.errors import SurveyProcError
@@ -82,28 +85,15 @@ def test_fused_batchnorm_model_gives_the_same_outputs():
         torch.testing.assert_close(fused[k], ref[k], atol=1e-4, rtol=1e-4)
 
 
-def test_weights_files_that_are_missing_or_corrupt_are_reported(tmp_path):
-    with pytest.raises(SurveyProcError, match=r"PNet weights not found at .*nope\.pt: reinstall"):
-        pnet.load_detector(tmp_path / "nope.pt")
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a torch file")
-    with pytest.raises(SurveyProcError, match=r"bad\.pt is corrupt or not a PNet model"):
-        pnet.load_detector(bad)
+def test_normalise_needs_a_positive_noise():
     with pytest.raises(SurveyProcError, match="positive background noise"):
         pnet.normalise(np.zeros((4, 4)), np.zeros((4, 4), bool), 0.0, 0.0)
-
-
-def test_save_and_load_round_trip(tmp_path):
-    model = pnet.PNet(pnet.PNetConfig(channels=(8, 8, 12, 16), stem_channels=8, head_channels=8)).eval()
-    pnet.save_detector(model, tmp_path / "d.pt", threshold=0.42, card={"hello": 1})
-    det = pnet.load_detector(tmp_path / "d.pt", device="cpu")
-    assert det.threshold == 0.42 and det.card == {"hello": 1} and det.cfg.channels == (8, 8, 12, 16)
 
 
 def test_shipped_weights_find_bright_stars_within_0p2_px(grid_survey):
     """The trained model on a simulated epoch it never saw: 16 isolated i = 19-20.5 stars."""
     path, scn = grid_survey["store"], grid_survey["scn"]
-    det = pnet.load_detector(device="cpu")
+    det = model_registry.load("detector", device="cpu")
     fa = store.field_attrs(path, "F000")
     cfg = run_config(path, path.parent / "unused", detector="pnet", tile_px=160, halo_px=0)
     tiles = tile_grid(scn.size_px, scn.size_px, 160, 0)
@@ -133,9 +123,9 @@ def _load_count():
 
 
 def _use_detector(i: int):
-    from survey_proc.distributed.plugins import worker_detector
+    from survey_proc.distributed.plugins import worker_model
 
-    det = worker_detector()
+    det = worker_model("detector")
     out = pnet.predict(det, np.zeros((32, 32), np.float32))
     return id(det), len(out[0])
 
@@ -144,7 +134,7 @@ def test_worker_plugin_loads_the_model_once_per_worker(client):
     from survey_proc.distributed.plugins import ModelPlugin
 
     before = client.run(_load_count)
-    client.register_plugin(ModelPlugin())
+    client.register_plugin(ModelPlugin({"detector": None}))
     registered = client.run(_load_count)
     assert len(registered) == 2 and all(registered[w] == before[w] + 1 for w in registered), (before, registered)
     results = client.gather(client.map(_use_detector, range(24), pure=False))

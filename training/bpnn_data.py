@@ -106,12 +106,12 @@ def window_samples(gen: TileGenerator, cfg: StampDataConfig, detector, use_pnet:
 def _worker(args: tuple[int, int, StampDataConfig]) -> dict[str, np.ndarray]:
     import torch
 
-    from survey_proc.detect.pnet import load_detector
+    from survey_proc import model_registry
 
     seed, n_windows, cfg = args
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    det = load_detector(None, device="cpu")
+    det = model_registry.load("detector", None, device="cpu")
     gen = TileGenerator(cfg.tile, seed)
     rng = np.random.default_rng(seed + 7)
     parts = []

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from survey_proc import model_registry
 from survey_proc.evaluate import z_score_calibration
 from survey_proc.photometry import bpnn as bp
 from survey_proc.photometry.stamps import Stamps
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                      "wall_s": wall, "threads": torch.get_num_threads(), "device": "cpu"},
         "n_samples": chosen, "t_tradeoff": trade, "validation": final,
     }
-    bp.save_bpnn(model, Path(a.out), n_samples=chosen, card=card)
+    model_registry.save("bpnn", model, Path(a.out), card=card, n_samples=chosen)
     print(json.dumps({"T": chosen, "validation": final}, indent=1))
     return 0
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as nnf
 
+from survey_proc import model_registry
 from survey_proc.lightcurves import classifier as C
 from survey_proc.lightcurves.periodogram import search_grid
 from survey_proc.lightcurves.preprocess import PreprocessConfig, preprocess
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     cand = np.where(vu["sim_class"] == "pulsator", vu["period_ls"], vu["period_bls"])
     rel = np.abs(cand / vu["period_true"] - 1)
     per_ok = {c: float(np.mean(rel[(vu["sim_class"] == c) & is_per] <= 0.01)) for c in C.PERIODIC}
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=ROOT).stdout.strip()
     card = {
         "model": "periodic-variable classifier (Astronet-style local/global CNN)",
         "date": dt.date.today().isoformat(), "git_revision": git,
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         "validation": {"threshold": thr, "per_class": cm["per_class"], "confusion": cm["confusion"],
                        "candidate_period_within_1pct": per_ok},
     }
-    C.save_classifier(model, args.out, card)
+    model_registry.save("classifier", model, args.out, card=card, threshold=thr["threshold"])
     print(json.dumps(card["validation"], indent=1))
 
 

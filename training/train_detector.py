@@ -10,7 +10,8 @@ build (``torch.manual_seed`` + numpy generators; CPU fp32).
 The loss is PNet's: α-balanced focal loss (γ = 2) on the heatmap + L1 on the offsets +
 MSE on log10 flux, summed over the hourglass stacks (intermediate supervision). Adam with
 a one-cycle learning rate; at the end the BatchNorm statistics are recomputed on fresh
-batches with the final weights (:func:`precise_batchnorm`) and the version that validates better is kept. Every ``--val-every`` steps the validation loss and detection
+batches with the final weights (:func:`precise_batchnorm`) and the version that validates
+better is kept. Every ``--val-every`` steps the validation loss and detection
 metrics are logged (JSON lines in ``--log``). At the end the confidence threshold is
 chosen on the validation tiles as the one that maximises F1 (recall of stars with
 isolated S/N >= 5, precision of all detections against all stars), and the card records
@@ -29,13 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from survey_proc import model_registry
 from survey_proc.detect.pnet import (
     DEFAULT_WEIGHTS,
     PNet,
     PNetConfig,
     decode,
     detection_loss,
-    save_detector,
 )
 from survey_proc.evaluate import match_one_to_one
 from training.detector_data import TileConfig, TileGenerator
@@ -236,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         "threshold": v["best"]["threshold"],
         "threshold_rule": "maximum F1 on the validation tiles: recall of stars with isolated S/N >= 5, "
                           "precision of all detections matched one-to-one within 1 px to any star",
-        "training": _init_training(a.init) if a.steps == 0 and a.init else {"steps": a.steps, "batch": a.batch, "lr": a.lr, "optimizer": "Adam + one-cycle",
+        "training": _init_training(a.init) if a.steps == 0 and a.init else {
+                     "steps": a.steps, "batch": a.batch, "lr": a.lr, "optimizer": "Adam + one-cycle",
                      "seed": a.seed, "tile": tcfg.to_dict(), "wall_s": round(time.perf_counter() - t0, 1),
                      "torch": torch.__version__, "threads": torch.get_num_threads(),
                      "loss": "alpha-balanced focal (alpha 0.25, gamma 2, beta 4) + L1 offset + MSE log10 flux, "
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         "log": str(a.log),
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    save_detector(model, a.out, threshold=v["best"]["threshold"], card=card)
+    model_registry.save("detector", model, a.out, card=card, threshold=v["best"]["threshold"])
     print(f"wrote {a.out} ({a.out.stat().st_size / 1e6:.1f} MB), threshold {card['threshold']}, "
           f"val best {v['best']}")
     return 0

@@ -33,19 +33,17 @@ from the validation precision-recall curve (see ``survey_proc/models/detector.js
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as nnf
 
+from survey_proc import model_registry
 from survey_proc.errors import SurveyProcError
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-DEFAULT_WEIGHTS = MODELS_DIR / "detector.pt"
+DEFAULT_WEIGHTS = model_registry.default_weights("detector")
 
 
 @dataclass(frozen=True)
@@ -132,7 +130,8 @@ class PNet(nn.Module):
         self.merge_feat = nn.ModuleList([nn.Conv2d(c0, c0, 1) for _ in range(cfg.n_stacks - 1)])
         self.merge_pred = nn.ModuleList([nn.Conv2d(4, c0, 1) for _ in range(cfg.n_stacks - 1)])
 
-    def forward(self, x: torch.Tensor, all_stacks: bool = False) -> list[dict[str, torch.Tensor]] | dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, all_stacks: bool = False
+                ) -> list[dict[str, torch.Tensor]] | dict[str, torch.Tensor]:
         """Heads of every stack (``all_stacks``, for training) or of the last one.
 
         ``x``: (N, 1, H, W) normalised images, H and W multiples of ``cfg.multiple``.
@@ -280,7 +279,7 @@ def detection_loss(outs: list[dict[str, torch.Tensor]], target: dict[str, torch.
 
 @dataclass
 class LoadedDetector:
-    """A PNet ready for inference, with the settings its card prescribes."""
+    """A PNet ready for inference (from :func:`survey_proc.model_registry.load`) and its threshold."""
 
     model: PNet
     threshold: float
@@ -314,46 +313,6 @@ def fuse_batchnorm(model: PNet) -> PNet:
         s = model.stem
         model.stem = nn.Sequential(fold(s[0], s[1]), s[2], s[3])
     return model
-
-
-def save_detector(model: PNet, path: Path, *, threshold: float, card: dict) -> None:
-    """Write weights (+ architecture and threshold) to ``path`` and the card next to it as JSON."""
-    path = Path(path)
-    torch.save({"format": 1, "config": asdict(model.cfg), "threshold": float(threshold),
-                "state_dict": model.state_dict()}, path)
-    path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
-
-
-def load_detector(path: Path | str | None = None, device: str | torch.device | None = None) -> LoadedDetector:
-    """Load shipped (or given) weights for inference: eval mode, BatchNorm folded, channels-last.
-
-    Raises
-    ------
-    SurveyProcError
-        When the file is missing or is not a PNet weights file (names the file and what to do).
-    """
-    path = Path(path) if path else DEFAULT_WEIGHTS
-    if not path.exists():
-        raise SurveyProcError(f"PNet weights not found at {path}: reinstall survey-proc (the weights ship in "
-                              "survey_proc/models/) or retrain them with `python -m training.train_detector`")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        cfg_d = dict(blob["config"])
-        cfg_d["channels"] = tuple(cfg_d["channels"])
-        model = PNet(PNetConfig(**cfg_d))
-        model.load_state_dict(blob["state_dict"])
-        threshold = float(blob["threshold"])
-    except Exception as exc:
-        raise SurveyProcError(f"PNet weights file {path} is corrupt or not a PNet model ({type(exc).__name__}: "
-                              f"{str(exc)[:200]}); reinstall survey-proc or retrain with "
-                              "`python -m training.train_detector`") from exc
-    card_path = path.with_suffix(".json")
-    card = json.loads(card_path.read_text()) if card_path.exists() else {}
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.eval()
-    fuse_batchnorm(model)
-    model = model.to(dev).to(memory_format=torch.channels_last)
-    return LoadedDetector(model=model, threshold=threshold, device=dev, card=card, path=str(path))
 
 
 def _forward_backing_off(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:

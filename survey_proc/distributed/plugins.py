@@ -1,33 +1,30 @@
 """The models each worker holds: loaded once per worker process, onto the worker's device.
 
 :class:`ModelPlugin` is a Dask ``WorkerPlugin``: ``client.register_plugin`` runs its
-``setup`` once on every worker, now and on workers that join later, and the weights stay
-in that worker's memory for every task it runs. On a dask-cuda worker the device is the
-worker's GPU (``CUDA_VISIBLE_DEVICES`` puts it first); elsewhere the CPU, with torch's
-threads set to the worker's thread count.
+``setup`` once on every worker, now and on workers that join later, and the weights of the
+model kinds a run needs (:data:`survey_proc.model_registry.KINDS`) stay in that worker's
+memory for every task it runs. Loading follows :func:`survey_proc.model_registry.load`:
+an explicit device, else the worker's GPU when it has one (on a dask-cuda worker
+``CUDA_VISIBLE_DEVICES`` puts it first), else the CPU, with torch's threads set to the
+worker's thread count.
 
-Tasks get the model with :func:`worker_detector`; outside a worker (a test, a notebook
-calling the task function directly) it loads the weights once per process instead.
+Tasks get a model with :func:`worker_model`; outside a worker (a test, a notebook calling
+the task function directly) it loads the weights once per process instead.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 from pathlib import Path
+from typing import Any
 
 from distributed import WorkerPlugin
 
-from survey_proc.detect import pnet
+from survey_proc import model_registry
+from survey_proc.model_registry import KINDS
 
 PLUGIN_NAME = "survey-proc-models"
-LOADS = {"detector": 0, "bpnn": 0, "classifier": 0}  # how many times this process loaded weights (tests count them)
-
-
-def weights_digest(path: str | Path | None) -> str:
-    """sha256 (16 hex digits) of a weights file (the shipped detector for None/"")."""
-    p = Path(path) if path else pnet.DEFAULT_WEIGHTS
-    return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+LOADS = dict.fromkeys(KINDS, 0)  # how many times this process loaded weights, per kind (tests count them)
 
 
 def _cpu_settings() -> None:
@@ -43,100 +40,78 @@ def _cpu_settings() -> None:
         pass
 
 
-def _loader(name: str):
-    """The ``load_*`` function of model ``name`` (detector, bpnn, classifier)."""
-    if name == "detector":
-        return pnet.load_detector
-    if name == "bpnn":
-        from survey_proc.photometry.bpnn import load_bpnn
-
-        return load_bpnn
-    from survey_proc.lightcurves.classifier import load_classifier
-
-    return load_classifier
-
-
-def _load(name: str, path: str | None, device: str | None):
-    """Load model ``name`` from ``path`` (None: shipped) onto ``device``; CPU threads set, counted in LOADS."""
-    model = _loader(name)(path or None, device=device)
+def _load(kind: str, path: str | None, device: str | None) -> Any:
+    """Load ``kind`` from ``path`` (None: shipped) onto ``device``; CPU threads set, counted in LOADS."""
+    model = model_registry.load(kind, path or None, device=device)
     if model.device.type == "cpu":
         _cpu_settings()
-    LOADS[name] += 1
+    LOADS[kind] += 1
     return model
 
 
+def _same_file(model: Any, kind: str, path: str | Path | None) -> bool:
+    """Whether ``model`` was loaded from ``path`` (None or "": the shipped weights of ``kind``)."""
+    return model.path == str(Path(path) if path else model_registry.default_weights(kind))
+
+
 class ModelPlugin(WorkerPlugin):
-    """Loads the detector (PNet), the BPNN and the variable classifier on each worker once.
+    """Loads the models a run needs on each worker, once.
 
     Parameters
     ----------
-    detector_path, bpnn_path, classifier_path
-        Weights files; None or "" for the shipped ``survey_proc/models/detector.pt``,
-        ``bpnn.pt`` and ``classifier.pt``; False: that model is not used by this run (not loaded).
+    models
+        Model kind (``"detector"``, ``"bpnn"``, ``"classifier"``) -> weights file, None or ""
+        for the shipped ``survey_proc/models/<kind>.pt``. Only the kinds listed are loaded.
     device
         Torch device; None picks the worker's GPU if it has one, else the CPU.
     """
 
     name = PLUGIN_NAME
 
-    def __init__(self, detector_path: str | bool | None = None, device: str | None = None, *,
-                 bpnn_path: str | bool | None = False, classifier_path: str | bool | None = False):
-        self.use_detector = detector_path is not False
-        self.use_bpnn = bpnn_path is not False
-        self.detector_path = (detector_path or None) if self.use_detector else None
-        self.bpnn_path = (bpnn_path or None) if self.use_bpnn else None
-        self.use_classifier = classifier_path is not False
-        self.classifier_path = (classifier_path or None) if self.use_classifier else None
+    def __init__(self, models: dict[str, str | None], device: str | None = None):
+        for kind in models:
+            model_registry.default_weights(kind)  # an unknown kind fails here, on the client
+        self.paths: dict[str, str | None] = {k: str(p) if p else None for k, p in models.items()}
         self.device = device
-        self.detector: pnet.LoadedDetector | None = None
-        self.bpnn = None
-        self.classifier = None
+        self.models: dict[str, Any] = {}
 
-    def setup(self, worker) -> None:
-        if self.use_detector:
-            self.detector = _load("detector", self.detector_path, self.device)
-        if self.use_bpnn:
-            self.bpnn = _load("bpnn", self.bpnn_path, self.device)
-        if self.use_classifier:
-            self.classifier = _load("classifier", self.classifier_path, self.device)
+    def setup(self, worker: Any) -> None:
+        self.models = {kind: _load(kind, path, self.device) for kind, path in self.paths.items()}
 
-    def teardown(self, worker) -> None:
-        self.detector = None
-        self.bpnn = None
-        self.classifier = None
+    def teardown(self, worker: Any) -> None:
+        self.models = {}
 
 
 @functools.lru_cache(maxsize=6)
-def _local(name: str, path: str | None):
-    """Model ``name`` loaded once per process (outside a worker, or from other weights)."""
-    return _load(name, path, None)
+def _local(kind: str, path: str | None) -> Any:
+    """Model ``kind`` loaded once per process (outside a worker, or from other weights)."""
+    return _load(kind, path, None)
 
 
-def _worker_model(name: str, path: str | None):
-    """This worker's plugin-held model ``name`` if it was loaded from ``path``, else :func:`_local`."""
-    path = path or None
+def worker_model(kind: str, path: str | Path | None = None) -> Any:
+    """The model ``kind`` of this worker, as :func:`survey_proc.model_registry.load` returns it.
+
+    Parameters
+    ----------
+    kind
+        One of :data:`~survey_proc.model_registry.KINDS`.
+    path
+        The weights file; None or "" for the shipped one.
+
+    Returns
+    -------
+    The :class:`ModelPlugin`'s model when this worker holds one of ``kind`` loaded from
+    ``path``; otherwise (not in a worker, no plugin, other weights) one loaded once per process.
+    """
+    model_registry.default_weights(kind)  # an unknown kind fails here
+    path = str(path) if path else None
     try:
         from distributed import get_worker
 
         plugin = get_worker().plugins.get(PLUGIN_NAME)
     except ValueError:  # not in a worker
-        return _local(name, path)
-    model = getattr(plugin, name, None)
-    if model is None or (getattr(plugin, f"{name}_path") or None) != path:
-        return _local(name, path)
+        return _local(kind, path)
+    model = getattr(plugin, "models", {}).get(kind)
+    if model is None or not _same_file(model, kind, path):
+        return _local(kind, path)
     return model
-
-
-def worker_detector(path: str | None = None) -> pnet.LoadedDetector:
-    """The detector of this worker (from :class:`ModelPlugin`), or one loaded once per process."""
-    return _worker_model("detector", path)
-
-
-def worker_bpnn(path: str | None = None):
-    """The BPNN of this worker (from :class:`ModelPlugin`), or one loaded once per process."""
-    return _worker_model("bpnn", path)
-
-
-def worker_classifier(path: str | None = None):
-    """The variable classifier of this worker (from :class:`ModelPlugin`), or one loaded once per process."""
-    return _worker_model("classifier", path)

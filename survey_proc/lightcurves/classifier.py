@@ -29,16 +29,14 @@ Reported period
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
 
-from survey_proc.errors import SurveyProcError
+from survey_proc import model_registry
 from survey_proc.lightcurves import views
 from survey_proc.lightcurves.periodogram import (
     BatchedBLS,
@@ -53,8 +51,7 @@ from survey_proc.vocab import CLASSIFIER_CLASSES, PERIODIC_CLASSES
 
 CLASSES = CLASSIFIER_CLASSES
 PERIODIC = PERIODIC_CLASSES
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-DEFAULT_WEIGHTS = MODELS_DIR / "classifier.pt"
+DEFAULT_WEIGHTS = model_registry.default_weights("classifier")
 
 
 @dataclass(frozen=True)
@@ -113,41 +110,13 @@ class LocalGlobalCNN(nn.Module):
 
 @dataclass
 class LoadedClassifier:
-    """A classifier ready for inference: model, threshold, card and where it came from."""
+    """A classifier ready for inference (from :func:`survey_proc.model_registry.load`) and its threshold."""
 
     model: LocalGlobalCNN
     threshold: float
     card: dict
     path: str
     device: torch.device
-
-
-def save_classifier(model: LocalGlobalCNN, path: str | Path, card: dict) -> None:
-    """Write weights + architecture to ``path`` and the card to ``path`` with ``.json``."""
-    path = Path(path)
-    torch.save({"config": asdict(model.cfg), "state_dict": model.state_dict()}, path)
-    path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
-
-
-def load_classifier(path: str | Path | None = None, device: str | None = None) -> LoadedClassifier:
-    """Load classifier weights (default: the shipped ones) in inference mode on ``device``."""
-    p = Path(path) if path else DEFAULT_WEIGHTS
-    if not p.is_file():
-        raise SurveyProcError(f"classifier weights not found at {p}; pass [classify] weights = PATH or retrain "
-                              "with `python training/train_classifier.py`")
-    try:
-        blob = torch.load(p, map_location="cpu", weights_only=True)
-        cfg_d = {k: tuple(v) if isinstance(v, list) else v for k, v in blob["config"].items()}
-        model = LocalGlobalCNN(ClassifierConfig(**cfg_d))
-        model.load_state_dict(blob["state_dict"])
-    except Exception as exc:
-        raise SurveyProcError(f"classifier weights {p} are corrupt or not a classifier model ({exc}); "
-                              "restore the file or retrain with `python training/train_classifier.py`") from None
-    card_path = p.with_suffix(".json")
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-    dev = torch.device(device or "cpu")
-    model.to(dev).eval()
-    return LoadedClassifier(model, float(card.get("threshold", 0.5)), card, str(p), dev)
 
 
 @torch.no_grad()

@@ -40,8 +40,7 @@ and the prediction is ``mean_t mu_t``.
 from __future__ import annotations
 
 import itertools
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +48,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as nnf
 
-from survey_proc.errors import SurveyProcError
+from survey_proc import model_registry
 from survey_proc.photometry.stamps import AUX_NAMES, CHANNELS, STAMP_PX, Stamps
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-DEFAULT_WEIGHTS = MODELS_DIR / "bpnn.pt"
+DEFAULT_WEIGHTS = model_registry.default_weights("bpnn")
 LOGVAR_RANGE = (-16.0, 6.0)  # sigma from 0.3 mmag to 20 mag
 
 
@@ -274,7 +272,7 @@ def mc_forward(model: BPNN, pixels: torch.Tensor, aux: torch.Tensor, n_samples: 
 
 @dataclass
 class LoadedBPNN:
-    """A BPNN ready for inference with the settings its card prescribes."""
+    """A BPNN ready for inference (from :func:`survey_proc.model_registry.load`) and its T."""
 
     model: BPNN
     n_samples: int
@@ -283,47 +281,9 @@ class LoadedBPNN:
     path: str = ""
 
 
-def save_bpnn(model: BPNN, path: Path, *, n_samples: int, card: dict) -> None:
-    """Write weights (+ architecture and T) to ``path`` and the card next to it as JSON."""
-    path = Path(path)
-    torch.save({"format": 1, "kind": "bpnn", "config": asdict(model.cfg), "n_samples": int(n_samples),
-                "state_dict": model.state_dict()}, path)
-    path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
-
-
 def load_bpnn(path: Path | str | None = None, device: str | torch.device | None = None) -> LoadedBPNN:
-    """Load shipped (or given) BPNN weights for inference (eval mode).
-
-    Raises
-    ------
-    SurveyProcError
-        When the file is missing or is not a BPNN weights file (names the file and what to do).
-    """
-    path = Path(path) if path else DEFAULT_WEIGHTS
-    if not path.exists():
-        raise SurveyProcError(f"BPNN weights not found at {path}: reinstall survey-proc (the weights ship in "
-                              "survey_proc/models/) or retrain them with `python -m training.train_bpnn`")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob.get("kind") != "bpnn":
-            raise ValueError(f"kind is {blob.get('kind')!r}, not 'bpnn'")
-        cfg_d = dict(blob["config"])
-        cfg_d["hidden"] = tuple(cfg_d["hidden"])
-        model = BPNN(BPNNConfig(**cfg_d))
-        model.load_state_dict(blob["state_dict"])
-        n_samples = int(blob["n_samples"])
-    except Exception as exc:
-        raise SurveyProcError(f"BPNN weights file {path} is corrupt or not a BPNN model ({type(exc).__name__}: "
-                              f"{str(exc)[:200]}); reinstall survey-proc or retrain with "
-                              "`python -m training.train_bpnn`") from exc
-    card_path = path.with_suffix(".json")
-    card = json.loads(card_path.read_text()) if card_path.exists() else {}
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # channels-last convolutions are 1.6x faster on the CPU for 9 x 9 stamps (measured)
-    model.eval().to(dev).to(memory_format=torch.channels_last)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return LoadedBPNN(model, n_samples, dev, card, str(path))
+    """Deprecated (benchmarks/bpnn_checks.py still calls it): ``model_registry.load("bpnn", path, device)``."""
+    return model_registry.load("bpnn", path, device)
 
 
 def predict(bpnn: LoadedBPNN, stamps: Stamps, *, n_samples: int | None = None, seed: int = 0,
