@@ -66,8 +66,8 @@ def test_classify_stage_fills_objects_and_resumes_alone(variable_survey, client,
 
 
 def test_short_surveys_are_not_searched_and_a_missing_region_is_named(border_survey, client, tmp_path):
-    from survey_proc.stages.classify import classify_region_task
     from survey_proc.errors import SurveyProcError
+    from survey_proc.stages.classify import classify_region_task
 
     out = tmp_path / "out"
     cfg = run_config(border_survey["store"], out, tile_px=128, halo_px=16, crossmatch={"region_px": 128,

@@ -384,7 +384,7 @@ def ensemble_epoch_zeropoints(zps: pd.DataFrame, epochs: list[int], zeropoint_no
     out = {}
     for e in epochs:
         if e in zps.index:
-            z = zps.loc[e]
+            z = zps.loc[e].to_dict()
             out[e] = ZeroPoint(float(z["zp"]) + zeropoint_nominal, float(z["zp_err"]), float(z["scatter"]),
                                int(z["n_used"]), int(z["n_candidates"]), ZpStatus(str(z["status"])))
         else:

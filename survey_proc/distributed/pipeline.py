@@ -88,7 +88,7 @@ class _Runner:
         """
         from distributed import as_completed
 
-        futures = {self._start(u, 1): (u, 1, []) for u in units}
+        futures: dict[Any, tuple[Submission, int, list[str]]] = {self._start(u, 1): (u, 1, []) for u in units}
         pending = as_completed(list(futures))
         for fut in pending:
             unit, attempt, errors = futures.pop(fut)

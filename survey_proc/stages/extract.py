@@ -14,6 +14,7 @@ task (attempts 0): no retry can give them one.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,8 +164,10 @@ class ExtractStage(Stage):
             return ctx.submit(finalize_epoch_task, job, blocks, key=f"epoch-{p.field}-{e}-{tag}")
 
         # the block futures of a failed attempt must not be reused: a retry resubmits the whole epoch
-        units = [Submission({"field": p.field, "epoch": e}, start=lambda a, p=p, e=e: submit(p, e, a))
-                 for p, e in todo]
+        def starter(p: FieldPlan, e: int) -> Callable[[int], Any]:
+            return lambda attempt: submit(p, e, attempt)
+
+        units = [Submission({"field": p.field, "epoch": e}, start=starter(p, e)) for p, e in todo]
 
         def done(key: dict[str, Any], rec: EpochRecord) -> None:
             state.records[(key["field"], key["epoch"])] = rec

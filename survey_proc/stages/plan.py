@@ -6,8 +6,9 @@ anything is written (a refused run writes nothing).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ class FieldPlan:
     epoch_meta: list[dict[str, Any]]
     blocks: list[tuple[list[Tile], tuple[int, int, int, int]]]  # (tiles, window)
     regions: list[Region]
-    unusable: dict[int, str] = field(default_factory=dict)  # epoch -> why its metadata make it unusable
+    unusable: dict[int, str] = dataclasses.field(default_factory=dict)  # epoch -> why its metadata make it unusable
 
     @property
     def epochs(self) -> list[int]:
@@ -118,7 +119,7 @@ def plan_fields(cfg: RunConfig) -> list[FieldPlan]:
         table = store.read_epoch_table(cfg.store, fid)
         metas = [{"mjd": float(table["mjd"][e]), "exptime": float(table["exptime"][e]),
                   "airmass": float(table["airmass"][e]), "wcs": str(table["wcs"][e])} for e in range(n)]
-        ref_wcs = attrs.get("reference_wcs") or next((m["wcs"] for m in metas if m["wcs"]), "")
+        ref_wcs = str(attrs.get("reference_wcs") or next((m["wcs"] for m in metas if m["wcs"]), ""))
         _, cy, cx = store.image_chunks(cfg.store, fid)
         tiles = tile_grid(ny, nx, cfg.tile_px, cfg.halo_px)
         blocks = [(b, block_window(b)) for b in tile_blocks(tiles, cfg.tiles_per_task, (cy, cx))]

@@ -6,8 +6,9 @@ The footer holds :meth:`EpochRecord.to_dict`; a resumed run reads it back with
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from survey_proc.catalog.calibrate import ZeroPoint, ZpStatus
@@ -68,7 +69,7 @@ class EpochRecord:
     registration: dict[str, Any] | None = None
     wcs_refinement: str | None = None
     unit: str = "sources"
-    extra: dict[str, Any] = field(default_factory=dict)  # keys of a newer or older version, kept as they are
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # keys of another version, kept as is
 
     @property
     def calibrated(self) -> bool:
