@@ -69,15 +69,17 @@ def throughput(model: bp.LoadedBPNN, store: Path) -> dict:
     from survey_proc import store as st_mod
     from survey_proc.catalog.extract import extract_block
     from survey_proc.config import RunConfig
+    from survey_proc.detect.registry import make_detector
     from survey_proc.photometry.measure import window_stamps
     from survey_proc.tiling import tile_grid
 
     fa = st_mod.field_attrs(store, "F000")
     image, mask = st_mod.read_window(store, "F000", 0, 0, 1024, 0, 1024)
     tiles = tile_grid(1024, 1024, 1024, 0)
-    rc = RunConfig()
-    _, _, win, targets = extract_block(image, mask, (0, 0), tiles, float(fa["gain_e_per_adu"]),
-                                       float(fa["saturation_adu"]), rc, return_window=True)
+    rc = RunConfig(detector="sep")
+    res = extract_block(image, mask, (0, 0), tiles, float(fa["gain_e_per_adu"]), float(fa["saturation_adu"]), rc,
+                        make_detector(rc), keep_window=True)
+    win, targets = res.window, res.targets
     t0 = time.perf_counter()
     st = window_stamps(win, targets)
     t_cut = time.perf_counter() - t0

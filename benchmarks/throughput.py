@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 
 from survey_proc import model_registry, store
-from survey_proc.catalog.extract import extract_block, extract_block_pnet
+from survey_proc.catalog.extract import extract_block
 from survey_proc.catalog.merge import merge_epoch
 from survey_proc.catalog.schema import SOURCES
 from survey_proc.config import RunConfig, load_config
 from survey_proc.detect import classical
+from survey_proc.detect.registry import make_detector
 from survey_proc.distributed.cluster import available_cores
 from survey_proc.distributed.pipeline import run_pipeline
 from survey_proc.outputs import write_parquet_atomic
@@ -46,6 +47,7 @@ def stage_rates(survey: Path, epochs: list[int], tmp: Path, detectors: list[str]
     from survey_proc.detect import pnet
 
     cfg = RunConfig()
+    sep_det = make_detector(RunConfig(detector="sep"))
     fa = store.field_attrs(survey, "F000")
     _, ny, nx = store.image_shape(survey, "F000")
     tiles = tile_grid(ny, nx, cfg.tile_px, cfg.halo_px)
@@ -55,6 +57,7 @@ def stage_rates(survey: Path, epochs: list[int], tmp: Path, detectors: list[str]
         torch.set_num_threads(1)
         det = model_registry.load("detector", device="cpu")
         gpu = model_registry.load("detector", device="cuda") if torch.cuda.is_available() else None
+        pnet_det = make_detector(RunConfig(detector="pnet"), det)
         t.update({"pnet_network": 0.0, "pnet_block_total": 0.0})
         if gpu is not None:
             t["pnet_network_gpu"] = 0.0
@@ -68,7 +71,9 @@ def stage_rates(survey: Path, epochs: list[int], tmp: Path, detectors: list[str]
         data = np.ascontiguousarray(np.where(bad, 0, img - bkg.back), dtype=np.float32)
         classical.extract(data, bad, bkg.global_rms, cfg.detection)
         t3 = time.perf_counter()
-        df, info = extract_block(img, mask, (0, 0), tiles, float(fa["gain_e_per_adu"]), float(fa["saturation_adu"]), cfg)
+        res = extract_block(img, mask, (0, 0), tiles, float(fa["gain_e_per_adu"]), float(fa["saturation_adu"]), cfg,
+                            sep_det)
+        df, info = res.table, res.info
         t4 = time.perf_counter()
         src, _, _ = merge_epoch([df], [info], field="F000", field_index=0, epoch=e, mjd=0.0, epoch_wcs=None,
                                 ref_wcs=None, dedup_radius_fwhm=0.5, default_fwhm_px=2.5)
@@ -82,8 +87,8 @@ def stage_rates(survey: Path, epochs: list[int], tmp: Path, detectors: list[str]
             t0 = time.perf_counter()
             pnet.predict(det, norm, noise_adu=bkg.global_rms)
             t1 = time.perf_counter()
-            extract_block_pnet(img, mask, (0, 0), tiles, float(fa["gain_e_per_adu"]), float(fa["saturation_adu"]),
-                               cfg, det)
+            extract_block(img, mask, (0, 0), tiles, float(fa["gain_e_per_adu"]), float(fa["saturation_adu"]), cfg,
+                          pnet_det)
             t2 = time.perf_counter()
             t["pnet_network"] += t1 - t0
             t["pnet_block_total"] += t2 - t1

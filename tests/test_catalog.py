@@ -187,51 +187,6 @@ def test_cuda_cluster_without_dask_cuda_names_the_extra():
             pass
 
 
-def _border_epoch(border_survey):
-    from survey_proc import store
-
-    return store.read_window(border_survey["store"], "F000", 0, 0, 256, 0, 256)
-
-
-def test_nan_inf_and_saturated_pixels_are_flagged_not_fatal(border_survey):
-    from survey_proc import vocab as F
-    from survey_proc.catalog.extract import extract_block
-    from survey_proc.config import RunConfig
-    from survey_proc.evaluate import truth_at_epoch
-
-    image, mask = _border_epoch(border_survey)
-    image = image.copy()
-    t = truth_at_epoch(border_survey["store"], "F000", 0)
-    (x0, y0), (x1, y1), (x2, y2) = t[["x_epoch", "y_epoch"]].to_numpy()[[0, 5, 9]]
-    image[round(y0), round(x0) + 1] = np.nan  # a NaN next to a star's centre
-    image[round(y1) - 1, round(x1)] = np.inf
-    image[round(y2), round(x2)] = 1e9  # above saturation
-    image[200:210, 20:30] = np.nan  # a NaN patch on empty sky
-    df, info = extract_block(image, mask, (0, 0), tile_grid(256, 256, 128, 16), 1.5, 60000.0, RunConfig())
-    assert info.bad_px >= 102
-    assert len(df) == len(t)  # no star lost, nothing spurious from the patch
-    near = lambda x, y: np.argmin(np.hypot(df["x"] - x, df["y"] - y))  # noqa: E731
-    assert df["flags"].iloc[near(x0, y0)] & F.MASKED
-    assert df["flags"].iloc[near(x1, y1)] & F.MASKED
-    assert df["flags"].iloc[near(x2, y2)] & F.MASKED  # the saturated value is masked as bad
-    assert np.isfinite(df["flux"]).all()
-
-
-def test_sep_overflow_falls_back_and_says_so(border_survey):
-    from survey_proc.config import DetectionConfig
-    from survey_proc.detect import classical
-
-    image, mask = _border_epoch(border_survey)
-    cfg = DetectionConfig(pixstack=1000)  # too small: "internal pixel buffer full"
-    bad = classical.bad_pixels(image, mask, 60000.0)
-    bkg = classical.estimate_background(image, bad, cfg)
-    data = np.ascontiguousarray(np.where(bad, 0, image - bkg.back), dtype=np.float32)
-    objs, fallback = classical.extract(data, bad, bkg.global_rms, cfg)
-    assert fallback == "limits" and len(objs) == len(border_survey["stars"])
-    ok, none = classical.extract(data, bad, bkg.global_rms, DetectionConfig())
-    assert none is None and len(ok) == len(objs)
-
-
 def test_select_calibrators_with_no_reference_star_in_reach_returns_nothing():
     from survey_proc.catalog.calibrate import CalibrationConfig, select_calibrators
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from survey_proc import model_registry, store
-from survey_proc.catalog.extract import extract_block_pnet
+from survey_proc.catalog.extract import extract_block
 from survey_proc.detect import pnet
+from survey_proc.detect.registry import make_detector
 from survey_proc.errors import SurveyProcError
 from survey_proc.evaluate import match_one_to_one, truth_at_epoch
 from survey_proc.tiling import tile_grid
@@ -99,8 +100,9 @@ def test_shipped_weights_find_bright_stars_within_0p2_px(grid_survey):
     tiles = tile_grid(scn.size_px, scn.size_px, 160, 0)
     for epoch in (0, 3):
         image, mask = store.read_window(path, "F000", epoch, 0, scn.size_px, 0, scn.size_px)
-        df, info = extract_block_pnet(image, mask, (0, 0), tiles, float(fa["gain_e_per_adu"]),
-                                      float(fa["saturation_adu"]), cfg, det)
+        res = extract_block(image, mask, (0, 0), tiles, float(fa["gain_e_per_adu"]), float(fa["saturation_adu"]),
+                            cfg, make_detector(cfg, det))
+        df, info = res.table, res.info
         truth = truth_at_epoch(path, "F000", epoch)
         i_d, i_t = match_one_to_one(df["x"].to_numpy(), df["y"].to_numpy(), truth["x_epoch"].to_numpy(),
                                     truth["y_epoch"].to_numpy(), 1.0)

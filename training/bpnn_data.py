@@ -3,8 +3,8 @@
 Each window is a raw scene of :class:`training.detector_data.TileGenerator` (randomised
 PSF, sky, gain, read noise, saturation, density from sparse to crowded, cosmics and bad
 columns; see its docstring), ``size_px`` square. The window goes through the pipeline's
-extraction exactly as a block would (:func:`survey_proc.catalog.extract.extract_block_pnet`
-with the shipped PNet for a fraction ``frac_pnet`` of windows, else the sep path), with
+extraction exactly as a block would (:func:`survey_proc.catalog.extract.extract_block`
+with the shipped PNet for a fraction ``frac_pnet`` of windows, else with sep), with
 one tile whose core leaves a ``halo_px`` border; the stamps are cut from the extraction's
 :class:`~survey_proc.photometry.measure.Window` for the detections it keeps. So blends,
 mis-centring, wrong neighbour fluxes, spurious detections near bright stars and the
@@ -73,20 +73,18 @@ def calibration_profile(gen: TileGenerator, sc: dict, fwhm_px: float, beta: floa
 
 def window_samples(gen: TileGenerator, cfg: StampDataConfig, detector, use_pnet: bool) -> dict[str, np.ndarray] | None:
     """Stamps, auxiliary inputs and targets of one simulated window (None if nothing matched)."""
-    from survey_proc.catalog.extract import extract_block, extract_block_pnet
+    from survey_proc.catalog.extract import extract_block
     from survey_proc.config import RunConfig
+    from survey_proc.detect.registry import make_detector
 
-    rc = RunConfig()
+    rc = RunConfig(detector="pnet" if use_pnet else "sep")
     sc = gen.scene()
     n, h = cfg.tile.size_px, cfg.halo_px
     tiles = [Tile(0, h, n - h, h, n - h, 0, n, 0, n)]
     mask = sc["bad"].astype(np.uint8)
-    if use_pnet:
-        _, _, win, targets = extract_block_pnet(sc["image"], mask, (0, 0), tiles, sc["gain"], sc["saturation_adu"],
-                                                rc, detector, return_window=True)
-    else:
-        _, _, win, targets = extract_block(sc["image"], mask, (0, 0), tiles, sc["gain"], sc["saturation_adu"], rc,
-                                           return_window=True)
+    res = extract_block(sc["image"], mask, (0, 0), tiles, sc["gain"], sc["saturation_adu"], rc,
+                        make_detector(rc, detector if use_pnet else None), keep_window=True)
+    win, targets = res.window, res.targets
     if win is None or len(targets) == 0:
         return None
     profile = calibration_profile(gen, sc, win.fwhm_px, rc.bpnn.psf_beta)

@@ -1,17 +1,32 @@
 """Per-block extraction: pixels of a block of tiles -> one catalogue of owned detections.
 
 A block is a set of tiles whose windows (core + halo) are read together as one window.
-The background is modelled once on the window, sep searches the window once (the tiles of
-a block share their halos, so searching each tile's window would repeat work), each
-detection goes to the tile whose core holds it (kept up to the margin of
-:mod:`survey_proc.tiling` outside the core, for the de-duplication across blocks), and
-the block measures them together: windowed centroids, aperture photometry, mask flags
-and the aperture correction.
+:func:`extract_block` prepares the window once (bad pixels, background model, one noise
+level) and hands it to a :class:`~survey_proc.detect.base.Detector` (sep or PNet, from
+:mod:`survey_proc.detect.registry`), which searches the window once (the tiles of a
+block share their halos, so searching each tile's window would repeat work), keeps each
+detection the block owns (the tile whose core holds it, up to the margin of
+:mod:`survey_proc.tiling` outside the core, for the de-duplication across blocks) and
+positions it. The block then measures every kept detection the same way whatever the
+detector: aperture flux and mask flags at the final position, the detector's total flux
+(:meth:`~survey_proc.detect.base.Detector.total_flux`), ``NONPOSITIVE``, and with a BPNN
+the magnitude columns from stamps of the window (:func:`_with_bpnn`).
 
-:func:`extract_block_pnet` fills the same table with the learned detector. PNet is fully
-convolutional, so the block window is one batch of its tiles that share their halos (the
-same pixels the tiles would be cut into, without computing the overlaps twice); positions
-and total fluxes come from its heads, the aperture columns are measured at its positions.
+Columns
+-------
+Image-frame positions (0-based pixel centres, px), fluxes in ADU:
+
+- ``tile``, ``depth_px``: the owning tile and the final position's depth in its core;
+- ``x, y``: the final position (sep: windowed centroid; PNet: PSF-fit refined);
+  ``x_iso, y_iso``: the detector's own position (sep: isophotal; PNet: the network's);
+- ``flux_aper(_err)``: a circular aperture of ``photometry.aperture_fwhm`` x FWHM at the
+  final position; ``flux(_err)``, ``snr``: the detector's total flux (sep: the aperture
+  flux times the block's aperture correction; PNet: the PSF fit's or the flux head's);
+- ``bkg_adu``: the background model at the nearest pixel; ``npix``, ``peak_adu``: the
+  detector's (sep: isophotal area and peak; PNet: 0 and the raw pixel value);
+- ``flags``: the detector's, ``EDGE`` and the mask bits of the aperture, and
+  ``NONPOSITIVE`` where ``flux <= 0``;
+- ``confidence`` for a detector that has one (PNet's heatmap peak).
 
 Nothing here knows about Dask or the store: the caller passes pixels.
 """
@@ -19,18 +34,21 @@ Nothing here knows about Dask or the store: the caller passes pixels.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import sep
 
 from survey_proc import vocab as F
 from survey_proc.config import RunConfig
 from survey_proc.detect import classical
+from survey_proc.detect.base import Aperture, Detections, Detector, DetectorInput, nearest_pixel
 from survey_proc.photometry import aperture
 from survey_proc.photometry.measure import Window, bpnn_photometry
-from survey_proc.photometry.psffit import refine_positions
 from survey_proc.tiling import Tile
+
+if TYPE_CHECKING:
+    from survey_proc.photometry.bpnn import LoadedBPNN
 
 COLUMNS = ("tile", "depth_px", "x", "y", "x_iso", "y_iso", "flux_aper", "flux_aper_err", "flux", "flux_err",
            "snr", "bkg_adu", "npix", "peak_adu", "flags")
@@ -56,6 +74,34 @@ class BlockInfo:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class BlockResult:
+    """Everything :func:`extract_block` measured in one block window (always complete).
+
+    Attributes
+    ----------
+    table
+        One row per owned detection: :data:`COLUMNS` (image-frame positions, 0-based pixel
+        centres, px; fluxes in ADU), then ``confidence`` for a detector that has one, then
+        with a BPNN the magnitude columns of
+        :func:`~survey_proc.photometry.measure.bpnn_photometry` (its ``flux``/``flux_err``
+        replace the detector's; the aperture flux stays in ``flux_aper``).
+    info
+        What the block measured about its pixels.
+    window
+        The :class:`~survey_proc.photometry.measure.Window` (the background-subtracted
+        pixels and every detection of the window with its PSF-fit flux) when a BPNN ran or
+        ``keep_window`` asked for it and a detection was kept; else None.
+    targets
+        Index into ``window.x`` of each table row (int64); empty when ``window`` is None.
+    """
+
+    table: pd.DataFrame
+    info: BlockInfo
+    window: Window | None
+    targets: np.ndarray
 
 
 def pixel_census(image: np.ndarray, bad: np.ndarray, saturation_adu: float) -> dict[str, int | float]:
@@ -92,19 +138,23 @@ def _empty() -> pd.DataFrame:
     return pd.DataFrame({c: np.zeros(0, np.int32 if c in ("tile", "npix", "flags") else float) for c in COLUMNS})
 
 
-def _owner(x: np.ndarray, y: np.ndarray, tiles: list[Tile], margin_px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For image-frame positions: owning tile index, depth in its core (px), and kept-mask."""
+def _owner(x: np.ndarray, y: np.ndarray, tiles: list[Tile], margin_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """The owning tile of image-frame positions (px) and whether the block keeps them.
+
+    The owner is the tile in whose core each position lies deepest (int32 index); a position
+    is kept when it is at most ``margin_px`` outside that core.
+    """
     if len(x) == 0:
-        return np.zeros(0, np.int32), np.zeros(0), np.zeros(0, bool)
+        return np.zeros(0, np.int32), np.zeros(0, bool)
     depth = np.stack([t.depth_px(x, y) for t in tiles])
     best = np.argmax(depth, axis=0)
     d = depth[best, np.arange(len(x))]
-    return np.array([t.index for t in tiles], np.int32)[best], d, d >= -margin_px
+    return np.array([t.index for t in tiles], np.int32)[best], d >= -margin_px
 
 
 def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[int, int], tiles: list[Tile],
-                  gain_e_per_adu: float, saturation_adu: float, cfg: RunConfig, bpnn=None, *, seed: int = 0,
-                  return_window: bool = False):
+                  gain_e_per_adu: float, saturation_adu: float, cfg: RunConfig, detector: Detector,
+                  bpnn: LoadedBPNN | None = None, *, seed: int = 0, keep_window: bool = False) -> BlockResult:
     """Detect and measure the sources owned by ``tiles`` in a window of one epoch.
 
     Parameters
@@ -118,23 +168,33 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     gain_e_per_adu, saturation_adu
         Detector gain (e-/ADU) and saturation level (ADU).
     cfg
-        Run configuration (``detection``, ``photometry`` and ``bpnn`` sections).
+        Run configuration (``detection``, ``photometry``, ``pnet`` and ``bpnn`` sections).
+    detector
+        The :class:`~survey_proc.detect.base.Detector`
+        (:func:`survey_proc.detect.registry.make_detector`).
     bpnn, seed
         A :class:`survey_proc.photometry.bpnn.LoadedBPNN` to measure magnitudes with, and
         the MC seed (:func:`survey_proc.photometry.measure.block_seed`); None keeps the
-        aperture photometry.
-    return_window
-        Also return the :class:`~survey_proc.photometry.measure.Window` and the indices of
-        the kept detections in it (for training the BPNN on exactly the pipeline's inputs).
+        detector's photometry.
+    keep_window
+        Return the :class:`~survey_proc.photometry.measure.Window` also without a BPNN
+        (for training the BPNN on exactly the pipeline's inputs). It costs sep a linear PSF
+        fit of every detection of the window, which it otherwise skips.
 
     Returns
     -------
-    catalogue, info
-        One row per owned detection, positions in the image frame (0-based pixel centres),
-        fluxes in ADU; and a :class:`BlockInfo`. With a BPNN the catalogue also has the
-        magnitude columns of :func:`~survey_proc.photometry.measure.bpnn_photometry`, and
-        its ``flux``/``flux_err`` (the aperture ones stay in ``flux_aper``).
+    BlockResult
+        The table of owned detections, the :class:`BlockInfo`, and the window and the
+        rows' indices in it (with a BPNN or ``keep_window``; else None and empty).
+
+    Raises
+    ------
+    TypeError
+        When ``detector`` is not a :class:`~survey_proc.detect.base.Detector`.
     """
+    if not isinstance(detector, Detector):
+        raise TypeError(f"extract_block needs a Detector (survey_proc.detect.registry.make_detector) after cfg, "
+                        f"got a {type(detector).__name__}; the BPNN comes after the detector")
     oy, ox = origin_yx
     bad = classical.bad_pixels(image, mask, saturation_adu)
     bkg = classical.estimate_background(image, bad, cfg.detection)
@@ -142,180 +202,69 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     # One noise level per window: sep's per-mesh rms map counts star light as noise in crowded
     # meshes (it halves the detections of a dense field); the sky + read noise is what matters.
     noise = bkg.global_rms
+    margin = cfg.detection.own_margin_px
 
-    # sep runs once on the whole window: the tiles of a block share their halos, so searching
-    # each tile window separately would only repeat work (27 % more pixels at 512 + 2 x 32).
-    # Ownership is then decided per tile, exactly as for a per-tile detector.
-    objs, fallback = classical.extract(data, bad, noise, cfg.detection)
-    x = objs["x"] + ox
-    y = objs["y"] + oy
-    owner, _, keep = _owner(np.asarray(x), np.asarray(y), tiles, cfg.detection.own_margin_px)
-    o = objs[keep]
-    fl = np.zeros(len(o), np.int32)
-    fl[(o["flag"] & sep.OBJ_MERGED) != 0] |= F.BLENDED
-    fl[(o["flag"] & sep.OBJ_TRUNC) != 0] |= F.EDGE
-    if fallback:
-        fl |= F.EXTRACT_FALLBACK
-    det = pd.DataFrame({"tile": owner[keep], "x_iso": x[keep], "y_iso": y[keep], "flux_iso": o["flux"],
-                        "npix": o["npix"].astype(np.int32), "peak_adu": o["peak"].astype(float), "flags": fl})
-    fallbacks = [fallback] if fallback else []
-    info_common = dict(bkg_adu=float(np.median(bkg.back)), rms_adu=bkg.global_rms, bad_px=int(bad.sum()),
-                       fallback=",".join(sorted(set(fallbacks))) or None, **pixel_census(image, bad, saturation_adu))
-    if len(det) == 0:
-        res = (_empty(), BlockInfo(0, cfg.photometry.fwhm_default_px, 0, 1.0, 0, **info_common))
-        return (*res, None, np.zeros(0, np.int64)) if return_window else res
+    def owner(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return _owner(x + ox, y + oy, tiles, margin)
 
-    xw = det["x_iso"].to_numpy() - ox
-    yw = det["y_iso"].to_numpy() - oy
-    flags = det["flags"].to_numpy().copy()
-    # a rough S/N of the isophotal flux selects the bright stars for FWHM and aperture correction
-    iso_var = det["npix"].to_numpy() * bkg.global_rms**2 + np.clip(det["flux_iso"].to_numpy(), 0, None) / gain_e_per_adu
-    snr_iso = det["flux_iso"].to_numpy() / np.sqrt(iso_var)
-    pcfg = cfg.photometry
-    clean = (flags & F.EDGE) == 0  # (at 1.5 sigma most bright stars touch a neighbour: BLENDED is normal)
-    fwhm, n_fwhm = aperture.estimate_fwhm(data, bad, xw, yw, snr_iso, clean, pcfg)
+    want_window = bpnn is not None or keep_window
+    inp = DetectorInput(image=image, mask=mask, data=data, bad=bad, bkg_adu=bkg.back, noise_adu=noise,
+                        gain_e_per_adu=gain_e_per_adu, origin_yx=origin_yx, cfg=cfg, owner=owner,
+                        want_neighbours=want_window)
+    found = detector.detect(inp)
+    info_common: dict[str, Any] = {"bkg_adu": float(np.median(bkg.back)), "rms_adu": noise, "bad_px": int(bad.sum()),
+                                   "fallback": found.fallback or None, **pixel_census(image, bad, saturation_adu)}
+    no_window = np.zeros(0, np.int64)
+    if len(found) == 0:
+        table = _empty() if found.confidence is None else _empty().assign(confidence=found.confidence)
+        return BlockResult(table, BlockInfo(0, cfg.photometry.fwhm_default_px, 0, 1.0, 0, **info_common), None,
+                           no_window)
 
-    xc, yc, failed = aperture.windowed_centroids(data, bad, xw, yw, fwhm, pcfg.winpos_subpix)
-    flags[failed] |= F.CENTROID
-    r_ap = pcfg.aperture_fwhm * fwhm
-    f_ap, f_ap_err, trunc = aperture.aperture_flux(data, noise, bad, xc, yc, r_ap, gain_e_per_adu)
-    flags[trunc] |= F.EDGE
-    flags |= aperture.mask_bits_in_aperture(mask, bad, xc, yc, r_ap)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        snr = np.where(f_ap_err > 0, f_ap / f_ap_err, 0.0)
-    ok = (flags & (F.PHOTOMETRY_BAD | F.CENTROID)) == 0
-    apcorr, n_ap = aperture.aperture_correction(data, bad, xc, yc, f_ap, snr, ok, fwhm, pcfg)
-    flags[f_ap <= 0] |= F.NONPOSITIVE
-
-    x_img, y_img = xc + ox, yc + oy
-    tile_of = {t.index: t for t in tiles}
-    depth = np.empty(len(det))
-    for idx, t in tile_of.items():
-        sel = det["tile"].to_numpy() == idx
+    ap = _aperture(inp, found)
+    total = detector.total_flux(inp, found, ap)
+    flags = found.flags | ap.flags
+    flags[total.flux <= 0] |= F.NONPOSITIVE
+    x_img, y_img = found.x + ox, found.y + oy
+    depth = np.empty(len(found))
+    for t in tiles:
+        sel = found.tile == t.index
         depth[sel] = t.depth_px(x_img[sel], y_img[sel])
-    iy = np.clip(np.round(yc).astype(int), 0, image.shape[0] - 1)
-    ix = np.clip(np.round(xc).astype(int), 0, image.shape[1] - 1)
-    out = pd.DataFrame({
-        "tile": det["tile"].to_numpy(), "depth_px": depth, "x": x_img, "y": y_img,
-        "x_iso": det["x_iso"].to_numpy(), "y_iso": det["y_iso"].to_numpy(),
-        "flux_aper": f_ap, "flux_aper_err": f_ap_err, "flux": f_ap * apcorr, "flux_err": f_ap_err * apcorr,
-        "snr": snr, "bkg_adu": bkg.back[iy, ix].astype(float), "npix": det["npix"].to_numpy(),
-        "peak_adu": det["peak_adu"].to_numpy(), "flags": flags.astype(np.int32),
-    })
-    info = BlockInfo(len(out), fwhm, n_fwhm, apcorr, n_ap, **info_common)
-    if bpnn is None and not return_window:
-        return out, info
-    # the BPNN's neighbours are every detection of the window (halo ones at sep's positions),
-    # with fluxes from one linear simultaneous PSF fit at fixed positions
-    targets = np.flatnonzero(keep)
-    x_all, y_all = np.asarray(objs["x"], float).copy(), np.asarray(objs["y"], float).copy()
-    x_all[targets], y_all[targets] = xc, yc
-    fit = refine_positions(data, bad, noise, gain_e_per_adu, x_all, y_all, np.asarray(objs["flux"], float), fwhm,
-                           n_iter=0, beta=cfg.bpnn.psf_beta)
-    win = Window(data, bad, bkg.back, noise, gain_e_per_adu, fwhm, x_all, y_all, fit.flux)
+    iy, ix = nearest_pixel(found.x, found.y, image.shape)
+    cols = {
+        "tile": found.tile, "depth_px": depth, "x": x_img, "y": y_img,
+        "x_iso": found.x_det + ox, "y_iso": found.y_det + oy,
+        "flux_aper": ap.flux, "flux_aper_err": ap.flux_err, "flux": total.flux, "flux_err": total.flux_err,
+        "snr": total.snr, "bkg_adu": bkg.back[iy, ix].astype(float), "npix": found.npix,
+        "peak_adu": found.peak_adu, "flags": flags.astype(np.int32),
+    }
+    if found.confidence is not None:
+        cols["confidence"] = found.confidence
+    out = pd.DataFrame(cols)
+    info = BlockInfo(len(out), found.fwhm_px, found.n_fwhm, total.apcorr, total.n_apcorr, **info_common)
+    if not want_window:
+        return BlockResult(out, info, None, no_window)
+    nb = found.neighbours
+    if nb is None:
+        raise RuntimeError(f"detector {detector.name!r} returned no neighbours for the window it was asked for")
+    win = Window(data, bad, bkg.back, noise, gain_e_per_adu, found.fwhm_px, nb.x, nb.y, nb.flux_fit)
     if bpnn is not None:
-        out = _with_bpnn(out, win, targets, bpnn, cfg, seed)
-    return (out, info, win, targets) if return_window else (out, info)
+        out = _with_bpnn(out, win, nb.targets, bpnn, cfg, seed)
+    return BlockResult(out, info, win, nb.targets)
 
 
-def extract_block_pnet(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[int, int], tiles: list[Tile],
-                       gain_e_per_adu: float, saturation_adu: float, cfg: RunConfig, detector, bpnn=None, *,
-                       seed: int = 0, return_window: bool = False):
-    """:func:`extract_block` with PNet: detections, positions and total fluxes from the network.
-
-    Parameters are those of :func:`extract_block` plus ``detector``, a
-    :class:`survey_proc.detect.pnet.LoadedDetector`. With ``bpnn`` the magnitude columns
-    come from the BPNN on stamps at the refined positions (the neighbours at their PSF-fit
-    fluxes), and ``flux``/``flux_err`` follow them; the PSF fit's flux is ``flux_fit`` (this
-    table only: the sources schema does not carry it).
-
-    Columns
-    -------
-    ``x, y`` are PNet's (peak + offset head), refined for detections with S/N >=
-    ``pnet.refine_snr_min`` by a simultaneous PSF fit of the whole window
-    (:mod:`survey_proc.photometry.psffit`); ``x_iso, y_iso`` keep PNet's own position (this
-    table only: the sources schema does not carry them);
-    ``flux`` is the total flux (ADU) of that PSF fit where it ran and converged, else the
-    flux head's (the head is good to ~0.1 dex; the fit to near the Cramér-Rao bound);
-    detections whose fitted S/N is below ``pnet.min_fit_snr`` are dropped;
-    ``flux_err`` is the PSF-fit noise estimate ``sqrt(flux / gain + noise^2 * n_eff)`` with
-    ``n_eff = pnet.flux_neff_fwhm2 * FWHM^2`` (a Moffat(3) PSF's noise-equivalent area),
-    until the BPNN gives learned uncertainties; ``flux_aper(_err)`` is a 1-FWHM aperture at
-    PNet's position (diagnostic); ``npix`` is 0;
-    ``confidence`` is the heatmap peak. The aperture correction is 1: the fluxes are total.
-    """
-    from survey_proc.detect import pnet
-
-    oy, ox = origin_yx
-    bad = classical.bad_pixels(image, mask, saturation_adu)
-    bkg = classical.estimate_background(image, bad, cfg.detection)
-    noise = bkg.global_rms
-    norm = pnet.normalise(image, bad, bkg.back, noise)
-    threshold = cfg.pnet.threshold or None
-    d = pnet.predict(detector, norm, threshold=threshold, noise_adu=noise)[0]
-    info_common = dict(bkg_adu=float(np.median(bkg.back)), rms_adu=noise, bad_px=int(bad.sum()), fallback=None,
-                       **pixel_census(image, bad, saturation_adu))
-    empty = (_empty().assign(confidence=np.zeros(0, np.float32)),
-             BlockInfo(0, cfg.photometry.fwhm_default_px, 0, 1.0, 0, **info_common))
-    if return_window:
-        empty = (*empty, None, np.zeros(0, np.int64))
-    if len(d) == 0:
-        return empty
-    data = np.ascontiguousarray(np.where(bad, 0.0, image - bkg.back), dtype=np.float32)
-    pcfg = cfg.photometry
-    flux = d.flux
-    snr0 = flux / np.sqrt(np.clip(flux, 0, None) / gain_e_per_adu + noise**2 * 4 * pcfg.fwhm_default_px**2)
-    fwhm, n_fwhm = aperture.estimate_fwhm(data, bad, d.x, d.y, snr0, np.ones(len(d), bool), pcfg)
-    n_eff = cfg.pnet.flux_neff_fwhm2 * fwhm**2
-    flux_err = np.sqrt(np.clip(flux, 0, None) / gain_e_per_adu + noise**2 * n_eff)
-    snr = flux / flux_err
-    xw, yw = d.x.copy(), d.y.copy()
-    if cfg.pnet.refine:
-        # every detection of the window (halo ones too) is a neighbour to subtract
-        fit = snr >= cfg.pnet.refine_snr_min
-        r = refine_positions(data, bad, noise, gain_e_per_adu, d.x, d.y, flux, fwhm, fit=fit, beta=cfg.pnet.psf_beta)
-        xw, yw = r.x, r.y
-        # the fit's flux replaces the head's where the fit ran and converged (see docs/pnet.md)
-        use = fit & r.ok & (r.flux > 0)
-        flux = np.where(use, r.flux, flux)
-        flux_err = np.sqrt(np.clip(flux, 0, None) / gain_e_per_adu + noise**2 * n_eff)
-        snr = flux / flux_err
-        # a second opinion: a peak the PSF fit (its neighbours subtracted) finds no light in is an
-        # artefact of a brighter star's wings, not a star
-        real = ~(fit & r.ok & (snr < cfg.pnet.min_fit_snr))
-    else:
-        real = np.ones(len(d), bool)
-    x, y = xw + ox, yw + oy
-    tile_index, depth, keep = _owner(x, y, tiles, cfg.detection.own_margin_px)
-    keep &= real
-    if not keep.any():
-        return empty
-    win = Window(data, bad, bkg.back, noise, gain_e_per_adu, fwhm, xw.copy(), yw.copy(), flux.copy())
-    targets = np.flatnonzero(keep)
-    xw, yw, flux, flux_err, snr = xw[keep], yw[keep], flux[keep], flux_err[keep], snr[keep]
-    flags = np.zeros(len(xw), np.int32)
-    r_ap = pcfg.aperture_fwhm * fwhm
-    f_ap, f_ap_err, trunc = aperture.aperture_flux(data, noise, bad, xw, yw, r_ap, gain_e_per_adu)
+def _aperture(inp: DetectorInput, found: Detections) -> Aperture:
+    """Aperture flux (radius ``aperture_fwhm`` x FWHM), ``EDGE`` and the mask bits at ``found``'s final positions."""
+    r_ap = inp.cfg.photometry.aperture_fwhm * found.fwhm_px
+    f_ap, f_ap_err, trunc = aperture.aperture_flux(inp.data, inp.noise_adu, inp.bad, found.x, found.y, r_ap,
+                                                   inp.gain_e_per_adu)
+    flags = np.zeros(len(found), np.int32)
     flags[trunc] |= F.EDGE
-    flags |= aperture.mask_bits_in_aperture(mask, bad, xw, yw, r_ap)
-    flags[flux <= 0] |= F.NONPOSITIVE
-    iy = np.clip(np.round(yw).astype(int), 0, image.shape[0] - 1)
-    ix = np.clip(np.round(xw).astype(int), 0, image.shape[1] - 1)
-    out = pd.DataFrame({
-        "tile": tile_index[keep], "depth_px": depth[keep], "x": x[keep], "y": y[keep],
-        "x_iso": d.x[keep] + ox, "y_iso": d.y[keep] + oy,
-        "flux_aper": f_ap, "flux_aper_err": f_ap_err, "flux": flux, "flux_err": flux_err,
-        "snr": snr, "bkg_adu": bkg.back[iy, ix].astype(float), "npix": np.zeros(len(xw), np.int32),
-        "peak_adu": image[iy, ix].astype(float), "flags": flags,
-        "confidence": d.confidence[keep].astype(np.float32),
-    })
-    info = BlockInfo(len(out), fwhm, n_fwhm, 1.0, len(out), **info_common)
-    if bpnn is not None:
-        out = _with_bpnn(out, win, targets, bpnn, cfg, seed)
-    return (out, info, win, targets) if return_window else (out, info)
+    flags |= aperture.mask_bits_in_aperture(inp.mask, inp.bad, found.x, found.y, r_ap)
+    return Aperture(flux=f_ap, flux_err=f_ap_err, flags=flags, radius_px=r_ap)
 
 
-def _with_bpnn(out: pd.DataFrame, win: Window, targets: np.ndarray, bpnn, cfg: RunConfig, seed: int) -> pd.DataFrame:
+def _with_bpnn(out: pd.DataFrame, win: Window, targets: np.ndarray, bpnn: LoadedBPNN, cfg: RunConfig, seed: int
+               ) -> pd.DataFrame:
     """The block table with the BPNN's magnitude columns (``flux``/``flux_err`` follow them)."""
     cols = bpnn_photometry(win, targets, bpnn, beta=cfg.bpnn.psf_beta, n_samples=cfg.bpnn.n_samples or None,
                            seed=seed)

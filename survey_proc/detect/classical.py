@@ -76,13 +76,14 @@ def _is_overflow(exc: Exception) -> bool:
     return any(m in msg for m in _OVERFLOW_MESSAGES)
 
 
-def _run_extract(data: np.ndarray, bad: np.ndarray, noise: float, thresh: float, cfg: DetectionConfig,
+def _run_extract(data: np.ndarray, bad: np.ndarray, noise: float | np.ndarray, thresh: float, cfg: DetectionConfig,
                  deblend_cont: float) -> np.ndarray:
     return sep.extract(data, thresh, err=noise, mask=bad, minarea=cfg.minarea_px,
                        deblend_nthresh=cfg.deblend_nthresh, deblend_cont=deblend_cont, clean=cfg.clean)
 
 
-def extract(data: np.ndarray, bad: np.ndarray, noise_adu: float | np.ndarray, cfg: DetectionConfig) -> tuple[np.ndarray, str | None]:
+def extract(data: np.ndarray, bad: np.ndarray, noise_adu: float | np.ndarray, cfg: DetectionConfig
+            ) -> tuple[np.ndarray, str | None]:
     """Detect sources on a background-subtracted image.
 
     Parameters
