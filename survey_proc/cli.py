@@ -14,6 +14,7 @@ from pathlib import Path
 
 from survey_proc import __version__
 from survey_proc.errors import SurveyProcError
+from survey_proc.vocab import DETECTOR_SECTIONS
 
 DEFAULT_SCENARIO = "dense"
 DEFAULT_SIZE_PX = 512  # PNet on 2 CPU cores: 1000 epochs of 512^2 fit the make-run budget (benchmarks/RESULTS.md)
@@ -298,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output directory (default: ./survey-proc-out/<store name>)")
     r.add_argument("--epochs", type=int, help="process the first N epochs (default: all; 1000 for the default survey)")
     r.add_argument("--fields", action="append", metavar="F1,F2", help="fields to process (default: all)")
-    r.add_argument("--detector", choices=("sep", "pnet"),
+    r.add_argument("--detector", choices=tuple(DETECTOR_SECTIONS),
                    help="source detector: pnet (learned, default) or sep (classical baseline)")
     r.add_argument("--photometry", choices=("bpnn", "classical"),
                    help="magnitudes from the BPNN (default; aleatoric + epistemic errors) or the detector's own "

@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from survey_proc.errors import ConfigError
+from survey_proc.vocab import DETECTOR_SECTIONS
 
-DETECTORS = ("sep", "pnet")
+DETECTORS = tuple(DETECTOR_SECTIONS)  # the implementations: survey_proc.detect.registry
 CLUSTERS = ("local", "cuda")
 MODES = ("resume", "overwrite")
 
@@ -306,8 +307,10 @@ class RunConfig:
             16 hex digits.
         """
         d = {k: v for k, v in self.to_dict().items() if k not in self._NOT_FINGERPRINTED}
-        if self.detector != "pnet":
-            d.pop("pnet", None)
+        for name, sections in DETECTOR_SECTIONS.items():  # settings of a detector this run does not use
+            if name != self.detector:
+                for s in sections:
+                    d.pop(s, None)
         if not self.bpnn.enabled:
             d.pop("bpnn", None)
         if models:

@@ -7,6 +7,7 @@
   is ``flags & PHOTOMETRY_BAD == 0``.
 - **Magnitude constants**: :data:`MAG_PER_FLUX`, ``2.5 / ln 10`` (1.0857), so that
   ``sigma_mag = MAG_PER_FLUX * sigma_flux / flux``.
+- **Detector names** and the configuration sections each reads (:data:`DETECTOR_SECTIONS`).
 - **Class names**: the simulator's truth classes (:data:`VAR_CLASSES`), the classifier's
   output classes (:data:`CLASSIFIER_CLASSES`) and the periodic ones both share
   (:data:`PERIODIC_CLASSES`).
@@ -63,6 +64,11 @@ def describe(flags: int) -> list[str]:
 
 # ------------------------------------------------------------------ magnitudes
 MAG_PER_FLUX = 2.5 / math.log(10.0)  # 1.0857: d(mag) = 1.0857 d(flux) / flux
+
+# ------------------------------------------------------------------ detectors
+# name -> the configuration sections only that detector reads (a run with another detector leaves them out of
+# its fingerprint); survey_proc.detect.registry maps the same names to the implementations (a test checks)
+DETECTOR_SECTIONS: dict[str, tuple[str, ...]] = {"sep": (), "pnet": ("pnet",)}
 
 # ------------------------------------------------------------------ variability classes
 VAR_CLASSES = ("constant", "eclipsing_binary", "pulsator", "transit", "flare", "trend")  # simulator truth

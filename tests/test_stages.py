@@ -116,3 +116,26 @@ def test_only_the_detector_registry_branches_on_the_detector_name():
     hits = [str(p.relative_to(ROOT)) for p in (ROOT / "survey_proc").rglob("*.py")
             if "cfg.detector ==" in p.read_text()]
     assert hits in ([], ["survey_proc/detect/registry.py"])
+
+
+def test_detector_names_agree_between_vocabulary_config_and_registry():
+    from survey_proc import vocab
+    from survey_proc.config import DETECTORS
+    from survey_proc.detect.registry import DETECTORS as IMPLEMENTATIONS
+
+    assert tuple(IMPLEMENTATIONS) == tuple(vocab.DETECTOR_SECTIONS) == DETECTORS
+    for name, cls in IMPLEMENTATIONS.items():
+        assert cls.name == name
+        if cls.weights_setting:  # the section holding its weights is one only it reads
+            assert cls.weights_setting.split(".")[0] in vocab.DETECTOR_SECTIONS[name]
+
+
+def test_the_fingerprint_leaves_out_the_settings_of_an_unused_detector():
+    from survey_proc.config import load_config
+
+    sep = load_config(None, {"detector": "sep"})
+    sep_other_pnet = load_config(None, {"detector": "sep", "pnet": {"threshold": 0.3}})
+    pnet = load_config(None, {"detector": "pnet"})
+    pnet_other = load_config(None, {"detector": "pnet", "pnet": {"threshold": 0.3}})
+    assert sep.fingerprint() == sep_other_pnet.fingerprint()
+    assert pnet.fingerprint() != pnet_other.fingerprint()
