@@ -281,7 +281,8 @@ def injection_curve(run: str | Path, store: str | Path, n_stars: int = 400, seed
     resid = mag - np.nanmedian(mag, 1, keepdims=True)
     sig_lc = 1.4826 * np.nanmedian(np.abs(resid - np.nanmedian(resid, 1, keepdims=True)), 1)
     clf = model_registry.load("classifier", device="cpu")  # the CPU, as the measurements were made
-    out = {"n_pool": len(ids), "n_per_point_max": n_stars, "mag_median": float(np.nanmedian(np.nanmedian(mag, 1))), "rows": []}
+    out = {"n_pool": len(ids), "n_per_point_max": n_stars, "mag_median": float(np.nanmedian(np.nanmedian(mag, 1))),
+           "rows": []}
     for basis, sig in (("photon", sig_ph), ("measured", sig_lc)):
         for snr in snr_grid:
             # transits are 0.3-5 % deep (the classifier's transit class; deeper is an eclipsing binary)

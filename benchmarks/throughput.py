@@ -1,6 +1,7 @@
 """Throughput benchmark: Mpix/s per stage and per worker, scaling over workers, peak memory.
 
-    python -m benchmarks.throughput [--scenario dense] [--epochs 40] [--size 1024] [--max-workers N] [--out DIR] [--quick]
+    python -m benchmarks.throughput [--scenario dense] [--epochs 40] [--size 1024] [--max-workers N]
+        [--out DIR] [--quick]
 
 1. *Per stage, one process* (no Dask): Zarr read, background, sep extraction, the whole
    block (extraction + centroids + photometry), PNet's network alone (normalised window ->
@@ -125,7 +126,8 @@ def scaling(survey: Path, out: Path, workers: list[int], detector: str) -> list[
             wall = time.perf_counter() - t0
             worker_peak = max(client.run(_peak_rss_mb).values())
         tm, c = run["timings_s"], run["counts"]
-        rows.append({"detector": detector, "workers": w, "wall_s": wall, "extract_s": tm["extract_s"], "crossmatch_s": tm["crossmatch_s"],
+        rows.append({"detector": detector, "workers": w, "wall_s": wall, "extract_s": tm["extract_s"],
+                     "crossmatch_s": tm["crossmatch_s"],
                      "epochs_per_s": n_ep / tm["extract_s"], "mpix_per_s": n_ep * ny * nx / 1e6 / tm["extract_s"],
                      "lightcurves_per_s": c["objects"] / tm["crossmatch_s"] if tm["crossmatch_s"] > 0 else None,
                      "points_per_s": c["lightcurve_points"] / tm["crossmatch_s"] if tm["crossmatch_s"] > 0 else None,
@@ -151,7 +153,8 @@ def run(scenario: str, epochs: int, size: int, max_workers: int, out: Path, quic
     res: dict[str, Any] = {"scenario": scenario, "size_px": size, "epochs": epochs, "cores": available_cores(),
                            "stages_one_process": stage_rates(survey, sample, tmp, list(detectors))}
     res["scaling"] = [row for d in detectors
-                      for row in scaling(survey, out / f"throughput-{scenario}-runs", list(range(1, max_workers + 1)), d)]
+                      for row in scaling(survey, out / f"throughput-{scenario}-runs",
+                                         list(range(1, max_workers + 1)), d)]
     res["peak_rss_mb"] = {"driver": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                           "largest_worker": max(r["worker_peak_rss_mb"] for r in res["scaling"])}
     md = _markdown(res)
@@ -165,12 +168,13 @@ def _markdown(r: dict[str, Any]) -> str:
              "| stage (one process) | s / epoch | Mpix/s per core |", "|---|---|---|"]
     for k, v in r["stages_one_process"].items():
         lines.append(f"| {k} | {v['s_per_epoch']:.3f} | {v['mpix_per_s_per_core']:.2f} |")
-    lines += ["", "| detector | workers | extract s | epochs/s | Mpix/s | speed-up | efficiency | cross-match s | light curves/s | "
-              "points/s | worker peak RSS (MB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| detector | workers | extract s | epochs/s | Mpix/s | speed-up | efficiency | cross-match s | "
+              "light curves/s | points/s | worker peak RSS (MB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in r["scaling"]:
-        lines.append(f"| {s['detector']} | {s['workers']} | {s['extract_s']:.1f} | {s['epochs_per_s']:.2f} | {s['mpix_per_s']:.2f} | "
-                     f"{s['speedup']:.2f} | {s['efficiency']:.2f} | {s['crossmatch_s']:.1f} | "
-                     f"{s['lightcurves_per_s'] or 0:.0f} | {s['points_per_s'] or 0:.0f} | {s['worker_peak_rss_mb']:.0f} |")
+        lines.append(f"| {s['detector']} | {s['workers']} | {s['extract_s']:.1f} | {s['epochs_per_s']:.2f} | "
+                     f"{s['mpix_per_s']:.2f} | {s['speedup']:.2f} | {s['efficiency']:.2f} | {s['crossmatch_s']:.1f} | "
+                     f"{s['lightcurves_per_s'] or 0:.0f} | {s['points_per_s'] or 0:.0f} | "
+                     f"{s['worker_peak_rss_mb']:.0f} |")
     lines.append(f"\npeak RSS: driver {r['peak_rss_mb']['driver']:.0f} MB, largest worker "
                  f"{r['peak_rss_mb']['largest_worker']:.0f} MB (each worker's own getrusage)")
     return "\n".join(lines) + "\n"

@@ -60,7 +60,8 @@ def _truncated_chunk(group: zarr.Group, store: Path) -> None:
 BAD_EPOCHS = {
     "nan": (_set_epoch(np.nan), r"field F000 epoch 1: no usable pixels \(100 % NaN/inf, 0 % at or above the "
                                 r"saturation level \d+ ADU, 0 % flagged bad in the mask\); the epoch is left out of "
-                                r"this run\. Check the exposure it came from \(the store's source_file\) and re-ingest"),
+                                r"this run\. Check the exposure it came from \(the store's source_file\) and "
+                                r"re-ingest"),
     "inf": (_set_epoch(np.inf), r"field F000 epoch 1: no usable pixels \(100 % NaN/inf"),
     "all-zero": (_set_epoch(0.0), r"field F000 epoch 1: every usable pixel has the same value \(an empty or failed "
                                   r"readout: no sky, no noise\); the epoch is left out"),
@@ -69,9 +70,10 @@ BAD_EPOCHS = {
     "malformed-wcs": (_malformed_wcs, r"field F000 epoch 1: the stored WCS is unusable \(.*\); fix the epoch's wcs "
                                       r"header text"),
     # a Blosc chunk cut in half crashed worker processes (KilledWorker) before read_window checked its size
-    "truncated-chunk": (_truncated_chunk, r"field F000 epoch 1: cannot read pixels \[0:256, 0:256\] \(ValueError: chunk "
-                                          r"file .*image/c/1/0/0 is truncated or damaged \(\d+ bytes; its Blosc header "
-                                          r"says \d+\)\); check or re-ingest that epoch"),
+    "truncated-chunk": (_truncated_chunk,
+                        r"field F000 epoch 1: cannot read pixels \[0:256, 0:256\] \(ValueError: chunk "
+                        r"file .*image/c/1/0/0 is truncated or damaged \(\d+ bytes; its Blosc header "
+                        r"says \d+\)\); check or re-ingest that epoch"),
 }
 
 
@@ -107,8 +109,8 @@ def test_epochs_without_a_time_or_exposure_are_left_out_of_the_run(small_field, 
     assert run["status"] == "incomplete"
     assert [(f["epoch"], f["attempts"]) for f in run["failures"]] == [(1, 0), (2, 0)]
     with pytest.raises(SurveyProcError, match=r"meta\.zarr: field F000, variable 'mjd': not finite at epoch 1; every "
-                                              r"epoch needs a mid-exposure MJD; the epoch is left out\. Fix the store's "
-                                              r"metadata \(or re-ingest the exposure\) and run again"):
+                                              r"epoch needs a mid-exposure MJD; the epoch is left out\. Fix the "
+                                              r"store's metadata \(or re-ingest the exposure\) and run again"):
         raise SurveyProcError(run["failures"][0]["error"])
     with pytest.raises(SurveyProcError, match=r"variable 'exptime': 0\.0 s at epoch 2; exposure times must be > 0"):
         raise SurveyProcError(run["failures"][1]["error"])

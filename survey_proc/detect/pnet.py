@@ -34,6 +34,7 @@ from the validation precision-recall curve (see ``survey_proc/models/detector.js
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -67,12 +68,13 @@ class Residual(nn.Module):
 
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.c1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
-        self.b1 = nn.BatchNorm2d(cout)
-        self.c2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.b2 = nn.BatchNorm2d(cout)
-        self.skip = nn.Identity() if cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False),
-                                                                    nn.BatchNorm2d(cout))
+        # fuse_batchnorm folds b1, b2 (-> Identity) into c1, c2 and a Sequential skip into one Conv2d
+        self.c1: nn.Conv2d = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.b1: nn.BatchNorm2d | nn.Identity = nn.BatchNorm2d(cout)
+        self.c2: nn.Conv2d = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.b2: nn.BatchNorm2d | nn.Identity = nn.BatchNorm2d(cout)
+        self.skip: nn.Identity | nn.Sequential | nn.Conv2d = (
+            nn.Identity() if cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.relu(self.b1(self.c1(x)))
@@ -108,7 +110,9 @@ class Heads(nn.Module):
         self.offset = head(2)
         self.flux = head(1)
         # CenterNet's prior: start with a low heatmap everywhere (p = 0.01)
-        nn.init.constant_(self.heatmap[-1].bias, -4.6)
+        bias = cast(nn.Conv2d, self.heatmap[-1]).bias
+        assert bias is not None  # nn.Conv2d's default bias=True
+        nn.init.constant_(bias, -4.6)
 
     def forward(self, f: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"heatmap": self.heatmap(f), "offset": self.offset(f), "flux": self.flux(f)}
@@ -295,12 +299,21 @@ class LoadedDetector:
 def fuse_batchnorm(model: PNet) -> PNet:
     """Fold every BatchNorm into the convolution before it (inference only; same outputs)."""
 
-    def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=True)
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    def fold(conv: nn.Module, bn: nn.Module) -> nn.Conv2d:
+        if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+            raise SurveyProcError(f"fuse_batchnorm: expected a Conv2d followed by a BatchNorm2d, got "
+                                  f"{type(conv).__name__} and {type(bn).__name__} (already fused?)")
+        running_mean, running_var = bn.running_mean, bn.running_var
+        if running_mean is None or running_var is None:
+            raise SurveyProcError("fuse_batchnorm: a BatchNorm2d without running statistics cannot be folded")
+        # nn.Conv2d's attributes are typed for any number of dimensions; these are the 2-D ones
+        fused = nn.Conv2d(conv.in_channels, conv.out_channels, cast(tuple[int, int], conv.kernel_size),
+                          cast(tuple[int, int], conv.stride), cast("str | tuple[int, int]", conv.padding), bias=True)
+        scale = bn.weight / torch.sqrt(running_var + bn.eps)
         fused.weight.data = conv.weight.data * scale[:, None, None, None]
-        b0 = conv.bias.data if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        fused.bias.data = (b0 - bn.running_mean) * scale + bn.bias
+        b0 = conv.bias.data if conv.bias is not None else torch.zeros_like(running_mean)
+        assert fused.bias is not None  # bias=True
+        fused.bias.data = (b0 - running_mean) * scale + bn.bias
         return fused
 
     with torch.no_grad():

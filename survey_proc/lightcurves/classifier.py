@@ -83,6 +83,9 @@ def _column(c_in: int, channels: tuple[int, ...], kernel: int) -> nn.Sequential:
 class LocalGlobalCNN(nn.Module):
     """Two convolutional columns + auxiliary features -> class logits."""
 
+    aux_mean: torch.Tensor  # buffers (register_buffer in __init__)
+    aux_std: torch.Tensor
+
     def __init__(self, cfg: ClassifierConfig = ClassifierConfig()):
         super().__init__()
         self.cfg = cfg
@@ -248,7 +251,7 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
             period[i], duration[i] = p, d
             if np.isfinite(t0i):
                 t0[i] = t0i
-            if names[i] == "eclipsing_binary" and _folded_eclipses(sub.subset([i]), p, d, t0[i]):
+            if names[i] == "eclipsing_binary" and _folded_eclipses(sub.subset(np.array([i])), p, d, t0[i]):
                 period[i] *= 2.0
     rows = use
     out.loc[rows, "period"] = period

@@ -42,6 +42,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -147,11 +148,11 @@ class FlipoutLinear(nn.Module):
     def kl(self) -> torch.Tensor:
         """KL(q || prior) summed over all weights and biases (nats)."""
         p = self.prior_sigma
-        total = 0.0
+        total: torch.Tensor | float = 0.0
         for mu, rho in ((self.weight_mu, self.weight_rho), (self.bias_mu, self.bias_rho)):
             s = nnf.softplus(rho)
             total = total + torch.sum(torch.log(p / s) + (s**2 + mu**2) / (2 * p**2) - 0.5)
-        return total
+        return cast(torch.Tensor, total)  # a tensor after the first of the two terms
 
 
 class Residual(nn.Module):
@@ -184,8 +185,13 @@ class BPNN(nn.Module):
         self.head = nn.ModuleList([FlipoutLinear(a, b, cfg.prior_sigma, cfg.rho_init)
                                    for a, b in itertools.pairwise(sizes)])
         with torch.no_grad():  # start at mu = 0, sigma = 0.1 mag
-            self.head[-1].weight_mu.mul_(0.01)
-            self.head[-1].bias_mu.copy_(torch.tensor([0.0, np.log(0.01)]))
+            last = self.head_layers()[-1]
+            last.weight_mu.mul_(0.01)
+            last.bias_mu.copy_(torch.tensor([0.0, np.log(0.01)]))
+
+    def head_layers(self) -> list[FlipoutLinear]:
+        """The flipout layers of :attr:`head` (typed: ``nn.ModuleList`` yields plain modules)."""
+        return [cast(FlipoutLinear, layer) for layer in self.head]
 
     def features(self, pixels: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         """(B, 3, 9, 9), (B, n_aux) -> (B, bottleneck): everything before the Bayesian layers.
@@ -202,13 +208,13 @@ class BPNN(nn.Module):
     def draw(self, batch: int, n_samples: int | None = None, generator: torch.Generator | None = None
              ) -> list[FlipoutNoise]:
         """The noise of every flipout layer (see :meth:`FlipoutLinear.draw`)."""
-        return [layer.draw(batch, n_samples, generator) for layer in self.head]
+        return [layer.draw(batch, n_samples, generator) for layer in self.head_layers()]
 
     def run_head(self, feats: torch.Tensor, noise: list[FlipoutNoise] | None = None,
                  generator: torch.Generator | None = None, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Head on (B, F) or (T, B, F) features -> ``mu``, ``logvar`` of shape (B,) or (T, B)."""
         h = feats
-        for i, layer in enumerate(self.head):
+        for i, layer in enumerate(self.head_layers()):
             if sample:
                 h = layer(h, None if noise is None else noise[i], generator)
             else:
@@ -224,7 +230,7 @@ class BPNN(nn.Module):
 
     def kl(self) -> torch.Tensor:
         """Sum of the flipout layers' KL divergences (nats)."""
-        return sum(layer.kl() for layer in self.head)
+        return cast(torch.Tensor, sum(layer.kl() for layer in self.head_layers()))  # >= 1 layer: a tensor
 
 
 def gaussian_nll(mu: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
