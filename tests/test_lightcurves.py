@@ -171,18 +171,3 @@ def test_decide_uses_the_threshold_on_the_summed_periodic_probability():
     np.testing.assert_allclose(pc, [0.2, 0.8, 0.9])
 
 
-def test_classify_settings_have_their_own_fingerprint():
-    from survey_proc.config import load_config
-    from survey_proc.errors import ConfigError
-
-    a = load_config(None, {"classify": {"threshold": 0.6}})
-    b = load_config(None, {})
-    assert a.fingerprint() == b.fingerprint()  # a new classifier does not redo the extraction
-    assert a.classify_fingerprint(a.fingerprint(), "w") != b.classify_fingerprint(b.fingerprint(), "w")
-    assert b.classify_fingerprint("x", "w1") != b.classify_fingerprint("x", "w2")
-    with pytest.raises(ConfigError, match=r"classify\.threshold must be in"):
-        load_config(None, {"classify": {"threshold": 1.5}})
-    with pytest.raises(ConfigError, match=r"classify\.period_min_days"):
-        load_config(None, {"classify": {"period_min_days": 2.0, "period_max_days": 1.0}})
-    with pytest.raises(ConfigError, match=r"classify\.min_points must be"):
-        load_config(None, {"classify": {"min_points": 1}})

@@ -1,4 +1,5 @@
-"""`survey-proc run --scheduler`: a scheduler and two workers started as separate processes on loopback."""
+"""distributed/cluster.py: the cuda cluster without dask-cuda, the cuda path with a stand-in, attaching to a
+running scheduler."""
 
 from __future__ import annotations
 
@@ -11,6 +12,53 @@ import pandas as pd
 import pytest
 
 from survey_proc.cli import main
+
+
+def test_cuda_cluster_without_dask_cuda_is_a_clear_error():
+    pytest.importorskip("distributed")
+    try:
+        import dask_cuda  # noqa: F401
+        pytest.skip("dask-cuda is installed here")
+    except ImportError:
+        pass
+    from survey_proc.distributed.cluster import make_client
+    from survey_proc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--cluster cuda needs dask-cuda, which is not installed: "
+                                          r"pip install 'survey-proc\[cuda\]'"):
+        with make_client("cuda", scheduler=None, workers=None):
+            pass
+
+
+def test_cluster_cuda_runs_the_pipeline_when_dask_cuda_is_there(border_survey, tmp_path, monkeypatch):
+    """`--cluster cuda` end to end with dask-cuda replaced at the boundary by a LocalCluster (no GPU here)."""
+    import json
+    import sys
+    import types
+
+    from distributed import LocalCluster
+
+    from survey_proc.cli import main
+
+    made = {}
+
+    class FakeLocalCUDACluster(LocalCluster):
+        """dask_cuda.LocalCUDACluster's interface: one worker per (pretend) GPU, one thread each."""
+
+        def __init__(self, n_workers=None, **kw):
+            made["n_workers"] = n_workers
+            super().__init__(n_workers=n_workers or 1, threads_per_worker=1, processes=True, **kw)
+
+    monkeypatch.setitem(sys.modules, "dask_cuda", types.SimpleNamespace(LocalCUDACluster=FakeLocalCUDACluster))
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("[crossmatch]\nregion_px = 128\nmin_epochs = 2\n")
+    out = tmp_path / "out"
+    assert main(["run", str(border_survey["store"]), "--out", str(out), "--cluster", "cuda", "--workers", "2",
+                 "--tile-px", "128", "--halo-px", "16", "--config", str(cfg), "--quiet", "--no-evaluate",
+                 "--reference", "none"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert made["n_workers"] == 2 and run["config"]["cluster"] == "cuda" and run["status"] == "complete"
+    assert run["counts"]["objects"] > 0 and set(run["models"]) == {"detector", "bpnn", "classifier"}
 
 
 def _tables(out) -> dict[str, pd.DataFrame]:

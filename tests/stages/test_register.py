@@ -1,0 +1,108 @@
+"""stages/register.py: epochs without a WCS registered to the reference epoch; rough WCSs refined."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def test_a_survey_without_wcs_is_registered_in_the_pipeline(tmp_path, client):
+    """Jittered pointings (tens of px, ~1 degree), every WCS removed: epochs registered to <= 0.05 px."""
+    import zarr
+
+    from survey_proc.distributed.pipeline import run_pipeline
+    from survey_proc.evaluate import truth_at_epoch
+    from survey_proc.simulate import load_scenario, simulate_survey
+    from tests.conftest import run_config
+
+    st = tmp_path / "nowcs.zarr"
+    scn = load_scenario("dense", {"size_px": 256, "n_epochs": 5, "seed": 41, "psf_oversample": 5,
+                                  "star_density_per_px2": 0.006, "jitter_px": 20.0, "rotation_jitter_deg": 0.5,
+                                  "n_bad_columns": 0, "cosmic_rate_per_px_s": 0.0})
+    simulate_survey(scn, st, workers=0, progress=False)
+    truth = {e: truth_at_epoch(st, "F000", e, in_frame_only=False).set_index("star_id") for e in range(5)}
+    g = zarr.open_group(str(st / "fields" / "F000"), mode="r+")
+    g["wcs"][:] = np.asarray([""] * 5, dtype=object)
+    g.attrs.pop("reference_wcs", None)
+    out = tmp_path / "out"
+    run = run_pipeline(run_config(st, out, tile_px=256, halo_px=24, reference="none",
+                                  crossmatch={"region_px": 256}), client=client)
+    assert run["status"] == "complete", run["failures"]
+    regs = run["registration"]
+    ref_epoch = next(iter(regs.values()))["reference_epoch"]
+    assert len(regs) == 4 and f"F000/{ref_epoch}" not in regs  # every epoch but the reference
+    assert all(r["reference_epoch"] == ref_epoch for r in regs.values())
+    # accuracy: the true positions of bright stars in each epoch, through our transform, against
+    # their true positions in the reference epoch
+    import pyarrow.parquet as pq
+
+    t_ref = truth[ref_epoch]
+    for e in range(5):
+        if e == ref_epoch:
+            continue
+        meta = json_meta(out / "sources" / "field=F000" / f"epoch={e}.parquet")
+        m = np.array(meta["registration"]["matrix"])
+        te = truth[e]
+        inside_e = te["x_epoch"].between(0, 255) & te["y_epoch"].between(0, 255)
+        bright = te[(te["mag"] < 22) & inside_e].index
+        x, y = te.loc[bright, "x_epoch"].to_numpy(), te.loc[bright, "y_epoch"].to_numpy()
+        xr = m[0, 0] * x + m[0, 1] * y + m[0, 2]
+        yr = m[1, 0] * x + m[1, 1] * y + m[1, 2]
+        d = np.hypot(xr - t_ref.loc[bright, "x_epoch"].to_numpy(), yr - t_ref.loc[bright, "y_epoch"].to_numpy())
+        inside = np.isfinite(d)
+        rms = np.sqrt(np.mean(d[inside] ** 2))
+        print(f"epoch {e}: registration error {rms:.4f} px RMS over {inside.sum()} bright stars; fit residual "
+              f"{meta['registration']['rms_px']:.3f} px over {meta['registration']['n_stars']} stars")
+        assert rms <= 0.05, (e, rms)
+        assert meta["registration"]["rms_px"] < 0.3  # centroid noise of all matched stars, faint ones included
+    assert pq.read_table(out / "objects").num_rows > 100
+
+
+def json_meta(path):
+    from survey_proc.outputs import read_meta
+
+    return read_meta(path)
+
+
+def test_a_rough_wcs_is_refined_against_the_reference_catalogue(tmp_path, client):
+    """Two epochs whose WCS is 25-30 px off: registered to the catalogue, calibrated, positions right."""
+    import zarr
+    from astropy.io import fits
+
+    from survey_proc.distributed.pipeline import run_pipeline
+    from survey_proc.evaluate import load_truth_stars
+    from survey_proc.simulate import load_scenario, simulate_survey
+    from tests.conftest import run_config
+
+    st = tmp_path / "rough.zarr"
+    scn = load_scenario("dense", {"size_px": 256, "n_epochs": 4, "seed": 47, "psf_oversample": 5,
+                                  "star_density_per_px2": 0.01, "n_bad_columns": 0,
+                                  "reference_mag_faint": 23.0})
+    simulate_survey(scn, st, workers=0, progress=False)
+    g = zarr.open_group(str(st / "fields" / "F000"), mode="r+")
+    wcs = [str(w) for w in g["wcs"][:]]
+    for e, (dx, dy) in ((1, (30.0, -12.0)), (3, (-25.0, 20.0))):
+        h = fits.Header.fromstring(wcs[e].strip(), sep="\n")
+        h["CRPIX1"] += dx
+        h["CRPIX2"] += dy
+        wcs[e] = h.tostring(sep="\n")
+    g["wcs"][:] = np.asarray(wcs, dtype=object)
+    out = tmp_path / "out"
+    run = run_pipeline(run_config(st, out, tile_px=256, halo_px=24, crossmatch={"region_px": 256}), client=client)
+    assert run["status"] == "complete", run["failures"]
+    assert sorted(run["registration"]) == ["F000/1", "F000/3"]
+    assert all(r["against"] == "reference catalogue" for r in run["registration"].values())
+    stars = load_truth_stars(st)
+    bright = stars[stars["mag"] < 21]
+    import pandas as pd
+    from scipy.spatial import cKDTree
+
+    for e in (1, 3):
+        src = pd.read_parquet(out / "sources" / "field=F000" / f"epoch={e}.parquet")
+        src = src[src["snr"] > 100]
+        d, _ = cKDTree(bright[["x", "y"]].to_numpy()).query(src[["x_ref", "y_ref"]].to_numpy(),
+                                                             distance_upper_bound=1.0)
+        ok = np.isfinite(d)
+        print(f"rough WCS epoch {e}: {ok.sum()} bright stars, median distance to truth {np.median(d[ok]):.4f} px")
+        assert ok.sum() >= 10 and np.median(d[ok]) < 0.05
+        meta = json_meta(out / "sources" / "field=F000" / f"epoch={e}.parquet")
+        assert meta["zp"]["status"] == "fit" and meta["zp"]["n_used"] >= 10

@@ -1,0 +1,83 @@
+"""catalog/calibrate.py: zero points, calibrators, the airmass and aperture-correction models, the reference epoch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from survey_proc.catalog import calibrate as cal
+from survey_proc.config import CalibrationConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_robust_zeropoint_ignores_outliers_and_quotes_its_error():
+    rng = np.random.default_rng(1)
+    n = 80
+    err = np.full(n, 0.02)
+    dz = 25.3 + rng.normal(0, 0.02, n)
+    dz[:15] += rng.uniform(0.2, 1.0, 15)  # blends / variables: one-sided outliers
+    zp, zp_err, scatter, used = cal.robust_zeropoint(dz, err, 3.0)
+    assert zp == pytest.approx(25.3, abs=3 * 0.02 / np.sqrt(65))
+    assert used >= 60 and scatter == pytest.approx(0.02, rel=0.35)
+    assert zp_err == pytest.approx(0.02 / np.sqrt(used), rel=0.4)
+    assert cal.robust_zeropoint(np.array([]), np.array([]), 3.0)[3] == 0
+
+
+def test_fit_epoch_zeropoint_status_depends_on_star_count():
+    cfg = CalibrationConfig(min_stars=10)
+    m = np.linspace(-12, -9, 8)
+    z = cal.fit_epoch_zeropoint(m, np.full(8, 0.01), m + 30.0, np.full(8, 0.01), cfg)
+    assert z.status == "few" and z.zp == pytest.approx(30.0)
+
+
+def test_airmass_model_recovers_extinction():
+    rng = np.random.default_rng(2)
+    X = rng.uniform(1.0, 2.0, 200)
+    zp = 31.0 - 0.12 * (X - 1) + rng.normal(0, 0.005, 200)
+    zp[:10] -= 0.5  # clouds
+    t = pd.DataFrame({"airmass": X, "zp": zp, "zp_err": 0.005, "zp_status": "fit"})
+    m = cal.fit_airmass_model(t)
+    assert m["k_mag_per_airmass"] == pytest.approx(0.12, abs=0.005)
+    assert m["zp0"] == pytest.approx(31.0, abs=0.003) and m["n"] >= 185
+    assert cal.model_zeropoint(m, 1.5) == pytest.approx(31.0 - 0.06, abs=0.004)
+    space = t.assign(airmass=np.nan)
+    assert np.isnan(cal.fit_airmass_model(space)["k_mag_per_airmass"])
+
+
+def test_select_calibrators_with_no_reference_star_in_reach_returns_nothing():
+    from survey_proc.catalog.calibrate import CalibrationConfig, select_calibrators
+
+    x = np.array([10.0, 50.0])
+    i_s, i_r = select_calibrators(x, x, np.array([100.0, 100.0]), np.zeros(2, np.int32), x + 30.0, x + 30.0, 2.0,
+                                  CalibrationConfig())
+    assert len(i_s) == 0 and len(i_r) == 0
+
+
+def test_zero_point_status_is_an_enum_that_reads_and_writes_as_text():
+    z = cal.ZeroPoint(30.0, 0.01, 0.02, 5, 9, "few")
+    assert z.status is cal.ZpStatus.FEW and z.to_dict()["status"] == "few"
+    assert cal.ZeroPoint.from_dict(z.to_dict()) == z
+    with pytest.raises(ValueError, match="'best' is not a valid ZpStatus"):
+        cal.ZeroPoint(30.0, 0.01, 0.02, 5, 9, "best")
+
+
+def test_apcorr_model_is_a_clipped_line_or_a_median():
+    f = np.linspace(1.8, 3.0, 12)
+    a = 1.02 + 0.05 * f
+    a[3] += 0.5  # an outlier
+    m = cal.fit_apcorr_model(f, a)
+    assert m["n"] == 12 and m["coef"] == pytest.approx([0.05, 1.02], abs=1e-9)
+    few = cal.fit_apcorr_model(f[:4], a[:4] * 0 + 1.1)
+    assert few == {"coef": [0.0, pytest.approx(1.1)], "n": 4}
+    assert cal.fit_apcorr_model(np.zeros(0), np.zeros(0)) == {"coef": [0.0, 1.0], "n": 0}
+
+
+def test_reference_epoch_choice():
+    assert cal.choose_reference_epoch({0: 10, 1: 30, 2: 30}) == 1
+    assert cal.choose_reference_epoch({0: 10, 1: 30}, requested=0) == 0
+    with pytest.raises(ValueError, match=r"reference_epoch = 5 was not extracted in this run \(epochs 0..1\)"):
+        cal.choose_reference_epoch({0: 10, 1: 30}, requested=5)
