@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from survey_proc import model_registry
 from survey_proc.photometry import bpnn as bp
 from survey_proc.photometry.stamps import Stamps
 from training.bpnn_data import StampDataConfig, make_dataset
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", default="bench-out/dense/survey.zarr")
     a = p.parse_args(argv)
     torch.set_flush_denormal(True)
-    model = bp.load_bpnn(None, device="cpu")
+    model = model_registry.load("bpnn", None, device="cpu")
     res = {"epistemic": epistemic_split(a.windows, model), "throughput": throughput(model, Path(a.store))}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

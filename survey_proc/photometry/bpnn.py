@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import cast
 
 import numpy as np
@@ -285,11 +284,6 @@ class LoadedBPNN:
     device: torch.device
     card: dict = field(default_factory=dict)
     path: str = ""
-
-
-def load_bpnn(path: Path | str | None = None, device: str | torch.device | None = None) -> LoadedBPNN:
-    """Deprecated (benchmarks/bpnn_checks.py still calls it): ``model_registry.load("bpnn", path, device)``."""
-    return model_registry.load("bpnn", path, device)
 
 
 def predict(bpnn: LoadedBPNN, stamps: Stamps, *, n_samples: int | None = None, seed: int = 0,
