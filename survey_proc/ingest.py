@@ -215,7 +215,7 @@ def _angle(value: Any, hours: bool) -> float | None:
 
 def computed_airmass(header: Any, mjd: float, timescale: str, site: tuple[float, float] | None = None
                      ) -> float | None:
-    """sec z at mid-exposure from the header's pointing and site (or ``site`` = (lat, lon) deg); None if unknown.
+    """Sec z at mid-exposure from the header's pointing and site (or ``site`` = (lat, lon) deg); None if unknown.
 
     Parameters
     ----------

@@ -44,22 +44,28 @@ class OutputLayout:
 
     @property
     def run_json(self) -> Path:
+        """``OUT/run.json``."""
         return self.root / "run.json"
 
     @property
     def epochs_table(self) -> Path:
+        """``OUT/epochs.parquet`` (one row per field x epoch)."""
         return self.root / "epochs.parquet"
 
     def sources(self, field: str, epoch: int) -> Path:
+        """The sources unit of (field, epoch)."""
         return self.root / "sources" / f"field={field}" / f"epoch={epoch}.parquet"
 
     def objects(self, field: str, region: int) -> Path:
+        """The objects unit of (field, region)."""
         return self.root / "objects" / f"field={field}" / f"region={region}.parquet"
 
     def lightcurves(self, field: str, region: int) -> Path:
+        """The light-curve unit of (field, region)."""
         return self.root / "lightcurves" / f"field={field}" / f"region={region}.parquet"
 
     def internal_reference(self, field: str) -> Path:
+        """The internal reference catalogue of a field (relative calibration)."""
         return self.root / "calibration" / f"field={field}" / "reference.parquet"
 
 

@@ -532,8 +532,10 @@ def validate_store(path: str | Path, *, raise_on_error: bool = True, epoch_check
 
 
 def epoch_problems(mjd: np.ndarray, exptime_s: np.ndarray) -> dict[int, str]:
-    """Epochs whose metadata make them unusable: a non-finite mid-exposure MJD or an exposure
-    time that is not > 0. Returns epoch -> message (naming the variable and what to do).
+    """Epochs whose metadata make them unusable; returns epoch -> message.
+
+    Unusable: a non-finite mid-exposure MJD or an exposure time that is not > 0. The
+    message names the variable and what to do.
 
     Parameters
     ----------

@@ -99,10 +99,12 @@ class ZeroPoint:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ZeroPoint:
+        """Read :meth:`to_dict`'s form back."""
         return cls(float(d["zp"]), float(d["zp_err"]), float(d["scatter"]), int(d["n_used"]),
                    int(d["n_candidates"]), ZpStatus(d["status"]))
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types (the status as its text), as stored in records."""
         return {**asdict(self), "status": str(self.status)}
 
 

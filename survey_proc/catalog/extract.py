@@ -73,6 +73,7 @@ class BlockInfo:
     usable_ptp_adu: float = float("nan")  # max - min of the usable pixels (0: a constant image; NaN: none usable)
 
     def to_dict(self) -> dict:
+        """The fields as a dict (what a block task returns to the epoch task)."""
         return asdict(self)
 
 

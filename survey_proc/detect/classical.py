@@ -58,7 +58,7 @@ def bad_pixels(image: np.ndarray, mask: np.ndarray | None, saturation_adu: float
 
 
 def estimate_background(image: np.ndarray, bad: np.ndarray, cfg: DetectionConfig) -> Background:
-    """sep background and noise maps of ``image`` (ADU) ignoring ``bad`` pixels."""
+    """Sep background and noise maps of ``image`` (ADU) ignoring ``bad`` pixels."""
     data = np.where(bad, 0.0, image).astype(np.float32)
     mesh = int(min(cfg.bkg_mesh_px, max(8, min(image.shape) // 2)))
     bkg = sep.Background(data, mask=bad, bw=mesh, bh=mesh, fw=cfg.bkg_filter_px, fh=cfg.bkg_filter_px)

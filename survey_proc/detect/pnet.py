@@ -77,6 +77,7 @@ class Residual(nn.Module):
             nn.Identity() if cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The module's output for the input ``x``."""
         y = torch.relu(self.b1(self.c1(x)))
         return torch.relu(self.b2(self.c2(y)) + self.skip(x))
 
@@ -93,6 +94,7 @@ class Hourglass(nn.Module):
         self.low3 = Residual(c1, c0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The module's output for the input ``x``."""
         low = self.low3(self.low2(self.low1(nnf.max_pool2d(x, 2))))
         return self.up1(x) + nnf.interpolate(low, scale_factor=2, mode="nearest")
 
@@ -115,6 +117,7 @@ class Heads(nn.Module):
         nn.init.constant_(bias, -4.6)
 
     def forward(self, f: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The heads' maps (heatmap logits, offsets, log flux) from the features ``f``."""
         return {"heatmap": self.heatmap(f), "offset": self.offset(f), "flux": self.flux(f)}
 
 
@@ -293,6 +296,7 @@ class LoadedDetector:
 
     @property
     def cfg(self) -> PNetConfig:
+        """The architecture of the loaded network."""
         return self.model.cfg
 
 

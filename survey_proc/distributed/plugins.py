@@ -76,9 +76,11 @@ class ModelPlugin(WorkerPlugin):
         self.models: dict[str, Any] = {}
 
     def setup(self, worker: Any) -> None:
+        """Load the run's models onto this worker's device (once per worker)."""
         self.models = {kind: _load(kind, path, self.device) for kind, path in self.paths.items()}
 
     def teardown(self, worker: Any) -> None:
+        """Drop the models (the worker is closing)."""
         self.models = {}
 
 

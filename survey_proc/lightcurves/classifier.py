@@ -147,8 +147,11 @@ def decide(prob: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, 
 
 def refine_bls(t_days: np.ndarray, y: np.ndarray, w: np.ndarray, period_days: float, duration_days: float,
                coarse: SearchGrid, n_freq: int = 81, bins_per_duration: int = 8) -> tuple[float, float, float]:
-    """Refine one BLS peak: a fine frequency grid over +-2 coarse steps, a phase grid of
-    ``bins_per_duration`` bins per duration. Returns (period, duration, t0) in days."""
+    """Refine one BLS peak; returns (period, duration, t0) in days.
+
+    A fine frequency grid over +-2 coarse steps, a phase grid of ``bins_per_duration`` bins
+    per duration.
+    """
     f0 = 1.0 / period_days
     step = float(coarse.bls_freq[1] - coarse.bls_freq[0]) if len(coarse.bls_freq) > 1 else 0.01 * f0
     freq = np.linspace(max(f0 - 2 * step, 0.5 * f0), f0 + 2 * step, n_freq)

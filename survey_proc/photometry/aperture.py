@@ -129,7 +129,7 @@ def estimate_fwhm(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarra
 
 def windowed_centroids(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_px: float,
                        subpix: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """sep's windowed centroids (Gaussian window of sigma FWHM / 2.355).
+    """Sep's windowed centroids (Gaussian window of sigma FWHM / 2.355).
 
     Returns ``(x, y, failed)``: where the windowed centroid fails or moves more than 1 px
     from the detection, the input position is kept and ``failed`` is True.
@@ -222,8 +222,10 @@ def aperture_flux(data: np.ndarray, noise: float | np.ndarray, bad: np.ndarray, 
 
 def _no_bright_neighbour(x: np.ndarray, y: np.ndarray, flux: np.ndarray, idx: np.ndarray, radius_px: float,
                          max_ratio: float) -> np.ndarray:
-    """For stars ``idx``: True when no other detection within ``radius_px`` is brighter than
-    ``max_ratio`` times the star (faint neighbours are unavoidable in crowded fields)."""
+    """For stars ``idx``: True when no neighbour within ``radius_px`` is brighter than ``max_ratio`` x the star.
+
+    Faint neighbours are allowed: they are unavoidable in crowded fields.
+    """
     tree = cKDTree(np.c_[x, y])
     out = np.ones(len(idx), bool)
     for k, (i, near) in enumerate(zip(idx, tree.query_ball_point(np.c_[x[idx], y[idx]], radius_px), strict=True)):

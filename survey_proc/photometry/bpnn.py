@@ -72,6 +72,7 @@ class BPNNConfig:
 
     @property
     def head_inputs(self) -> int:
+        """Width of the head's input: the convolutional features plus the auxiliary inputs."""
         return (self.reduce_channels + self.in_channels) * self.stamp_px**2 + self.n_aux
 
 
@@ -165,6 +166,7 @@ class Residual(nn.Module):
         self.b2 = nn.BatchNorm2d(c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The module's output for the input ``x``."""
         return nnf.relu(x + self.b2(self.c2(nnf.relu(self.b1(self.c1(x))))))
 
 
@@ -255,6 +257,7 @@ class MCResult:
 
     @property
     def sigma(self) -> np.ndarray:
+        """Total uncertainty (mag): aleatoric and epistemic in quadrature."""
         return np.hypot(self.sigma_aleatoric, self.sigma_epistemic)
 
 

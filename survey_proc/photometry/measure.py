@@ -64,8 +64,10 @@ def block_seed(seed: int, epoch: int, origin_yx: tuple[int, int]) -> int:
 
 
 def window_stamps(win: Window, targets: np.ndarray, *, beta: float = 3.0, **kwargs) -> Stamps:
-    """The stamps of ``win``'s detections ``targets`` (:func:`~survey_proc.photometry.stamps.cut_stamps`;
-    ``kwargs`` go to it: ``profile``, ``binning``).
+    """The stamps of ``win``'s detections ``targets``.
+
+    :func:`~survey_proc.photometry.stamps.cut_stamps` cuts them; ``kwargs`` go to it
+    (``profile``, ``binning``).
 
     Parameters
     ----------

@@ -106,6 +106,7 @@ class StageContext:
         return self._bars.add(name, total, done)
 
     def advance(self, bar: Any) -> None:
+        """Advance ``bar`` by one step."""
         self._bars.advance(bar)
 
     def map(self, stage: str, units: Iterable[Submission], on_result: Callable[[dict, Any], None],

@@ -82,6 +82,7 @@ class CalibrateStage(Stage):
     config_sections = ("calibration",)
 
     def run(self, ctx: StageContext) -> None:
+        """Calibrate each field (module docstring), then write ``epochs.parquet``."""
         bar = ctx.bar(self.name, len(ctx.plans))
         for p in ctx.plans:
             recs = ctx.state.field_records(p)

@@ -71,6 +71,7 @@ class ClassifyStage(Stage):
     config_sections = ("classify",)
 
     def enabled(self, ctx: StageContext) -> bool:
+        """Only when the run classifies (``[classify] enabled``)."""
         return ctx.classify_fingerprint is not None
 
     def done(self, ctx: StageContext, **key: Any) -> dict[str, Any] | None:
@@ -79,6 +80,7 @@ class ClassifyStage(Stage):
         return m if m is not None and m.get("classify_fingerprint") == ctx.classify_fingerprint else None
 
     def run(self, ctx: StageContext) -> None:
+        """Classify every cross-matched region not yet classified with this classify fingerprint."""
         state = ctx.state
         units = [(p.field, r.index) for p in ctx.plans for r in p.regions if (p.field, r.index) in state.regions]
         todo = []

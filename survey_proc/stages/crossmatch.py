@@ -88,6 +88,7 @@ class CrossmatchStage(Stage):
         return recs[1]
 
     def run(self, ctx: StageContext) -> None:
+        """Cross-match every region of every field with calibrated epochs, skipping the done ones."""
         state = ctx.state
         total = sum(len(p.regions) for p in ctx.plans)
         units: list[Submission] = []

@@ -137,6 +137,7 @@ class ExtractStage(Stage):
     config_sections = ("detection", "pnet", "bpnn", "photometry", "calibration")
 
     def run(self, ctx: StageContext) -> None:
+        """Extract every epoch not yet written with this fingerprint; unusable epochs become failures."""
         cfg, state = ctx.cfg, ctx.state
         todo: list[tuple[FieldPlan, int]] = []
         for p in ctx.plans:

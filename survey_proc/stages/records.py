@@ -78,6 +78,7 @@ class EpochRecord:
 
     @property
     def apcorr_from_model(self) -> bool:
+        """The aperture correction is the field's line, not this epoch's own measurement."""
         return self.apcorr_source == APCORR_FROM_MODEL
 
     @property

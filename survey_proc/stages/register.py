@@ -122,6 +122,7 @@ class RegisterStage(Stage):
     config_sections = ("calibration",)
 
     def run(self, ctx: StageContext) -> None:
+        """Refine the rough WCSs and register the epochs without one, field by field."""
         cfg, state = ctx.cfg, ctx.state
         units: list[Submission] = []
         for p in ctx.plans:
