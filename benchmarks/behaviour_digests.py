@@ -44,9 +44,9 @@ def _cli(root: Path, out: Path, *args: str) -> None:
 
 def _small_store(root: Path, kind: str) -> Path:
     import zarr
-    from astropy.io import fits
 
     from survey_proc.simulate import load_scenario, simulate_survey
+    from survey_proc.simulate.wcs import shift_wcs_text
 
     st = root / f"{kind}.zarr"
     if st.exists():
@@ -66,10 +66,7 @@ def _small_store(root: Path, kind: str) -> Path:
         g = zarr.open_group(str(st / "fields" / "F000"), mode="r+")
         wcs = [str(w) for w in g["wcs"][:]]
         for e, (dx, dy) in ((1, (30.0, -12.0)), (3, (-25.0, 20.0))):
-            h = fits.Header.fromstring(wcs[e].strip(), sep="\n")
-            h["CRPIX1"] += dx
-            h["CRPIX2"] += dy
-            wcs[e] = h.tostring(sep="\n")
+            wcs[e] = shift_wcs_text(wcs[e], dx, dy)
         g["wcs"][:] = np.asarray(wcs, dtype=object)
     return st
 

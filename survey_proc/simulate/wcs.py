@@ -190,3 +190,29 @@ def wcs_from_text(text: str) -> WCS | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return WCS(Header.fromstring(text, sep="\n"))
+
+
+def shift_wcs_text(text: str, dx_px: float, dy_px: float) -> str:
+    """A WCS header text with its reference pixel moved by ``(dx_px, dy_px)`` pixels: a WCS that far off.
+
+    Tests and benchmarks use it to make a rough WCS (the sky then lands ``dx_px, dy_px``
+    pixels away from where the stars are).
+
+    Parameters
+    ----------
+    text
+        FITS header text (the store's ``wcs`` entry of an epoch).
+    dx_px, dy_px
+        Shift of CRPIX1 and CRPIX2 (pixels).
+
+    Returns
+    -------
+    str
+        The header text with the shifted reference pixel.
+    """
+    from astropy.io import fits
+
+    h = fits.Header.fromstring(text.strip(), sep="\n")
+    h["CRPIX1"] += dx_px
+    h["CRPIX2"] += dy_px
+    return str(h.tostring(sep="\n"))
