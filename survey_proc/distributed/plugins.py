@@ -30,8 +30,7 @@ LOADS = dict.fromkeys(KINDS, 0)  # how many times this process loaded weights, p
 def _cpu_settings() -> None:
     import torch
 
-    # normalised sky pixels make near-zero activations; denormal floats are slow on x86
-    torch.set_flush_denormal(True)
+    # (denormals are flushed per task, not here: see survey_proc.stages.base.worker_task)
     try:
         from distributed import get_worker
 

@@ -11,16 +11,24 @@ module) run on the workers, take paths and small arguments, read their own input
 their own unit atomically and return its record.
 
 Adding a stage is one new module plus one entry in :data:`survey_proc.stages.STAGES`.
+
+Every task function is wrapped in :func:`worker_task`: it computes with denormal floats
+flushed to zero (the models' near-zero activations are slow as denormals on x86), and puts
+the thread's floating-point mode back when it returns. The mode is per thread and a new
+thread inherits its creator's, so leaving it to whoever loaded a model first made a task's
+last bits depend on which thread of which worker ran it (an attached cluster and a local
+one differed in ``mag_std`` at 1e-8); now every task runs in the same mode.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, ParamSpec, TypeVar
 
 import pyarrow as pa
 
@@ -158,3 +166,39 @@ class Stage:
 def task_config(cfg_json: str) -> RunConfig:
     """The run configuration a task was given as JSON (parsed once per worker process)."""
     return config_from_json(json.loads(cfg_json))
+
+
+def _flushing_denormals() -> bool:
+    """Whether this thread flushes denormal floats to zero (FTZ/DAZ) now."""
+    import numpy as np
+
+    with np.errstate(under="ignore"):
+        return bool(np.float64(1e-310) * np.float64(1.0) == 0.0)
+
+
+@contextmanager
+def denormals_flushed() -> Iterator[None]:
+    """Compute with denormal floats flushed to zero in this thread; the previous mode is restored after."""
+    import torch
+
+    was = _flushing_denormals()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if not was:
+            torch.set_flush_denormal(False)
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def worker_task(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Mark ``fn`` as a stage's task: it runs with denormals flushed (:func:`denormals_flushed`)."""
+    @functools.wraps(fn)
+    def task(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with denormals_flushed():
+            return fn(*args, **kwargs)
+
+    return task

@@ -25,7 +25,7 @@ import pyarrow as pa
 from survey_proc.catalog import calibrate as cal
 from survey_proc.errors import ConfigError, SurveyProcError
 from survey_proc.outputs import write_parquet_atomic
-from survey_proc.stages.base import OutputUnit, Stage, StageContext, Submission, task_config
+from survey_proc.stages.base import OutputUnit, Stage, StageContext, Submission, task_config, worker_task
 from survey_proc.stages.extract import SOURCES_UNIT, read_epoch, write_epoch
 from survey_proc.stages.plan import FieldPlan, reference_stars
 from survey_proc.stages.records import APCORR_FROM_MODEL, EpochRecord
@@ -36,6 +36,7 @@ INTERNAL_REFERENCE_UNIT = OutputUnit("calibration/field={field}/reference.parque
 EPOCHS_UNIT = OutputUnit("epochs.parquet", None)
 
 
+@worker_task
 def recalibrate_epoch_task(out: str, field: str, epoch: int, model_zp: dict | None, reference_path: str | None,
                            ref_wcs_text: str, cfg_json: str, fingerprint: str, apcorr: float | None = None
                            ) -> EpochRecord:
@@ -63,6 +64,7 @@ def recalibrate_epoch_task(out: str, field: str, epoch: int, model_zp: dict | No
     return write_epoch(out, src, record.with_(zp=zp, fingerprint=fingerprint))
 
 
+@worker_task
 def reference_matches_task(out: str, field: str, epoch: int, reference_path: str, cfg_json: str) -> pd.DataFrame:
     """The calibrator matches of one written epoch against a reference: epoch, star, mag_inst, mag_inst_err."""
     cfg = task_config(cfg_json)

@@ -20,10 +20,11 @@ import pyarrow.parquet as pq
 from survey_proc.catalog.schema import CLASSIFY_COLUMNS, OBJECTS
 from survey_proc.errors import SurveyProcError
 from survey_proc.outputs import write_parquet_atomic
-from survey_proc.stages.base import Stage, StageContext, Submission, task_config
+from survey_proc.stages.base import Stage, StageContext, Submission, task_config, worker_task
 from survey_proc.stages.crossmatch import LIGHTCURVES_UNIT, OBJECTS_UNIT
 
 
+@worker_task
 def classify_region_task(out: str, field: str, region: int, cfg_json: str, classify_fingerprint: str
                          ) -> dict[str, Any]:
     """Search and classify the light curves of one region; rewrite its objects file with the results."""

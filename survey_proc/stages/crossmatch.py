@@ -24,7 +24,7 @@ from survey_proc.catalog import crossmatch as xm
 from survey_proc.catalog.astrometry import parse_wcs, pixel_to_world
 from survey_proc.catalog.schema import LIGHTCURVES, OBJECTS
 from survey_proc.outputs import write_parquet_atomic
-from survey_proc.stages.base import OutputUnit, Stage, StageContext, Submission, task_config
+from survey_proc.stages.base import OutputUnit, Stage, StageContext, Submission, task_config, worker_task
 from survey_proc.stages.extract import SOURCES_UNIT
 from survey_proc.stages.records import EpochRecord
 
@@ -40,6 +40,7 @@ def inputs_digest(records: list[EpochRecord]) -> str:
     return hashlib.sha256(repr(items).encode()).hexdigest()[:16]
 
 
+@worker_task
 def crossmatch_region_task(out: str, field: str, field_index: int, region: xm.Region, epochs: list[int],
                            fwhm_px: float, ref_wcs_text: str, cfg_json: str, fingerprint: str, digest: str
                            ) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from survey_proc.catalog.schema import SOURCES
 from survey_proc.errors import SurveyProcError
 from survey_proc.outputs import write_parquet_atomic
 from survey_proc.photometry.measure import block_seed
-from survey_proc.stages.base import OutputUnit, Stage, StageContext, Submission, task_config
+from survey_proc.stages.base import OutputUnit, Stage, StageContext, Submission, task_config, worker_task
 from survey_proc.stages.plan import FieldPlan, reference_stars
 from survey_proc.stages.records import EpochRecord
 from survey_proc.tiling import Tile
@@ -69,6 +69,7 @@ def _block_models(cfg_json: str) -> tuple[Any, Any]:
     return detector, bpnn
 
 
+@worker_task
 def extract_block_task(job: EpochJob, tiles: list[Tile], window: tuple[int, int, int, int]
                        ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Read one block's window of one epoch; return its owned detections and its BlockInfo as a dict."""
@@ -86,6 +87,7 @@ def extract_block_task(job: EpochJob, tiles: list[Tile], window: tuple[int, int,
     return res.table, {**res.info.to_dict(), "read_s": t_read, "task_s": time.perf_counter() - t0}
 
 
+@worker_task
 def finalize_epoch_task(job: EpochJob, blocks: list[tuple[pd.DataFrame, dict[str, Any]]]) -> EpochRecord:
     """Merge an epoch's blocks, add astrometry, calibrate (with an external reference), write sources.
 

@@ -24,7 +24,7 @@ from survey_proc.catalog import calibrate as cal
 from survey_proc.catalog.astrometry import parse_wcs, pixel_to_world
 from survey_proc.catalog.registration import RegistrationError, register
 from survey_proc.errors import SurveyProcError
-from survey_proc.stages.base import Stage, StageContext, Submission, task_config
+from survey_proc.stages.base import Stage, StageContext, Submission, task_config, worker_task
 from survey_proc.stages.extract import SOURCES_UNIT, read_epoch, write_epoch
 from survey_proc.stages.plan import reference_stars
 from survey_proc.stages.records import EpochRecord
@@ -36,6 +36,7 @@ def _match_radius_px(rec: EpochRecord) -> float:
     return max(1.0, 0.75 * float(rec.fwhm_px))
 
 
+@worker_task
 def refine_wcs_task(out: str, field: str, epoch: int, ref_wcs_text: str, reference_path: str, cfg_json: str,
                     fingerprint: str) -> EpochRecord:
     """Register an epoch with a rough WCS to the reference catalogue and fit its zero point again.
@@ -69,6 +70,7 @@ def refine_wcs_task(out: str, field: str, epoch: int, ref_wcs_text: str, referen
         wcs_refinement="refined against the reference catalogue", fingerprint=fingerprint))
 
 
+@worker_task
 def register_epoch_task(out: str, field: str, epoch: int, ref_epoch: int, ref_wcs_text: str,
                         reference_path: str | None, cfg_json: str, fingerprint: str) -> EpochRecord:
     """Register an epoch without a WCS to the reference epoch's sources; rewrite its positions.
