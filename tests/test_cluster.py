@@ -4,6 +4,7 @@ running scheduler."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import pandas as pd
 import pytest
 
 from survey_proc.cli import main
+from survey_proc.distributed.cluster import library_thread_env
 
 
 def test_cuda_cluster_without_dask_cuda_is_a_clear_error():
@@ -79,10 +81,13 @@ def external_cluster(tmp_path):
                 raise RuntimeError("the dask scheduler did not start in 60 s")
             time.sleep(0.2)
         addr = json.loads(sf.read_text())["address"]
+        # the library threads a local run gives its 2 workers: torch's reductions (and so the last bits of the
+        # fluxes) depend on them, and this process's environment holds whatever the last LocalCluster set
+        env = {**os.environ, **library_thread_env(2, 1)}
         for _ in range(2):
             procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", addr, "--nthreads",
                                            "1", "--no-dashboard", "--host", "127.0.0.1"],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
         from distributed import Client
 
         with Client(addr, timeout="30s") as c:

@@ -15,9 +15,9 @@ Adding a stage is one new module plus one entry in :data:`survey_proc.stages.STA
 Every task function is wrapped in :func:`worker_task`: it computes with denormal floats
 flushed to zero (the models' near-zero activations are slow as denormals on x86), and puts
 the thread's floating-point mode back when it returns. The mode is per thread and a new
-thread inherits its creator's, so leaving it to whoever loaded a model first made a task's
-last bits depend on which thread of which worker ran it (an attached cluster and a local
-one differed in ``mag_std`` at 1e-8); now every task runs in the same mode.
+thread inherits its creator's, so setting it once when a model was loaded (as before) left
+the mode of a task to the history of its thread, and leaked into the caller's process when
+a task ran in-process (a test or a notebook: hypothesis then refuses subnormal floats).
 """
 
 from __future__ import annotations
