@@ -237,7 +237,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except SurveyProcError:
             pass  # not a simulated survey: nothing to compare with
         else:
-            run["evaluation"] = evaluate_run(out, path)
+            try:
+                run["evaluation"] = evaluate_run(out, path)
+            except Exception as exc:  # optional: a comparison that cannot run never fails the run
+                run["evaluation"] = {"error": f"{type(exc).__name__}: {exc}"}
+                print(f"Warning: the comparison with truth could not run ({type(exc).__name__}: {exc}); it is "
+                      "skipped (the run's outputs are complete). Pass --no-evaluate to skip it", file=sys.stderr)
             write_json_atomic(run, out / "run.json")
     print("\n".join(summary_lines(run)))
     if run["status"] != "complete" and args.allow_failures:

@@ -79,7 +79,8 @@ class CalibrationConfig:
     isolation_flux_ratio: float = 0.025  # ... with at least this fraction of the star's flux (4 mag)
     snr_min: float = 20.0
     clip_sigma: float = 3.0  # sigma clipping about the median with a MAD scale
-    min_stars: int = 10  # fewer: the epoch takes the zero point of the cross-epoch model
+    min_stars: int = 10  # fewer: a fit flagged ZP_FEW with a widened error, down to min_stars_fit
+    min_stars_fit: int = 3  # fewer: the epoch takes the zero point of the cross-epoch model
     max_stars: int = 300  # the brightest usable stars
     reference_epoch: int | None = None  # relative calibration only; None: most detections
 
@@ -258,6 +259,9 @@ class RunConfig:
                               f"classify.period_max_days ({c.period_max_days}; 0 = baseline / 1.15)")
         if self.calibration.min_stars < 1:
             raise ConfigError(f"calibration.min_stars must be >= 1, got {self.calibration.min_stars}")
+        if not 1 <= self.calibration.min_stars_fit <= self.calibration.min_stars:
+            raise ConfigError(f"calibration.min_stars_fit must be between 1 and calibration.min_stars "
+                              f"({self.calibration.min_stars}), got {self.calibration.min_stars_fit}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -47,7 +47,9 @@ def summary_lines(run: dict[str, Any]) -> list[str]:
         lines.append(f"  sep overflow fallbacks: {len(run['extraction_fallbacks'])} epoch(s) (see run.json)")
     lines.append("  wall time: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in t.items()))
     ev = run.get("evaluation")
-    if ev:
+    if ev and "error" in ev:
+        lines.append(f"  vs truth: not compared ({' '.join(str(ev['error']).split())})")
+    elif ev:
         for fid, e in ev["fields"].items():
             lines.append(
                 f"  vs truth {fid} ({len(e['sample_epochs'])} epochs): recall {e['recall']:.3f} "

@@ -10,7 +10,8 @@ Checks, each reported as one line naming the file or key:
 4. referential integrity: every light-curve object is in ``objects``, every light-curve
    ``source_id`` (non-null) is in ``sources``, and ``objects.n_epochs`` equals the object's
    light-curve length;
-5. counts against ``run.json``: sources, objects, light-curve points, epochs written.
+5. counts against ``run.json``: sources, objects, light-curve points, epochs written;
+6. no light-curve point comes from an epoch ``run.json`` lists as failed.
 """
 
 from __future__ import annotations
@@ -105,6 +106,14 @@ def validate_output(out: str | Path, max_examples: int = 3) -> list[str]:
             if bad[0]:
                 problems.append(f"objects: {bad[0]} object(s) whose n_epochs differs from their light-curve length, "
                                 f"e.g. {bad[1]}")
+    failed = sorted({(str(f["field"]), int(f["epoch"])) for f in run.get("failures", []) if "epoch" in f})
+    if failed and files["lightcurves"]:
+        values = ", ".join(f"('{fi}', {e})" for fi, e in failed)
+        leak = q(f"select count(*), min(field), min(epoch) from {rel('lightcurves')} "
+                 f"where (field, epoch) in (select * from (values {values}))")[0]
+        if leak[0]:
+            problems.append(f"lightcurves: {leak[0]} point(s) from epochs run.json lists as failed, e.g. field "
+                            f"{leak[1]} epoch {leak[2]}; a failed epoch must not reach the light curves")
     counts = run.get("counts", {})
     for key, have in (("sources", n["sources"]), ("objects", n["objects"]), ("lightcurve_points", n["lightcurves"]),
                       ("epochs_written", len(files["sources"]))):

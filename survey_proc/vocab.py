@@ -35,11 +35,12 @@ ZP_MODEL = 1 << 8  # the epoch's zero point comes from the cross-epoch model (to
 NO_WCS = 1 << 9  # the epoch has no WCS: ra/dec are NaN, the cross-match uses pixel positions
 FORCED = 1 << 10  # reserved: forced photometry at an object position (no detection)
 STAMP_FILLED = 1 << 11  # the BPNN stamp had masked or off-image pixels, filled with the PSF model
+ZP_FEW = 1 << 12  # the epoch's zero point rests on fewer than calibration.min_stars stars; its error is widened
 
 NAMES: dict[int, str] = {
     SATURATED: "SATURATED", MASKED: "MASKED", COSMIC: "COSMIC", BLENDED: "BLENDED", EDGE: "EDGE",
     CENTROID: "CENTROID", NONPOSITIVE: "NONPOSITIVE", EXTRACT_FALLBACK: "EXTRACT_FALLBACK",
-    ZP_MODEL: "ZP_MODEL", NO_WCS: "NO_WCS", FORCED: "FORCED", STAMP_FILLED: "STAMP_FILLED",
+    ZP_MODEL: "ZP_MODEL", NO_WCS: "NO_WCS", FORCED: "FORCED", STAMP_FILLED: "STAMP_FILLED", ZP_FEW: "ZP_FEW",
 }
 
 # flags that make a point unfit for photometric statistics (object means, calibration)

@@ -28,10 +28,47 @@ def test_robust_zeropoint_ignores_outliers_and_quotes_its_error():
 
 
 def test_fit_epoch_zeropoint_status_depends_on_star_count():
-    cfg = CalibrationConfig(min_stars=10)
-    m = np.linspace(-12, -9, 8)
-    z = cal.fit_epoch_zeropoint(m, np.full(8, 0.01), m + 30.0, np.full(8, 0.01), cfg)
-    assert z.status == "few" and z.zp == pytest.approx(30.0)
+    cfg = CalibrationConfig(min_stars=10, min_stars_fit=3)
+    rng = np.random.default_rng(4)
+    for n, status in ((12, "fit"), (9, "fit_few"), (3, "fit_few"), (2, "few")):
+        m = np.linspace(-12, -9, n)
+        dz = rng.normal(0.0, 0.02, n)
+        z = cal.fit_epoch_zeropoint(m, np.full(n, 0.005), m + 30.0 + dz, np.full(n, 0.005), cfg)
+        assert z.status == status and z.n_used == n and z.zp == pytest.approx(30.0, abs=0.05), n
+        if status == "fit_few":  # the error is widened to the per-star scatter
+            assert z.zp_err == pytest.approx(max(z.scatter, 0.005 * np.sqrt(2) / np.sqrt(n)))
+
+
+def test_a_field_with_3_to_9_calibrators_is_calibrated_and_flagged():
+    from survey_proc import vocab as F
+
+    cfg = CalibrationConfig(min_stars=10, min_stars_fit=3)
+    src = pd.DataFrame({"mag_inst": [-10.0, -11.0], "mag_inst_err": [0.01, 0.02], "flags": np.zeros(2, np.int32)})
+    m = np.array([-12.0, -11.5, -11.0, -10.0])
+    z = cal.fit_epoch_zeropoint(m, np.full(4, 0.01), m + 25.0, np.full(4, 0.01), cfg)
+    cal.apply_zeropoint(src, z)
+    assert z.status == cal.ZpStatus.FIT_FEW and (src["flags"] & F.ZP_FEW).all()
+    assert not (src["flags"] & F.ZP_MODEL).any()
+    assert src["mag"].to_numpy() == pytest.approx([15.0, 14.0])
+    assert F.describe(F.ZP_FEW) == ["ZP_FEW"]
+
+
+def test_ensemble_recovers_injected_offsets_and_fits_few_star_epochs():
+    rng = np.random.default_rng(11)
+    n_star, n_epoch = 40, 12
+    mag = rng.uniform(15, 19, n_star)
+    offset = rng.normal(0, 0.05, n_epoch)
+    rows = []
+    for e in range(n_epoch):
+        stars = range(n_star) if e != 5 else range(4)  # epoch 5 sees only 4 stars
+        for s in stars:
+            rows.append({"epoch": e, "star": s, "mag_inst": mag[s] - 25.0 - offset[e] + rng.normal(0, 0.0005),
+                         "mag_inst_err": 0.0005})
+    zps, _ = cal.ensemble_zeropoints(pd.DataFrame(rows), 3.0, min_stars=10, min_stars_fit=3)
+    rel = zps["zp"].to_numpy() - offset
+    assert np.ptp(rel) < 0.001  # per-epoch offsets recovered to < 1 mmag (up to the free constant)
+    assert zps.loc[5, "status"] == "fit_few" and (zps.drop(5)["status"] == "fit").all()
+    assert zps.loc[5, "zp_err"] >= zps.loc[5, "scatter"]
 
 
 def test_airmass_model_recovers_extinction():

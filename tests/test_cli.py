@@ -99,3 +99,21 @@ def test_evaluate_loaders_and_missing_truth(tmp_path, capsys):
         evaluate.load_truth_epochs(out)
     with pytest.raises(SurveyProcError, match=r"reference catalogue .*nope.parquet does not exist"):
         evaluate.load_reference_catalog(tmp_path / "nope.parquet")
+
+
+def test_a_truth_comparison_that_cannot_run_is_a_warning_not_a_failed_run(tmp_path, capsys):
+    st = tmp_path / "s.zarr"
+    main(["simulate", "--out", str(st), "--epochs", "3", "--size", "256", "--workers", "0", "--quiet",
+          "--set", "psf_oversample=3", "--seed", "5"])
+    (tmp_path / "s.truth" / "summary.json").unlink()  # a truth folder without its summary
+    out = tmp_path / "out"
+    code = main(["run", str(st), "--out", str(out), "--detector", "sep", "--photometry", "classical",
+                 "--no-classify", "--tile-px", "128", "--halo-px", "16", "--workers", "1", "--quiet"])
+    cap = capsys.readouterr()
+    err = cap.err
+    assert code == 0
+    assert "Warning: the comparison with truth could not run (" in err and "summary.json" in err
+    assert "it is skipped (the run's outputs are complete). Pass --no-evaluate to skip it" in err
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "complete" and "summary.json" in run["evaluation"]["error"]
+    assert "  vs truth: not compared (FileNotFoundError: " in cap.out

@@ -92,3 +92,16 @@ def test_cli_lists_failed_units_and_allow_failures_exits_zero(border_survey, tmp
     assert main([*args, "--out", str(tmp_path / "b"), "--allow-failures"]) == 0
     assert "1 failed unit(s) allowed by --allow-failures" in capsys.readouterr().out
     assert validate_output(tmp_path / "b") == []  # what was written is consistent
+
+
+def test_points_from_an_epoch_listed_as_failed_are_reported(good_run, tmp_path):
+    out = _copy(good_run, tmp_path)
+    run = json.loads((out / "run.json").read_text())
+    run["failures"] = [{"stage": "calibrate", "field": "F000", "epoch": 1, "error": "x", "attempts": 1}]
+    (out / "run.json").write_text(json.dumps(run))
+    problems = validate_output(out)
+    assert len(problems) == 1
+    assert problems[0].startswith("lightcurves: ") and "from epochs run.json lists as failed, e.g. field F000 " \
+        "epoch 1; a failed epoch must not reach the light curves" in problems[0]
+    n = pq.read_table(out / "lightcurves").to_pandas().query("epoch == 1").shape[0]
+    assert problems[0].startswith(f"lightcurves: {n} point(s)") and n > 0

@@ -26,8 +26,12 @@ Across epochs
 :func:`fit_airmass_model` fits ``zp(X) = zp0 - k (X - 1)`` to the well-calibrated epochs
 of a field by iteratively clipped weighted least squares (``k``: extinction, mag per
 airmass; space data with no airmass fit a constant). Epochs with fewer than ``min_stars``
-usable reference stars take the model's zero point, with the model's scatter as error,
-and their sources get the ``ZP_MODEL`` flag.
+usable reference stars but at least ``min_stars_fit`` (3) keep their own fit, status
+``fit_few``, with the error widened to the per-star scatter (not divided by sqrt(n): a few
+stars say little about the scatter's mean) and the ``ZP_FEW`` flag on their sources; a
+small field with a handful of calibrators is calibrated rather than failed. Epochs with
+fewer than ``min_stars_fit`` take the model's zero point, with the model's scatter as
+error, and their sources get the ``ZP_MODEL`` flag.
 
 Aperture correction across epochs
 ---------------------------------
@@ -61,6 +65,7 @@ class ZpStatus(StrEnum):
     """How an epoch's zero point was obtained (stored as its string value in records and ``epochs.parquet``)."""
 
     FIT = "fit"  # fitted against reference stars
+    FIT_FEW = "fit_few"  # fitted on min_stars_fit..min_stars-1 stars, error widened; sources get ZP_FEW
     MODEL = "model"  # the field's cross-epoch model (too few reference stars); sources get ZP_MODEL
     FEW = "few"  # too few reference stars: awaiting the model
     PENDING = "pending"  # no reference yet (relative calibration: the ensemble fit comes later)
@@ -193,13 +198,27 @@ def select_calibrators(x: np.ndarray, y: np.ndarray, snr: np.ndarray, flags: np.
     return i_src[order], i_ref[order]
 
 
+def zeropoint_status(n_used: int, cfg: CalibrationConfig) -> ZpStatus:
+    """``fit`` with ``min_stars`` or more stars, ``fit_few`` with ``min_stars_fit`` or more, else ``few``."""
+    if n_used >= cfg.min_stars:
+        return ZpStatus.FIT
+    return ZpStatus.FIT_FEW if n_used >= cfg.min_stars_fit else ZpStatus.FEW
+
+
+def few_star_error(zp_err: float, scatter: float) -> float:
+    """The error of a zero point fitted on few stars: at least the per-star scatter (mag)."""
+    return float(np.nanmax([zp_err, scatter]))
+
+
 def fit_epoch_zeropoint(mag_inst: np.ndarray, mag_inst_err: np.ndarray, ref_mag: np.ndarray,
                         ref_mag_err: np.ndarray, cfg: CalibrationConfig) -> ZeroPoint:
-    """Zero point from matched calibrators (already selected): ``status`` "fit" or "few"."""
+    """Zero point from matched calibrators (already selected): status ``fit``, ``fit_few`` or ``few``."""
     n_cand = len(mag_inst)
     err = np.hypot(mag_inst_err, ref_mag_err)
     zp, zp_err, scatter, n = robust_zeropoint(ref_mag - mag_inst, err, cfg.clip_sigma)
-    status = ZpStatus.FIT if n >= cfg.min_stars else ZpStatus.FEW
+    status = zeropoint_status(n, cfg)
+    if status == ZpStatus.FIT_FEW:
+        zp_err = few_star_error(zp_err, scatter)
     return ZeroPoint(zp, zp_err, scatter, n, n_cand, status)
 
 
@@ -259,6 +278,8 @@ def apply_zeropoint(sources: pd.DataFrame, zp: ZeroPoint) -> pd.DataFrame:
     sources["zp"] = zp.zp
     if zp.status == ZpStatus.MODEL:
         sources["flags"] = sources["flags"].to_numpy() | F.ZP_MODEL
+    elif zp.status == ZpStatus.FIT_FEW:
+        sources["flags"] = sources["flags"].to_numpy() | F.ZP_FEW
     return sources
 
 
@@ -286,7 +307,7 @@ def internal_reference(sources: pd.DataFrame, zeropoint_nominal: float, fwhm_px:
 
 
 def ensemble_zeropoints(matches: pd.DataFrame, clip_sigma: float = 3.0, min_stars: int = 10,
-                        n_iter: int = 20) -> tuple[pd.DataFrame, pd.DataFrame]:
+                        n_iter: int = 20, min_stars_fit: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Relative zero points of many epochs from the same stars (ensemble photometry).
 
     Solves ``m_inst[e, s] = M[s] - zp[e]`` for every star ``s`` seen in epoch ``e`` by
@@ -301,6 +322,9 @@ def ensemble_zeropoints(matches: pd.DataFrame, clip_sigma: float = 3.0, min_star
     ----------
     matches
         One row per (epoch, star): ``epoch``, ``star``, ``mag_inst``, ``mag_inst_err``.
+    clip_sigma, min_stars, min_stars_fit
+        Clipping (sigma) and the star counts of :func:`zeropoint_status` (``min_stars_fit``
+        None: ``min_stars``, i.e. no few-star fits).
 
     Returns
     -------
@@ -328,11 +352,18 @@ def ensemble_zeropoints(matches: pd.DataFrame, clip_sigma: float = 3.0, min_star
     for e, g in m.groupby("epoch"):
         g = g[g["star"].isin(keep)]
         z, ze, sc, n = robust_zeropoint(g["M"] - g["mag_inst"], g["mag_inst_err"], clip_sigma)
+        status = zeropoint_status(n, CalibrationConfig(min_stars=min_stars,
+                                                       min_stars_fit=min_stars if min_stars_fit is None
+                                                       else min_stars_fit))
+        if status == ZpStatus.FIT_FEW:
+            ze = few_star_error(ze, sc)
         rows.append({"epoch": e, "zp": z, "zp_err": ze, "scatter": sc, "n_used": n, "n_candidates": len(g),
-                     "status": str(ZpStatus.FIT if n >= min_stars else ZpStatus.FEW)})
+                     "status": str(status)})
     zps = pd.DataFrame(rows).set_index("epoch") if rows else pd.DataFrame(
         columns=["zp", "zp_err", "scatter", "n_used", "n_candidates", "status"])
     fit = zps["status"] == ZpStatus.FIT
+    if not fit.any():  # no epoch with min_stars: the few-star fits set the level
+        fit = zps["status"] == ZpStatus.FIT_FEW
     level = float(np.median(zps.loc[fit, "zp"])) if fit.any() else 0.0
     zps["zp"] -= level
     stars["mag"] += level

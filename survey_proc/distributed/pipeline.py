@@ -10,8 +10,9 @@ goes on; later stages use what exists.
 
 Before the cluster starts, the run's models are loaded once on the driver (a bad file
 fails here) and every input is checked; only then is the output directory prepared, so a
-refused run writes nothing. Ctrl-C records status ``interrupted``; the written units stay
-and the same command resumes (each stage's done-check skips complete units).
+refused run writes nothing. Ctrl-C records status ``interrupted``, and an error that stops
+the run (not a unit's: those are quarantined) status ``failed`` with the error; the written
+units stay and the same command resumes (each stage's done-check skips complete units).
 """
 
 from __future__ import annotations
@@ -207,10 +208,14 @@ def run_pipeline(cfg: RunConfig, client: Any = None) -> dict[str, Any]:
                              threads_per_worker=cfg.threads_per_worker, quiet=not cfg.progress) as c:
                 state.timings["cluster_start_s"] = time.perf_counter() - t
                 stages(c)
-    except KeyboardInterrupt:  # Ctrl-C: record what was done; the written units stay and a re-run resumes
+    except BaseException as exc:  # Ctrl-C, or a stage that could not go on: record what was done, then stop
         state.timings["total_s"] = time.perf_counter() - t_all
         run.update(state.summary(plans))
-        run["status"] = "interrupted"
+        if isinstance(exc, KeyboardInterrupt):  # the written units stay and a re-run resumes
+            run["status"] = "interrupted"
+        else:
+            run["status"] = "failed"
+            run["error"] = f"{type(exc).__name__}: {exc}"
         write_json_atomic(run, layout.run_json)
         raise
     clean_temporaries(cfg.out)  # a worker killed while writing leaves its temporary file behind

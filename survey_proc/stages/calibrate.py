@@ -89,7 +89,12 @@ class CalibrateStage(Stage):
         for p in ctx.plans:
             recs = ctx.state.field_records(p)
             if recs:
-                ctx.state.calibration[p.field] = self._field(ctx, p, recs)
+                try:
+                    ctx.state.calibration[p.field] = self._field(ctx, p, recs)
+                except SurveyProcError as exc:  # this field cannot be calibrated: its epochs are left out
+                    ctx.state.calibration[p.field] = {"error": str(exc)}
+                    ctx.state.failures += [{"stage": self.name, "field": p.field, "epoch": e, "error": str(exc),
+                                            "attempts": 1} for e in sorted(recs)]
             ctx.advance(bar)
         rows = [r.summary() for _, r in sorted(ctx.state.records.items())]
         if rows:
@@ -115,11 +120,13 @@ class CalibrateStage(Stage):
         out = ctx.cfg.out
         meta = INTERNAL_REFERENCE_UNIT.record(out, field=p.field)
         if meta is None or meta.get("fingerprint") != ctx.fingerprint:
+            requested = ctx.cfg.calibration.reference_epoch
+            # the reference epoch's magnitudes define the field's: it must have measured its aperture correction
+            candidates = {e: r.n_sources for e, r in recs.items() if e not in new_apcorr or e == requested}
             try:
-                ref_epoch = cal.choose_reference_epoch({e: r.n_sources for e, r in recs.items()},
-                                                       ctx.cfg.calibration.reference_epoch)
+                ref_epoch = cal.choose_reference_epoch(candidates, requested)
             except ValueError as exc:
-                raise ConfigError(str(exc)) from None
+                raise ConfigError(f"field {p.field}: {exc}") from None
             if ref_epoch in new_apcorr:
                 raise SurveyProcError(f"field {p.field}: the reference epoch {ref_epoch} has no measured "
                                       "aperture correction; set calibration.reference_epoch to another epoch")
@@ -157,7 +164,7 @@ class CalibrateStage(Stage):
                                            (ctx.cfg.out, p.field, e, ref_path, ctx.cfg_json)) for e in sorted(recs)],
                     lambda key, m: parts.append(m))
             zps, stars = cal.ensemble_zeropoints(pd.concat(parts, ignore_index=True), ccfg.clip_sigma,
-                                                 ccfg.min_stars)
+                                                 ccfg.min_stars, min_stars_fit=ccfg.min_stars_fit)
             info["ensemble_stars_used"] = int(stars["used"].sum())
             ens = cal.ensemble_epoch_zeropoints(zps, sorted(recs), p.zeropoint_nominal)
             self._recalibrate(ctx, p, recs, {e: (zp.to_dict(), None, None) for e, zp in ens.items()})
@@ -169,11 +176,21 @@ class CalibrateStage(Stage):
         info["model"] = model
         needs_model = [e for e, r in recs.items() if r.needs_model_zp]
         if needs_model and not np.isfinite(model["zp0"]):
+            if reference is None:
+                advice = (f"the internal reference (epoch {info['reference_epoch']}) has {info['reference_stars']} "
+                          "star(s); pass a reference catalogue with --reference, or lower "
+                          "calibration.min_stars_fit")
+            else:
+                advice = (f"check that the reference catalogue {reference} covers the field and reaches its "
+                          f"stars (S/N >= calibration.snr_min = {ccfg.snr_min:g}, isolated)")
             for e in needs_model:
-                ctx.state.failures.append({"stage": self.name, "field": p.field, "epoch": e,
-                                           "error": "no epoch of this field could be calibrated, so there is no "
-                                                    "zero-point model either; check the reference catalogue "
-                                                    "covers the field"})
+                z = recs[e].zp
+                ctx.state.failures.append({
+                    "stage": self.name, "field": p.field, "epoch": e,
+                    "error": f"field {p.field} epoch {e}: {z.n_used} usable reference star(s) of {z.n_candidates} "
+                             f"matched (a zero point needs calibration.min_stars_fit = {ccfg.min_stars_fit}), and no "
+                             "epoch of the field had enough for the cross-epoch zero-point model; the epoch is left "
+                             f"out of the light curves. {advice[0].upper()}{advice[1:]}"})
         elif needs_model:
             self._recalibrate(ctx, p, recs, {e: (cal.model_epoch_zeropoint(model, recs[e].airmass,
                                                                            recs[e].zp.n_candidates).to_dict(),

@@ -151,11 +151,8 @@ class RegisterStage(Stage):
                       for e in todo]
         if not units:
             return
-        n_fail = len(state.failures)
-
         def done(key: dict[str, Any], rec: EpochRecord) -> None:
             state.records[(key["field"], key["epoch"])] = rec
 
+        # an unregistered epoch is a failure: the later stages leave it out (RunState.field_records)
         ctx.map(self.name, units, done, ctx.bar(self.name, len(units)))
-        for f in state.failures[n_fail:]:  # an unregistered epoch must not reach the cross-match
-            state.records.pop((f["field"], f["epoch"]), None)

@@ -31,8 +31,18 @@ class RunState:
     calibration: dict[str, dict] = field(default_factory=dict)
 
     def field_records(self, plan: FieldPlan) -> dict[int, EpochRecord]:
-        """Epoch -> record of the field's written epochs, in epoch order."""
-        return {e: self.records[(plan.field, e)] for e in range(plan.n_epochs) if (plan.field, e) in self.records}
+        """Epoch -> record of the field's written epochs that no stage has failed, in epoch order.
+
+        An epoch quarantined by a later stage (registration, calibration) keeps its sources
+        unit, but nothing downstream reads it: it never reaches the light curves.
+        """
+        failed = self.failed_epochs()
+        return {e: self.records[(plan.field, e)] for e in range(plan.n_epochs)
+                if (plan.field, e) in self.records and (plan.field, e) not in failed}
+
+    def failed_epochs(self) -> set[tuple[str, int]]:
+        """(field, epoch) of every epoch some stage quarantined."""
+        return {(f["field"], int(f["epoch"])) for f in self.failures if "epoch" in f}
 
     def summary(self, plans: list[FieldPlan]) -> dict[str, Any]:
         """The run.json keys the run adds: timings, counts, cross-match, zero points, registration, failures."""
@@ -53,6 +63,7 @@ class RunState:
                 **self.counts,
                 "epochs_total": int(sum(p.n_epochs for p in plans)),
                 "epochs_written": len(recs),
+                "epochs_left_out": len(self.failed_epochs()),
                 "sources": int(n_src.sum()),
                 "sources_per_epoch": {"median": float(np.median(n_src)) if len(n_src) else 0,
                                       "min": int(n_src.min()) if len(n_src) else 0,

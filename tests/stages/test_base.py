@@ -66,3 +66,11 @@ def test_detector_names_agree_between_vocabulary_config_and_registry():
         assert cls.name == name
         if cls.weights_setting:  # the section holding its weights is one only it reads
             assert cls.weights_setting.split(".")[0] in vocab.DETECTOR_SECTIONS[name]
+
+
+def test_the_flags_table_in_the_docs_lists_every_flag_of_the_vocabulary():
+    from survey_proc import vocab
+
+    text = (ROOT / "docs" / "pipeline.md").read_text()
+    for bit, name in vocab.NAMES.items():
+        assert f"| {bit.bit_length() - 1} | {name} |" in text, name

@@ -1,0 +1,56 @@
+"""stages/calibrate.py in a run: an epoch calibration gave up on is quarantined and never reaches the light curves;
+an error that stops a run is recorded in run.json."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from survey_proc.distributed.pipeline import run_pipeline
+from survey_proc.validate import validate_output
+from tests.conftest import run_config
+
+
+def test_epochs_that_cannot_be_calibrated_are_failures_left_out_of_the_light_curves(border_survey, client, tmp_path):
+    # relative calibration that asks for more stars than the field has: no epoch is "fit", so there is
+    # no zero-point model either; every epoch fails calibration
+    out = tmp_path / "out"
+    run = run_pipeline(run_config(border_survey["store"], out, tile_px=128, halo_px=16, reference="none",
+                                  calibration={"min_stars": 10_000, "min_stars_fit": 10_000},
+                                  crossmatch={"region_px": 128, "min_epochs": 2}), client=client)
+    assert run["status"] == "incomplete"
+    failed = [f for f in run["failures"] if f["stage"] == "calibrate"]
+    assert sorted(f["epoch"] for f in failed) == [0, 1, 2]
+    for f in failed:
+        assert f["error"].startswith(f"field F000 epoch {f['epoch']}: ")
+        assert " usable reference star(s) of " in f["error"]
+        assert ("(a zero point needs calibration.min_stars_fit = 10000), and no epoch of the field had enough for the "
+                "cross-epoch zero-point model; the epoch is left out of the light curves. The internal reference "
+                "(epoch ") in f["error"]
+        assert f["error"].endswith("star(s); pass a reference catalogue with --reference, or lower "
+                                   "calibration.min_stars_fit")
+    assert run["counts"]["epochs_written"] == 3 and run["counts"]["epochs_left_out"] == 3
+    assert run["counts"]["lightcurve_points"] == 0 and run["counts"]["objects"] == 0
+    lc = out / "lightcurves"
+    assert not lc.exists() or pq.read_table(lc).num_rows == 0
+    assert validate_output(out) == []
+
+
+def test_an_error_that_stops_the_run_is_recorded_in_run_json(border_survey, client, tmp_path, monkeypatch):
+    from survey_proc.stages import STAGES
+
+    calibrate = next(s for s in STAGES if s.name == "calibrate")
+
+    def broken(ctx):
+        raise RuntimeError("the calibrate stage broke")
+
+    monkeypatch.setattr(calibrate, "run", broken)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="the calibrate stage broke"):
+        run_pipeline(run_config(border_survey["store"], out, tile_px=128, halo_px=16,
+                                crossmatch={"region_px": 128, "min_epochs": 2}), client=client)
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "failed" and run["error"] == "RuntimeError: the calibrate stage broke"
+    assert run["counts"]["epochs_written"] == 3  # what was done before is recorded; a re-run resumes from it
