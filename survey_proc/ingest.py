@@ -8,7 +8,8 @@ Header handling (each rule names the keywords it reads, in order)
 -----------------------------------------------------------------
 - **Time** (mid-exposure MJD): ``MJD-MID``; ``MJD-OBS`` (start) + half the exposure;
   ``DATE-OBS`` (ISO ``YYYY-MM-DD[Thh:mm:ss]``, or the pre-2000 ``DD/MM/YY`` meaning 19YY)
-  with ``TIME-OBS``/``UT``/``UTSTART`` when the date has no time, + half the exposure;
+  with ``TIME-OBS``/``UT``/``UTSTART`` (or SDSS's ``TAIHMS``, a TAI time) when the date has
+  no time, + half the exposure;
   ``JD`` (start) + half the exposure. The time scale is ``TIMESYS`` (default UTC); the
   store records it. None of these: an error naming the file.
 - **Exposure time** (s): ``EXPTIME``, ``EXPOSURE``, ``ITIME``; a comment saying minutes
@@ -166,10 +167,12 @@ def mid_exposure_mjd(header: Any, path: str) -> tuple[float, str]:
     if "DATE-OBS" in header:
         iso, has_time = _parse_date(header["DATE-OBS"], path, "DATE-OBS")
         if not has_time:
-            k, tod = _first(header, ("TIME-OBS", "UT", "UTSTART"))
+            k, tod = _first(header, ("TIME-OBS", "UT", "UTSTART", "TAIHMS"))
             if k is None:
                 raise IngestError(f"{path}: DATE-OBS = {header['DATE-OBS']!r} has no time of day and there is no "
-                                  "TIME-OBS/UT/UTSTART; add one (or MJD-OBS) to the header")
+                                  "TIME-OBS/UT/UTSTART/TAIHMS; add one (or MJD-OBS) to the header")
+            if k == "TAIHMS":  # SDSS: the TAI time of the exposure's start (of its first row, in a drift scan)
+                scale = "tai"
             iso = f"{iso}T{str(tod).strip()}"
         try:
             import warnings

@@ -118,3 +118,16 @@ def test_reference_epoch_choice():
     assert cal.choose_reference_epoch({0: 10, 1: 30}, requested=0) == 0
     with pytest.raises(ValueError, match=r"reference_epoch = 5 was not extracted in this run \(epochs 0..1\)"):
         cal.choose_reference_epoch({0: 10, 1: 30}, requested=5)
+
+
+def test_internal_reference_keeps_bright_stars_with_faint_neighbours():
+    cfg = CalibrationConfig(snr_min=20.0, isolation_fwhm=3.0, isolation_flux_ratio=0.025, max_stars=300)
+    # three bright stars: one alone, one with a neighbour 5 mag fainter at 2 px, one with an equal neighbour at 2 px
+    x = np.array([20.0, 60.0, 62.0, 100.0, 102.0])
+    flux = np.array([1e5, 1e5, 1e3, 1e5, 1e5])
+    src = pd.DataFrame({"x": x, "y": np.full(5, 30.0), "x_ref": x, "y_ref": np.full(5, 30.0), "ra": x, "dec": x,
+                        "flux": flux, "snr": np.sqrt(flux), "flags": np.zeros(5, np.int32),
+                        "mag_inst": -2.5 * np.log10(flux), "mag_inst_err": 1.0857 / np.sqrt(flux)})
+    ref = cal.internal_reference(src, 25.0, 2.0, cfg)
+    assert sorted(ref["x_ref"]) == [20.0, 60.0]  # the faint neighbour is ignored; the equal pair is not isolated
+    assert ref["mag"].to_numpy() == pytest.approx(25.0 - 2.5 * 5)

@@ -143,6 +143,16 @@ def test_header_times_exptime_units_and_pixel_scaling(tmp_path):
     assert e.image.dtype == np.float32 and e.mjd == pytest.approx(60000.0 + 5 / 86400)
 
 
+def test_an_sdss_header_with_its_time_of_day_in_taihms_is_read_as_tai(tmp_path):
+    # SDSS frames: DATE-OBS holds only the date; TAIHMS the TAI time of the exposure's start
+    p = _single(tmp_path, np.zeros((4, 4), np.float32), DATE_OBS="2000-09-27", TAIHMS="02:50:45.01",
+                EXPTIME="53.907456", GAIN=1.0, RDNOISE=3.0)
+    e = read_fits(p)[0]
+    assert e.timescale == "tai" and e.exptime_s == pytest.approx(53.907456)
+    assert e.mjd == pytest.approx(Time("2000-09-27T02:50:45.01", scale="tai").mjd + 53.907456 / 2 / 86400,
+                                  abs=1e-9)
+
+
 def test_nan_regions_bad_pixel_extension_and_saturation_are_masked(tmp_path):
     img = np.full((8, 8), 100.0, np.float32)
     img[0:2, 0:3] = np.nan
@@ -164,7 +174,8 @@ def test_nan_regions_bad_pixel_extension_and_saturation_are_masked(tmp_path):
 @pytest.mark.parametrize("cards, match", [
     ({"EXPTIME": 10.0, "GAIN": 1.0, "RDNOISE": 3.0}, r"x\.fits\[0\]: no observation time: none of MJD-MID, MJD-OBS"),
     ({"DATE_OBS": "Nov 29 1951", "GAIN": 1.0, "RDNOISE": 3.0}, r"DATE-OBS = 'Nov 29 1951' is not a date"),
-    ({"DATE_OBS": "2024-03-01", "GAIN": 1.0, "RDNOISE": 3.0}, r"has no time of day and there is no TIME-OBS"),
+    ({"DATE_OBS": "2024-03-01", "GAIN": 1.0, "RDNOISE": 3.0},
+     r"has no time of day and there is no TIME-OBS/UT/UTSTART/TAIHMS"),
     ({"MJD_OBS": 60000.0, "TIMESYS": "GPS", "GAIN": 1.0, "RDNOISE": 3.0}, r"TIMESYS = 'gps' is not supported"),
 ])
 def test_missing_or_odd_headers_name_the_file_and_keyword(tmp_path, cards, match):

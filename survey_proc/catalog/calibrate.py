@@ -288,16 +288,25 @@ def internal_reference(sources: pd.DataFrame, zeropoint_nominal: float, fwhm_px:
     """A reference catalogue from one epoch's stable-looking stars (relative calibration).
 
     Bright, unflagged, isolated detections of the reference epoch, with
-    ``mag = mag_inst + zeropoint_nominal``. Variables among them are removed by the clipping
-    of every epoch's fit. Columns: ra, dec, x_ref, y_ref, mag, mag_err.
+    ``mag = mag_inst + zeropoint_nominal``. Isolated as for an external reference
+    (:func:`select_calibrators`): no neighbour within ``isolation_fwhm`` FWHM with at least
+    ``isolation_flux_ratio`` of the star's flux (a crowded field gives every bright star a
+    faint neighbour; counting those left 0-13 stars on real crowded plates). Variables among
+    them are removed by the clipping of every epoch's fit. Columns: ra, dec, x_ref, y_ref,
+    mag, mag_err.
     """
     s = sources
     idx = np.arange(len(s))
     bad = F.PHOTOMETRY_BAD | F.CENTROID  # BLENDED is not excluded: isolation is tested directly
     good = ((s["flags"].to_numpy() & bad) == 0) & (s["snr"].to_numpy() >= cfg.snr_min)
-    if len(s) > 1:
-        tree = cKDTree(np.c_[s["x"], s["y"]])
-        good &= tree.query_ball_point(np.c_[s["x"], s["y"]], cfg.isolation_fwhm * fwhm_px, return_length=True) <= 1
+    if len(s) > 1 and good.any():
+        xy = np.c_[s["x"], s["y"]]
+        flux = s["flux"].to_numpy(float)
+        cand = np.flatnonzero(good)
+        near = cKDTree(xy).query_ball_point(xy[cand], cfg.isolation_fwhm * fwhm_px)
+        n_near = np.array([int(np.sum(flux[n] >= cfg.isolation_flux_ratio * flux[k]))
+                           for n, k in zip(near, cand, strict=True)])
+        good[cand[n_near > 1]] = False  # the star itself is one of its neighbours
     idx = idx[good]
     idx = idx[np.argsort(-s["snr"].to_numpy()[idx], kind="stable")][: cfg.max_stars]
     r = s.iloc[idx]
