@@ -130,7 +130,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_ingest(args: argparse.Namespace) -> int:
     import glob
 
-    from survey_proc.ingest import IngestError, ingest
+    from survey_proc.ingest import IngestError, ingest, read_epoch_table
 
     paths: list[str] = []
     for pattern in args.paths:
@@ -143,7 +143,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
               read_noise=args.read_noise, saturation=args.saturation, band=args.band,
               site=tuple(float(v) for v in args.site.split(",")) if args.site else None,
               pixel_scale_arcsec=args.pixel_scale if args.pixel_scale is not None else float("nan"),
-              zeropoint_nominal=args.zeropoint, progress=not args.quiet)
+              zeropoint_nominal=args.zeropoint, progress=not args.quiet,
+              epoch_table=read_epoch_table(args.epoch_table) if args.epoch_table else None)
     if not args.workers or len(paths) == 1:
         report = ingest(paths, args.out, **kw)
     else:
@@ -287,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--site", metavar="LAT,LON", help="observatory latitude,longitude (deg) for the airmass when "
                    "headers have none")
     g.add_argument("--band", default="unknown", help="photometric band name")
+    g.add_argument("--epoch-table", metavar="CSV",
+                   help="per-file times and exposures that replace the headers' (columns: file, and any of "
+                        "mjd_mid, exptime_s, timescale); for headers without them, or copied between files")
     g.add_argument("--workers", type=int, default=0,
                    help="worker processes reading files in parallel (default 0: in-process, measured faster here "
                         "because the store is written by one process; see benchmarks/RESULTS.md)")

@@ -69,6 +69,49 @@ class IngestError(SurveyProcError):
     """A file that cannot be ingested; the message names the file and what to do."""
 
 
+EPOCH_TABLE_COLUMNS = ("file", "mjd_mid", "exptime_s", "timescale")
+
+
+def read_epoch_table(path: str | Path) -> dict[str, dict[str, Any]]:
+    """A table of per-file values that override (or stand in for) the headers' times and exposures.
+
+    A CSV (or Parquet) with a ``file`` column (the file's name, without its folder) and any of
+    ``mjd_mid`` (mid-exposure MJD, days), ``exptime_s`` (seconds) and ``timescale`` (utc, tai,
+    tt or tdb; default utc). Empty cells keep the header's value.
+
+    Returns
+    -------
+    dict
+        File name -> {column: value} of the cells that are set.
+
+    Raises
+    ------
+    IngestError
+        When the file cannot be read or has unknown columns, no ``file`` column or a file twice.
+    """
+    import pandas as pd
+
+    p = Path(path)
+    try:
+        df = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p, dtype={"file": str})
+    except Exception as exc:
+        raise IngestError(f"epoch table {p}: cannot be read ({exc})") from None
+    unknown = [c for c in df.columns if c not in EPOCH_TABLE_COLUMNS]
+    if "file" not in df.columns or unknown:
+        raise IngestError(f"epoch table {p}: needs a 'file' column and may have {', '.join(EPOCH_TABLE_COLUMNS[1:])}"
+                          + (f"; unknown column(s) {', '.join(map(str, unknown))}" if unknown else ""))
+    dup = df["file"][df["file"].duplicated()].tolist()
+    if dup:
+        raise IngestError(f"epoch table {p}: file(s) listed twice: {', '.join(dup[:5])}")
+    out: dict[str, dict[str, Any]] = {}
+    for row in df.to_dict("records"):
+        vals = {str(k): v for k, v in row.items() if k != "file" and not (isinstance(v, float) and np.isnan(v))}
+        if "timescale" in vals:
+            vals["timescale"] = str(vals["timescale"]).strip().lower()
+        out[Path(str(row["file"])).name] = vals
+    return out
+
+
 @dataclass
 class Exposure:
     """One image HDU, read and interpreted."""
@@ -133,7 +176,7 @@ def exposure_time_s(header: Any) -> tuple[float, str | None]:
     return float(v) * scale, k
 
 
-def mid_exposure_mjd(header: Any, path: str) -> tuple[float, str]:
+def mid_exposure_mjd(header: Any, path: str, exptime_s: float | None = None) -> tuple[float, str]:
     """Mid-exposure MJD and its time scale from a header (see the module docstring).
 
     Parameters
@@ -142,6 +185,8 @@ def mid_exposure_mjd(header: Any, path: str) -> tuple[float, str]:
         A FITS header.
     path
         The file, for error messages.
+    exptime_s
+        The exposure time (s) when it does not come from the header (an epoch table).
 
     Returns
     -------
@@ -158,7 +203,7 @@ def mid_exposure_mjd(header: Any, path: str) -> tuple[float, str]:
     scale = str(header.get("TIMESYS", "UTC")).strip().lower() or "utc"
     if scale not in ("utc", "tai", "tt", "tdb"):
         raise IngestError(f"{path}: TIMESYS = {scale!r} is not supported (UTC, TAI, TT or TDB)")
-    exptime, _ = exposure_time_s(header)
+    exptime = exptime_s if exptime_s is not None else exposure_time_s(header)[0]
     half = 0.0 if not np.isfinite(exptime) else exptime / 2.0 / 86400.0
     if "MJD-MID" in header:
         return float(header["MJD-MID"]), scale
@@ -278,7 +323,8 @@ def _pointing(header: Any) -> str:
 
 def read_fits(path: str | Path, *, hdus: list[int] | None = None, field_key: str | None = None,
               gain: float | None = None, read_noise: float | None = None, saturation: float | None = None,
-              site: tuple[float, float] | None = None) -> list[Exposure]:
+              site: tuple[float, float] | None = None, epoch_values: dict[str, Any] | None = None
+              ) -> list[Exposure]:
     """Read every image HDU of one FITS file (or the ``hdus`` listed) as :class:`Exposure` objects.
 
     Parameters
@@ -293,6 +339,9 @@ def read_fits(path: str | Path, *, hdus: list[int] | None = None, field_key: str
         Values that override the headers (e/ADU, e, ADU).
     site
         Observatory (latitude, longitude) in degrees, for the airmass when the header has none.
+    epoch_values
+        This file's row of an epoch table (:func:`read_epoch_table`): ``mjd_mid``,
+        ``exptime_s``, ``timescale`` replace the header's.
 
     Returns
     -------
@@ -338,8 +387,19 @@ def read_fits(path: str | Path, *, hdus: list[int] | None = None, field_key: str
             except (TypeError, ValueError) as exc:
                 raise IngestError(f"{path}[{i}]: the image data cannot be read ({exc})") from None
             missing: list[str] = []
-            mjd, scale = mid_exposure_mjd(header, f"{path}[{i}]")
-            exptime, k_exp = exposure_time_s(header)
+            ev = epoch_values or {}
+            k_exp: str | None
+            if "exptime_s" in ev:
+                exptime, k_exp = float(ev["exptime_s"]), "epoch table"
+            else:
+                exptime, k_exp = exposure_time_s(header)
+            if "mjd_mid" in ev:
+                mjd, scale = float(ev["mjd_mid"]), str(ev.get("timescale", "utc"))
+                if scale not in ("utc", "tai", "tt", "tdb"):
+                    raise IngestError(f"{path}: the epoch table's timescale {scale!r} is not supported "
+                                      "(utc, tai, tt or tdb)")
+            else:
+                mjd, scale = mid_exposure_mjd(header, f"{path}[{i}]", exptime if "exptime_s" in ev else None)
             if k_exp is None:
                 missing.append("EXPTIME")
             _, g = _first(header, GAIN_KEYS)
@@ -402,7 +462,8 @@ def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | Non
            append: bool = False, gain: float | None = None, read_noise: float | None = None,
            saturation: float | None = None, site: tuple[float, float] | None = None, band: str = "unknown",
            pixel_scale_arcsec: float = float("nan"),
-           zeropoint_nominal: float = 25.0, client: Any = None, progress: bool = True) -> dict[str, Any]:
+           zeropoint_nominal: float = 25.0, client: Any = None, progress: bool = True,
+           epoch_table: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Ingest FITS files into a survey store (created, or appended to with ``append``).
 
     A file that cannot be read (corrupt, truncated, no image, no time) is left out and
@@ -442,6 +503,9 @@ def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | Non
         A ``distributed.Client`` to read the files in parallel on; None reads them here.
     progress
         Show a progress bar.
+    epoch_table
+        File name -> times and exposures that replace the headers' (:func:`read_epoch_table`);
+        every file it names must be among ``paths``.
     """
     t0 = time.perf_counter()
     files = [str(p) for p in paths]
@@ -452,6 +516,12 @@ def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | Non
         raise IngestError(f"{out} already exists; pass --append to add exposures to it")
     if append and not out.exists():
         append = False
+    epoch_table = epoch_table or {}
+    names = {Path(f).name for f in files}
+    stray = sorted(set(epoch_table) - names)
+    if stray:
+        raise IngestError(f"the epoch table names file(s) that are not among the inputs: {', '.join(stray[:5])}; "
+                          "its 'file' column holds file names without their folder")
     kwargs: dict[str, Any] = dict(hdus=hdus, field_key=field_key, gain=gain, read_noise=read_noise,
                                   saturation=saturation, site=site)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -464,7 +534,8 @@ def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | Non
         if client is not None:  # files are read in parallel on the cluster's workers
             from distributed import as_completed
 
-            futures = {client.submit(read_fits, f, **kwargs, pure=False): f for f in files}
+            futures = {client.submit(read_fits, f, **kwargs, epoch_values=epoch_table.get(Path(f).name),
+                                     pure=False): f for f in files}
             for fut in as_completed(list(futures)):
                 try:
                     exposures.extend(fut.result())
@@ -474,7 +545,7 @@ def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | Non
         else:
             for f in files:
                 try:
-                    exposures.extend(read_fits(f, **kwargs))
+                    exposures.extend(read_fits(f, **kwargs, epoch_values=epoch_table.get(Path(f).name)))
                 except IngestError as exc:
                     rejected[f] = str(exc)
                 bar.advance(task)
@@ -489,6 +560,16 @@ def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | Non
     have = set(store.list_fields(out)) if append else set()
     for fid, exps in groups.items():  # check before writing anything
         e0 = exps[0]
+        by_time: dict[float, Exposure] = {}
+        for e in sorted(exps, key=lambda e: e.mjd):
+            other = by_time.setdefault(e.mjd, e)
+            if other.source != e.source:  # (the same exposure given twice counts once)
+                raise IngestError(
+                    f"field {fid}: {other.path}[{other.hdu}] and {e.path}[{e.hdu}] have the same mid-exposure time "
+                    f"(MJD {e.mjd:.6f}); two exposures of one field cannot be one epoch. If the headers are "
+                    "copies (reprojected or stacked images), give each file its time with --epoch-table "
+                    "(columns file, mjd_mid, exptime_s); if they are different detectors, separate them with "
+                    "--field-key or --hdu")
         shapes = {e.image.shape for e in exps}
         if fid in have:
             shapes.add(store.image_shape(out, fid)[1:])

@@ -305,3 +305,38 @@ def test_cli_ingest_and_append_with_worker_processes(sim, tmp_path, capsys):
     assert store.image_shape(out, "SIMFIELD_F001")[0] == 4
     assert main(["ingest", str(tmp_path / "nothing*.fits"), "--out", str(tmp_path / "n.zarr")]) == 1
     assert "nothing*.fits: matches no file" in capsys.readouterr().err
+
+
+def test_copied_headers_are_a_clear_error_and_an_epoch_table_gives_each_file_its_time(tmp_path, capsys):
+    from survey_proc.cli import main
+    from survey_proc.ingest import read_epoch_table
+
+    rng = np.random.default_rng(3)
+    cards = {"DATE_OBS": "2000-09-27", "TAIHMS": "02:50:45.01", "EXPTIME": 53.9, "GAIN": 1.0, "RDNOISE": 3.0}
+    files = [_single(tmp_path, rng.normal(100, 5, (16, 16)).astype(np.float32), name=f"band_{b}.fits", **cards)
+             for b in "gri"]  # reprojected images whose headers are copies of one (as the SDSS set in ../shared)
+    with pytest.raises(IngestError, match=r"band_g\.fits\[0\] and \S*band_[ri]\.fits\[0\] have the same mid-exposure "
+                                          r"time \(MJD 51814\.118888\); .*give each file its time with --epoch-table"):
+        ingest(files, tmp_path / "dup.zarr", progress=False)
+    assert not (tmp_path / "dup.zarr").exists()  # nothing written
+    table = tmp_path / "times.csv"
+    table.write_text("file,mjd_mid,exptime_s,timescale\nband_r.fits,51814.1192,50.0,tai\n"
+                     "band_i.fits,51814.1200,,\nband_g.fits,51814.1225,,TAI\n")
+    et = read_epoch_table(table)
+    assert et == {"band_r.fits": {"mjd_mid": 51814.1192, "exptime_s": 50.0, "timescale": "tai"},
+                  "band_i.fits": {"mjd_mid": 51814.12}, "band_g.fits": {"mjd_mid": 51814.1225, "timescale": "tai"}}
+    out = tmp_path / "s.zarr"
+    assert main(["ingest", *files, "--out", str(out), "--epoch-table", str(table), "--quiet"]) == 0
+    t = store.read_epoch_table(out, store.list_fields(out)[0])
+    np.testing.assert_allclose(t["mjd"], [51814.1192, 51814.1200, 51814.1225])
+    np.testing.assert_allclose(t["exptime"], [50.0, 53.9, 53.9])
+    # a table that names a file not given, or has an unknown column, is refused before anything is read
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,mjd_mid\nband_z.fits,51814.2\n")
+    with pytest.raises(IngestError, match=r"the epoch table names file\(s\) that are not among the inputs: "
+                                          r"band_z\.fits"):
+        ingest(files, tmp_path / "x.zarr", epoch_table=read_epoch_table(bad), progress=False)
+    bad.write_text("file,mjd,exptime_s\nband_g.fits,51814.2,10\n")
+    with pytest.raises(IngestError, match=r"needs a 'file' column and may have mjd_mid, exptime_s, timescale; "
+                                          r"unknown column\(s\) mjd"):
+        read_epoch_table(bad)
