@@ -440,6 +440,29 @@ def read_fits(path: str | Path, *, hdus: list[int] | None = None, field_key: str
     return out
 
 
+def sky_gain_estimate(image: np.ndarray, mask: np.ndarray | None = None) -> float | None:
+    """A rough gain (e-/ADU) from the sky's mean over its variance, for the missing-gain message.
+
+    Valid for a sky-limited image in ADU whose sky was not subtracted (Poisson: the variance
+    in e- equals the mean in e-; read noise makes it an underestimate). None when the sky
+    mean is not positive. It is only suggested to the user, never used silently.
+
+    Parameters
+    ----------
+    image, mask
+        Pixels (ADU) and the store's mask bits (non-zero: not used).
+    """
+    from astropy.stats import sigma_clipped_stats
+
+    px = image[np.isfinite(image) & ((mask == 0) if mask is not None else True)]
+    if px.size < 100:
+        return None
+    mean, _, std = sigma_clipped_stats(px, sigma=5.0, maxiters=5)  # (3 sigma would bias the variance low)
+    if not (mean > 0 and std > 0):
+        return None
+    return float(mean / std**2)
+
+
 def field_id_of(exp: Exposure) -> str:
     """The field an exposure belongs to: the field key's value (or the pointing) and the detector.
 
@@ -578,10 +601,19 @@ def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | Non
                               f"({', '.join(e.source for e in exps[:4])}); a field is one detector: "
                               "choose the HDUs with --hdu or a --field-key that separates them")
         if fid not in have:
-            for name, val, keys in (("gain", e0.gain, GAIN_KEYS), ("read noise", e0.read_noise, RDNOISE_KEYS)):
-                if val is None:
-                    raise IngestError(f"{e0.path}[{e0.hdu}]: no {name} in the header (looked for "
-                                      f"{', '.join(keys)}); pass --{name.replace(' ', '-')}")
+            if e0.gain is None:
+                est = sky_gain_estimate(e0.image, e0.mask)
+                hint = (f"for a sky-limited image whose sky was not subtracted, gain ~ sky mean / sky variance "
+                        f"(ADU), which is {est:.3g} e-/ADU for this image" if est is not None else
+                        "this image's sky mean is not positive (sky-subtracted or calibrated units), so its "
+                        "gain cannot be estimated from its pixels")
+                raise IngestError(f"{e0.path}[{e0.hdu}]: no gain in the header (looked for {', '.join(GAIN_KEYS)}); "
+                                  f"pass --gain in e-/ADU, from the instrument's documentation or the raw frames' "
+                                  f"headers ({hint})")
+            if e0.read_noise is None:
+                raise IngestError(f"{e0.path}[{e0.hdu}]: no read noise in the header (looked for "
+                                  f"{', '.join(RDNOISE_KEYS)}); pass --read-noise in electrons, from the instrument's "
+                                  "documentation (or a bias frame's standard deviation in ADU times the gain)")
     if not append:
         store.create_store(out, band=band, pixel_scale_arcsec=pixel_scale_arcsec,
                            attrs={"created_by": "survey-proc ingest"})

@@ -186,9 +186,22 @@ def test_missing_or_odd_headers_name_the_file_and_keyword(tmp_path, cards, match
 
 def test_bad_files_and_missing_detector_values_are_clear_errors(tmp_path):
     p = _single(tmp_path, np.zeros((16, 16), np.float32), MJD_OBS=60000.0, EXPTIME=10.0)
-    with pytest.raises(IngestError, match=r"x\.fits\[0\]: no gain in the header .*; pass --gain"):
+    with pytest.raises(IngestError, match=r"x\.fits\[0\]: no gain in the header .*; pass --gain in e-/ADU, from the "
+                                          r"instrument's documentation .*\(this image's sky mean is not positive"):
         ingest([p], tmp_path / "s.zarr")
     assert not (tmp_path / "s.zarr").exists()  # nothing written
+    # a sky-limited image in ADU (gain 2 e-/ADU, 800 e- of sky): the message suggests its gain
+    sky = np.random.default_rng(8).poisson(800.0, (64, 64)).astype(np.float32) / 2.0
+    q = _single(tmp_path, sky, name="sky.fits", MJD_OBS=60000.0, EXPTIME=10.0, RDNOISE=3.0)
+    with pytest.raises(IngestError, match=r"gain ~ sky mean / sky variance \(ADU\), which is [\d.]+ e-/ADU for this"):
+        ingest([q], tmp_path / "t.zarr", progress=False)
+    from survey_proc.ingest import sky_gain_estimate
+
+    assert sky_gain_estimate(sky) == pytest.approx(2.0, rel=0.05)
+    r = _single(tmp_path, sky, name="rn.fits", MJD_OBS=60000.0, EXPTIME=10.0, GAIN=2.0)
+    with pytest.raises(IngestError, match=r"rn\.fits\[0\]: no read noise in the header \(looked for RDNOISE, "
+                                          r"READNOIS, RON, READNOISE\); pass --read-noise in electrons"):
+        ingest([r], tmp_path / "u.zarr", progress=False)
     trunc = tmp_path / "trunc.fits"
     trunc.write_bytes(open(p, "rb").read()[:3000])
     with pytest.raises(IngestError, match=r"trunc\.fits"):
