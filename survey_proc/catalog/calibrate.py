@@ -198,11 +198,11 @@ def select_calibrators(x: np.ndarray, y: np.ndarray, snr: np.ndarray, flags: np.
     return i_src[order], i_ref[order]
 
 
-def zeropoint_status(n_used: int, cfg: CalibrationConfig) -> ZpStatus:
+def zeropoint_status(n_used: int, min_stars: int, min_stars_fit: int) -> ZpStatus:
     """``fit`` with ``min_stars`` or more stars, ``fit_few`` with ``min_stars_fit`` or more, else ``few``."""
-    if n_used >= cfg.min_stars:
+    if n_used >= min_stars:
         return ZpStatus.FIT
-    return ZpStatus.FIT_FEW if n_used >= cfg.min_stars_fit else ZpStatus.FEW
+    return ZpStatus.FIT_FEW if n_used >= min_stars_fit else ZpStatus.FEW
 
 
 def few_star_error(zp_err: float, scatter: float) -> float:
@@ -216,7 +216,7 @@ def fit_epoch_zeropoint(mag_inst: np.ndarray, mag_inst_err: np.ndarray, ref_mag:
     n_cand = len(mag_inst)
     err = np.hypot(mag_inst_err, ref_mag_err)
     zp, zp_err, scatter, n = robust_zeropoint(ref_mag - mag_inst, err, cfg.clip_sigma)
-    status = zeropoint_status(n, cfg)
+    status = zeropoint_status(n, cfg.min_stars, cfg.min_stars_fit)
     if status == ZpStatus.FIT_FEW:
         zp_err = few_star_error(zp_err, scatter)
     return ZeroPoint(zp, zp_err, scatter, n, n_cand, status)
@@ -361,9 +361,7 @@ def ensemble_zeropoints(matches: pd.DataFrame, clip_sigma: float = 3.0, min_star
     for e, g in m.groupby("epoch"):
         g = g[g["star"].isin(keep)]
         z, ze, sc, n = robust_zeropoint(g["M"] - g["mag_inst"], g["mag_inst_err"], clip_sigma)
-        status = zeropoint_status(n, CalibrationConfig(min_stars=min_stars,
-                                                       min_stars_fit=min_stars if min_stars_fit is None
-                                                       else min_stars_fit))
+        status = zeropoint_status(n, min_stars, min_stars if min_stars_fit is None else min_stars_fit)
         if status == ZpStatus.FIT_FEW:
             ze = few_star_error(ze, sc)
         rows.append({"epoch": e, "zp": z, "zp_err": ze, "scatter": sc, "n_used": n, "n_candidates": len(g),

@@ -187,13 +187,20 @@ def read_epoch(out: str, field: str, epoch: int, columns: list[str] | None = Non
     SurveyProcError
         When the unit is missing or unreadable, saying how to get it back.
     """
+    import json
+
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from survey_proc.outputs import META_KEY
+
     path = SOURCES_UNIT.path(out, field=field, epoch=epoch)
-    rec = SOURCES_UNIT.record(out, field=field, epoch=epoch)
-    if rec is None:
-        raise SurveyProcError(f"{path}: missing or unreadable; re-run to extract field {field} epoch {epoch}")
-    return EpochRecord.from_dict(rec), pq.read_table(path, columns=columns).to_pandas()
+    try:  # one read: the record is in the table's own footer metadata
+        table = pq.read_table(path, columns=columns)
+        rec = json.loads((table.schema.metadata or {})[META_KEY])
+    except (OSError, KeyError, ValueError, pa.ArrowException):
+        raise SurveyProcError(f"{path}: missing or unreadable; re-run to extract field {field} epoch {epoch}") from None
+    return EpochRecord.from_dict(rec), table.to_pandas()
 
 
 def write_epoch(out: str, src: pd.DataFrame, record: EpochRecord) -> EpochRecord:
