@@ -40,6 +40,7 @@ from survey_proc.vocab import DETECTOR_SECTIONS
 DETECTORS = tuple(DETECTOR_SECTIONS)  # the implementations: survey_proc.detect.registry
 CLUSTERS = ("local", "cuda")
 MODES = ("resume", "overwrite")
+DETRENDS = ("sysrem", "none")
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ class CalibrationConfig:
     min_stars_fit: int = 3  # fewer: the epoch takes the zero point of the cross-epoch model
     max_stars: int = 300  # the brightest usable stars
     reference_epoch: int | None = None  # relative calibration only; None: most detections
+    ensemble_max_stars: int = 2000  # stars of the field's ensemble (relative) photometry
+    ensemble_snr_min: float = 10.0  # ... with at least this S/N in the reference epoch
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,9 @@ class ClassifySettings:
     min_fraction: float = 0.1
     period_min_days: float = 0.25
     period_max_days: float = 0.0  # 0: baseline / 1.15
+    detrend: str = "sysrem"  # systematics removed before the period search: "sysrem" or "none"
+    detrend_components: int = 2  # SysRem components (trends shared by the field's stars)
+    detrend_min_stars: int = 20  # fewer usable constant-looking stars in a field: no detrending
 
 
 SECTIONS: dict[str, type] = {
@@ -257,6 +263,11 @@ class RunConfig:
         if not (c.period_min_days > 0 and (c.period_max_days == 0 or c.period_max_days > c.period_min_days)):
             raise ConfigError(f"classify.period_min_days ({c.period_min_days}) must be > 0 and below "
                               f"classify.period_max_days ({c.period_max_days}; 0 = baseline / 1.15)")
+        if c.detrend not in DETRENDS:
+            raise ConfigError(f"classify.detrend must be one of {', '.join(DETRENDS)}, got {c.detrend!r}")
+        if c.detrend_components < 1 or c.detrend_min_stars < 2:
+            raise ConfigError(f"classify.detrend_components must be >= 1 and classify.detrend_min_stars >= 2, got "
+                              f"{c.detrend_components} and {c.detrend_min_stars}")
         if self.calibration.min_stars < 1:
             raise ConfigError(f"calibration.min_stars must be >= 1, got {self.calibration.min_stars}")
         if not 1 <= self.calibration.min_stars_fit <= self.calibration.min_stars:
