@@ -5,6 +5,8 @@ Layout (the format ``../shared/DESIGN.md`` records and docs/store.md explains;
 
     survey.zarr/                 root attrs: survey_proc_format, band, pixel_scale_arcsec,
                                  [reference_catalog (path relative to the store), ...]
+                                 (format 2: ``band`` is the default for epochs written
+                                 without one; readers use the per-epoch ``band``)
       fields/<field_id>/         attrs: gain_e_per_adu, read_noise_e, saturation_adu,
                                  zeropoint_nominal, mjd_timescale, [reference_wcs, ...]
         image     float32 (epoch, y, x)  ADU, sky not subtracted
@@ -14,7 +16,14 @@ Layout (the format ``../shared/DESIGN.md`` records and docs/store.md explains;
         exptime   float32 (epoch)        seconds
         airmass   float32 (epoch)        NaN when unknown
         wcs       string  (epoch)        FITS WCS header text, "" when unknown
+        band      string  (epoch)        photometric band, "" when unknown (format 2)
         source_file string (epoch)       where the epoch came from (optional)
+
+Format versions: 2 adds the per-epoch ``band`` variable. A format-1 store (one band for
+all epochs, the root attribute ``band``) stays readable: :func:`read_epoch_table` and
+:func:`open_field` give every epoch the root band ("" when absent) and
+:func:`bands_per_epoch` says False, so a caller can say so where it matters. Fields
+created in a format-1 store (``ingest --append``) stay format 1.
 
 Chunks are ``(1, cy, cx)``: per axis the smallest multiple of :data:`TILE_GRID_PX` (the
 default tile size) that covers it, capped at :data:`MAX_CHUNK_PX` (2048), or the whole axis
@@ -45,7 +54,9 @@ from zarr.core.metadata import ArrayV3Metadata
 from survey_proc.errors import StoreError, StoreValidationError
 from survey_proc.vocab import MASK_BAD, MASK_COSMIC, MASK_SATURATED  # noqa: F401  (the store's mask bits)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: format versions this survey-proc reads (1: one band in the root attributes; 2: a band per epoch)
+SUPPORTED_FORMATS = (1, 2)
 TILE_GRID_PX = 512
 MAX_CHUNK_PX = 2048
 
@@ -62,9 +73,12 @@ SCHEMA: dict[str, tuple[str, Any, tuple[str, ...]]] = {
     "exptime": ("float32", np.dtype("float32"), ("epoch",)),
     "airmass": ("float32", np.dtype("float32"), ("epoch",)),
     "wcs": ("string", None, ("epoch",)),
+    "band": ("string", None, ("epoch",)),
     "source_file": ("string", None, ("epoch",)),
 }
 REQUIRED_VARIABLES = ("image", "epoch", "mjd", "exptime", "airmass", "wcs")
+#: variables required from format 2 on
+REQUIRED_VARIABLES_V2 = ("band",)
 _PIXEL_COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)
 _VECTOR_COMPRESSOR = ZstdCodec(level=3)
 _EPOCH_VECTOR_CHUNK = 4096
@@ -81,6 +95,8 @@ class EpochMeta:
     airmass : airmass, NaN when unknown
     wcs : FITS WCS header text per epoch, "" when unknown
     source_file : where each epoch came from
+    band : photometric band per epoch ("" when unknown); None: the store's root ``band``
+        for every epoch
     """
 
     mjd: np.ndarray
@@ -88,11 +104,12 @@ class EpochMeta:
     airmass: np.ndarray
     wcs: Sequence[str]
     source_file: Sequence[str]
+    band: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.mjd)
-        for name in ("exptime_s", "airmass", "wcs", "source_file"):
-            if len(getattr(self, name)) != n:
+        for name in ("exptime_s", "airmass", "wcs", "source_file", "band"):
+            if getattr(self, name) is not None and len(getattr(self, name)) != n:
                 raise StoreError(f"epoch metadata: {name} has {len(getattr(self, name))} entries, mjd has {n}")
 
 
@@ -146,7 +163,8 @@ def create_store(
     path
         Directory of the new store (conventionally ``NAME.zarr``).
     band
-        Photometric band name, e.g. ``"i"``.
+        Photometric band name, e.g. ``"i"``: the band of epochs whose :class:`EpochMeta`
+        gives none (every epoch keeps its own in the ``band`` variable).
     pixel_scale_arcsec
         Nominal pixel scale in arcsec per pixel.
     attrs
@@ -229,6 +247,8 @@ def create_field(
     g.create_array("exptime", shape=(n_epochs,), dtype="float32", fill_value=np.nan, **num)
     g.create_array("airmass", shape=(n_epochs,), dtype="float32", fill_value=np.nan, **num)
     g.create_array("wcs", shape=(n_epochs,), dtype=str, fill_value="", **vec)
+    if _format_version(root) >= 2:  # a field added to a format-1 store stays format 1
+        g.create_array("band", shape=(n_epochs,), dtype=str, fill_value="", **vec)
     g.create_array("source_file", shape=(n_epochs,), dtype=str, fill_value="", **vec)
     if n_epochs:
         _array(g, "epoch")[:] = np.arange(n_epochs, dtype="int32")
@@ -275,6 +295,7 @@ def write_epoch_meta(path: str | Path, field_id: str, start_epoch: int, meta: Ep
     """
     g = _field_group(path, field_id, mode="r+")
     stop = start_epoch + len(meta.mjd)
+    _check_band_fits(path, g, field_id, meta)
     n_alloc = _array(g, "mjd").shape[0]
     if stop > n_alloc:
         raise StoreError(f"field {field_id!r}: epochs up to {stop - 1} do not fit in {n_alloc} allocated epochs")
@@ -285,6 +306,35 @@ def write_epoch_meta(path: str | Path, field_id: str, start_epoch: int, meta: Ep
     _array(g, "airmass")[sl] = np.asarray(meta.airmass, dtype="float32")
     _array(g, "wcs")[sl] = np.asarray(list(meta.wcs), dtype=object)
     _array(g, "source_file")[sl] = np.asarray(list(meta.source_file), dtype=object)
+    if "band" in g:
+        _array(g, "band")[sl] = np.asarray(_meta_bands(path, meta), dtype=object)
+
+
+def _meta_bands(path: str | Path, meta: EpochMeta) -> list[str]:
+    """The band of every epoch of ``meta`` (stripped; the store's root ``band`` where ``meta.band`` is None)."""
+    if meta.band is None:
+        return [str(_open_root(path).attrs.get("band", ""))] * len(meta.mjd)
+    return [str(b).strip() for b in meta.band]
+
+
+def _check_band_fits(path: str | Path, g: zarr.Group, field_id: str, meta: EpochMeta) -> None:
+    """Refuse epochs of another band than the root's in a field without a ``band`` variable (format 1)."""
+    if "band" in g:
+        return
+    root_band = str(_open_root(path).attrs.get("band", ""))
+    other = sorted({b for b in _meta_bands(path, meta) if b not in ("", root_band)})
+    if other:
+        raise StoreError(f"{path}: field {field_id!r} is in a format-1 store, which has one band for all epochs "
+                         f"({root_band!r}); the new epochs have band(s) {', '.join(other)}. Ingest them into a new "
+                         "store (format 2 keeps a band per epoch), or re-create this one with this survey-proc")
+
+
+def _format_version(root: zarr.Group) -> int:
+    """The store's ``survey_proc_format`` (1 when absent or unreadable: the oldest layout)."""
+    try:
+        return int(root.attrs.get("survey_proc_format", 1))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 1
 
 
 def write_epoch_pixels(
@@ -359,12 +409,14 @@ def append_epochs(
                 f"field {field_id!r}: appended epoch mjd {new_mjd[0]:.6f} is not after the last epoch "
                 f"(epoch {n_old - 1}, mjd {last:.6f}); the store keeps epochs in time order"
             )
+    _check_band_fits(path, g, field_id, meta)  # before anything is resized
     for name in ("image", "mask"):
         if name in g:
             arr = _array(g, name)
             arr.resize((n_old + n_new, *arr.shape[1:]))
-    for name in ("epoch", "mjd", "exptime", "airmass", "wcs", "source_file"):
-        _array(g, name).resize((n_old + n_new,))
+    for name in ("epoch", "mjd", "exptime", "airmass", "wcs", "band", "source_file"):
+        if name in g:
+            _array(g, name).resize((n_old + n_new,))
     write_epoch_meta(path, field_id, n_old, meta)
     for i in range(n_new):
         write_epoch_pixels(path, field_id, n_old + i, images[i], None if masks is None else masks[i])
@@ -404,6 +456,60 @@ def store_attrs(path: str | Path) -> dict[str, Any]:
         A copy of the root attributes (``survey_proc_format``, ``band``, ...).
     """
     return dict(_open_root(path).attrs)
+
+
+def bands_per_epoch(path: str | Path) -> bool:
+    """Whether the store keeps a band per epoch (format 2 and later).
+
+    False for a format-1 store: every epoch has the root attribute ``band``, so a caller
+    can say "this store has one band for all epochs (format 1)" where bands matter.
+
+    Parameters
+    ----------
+    path
+        The survey store.
+
+    Returns
+    -------
+    bool
+        True when the store's format records a band per epoch.
+    """
+    return _format_version(_open_root(path)) >= 2
+
+
+def store_bands(path: str | Path) -> list[str]:
+    """Every band of the store, in a stable order: first appearance over fields (sorted) and epochs.
+
+    A format-1 store gives its one root ``band`` ("" when absent). An epoch whose band is
+    unknown contributes "" (a band of its own).
+
+    Parameters
+    ----------
+    path
+        The survey store.
+
+    Returns
+    -------
+    list of str
+        The distinct bands.
+    """
+    seen: dict[str, None] = {}
+    for fid in list_fields(path):
+        for b in _field_bands(path, fid):
+            seen.setdefault(b, None)
+    if not seen and not bands_per_epoch(path):
+        seen[str(store_attrs(path).get("band", ""))] = None
+    return list(seen)
+
+
+def _field_bands(path: str | Path, field_id: str) -> np.ndarray:
+    """Band per epoch of a field (str array); the root ``band`` for a field without a ``band`` variable."""
+    g = _field_group(path, field_id)
+    n = _array(g, "mjd").shape[0]
+    if "band" not in g:
+        return np.full(n, str(store_attrs(path).get("band", "")), dtype=object).astype(str)
+    vals = np.asarray(_array(g, "band")[:])
+    return np.asarray([str(b).strip() if b is not None else "" for b in vals], dtype=str).reshape(n)
 
 
 def field_attrs(path: str | Path, field_id: str) -> dict[str, Any]:
@@ -448,6 +554,8 @@ def open_field(path: str | Path, field_id: str, *, chunks: Any = None) -> xr.Dat
     ds = xr.open_zarr(str(path), group=f"fields/{field_id}", consolidated=False, zarr_format=3,
                       chunks={} if chunks is None else chunks)
     ds.attrs = {**store_attrs(path), **ds.attrs, "field": field_id}
+    if "band" not in ds:  # format 1: the root band for every epoch
+        ds = ds.assign(band=("epoch", _field_bands(path, field_id)))
     return ds
 
 
@@ -513,10 +621,13 @@ def validate_store(path: str | Path, *, raise_on_error: bool = True, epoch_check
     version = attrs.get("survey_proc_format")
     if version is None:
         problems.append("root: attribute 'survey_proc_format' is missing; this is not a survey-proc store")
-    elif version != FORMAT_VERSION:
+    elif version not in SUPPORTED_FORMATS or isinstance(version, bool):
+        reads = " and ".join(str(v) for v in SUPPORTED_FORMATS)
+        newer = isinstance(version, int) and version > FORMAT_VERSION
         problems.append(
-            f"root: format version {version} is not supported (this survey-proc reads version {FORMAT_VERSION}); "
-            "re-create the store with this version"
+            f"root: format version {version!r} is not supported (this survey-proc reads versions {reads}); "
+            + ("the store was written by a newer survey-proc: upgrade survey-proc, or " if newer else "")
+            + "re-create the store with this survey-proc (survey-proc ingest or simulate)"
         )
     for key in REQUIRED_ROOT_ATTRS[1:]:
         if key not in attrs:
@@ -525,7 +636,8 @@ def validate_store(path: str | Path, *, raise_on_error: bool = True, epoch_check
     if not field_ids:
         problems.append("root: the store has no fields (expected groups under fields/)")
     for fid in field_ids:
-        problems.extend(_validate_field(_group(_group(root, "fields"), fid), fid, epoch_checks))
+        problems.extend(_validate_field(_group(_group(root, "fields"), fid), fid, epoch_checks,
+                                        version=_format_version(root)))
     if problems and raise_on_error:
         raise StoreValidationError(str(path), problems)
     return problems
@@ -552,7 +664,7 @@ def epoch_problems(mjd: np.ndarray, exptime_s: np.ndarray) -> dict[int, str]:
     return dict(sorted(out.items()))
 
 
-def _validate_field(g: zarr.Group, fid: str, epoch_checks: bool = True) -> list[str]:
+def _validate_field(g: zarr.Group, fid: str, epoch_checks: bool = True, version: int = FORMAT_VERSION) -> list[str]:
     problems: list[str] = []
     where = f"field {fid!r}"
     arrays = dict(g.arrays())
@@ -563,6 +675,11 @@ def _validate_field(g: zarr.Group, fid: str, epoch_checks: bool = True) -> list[
     for var in REQUIRED_VARIABLES:
         if var not in names:
             problems.append(f"{where}, variable {var!r}: missing (required by the survey store format)")
+    for var in REQUIRED_VARIABLES_V2 if version >= 2 else ():
+        if var not in names:
+            problems.append(f"{where}, variable {var!r}: missing (required by format {version}, which keeps a "
+                            "band per epoch); re-create the store, or set its survey_proc_format to 1 if it has "
+                            "one band for all epochs")
     n_epochs = arrays["image"].shape[0] if "image" in names else None
     for var in sorted(names & set(SCHEMA)):
         arr = arrays[var]
@@ -675,7 +792,7 @@ def _check_blosc_chunks(array_dir: Path, arr: zarr.Array, epoch: int, y0: int, y
 
 
 def read_epoch_table(path: str | Path, field_id: str) -> dict[str, np.ndarray]:
-    """Per-epoch metadata of a field as arrays: epoch, mjd, exptime, airmass, wcs (header text).
+    """Per-epoch metadata of a field as arrays: epoch, mjd, exptime, airmass, wcs (header text), band.
 
     Parameters
     ----------
@@ -687,12 +804,15 @@ def read_epoch_table(path: str | Path, field_id: str) -> dict[str, np.ndarray]:
     Returns
     -------
     dict of str to ndarray
-        ``epoch``, ``mjd`` (days), ``exptime`` (seconds), ``airmass`` and ``wcs`` (object
-        array of header text, "" when unknown), one entry per epoch.
+        ``epoch``, ``mjd`` (days), ``exptime`` (seconds), ``airmass``, ``wcs`` (object
+        array of header text, "" when unknown) and ``band`` (str array, "" when unknown; the
+        root ``band`` for every epoch of a format-1 store, see :func:`bands_per_epoch`), one
+        entry per epoch.
     """
     g = _field_group(path, field_id)
     out = {name: np.asarray(_array(g, name)[:]) for name in ("epoch", "mjd", "exptime", "airmass")}
     out["wcs"] = np.asarray([str(s) if s is not None else "" for s in np.asarray(_array(g, "wcs")[:])], dtype=object)
+    out["band"] = _field_bands(path, field_id)
     return out
 
 

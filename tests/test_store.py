@@ -129,7 +129,8 @@ def test_validation_non_finite_mjd_and_bad_exptime(small_store):
 def test_validation_format_version(small_store):
     zarr.open_group(str(small_store)).attrs["survey_proc_format"] = 99
     with pytest.raises(StoreValidationError,
-                       match=r"format version 99 is not supported \(this survey-proc reads version 1\)"):
+                       match=r"format version 99 is not supported \(this survey-proc reads versions 1 and 2\); "
+                             r"the store was written by a newer survey-proc: upgrade survey-proc"):
         store.validate_store(small_store)
 
 

@@ -333,7 +333,8 @@ def _simulate_into(scn: Scenario, tmp: SurveyPaths, final: SurveyPaths, *, worke
                                            strict=True)]
         store.write_epoch_meta(tmp.store, fid, 0, store.EpochMeta(
             mjd=ep["mjd"].to_numpy(), exptime_s=ep["exptime_s"].to_numpy(), airmass=ep["airmass"].to_numpy(),
-            wcs=wcs_text, source_file=[f"simulated:{scn.name}:seed={scn.seed}:{fid}:epoch={e}" for e in ep["epoch"]]))
+            wcs=wcs_text, source_file=[f"simulated:{scn.name}:seed={scn.seed}:{fid}:epoch={e}" for e in ep["epoch"]],
+            band=[scn.band] * len(ep)))
         ra, dec = field_center(scn, i)
         fields_rows.append({"field": fid, "ra_center": ra, "dec_center": dec, "size_px": scn.size_px,
                             "reference_wcs": wcs_header_text(ref)})
