@@ -131,3 +131,35 @@ def test_internal_reference_keeps_bright_stars_with_faint_neighbours():
     ref = cal.internal_reference(src, 25.0, 2.0, cfg)
     assert sorted(ref["x_ref"]) == [20.0, 60.0]  # the faint neighbour is ignored; the equal pair is not isolated
     assert ref["mag"].to_numpy() == pytest.approx(25.0 - 2.5 * 5)
+
+
+def test_ensemble_least_squares_recovers_offsets_to_1_mmag_despite_variables_and_outliers():
+    rng = np.random.default_rng(3)
+    n_star, n_epoch = 300, 60
+    mag = rng.uniform(14, 20, n_star)
+    err = 0.002 + 0.03 * 10 ** (0.4 * (mag - 20))  # photon noise grows towards the faint end
+    offset = rng.normal(0, 0.05, n_epoch)
+    variable = rng.choice(n_star, 10, replace=False)
+    e, s = np.meshgrid(np.arange(n_epoch), np.arange(n_star), indexing="ij")
+    e, s = e.ravel(), s.ravel()
+    seen = rng.random(len(e)) > 0.2  # each star missing from a fifth of the epochs
+    e, s = e[seen], s[seen]
+    m = mag[s] - 25.0 - offset[e] + rng.normal(0, err[s])
+    var = np.isin(s, variable)
+    m[var] += 0.3 * np.sin(e[var] * 1.3 + s[var])
+    hit = rng.random(len(m)) < 0.01
+    m[hit] -= 0.5  # cosmic rays and blends
+    zps, stars = cal.ensemble_zeropoints(pd.DataFrame({"epoch": e, "star": s, "mag_inst": m,
+                                                       "mag_inst_err": err[s]}), 3.0, min_stars=10)
+    rel = zps["zp"].to_numpy() - offset
+    assert np.std(rel - rel.mean()) <= 0.001  # per-epoch offsets to <= 1 mmag rms
+    assert (zps["status"] == "fit").all()
+    assert not stars.loc[variable, "used"].any()  # the variables were rejected as a whole
+    assert stars["used"].sum() >= n_star - 20
+    assert zps["zp_err"].median() == pytest.approx(np.std(rel - rel.mean()), rel=0.6)  # honest errors
+
+
+def test_ensemble_of_no_measurements_is_empty():
+    zps, stars = cal.ensemble_zeropoints(pd.DataFrame({"epoch": [1], "star": [0], "mag_inst": [np.nan],
+                                                       "mag_inst_err": [0.01]}))
+    assert zps.empty and stars.empty
