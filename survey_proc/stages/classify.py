@@ -1,9 +1,22 @@
 """Stage 5, classify: per (field, region), the periodic-variable search and classifier on the region's light curves.
 
-The task reads ``lightcurves/``, runs :func:`survey_proc.lightcurves.search.classify_table`
+Detrending first (``[classify] detrend = "sysrem"``, :mod:`survey_proc.lightcurves.detrend`):
+the systematics are shared by a whole field but the search runs per region, so the stage
+runs in two steps. One task per field (:func:`detrend_field_task`) reads the light curves
+of the field's best-measured stars from every region, fits the SysRem components (per
+band when the light curves carry a ``band`` column) and writes them to
+``calibration/field=<f>/detrend.parquet`` (``band, epoch, component, value``; its footer
+records what was fitted). Then each region task fits every object's own amplitudes of
+those components and subtracts them before the period search. The light-curve files keep
+the calibrated magnitudes: detrending only feeds the search and the classifier.
+
+The region task reads ``lightcurves/``, runs :func:`survey_proc.lightcurves.search.classify_table`
 with the worker's classifier, and rewrites the region's ``objects/`` file with period,
 class and probabilities (the cross-match record kept, ``classify_fingerprint`` and
-``classify`` added).
+``classify`` added) and the columns ``detrend`` (``"sysrem:<k>"`` or ``"none"``) and
+``detrend_rms`` (rms of the correction subtracted from the object, mag; 0 when none).
+run.json records per field what was fitted under ``counts.detrend`` (method, components,
+stars used, the rms of those stars before and after, or ``"none: <why>"``).
 
 Resume: the stage has its own fingerprint (the run's, its ``[classify]`` settings and the
 classifier's weights), so a new classifier re-runs only this stage on a resumed output.
@@ -15,19 +28,133 @@ import time
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from survey_proc.catalog.schema import CLASSIFY_COLUMNS, OBJECTS
 from survey_proc.errors import SurveyProcError
 from survey_proc.outputs import write_parquet_atomic
-from survey_proc.stages.base import Stage, StageContext, Submission, task_config, worker_task
+from survey_proc.stages.base import OutputUnit, Stage, StageContext, Submission, task_config, worker_task
 from survey_proc.stages.crossmatch import LIGHTCURVES_UNIT, OBJECTS_UNIT
+
+#: the SysRem components of a field (all bands): ``band, epoch, component, value``
+DETREND_UNIT = OutputUnit("calibration/field={field}/detrend.parquet", None)
+DETREND_SCHEMA = pa.schema([("band", pa.string()), ("epoch", pa.int32()), ("component", pa.int32()),
+                            ("value", pa.float64())])
+#: ``objects`` columns the classify stage adds (after the contract's and the cross-match's)
+DETREND_COLUMNS = (("detrend", pa.string()), ("detrend_rms", pa.float64()))
+OBJECTS_CLASSIFIED = pa.schema([*OBJECTS, *(pa.field(n, t) for n, t in DETREND_COLUMNS if n not in OBJECTS.names)])
+
+
+def _lc_columns(path: Any) -> list[str]:
+    cols = ["object_id", "epoch", "mjd", "mag", "mag_err", "flags"]
+    return [*cols, "band"] if "band" in pq.read_schema(path).names else cols
+
+
+@worker_task
+def detrend_field_task(out: str, field: str, regions: list[int], cfg_json: str, classify_fingerprint: str
+                       ) -> dict[str, Any]:
+    """Fit the SysRem components of one field on its best-measured stars; write them with a record.
+
+    Parameters
+    ----------
+    out
+        The run's output directory.
+    field
+        The field.
+    regions
+        The field's cross-matched regions (their objects and light curves are read).
+    cfg_json
+        The run configuration as JSON (its ``[classify]`` detrend settings are used).
+    classify_fingerprint
+        Recorded in the unit's footer; the region tasks use the components only when it matches.
+
+    Returns
+    -------
+    dict
+        ``field`` and ``detrend``: what was fitted (:func:`_field_info`).
+    """
+    import pandas as pd
+
+    from survey_proc.lightcurves.detrend import MAX_FIT_STARS, fit_field
+    from survey_proc.vocab import PHOTOMETRY_BAD
+
+    t0 = time.perf_counter()
+    cc = task_config(cfg_json).classify
+    objs = []
+    for r in regions:
+        path = OBJECTS_UNIT.path(out, field=field, region=r)
+        names = pq.read_schema(path).names
+        cols = [c for c in ("object_id", "n_epochs", "n_good", "mag_err_median") if c in names]
+        objs.append(pq.read_table(path, columns=cols).to_pandas().assign(region=r))
+    objects = pd.concat(objs, ignore_index=True) if objs else pd.DataFrame(columns=["object_id", "region"])
+    n_good = objects["n_good"] if "n_good" in objects else objects.get("n_epochs", pd.Series(dtype=float))
+    # candidates: measured on at least half the epochs the best-sampled object has; the best-measured first
+    cand = objects[n_good >= 0.5 * (n_good.max() if len(n_good) else 0)]
+    if "mag_err_median" in cand:
+        cand = cand.sort_values("mag_err_median", kind="stable")
+    cand = cand.head(MAX_FIT_STARS)
+    lcs = []
+    for reg in sorted(set(cand["region"].tolist())):
+        path = LIGHTCURVES_UNIT.path(out, field=field, region=reg)
+        ids = cand.loc[cand["region"] == reg, "object_id"].to_numpy().tolist()
+        lcs.append(pq.read_table(path, columns=_lc_columns(path), filters=[("object_id", "in", ids)]).to_pandas())
+    lc = (pd.concat(lcs, ignore_index=True) if lcs else
+          pd.DataFrame({c: pd.Series(dtype=float) for c in ("object_id", "epoch", "mag", "mag_err", "flags")}))
+    lc["flags"] = lc["flags"].astype(np.int64)
+    table, per_band = fit_field(lc, cc.detrend_components, cc.detrend_min_stars, PHOTOMETRY_BAD)
+    info = _field_info(cc.detrend_components, per_band, len(cand))
+    info["wall_s"] = time.perf_counter() - t0
+    write_parquet_atomic(table, DETREND_SCHEMA, DETREND_UNIT.path(out, field=field),
+                         {"classify_fingerprint": classify_fingerprint, "detrend": info})
+    return {"field": field, "detrend": info}
+
+
+def _field_info(k: int, per_band: dict[str, dict[str, Any]], n_candidates: int) -> dict[str, Any]:
+    """run.json's record of a field's detrending: the one band's figures, or per band (``bands``) for several."""
+    info: dict[str, Any] = {"method": "sysrem", "components": k, "n_candidates": n_candidates}
+    if not per_band:
+        return {**info, "applied": "none: no light curves to fit", "n_stars": 0}
+    if len(per_band) == 1:
+        return {**info, **next(iter(per_band.values()))}
+    applied = [b["applied"] for b in per_band.values()]
+    fitted = [a for a in applied if not a.startswith("none")]
+    return {**info, "applied": fitted[0] if fitted else applied[0],
+            "n_stars": int(sum(b["n_stars"] for b in per_band.values())), "bands": per_band}
+
+
+def _detrend_region(out: str, field: str, lc: Any, cc: Any, classify_fingerprint: str
+                    ) -> tuple[Any, Any, str]:
+    """The region's light curves with the field's components removed, the per-object figures, and what was applied.
+
+    Returns ``(lc, per_object, applied)``; ``per_object`` is None when nothing was applied.
+    """
+    import pandas as pd
+
+    from survey_proc.lightcurves.detrend import apply_components
+    from survey_proc.vocab import PHOTOMETRY_BAD
+
+    if cc.detrend == "none":
+        return lc, None, "none"
+    path = DETREND_UNIT.path(out, field=field)
+    rec = DETREND_UNIT.record(out, field=field)
+    if rec is None or rec.get("classify_fingerprint") != classify_fingerprint:
+        return lc, None, (f"none: {path} is missing or from other settings (its fit failed: see run.json "
+                          "failures); re-run to fit it")
+    applied = str(rec["detrend"]["applied"])
+    comps = pq.read_table(path).to_pandas()
+    if not len(comps):
+        return lc, None, applied
+    lc, per_object = apply_components(lc, comps, PHOTOMETRY_BAD)
+    label = pd.Series(np.where(per_object["detrended"], f"sysrem:{cc.detrend_components}", "none"),
+                      index=per_object.index)
+    return lc, per_object.assign(detrend=label), applied
 
 
 @worker_task
 def classify_region_task(out: str, field: str, region: int, cfg_json: str, classify_fingerprint: str
                          ) -> dict[str, Any]:
-    """Search and classify the light curves of one region; rewrite its objects file with the results."""
+    """Detrend, search and classify the light curves of one region; rewrite its objects file with the results."""
     from dataclasses import replace
 
     from survey_proc.distributed.plugins import worker_model
@@ -43,32 +170,40 @@ def classify_region_task(out: str, field: str, region: int, cfg_json: str, class
     for c in CLASSIFY_COLUMNS:  # outputs of an older version lack some of the additions
         if c not in objects.columns:
             objects[c] = 0 if c == "n_points_classified" else np.nan
-    lc = pq.read_table(LIGHTCURVES_UNIT.path(out, field=field, region=region),
-                       columns=["object_id", "epoch", "mjd", "mag", "mag_err", "flags"]).to_pandas()
+    lpath = LIGHTCURVES_UNIT.path(out, field=field, region=region)
+    lc = pq.read_table(lpath, columns=_lc_columns(lpath)).to_pandas()
+    lc, per_object, applied = _detrend_region(out, field, lc, cc, classify_fingerprint)
+    idx = objects["object_id"].to_numpy()
+    if per_object is None:
+        objects["detrend"], objects["detrend_rms"] = "none", 0.0
+    else:
+        objects["detrend"] = per_object["detrend"].reindex(idx).fillna("none").to_numpy()
+        objects["detrend_rms"] = per_object["detrend_rms"].reindex(idx).fillna(0.0).to_numpy()
     clf = worker_model("classifier", cc.weights or None)
     if cc.threshold > 0:
         clf = replace(clf, threshold=cc.threshold)
     res, found = classify_table(lc, clf, cc)
-    info: dict[str, Any] = {"n_objects": len(objects), **found}
+    info: dict[str, Any] = {"n_objects": len(objects), **found, "detrend": applied,
+                            "n_detrended": int((objects["detrend"] != "none").sum())}
     if res is not None:
         res = res.rename(columns={"chi2_red": "_chi2_red"})
-        idx = objects["object_id"].to_numpy()
         for c in CLASSIFY_COLUMNS:
             if c in res.columns:
                 vals = res[c].reindex(idx)
                 objects[c] = (vals.to_numpy() if c != "n_points_classified"
                               else vals.fillna(0).astype(np.int32).to_numpy())
     info["wall_s"] = time.perf_counter() - t0
-    write_parquet_atomic(objects, OBJECTS, opath, {**record, "classify_fingerprint": classify_fingerprint,
-                                                   "classify": info})
+    write_parquet_atomic(objects, OBJECTS_CLASSIFIED, opath, {**record, "classify_fingerprint": classify_fingerprint,
+                                                              "classify": info})
     return {"field": field, "region": region, **info}
 
 
 class ClassifyStage(Stage):
-    """Periods, classes and probabilities of the objects of each region."""
+    """Periods, classes and probabilities of the objects of each region (after detrending, per field)."""
 
     name = "classify"
     unit = OBJECTS_UNIT
+    also_writes = (DETREND_UNIT,)
     config_sections = ("classify",)
 
     def enabled(self, ctx: StageContext) -> bool:
@@ -81,7 +216,7 @@ class ClassifyStage(Stage):
         return m if m is not None and m.get("classify_fingerprint") == ctx.classify_fingerprint else None
 
     def run(self, ctx: StageContext) -> None:
-        """Classify every cross-matched region not yet classified with this classify fingerprint."""
+        """Fit each field's detrending components where needed, then classify every region not yet classified."""
         state = ctx.state
         units = [(p.field, r.index) for p in ctx.plans for r in p.regions if (p.field, r.index) in state.regions]
         todo = []
@@ -91,6 +226,7 @@ class ClassifyStage(Stage):
                 todo.append((f, r))
             else:
                 state.classified[(f, r)] = {"field": f, "region": r, **rec["classify"]}
+        self._detrend(ctx, units, {f for f, _ in todo})
         bar = ctx.bar(self.name, len(units), len(units) - len(todo))
         state.counts["classify_regions_skipped_resume"] = len(units) - len(todo)
 
@@ -100,3 +236,32 @@ class ClassifyStage(Stage):
         ctx.map(self.name, [Submission({"field": f, "region": r}, classify_region_task,
                                        (ctx.cfg.out, f, r, ctx.cfg_json, ctx.classify_fingerprint))
                             for f, r in todo], done, bar)
+
+    def _detrend(self, ctx: StageContext, units: list[tuple[str, int]], fields_todo: set[str]) -> None:
+        """Fit the components of the fields with regions to classify (unless done); record them in run.json.
+
+        run.json has no section per stage: the record goes to ``counts.detrend`` (field -> what was applied).
+        """
+        cc = ctx.cfg.classify
+        fields = sorted({f for f, _ in units})
+        summary: dict[str, Any] = {}
+        ctx.state.counts["detrend"] = summary
+        if cc.detrend == "none":
+            summary.update({f: {"method": "none", "applied": "none"} for f in fields})
+            return
+        subs = []
+        for f in fields:
+            rec = DETREND_UNIT.record(ctx.cfg.out, field=f)
+            if rec is not None and rec.get("classify_fingerprint") == ctx.classify_fingerprint:
+                summary[f] = rec["detrend"]
+            elif f in fields_todo:
+                regions = sorted(r for ff, r in units if ff == f)
+                subs.append(Submission({"field": f, "part": "detrend"}, detrend_field_task,
+                                       (ctx.cfg.out, f, regions, ctx.cfg_json, ctx.classify_fingerprint)))
+        if not subs:
+            return
+
+        def done(key: dict[str, Any], rec: dict[str, Any]) -> None:
+            summary[key["field"]] = rec["detrend"]
+
+        ctx.map(self.name, subs, done, ctx.bar("detrend", len(subs)))

@@ -51,6 +51,10 @@ def test_classify_stage_fills_objects_and_resumes_alone(variable_survey, client,
     assert (const["mag_std"] < 0.5 * eb["mag_std"]).all()
     meta = read_meta(OutputLayout(out).objects("F000", 0))
     assert meta["classify_fingerprint"] == run["classify_fingerprint"] and meta["classify"]["n_classified"] == 6
+    # six stars are too few to fit the field's systematics: nothing is applied, and the record says why
+    assert (obj["detrend"] == "none").all() and (obj["detrend_rms"] == 0).all()
+    assert run["counts"]["detrend"]["F000"]["applied"] == "none: 6 stars < detrend_min_stars (20)"
+    assert meta["classify"]["detrend"] == "none: 6 stars < detrend_min_stars (20)"
     # a new threshold re-runs only the classify stage
     cfg2 = run_config(variable_survey["store"], out, tile_px=96, halo_px=16, reference="none",
                       crossmatch={"region_px": 96, "min_epochs": 10}, classify={"min_points": 10, "threshold": 0.97})
@@ -79,3 +83,60 @@ def test_short_surveys_are_not_searched_and_a_missing_region_is_named(border_sur
     assert pd.read_parquet(out / "objects")["var_class"].isna().all()
     with pytest.raises(SurveyProcError, match=r"objects/field=F000/region=9\.parquet: missing or unreadable"):
         classify_region_task(str(out), "F000", 9, json.dumps(cfg.to_dict()), "x")
+
+
+@pytest.fixture(scope="module")
+def constant_field(tmp_path_factory) -> dict:
+    """30 bright isolated constant stars on a grid, 40 epochs over 0.55 d."""
+    out = tmp_path_factory.mktemp("constants") / "const.zarr"
+    scn = load_scenario("dense", {**CLEAN, "size_px": 128, "n_epochs": 40, "cadence_s": 1200.0, "psf_fwhm_px": 2.0,
+                                  "jitter_px": 0.3, "seed": 29})
+    rows = [{"x": 12.0 + 21 * i, "y": 14.0 + 20 * j, "mag": 18.5 + 0.2 * ((i + j) % 5)}
+            for i in range(5) for j in range(6)]
+    stars = planted_stars(scn, rows)
+    simulate_survey(scn, out, workers=0, stars=stars, progress=False)
+    return {"store": out, "stars": stars}
+
+
+def test_detrending_is_recorded_and_removes_injected_epoch_offsets(constant_field, client, tmp_path):
+    import pyarrow.parquet as pq
+
+    from survey_proc.outputs import write_parquet_atomic
+    from survey_proc.stages.crossmatch import LIGHTCURVES_UNIT
+
+    out = tmp_path / "out"
+
+    def run(**classify):
+        cfg = run_config(constant_field["store"], out, tile_px=128, halo_px=16, reference="none",
+                         crossmatch={"region_px": 64, "min_epochs": 10}, classify={"min_points": 10, **classify})
+        return run_pipeline(cfg, client=client)
+
+    r1 = run()
+    obj = pd.read_parquet(out / "objects")
+    assert len(obj) == 30 and (obj["detrend"] == "sysrem:2").all() and (obj["detrend_rms"] > 0).all()
+    rec = r1["counts"]["detrend"]["F000"]
+    assert rec["method"] == "sysrem" and rec["applied"] == "sysrem:2" and rec["n_stars"] >= 20
+    assert rec["rms_after_mag"] <= rec["rms_before_mag"]
+    comps = pd.read_parquet(out / "calibration" / "field=F000" / "detrend.parquet")
+    assert len(comps) == 2 * 40 and set(comps["component"]) == {0, 1}
+    assert json.loads((out / "run.json").read_text())["counts"]["detrend"]["F000"]["applied"] == "sysrem:2"
+    # inject per-epoch offsets of 0.05 mag rms into the light-curve files (their records kept): a changed
+    # classify setting re-runs only classify, which must find and remove them
+    offsets = np.random.default_rng(4).normal(0.0, 0.05, 40)
+    for path in sorted((out / "lightcurves").rglob("*.parquet")):
+        lc = pq.read_table(path).to_pandas()
+        lc["mag"] = lc["mag"] + offsets[lc["epoch"].to_numpy()]
+        write_parquet_atomic(lc, LIGHTCURVES_UNIT.schema, path, read_meta(path))
+    r2 = run(detrend_components=1)
+    assert r2["counts"]["regions_skipped_resume"] == 4 and r2["counts"]["classify_regions_skipped_resume"] == 0
+    obj2 = pd.read_parquet(out / "objects")
+    assert (obj2["detrend"] == "sysrem:1").all()
+    assert obj2["detrend_rms"].to_numpy() == pytest.approx(np.std(offsets), rel=0.15)
+    rec2 = r2["counts"]["detrend"]["F000"]
+    assert rec2["rms_before_mag"] > 0.04 and rec2["rms_after_mag"] < 0.3 * rec2["rms_before_mag"]
+    r3 = run(detrend="none")
+    obj3 = pd.read_parquet(out / "objects")
+    assert (obj3["detrend"] == "none").all() and (obj3["detrend_rms"] == 0).all()
+    assert r3["counts"]["detrend"]["F000"] == {"method": "none", "applied": "none"}
+    # the period search sees the offsets only without detrending
+    assert (obj2["robust_rms"] < 0.5 * obj3["robust_rms"]).all()
