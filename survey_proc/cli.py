@@ -153,9 +153,19 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         with local_client(args.workers, quiet=args.quiet) as client:
             report = ingest(paths, args.out, client=client, **kw)
     for fid, r in report["fields"].items():
-        print(f"field {fid}: {r['added']} epoch(s) added, {r['skipped_already_ingested']} already ingested")
+        bands = ", ".join(b or "unknown" for b in r.get("bands", []))
+        print(f"field {fid}: {r['added']} epoch(s) added, {r['skipped_already_ingested']} already ingested"
+              + (f"; band(s) {bands}" if bands else ""))
+        src = r.get("saturation_source", "")
+        if r["added"] and src and not src.startswith(("header", "option")):
+            level = "none" if r["saturation_adu"] >= 3e38 else f"{r['saturation_adu']:.6g} ADU"
+            hint = " (--saturation overrides it)" if src.startswith("estimated") else ""
+            print(f"  saturation {level}: {src}{hint}")
     for path, keys in report["missing"].items():
-        print(f"  {path}: missing {', '.join(keys)} (stored as unknown)")
+        unknown = [k for k in keys if k != "SATURATE"]
+        print(f"  {path}: missing " + "; ".join(
+            ([f"{', '.join(unknown)} (stored as unknown)"] if unknown else [])
+            + (["SATURATE (the field's saturation is above)"] if "SATURATE" in keys else [])))
     print(f"Wrote {args.out}: {report['files']} file(s), {report['bytes'] / 1e6:.1f} MB in {report['wall_s']:.1f} s "
           f"({report['mb_per_s']:.1f} MB/s)")
     if report["rejected"]:
@@ -287,10 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--saturation", type=float, help="ADU, overrides SATURATE/SATLEVEL")
     g.add_argument("--site", metavar="LAT,LON", help="observatory latitude,longitude (deg) for the airmass when "
                    "headers have none")
-    g.add_argument("--band", default="unknown", help="photometric band name")
+    g.add_argument("--band", help="photometric band of every file, overriding the headers' BAND/FILTER/FILTNAM/"
+                   "FILTER1 (an epoch table's band column overrides it); default: from the headers")
     g.add_argument("--epoch-table", metavar="CSV",
-                   help="per-file times and exposures that replace the headers' (columns: file, and any of "
-                        "mjd_mid, exptime_s, timescale); for headers without them, or copied between files")
+                   help="per-file times, exposures and bands that replace the headers' (columns: file, and any "
+                        "of mjd_mid, exptime_s, timescale, band); for headers without them, or copied between files")
     g.add_argument("--workers", type=int, default=0,
                    help="worker processes reading files in parallel (default 0: in-process, measured faster here "
                         "because the store is written by one process; see benchmarks/RESULTS.md)")

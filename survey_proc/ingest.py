@@ -17,8 +17,17 @@ Header handling (each rule names the keywords it reads, in order)
 - **Gain** (e/ADU): ``GAIN``, ``EGAIN``, ``CCDGAIN``; **read noise** (e): ``RDNOISE``,
   ``READNOIS``, ``RON``, ``READNOISE``; **saturation** (ADU): ``SATURATE``, ``SATLEVEL``.
   Options override headers. A missing gain or read noise without an option is an error
-  naming the file and the keywords; a missing saturation becomes the largest value of an
-  integer image's type (or none for float images), reported.
+  naming the file and the keywords. A missing saturation is estimated from the data when
+  the pixels pile up at the image's maximum (:func:`saturation_pileup`: a clipped or
+  saturated detector); else it becomes the largest value of an unscaled integer image's
+  type (or none for float images). Either way it is reported, and the field records where
+  its ``saturation_adu`` came from (attribute ``saturation_source``).
+- **Band**: the ``band`` column of the epoch table, else the ``band`` option, else the
+  header: ``BAND``, ``FILTER``, ``FILTNAM``, ``FILTNAME``, ``FILTER1``, ``FILTER2`` (the
+  first that is set and not a clear/open position, whitespace stripped), else Spitzer's
+  ``INSTRUME`` = IRAC with ``CHNLNUM`` n (band ``IRACn``). None: "" (unknown), reported; a
+  field that would mix epochs of unknown band with epochs of a known band is an error
+  naming the files and the three ways to give the band.
 - **Airmass**: ``AIRMASS``, ``SECZ``; else computed (astropy AltAz, plane-parallel sec z)
   from the pointing (``RA``/``DEC`` in degrees or sexagesimal hours/degrees, else
   ``CRVAL1/2``), the mid-exposure time and the site (``SITELAT``/``SITELONG``,
@@ -61,6 +70,9 @@ EXPTIME_KEYS = ("EXPTIME", "EXPOSURE", "ITIME")
 GAIN_KEYS = ("GAIN", "EGAIN", "CCDGAIN")
 RDNOISE_KEYS = ("RDNOISE", "READNOIS", "RON", "READNOISE")
 SATURATION_KEYS = ("SATURATE", "SATLEVEL")
+BAND_KEYS = ("BAND", "FILTER", "FILTNAM", "FILTNAME", "FILTER1", "FILTER2")
+#: filter-wheel positions that name no band (HST's FILTER1 = CLEAR1L beside FILTER2 = F606W, ...)
+_NO_BAND = re.compile(r"(clear|open|none|empty|n/?a|dark|blank)\w*", re.IGNORECASE)
 AIRMASS_KEYS = ("AIRMASS", "SECZ")
 MASK_EXTNAMES = ("BPM", "MASK", "DQ")
 
@@ -69,15 +81,16 @@ class IngestError(SurveyProcError):
     """A file that cannot be ingested; the message names the file and what to do."""
 
 
-EPOCH_TABLE_COLUMNS = ("file", "mjd_mid", "exptime_s", "timescale")
+EPOCH_TABLE_COLUMNS = ("file", "mjd_mid", "exptime_s", "timescale", "band")
 
 
 def read_epoch_table(path: str | Path) -> dict[str, dict[str, Any]]:
     """A table of per-file values that override (or stand in for) the headers' times and exposures.
 
     A CSV (or Parquet) with a ``file`` column (the file's name, without its folder) and any of
-    ``mjd_mid`` (mid-exposure MJD, days), ``exptime_s`` (seconds) and ``timescale`` (utc, tai,
-    tt or tdb; default utc). Empty cells keep the header's value.
+    ``mjd_mid`` (mid-exposure MJD, days), ``exptime_s`` (seconds), ``timescale`` (utc, tai,
+    tt or tdb; default utc) and ``band`` (the photometric band, whitespace stripped). Empty
+    cells keep the header's value.
 
     Returns
     -------
@@ -93,7 +106,8 @@ def read_epoch_table(path: str | Path) -> dict[str, dict[str, Any]]:
 
     p = Path(path)
     try:
-        df = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p, dtype={"file": str})
+        df = (pd.read_parquet(p) if p.suffix == ".parquet"
+              else pd.read_csv(p, dtype={"file": str, "band": str}, skipinitialspace=True))
     except Exception as exc:
         raise IngestError(f"epoch table {p}: cannot be read ({exc})") from None
     unknown = [c for c in df.columns if c not in EPOCH_TABLE_COLUMNS]
@@ -105,9 +119,14 @@ def read_epoch_table(path: str | Path) -> dict[str, dict[str, Any]]:
         raise IngestError(f"epoch table {p}: file(s) listed twice: {', '.join(dup[:5])}")
     out: dict[str, dict[str, Any]] = {}
     for row in df.to_dict("records"):
-        vals = {str(k): v for k, v in row.items() if k != "file" and not (isinstance(v, float) and np.isnan(v))}
+        vals = {str(k): v for k, v in row.items()
+                if k != "file" and v is not None and not (isinstance(v, float) and np.isnan(v))}
         if "timescale" in vals:
             vals["timescale"] = str(vals["timescale"]).strip().lower()
+        if "band" in vals:
+            vals["band"] = str(vals["band"]).strip()
+            if not vals["band"]:
+                del vals["band"]
         out[Path(str(row["file"])).name] = vals
     return out
 
@@ -133,6 +152,10 @@ class Exposure:
     read_noise: float | None
     saturation: float | None
     missing: list[str] = field(default_factory=list)
+    band: str = ""  # "" when unknown
+    band_source: str | None = None  # "epoch table", "option --band" or the header keyword
+    saturation_source: str = ""  # where ``saturation`` came from (option, keyword, pile-up, data type)
+    saturation_estimated: bool = False  # True when ``saturation`` comes from a pile-up in the pixels
 
 
 def _first(header: Any, keys: tuple[str, ...]) -> tuple[str | None, Any]:
@@ -233,6 +256,80 @@ def mid_exposure_mjd(header: Any, path: str, exptime_s: float | None = None) -> 
                       "add MJD-OBS or DATE-OBS")
 
 
+def header_band(header: Any) -> tuple[str, str | None]:
+    """The photometric band a header names and the keyword it came from ("", None when none).
+
+    Reads :data:`BAND_KEYS` in order (the first value that is set and is not a clear/open
+    filter position, whitespace stripped), then Spitzer's ``INSTRUME`` = IRAC with
+    ``CHNLNUM`` n (band ``IRACn``).
+
+    Parameters
+    ----------
+    header
+        A FITS header.
+
+    Returns
+    -------
+    band, keyword
+        The band ("" when the header names none) and the keyword read (None when none).
+    """
+    for k in BAND_KEYS:
+        if k in header and header[k] is not None:
+            value = str(header[k]).strip()
+            if value and not _NO_BAND.fullmatch(value):
+                return value, k
+    if str(header.get("INSTRUME", "")).strip().upper().startswith("IRAC") and "CHNLNUM" in header:
+        try:
+            return f"IRAC{int(header['CHNLNUM'])}", "INSTRUME/CHNLNUM"
+        except (TypeError, ValueError):
+            pass
+    return "", None
+
+
+def saturation_pileup(image: np.ndarray, *, rel_tol: float = 1e-3, min_px: int = 5, contrast: float = 5.0
+                      ) -> tuple[float, int, float] | None:
+    """A saturation level (ADU) from a pile-up of pixels at the image's maximum; None without one.
+
+    A clipped or saturated detector leaves many pixels at (within ``rel_tol`` of the range
+    above the median of) the largest value; a continuous distribution of star peaks leaves
+    about one. A pile-up is at least ``min_px`` pixels in that top bin and ``contrast``
+    times more than the mean count of the 10 bins of the same width just below it (+1).
+    The level returned is the bottom of the top bin: a little below the clip, so every
+    piled-up pixel is at or above it.
+
+    Parameters
+    ----------
+    image
+        Pixels (ADU); non-finite pixels are ignored.
+    rel_tol
+        Width of the top bin as a fraction of (maximum - median); at least 0.5 ADU for
+        integer-valued pixels.
+    min_px
+        Fewest pixels that make a pile-up.
+    contrast
+        How many times the neighbouring bins' mean count the top bin must hold.
+
+    Returns
+    -------
+    (level_adu, n_pixels, maximum_adu) or None
+        The saturation level (ADU), the pixels in the pile-up and the image's maximum (ADU).
+    """
+    px = np.asarray(image, dtype=np.float64)
+    px = px[np.isfinite(px)]
+    if px.size < 100:
+        return None
+    top, med = float(px.max()), float(np.median(px))
+    if not top > med:
+        return None
+    integer_valued = bool(np.all(px == np.round(px)))
+    tol = max(rel_tol * (top - med), 0.5 if integer_valued else 0.0, float(np.spacing(np.float32(abs(top)))))
+    n_top = int(np.count_nonzero(px >= top - tol))
+    n_below = int(np.count_nonzero((px >= top - 11 * tol) & (px < top - tol)))
+    if n_top < min_px or n_top < contrast * (n_below / 10 + 1):
+        return None
+    return top - tol, n_top, top
+
+
 def _wcs_text(header: Any) -> str:
     ctype1, ctype2 = str(header.get("CTYPE1", "")), str(header.get("CTYPE2", ""))
     if not (ctype1.startswith(("RA", "GLON", "ELON")) and ctype2.startswith(("DEC", "GLAT", "ELAT"))):
@@ -323,8 +420,8 @@ def _pointing(header: Any) -> str:
 
 def read_fits(path: str | Path, *, hdus: list[int] | None = None, field_key: str | None = None,
               gain: float | None = None, read_noise: float | None = None, saturation: float | None = None,
-              site: tuple[float, float] | None = None, epoch_values: dict[str, Any] | None = None
-              ) -> list[Exposure]:
+              site: tuple[float, float] | None = None, epoch_values: dict[str, Any] | None = None,
+              band: str | None = None) -> list[Exposure]:
     """Read every image HDU of one FITS file (or the ``hdus`` listed) as :class:`Exposure` objects.
 
     Parameters
@@ -341,7 +438,10 @@ def read_fits(path: str | Path, *, hdus: list[int] | None = None, field_key: str
         Observatory (latitude, longitude) in degrees, for the airmass when the header has none.
     epoch_values
         This file's row of an epoch table (:func:`read_epoch_table`): ``mjd_mid``,
-        ``exptime_s``, ``timescale`` replace the header's.
+        ``exptime_s``, ``timescale`` and ``band`` replace the header's (and ``band`` the
+        ``band`` option).
+    band
+        Photometric band of every exposure, overriding the header (not the epoch table).
 
     Returns
     -------
@@ -404,15 +504,38 @@ def read_fits(path: str | Path, *, hdus: list[int] | None = None, field_key: str
                 missing.append("EXPTIME")
             _, g = _first(header, GAIN_KEYS)
             _, rn = _first(header, RDNOISE_KEYS)
-            _, sat = _first(header, SATURATION_KEYS)
+            k_sat, sat = _first(header, SATURATION_KEYS)
             g = gain if gain is not None else (float(g) if g is not None else None)
             rn = read_noise if read_noise is not None else (float(rn) if rn is not None else None)
-            sat = saturation if saturation is not None else (float(sat) if sat is not None else None)
-            if sat is None:
-                raw_kind = np.dtype(hdu.data.dtype).kind if hdu.data is not None else "f"
-                if raw_kind in "iu" and "BSCALE" not in header and "BZERO" not in header:
-                    sat = float(np.iinfo(hdu.data.dtype).max)
+            where = f"{Path(path).name}[{i}]"
+            sat_estimated = False
+            if saturation is not None:
+                sat, sat_source = float(saturation), "option --saturation"
+            elif sat is not None:
+                sat, sat_source = float(sat), f"header {k_sat} of {where}"
+            else:
                 missing.append("SATURATE")
+                pile = saturation_pileup(data)
+                raw_kind = np.dtype(hdu.data.dtype).kind if hdu.data is not None else "f"
+                if pile is not None:
+                    sat, sat_estimated = pile[0], True
+                    sat_source = f"estimated from a pile-up of {pile[1]} pixels at {pile[2]:.6g} ADU in {where}"
+                elif raw_kind in "iu" and "BSCALE" not in header and "BZERO" not in header:
+                    sat = float(np.iinfo(hdu.data.dtype).max)
+                    sat_source = (f"the largest value of {where}'s data type {np.dtype(hdu.data.dtype).name} "
+                                  "(no saturation keyword, no pile-up at the maximum)")
+                else:
+                    sat_source = (f"none: no saturation keyword in {where}, no pile-up at its maximum, and a float "
+                                  "or scaled image type says nothing; pass --saturation if stars saturate")
+            band_source: str | None
+            if "band" in ev:
+                band_value, band_source = str(ev["band"]).strip(), "epoch table"
+            elif band is not None and band.strip():
+                band_value, band_source = band.strip(), "option --band"
+            else:
+                band_value, band_source = header_band(header)
+            if not band_value:
+                missing.append("FILTER")
             _, am = _first(header, AIRMASS_KEYS)
             if am is None:
                 am = computed_airmass(header, mjd, scale, site)
@@ -436,7 +559,8 @@ def read_fits(path: str | Path, *, hdus: list[int] | None = None, field_key: str
                 fv = str(header[field_key]).strip()
             out.append(Exposure(f"{Path(path).name}[{i}]@{mjd:.8f}", path, i, det, _pointing(header), fv, data,
                                 mask, mjd, scale, exptime, float(am) if am is not None else float("nan"),
-                                _wcs_text(header), g, rn, sat, missing))
+                                _wcs_text(header), g, rn, sat, missing, band=band_value, band_source=band_source,
+                                saturation_source=sat_source, saturation_estimated=sat_estimated))
     return out
 
 
@@ -463,6 +587,35 @@ def sky_gain_estimate(image: np.ndarray, mask: np.ndarray | None = None) -> floa
     return float(mean / std**2)
 
 
+def _field_saturation(exps: list[Exposure]) -> Exposure:
+    """The exposure whose saturation a new field records.
+
+    The first's when an option or header gives it, else the lowest of the estimates from
+    pile-ups (else the first's fallback).
+    """
+    e0 = exps[0]
+    if e0.saturation is not None and not e0.saturation_estimated:
+        return e0
+    estimated = [e for e in exps if e.saturation_estimated and e.saturation is not None]
+    return min(estimated, key=lambda e: float(e.saturation or 0.0)) if estimated else e0
+
+
+def _check_bands(fid: str, exps: list[Exposure], stored: list[str]) -> None:
+    """Refuse a field that would mix epochs of unknown band ("") with epochs of a known band."""
+    known = sorted({e.band for e in exps if e.band} | {b for b in stored if b})
+    unknown = [e for e in exps if not e.band]
+    if known and (unknown or "" in stored):
+        if unknown:
+            what = (f"{', '.join(f'{e.path}[{e.hdu}]' for e in unknown[:3])}"
+                    + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "") + " name no band")
+        else:
+            what = "epochs already in the store have no band"
+        raise IngestError(
+            f"field {fid}: {what}, while other epochs are in band(s) {', '.join(known)}; a light curve must not mix "
+            f"bands. Give every file its band: --band for all files, a 'band' column in --epoch-table, or a "
+            f"FILTER (or {', '.join(k for k in BAND_KEYS if k != 'FILTER')}) keyword in the header")
+
+
 def field_id_of(exp: Exposure) -> str:
     """The field an exposure belongs to: the field key's value (or the pointing) and the detector.
 
@@ -483,7 +636,7 @@ def field_id_of(exp: Exposure) -> str:
 
 def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | None = None, hdus: list[int] | None = None,
            append: bool = False, gain: float | None = None, read_noise: float | None = None,
-           saturation: float | None = None, site: tuple[float, float] | None = None, band: str = "unknown",
+           saturation: float | None = None, site: tuple[float, float] | None = None, band: str | None = None,
            pixel_scale_arcsec: float = float("nan"),
            zeropoint_nominal: float = 25.0, client: Any = None, progress: bool = True,
            epoch_table: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -517,7 +670,8 @@ def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | Non
     site
         Observatory (latitude, longitude) in degrees, for airmasses the headers lack.
     band
-        Photometric band recorded in the store.
+        Photometric band of every file, overriding the headers (a ``band`` cell of the epoch
+        table overrides it); None: from the headers (:func:`header_band`).
     pixel_scale_arcsec
         Nominal pixel scale (arcsec per pixel) recorded in the store.
     zeropoint_nominal
@@ -546,7 +700,7 @@ def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | Non
         raise IngestError(f"the epoch table names file(s) that are not among the inputs: {', '.join(stray[:5])}; "
                           "its 'file' column holds file names without their folder")
     kwargs: dict[str, Any] = dict(hdus=hdus, field_key=field_key, gain=gain, read_noise=read_noise,
-                                  saturation=saturation, site=site)
+                                  saturation=saturation, site=site, band=band)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     exposures: list[Exposure] = []
@@ -581,8 +735,18 @@ def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | Non
     for e in exposures:
         groups.setdefault(field_id_of(e), []).append(e)
     have = set(store.list_fields(out)) if append else set()
+    one_band_store = append and not store.bands_per_epoch(out)
+    root_band = str(store.store_attrs(out).get("band", "")) if append else ""
     for fid, exps in groups.items():  # check before writing anything
         e0 = exps[0]
+        _check_bands(fid, exps, store.read_epoch_table(out, fid)["band"].tolist() if fid in have else [])
+        foreign = sorted({e.band for e in exps if e.band not in ("", root_band)})
+        if one_band_store and foreign:
+            first = next(e for e in exps if e.band in foreign)
+            raise IngestError(f"{out} is a format-1 store, which has one band for all epochs ({root_band!r}); "
+                              f"{first.path}[{first.hdu}] has band {first.band!r} ({first.band_source}). Ingest the "
+                              "files into a new store (which keeps a band per epoch), or give them the store's band "
+                              "with --band if that is what they are")
         by_time: dict[float, Exposure] = {}
         for e in sorted(exps, key=lambda e: e.mjd):
             other = by_time.setdefault(e.mjd, e)
@@ -615,8 +779,9 @@ def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | Non
                                   f"{', '.join(RDNOISE_KEYS)}); pass --read-noise in electrons, from the instrument's "
                                   "documentation (or a bias frame's standard deviation in ADU times the gain)")
     if not append:
-        store.create_store(out, band=band, pixel_scale_arcsec=pixel_scale_arcsec,
-                           attrs={"created_by": "survey-proc ingest"})
+        all_bands = sorted({e.band for e in exposures})
+        store.create_store(out, band=all_bands[0] if len(all_bands) == 1 else "",
+                           pixel_scale_arcsec=pixel_scale_arcsec, attrs={"created_by": "survey-proc ingest"})
     report: dict[str, Any] = {"fields": {}, "missing": {}, "files": len(files), "rejected": rejected}
     for fid, exps in sorted(groups.items()):
         exps.sort(key=lambda e: e.mjd)
@@ -626,11 +791,12 @@ def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | Non
             e0 = exps[0]
             assert e0.gain is not None and e0.read_noise is not None  # checked for every new field above
             ny, nx = e0.image.shape
-            saturation_adu = e0.saturation if e0.saturation is not None else float(np.finfo(np.float32).max)
+            sat_exp = _field_saturation(exps)
+            saturation_adu = sat_exp.saturation if sat_exp.saturation is not None else float(np.finfo(np.float32).max)
             store.create_field(out, fid, ny=ny, nx=nx, n_epochs=0, gain_e_per_adu=e0.gain,
                                read_noise_e=e0.read_noise, saturation_adu=saturation_adu,
                                zeropoint_nominal=zeropoint_nominal, mjd_timescale=e0.timescale,
-                               attrs={"ingest_field_key": field_key})
+                               attrs={"ingest_field_key": field_key, "saturation_source": sat_exp.saturation_source})
             done = set()
         new = [e for e in exps if e.source not in done]
         # the same exposure twice in one call counts once
@@ -645,9 +811,13 @@ def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | Non
             store.append_epochs(out, fid, np.stack([e.image for e in new]),
                                 store.EpochMeta(np.array([e.mjd for e in new]), np.array([e.exptime_s for e in new]),
                                                 np.array([e.airmass for e in new]), [e.wcs for e in new],
-                                                [e.source for e in new]),
+                                                [e.source for e in new], band=[e.band for e in new]),
                                 np.stack([e.mask for e in new]))
-        report["fields"][fid] = {"added": len(new), "skipped_already_ingested": len(exps) - len(new)}
+        fa = store.field_attrs(out, fid)
+        report["fields"][fid] = {"added": len(new), "skipped_already_ingested": len(exps) - len(new),
+                                 "bands": list(dict.fromkeys(e.band for e in exps)),
+                                 "saturation_adu": float(fa["saturation_adu"]),
+                                 "saturation_source": str(fa.get("saturation_source", ""))}
         for e in exps:
             if e.missing:
                 report["missing"].setdefault(e.path, sorted(set(e.missing)))

@@ -496,7 +496,7 @@ def store_bands(path: str | Path) -> list[str]:
     seen: dict[str, None] = {}
     for fid in list_fields(path):
         for b in _field_bands(path, fid):
-            seen.setdefault(b, None)
+            seen.setdefault(str(b), None)
     if not seen and not bands_per_epoch(path):
         seen[str(store_attrs(path).get("band", ""))] = None
     return list(seen)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import shutil
 from pathlib import Path
 
@@ -224,7 +225,10 @@ def test_the_real_plate_ingests_with_its_odd_header(tmp_path):
     assert t["exptime"][0] == 3000.0  # EXPOSURE in minutes
     assert t["mjd"][0] == pytest.approx(Time("1951-11-29T12:07:00", scale="utc").mjd + 1500 / 86400, abs=1e-8)
     assert store.image_shape(out, fid) == (1, 1059, 1059)
-    assert rep["missing"][REAL] == ["AIRMASS", "SATURATE"]
+    assert rep["missing"][REAL] == ["AIRMASS", "FILTER", "SATURATE"]
+    # no FILTER: band unknown (""); a plate has no pile-up at its maximum: saturation is the int16 maximum
+    assert t["band"].tolist() == [""] and store.field_attrs(out, fid)["saturation_adu"] == 32767.0
+    assert "data type int16" in store.field_attrs(out, fid)["saturation_source"]
 
 
 def test_airmass_is_computed_from_pointing_site_and_time_when_missing(tmp_path):
@@ -350,6 +354,179 @@ def test_copied_headers_are_a_clear_error_and_an_epoch_table_gives_each_file_its
                                           r"band_z\.fits"):
         ingest(files, tmp_path / "x.zarr", epoch_table=read_epoch_table(bad), progress=False)
     bad.write_text("file,mjd,exptime_s\nband_g.fits,51814.2,10\n")
-    with pytest.raises(IngestError, match=r"needs a 'file' column and may have mjd_mid, exptime_s, timescale; "
+    with pytest.raises(IngestError, match=r"needs a 'file' column and may have mjd_mid, exptime_s, timescale, band; "
                                           r"unknown column\(s\) mjd"):
         read_epoch_table(bad)
+
+
+# ---------------------------------------------------------------- bands (store format 2)
+
+REAL_DIR = Path(REAL).parent
+
+
+@pytest.mark.parametrize("cards, band, key", [
+    ({"FILTER": "  r  "}, "r", "FILTER"),  # whitespace stripped
+    ({"BAND": "z", "FILTER": "z DECam SDSS c0004 9260.0 1520.0"}, "z", "BAND"),  # DECam: BAND is the short name
+    ({"FILTNAM": "F555W"}, "F555W", "FILTNAM"),  # WFPC2
+    ({"FILTER1": "CLEAR1L", "FILTER2": "F606W"}, "F606W", "FILTER2"),  # ACS: a clear position names no band
+    ({"INSTRUME": "IRAC", "CHNLNUM": 2}, "IRAC2", "INSTRUME/CHNLNUM"),  # Spitzer IRAC channel 2 (4.5 um)
+    ({"FILTER": "Open"}, "", None),
+    ({}, "", None),
+])
+def test_header_band_keyword_forms(cards, band, key):
+    from survey_proc.ingest import header_band
+
+    h = fits.Header()
+    for k, v in cards.items():
+        h[k] = v
+    assert header_band(h) == (band, key)
+
+
+@pytest.mark.skipif(not (REAL_DIR / "gc_2mass_j.fits").exists(), reason="../shared/data/real is not here")
+def test_real_headers_give_their_bands():
+    from survey_proc.ingest import header_band
+
+    expect = {"gc_2mass_j.fits": "J", "gc_2mass_h.fits": "H", "gc_2mass_k.fits": "K", "HorseHead.fits": "OG590",
+              "M6707HH.fits": "", "spitzer_example_image.fits": "IRAC2",
+              "sdss_r.fits.bz2": "g"}  # the SDSS r header is a copy of g's: --epoch-table's band column fixes it
+    for name, band in expect.items():
+        assert header_band(fits.getheader(REAL_DIR / name))[0] == band, name
+
+
+def _band_files(tmp_path, bands, **extra):
+    rng = np.random.default_rng(5)
+    out = []
+    for k, b in enumerate(bands):
+        cards = {"MJD_OBS": 60000.0 + k, "EXPTIME": 30.0, "GAIN": 1.0, "RDNOISE": 3.0, **extra}
+        if b is not None:
+            cards["FILTER"] = b
+        out.append(_single(tmp_path, rng.normal(100, 5, (16, 16)).astype(np.float32), name=f"b{k}.fits", **cards))
+    return out
+
+
+def test_band_from_header_option_and_epoch_table(tmp_path, capsys):
+    from survey_proc.cli import main
+
+    files = _band_files(tmp_path, ["g", " r ", "g"])
+    out = tmp_path / "h.zarr"
+    rep = ingest(files, out, progress=False)
+    fid, = rep["fields"]
+    assert store.read_epoch_table(out, fid)["band"].tolist() == ["g", "r", "g"]
+    assert store.store_bands(out) == ["g", "r"] and store.bands_per_epoch(out)
+    assert rep["fields"][fid]["bands"] == ["g", "r"]
+    # --band overrides the headers; a band cell of the epoch table overrides --band
+    table = tmp_path / "t.csv"
+    table.write_text("file,band\nb1.fits, i \nb2.fits,\n")
+    out2 = tmp_path / "o.zarr"
+    assert main(["ingest", *files, "--out", str(out2), "--band", "V", "--epoch-table", str(table), "--quiet"]) == 0
+    assert store.read_epoch_table(out2, fid)["band"].tolist() == ["V", "i", "V"]
+    assert "; band(s) V, i" in capsys.readouterr().out
+
+
+def test_a_field_mixing_unknown_and_known_bands_is_refused(tmp_path):
+    files = _band_files(tmp_path, ["g", None, "r"])
+    with pytest.raises(IngestError, match=r"field nopointing: \S*b1\.fits\[0\] name no band, while other epochs are "
+                                          r"in band\(s\) g, r; a light curve must not mix bands\. Give every file its "
+                                          r"band: --band for all files, a 'band' column in --epoch-table, or a FILTER"):
+        ingest(files, tmp_path / "x.zarr", progress=False)
+    assert not (tmp_path / "x.zarr").exists()
+    # no band anywhere: one unknown band (""), reported as a missing FILTER
+    (tmp_path / "none").mkdir()
+    none = _band_files(tmp_path / "none", [None, None])
+    rep = ingest(none, tmp_path / "n.zarr", progress=False)
+    assert store.store_bands(tmp_path / "n.zarr") == [""] and "FILTER" in rep["missing"][none[0]]
+    # ... and appending a file with a band to that field is refused too
+    later = _single(tmp_path, np.zeros((16, 16), np.float32), name="late.fits", MJD_OBS=60010.0, EXPTIME=30.0,
+                    GAIN=1.0, RDNOISE=3.0, FILTER="g")
+    with pytest.raises(IngestError, match=r"field nopointing: epochs already in the store have no band, while other "
+                                          r"epochs are in band\(s\) g"):
+        ingest([later], tmp_path / "n.zarr", append=True, progress=False)
+
+
+def test_appending_another_band_to_a_format1_store_is_refused(tmp_path):
+    import zarr
+
+    first = _band_files(tmp_path, ["i"])
+    out = tmp_path / "f1.zarr"
+    ingest(first, out, progress=False)
+    g = zarr.open_group(str(out))
+    del g["fields/nopointing/band"]
+    g.attrs["survey_proc_format"] = 1
+    later = _single(tmp_path, np.zeros((16, 16), np.float32), name="late.fits", MJD_OBS=60010.0, EXPTIME=30.0,
+                    GAIN=1.0, RDNOISE=3.0, FILTER="r")
+    with pytest.raises(IngestError, match=r"f1\.zarr is a format-1 store, which has one band for all epochs "
+                                          r"\('i'\); \S*late\.fits\[0\] has band 'r' \(FILTER\)\. Ingest the files "
+                                          r"into a new store"):
+        ingest([later], out, append=True, progress=False)
+    rep = ingest([later], out, append=True, band="i", progress=False)  # the store's own band is fine
+    assert rep["fields"]["nopointing"]["added"] == 1
+    assert store.read_epoch_table(out, "nopointing")["band"].tolist() == ["i", "i"]
+
+
+# ---------------------------------------------------------------- saturation from a pile-up at the maximum
+
+def _clipped_frames(tmp_path, n=2, size=128, clip=3000, seed=4) -> list[str]:
+    """int16 frames of 25 stars (peaks 200-30000 ADU over a 100-ADU sky) clipped at ``clip`` ADU, no SATURATE."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    xs, ys = rng.uniform(10, size - 10, 25), rng.uniform(10, size - 10, 25)
+    peaks = np.geomspace(200, 30000, 25)
+    paths = []
+    for e in range(n):
+        img = 100.0 + rng.normal(0, 5, (size, size))
+        for x, y, p in zip(xs + 0.3 * e, ys, peaks, strict=True):
+            img += p * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 1.5**2))
+        data = np.clip(np.round(img), -32768, clip).astype(np.int16)
+        paths.append(_single(tmp_path, data, name=f"clip{e}.fits", MJD_OBS=60000.0 + 0.1 * e, EXPTIME=30.0,
+                             GAIN=2.0, RDNOISE=5.0, FILTER="r"))
+    return paths
+
+
+def test_saturation_pileup_detects_a_clip_and_not_a_continuous_image():
+    from survey_proc.ingest import saturation_pileup
+
+    rng = np.random.default_rng(1)
+    img = rng.normal(100, 5, (200, 200))
+    img[50:54, 60:66] = 3000.0  # 24 clipped pixels
+    level, n, top = saturation_pileup(img)
+    assert (n, top) == (24, 3000.0) and 3000.0 - 3.0 < level < 3000.0
+    stars = rng.normal(100, 5, (200, 200))
+    yy, xx = np.mgrid[0:200, 0:200]
+    for k, p in enumerate(np.geomspace(200, 20000, 30)):  # unclipped stars: about one pixel at the top
+        stars += p * np.exp(-((xx - 6 * k - 10) ** 2 + (yy - 100) ** 2) / (2 * 1.5**2))
+    assert saturation_pileup(stars) is None
+    assert saturation_pileup(np.round(stars).astype(np.int16)) is None
+    assert saturation_pileup(np.full((20, 20), 7.0)) is None  # flat: no range above the median
+
+
+def test_int16_clipped_at_3000_is_estimated_masked_and_flagged_saturated(tmp_path, client, capsys):
+    from survey_proc import vocab
+    from survey_proc.cli import main
+    from survey_proc.distributed.pipeline import run_pipeline
+    from tests.conftest import run_config
+
+    files = _clipped_frames(tmp_path)
+    out = tmp_path / "clip.zarr"
+    assert main(["ingest", *files, "--out", str(out), "--quiet"]) == 0
+    assert re.search(r"saturation 2997\.\d+ ADU: estimated from a pile-up of \d+ pixels at 3000 ADU in "
+                     r"clip[01]\.fits\[0\] \(--saturation overrides it\)", capsys.readouterr().out)
+    fid, = store.list_fields(out)
+    attrs = store.field_attrs(out, fid)
+    assert 2995.0 < attrs["saturation_adu"] < 3000.0
+    assert re.fullmatch(r"estimated from a pile-up of \d+ pixels at 3000 ADU in clip[01]\.fits\[0\]",
+                        attrs["saturation_source"])
+    ds = store.open_field(out, fid)
+    img, mask = ds["image"].values, ds["mask"].values
+    assert np.count_nonzero(img == 3000.0) > 100
+    assert np.all(mask[img == 3000.0] & vocab.MASK_SATURATED) and not np.any(mask[img < 2990.0])
+    # a header or an option still wins over the estimate
+    assert read_fits(files[0], saturation=2500.0)[0].saturation_source == "option --saturation"
+    # extraction (sep): every source with a clipped pixel within 2 px carries SATURATED, no other does
+    run = run_pipeline(run_config(out, tmp_path / "run", tile_px=128, halo_px=16, reference="none",
+                                  classify={"enabled": False}, crossmatch={"region_px": 128}), client=client)
+    assert run["status"] == "complete", run["failures"]
+    src = pd.read_parquet(tmp_path / "run" / "sources" / f"field={fid}" / "epoch=0.parquet")
+    ys, xs = np.nonzero(img[0] >= 3000.0)
+    near = np.array([np.hypot(xs - x, ys - y).min() < 2 for x, y in zip(src["x"], src["y"], strict=True)])
+    sat = (src["flags"].to_numpy() & vocab.SATURATED) != 0
+    assert near.sum() >= 10 and np.all(sat[near]) and not np.any(sat[~near])
