@@ -129,7 +129,7 @@ def _whitened_spectrum(prepared: np.ndarray, taper: np.ndarray, lowpass: np.ndar
 
 def image_shift(image: np.ndarray, ref_image: np.ndarray, *, bad: np.ndarray | None = None,
                 ref_bad: np.ndarray | None = None, max_size_px: int = 1024, smooth_px: float = 1.5,
-                upsample: int = 20, min_significance: float = 8.0) -> ImageShift:
+                upsample: int = 20, min_significance: float = 12.0) -> ImageShift:
     """Translation of ``image`` onto ``ref_image`` by band-limited phase correlation (see the module docstring).
 
     Parameters
