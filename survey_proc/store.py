@@ -714,6 +714,7 @@ def _validate_field(g: zarr.Group, fid: str, epoch_checks: bool = True, version:
                if "exptime" in names and arrays["exptime"].ndim == 1 else None)
     if epoch_checks and mjd is not None and exptime is not None and len(mjd) == len(exptime):
         problems.extend(f"{where}, {msg}" for msg in epoch_problems(mjd, exptime).values())
+    problems.extend(_wcs_problems(g, fid, arrays, epoch_checks))
     if mjd is not None:
         ok = np.flatnonzero(np.isfinite(mjd))
         steps = np.diff(mjd[ok])
@@ -724,6 +725,43 @@ def _validate_field(g: zarr.Group, fid: str, epoch_checks: bool = True, version:
                 f"{where}, variable 'mjd': not strictly increasing at epoch {bad} "
                 f"(mjd {mjd[bad]:.6f} after {mjd[prev]:.6f}); epochs must be stored in time order"
             )
+    return problems
+
+
+def _wcs_problems(g: zarr.Group, fid: str, arrays: dict[str, zarr.Array], every_epoch: bool) -> list[str]:
+    """WCS texts that cannot be parsed: the field's reference frame always, every epoch's with ``every_epoch``.
+
+    The reference frame is the ``reference_wcs`` attribute, else the first epoch with a WCS
+    (as ``survey-proc run`` chooses it): a bad one stops a run, a bad epoch WCS only leaves
+    that epoch out.
+    """
+    from survey_proc.catalog.astrometry import WcsParseError, parse_wcs
+
+    where = f"field {fid!r}"
+    texts: list[str] = []
+    if "wcs" in arrays and arrays["wcs"].ndim == 1:
+        texts = [str(t) if t is not None else "" for t in np.asarray(arrays["wcs"][:])]
+    problems: list[str] = []
+    ref_attr = str(g.attrs.get("reference_wcs") or "")
+    first = next((e for e, t in enumerate(texts) if t.strip()), None)
+    checks: list[tuple[str, str]] = []  # (what, text)
+    if ref_attr.strip():
+        checks.append(("attribute 'reference_wcs' (the field's reference frame)", ref_attr))
+    elif first is not None:
+        checks.append((f"variable 'wcs' at epoch {first} (the field's reference frame)", texts[first]))
+    if every_epoch:
+        checks.extend((f"variable 'wcs' at epoch {e}", t) for e, t in enumerate(texts)
+                      if t.strip() and not (e == first and not ref_attr.strip()))
+    bad = 0
+    for what, text in checks:
+        try:
+            parse_wcs(text)
+        except WcsParseError as exc:
+            bad += 1
+            if bad <= 5:
+                problems.append(f"{where}, {what}: {exc}")
+    if bad > 5:
+        problems.append(f"{where}: {bad - 5} more epoch(s) with a WCS that cannot be parsed")
     return problems
 
 

@@ -17,13 +17,25 @@ def _meta(mjd, wcs=None):
                            wcs=wcs or [""] * n, source_file=[f"file{i}.fits" for i in range(n)])
 
 
+def _wcs_text(crval1: float) -> str:
+    from astropy.wcs import WCS
+
+    w = WCS(naxis=2)
+    w.wcs.ctype, w.wcs.crval = ["RA---TAN", "DEC--TAN"], [crval1, 2.0]
+    w.wcs.crpix, w.wcs.cdelt = [25, 20], [-1e-4, 1e-4]
+    return w.to_header(relax=True).tostring(sep="\n")
+
+
+WCS0, WCS2 = _wcs_text(150.0), _wcs_text(150.001)
+
+
 @pytest.fixture
 def small_store(tmp_path):
     path = tmp_path / "s.zarr"
     store.create_store(path, band="i", pixel_scale_arcsec=0.1)
     store.create_field(path, "F000", ny=40, nx=50, n_epochs=3, gain_e_per_adu=2.0, read_noise_e=4.0,
                        saturation_adu=5e4, zeropoint_nominal=30.0)
-    store.write_epoch_meta(path, "F000", 0, _meta([60000.1, 60000.2, 60000.3], ["WCS0", "", "WCS2"]))
+    store.write_epoch_meta(path, "F000", 0, _meta([60000.1, 60000.2, 60000.3], [WCS0, "", WCS2]))
     for e in range(3):
         store.write_epoch_pixels(path, "F000", e, np.full((40, 50), 100.0 + e), np.full((40, 50), e, np.uint8))
     return path
@@ -38,7 +50,7 @@ def test_roundtrip_is_lazy_xarray(small_store):
     assert ds["epoch"].values.tolist() == [0, 1, 2]
     assert ds["image"].isel(epoch=2).values.mean() == pytest.approx(102.0)
     assert ds["mask"].isel(epoch=1).values.max() == 1
-    assert ds["wcs"].values.tolist() == ["WCS0", "", "WCS2"]
+    assert ds["wcs"].values.tolist() == [WCS0, "", WCS2]
     assert np.isnan(ds["airmass"].values).all()
     assert ds.attrs["gain_e_per_adu"] == 2.0 and ds.attrs["band"] == "i" and ds.attrs["field"] == "F000"
     assert store.validate_store(small_store) == []

@@ -177,19 +177,20 @@ def wcs_from_text(text: str) -> WCS | None:
     Parameters
     ----------
     text
-        Header cards separated by newlines, or "".
+        Header cards separated by newlines or 80-character cards run together (read
+        liberally: :func:`survey_proc.catalog.astrometry.header_from_text`), or "".
 
     Returns
     -------
     astropy.wcs.WCS or None
     """
-    if not text:
+    if not text or not text.strip():
         return None
-    from astropy.io.fits import Header
+    from survey_proc.catalog.astrometry import header_from_text
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return WCS(Header.fromstring(text, sep="\n"))
+        return WCS(header_from_text(text), relax=True, fix=True)
 
 
 def shift_wcs_text(text: str, dx_px: float, dy_px: float) -> str:
@@ -201,7 +202,8 @@ def shift_wcs_text(text: str, dx_px: float, dy_px: float) -> str:
     Parameters
     ----------
     text
-        FITS header text (the store's ``wcs`` entry of an epoch).
+        FITS header text (the store's ``wcs`` entry of an epoch; newline-separated or
+        80-character cards).
     dx_px, dy_px
         Shift of CRPIX1 and CRPIX2 (pixels).
 
@@ -210,9 +212,9 @@ def shift_wcs_text(text: str, dx_px: float, dy_px: float) -> str:
     str
         The header text with the shifted reference pixel.
     """
-    from astropy.io import fits
+    from survey_proc.catalog.astrometry import header_from_text
 
-    h = fits.Header.fromstring(text.strip(), sep="\n")
+    h = header_from_text(text)
     h["CRPIX1"] += dx_px
     h["CRPIX2"] += dy_px
     return str(h.tostring(sep="\n"))
