@@ -103,3 +103,88 @@ def test_a_rough_wcs_is_refined_against_the_reference_catalogue(tmp_path, client
         assert ok.sum() >= 10 and np.median(d[ok]) < 0.05
         meta = json_meta(out / "sources" / "field=F000" / f"epoch={e}.parquet")
         assert meta["zp"]["status"] == "fit" and meta["zp"]["n_used"] >= 10
+
+
+def test_m67_subframes_without_wcs_register_and_phase_correlation_takes_over_when_asterisms_fail(
+        tmp_path, client, monkeypatch):
+    """Five 512-px sub-frames of the real M67 plate (shifts <= 50 px, rotations <= 1 deg, no WCS), sep detector.
+
+    The run completes with every epoch registered to <= 0.1 px (RMS over a 20-px grid of the
+    frame); then, with asterism matching made to fail, the task reads both images from the
+    store and phase correlation + stars gives the same transform; with the epoch's pixels
+    replaced by noise as well, the error names the field, both epochs and both reasons.
+    """
+    import json
+
+    import pytest
+    import zarr
+    from astropy.io import fits
+
+    from survey_proc import store
+    from survey_proc.catalog.registration import PHASE_CORRELATION, RegistrationError
+    from survey_proc.distributed.pipeline import run_pipeline
+    from survey_proc.errors import SurveyProcError
+    from survey_proc.stages import register as register_stage
+    from tests.conftest import run_config
+    from tests.test_registration_real import POSES, REAL, cut, frame_to_plate
+
+    if not REAL.exists():
+        pytest.skip("the real plate ../shared/data/real/M6707HH.fits is not here")
+    size = 512
+    plate = fits.getdata(REAL).astype(float)
+    rng = np.random.default_rng(1)
+    origin = ((plate.shape[1] - size) / 2, (plate.shape[0] - size) / 2)
+    maps = [frame_to_plate(s, r, size=size, origin=origin) for s, r in POSES]
+    st = tmp_path / "m67.zarr"
+    store.create_store(st, band="i", pixel_scale_arcsec=1.0)
+    store.create_field(st, "F000", ny=size, nx=size, n_epochs=5, gain_e_per_adu=1.0, read_noise_e=5.0,
+                       saturation_adu=13000.0, zeropoint_nominal=25.0)
+    store.write_epoch_meta(st, "F000", 0, store.EpochMeta(
+        mjd=60000.0 + 0.1 * np.arange(5), exptime_s=np.full(5, 300.0), airmass=np.full(5, np.nan), wcs=[""] * 5,
+        source_file=[f"m67_{k}.fits" for k in range(5)]))
+    for e, m in enumerate(maps):
+        store.write_epoch_pixels(st, "F000", e, cut(plate, m, rng, size=size), np.zeros((size, size), np.uint8))
+    out = tmp_path / "out"
+    cfg = run_config(st, out, tile_px=size, halo_px=32, reference="none", crossmatch={"region_px": size})
+    run = run_pipeline(cfg, client=client)
+    assert run["status"] == "complete", run["failures"]
+    regs = run["registration"]
+    ref_epoch = next(iter(regs.values()))["reference_epoch"]
+    assert len(regs) == 4 and all(r["reference_epoch"] == ref_epoch for r in regs.values())
+
+    def grid_rms(matrix, e):
+        m, true = np.asarray(matrix), (np.linalg.inv(maps[ref_epoch]) @ maps[e])[:2]
+        g = np.mgrid[0:size:20, 0:size:20].reshape(2, -1)[::-1].T.astype(float)
+        return float(np.sqrt(np.mean(np.sum(((g @ m[:, :2].T + m[:, 2]) - (g @ true[:, :2].T + true[:, 2])) ** 2, 1))))
+
+    epochs = [e for e in range(5) if e != ref_epoch]
+    for e in epochs:
+        reg = json_meta(out / "sources" / "field=F000" / f"epoch={e}.parquet")["registration"]
+        print(f"M67 epoch {e}: {reg['method']}, grid error {grid_rms(reg['matrix'], e):.4f} px RMS, fit residual "
+              f"{reg['rms_px']:.3f} px over {reg['n_stars']} stars")
+        assert regs[f"F000/{e}"]["rms_px"] == reg["rms_px"] < 0.3 and reg["n_stars"] >= 100
+        assert grid_rms(reg["matrix"], e) <= 0.1
+
+    def no_asterisms(*args, **kwargs):
+        raise RegistrationError("asterisms switched off by the test")
+
+    monkeypatch.setattr(register_stage, "register", no_asterisms)
+    e = max(epochs, key=lambda k: np.hypot(*POSES[k][0]))
+    args = (str(out), "F000", e, ref_epoch, "", None, json.dumps(cfg.to_dict()), "test")
+    rec = register_stage.register_epoch_task(*args)
+    reg = rec.registration
+    print(f"M67 epoch {e} by phase correlation: grid error {grid_rms(reg['matrix'], e):.4f} px RMS, fit residual "
+          f"{reg['rms_px']:.3f} px over {reg['n_stars']} stars, peak {reg['correlation_sigma']:.0f} sigma")
+    assert reg["method"] == PHASE_CORRELATION and reg["asterism_error"] == "asterisms switched off by the test"
+    assert reg["correlation_sigma"] > 20 and reg["reference_epoch"] == ref_epoch and reg["rms_px"] < 0.3
+    assert grid_rms(reg["matrix"], e) <= 0.1
+    assert json_meta(out / "sources" / "field=F000" / f"epoch={e}.parquet")["registration"]["method"] == (
+        PHASE_CORRELATION)
+
+    zarr.open_group(str(st / "fields" / "F000"), mode="r+")["image"][e] = rng.normal(3000, 50, (size, size))
+    with pytest.raises(SurveyProcError, match=(
+            rf"field F000 epoch {e}: no WCS, and registration to reference epoch {ref_epoch} failed by asterism "
+            r"matching \(asterisms switched off by the test\) and by image phase correlation \(image "
+            r"cross-correlation found no significant peak .*\)\. Check that the epoch shows the same field as the "
+            r"reference epoch .* or add a WCS to the epoch, or exclude it")):
+        register_stage.register_epoch_task(*args)
