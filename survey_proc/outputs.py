@@ -7,7 +7,7 @@ Layout (DESIGN.md)::
     OUT/objects/field=<f>/region=<r>.parquet
     OUT/lightcurves/field=<f>/region=<r>.parquet
     OUT/epochs.parquet                      (addition: one row per field x epoch, zero points etc.)
-    OUT/calibration/field=<f>/reference.parquet   (addition: the internal reference, when used)
+    OUT/calibration/field=<f>/band=<b>/stars.parquet   (addition: the ensemble stars of a field and band)
 
 Every unit is written to a hidden temporary name in the same directory and renamed into
 place (atomic on POSIX), so a unit is either complete or absent. The unit's record (its
@@ -64,9 +64,9 @@ class OutputLayout:
         """The light-curve unit of (field, region)."""
         return self.root / "lightcurves" / f"field={field}" / f"region={region}.parquet"
 
-    def internal_reference(self, field: str) -> Path:
-        """The internal reference catalogue of a field (relative calibration)."""
-        return self.root / "calibration" / f"field={field}" / "reference.parquet"
+    def ensemble_stars(self, field: str, band: str) -> Path:
+        """The ensemble stars of a field and band (``band`` "none" for a single-band store)."""
+        return self.root / "calibration" / f"field={field}" / f"band={band}" / "stars.parquet"
 
 
 def prepare(out: str | Path, mode: str, fingerprint: str,

@@ -17,9 +17,9 @@ def test_config_errors_name_the_setting(tmp_path):
         load_config(None, {"detector": "yolo"})
     with pytest.raises(ConfigError, match=r"halo_px must be between 0 and tile_px"):
         load_config(None, {"tile_px": 128, "halo_px": 200})
-    with pytest.raises(ConfigError, match="classify.detrend must be one of sysrem, none, got 'tfa'"):
+    with pytest.raises(ConfigError, match=r"classify\.detrend must be one of sysrem, none, got 'tfa'"):
         load_config(None, {"classify": {"detrend": "tfa"}})
-    with pytest.raises(ConfigError, match="classify.detrend_components must be >= 1"):
+    with pytest.raises(ConfigError, match=r"classify\.detrend_components must be >= 1"):
         load_config(None, {"classify": {"detrend_components": 0}})
     bad = tmp_path / "bad.toml"
     bad.write_text("tile_px = [")

@@ -94,6 +94,10 @@ def test_recovered_zero_points_match_truth_within_001_mag(field_run):
     assert len(dz) == 8 and dz.notna().all()
     assert (epochs["zp_status"] == "fit").all() and (epochs["zp_n_stars"] >= 10).all()
     assert dz.abs().max() < 0.01, dz.to_dict()
+    # one absolute level for the field, from the ensemble stars against the reference catalogue
+    info = field_run["run"]["zeropoints"]["F000"]
+    assert info["level"]["absolute"] and info["absolute"]["status"] == "fit" and info["absolute"]["n_used"] >= 10
+    assert not (_table(field_run["out"], "sources")["flags"] & F.ZP_RELATIVE).any()
     # and the quoted errors are of the right size: the rms difference is within 3x the median error
     assert np.sqrt(np.mean(dz**2)) < 3 * epochs["zp_err"].median() + 0.003
 
@@ -275,7 +279,14 @@ def test_relative_calibration_without_a_reference_catalogue(field_run, client, t
     # the constant: the median zero point is the nominal one, which is within the simulated
     # drift + detector offset of the truth
     assert abs(dz.median()) < 0.15
-    assert (out / "calibration" / "field=F000" / "reference.parquet").exists()
+    assert (out / "calibration" / "field=F000" / "band=none" / "stars.parquet").exists()
+    # no absolute calibration: every source says so
+    src = _table(out, "sources")
+    assert ((src["flags"] & F.ZP_RELATIVE) != 0).all()
+    from survey_proc.store import field_attrs
+
+    nominal = field_attrs(field_run["store"], "F000")["zeropoint_nominal"]
+    assert info["level"] == {"zp": pytest.approx(nominal), "absolute": False}
 
 
 def test_a_corrupt_chunk_fails_only_its_epoch(border_survey, client, tmp_path):

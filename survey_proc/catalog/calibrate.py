@@ -85,6 +85,9 @@ class ZeroPoint:
         Reference stars kept after clipping, and matched before it.
     status
         A :class:`ZpStatus`.
+    absolute
+        False when the field's level is the nominal zero point, not a reference catalogue's
+        (sources get ``ZP_RELATIVE``).
     """
 
     zp: float
@@ -93,6 +96,7 @@ class ZeroPoint:
     n_used: int
     n_candidates: int
     status: ZpStatus
+    absolute: bool = True
 
     def __post_init__(self) -> None:
         self.status = ZpStatus(self.status)
@@ -106,7 +110,7 @@ class ZeroPoint:
     def from_dict(cls, d: dict[str, Any]) -> ZeroPoint:
         """Read :meth:`to_dict`'s form back."""
         return cls(float(d["zp"]), float(d["zp_err"]), float(d["scatter"]), int(d["n_used"]),
-                   int(d["n_candidates"]), ZpStatus(d["status"]))
+                   int(d["n_candidates"]), ZpStatus(d["status"]), bool(d.get("absolute", True)))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (the status as its text), as stored in records."""
@@ -276,10 +280,13 @@ def apply_zeropoint(sources: pd.DataFrame, zp: ZeroPoint) -> pd.DataFrame:
     sources["mag"] = sources["mag_inst"] + zp.zp
     sources["mag_err"] = np.hypot(sources["mag_inst_err"], zp.zp_err if np.isfinite(zp.zp_err) else np.nan)
     sources["zp"] = zp.zp
+    sources["flags"] = sources["flags"].to_numpy() & ~np.int32(F.ZP_MODEL | F.ZP_FEW | F.ZP_RELATIVE)  # a re-fit
     if zp.status == ZpStatus.MODEL:
         sources["flags"] = sources["flags"].to_numpy() | F.ZP_MODEL
     elif zp.status == ZpStatus.FIT_FEW:
         sources["flags"] = sources["flags"].to_numpy() | F.ZP_FEW
+    if not zp.absolute:
+        sources["flags"] = sources["flags"].to_numpy() | F.ZP_RELATIVE
     return sources
 
 
@@ -458,7 +465,7 @@ def ensemble_zeropoints(matches: pd.DataFrame, clip_sigma: float = 3.0, min_star
         fit = zps["status"] == ZpStatus.FIT_FEW
     level = float(np.median(zps.loc[fit, "zp"])) if fit.any() else 0.0
     zps["zp"] -= level
-    stars["mag"] += level
+    stars["mag"] -= level  # m_inst = M - zp holds for the shifted pair
     return zps, stars
 
 
@@ -515,26 +522,81 @@ def calibrate_epoch(sources: pd.DataFrame, ref: pd.DataFrame, fwhm_px: float, cf
                                ref["mag"].to_numpy()[i_ref], ref["mag_err"].to_numpy()[i_ref], cfg)
 
 
-def ensemble_epoch_zeropoints(zps: pd.DataFrame, epochs: list[int], zeropoint_nominal: float) -> dict[int, ZeroPoint]:
-    """The :func:`ensemble_zeropoints` result per epoch as :class:`ZeroPoint` (nominal level added).
+def reference_magnitudes(ref: pd.DataFrame, band: str, only_band: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """A reference catalogue's magnitudes and errors for ``band``; None when it has none for it.
 
-    Epochs the ensemble did not reach get NaN with status ``few`` (they then take the model's).
+    Columns ``mag_<band>``/``mag_err_<band>`` are used when present; otherwise the plain
+    ``mag``/``mag_err`` serve when ``band`` is the survey's only band (``only_band``), since
+    a single-band catalogue cannot calibrate several bands.
+    """
+    if band and f"mag_{band}" in ref.columns:
+        err = ref[f"mag_err_{band}"] if f"mag_err_{band}" in ref.columns else pd.Series(0.02, index=ref.index)
+        return ref[f"mag_{band}"].to_numpy(float), err.to_numpy(float)
+    if only_band and "mag" in ref.columns:
+        return ref["mag"].to_numpy(float), ref["mag_err"].to_numpy(float)
+    return None
+
+
+def absolute_level(stars: pd.DataFrame, ref_mag: np.ndarray, ref_err: np.ndarray, i_star: np.ndarray,
+                   i_ref: np.ndarray, cfg: CalibrationConfig) -> ZeroPoint:
+    """The field's absolute zero point: ensemble star magnitudes against a reference catalogue.
+
+    Parameters
+    ----------
+    stars
+        :func:`ensemble_zeropoints`' per-star table (``mag`` relative, ``mag_err``, ``used``),
+        indexed by star.
+    ref_mag, ref_err
+        The reference catalogue's magnitudes and errors (mag).
+    i_star, i_ref
+        Matched pairs (star index labels of ``stars``, row numbers of the reference).
+    cfg
+        Clipping and the star counts (``min_stars``, ``min_stars_fit``).
+
+    Returns
+    -------
+    ZeroPoint
+        ``zp`` to add to the relative magnitudes, with its error, scatter and counts; status
+        ``fit``, ``fit_few`` or ``few`` (then ``zp`` is NaN).
+    """
+    st = stars.reindex(i_star)
+    ok = st["used"].fillna(False).to_numpy(bool) & np.isfinite(ref_mag[i_ref])
+    dz = ref_mag[i_ref][ok] - st["mag"].to_numpy(float)[ok]
+    err = np.hypot(ref_err[i_ref][ok], st["mag_err"].to_numpy(float)[ok])
+    zp, zp_err, scatter, n = robust_zeropoint(dz, err, cfg.clip_sigma)
+    status = zeropoint_status(n, cfg.min_stars, cfg.min_stars_fit)
+    if status == ZpStatus.FIT_FEW:
+        zp_err = few_star_error(zp_err, scatter)
+    if status == ZpStatus.FEW:
+        zp = np.nan
+    return ZeroPoint(zp, zp_err, scatter, n, int(ok.sum()), status)
+
+
+def ensemble_epoch_zeropoints(zps: pd.DataFrame, epochs: list[int], level: float,
+                              absolute: bool = True) -> dict[int, ZeroPoint]:
+    """The :func:`ensemble_zeropoints` result per epoch as :class:`ZeroPoint`, ``level`` (mag) added.
+
+    Epochs the ensemble did not reach, or reached with too few stars, get NaN with status
+    ``few`` (they then take the model's). ``absolute`` False: the level is the nominal zero
+    point (sources get ``ZP_RELATIVE``).
     """
     out = {}
     for e in epochs:
-        if e in zps.index:
+        if e in zps.index and zps.loc[e, "status"] != ZpStatus.FEW:
             z = zps.loc[e].to_dict()
-            out[e] = ZeroPoint(float(z["zp"]) + zeropoint_nominal, float(z["zp_err"]), float(z["scatter"]),
-                               int(z["n_used"]), int(z["n_candidates"]), ZpStatus(str(z["status"])))
+            out[e] = ZeroPoint(float(z["zp"]) + level, float(z["zp_err"]), float(z["scatter"]), int(z["n_used"]),
+                               int(z["n_candidates"]), ZpStatus(str(z["status"])), absolute)
         else:
-            out[e] = ZeroPoint(np.nan, np.nan, np.nan, 0, 0, ZpStatus.FEW)
+            n = zps.loc[e].to_dict() if e in zps.index else {"n_used": 0, "n_candidates": 0, "scatter": np.nan}
+            out[e] = ZeroPoint(np.nan, np.nan, float(n["scatter"]), int(n["n_used"]), int(n["n_candidates"]),
+                               ZpStatus.FEW, absolute)
     return out
 
 
-def model_epoch_zeropoint(model: dict, airmass: float, n_candidates: int) -> ZeroPoint:
+def model_epoch_zeropoint(model: dict, airmass: float, n_candidates: int, absolute: bool = True) -> ZeroPoint:
     """The zero point an epoch without enough reference stars takes from the field's model."""
     return ZeroPoint(model_zeropoint(model, airmass), float(model["scatter"]), float(model["scatter"]), 0,
-                     n_candidates, ZpStatus.MODEL)
+                     n_candidates, ZpStatus.MODEL, absolute)
 
 
 # ------------------------------------------------------------------ aperture correction across epochs

@@ -1,28 +1,40 @@
-"""Stage 3, calibrate: per field, aperture corrections, relative calibration and the zero-point model.
+"""Stage 3, calibrate: per field and band, aperture corrections, ensemble photometry, one absolute level.
 
-For each field, in order (the science is in :mod:`survey_proc.catalog.calibrate`):
+For each field (the science is in :mod:`survey_proc.catalog.calibrate`):
 
 1. epochs whose aperture correction could not be measured take the field's ``apcorr(FWHM)``
-   line (with an external reference their zero point is fitted again);
-2. without a reference catalogue, the stable stars of a reference epoch (the one with most
-   detections, or ``calibration.reference_epoch``) become the internal reference
-   (``calibration/field=F/reference.parquet``), and every epoch's zero point comes from the
-   ensemble photometry of those stars over all epochs;
-3. the cross-epoch zero-point model (with an airmass term) is fitted, and epochs with too
-   few reference stars take its zero point (flag ``ZP_MODEL``).
+   line;
+2. per band, the **ensemble stars**: the bright (S/N >= ``calibration.ensemble_snr_min``),
+   unflagged, isolated stars of a reference epoch (the one with most detections, or
+   ``calibration.reference_epoch``), up to ``calibration.ensemble_max_stars``
+   (``calibration/field=F/band=B/stars.parquet``);
+3. every epoch's relative zero point from the weighted least-squares ensemble solution over
+   those stars in all epochs of the band (variables and outliers rejected), so light curves
+   carry no per-epoch offsets even where a reference catalogue has few stars;
+4. one absolute zero point per field and band: the ensemble magnitudes of the stars against
+   the reference catalogue (``mag_<band>`` columns, or ``mag`` for a single-band survey).
+   Without a usable reference the level is the store's nominal zero point and the sources
+   get ``ZP_RELATIVE``;
+5. the cross-epoch model ``zp(airmass)`` over the ensemble's epochs; epochs with fewer than
+   ``calibration.min_stars_fit`` ensemble stars take it (flag ``ZP_MODEL``). With no model
+   either, the epochs are calibrate failures (left out of the light curves).
 
-Rewritten units are written atomically; ``epochs.parquet`` gets one row per epoch.
+Only units whose zero point or aperture correction changed are rewritten (atomically), so a
+resumed run rewrites nothing. ``epochs.parquet`` gets one row per epoch.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from scipy.spatial import cKDTree
 
 from survey_proc.catalog import calibrate as cal
+from survey_proc.config import CalibrationConfig
 from survey_proc.errors import ConfigError, SurveyProcError
 from survey_proc.outputs import write_parquet_atomic
 from survey_proc.stages.base import OutputUnit, Stage, StageContext, Submission, task_config, worker_task
@@ -30,9 +42,10 @@ from survey_proc.stages.extract import SOURCES_UNIT, read_epoch, write_epoch
 from survey_proc.stages.plan import FieldPlan, reference_stars
 from survey_proc.stages.records import APCORR_FROM_MODEL, EpochRecord
 
-INTERNAL_REFERENCE_UNIT = OutputUnit("calibration/field={field}/reference.parquet",
-                                     pa.schema([(c, pa.float64()) for c in ("ra", "dec", "x_ref", "y_ref", "mag",
-                                                                            "mag_err")]))
+ENSEMBLE_STARS_UNIT = OutputUnit("calibration/field={field}/band={band}/stars.parquet",
+                                 pa.schema([(c, pa.float64()) for c in ("ra", "dec", "x_ref", "y_ref", "mag",
+                                                                        "mag_err")]))
+NO_BAND = "none"  # the band label of a store with one band for all epochs (format 1)
 EPOCHS_UNIT = OutputUnit("epochs.parquet", None)
 
 
@@ -64,23 +77,34 @@ def recalibrate_epoch_task(out: str, field: str, epoch: int, model_zp: dict | No
     return write_epoch(out, src, record.with_(zp=zp, fingerprint=fingerprint))
 
 
+def ensemble_config(cfg: CalibrationConfig) -> CalibrationConfig:
+    """The calibration settings of the ensemble stars (their S/N floor and number)."""
+    return replace(cfg, snr_min=cfg.ensemble_snr_min, max_stars=cfg.ensemble_max_stars)
+
+
 @worker_task
-def reference_matches_task(out: str, field: str, epoch: int, reference_path: str, cfg_json: str) -> pd.DataFrame:
-    """The calibrator matches of one written epoch against a reference: epoch, star, mag_inst, mag_inst_err."""
+def reference_matches_task(out: str, field: str, epoch: int, stars_path: str, cfg_json: str) -> pd.DataFrame:
+    """The ensemble-star matches of one written epoch: epoch, star, mag_inst, mag_inst_err."""
     cfg = task_config(cfg_json)
     record, src = read_epoch(out, field, epoch, columns=["x_ref", "y_ref", "snr", "flags", "flux", "mag_inst",
                                                          "mag_inst_err"])
-    i_src, i_ref = cal.calibrator_matches(src, reference_stars(reference_path, ""), record.fwhm_px, cfg.calibration)
+    i_src, i_ref = cal.calibrator_matches(src, reference_stars(stars_path, ""), record.fwhm_px,
+                                          ensemble_config(cfg.calibration))
     return pd.DataFrame({"epoch": epoch, "star": i_ref, "mag_inst": src["mag_inst"].to_numpy()[i_src],
                          "mag_inst_err": src["mag_inst_err"].to_numpy()[i_src]})
 
 
+def band_label(band: str) -> str:
+    """The band's name in output paths and run.json (:data:`NO_BAND` for a single-band store)."""
+    return band or NO_BAND
+
+
 class CalibrateStage(Stage):
-    """Per-field calibration: aperture-correction model, relative calibration, zero-point model."""
+    """Per-field and per-band calibration: apcorr model, ensemble photometry, absolute level, zero-point model."""
 
     name = "calibrate"
     unit = SOURCES_UNIT
-    also_writes = (INTERNAL_REFERENCE_UNIT, EPOCHS_UNIT)
+    also_writes = (ENSEMBLE_STARS_UNIT, EPOCHS_UNIT)
     config_sections = ("calibration",)
 
     def run(self, ctx: StageContext) -> None:
@@ -103,97 +127,149 @@ class CalibrateStage(Stage):
                                  {"fingerprint": ctx.fingerprint})
 
     def _recalibrate(self, ctx: StageContext, p: FieldPlan, recs: dict[int, EpochRecord],
-                     jobs: dict[int, tuple[dict | None, str | None, float | None]]) -> None:
-        """Rewrite epochs: epoch -> (model zero point, reference path, new apcorr)."""
+                     jobs: dict[int, tuple[dict | None, float | None]]) -> None:
+        """Rewrite epochs: epoch -> (zero point, new apcorr)."""
         def done(key: dict[str, Any], rec: EpochRecord) -> None:
             ctx.state.records[(key["field"], key["epoch"])] = rec
             recs[key["epoch"]] = rec
 
         ctx.map(self.name, [Submission({"field": p.field, "epoch": e}, recalibrate_epoch_task,
-                                       (ctx.cfg.out, p.field, e, zp, ref, p.ref_wcs_text, ctx.cfg_json,
+                                       (ctx.cfg.out, p.field, e, zp, None, p.ref_wcs_text, ctx.cfg_json,
                                         ctx.fingerprint, apcorr))
-                            for e, (zp, ref, apcorr) in jobs.items()], done)
+                            for e, (zp, apcorr) in jobs.items()], done)
 
-    def _internal_reference(self, ctx: StageContext, p: FieldPlan, recs: dict[int, EpochRecord],
-                            new_apcorr: dict[int, float]) -> dict[str, Any]:
-        """The internal reference of a field (written once per fingerprint); returns its footer record."""
+    def _ensemble_stars(self, ctx: StageContext, p: FieldPlan, band: str, recs: dict[int, EpochRecord],
+                        only_band: bool) -> dict[str, Any]:
+        """The ensemble stars of a field and band (written once per fingerprint); returns the footer record."""
         out = ctx.cfg.out
-        meta = INTERNAL_REFERENCE_UNIT.record(out, field=p.field)
+        label = band_label(band)
+        meta = ENSEMBLE_STARS_UNIT.record(out, field=p.field, band=label)
         if meta is None or meta.get("fingerprint") != ctx.fingerprint:
             requested = ctx.cfg.calibration.reference_epoch
+            if requested is not None and requested not in recs and not only_band:  # an epoch of another band
+                requested = None
             # the reference epoch's magnitudes define the field's: it must have measured its aperture correction
-            candidates = {e: r.n_sources for e, r in recs.items() if e not in new_apcorr or e == requested}
+            candidates = {e: r.n_sources for e, r in recs.items() if not r.apcorr_from_model or e == requested}
             try:
                 ref_epoch = cal.choose_reference_epoch(candidates, requested)
             except ValueError as exc:
-                raise ConfigError(f"field {p.field}: {exc}") from None
-            if ref_epoch in new_apcorr:
+                raise ConfigError(f"field {p.field} band {label}: {exc}") from None
+            if recs[ref_epoch].apcorr_from_model:
                 raise SurveyProcError(f"field {p.field}: the reference epoch {ref_epoch} has no measured "
                                       "aperture correction; set calibration.reference_epoch to another epoch")
             _, src = read_epoch(out, p.field, ref_epoch)
-            iref = cal.internal_reference(src, p.zeropoint_nominal, recs[ref_epoch].fwhm_px, ctx.cfg.calibration)
-            meta = {"fingerprint": ctx.fingerprint, "reference_epoch": ref_epoch, "n_stars": len(iref)}
-            write_parquet_atomic(iref, INTERNAL_REFERENCE_UNIT.schema, INTERNAL_REFERENCE_UNIT.path(out, field=p.field),
-                                 meta)
+            stars = cal.internal_reference(src, p.zeropoint_nominal, recs[ref_epoch].fwhm_px,
+                                           ensemble_config(ctx.cfg.calibration))
+            meta = {"fingerprint": ctx.fingerprint, "reference_epoch": ref_epoch, "n_stars": len(stars)}
+            write_parquet_atomic(stars, ENSEMBLE_STARS_UNIT.schema,
+                                 ENSEMBLE_STARS_UNIT.path(out, field=p.field, band=label), meta)
         return meta
 
     def _field(self, ctx: StageContext, p: FieldPlan, recs: dict[int, EpochRecord]) -> dict[str, Any]:
-        ccfg = ctx.cfg.calibration
-        reference = str(ctx.reference) if ctx.reference else None
-        info: dict[str, Any] = {"reference": reference or "internal"}
+        info: dict[str, Any] = {"reference": str(ctx.reference) if ctx.reference else "internal"}
         # 1. epochs whose aperture correction could not be measured take the field's apcorr(FWHM)
         measured = [r for r in recs.values() if r.n_apcorr_stars >= cal.APCORR_MIN_STARS and not r.apcorr_from_model]
         apc = cal.fit_apcorr_model(np.array([r.fwhm_px for r in measured]), np.array([r.apcorr for r in measured]))
         info["apcorr_model"] = apc
         new_apcorr = {e: float(np.polyval(apc["coef"], r.fwhm_px)) for e, r in recs.items()
                       if r.n_apcorr_stars < cal.APCORR_MIN_STARS and not r.apcorr_from_model and apc["n"] > 0}
-        # 2. without a reference catalogue: the stable stars of a reference epoch
-        ref_path = reference
-        if reference is None:
-            meta = self._internal_reference(ctx, p, recs, new_apcorr)
-            info["reference_epoch"] = meta["reference_epoch"]
-            info["reference_stars"] = meta["n_stars"]
-            ref_path = str(INTERNAL_REFERENCE_UNIT.path(ctx.cfg.out, field=p.field))
-        # with an external reference the apcorr-corrected epochs are refitted against it;
-        # without one they only get the new aperture correction here (zero point: ensemble below)
-        self._recalibrate(ctx, p, recs, {e: (None, reference, a) for e, a in new_apcorr.items()})
-        if reference is None and any(r.zp.status == cal.ZpStatus.PENDING for r in recs.values()):
-            # relative calibration: ensemble photometry of the reference stars over all epochs
-            parts: list[pd.DataFrame] = []
-            ctx.map(self.name, [Submission({"field": p.field, "epoch": e}, reference_matches_task,
-                                           (ctx.cfg.out, p.field, e, ref_path, ctx.cfg_json)) for e in sorted(recs)],
-                    lambda key, m: parts.append(m))
-            zps, stars = cal.ensemble_zeropoints(pd.concat(parts, ignore_index=True), ccfg.clip_sigma,
-                                                 ccfg.min_stars, min_stars_fit=ccfg.min_stars_fit)
-            info["ensemble_stars_used"] = int(stars["used"].sum())
-            ens = cal.ensemble_epoch_zeropoints(zps, sorted(recs), p.zeropoint_nominal)
-            self._recalibrate(ctx, p, recs, {e: (zp.to_dict(), None, None) for e, zp in ens.items()})
         info["n_apcorr_model_epochs"] = len(new_apcorr)
-        # 3. the cross-epoch model, for the epochs with too few reference stars
-        table = pd.DataFrame([{"epoch": e, "airmass": r.airmass, "zp": r.zp.zp, "zp_err": r.zp.zp_err,
-                               "zp_status": str(r.zp.status)} for e, r in sorted(recs.items())])
+        # their fluxes change with it: rewrite them before the ensemble measures them
+        self._recalibrate(ctx, p, recs, {e: (None, a) for e, a in new_apcorr.items()})
+        bands = sorted({r.band for r in recs.values()})
+        info["bands"] = {}
+        for band in bands:
+            brecs = {e: r for e, r in recs.items() if r.band == band}
+            info["bands"][band_label(band)] = self._band(ctx, p, band, brecs, len(bands) == 1)
+        if len(bands) == 1:  # the single-band form of earlier versions, kept for readers of run.json
+            info.update({k: v for k, v in info["bands"][band_label(bands[0])].items() if k != "failed_epochs"})
+        info["n_model_epochs"] = sum(b["n_model_epochs"] for b in info["bands"].values())
+        return info
+
+    def _band(self, ctx: StageContext, p: FieldPlan, band: str, recs: dict[int, EpochRecord],
+              only_band: bool) -> dict[str, Any]:
+        """Steps 2-5 of the module docstring for the epochs ``recs`` of one band; returns the band's info."""
+        ccfg = ctx.cfg.calibration
+        label = band_label(band)
+        info: dict[str, Any] = {}
+        meta = self._ensemble_stars(ctx, p, band, recs, only_band)
+        info["reference_epoch"] = meta["reference_epoch"]
+        info["reference_stars"] = meta["n_stars"]
+        stars_path = str(ENSEMBLE_STARS_UNIT.path(ctx.cfg.out, field=p.field, band=label))
+        # 3. relative zero points: the ensemble solution over every epoch of the band
+        parts: list[pd.DataFrame] = []
+        ctx.map(self.name, [Submission({"field": p.field, "epoch": e}, reference_matches_task,
+                                       (ctx.cfg.out, p.field, e, stars_path, ctx.cfg_json)) for e in sorted(recs)],
+                lambda key, m: parts.append(m))
+        matches = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+            columns=["epoch", "star", "mag_inst", "mag_inst_err"])
+        zps, stars = cal.ensemble_zeropoints(matches, ccfg.clip_sigma, ccfg.min_stars, min_stars_fit=ccfg.min_stars_fit)
+        info["ensemble_stars_used"] = int(stars["used"].sum()) if len(stars) else 0
+        # 4. one absolute level per field and band
+        level, absolute = p.zeropoint_nominal, False
+        if ctx.reference is not None and len(stars):
+            info["absolute"] = self._absolute(ctx, p, band, only_band, stars_path, stars)
+            if info["absolute"]["status"] != cal.ZpStatus.FEW:
+                level, absolute = info["absolute"]["zp"], True
+        info["level"] = {"zp": level, "absolute": absolute}
+        ens = cal.ensemble_epoch_zeropoints(zps, sorted(recs), level, absolute)
+        # 5. the cross-epoch model, for the epochs the ensemble did not reach
+        table = pd.DataFrame([{"epoch": e, "airmass": recs[e].airmass, "zp": z.zp, "zp_err": z.zp_err,
+                               "zp_status": str(z.status)} for e, z in ens.items()])
         model = cal.fit_airmass_model(table, ccfg.clip_sigma)
         info["model"] = model
-        needs_model = [e for e, r in recs.items() if r.needs_model_zp]
-        if needs_model and not np.isfinite(model["zp0"]):
-            if reference is None:
-                advice = (f"the internal reference (epoch {info['reference_epoch']}) has {info['reference_stars']} "
-                          "star(s); pass a reference catalogue with --reference, or lower "
-                          "calibration.min_stars_fit")
-            else:
-                advice = (f"check that the reference catalogue {reference} covers the field and reaches its "
-                          f"stars (S/N >= calibration.snr_min = {ccfg.snr_min:g}, isolated)")
-            for e in needs_model:
-                z = recs[e].zp
-                ctx.state.failures.append({
-                    "stage": self.name, "field": p.field, "epoch": e,
-                    "error": f"field {p.field} epoch {e}: {z.n_used} usable reference star(s) of {z.n_candidates} "
-                             f"matched (a zero point needs calibration.min_stars_fit = {ccfg.min_stars_fit}), and no "
-                             "epoch of the field had enough for the cross-epoch zero-point model; the epoch is left "
-                             f"out of the light curves. {advice[0].upper()}{advice[1:]}"})
-        elif needs_model:
-            self._recalibrate(ctx, p, recs, {e: (cal.model_epoch_zeropoint(model, recs[e].airmass,
-                                                                           recs[e].zp.n_candidates).to_dict(),
-                                                 None, None) for e in needs_model})
+        needs_model = [e for e, z in ens.items() if z.status == cal.ZpStatus.FEW]
         info["n_model_epochs"] = len(needs_model)
+        failed: list[int] = []
+        if needs_model and not np.isfinite(model["zp0"]):
+            failed = needs_model
+            self._report_failed(ctx, p, label, info, ens, failed)
+        elif needs_model:
+            for e in needs_model:
+                ens[e] = cal.model_epoch_zeropoint(model, recs[e].airmass, ens[e].n_candidates, absolute)
+        info["failed_epochs"] = failed
+        jobs: dict[int, tuple[dict | None, float | None]] = {}
+        for e, r in recs.items():
+            if e in failed:
+                continue
+            zp = ens[e].to_dict()
+            if zp != r.zp.to_dict():
+                jobs[e] = (zp, None)
+        self._recalibrate(ctx, p, recs, jobs)
         return info
+
+    def _absolute(self, ctx: StageContext, p: FieldPlan, band: str, only_band: bool, stars_path: str,
+                  stars: pd.DataFrame) -> dict[str, Any]:
+        """The absolute level of a field and band against the reference catalogue (info for run.json)."""
+        ccfg = ctx.cfg.calibration
+        ref = reference_stars(str(ctx.reference), p.ref_wcs_text)
+        mags = cal.reference_magnitudes(ref, band, only_band)
+        if mags is None:
+            return {"status": str(cal.ZpStatus.FEW), "why": f"the reference catalogue has no mag_{band} column "
+                    "(a plain 'mag' column calibrates a single-band survey only)"}
+        ens = pd.read_parquet(stars_path)
+        ok = np.isfinite(ref["x_ref"].to_numpy(float))
+        if not ok.any() or len(ens) == 0:
+            return {"status": str(cal.ZpStatus.FEW), "why": "no reference star falls in the field (no WCS?)"}
+        i_ok = np.flatnonzero(ok)
+        d, j = cKDTree(ref[["x_ref", "y_ref"]].to_numpy(float)[ok]).query(
+            ens[["x_ref", "y_ref"]].to_numpy(float), distance_upper_bound=ccfg.match_radius_px)
+        hit = np.isfinite(d)
+        zp = cal.absolute_level(stars, mags[0], mags[1], np.flatnonzero(hit), i_ok[j[hit]], ccfg)
+        return {**zp.to_dict(), "n_matched": int(hit.sum())}
+
+    def _report_failed(self, ctx: StageContext, p: FieldPlan, label: str, info: dict[str, Any],
+                       ens: dict[int, cal.ZeroPoint], failed: list[int]) -> None:
+        ccfg = ctx.cfg.calibration
+        advice = (f"the field's ensemble (band {label}, reference epoch {info['reference_epoch']}) has "
+                  f"{info['reference_stars']} star(s) with S/N >= calibration.ensemble_snr_min = "
+                  f"{ccfg.ensemble_snr_min:g}; lower calibration.ensemble_snr_min or calibration.min_stars_fit, "
+                  "or choose a deeper calibration.reference_epoch")
+        for e in failed:
+            z = ens[e]
+            ctx.state.failures.append({
+                "stage": self.name, "field": p.field, "epoch": e,
+                "error": f"field {p.field} epoch {e}: {z.n_used} usable ensemble star(s) of {z.n_candidates} "
+                         f"matched (a zero point needs calibration.min_stars_fit = {ccfg.min_stars_fit}), and no "
+                         "epoch of the band had enough for the cross-epoch zero-point model; the epoch is left "
+                         f"out of the light curves. {advice[0].upper()}{advice[1:]}"})

@@ -24,6 +24,8 @@ class EpochRecord:
     ----------
     field, epoch, mjd, airmass, exptime_s
         The unit's key and its exposure's metadata (MJD, airmass, seconds).
+    band
+        The epoch's band ("" for a store with one band for all epochs, format 1).
     n_sources, n_duplicates
         Rows written and border duplicates removed.
     fwhm_px, apcorr, n_apcorr_stars
@@ -68,6 +70,7 @@ class EpochRecord:
     apcorr_source: str | None = None
     registration: dict[str, Any] | None = None
     wcs_refinement: str | None = None
+    band: str = ""
     unit: str = "sources"
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # keys of another version, kept as is
 
@@ -112,7 +115,7 @@ class EpochRecord:
     def summary(self) -> dict[str, Any]:
         """The row of ``epochs.parquet`` for this epoch."""
         z = asdict(self.zp)
-        return {"field": self.field, "epoch": self.epoch, "mjd": self.mjd, "airmass": self.airmass,
+        return {"field": self.field, "epoch": self.epoch, "band": self.band, "mjd": self.mjd, "airmass": self.airmass,
                 "exptime_s": self.exptime_s, "n_sources": self.n_sources, "fwhm_px": self.fwhm_px,
                 "apcorr": self.apcorr, "apcorr_n_stars": self.n_apcorr_stars,
                 "apcorr_from_model": self.apcorr_from_model, "bkg_adu": self.bkg_adu, "rms_adu": self.rms_adu,

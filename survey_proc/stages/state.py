@@ -10,6 +10,8 @@ import numpy as np
 from survey_proc.stages.plan import FieldPlan
 from survey_proc.stages.records import EpochRecord
 
+REGISTRATION_KEYS = ("reference_epoch", "against", "method", "correlation_sigma", "rms_px", "n_stars")  # to run.json
+
 
 @dataclass
 class RunState:
@@ -79,8 +81,7 @@ class RunState:
                                                                      "n_points", "wall_s")}
                            for k, v in sorted(self.regions.items())},
             "zeropoints": zp_by_field,
-            "registration": {f"{r.field}/{r.epoch}": {k: r.registration.get(k) for k in
-                                                      ("reference_epoch", "against", "rms_px", "n_stars")}
+            "registration": {f"{r.field}/{r.epoch}": {k: r.registration.get(k) for k in REGISTRATION_KEYS}
                              for r in recs if r.registration is not None},
             "extraction_fallbacks": [{"field": r.field, "epoch": r.epoch, "fallback": r.fallback}
                                      for r in recs if r.fallback],

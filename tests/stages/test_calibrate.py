@@ -25,12 +25,13 @@ def test_epochs_that_cannot_be_calibrated_are_failures_left_out_of_the_light_cur
     assert sorted(f["epoch"] for f in failed) == [0, 1, 2]
     for f in failed:
         assert f["error"].startswith(f"field F000 epoch {f['epoch']}: ")
-        assert " usable reference star(s) of " in f["error"]
-        assert ("(a zero point needs calibration.min_stars_fit = 10000), and no epoch of the field had enough for the "
-                "cross-epoch zero-point model; the epoch is left out of the light curves. The internal reference "
-                "(epoch ") in f["error"]
-        assert f["error"].endswith("star(s); pass a reference catalogue with --reference, or lower "
-                                   "calibration.min_stars_fit")
+        assert " usable ensemble star(s) of " in f["error"]
+        assert ("(a zero point needs calibration.min_stars_fit = 10000), and no epoch of the band had enough for the "
+                "cross-epoch zero-point model; the epoch is left out of the light curves. The field's ensemble "
+                "(band none, reference epoch ") in f["error"]
+        assert f["error"].endswith("star(s) with S/N >= calibration.ensemble_snr_min = 10; lower "
+                                   "calibration.ensemble_snr_min or calibration.min_stars_fit, or choose a deeper "
+                                   "calibration.reference_epoch")
     assert run["counts"]["epochs_written"] == 3 and run["counts"]["epochs_left_out"] == 3
     assert run["counts"]["lightcurve_points"] == 0 and run["counts"]["objects"] == 0
     lc = out / "lightcurves"
