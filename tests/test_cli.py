@@ -19,7 +19,7 @@ def test_simulate_then_info(tmp_path, capsys):
     assert "Wrote" in text and "5-sigma limit" in text
     assert main(["info", str(out)]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["format"] == 1 and set(info["fields"]) == {"F000", "F001"}
+    assert info["format"] == 2 and set(info["fields"]) == {"F000", "F001"}
     assert info["fields"]["F001"]["epochs"] == 3 and info["problems"] == []
     # truth is queryable with DuckDB like every other output
     n = duckdb.sql(f"select count(*) from '{tmp_path}/s.truth/epochs.parquet'").fetchall()[0][0]

@@ -95,9 +95,12 @@ def test_ingesting_twice_and_appending_a_later_night_adds_no_duplicates(sim, tmp
     out = tmp_path / "app.zarr"
     ingest(paths[:2], out, field_key="OBJECT")
     rep = ingest(paths[:3], out, field_key="OBJECT", append=True)  # 2 again + 1 new
-    assert rep["fields"]["SIMFIELD_F000"] == {"added": 1, "skipped_already_ingested": 2}
+    assert rep["fields"]["SIMFIELD_F000"] == {"added": 1, "skipped_already_ingested": 2, "bands": [""],
+                                              "saturation_adu": 60000.0,
+                                              "saturation_source": "header SATURATE of exp0.fits[1]"}
     rep = ingest(paths, out, field_key="OBJECT", append=True)
-    assert rep["fields"]["SIMFIELD_F001"] == {"added": 1, "skipped_already_ingested": 3}
+    assert {k: rep["fields"]["SIMFIELD_F001"][k] for k in ("added", "skipped_already_ingested")} == {
+        "added": 1, "skipped_already_ingested": 3}
     assert store.image_shape(out, "SIMFIELD_F000")[0] == 4
     np.testing.assert_array_equal(store.open_field(out, "SIMFIELD_F001")["image"].values,
                                   store.open_field(sim["store"], "F001")["image"].values)
