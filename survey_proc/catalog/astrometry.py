@@ -110,6 +110,9 @@ def header_from_text(text: str, where: str = "") -> fits.Header:
                     card = fits.Card.fromstring(image.ljust(80))
                     card.verify("silentfix")
                     _ = card.value  # parses the value: raises for an unreadable card
+                    lead = re.split(r"[\s=]", image.strip(), maxsplit=1)[0].upper()
+                    if _WCS_KEY.fullmatch(lead) and ("=" not in image or card.keyword != lead):
+                        card = None  # a WCS keyword without a value, or misread
                 except Exception:
                     card = None
             if card is None:
