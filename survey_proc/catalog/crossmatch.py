@@ -44,7 +44,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from survey_proc import vocab as F
-from survey_proc.catalog.schema import CLASSIFY_COLUMNS
+from survey_proc.catalog.schema import BAND_STAT_COLUMNS, CLASSIFY_COLUMNS, band_column
 
 REGION_BITS = 16
 OBJECT_BITS = 24
@@ -244,40 +244,69 @@ def associate(seeds: np.ndarray, x: np.ndarray, y: np.ndarray, epoch: np.ndarray
     return out
 
 
-def _object_stats(lc: pd.DataFrame) -> pd.DataFrame:
-    """Per-object photometric statistics over clean points (flags without PHOTOMETRY_BAD)."""
-    good = ((lc["flags"].to_numpy() & F.PHOTOMETRY_BAD) == 0) & np.isfinite(lc["mag"].to_numpy()) \
-        & np.isfinite(lc["mag_err"].to_numpy()) & (lc["mag_err"].to_numpy() > 0)
-    g = lc[good]
+STAT_COLUMNS = ["n_good", "mag_mean", "mag_median", "mag_std", "chi2_const", "mag_err_median"]
+
+
+def _stats(g: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Weighted mean, median, std, reduced chi^2 about the mean and median error per ``keys`` group."""
     w = 1.0 / g["mag_err"].to_numpy() ** 2
-    tmp = pd.DataFrame({"obj": g["obj"].to_numpy(), "w": w, "wm": w * g["mag"].to_numpy(), "m": g["mag"].to_numpy(),
-                        "e": g["mag_err"].to_numpy()})
-    grp = tmp.groupby("obj")
+    tmp = pd.DataFrame({**{k: g[k].to_numpy() for k in keys}, "w": w, "wm": w * g["mag"].to_numpy(),
+                        "m": g["mag"].to_numpy(), "e": g["mag_err"].to_numpy()})
+    grp = tmp.groupby(keys, sort=True)
     s = pd.DataFrame({"n_good": grp.size(), "sw": grp["w"].sum(), "swm": grp["wm"].sum(),
                       "mag_median": grp["m"].median(), "mag_std": grp["m"].std(ddof=1),
                       "mag_err_median": grp["e"].median()})
     s["mag_mean"] = s["swm"] / s["sw"]
-    tmp["mean"] = s["mag_mean"].reindex(tmp["obj"]).to_numpy()
-    tmp["chi"] = (tmp["m"] - tmp["mean"]) ** 2 * tmp["w"]
-    chi = tmp.groupby("obj")["chi"].sum()
+    mean = s["mag_mean"].reindex(pd.MultiIndex.from_frame(tmp[keys]) if len(keys) > 1 else tmp[keys[0]])
+    tmp["chi"] = (tmp["m"] - mean.to_numpy()) ** 2 * tmp["w"]
+    chi = tmp.groupby(keys, sort=True)["chi"].sum()
     s["chi2_const"] = chi / (s["n_good"] - 1).where(s["n_good"] > 1)
-    return s[["n_good", "mag_mean", "mag_median", "mag_std", "chi2_const", "mag_err_median"]]
+    return s[STAT_COLUMNS]
+
+
+def _object_stats(lc: pd.DataFrame, bands: list[str] | None = None) -> pd.DataFrame:
+    """Per-object photometric statistics over clean points (flags without PHOTOMETRY_BAD).
+
+    Magnitudes of different bands are never mixed: the statistics of :data:`STAT_COLUMNS`
+    are those of the object's band with the most clean points (``band``; ties go to the
+    band first in ``bands``), and every band of ``bands`` gets ``mag_mean_<b>``,
+    ``mag_std_<b>`` and ``n_good_<b>`` (:func:`survey_proc.catalog.schema.band_column`).
+    """
+    band = lc["band"].astype(str) if "band" in lc.columns else pd.Series("", index=lc.index)
+    good = ((lc["flags"].to_numpy() & F.PHOTOMETRY_BAD) == 0) & np.isfinite(lc["mag"].to_numpy()) \
+        & np.isfinite(lc["mag_err"].to_numpy()) & (lc["mag_err"].to_numpy() > 0)
+    g = lc[good].assign(band=band[good].to_numpy())
+    per = _stats(g, ["obj", "band"]).reset_index()
+    order = {b: i for i, b in enumerate(bands or [])}
+    per["rank"] = per["band"].map(order).fillna(len(order)).astype(int)
+    primary = per.sort_values(["obj", "n_good", "rank", "band"], ascending=[True, False, True, True],
+                              kind="stable").drop_duplicates("obj")
+    out = primary.set_index("obj")[[*STAT_COLUMNS, "band"]]
+    for b in bands or []:
+        if not b:
+            continue
+        pb = per[per["band"] == b].set_index("obj")
+        for stat, _ in BAND_STAT_COLUMNS:
+            out[band_column(stat, b)] = pb[stat].reindex(out.index)
+    return out
 
 
 def crossmatch_region(src: pd.DataFrame, region: Region, *, field: str, field_index: int, fwhm_px: float,
                       match_radius_fwhm: float, match_radius_min_px: float, min_epochs: int, seed_bin_px: float,
-                      ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+                      bands: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Objects and light curves of one region.
 
     Parameters
     ----------
     src
         Sources of all epochs within the region plus its margin: columns source_id, epoch,
-        mjd, x_ref, y_ref, mag, mag_err, flux, flux_err, flags.
+        mjd, x_ref, y_ref, mag, mag_err, flux, flux_err, flags (and band).
     region
         The region whose objects are kept.
     fwhm_px
         Typical FWHM of the field (pixels), for the match radius.
+    bands
+        The store's bands: objects get per-band means for each (:func:`_object_stats`).
 
     Returns
     -------
@@ -315,9 +344,11 @@ def crossmatch_region(src: pd.DataFrame, region: Region, *, field: str, field_in
     centre = centre.sort_values(["y", "x"], kind="stable")
     ids = pd.Series(object_ids(field_index, region.index, len(centre)), index=centre.index)
     lc = lc[lc["obj"].isin(centre.index)]
-    stats = _object_stats(lc)
+    stats = _object_stats(lc, bands)
     objects = centre.join(stats, how="left")
-    objects["n_good"] = objects["n_good"].fillna(0).astype(np.int32)
+    for c in [c for c in objects.columns if c == "n_good" or c.startswith("n_good_")]:
+        objects[c] = objects[c].fillna(0).astype(np.int32)
+    objects["band"] = objects["band"].fillna("").astype(str)
     objects.insert(0, "object_id", ids.reindex(objects.index).to_numpy())
     objects.insert(1, "field", field)
     objects.insert(2, "region", np.int32(region.index))
@@ -326,6 +357,8 @@ def crossmatch_region(src: pd.DataFrame, region: Region, *, field: str, field_in
     objects["n_points_classified"] = np.int32(0)
     objects["var_class"] = pd.Series([None] * len(objects), dtype=object, index=objects.index)
     objects = objects.reset_index(drop=True)
+    if "band" not in lc.columns:
+        lc["band"] = ""
     lc["object_id"] = ids.reindex(lc["obj"]).to_numpy()
     lc["field"] = field
     lc = lc.sort_values(["object_id", "mjd"], kind="stable").reset_index(drop=True)

@@ -44,6 +44,7 @@ SOURCES = pa.schema([
     ("npix", pa.int32()),  # pixels above the detection threshold
     ("peak_adu", pa.float32()),
     ("zp", pa.float64()),  # the epoch's zero point (mag for 1 ADU per exposure)
+    ("band", pa.string()),  # the epoch's band ("" when the store does not say)
 ])
 
 OBJECTS = pa.schema([
@@ -77,6 +78,7 @@ OBJECTS = pa.schema([
     ("robust_rms", pa.float64()),  # NMAD of the relative flux
     ("iqr", pa.float64()),  # interquartile range of the relative flux
     ("n_points_classified", pa.int32()),  # points kept by the preprocessing
+    ("band", pa.string()),  # the band of mag_mean..chi2_const and n_good: the object's band with most clean points
 ])
 
 LIGHTCURVES = pa.schema([
@@ -90,9 +92,26 @@ LIGHTCURVES = pa.schema([
     ("flux_err", pa.float64()),
     ("flags", pa.int32()),
     ("source_id", pa.int64()),  # null for forced measurements
+    # additions
+    ("band", pa.string()),
 ])
 
 SCHEMAS = {"sources": SOURCES, "objects": OBJECTS, "lightcurves": LIGHTCURVES}
+
+#: per-band statistics of ``objects``, one set of columns per band of the store (``mag_mean_g``, ...)
+BAND_STAT_COLUMNS = (("mag_mean", pa.float64()), ("mag_std", pa.float64()), ("n_good", pa.int32()))
+
+
+def band_column(stat: str, band: str) -> str:
+    """The objects column of a per-band statistic: ``mag_mean_g``; band names are made identifier-safe."""
+    safe = "".join(c if c.isalnum() else "_" for c in band.strip()) or "none"
+    return f"{stat}_{safe}"
+
+
+def objects_schema(bands: list[str], base: pa.Schema = OBJECTS) -> pa.Schema:
+    """``base`` plus the per-band columns of ``bands`` (:data:`BAND_STAT_COLUMNS`), in the bands' order."""
+    extra = [pa.field(band_column(s, b), t) for b in bands if b for s, t in BAND_STAT_COLUMNS]
+    return pa.schema([*base, *(f for f in extra if f.name not in base.names)])
 
 #: ``objects`` columns the classify stage fills (null / NaN / 0 until it has run)
 CLASSIFY_COLUMNS = ("period", "period_power", "depth", "duration", "p_periodic", "var_class", "var_class_prob",

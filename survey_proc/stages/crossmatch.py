@@ -20,9 +20,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from survey_proc import store
 from survey_proc.catalog import crossmatch as xm
 from survey_proc.catalog.astrometry import parse_wcs, pixel_to_world
-from survey_proc.catalog.schema import LIGHTCURVES, OBJECTS
+from survey_proc.catalog.schema import LIGHTCURVES, OBJECTS, objects_schema
 from survey_proc.outputs import write_parquet_atomic
 from survey_proc.stages.base import OutputUnit, Stage, StageContext, Submission, task_config, worker_task
 from survey_proc.stages.extract import SOURCES_UNIT
@@ -30,7 +31,8 @@ from survey_proc.stages.records import EpochRecord
 
 OBJECTS_UNIT = OutputUnit("objects/field={field}/region={region}.parquet", OBJECTS)
 LIGHTCURVES_UNIT = OutputUnit("lightcurves/field={field}/region={region}.parquet", LIGHTCURVES)
-XMATCH_COLUMNS = ["source_id", "epoch", "mjd", "x_ref", "y_ref", "mag", "mag_err", "flux", "flux_err", "flags"]
+XMATCH_COLUMNS = ["source_id", "epoch", "mjd", "x_ref", "y_ref", "mag", "mag_err", "flux", "flux_err", "flags",
+                  "band"]
 
 
 def inputs_digest(records: list[EpochRecord]) -> str:
@@ -42,9 +44,13 @@ def inputs_digest(records: list[EpochRecord]) -> str:
 
 @worker_task
 def crossmatch_region_task(out: str, field: str, field_index: int, region: xm.Region, epochs: list[int],
-                           fwhm_px: float, ref_wcs_text: str, cfg_json: str, fingerprint: str, digest: str
-                           ) -> dict[str, Any]:
-    """Read the region's sources over all epochs, build objects and light curves, write both units."""
+                           fwhm_px: float, ref_wcs_text: str, cfg_json: str, fingerprint: str, digest: str,
+                           bands: list[str] | None = None) -> dict[str, Any]:
+    """Read the region's sources over all epochs, build objects and light curves, write both units.
+
+    ``bands``: the store's bands; objects get per-band means for each (the same columns in
+    every field, so a dataset over all fields has one schema).
+    """
     t0 = time.perf_counter()
     xc = task_config(cfg_json).crossmatch
     margin = 6.0 * max(xc.match_radius_min_px, xc.match_radius_fwhm * fwhm_px, fwhm_px) + 4.0
@@ -60,7 +66,7 @@ def crossmatch_region_task(out: str, field: str, field_index: int, region: xm.Re
     objects, lc, info = xm.crossmatch_region(src, region, field=field, field_index=field_index, fwhm_px=fwhm_px,
                                              match_radius_fwhm=xc.match_radius_fwhm,
                                              match_radius_min_px=xc.match_radius_min_px,
-                                             min_epochs=xc.min_epochs, seed_bin_px=xc.seed_bin_px)
+                                             min_epochs=xc.min_epochs, seed_bin_px=xc.seed_bin_px, bands=bands)
     ref_wcs = parse_wcs(ref_wcs_text) if ref_wcs_text else None
     objects["ra"], objects["dec"] = pixel_to_world(ref_wcs, objects["x"].to_numpy(), objects["y"].to_numpy())
     record = {"unit": "crossmatch", "field": field, "region": region.index, "n_epochs_in": len(epochs),
@@ -68,7 +74,8 @@ def crossmatch_region_task(out: str, field: str, field_index: int, region: xm.Re
               "wall_s": time.perf_counter() - t0}
     # light curves first: a region counts as done only when its objects file exists
     write_parquet_atomic(lc, LIGHTCURVES, LIGHTCURVES_UNIT.path(out, field=field, region=region.index), record)
-    write_parquet_atomic(objects, OBJECTS, OBJECTS_UNIT.path(out, field=field, region=region.index), record)
+    write_parquet_atomic(objects, objects_schema(bands or []), OBJECTS_UNIT.path(out, field=field, region=region.index),
+                         record)
     return record
 
 
@@ -94,6 +101,7 @@ class CrossmatchStage(Stage):
         total = sum(len(p.regions) for p in ctx.plans)
         units: list[Submission] = []
         skipped = 0
+        bands = [b for b in store.store_bands(ctx.cfg.store) if b]
         for p in ctx.plans:
             recs = [r for r in state.field_records(p).values() if r.calibrated]
             if not recs:
@@ -109,7 +117,7 @@ class CrossmatchStage(Stage):
                     continue
                 units.append(Submission({"field": p.field, "region": reg.index}, crossmatch_region_task,
                                         (ctx.cfg.out, p.field, p.index, reg, epochs, fwhm, p.ref_wcs_text,
-                                         ctx.cfg_json, ctx.fingerprint, digest)))
+                                         ctx.cfg_json, ctx.fingerprint, digest, bands)))
         bar = ctx.bar(self.name, total, skipped)
         state.counts["regions_skipped_resume"] = skipped
 

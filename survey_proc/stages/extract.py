@@ -117,8 +117,10 @@ def finalize_epoch_task(job: EpochJob, blocks: list[tuple[pd.DataFrame, dict[str
     else:
         zp = cal.ZeroPoint.pending()
     cal.apply_zeropoint(src, zp)
+    src["band"] = meta.get("band", "")
     record = EpochRecord(
-        field=field, epoch=epoch, mjd=meta["mjd"], airmass=meta["airmass"], exptime_s=meta["exptime"],
+        field=field, epoch=epoch, band=meta.get("band", ""), mjd=meta["mjd"], airmass=meta["airmass"],
+        exptime_s=meta["exptime"],
         n_sources=len(src), n_duplicates=n_dup, fwhm_px=fwhm, apcorr=float(np.median([i.apcorr for i in infos])),
         n_apcorr_stars=int(min(i.n_apcorr_stars for i in infos)), bkg_adu=float(np.median([i.bkg_adu for i in infos])),
         rms_adu=float(np.median([i.rms_adu for i in infos])), bad_px=int(sum(i.bad_px for i in infos)),

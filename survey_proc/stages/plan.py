@@ -118,7 +118,8 @@ def plan_fields(cfg: RunConfig) -> list[FieldPlan]:
         n = n_total if cfg.epochs is None else min(cfg.epochs, n_total)
         table = store.read_epoch_table(cfg.store, fid)
         metas = [{"mjd": float(table["mjd"][e]), "exptime": float(table["exptime"][e]),
-                  "airmass": float(table["airmass"][e]), "wcs": str(table["wcs"][e])} for e in range(n)]
+                  "airmass": float(table["airmass"][e]), "wcs": str(table["wcs"][e]),
+                  "band": str(table["band"][e]) if "band" in table else ""} for e in range(n)]
         ref_wcs = str(attrs.get("reference_wcs") or next((m["wcs"] for m in metas if m["wcs"]), ""))
         _, cy, cx = store.image_chunks(cfg.store, fid)
         tiles = tile_grid(ny, nx, cfg.tile_px, cfg.halo_px)

@@ -120,4 +120,4 @@ class EpochRecord:
                 "apcorr": self.apcorr, "apcorr_n_stars": self.n_apcorr_stars,
                 "apcorr_from_model": self.apcorr_from_model, "bkg_adu": self.bkg_adu, "rms_adu": self.rms_adu,
                 "zp": z["zp"], "zp_err": z["zp_err"], "zp_scatter": z["scatter"], "zp_n_stars": z["n_used"],
-                "zp_status": str(self.zp.status), "fallback": self.fallback or ""}
+                "zp_status": str(self.zp.status), "zp_absolute": self.zp.absolute, "fallback": self.fallback or ""}

@@ -28,7 +28,7 @@ def test_epochs_that_cannot_be_calibrated_are_failures_left_out_of_the_light_cur
         assert " usable ensemble star(s) of " in f["error"]
         assert ("(a zero point needs calibration.min_stars_fit = 10000), and no epoch of the band had enough for the "
                 "cross-epoch zero-point model; the epoch is left out of the light curves. The field's ensemble "
-                "(band none, reference epoch ") in f["error"]
+                "(band i, reference epoch ") in f["error"]
         assert f["error"].endswith("star(s) with S/N >= calibration.ensemble_snr_min = 10; lower "
                                    "calibration.ensemble_snr_min or calibration.min_stars_fit, or choose a deeper "
                                    "calibration.reference_epoch")

@@ -21,7 +21,7 @@ def test_epoch_record_round_trips_through_its_footer_form_and_keeps_unknown_keys
     r = _record(registration={"reference_epoch": 2, "rms_px": 0.03, "n_stars": 50})
     d = r.to_dict()
     assert d["zp"] == {"zp": 30.9, "zp_err": 0.004, "scatter": 0.02, "n_used": 88, "n_candidates": 120,
-                       "status": "fit"}
+                       "status": "fit", "absolute": True}
     assert "apcorr_source" not in d and "wcs_refinement" not in d  # optional keys only when set
     assert EpochRecord.from_dict(d) == r
     old = {**d, "some_future_key": 5}
@@ -35,7 +35,7 @@ def test_epoch_record_round_trips_through_its_footer_form_and_keeps_unknown_keys
 
 def test_epoch_summary_row_has_the_epochs_table_columns():
     row = _record(apcorr_source="field model").summary()
-    assert list(row) == ["field", "epoch", "mjd", "airmass", "exptime_s", "n_sources", "fwhm_px", "apcorr",
+    assert list(row) == ["field", "epoch", "band", "mjd", "airmass", "exptime_s", "n_sources", "fwhm_px", "apcorr",
                          "apcorr_n_stars", "apcorr_from_model", "bkg_adu", "rms_adu", "zp", "zp_err", "zp_scatter",
-                         "zp_n_stars", "zp_status", "fallback"]
+                         "zp_n_stars", "zp_status", "zp_absolute", "fallback"]
     assert row["apcorr_from_model"] is True and row["zp_status"] == "fit" and row["fallback"] == ""
