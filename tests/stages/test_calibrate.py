@@ -55,3 +55,33 @@ def test_an_error_that_stops_the_run_is_recorded_in_run_json(border_survey, clie
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "failed" and run["error"] == "RuntimeError: the calibrate stage broke"
     assert run["counts"]["epochs_written"] == 3  # what was done before is recorded; a re-run resumes from it
+
+
+@pytest.mark.parametrize("n_ref", [5, 2])
+def test_a_field_with_few_calibrators_is_calibrated_relative_to_its_own_stars(border_survey, client, tmp_path, n_ref):
+    # a reference catalogue with 5 (3-9: a few-star absolute level) or 2 stars (too few: relative only);
+    # the per-epoch offsets come from the ensemble of the field's own stars either way
+    import numpy as np
+    import pandas as pd
+
+    from survey_proc import vocab as F
+
+    ref = pd.read_parquet(str(border_survey["store"]).replace(".zarr", ".reference.parquet"))
+    assert len(ref) >= 10
+    few = tmp_path / "few.parquet"
+    ref.sort_values("mag").head(n_ref).to_parquet(few)
+    out = tmp_path / "out"
+    run = run_pipeline(run_config(border_survey["store"], out, tile_px=128, halo_px=16, reference=str(few),
+                                  crossmatch={"region_px": 128, "min_epochs": 2}), client=client)
+    assert run["status"] == "complete" and run["failures"] == []
+    info = run["zeropoints"]["F000"]
+    epochs = pd.read_parquet(out / "epochs.parquet")
+    assert (epochs["zp_status"] == "fit").all() and np.isfinite(epochs["zp"]).all()
+    flags = pd.read_parquet(out / "sources")["flags"]
+    if n_ref == 5:
+        assert info["absolute"]["status"] == "fit_few" and info["absolute"]["n_used"] == 5
+        assert info["absolute"]["zp_err"] >= info["absolute"]["scatter"]  # widened to the per-star scatter
+        assert info["level"]["absolute"] and not (flags & F.ZP_RELATIVE).any()
+    else:
+        assert info["absolute"]["status"] == "few" and info["level"]["absolute"] is False
+        assert ((flags & F.ZP_RELATIVE) != 0).all()
