@@ -11,7 +11,9 @@ Checks, each reported as one line naming the file or key:
    ``source_id`` (non-null) is in ``sources``, and ``objects.n_epochs`` equals the object's
    light-curve length;
 5. counts against ``run.json``: sources, objects, light-curve points, epochs written;
-6. no light-curve point comes from an epoch ``run.json`` lists as failed.
+6. no light-curve point comes from an epoch ``run.json`` lists as failed;
+7. every light-curve point of an epoch that fell back says so: ``ZP_MODEL`` where
+   ``epochs.parquet`` has a model zero point, ``ZP_RELATIVE`` where it has no absolute level.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from survey_proc import vocab as F
 from survey_proc.catalog.schema import SCHEMAS
 
 
@@ -114,6 +117,19 @@ def validate_output(out: str | Path, max_examples: int = 3) -> list[str]:
         if leak[0]:
             problems.append(f"lightcurves: {leak[0]} point(s) from epochs run.json lists as failed, e.g. field "
                             f"{leak[1]} epoch {leak[2]}; a failed epoch must not reach the light curves")
+    epochs_table = out / "epochs.parquet"
+    if files["lightcurves"] and epochs_table.exists():
+        names = pq.read_schema(epochs_table).names
+        # a point of an epoch that fell back (model zero point, no absolute level) must say so
+        for cond, bit, what in (("e.zp_status = 'model'", F.ZP_MODEL, "a model zero point"),
+                                ("not e.zp_absolute" if "zp_absolute" in names else "false", F.ZP_RELATIVE,
+                                 "no absolute calibration")):
+            unflagged = q(f"select count(*), min(l.field), min(l.epoch) from {rel('lightcurves')} l "
+                          f"join read_parquet('{epochs_table}') e on l.field = e.field and l.epoch = e.epoch "
+                          f"where {cond} and (l.flags & {bit}) = 0")[0]
+            if unflagged[0]:
+                problems.append(f"lightcurves: {unflagged[0]} point(s) of epochs with {what} lack the "
+                                f"{F.NAMES[bit]} flag, e.g. field {unflagged[1]} epoch {unflagged[2]}")
     counts = run.get("counts", {})
     for key, have in (("sources", n["sources"]), ("objects", n["objects"]), ("lightcurve_points", n["lightcurves"]),
                       ("epochs_written", len(files["sources"]))):

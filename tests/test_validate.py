@@ -105,3 +105,20 @@ def test_points_from_an_epoch_listed_as_failed_are_reported(good_run, tmp_path):
         "epoch 1; a failed epoch must not reach the light curves" in problems[0]
     n = pq.read_table(out / "lightcurves").to_pandas().query("epoch == 1").shape[0]
     assert problems[0].startswith(f"lightcurves: {n} point(s)") and n > 0
+
+
+def test_points_of_fallback_epochs_without_their_flag_are_reported(good_run, tmp_path):
+    import pandas as pd
+
+    out = _copy(good_run, tmp_path)
+    ep = pd.read_parquet(out / "epochs.parquet")
+    assert ep["zp_absolute"].all() and (ep["zp_status"] == "fit").all()
+    # say epoch 2 took the model's zero point and had no absolute level: its points lack both flags
+    ep.loc[ep["epoch"] == 2, ["zp_status", "zp_absolute"]] = ["model", False]
+    ep.to_parquet(out / "epochs.parquet")
+    problems = validate_output(out)
+    n = pq.read_table(out / "lightcurves").to_pandas().query("epoch == 2").shape[0]
+    assert problems == [
+        f"lightcurves: {n} point(s) of epochs with a model zero point lack the ZP_MODEL flag, e.g. field F000 epoch 2",
+        f"lightcurves: {n} point(s) of epochs with no absolute calibration lack the ZP_RELATIVE flag, e.g. field "
+        "F000 epoch 2"]
