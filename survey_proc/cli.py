@@ -113,6 +113,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     attrs = store.store_attrs(args.store)
     problems = store.validate_store(args.store, raise_on_error=False)
     info: dict = {"store": str(args.store), "format": attrs.get("survey_proc_format"), "band": attrs.get("band"),
+                  "bands": store.store_bands(args.store), "bands_per_epoch": store.bands_per_epoch(args.store),
                   "pixel_scale_arcsec": attrs.get("pixel_scale_arcsec"),
                   "reference_catalog": str(store.reference_catalog_path(args.store) or ""), "fields": {}}
     for fid in store.list_fields(args.store):
