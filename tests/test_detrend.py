@@ -103,7 +103,8 @@ def test_long_format_per_band_round_trip(field):
     assert set(info) == {"g", "r"} and all(v["applied"] == "sysrem:2" for v in info.values())
     assert set(comps["band"]) == {"g", "r"} and len(comps) == 2 * nt
     out, per_obj = apply_components(lc, comps, bad_flags=1)
-    assert per_obj["detrended"].all() and (per_obj["detrend_rms"] > 0.01).all()
+    assert per_obj["detrended"].all() and (per_obj["detrend"] == "sysrem:2").all()
+    assert (per_obj["detrend_rms"] > 0.01).all()
     assert (out["epoch"].to_numpy() == lc["epoch"].to_numpy()).all()
     sd = out.groupby(["object_id", "band"])["mag"].std() / lc.groupby(["object_id", "band"])["mag"].std()
     assert sd.median() < 0.6
@@ -114,3 +115,42 @@ def test_long_format_per_band_round_trip(field):
     out2, _ = apply_components(lc, comps[comps["band"] == "g"], bad_flags=1)
     r = (lc["band"] == "r").to_numpy()
     np.testing.assert_array_equal(out2["mag"].to_numpy()[r], lc["mag"].to_numpy()[r])
+
+
+def test_a_bright_variable_among_faint_stars_does_not_become_a_component():
+    """A 0.35-mag pulsator with 3-mmag errors among 30-150-mmag stars: before the first screen and the
+    weight cap, the first component locked onto it and the fit then flattened it (measured on a
+    held-out survey: a mag-21 pulsator's 0.7 mag peak-to-peak removed)."""
+    rng = np.random.default_rng(2)
+    n, nt = 200, 500
+    t = np.linspace(0.0, 1.7, nt)
+    sig = rng.uniform(0.03, 0.15, n)
+    sig[0] = 0.003
+    common = rng.normal(0, 0.02, nt)  # a per-epoch offset shared by all
+    mag = 20 + rng.normal(0, 1, (n, nt)) * sig[:, None] + common[None, :]
+    mag[0] += 0.35 * np.sin(2 * np.pi * t / 0.9)
+    err, good = np.repeat(sig[:, None], nt, axis=1), np.ones((n, nt), bool)
+    comp = fit_components(mag, err, good, 2, 20)
+    assert comp.k >= 1 and not comp.used[0]
+    _, corr = fit_amplitudes(mag, err, good, comp.c)
+    x = np.vstack([np.ones_like(t), np.sin(2 * np.pi * t / 0.9), np.cos(2 * np.pi * t / 0.9)]).T
+    coef = np.linalg.lstsq(x, mag[0] - corr[0], rcond=None)[0]
+    assert np.hypot(coef[1], coef[2]) == pytest.approx(0.35, rel=0.02)
+    # its own correction is the shared offset, up to the projection of its 0.25-mag rms signal on the
+    # component (~0.25 / sqrt(500) = 0.011 mag); the trap removed 0.25 mag rms
+    assert np.std(corr[0] - common) < 0.025
+
+
+def test_a_component_carried_by_one_star_is_dropped():
+    rng = np.random.default_rng(5)
+    resid = rng.normal(0.0, 0.01, (100, 200))
+    resid[0] += 0.5 * np.sin(np.linspace(0, 20, 200))  # only one star has this signal
+    c, a = sysrem(resid, np.full(resid.shape, 1e4), 2, min_n_eff=5)
+    assert c.shape == (0, 200) and a.shape == (100, 0)
+
+
+def test_white_noise_alone_is_left_alone():
+    rng = np.random.default_rng(0)
+    mag = rng.normal(0.0, 0.01, (300, 600))
+    comp = fit_components(mag, np.full(mag.shape, 0.01), np.ones(mag.shape, bool), 2, 20)
+    assert comp.k == 0 and comp.applied == "none: no component above the noise shared by >= 5 stars"

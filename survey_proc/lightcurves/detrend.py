@@ -86,6 +86,11 @@ class Components:
         left out), before and after removing the components.
     err_median
         Median quoted error of the used stars' points (mag), the noise the rms can reach.
+    extra
+        More figures for run.json (mag): ``component_rms_mag`` (rms amplitude of each component
+        over the used stars); for their brightest quarter (``n_bright``, at least 10), the
+        median error, the median rms before and after, and the rms over the epochs of their
+        per-epoch median residual (the common offset) before and after.
     """
 
     c: np.ndarray
@@ -118,8 +123,8 @@ def _nmad(x: np.ndarray, axis: int | None = None) -> np.ndarray:
         return 1.4826 * np.nanmedian(np.abs(x - med), axis=axis)
 
 
-def sysrem(resid: np.ndarray, w: np.ndarray, n_components: int, max_iter: int = 100, tol: float = 1e-6
-           ) -> tuple[np.ndarray, np.ndarray]:
+def sysrem(resid: np.ndarray, w: np.ndarray, n_components: int, max_iter: int = 100, tol: float = 1e-6,
+           min_n_eff: float = 0.0, min_gain: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """The SysRem components of a residual matrix (Tamuz, Mazeh & Zucker 2005).
 
     Parameters
@@ -132,12 +137,21 @@ def sysrem(resid: np.ndarray, w: np.ndarray, n_components: int, max_iter: int = 
         Number of components, fitted one after the other.
     max_iter, tol
         Alternations per component at most, and the relative change of ``c`` that ends them.
+    min_n_eff
+        A component that fewer stars than this carry (effective number ``(sum_i s_i)^2 / sum_i
+        s_i^2`` of the stars' weighted shares ``s_i = sum_j w_ij (a_i c_j)^2``: one star's
+        signal, not a shared systematic) is dropped, and so are the ones after it.
+    min_gain
+        Likewise a component whose chi^2 reduction ``sum_i s_i`` is below this (one that noise
+        alone would give: :func:`fit_components` passes the largest eigenvalue of a white-noise
+        matrix of the same shape).
 
     Returns
     -------
     c, a
         (k, n_t) components (unit rms over the epochs with weight) and (n, k) amplitudes (mag);
-        ``resid - a @ c`` is what is left.
+        ``resid - a @ c`` is what is left. ``k`` is less than ``n_components`` when a component
+        was dropped.
     """
     r = np.where(w > 0, resid, 0.0).astype(float)
     w = np.asarray(w, float)
@@ -160,6 +174,10 @@ def sysrem(resid: np.ndarray, w: np.ndarray, n_components: int, max_iter: int = 
         norm = float(np.sqrt(np.mean(c[covered] ** 2))) if covered.any() else 0.0
         if norm > 0:
             c, a = c / norm, a * norm
+        share = (w * (a[:, None] * c[None, :]) ** 2).sum(1)
+        n_eff = share.sum() ** 2 / max(float((share**2).sum()), 1e-300)
+        if n_eff < min_n_eff or share.sum() < min_gain:
+            return cs[:k], As[:, :k]
         cs[k], As[:, k] = c, a
         r = r - a[:, None] * c[None, :]
     return cs, As
@@ -179,9 +197,29 @@ def _row_rms(r: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return np.where(n > 1, np.sqrt(var), np.nan)
 
 
+def _screen(z: np.ndarray, ok: np.ndarray, clip_sigma: float, variable_nmad: float, min_fraction: float
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Error scale of each star, the points to keep and the stars to use, from normalised residuals ``z``.
+
+    A star's scale is the NMAD of its ``z``; points beyond ``clip_sigma`` x scale are dropped; a
+    star is used when its scale is within ``variable_nmad`` NMADs of the field's median scale and
+    it keeps ``min_fraction`` of the epochs.
+    """
+    scale = _nmad(z, axis=1)
+    scale = np.where(np.isfinite(scale) & (scale > 0), scale, np.inf)
+    keep = ok & (np.abs(np.nan_to_num(z, nan=np.inf)) <= clip_sigma * scale[:, None])
+    fin = np.isfinite(scale)
+    s_med = float(np.median(scale[fin])) if fin.any() else np.inf
+    s_nmad = float(_nmad(scale[fin])) if fin.sum() > 1 else 0.0
+    use = fin & (scale <= s_med + variable_nmad * max(s_nmad, 0.05 * s_med))
+    return scale, keep, use & (keep.sum(1) >= min_fraction * z.shape[1])
+
+
 def fit_components(mag: np.ndarray, err: np.ndarray, good: np.ndarray, n_components: int, min_stars: int, *,
                    min_fraction: float = 0.5, clip_sigma: float = 5.0, variable_nmad: float = 5.0,
-                   err_floor: float = 0.001, max_stars: int = MAX_FIT_STARS, n_pass: int = 3) -> Components:
+                   err_floor: float = 0.001, max_stars: int = MAX_FIT_STARS, n_pass: int = 3,
+                   max_weight_ratio: float = 20.0, min_n_eff: float = 5.0, noise_margin: float = 1.3
+                   ) -> Components:
     """Fit the systematics shared by a field's stars (one band) on its well-measured, constant-looking stars.
 
     Parameters
@@ -209,6 +247,14 @@ def fit_components(mag: np.ndarray, err: np.ndarray, good: np.ndarray, n_compone
         At most this many candidates (those with the smallest median error).
     n_pass
         Passes of fit, clipping and star rejection.
+    max_weight_ratio
+        No star's total weight exceeds this many times the median star's.
+    min_n_eff
+        Components carried by fewer stars than this are dropped (:func:`sysrem`).
+    noise_margin
+        Components whose chi^2 reduction is below this many times the largest eigenvalue of
+        white noise, ``(sqrt(n_stars) + sqrt(n_epochs))^2`` in units of each star's own error
+        scale, are dropped: a field without shared systematics is left alone.
 
     Returns
     -------
@@ -240,28 +286,39 @@ def fit_components(mag: np.ndarray, err: np.ndarray, good: np.ndarray, n_compone
     if cand.sum() < min_stars or n_t < n_components + 2:
         return refuse(int(cand.sum()))
     idx = np.flatnonzero(cand)
-    m, e, keep = mag[idx], np.hypot(err[idx], err_floor), ok[idx]
-    scale = np.ones(len(idx))
-    use = np.ones(len(idx), bool)
-    c = np.zeros((n_components, n_t))
-    a = np.zeros((len(idx), n_components))
+    m, e, ok_c = mag[idx], np.hypot(err[idx], err_floor), ok[idx]
+    resid = m - _weighted_mean(m, np.where(ok_c, 1.0 / e**2, 0.0))[:, None]
+    # first screen, before any fit: the scatter about the field's per-epoch median residual (a
+    # common mode no single star can pull), so that a bright variable cannot become a component
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        common = np.nanmedian(np.where(ok_c, resid, np.nan), axis=0)
+    scale, keep, use = _screen(np.where(ok_c, (resid - np.nan_to_num(common)[None, :]) / e, np.nan), ok_c,
+                               clip_sigma, variable_nmad, min_fraction)
+    c = np.zeros((0, n_t))
+    a = np.zeros((len(idx), 0))
     for _ in range(n_pass):
         if use.sum() < min_stars:
             return refuse(int(use.sum()))
-        w = np.where(keep & use[:, None], 1.0 / (scale[:, None] * e) ** 2, 0.0)
         resid = m - _weighted_mean(m, np.where(keep, 1.0 / e**2, 0.0))[:, None]
-        c, _ = sysrem(resid[use], w[use], n_components)
+        w = np.where(keep & use[:, None], 1.0 / (scale[:, None] * e) ** 2, 0.0)
+        # no star weighs more than max_weight_ratio x the median star
+        tot = w.sum(1)
+        cap = max_weight_ratio * float(np.median(tot[use]))
+        w *= np.minimum(1.0, cap / np.where(tot > 0, tot, np.inf))[:, None]
+        # a component must beat what white noise gives: the largest eigenvalue of a (stars x epochs)
+        # matrix of unit-variance noise, (sqrt(n) + sqrt(n_t))^2 (Marchenko-Pastur), with a margin
+        n_cov = int(((w[use] > 0).sum(0) > 0).sum())
+        gain = noise_margin * (np.sqrt(use.sum()) + np.sqrt(n_cov)) ** 2
+        c, _ = sysrem(resid[use], w[use], n_components, min_n_eff=min_n_eff, min_gain=gain)
         # every candidate's amplitudes against these components (also those left out, to judge them again)
         a, off = _amplitudes(resid, np.where(keep, 1.0 / e**2, 0.0), c)
-        model = a @ c + off[:, None]
-        z = np.where(keep, (resid - model) / e, np.nan)
-        scale = _nmad(z, axis=1)
-        scale = np.where(np.isfinite(scale) & (scale > 0), scale, np.inf)
-        keep = ok[idx] & (np.abs(np.nan_to_num(z, nan=np.inf)) <= clip_sigma * scale[:, None])
-        fin = np.isfinite(scale)
-        s_med = float(np.median(scale[fin])) if fin.any() else np.inf
-        s_nmad = float(_nmad(scale[fin])) if fin.sum() > 1 else 0.0
-        use = fin & (scale <= s_med + variable_nmad * max(s_nmad, 0.05 * s_med)) & (keep.sum(1) >= min_fraction * n_t)
+        z = np.where(ok_c, (resid - a @ c - off[:, None]) / e, np.nan)
+        scale, keep, use = _screen(z, ok_c, clip_sigma, variable_nmad, min_fraction)
+    if c.shape[0] == 0:
+        none.applied = f"none: no component above the noise shared by >= {min_n_eff:g} stars"
+        none.n_stars = int(use.sum())
+        return none
     if use.sum() < min_stars:
         return refuse(int(use.sum()))
     # the statistics of the stars of the last pass
@@ -271,12 +328,23 @@ def fit_components(mag: np.ndarray, err: np.ndarray, good: np.ndarray, n_compone
     after = _row_rms(resid[use] - a[use] @ c, k_use)
     used = np.zeros(n, bool)
     used[idx[use]] = True
+    # the brightest quarter (smallest errors) of them: where the systematics show above the noise
+    n_b = max(min(10, int(use.sum())), int(use.sum()) // 4)
+    bright = np.argsort(err_med[idx[use]], kind="stable")[:n_b]
+    r_b = np.where(k_use[bright], resid[use][bright], np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return Components(c, used, f"sysrem:{n_components}", int(use.sum()), float(np.nanmedian(before)),
+        epoch_before = np.nanmedian(r_b, axis=0)
+        epoch_after = np.nanmedian(r_b - (a[use] @ c)[bright], axis=0)
+        extra = {"component_rms_mag": [float(np.sqrt(np.mean(a[use, k] ** 2))) for k in range(c.shape[0])],
+                 "n_bright": int(n_b), "bright_err_median_mag": float(np.nanmedian(err_med[idx[use]][bright])),
+                 "bright_rms_before_mag": float(np.nanmedian(before[bright])),
+                 "bright_rms_after_mag": float(np.nanmedian(after[bright])),
+                 "bright_epoch_offset_rms_before_mag": float(np.sqrt(np.nanmean(epoch_before**2))),
+                 "bright_epoch_offset_rms_after_mag": float(np.sqrt(np.nanmean(epoch_after**2)))}
+        return Components(c, used, f"sysrem:{c.shape[0]}", int(use.sum()), float(np.nanmedian(before)),
                           float(np.nanmedian(after)), float(np.nanmedian(np.where(k_use, err[idx[use]], np.nan))),
-                          {"component_rms_mag": [float(np.sqrt(np.mean(a[use, k] ** 2)))
-                                                 for k in range(n_components)]})
+                          extra)
 
 
 def _amplitudes(resid: np.ndarray, w: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -422,14 +490,15 @@ def apply_components(lc: pd.DataFrame, components: pd.DataFrame, bad_flags: int,
     -------
     lc, per_object
         A copy of ``lc`` with ``mag`` corrected, and one row per object (index ``object_id``):
-        ``detrend_rms`` (rms of the subtracted correction, mag; 0 where none) and ``detrended``
-        (bool: some component was fitted to it).
+        ``detrend_rms`` (rms of the subtracted correction, mag; 0 where none), ``detrended``
+        (bool: some component was fitted to it) and ``detrend`` (``"sysrem:<k>"``, k the
+        components of its band, the most over its bands; ``"none"``).
     """
     out = lc.copy()
     oids = np.unique(lc["object_id"].to_numpy())
     rms_sq = pd.Series(0.0, index=oids)
     n_pts = pd.Series(0, index=oids)
-    done = pd.Series(False, index=oids)
+    n_comp = pd.Series(0, index=oids)
     bands = _bands(lc)
     for band, comp in components.groupby("band"):
         sel = (bands == band).to_numpy()
@@ -455,7 +524,9 @@ def apply_components(lc: pd.DataFrame, components: pd.DataFrame, bad_flags: int,
         has = np.isfinite(mag)
         rms_sq.loc[ids] += np.where(has, corr**2, 0.0).sum(1)
         n_pts.loc[ids] += has.sum(1)
-        done.loc[ids] = True
-    per_object = pd.DataFrame({"detrend_rms": np.sqrt(rms_sq / n_pts.clip(lower=1)), "detrended": done})
+        n_comp.loc[ids] = np.maximum(n_comp.loc[ids].to_numpy(), cw.shape[0])
+    label = pd.Series(np.where(n_comp > 0, "sysrem:" + n_comp.astype(str), "none"), index=oids)
+    per_object = pd.DataFrame({"detrend_rms": np.sqrt(rms_sq / n_pts.clip(lower=1)), "detrended": n_comp > 0,
+                               "detrend": label})
     per_object.index.name = "object_id"
     return out, per_object

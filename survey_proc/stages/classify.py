@@ -129,8 +129,6 @@ def _detrend_region(out: str, field: str, lc: Any, cc: Any, classify_fingerprint
 
     Returns ``(lc, per_object, applied)``; ``per_object`` is None when nothing was applied.
     """
-    import pandas as pd
-
     from survey_proc.lightcurves.detrend import apply_components
     from survey_proc.vocab import PHOTOMETRY_BAD
 
@@ -146,9 +144,7 @@ def _detrend_region(out: str, field: str, lc: Any, cc: Any, classify_fingerprint
     if not len(comps):
         return lc, None, applied
     lc, per_object = apply_components(lc, comps, PHOTOMETRY_BAD)
-    label = pd.Series(np.where(per_object["detrended"], f"sysrem:{cc.detrend_components}", "none"),
-                      index=per_object.index)
-    return lc, per_object.assign(detrend=label), applied
+    return lc, per_object, applied
 
 
 @worker_task
@@ -258,6 +254,11 @@ class ClassifyStage(Stage):
                 regions = sorted(r for ff, r in units if ff == f)
                 subs.append(Submission({"field": f, "part": "detrend"}, detrend_field_task,
                                        (ctx.cfg.out, f, regions, ctx.cfg_json, ctx.classify_fingerprint)))
+            else:  # every region done, the field's unit gone: what the regions' records say
+                applied = sorted({str(rec.get("detrend", "unknown")) for (ff, _), rec in ctx.state.classified.items()
+                                  if ff == f})
+                summary[f] = {"method": cc.detrend, "applied": "; ".join(applied),
+                              "note": f"{DETREND_UNIT.path(ctx.cfg.out, field=f)} is missing; from the regions"}
         if not subs:
             return
 
