@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from survey_proc.lightcurves.detrend import (
+    Components,
     apply_components,
     fit_amplitudes,
     fit_components,
@@ -42,7 +43,7 @@ def field() -> dict:
     return {"t": t, "mag": mag, "err": err, "sig": sig, "in_tr": in_tr, "good": np.isfinite(mag)}
 
 
-def _detrended(f: dict) -> tuple[np.ndarray, object]:
+def _detrended(f: dict) -> tuple[np.ndarray, Components]:
     comp = fit_components(f["mag"], f["err"], f["good"], 2, 20)
     _, corr = fit_amplitudes(f["mag"], f["err"], f["good"], comp.c)
     return f["mag"] - corr, comp

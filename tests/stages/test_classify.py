@@ -50,6 +50,7 @@ def test_classify_stage_fills_objects_and_resumes_alone(variable_survey, client,
     assert (const["robust_rms"] < 0.1 * puls["robust_rms"]).all()
     assert (const["mag_std"] < 0.5 * eb["mag_std"]).all()
     meta = read_meta(OutputLayout(out).objects("F000", 0))
+    assert meta is not None
     assert meta["classify_fingerprint"] == run["classify_fingerprint"] and meta["classify"]["n_classified"] == 6
     # six stars are too few to fit the field's systematics: nothing is applied, and the record says why
     assert (obj["detrend"] == "none").all() and (obj["detrend_rms"] == 0).all()
@@ -79,7 +80,7 @@ def test_short_surveys_are_not_searched_and_a_missing_region_is_named(border_sur
     run = run_pipeline(cfg, client=client)
     assert run["status"] == "complete" and run["counts"]["objects_classified"] == 0
     meta = read_meta(OutputLayout(out).objects("F000", 0))
-    assert "no light curve with 20 points" in meta["classify"]["not_searched"]
+    assert meta is not None and "no light curve with 20 points" in meta["classify"]["not_searched"]
     assert pd.read_parquet(out / "objects")["var_class"].isna().all()
     with pytest.raises(SurveyProcError, match=r"objects/field=F000/region=9\.parquet: missing or unreadable"):
         classify_region_task(str(out), "F000", 9, json.dumps(cfg.to_dict()), "x")
