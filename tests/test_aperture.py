@@ -15,3 +15,25 @@ def test_core_fwhm_of_gaussians():
             img = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma**2))
             f = core_fwhm(img, np.array([cx]), np.array([cy]))[0]
             assert f == pytest.approx(2.3548 * sigma, rel=1e-6)
+
+
+def test_estimate_fwhm_steps_its_snr_floor_down_when_few_stars_are_bright():
+    from survey_proc.config import PhotometryConfig
+    from survey_proc.photometry.aperture import estimate_fwhm
+
+    rng = np.random.default_rng(4)
+    fwhm_true, n = 1.3, 12
+    yy, xx = np.mgrid[0:200, 0:200]
+    x = 15 + 170 * rng.random(n)
+    y = 15 + 170 * rng.random(n)
+    sigma = fwhm_true / 2.3548
+    data = rng.normal(0, 1.0, (200, 200))
+    for xi, yi in zip(x, y, strict=True):
+        data += 60.0 * np.exp(-((xx - xi) ** 2 + (yy - yi) ** 2) / (2 * sigma**2))
+    snr = np.full(n, 30.0)  # none reaches apcorr_snr_min = 50
+    bad = np.zeros(data.shape, bool)
+    cfg = PhotometryConfig()
+    fwhm, n_stars = estimate_fwhm(data, bad, x, y, snr, np.ones(n, bool), cfg)
+    assert n_stars >= 5 and fwhm == pytest.approx(fwhm_true, rel=0.15)  # measured at the S/N 20 step
+    fwhm, n_stars = estimate_fwhm(data, bad, x, y, np.full(n, 8.0), np.ones(n, bool), cfg)
+    assert (fwhm, n_stars) == (cfg.fwhm_default_px, 0)  # below every step: the default

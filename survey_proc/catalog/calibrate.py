@@ -104,7 +104,7 @@ class ZeroPoint:
     @classmethod
     def pending(cls) -> ZeroPoint:
         """No zero point yet (relative calibration before the ensemble fit)."""
-        return cls(np.nan, np.nan, np.nan, 0, 0, ZpStatus.PENDING)
+        return cls(np.nan, np.nan, np.nan, 0, 0, ZpStatus.PENDING, absolute=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ZeroPoint:

@@ -34,6 +34,7 @@ from survey_proc.config import PhotometryConfig
 from survey_proc.vocab import MASK_COSMIC, MASK_SATURATED
 
 MIN_STARS_FOR_FWHM = 5
+FWHM_SNR_STEPS = (20.0, 10.0)  # lower S/N floors tried in turn when too few stars reach apcorr_snr_min
 
 
 def _isolated(x: np.ndarray, y: np.ndarray, radius_px: float) -> np.ndarray:
@@ -88,8 +89,11 @@ def estimate_fwhm(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarra
     """FWHM (px) of a block: median :func:`core_fwhm` of its brightest clean stars; ``(fwhm, n_stars)``.
 
     Stars: unflagged, S/N >= ``apcorr_snr_min``, no bad pixel and no other detection within
-    3 px; the 300 brightest. Falls back to ``cfg.fwhm_default_px`` (n_stars = 0) when fewer
-    than 5 qualify.
+    3 px; the 300 brightest. When fewer than 5 qualify, the S/N floor steps down to 20, then
+    10 (:data:`FWHM_SNR_STEPS`): a crowded, undersampled or shallow image (the 2MASS K mosaic
+    has 1 isolated star at S/N 50 but 113 at S/N 20) still measures its seeing instead of
+    taking a default 2-8x off. Falls back to ``cfg.fwhm_default_px`` (n_stars = 0) when even
+    S/N 10 gives fewer than 5.
 
     Parameters
     ----------
@@ -111,20 +115,21 @@ def estimate_fwhm(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarra
     fwhm_px, n_stars
         The FWHM (px) and the number of stars that measured it.
     """
-    sel = np.flatnonzero(ok & (snr >= cfg.apcorr_snr_min))
-    sel = sel[_isolated(x, y, 3.0)[sel]]
-    if len(sel):
-        ixs = np.clip(np.round(x[sel]).astype(int), 0, data.shape[1] - 1)
-        iys = np.clip(np.round(y[sel]).astype(int), 0, data.shape[0] - 1)
-        sel = sel[~ndimage.maximum_filter(bad, size=5)[iys, ixs]]
-    sel = sel[np.argsort(-snr[sel])[:300]]
-    if len(sel) < MIN_STARS_FOR_FWHM:
-        return cfg.fwhm_default_px, 0
-    f = core_fwhm(data, x[sel], y[sel])
-    f = f[np.isfinite(f) & (f > 0.5) & (f < 50)]
-    if len(f) < MIN_STARS_FOR_FWHM:
-        return cfg.fwhm_default_px, 0
-    return float(np.median(f)), len(f)
+    usable = ok & _isolated(x, y, 3.0)
+    if usable.any():
+        ixs = np.clip(np.round(x).astype(int), 0, data.shape[1] - 1)
+        iys = np.clip(np.round(y).astype(int), 0, data.shape[0] - 1)
+        usable &= ~ndimage.maximum_filter(bad, size=5)[iys, ixs]
+    for snr_min in (cfg.apcorr_snr_min, *(s for s in FWHM_SNR_STEPS if s < cfg.apcorr_snr_min)):
+        sel = np.flatnonzero(usable & (snr >= snr_min))
+        sel = sel[np.argsort(-snr[sel])[:300]]
+        if len(sel) < MIN_STARS_FOR_FWHM:
+            continue
+        f = core_fwhm(data, x[sel], y[sel])
+        f = f[np.isfinite(f) & (f > 0.5) & (f < 50)]
+        if len(f) >= MIN_STARS_FOR_FWHM:
+            return float(np.median(f)), len(f)
+    return cfg.fwhm_default_px, 0
 
 
 def windowed_centroids(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_px: float,

@@ -77,19 +77,32 @@ def recalibrate_epoch_task(out: str, field: str, epoch: int, model_zp: dict | No
     return write_epoch(out, src, record.with_(zp=zp, fingerprint=fingerprint))
 
 
-def ensemble_config(cfg: CalibrationConfig) -> CalibrationConfig:
-    """The calibration settings of the ensemble stars (their S/N floor and number)."""
-    return replace(cfg, snr_min=cfg.ensemble_snr_min, max_stars=cfg.ensemble_max_stars)
+#: looser isolation (radius in FWHM, neighbour flux ratio) tried in turn when the configured one leaves fewer
+#: than ``calibration.min_stars`` ensemble stars: on a crowded plate core every star has ~16 detections
+#: (stars and grain) within 3 FWHM, and 2 of 543 pass; at 2 FWHM and 10 % 39 do
+ISOLATION_STEPS = ((2.0, 0.1), (1.5, 0.25))
+
+
+def ensemble_config(cfg: CalibrationConfig, isolation: tuple[float, float] | None = None) -> CalibrationConfig:
+    """The calibration settings of the ensemble stars (their S/N floor, number and isolation)."""
+    c = replace(cfg, snr_min=cfg.ensemble_snr_min, max_stars=cfg.ensemble_max_stars)
+    if isolation is not None:
+        c = replace(c, isolation_fwhm=float(isolation[0]), isolation_flux_ratio=float(isolation[1]))
+    return c
 
 
 @worker_task
-def reference_matches_task(out: str, field: str, epoch: int, stars_path: str, cfg_json: str) -> pd.DataFrame:
-    """The ensemble-star matches of one written epoch: epoch, star, mag_inst, mag_inst_err."""
+def reference_matches_task(out: str, field: str, epoch: int, stars_path: str, cfg_json: str,
+                           isolation: tuple[float, float] | None = None) -> pd.DataFrame:
+    """The ensemble-star matches of one written epoch: epoch, star, mag_inst, mag_inst_err.
+
+    ``isolation``: the (radius in FWHM, flux ratio) the ensemble stars were chosen with.
+    """
     cfg = task_config(cfg_json)
     record, src = read_epoch(out, field, epoch, columns=["x_ref", "y_ref", "snr", "flags", "flux", "mag_inst",
                                                          "mag_inst_err"])
     i_src, i_ref = cal.calibrator_matches(src, reference_stars(stars_path, ""), record.fwhm_px,
-                                          ensemble_config(cfg.calibration))
+                                          ensemble_config(cfg.calibration, isolation))
     return pd.DataFrame({"epoch": epoch, "star": i_ref, "mag_inst": src["mag_inst"].to_numpy()[i_src],
                          "mag_inst_err": src["mag_inst_err"].to_numpy()[i_src]})
 
@@ -158,9 +171,21 @@ class CalibrateStage(Stage):
                 raise SurveyProcError(f"field {p.field}: the reference epoch {ref_epoch} has no measured "
                                       "aperture correction; set calibration.reference_epoch to another epoch")
             _, src = read_epoch(out, p.field, ref_epoch)
-            stars = cal.internal_reference(src, p.zeropoint_nominal, recs[ref_epoch].fwhm_px,
-                                           ensemble_config(ctx.cfg.calibration))
-            meta = {"fingerprint": ctx.fingerprint, "reference_epoch": ref_epoch, "n_stars": len(stars)}
+            ccfg = ctx.cfg.calibration
+            tried: list[dict[str, Any]] = []
+            for iso in ((ccfg.isolation_fwhm, ccfg.isolation_flux_ratio), *ISOLATION_STEPS):
+                stars = cal.internal_reference(src, p.zeropoint_nominal, recs[ref_epoch].fwhm_px,
+                                               ensemble_config(ccfg, iso))
+                tried.append({"isolation_fwhm": iso[0], "isolation_flux_ratio": iso[1], "n_stars": len(stars)})
+                if len(stars) >= ccfg.min_stars:
+                    break
+            if len(stars) < ccfg.min_stars:  # none is enough: keep the step with the most stars
+                best = max(range(len(tried)), key=lambda k: tried[k]["n_stars"])
+                iso = (tried[best]["isolation_fwhm"], tried[best]["isolation_flux_ratio"])
+                stars = cal.internal_reference(src, p.zeropoint_nominal, recs[ref_epoch].fwhm_px,
+                                               ensemble_config(ccfg, iso))
+            meta = {"fingerprint": ctx.fingerprint, "reference_epoch": ref_epoch, "n_stars": len(stars),
+                    "isolation": list(iso), "isolation_tried": tried}
             write_parquet_atomic(stars, ENSEMBLE_STARS_UNIT.schema,
                                  ENSEMBLE_STARS_UNIT.path(out, field=p.field, band=label), meta)
         return meta
@@ -195,11 +220,14 @@ class CalibrateStage(Stage):
         meta = self._ensemble_stars(ctx, p, band, recs, only_band)
         info["reference_epoch"] = meta["reference_epoch"]
         info["reference_stars"] = meta["n_stars"]
+        info["isolation"] = meta.get("isolation")
+        info["isolation_tried"] = meta.get("isolation_tried")
         stars_path = str(ENSEMBLE_STARS_UNIT.path(ctx.cfg.out, field=p.field, band=label))
         # 3. relative zero points: the ensemble solution over every epoch of the band
         parts: list[pd.DataFrame] = []
         ctx.map(self.name, [Submission({"field": p.field, "epoch": e}, reference_matches_task,
-                                       (ctx.cfg.out, p.field, e, stars_path, ctx.cfg_json)) for e in sorted(recs)],
+                                       (ctx.cfg.out, p.field, e, stars_path, ctx.cfg_json,
+                                        tuple(meta.get("isolation") or ()) or None)) for e in sorted(recs)],
                 lambda key, m: parts.append(m))
         matches = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
             columns=["epoch", "star", "mag_inst", "mag_inst_err"])
@@ -261,10 +289,12 @@ class CalibrateStage(Stage):
     def _report_failed(self, ctx: StageContext, p: FieldPlan, label: str, info: dict[str, Any],
                        ens: dict[int, cal.ZeroPoint], failed: list[int]) -> None:
         ccfg = ctx.cfg.calibration
+        tried = "; ".join(f"{t['n_stars']} isolated within {t['isolation_fwhm']:g} FWHM at a flux ratio of "
+                          f"{t['isolation_flux_ratio']:g}" for t in info.get("isolation_tried") or [])
         advice = (f"the field's ensemble (band {label}, reference epoch {info['reference_epoch']}) has "
-                  f"{info['reference_stars']} star(s) with S/N >= calibration.ensemble_snr_min = "
-                  f"{ccfg.ensemble_snr_min:g}; lower calibration.ensemble_snr_min or calibration.min_stars_fit, "
-                  "or choose a deeper calibration.reference_epoch")
+                  f"{info['reference_stars']} star(s) unflagged with S/N >= calibration.ensemble_snr_min = "
+                  f"{ccfg.ensemble_snr_min:g} and isolated ({tried}); lower calibration.ensemble_snr_min or "
+                  "calibration.min_stars_fit, or choose a deeper calibration.reference_epoch")
         for e in failed:
             z = ens[e]
             ctx.state.failures.append({
