@@ -43,7 +43,20 @@ DETREND_SCHEMA = pa.schema([("band", pa.string()), ("epoch", pa.int32()), ("comp
                             ("value", pa.float64())])
 #: ``objects`` columns the classify stage adds (after the contract's and the cross-match's)
 DETREND_COLUMNS = (("detrend", pa.string()), ("detrend_rms", pa.float64()))
-OBJECTS_CLASSIFIED = pa.schema([*OBJECTS, *(pa.field(n, t) for n, t in DETREND_COLUMNS if n not in OBJECTS.names)])
+
+
+def classified_schema(written: pa.Schema) -> pa.Schema:
+    """The schema of a classified objects file: the contract's, the columns the cross-match added, the detrending's.
+
+    Parameters
+    ----------
+    written
+        The schema of the region's objects file as the cross-match wrote it (it may carry
+        per-band columns, ``mag_mean_<band>``..., that the rewrite must keep).
+    """
+    extra = [f for f in written.remove_metadata() if f.name not in OBJECTS.names]
+    have = {*OBJECTS.names, *(f.name for f in extra)}
+    return pa.schema([*OBJECTS, *extra, *(pa.field(n, t) for n, t in DETREND_COLUMNS if n not in have)])
 
 
 def _lc_columns(path: Any) -> list[str]:
@@ -189,8 +202,8 @@ def classify_region_task(out: str, field: str, region: int, cfg_json: str, class
                 objects[c] = (vals.to_numpy() if c != "n_points_classified"
                               else vals.fillna(0).astype(np.int32).to_numpy())
     info["wall_s"] = time.perf_counter() - t0
-    write_parquet_atomic(objects, OBJECTS_CLASSIFIED, opath, {**record, "classify_fingerprint": classify_fingerprint,
-                                                              "classify": info})
+    write_parquet_atomic(objects, classified_schema(pq.read_schema(opath)), opath,
+                         {**record, "classify_fingerprint": classify_fingerprint, "classify": info})
     return {"field": field, "region": region, **info}
 
 

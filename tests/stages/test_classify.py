@@ -116,6 +116,7 @@ def test_detrending_is_recorded_and_removes_injected_epoch_offsets(constant_fiel
     obj = pd.read_parquet(out / "objects")
     # a field without shared systematics is left alone, and the record says why
     assert len(obj) == 30 and (obj["detrend"] == "none").all() and (obj["detrend_rms"] == 0).all()
+    assert {"mag_mean_i", "mag_std_i", "n_good_i"} <= set(obj.columns)  # the cross-match's per-band columns stay
     rec = r1["counts"]["detrend"]["F000"]
     assert rec["method"] == "sysrem" and rec["applied"].startswith("none: no component above the noise")
     assert json.loads((out / "run.json").read_text())["counts"]["detrend"]["F000"] == rec
