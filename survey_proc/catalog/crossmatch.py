@@ -356,6 +356,8 @@ def crossmatch_region(src: pd.DataFrame, region: Region, *, field: str, field_in
         objects[c] = np.nan
     objects["n_points_classified"] = np.int32(0)
     objects["var_class"] = pd.Series([None] * len(objects), dtype=object, index=objects.index)
+    objects["detrend"] = pd.Series([None] * len(objects), dtype=object, index=objects.index)  # classify fills
+    objects["detrend_rms"] = np.nan
     objects = objects.reset_index(drop=True)
     if "band" not in lc.columns:
         lc["band"] = ""

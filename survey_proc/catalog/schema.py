@@ -79,6 +79,8 @@ OBJECTS = pa.schema([
     ("iqr", pa.float64()),  # interquartile range of the relative flux
     ("n_points_classified", pa.int32()),  # points kept by the preprocessing
     ("band", pa.string()),  # the band of mag_mean..chi2_const and n_good: the object's band with most clean points
+    ("detrend", pa.string()),  # what the classify stage removed before the period search ("sysrem:2", "none")
+    ("detrend_rms", pa.float64()),  # rms of that correction for this object (mag); NaN before classify
 ])
 
 LIGHTCURVES = pa.schema([
