@@ -90,8 +90,8 @@ def confidence_from_snr(snr: np.ndarray) -> np.ndarray:
 
 
 def merge_epoch(frames: list[pd.DataFrame], infos: list[BlockInfo], *, field: str, field_index: int, epoch: int,
-                mjd: float, epoch_wcs, ref_wcs, dedup_radius_fwhm: float, default_fwhm_px: float
-                ) -> tuple[pd.DataFrame, float, int]:
+                mjd: float, epoch_wcs, ref_wcs, dedup_radius_fwhm: float, default_fwhm_px: float,
+                band: str = "") -> tuple[pd.DataFrame, float, int]:
     """One epoch's source table from its block catalogues.
 
     Returns
@@ -116,6 +116,8 @@ def merge_epoch(frames: list[pd.DataFrame], infos: list[BlockInfo], *, field: st
         The epoch's WCS and the field reference frame's (astropy; None when unknown).
     dedup_radius_fwhm
         Border de-duplication radius (FWHM; at least 1 px).
+    band
+        The epoch's band (the ``band`` column; "" when the store does not say).
     default_fwhm_px
         FWHM (px) when no block measured it.
     """
@@ -132,6 +134,7 @@ def merge_epoch(frames: list[pd.DataFrame], infos: list[BlockInfo], *, field: st
     df.insert(1, "epoch", np.int32(epoch))
     df.insert(2, "mjd", float(mjd))
     df.insert(3, "source_id", source_ids(field_index, epoch, n))
+    df["band"] = band
     x, y = df["x"].to_numpy(), df["y"].to_numpy()
     df["ra"], df["dec"] = pixel_to_world(epoch_wcs, x, y)
     df["x_ref"], df["y_ref"] = to_reference_frame(epoch_wcs, ref_wcs, x, y)

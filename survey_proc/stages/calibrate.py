@@ -229,8 +229,10 @@ class CalibrateStage(Stage):
                                        (ctx.cfg.out, p.field, e, stars_path, ctx.cfg_json,
                                         tuple(meta.get("isolation") or ()) or None)) for e in sorted(recs)],
                 lambda key, m: parts.append(m))
-        matches = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
-            columns=["epoch", "star", "mag_inst", "mag_inst_err"])
+        # in (epoch, star) order, not the order the tasks finished: the solution's floating-point sums
+        # (and so the outputs' bytes) must not depend on the cluster's timing
+        matches = pd.concat(parts, ignore_index=True).sort_values(["epoch", "star"], kind="stable").reset_index(
+            drop=True) if parts else pd.DataFrame(columns=["epoch", "star", "mag_inst", "mag_inst_err"])
         zps, stars = cal.ensemble_zeropoints(matches, ccfg.clip_sigma, ccfg.min_stars, min_stars_fit=ccfg.min_stars_fit)
         info["ensemble_stars_used"] = int(stars["used"].sum()) if len(stars) else 0
         # 4. one absolute level per field and band

@@ -65,8 +65,8 @@ def _lc_columns(path: Any) -> list[str]:
 
 
 @worker_task
-def detrend_field_task(out: str, field: str, regions: list[int], cfg_json: str, classify_fingerprint: str
-                       ) -> dict[str, Any]:
+def detrend_field_task(out: str, field: str, regions: list[int], cfg_json: str, classify_fingerprint: str,
+                       inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit the SysRem components of one field on its best-measured stars; write them with a record.
 
     Parameters
@@ -81,6 +81,9 @@ def detrend_field_task(out: str, field: str, regions: list[int], cfg_json: str, 
         The run configuration as JSON (its ``[classify]`` detrend settings are used).
     classify_fingerprint
         Recorded in the unit's footer; the region tasks use the components only when it matches.
+    inputs
+        The cross-match digest of each region read (region -> digest), recorded in the footer:
+        a resumed run fits again when a region was cross-matched again (e.g. an epoch added).
 
     Returns
     -------
@@ -119,7 +122,7 @@ def detrend_field_task(out: str, field: str, regions: list[int], cfg_json: str, 
     info = _field_info(cc.detrend_components, per_band, len(cand))
     info["wall_s"] = time.perf_counter() - t0
     write_parquet_atomic(table, DETREND_SCHEMA, DETREND_UNIT.path(out, field=field),
-                         {"classify_fingerprint": classify_fingerprint, "detrend": info})
+                         {"classify_fingerprint": classify_fingerprint, "detrend": info, "inputs": inputs or {}})
     return {"field": field, "detrend": info}
 
 
@@ -261,12 +264,14 @@ class ClassifyStage(Stage):
         subs = []
         for f in fields:
             rec = DETREND_UNIT.record(ctx.cfg.out, field=f)
-            if rec is not None and rec.get("classify_fingerprint") == ctx.classify_fingerprint:
+            inputs = {str(r): ctx.state.regions[(ff, r)].get("digest") for ff, r in units if ff == f}
+            if rec is not None and rec.get("classify_fingerprint") == ctx.classify_fingerprint and (
+                    rec.get("inputs") == inputs or f not in fields_todo):
                 summary[f] = rec["detrend"]
             elif f in fields_todo:
                 regions = sorted(r for ff, r in units if ff == f)
                 subs.append(Submission({"field": f, "part": "detrend"}, detrend_field_task,
-                                       (ctx.cfg.out, f, regions, ctx.cfg_json, ctx.classify_fingerprint)))
+                                       (ctx.cfg.out, f, regions, ctx.cfg_json, ctx.classify_fingerprint, inputs)))
             else:  # every region done, the field's unit gone: what the regions' records say
                 applied = sorted({str(rec.get("detrend", "unknown")) for (ff, _), rec in ctx.state.classified.items()
                                   if ff == f})

@@ -111,13 +111,12 @@ def finalize_epoch_task(job: EpochJob, blocks: list[tuple[pd.DataFrame, dict[str
     src, fwhm, n_dup = merge_epoch([b[0] for b in blocks], infos, field=field, field_index=job.field_index,
                                    epoch=epoch, mjd=meta["mjd"], epoch_wcs=epoch_wcs, ref_wcs=ref_wcs,
                                    dedup_radius_fwhm=cfg.detection.dedup_radius_fwhm,
-                                   default_fwhm_px=cfg.photometry.fwhm_default_px)
+                                   default_fwhm_px=cfg.photometry.fwhm_default_px, band=meta.get("band", ""))
     if job.reference_path is not None:
         zp = cal.calibrate_epoch(src, reference_stars(job.reference_path, job.ref_wcs_text), fwhm, cfg.calibration)
     else:
         zp = cal.ZeroPoint.pending()
     cal.apply_zeropoint(src, zp)
-    src["band"] = meta.get("band", "")
     record = EpochRecord(
         field=field, epoch=epoch, band=meta.get("band", ""), mjd=meta["mjd"], airmass=meta["airmass"],
         exptime_s=meta["exptime"],
