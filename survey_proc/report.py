@@ -43,6 +43,10 @@ def summary_lines(run: dict[str, Any]) -> list[str]:
                      f"model residual rms {_fmt(model.get('scatter'))}, extinction k "
                      f"{'n/a (no airmass)' if k is None or k != k else format(k, '.3f')}; "
                      f"{z.get('n_model_epochs', 0)} epoch(s) from the model; reference: {z.get('reference')}")
+    if run.get("domain_actions"):
+        acts = run["domain_actions"]
+        lines.append(f"  outside a model's training range: {len(acts)} epoch(s), e.g. field {acts[0]['field']} epoch "
+                     f"{acts[0]['epoch']}: {acts[0]['action']} (run.json domain_actions, epochs.parquet domain)")
     if run.get("extraction_fallbacks"):
         lines.append(f"  sep overflow fallbacks: {len(run['extraction_fallbacks'])} epoch(s) (see run.json)")
     lines.append("  wall time: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in t.items()))

@@ -41,8 +41,9 @@ import pandas as pd
 
 from survey_proc import vocab as F
 from survey_proc.config import RunConfig
-from survey_proc.detect import classical
+from survey_proc.detect import classical, domain
 from survey_proc.detect.base import Aperture, Detections, Detector, DetectorInput, nearest_pixel
+from survey_proc.detect.sep_detector import SepDetector
 from survey_proc.photometry import aperture
 from survey_proc.photometry.measure import Window, bpnn_photometry
 from survey_proc.tiling import Tile
@@ -71,6 +72,7 @@ class BlockInfo:
     nonfinite_px: int = 0  # NaN or inf
     saturated_px: int = 0  # finite and at or above the saturation level
     usable_ptp_adu: float = float("nan")  # max - min of the usable pixels (0: a constant image; NaN: none usable)
+    domain: str | None = None  # what the domain check did (survey_proc.detect.domain), None when nothing
 
     def to_dict(self) -> dict:
         """The fields as a dict (what a block task returns to the epoch task)."""
@@ -213,8 +215,20 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
                         gain_e_per_adu=gain_e_per_adu, origin_yx=origin_yx, cfg=cfg, owner=owner,
                         want_neighbours=want_window)
     found = detector.detect(inp)
+    # the domain check (survey_proc.detect.domain): a learned model outside its training seeing is not trusted
+    actions: list[str] = []
+    det_range = getattr(detector, "fwhm_range_px", None)
+    if det_range is not None and found.n_fwhm > 0 and domain.outside(found.fwhm_px, det_range):
+        actions.append(domain.describe(detector.name, found.fwhm_px, det_range, "detected with sep"))
+        detector = SepDetector()
+        found = detector.detect(inp)
+    bpnn_range = domain.card_fwhm_range(bpnn.card, "data", "tile", "fwhm_px") if bpnn is not None else None
+    if bpnn_range is not None and found.n_fwhm > 0 and domain.outside(found.fwhm_px, bpnn_range):
+        actions.append(domain.describe("bpnn", found.fwhm_px, bpnn_range, f"{detector.name}'s photometry kept"))
+        bpnn = None
     info_common: dict[str, Any] = {"bkg_adu": float(np.median(bkg.back)), "rms_adu": noise, "bad_px": int(bad.sum()),
-                                   "fallback": found.fallback or None, **pixel_census(image, bad, saturation_adu)}
+                                   "fallback": found.fallback or None, **pixel_census(image, bad, saturation_adu),
+                                   "domain": "; ".join(actions) or None}
     no_window = np.zeros(0, np.int64)
     if len(found) == 0:
         table = _empty() if found.confidence is None else _empty().assign(confidence=found.confidence)
@@ -250,7 +264,20 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     win = Window(data, bad, bkg.back, noise, gain_e_per_adu, found.fwhm_px, nb.x, nb.y, nb.flux_fit)
     if bpnn is not None:
         out = _with_bpnn(out, win, nb.targets, bpnn, cfg, seed)
+    elif actions and cfg.bpnn.enabled:  # the other blocks of the epoch bring BPNN magnitude columns: match them
+        out = _with_detector_magnitudes(out)
     return BlockResult(out, info, win, nb.targets)
+
+
+def _with_detector_magnitudes(out: pd.DataFrame) -> pd.DataFrame:
+    """The BPNN's magnitude columns from the detector's own flux (a block the BPNN was not used on)."""
+    from survey_proc.catalog.calibrate import instrumental_mag
+
+    out = out.copy()
+    out["mag_inst"], out["mag_inst_err"] = instrumental_mag(out["flux"].to_numpy(), out["flux_err"].to_numpy())
+    out["mag_err_aleatoric"] = out["mag_inst_err"]
+    out["mag_err_epistemic"] = 0.0  # the classical measurement has no model uncertainty
+    return out
 
 
 def _aperture(inp: DetectorInput, found: Detections) -> Aperture:

@@ -54,6 +54,13 @@ class PNetDetector:
     def __init__(self, model: LoadedDetector):
         self.model = model
 
+    @property
+    def fwhm_range_px(self) -> tuple[float, float] | None:
+        """The FWHM range (px) of the model's training PSFs (its card), for the domain check."""
+        from survey_proc.detect.domain import card_fwhm_range
+
+        return card_fwhm_range(self.model.card, "training", "tile", "fwhm_px")
+
     def detect(self, inp: DetectorInput) -> Detections:
         """The owned PNet detections at their refined positions (window frame, px) and the window's FWHM.
 

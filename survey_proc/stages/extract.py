@@ -87,6 +87,12 @@ def extract_block_task(job: EpochJob, tiles: list[Tile], window: tuple[int, int,
     return res.table, {**res.info.to_dict(), "read_s": t_read, "task_s": time.perf_counter() - t0}
 
 
+def _domain_summary(infos: list[BlockInfo]) -> str | None:
+    """The epoch's domain action (:mod:`survey_proc.detect.domain`): the first block's, with the count of blocks."""
+    actions = [i.domain for i in infos if i.domain]
+    return f"{actions[0]} ({len(actions)} of {len(infos)} block(s))" if actions else None
+
+
 @worker_task
 def finalize_epoch_task(job: EpochJob, blocks: list[tuple[pd.DataFrame, dict[str, Any]]]) -> EpochRecord:
     """Merge an epoch's blocks, add astrometry, calibrate (with an external reference), write sources.
@@ -124,6 +130,7 @@ def finalize_epoch_task(job: EpochJob, blocks: list[tuple[pd.DataFrame, dict[str
         n_apcorr_stars=int(min(i.n_apcorr_stars for i in infos)), bkg_adu=float(np.median([i.bkg_adu for i in infos])),
         rms_adu=float(np.median([i.rms_adu for i in infos])), bad_px=int(sum(i.bad_px for i in infos)),
         fallback=",".join(sorted({i.fallback for i in infos if i.fallback})) or None,
+        domain=_domain_summary(infos),
         has_wcs=epoch_wcs is not None, zp=zp, fingerprint=job.fingerprint,
         queue_to_done_s=time.time() - job.t_submit, finalize_s=time.perf_counter() - t0,
         read_s=float(sum(b[1].get("read_s", 0.0) for b in blocks)),

@@ -41,6 +41,9 @@ class EpochRecord:
         The zero point (:class:`~survey_proc.catalog.calibrate.ZeroPoint`).
     fingerprint
         The run configuration's fingerprint the unit was written with.
+    domain
+        What the domain check did (:mod:`survey_proc.detect.domain`; None: the models ran
+        inside their training range).
     apcorr_source, registration, wcs_refinement
         Set by later stages: the aperture correction's origin, the registration's solution,
         the outcome of refining a rough WCS. None when not applicable (omitted from the footer).
@@ -71,6 +74,7 @@ class EpochRecord:
     registration: dict[str, Any] | None = None
     wcs_refinement: str | None = None
     band: str = ""
+    domain: str | None = None
     unit: str = "sources"
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # keys of another version, kept as is
 
@@ -97,7 +101,7 @@ class EpochRecord:
         """The footer form: plain JSON types, optional keys omitted when None."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("zp", "extra")}
         d["zp"] = self.zp.to_dict()
-        for k in ("apcorr_source", "registration", "wcs_refinement"):
+        for k in ("apcorr_source", "registration", "wcs_refinement", "domain"):
             if d[k] is None:
                 del d[k]
         return {**self.extra, **d}
@@ -120,4 +124,5 @@ class EpochRecord:
                 "apcorr": self.apcorr, "apcorr_n_stars": self.n_apcorr_stars,
                 "apcorr_from_model": self.apcorr_from_model, "bkg_adu": self.bkg_adu, "rms_adu": self.rms_adu,
                 "zp": z["zp"], "zp_err": z["zp_err"], "zp_scatter": z["scatter"], "zp_n_stars": z["n_used"],
-                "zp_status": str(self.zp.status), "zp_absolute": self.zp.absolute, "fallback": self.fallback or ""}
+                "zp_status": str(self.zp.status), "zp_absolute": self.zp.absolute, "fallback": self.fallback or "",
+                "domain": self.domain or ""}

@@ -85,6 +85,7 @@ class RunState:
                              for r in recs if r.registration is not None},
             "extraction_fallbacks": [{"field": r.field, "epoch": r.epoch, "fallback": r.fallback}
                                      for r in recs if r.fallback],
+            "domain_actions": [{"field": r.field, "epoch": r.epoch, "action": r.domain} for r in recs if r.domain],
             "failures": self.failures,
             "retried": self.retried,
         }

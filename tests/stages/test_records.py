@@ -37,5 +37,5 @@ def test_epoch_summary_row_has_the_epochs_table_columns():
     row = _record(apcorr_source="field model").summary()
     assert list(row) == ["field", "epoch", "band", "mjd", "airmass", "exptime_s", "n_sources", "fwhm_px", "apcorr",
                          "apcorr_n_stars", "apcorr_from_model", "bkg_adu", "rms_adu", "zp", "zp_err", "zp_scatter",
-                         "zp_n_stars", "zp_status", "zp_absolute", "fallback"]
+                         "zp_n_stars", "zp_status", "zp_absolute", "fallback", "domain"]
     assert row["apcorr_from_model"] is True and row["zp_status"] == "fit" and row["fallback"] == ""
