@@ -108,6 +108,27 @@ class Scenario:
     reference_err_floor_mag: float = 0.003
     reference_err_at_faint_mag: float = 0.02
     reference_pos_err_mas: float = 1.0
+    # --- galaxies (negatives for the detector; see galaxies.py). Off when the density is 0.
+    galaxy_density_per_arcmin2: float = 0.0  # all galaxies in galaxy_mag_range, per arcmin^2 of sky
+    galaxy_mag_range: tuple[float, float] = (17.0, 25.0)  # total magnitudes (mag), faint end below the limit
+    galaxy_count_slope: float = 0.4  # number counts dN/dm proportional to 10 ** (slope * m) (dex/mag)
+    galaxy_hlr_arcsec: tuple[float, float] = (0.3, 3.0)  # half-light radii are clipped to this range (arcsec)
+    galaxy_e_max: float = 0.7  # largest |g| (reduced shear, (a - b) / (a + b)) of a galaxy's shape
+    # --- bright stars: diffraction spikes and halo (stars brighter than spike_mag_max; see render.py)
+    spikes: bool = False  # bright stars get an OpticalPSF with struts (diffraction spikes)
+    spike_mag_max: float = 15.0  # stars with truth mag below this get the bright-star PSF (mag)
+    spike_radius_px: int = 64  # half-size of the bright-star stamp (px)
+    spike_nstruts: int = 4  # struts of the secondary-mirror support (GalSim OpticalPSF nstruts)
+    spike_strut_thick: float = 0.02  # strut thickness (fraction of the pupil diameter)
+    spike_obscuration: float = 0.3  # central obscuration (fraction of the pupil diameter)
+    spike_lam_over_diam_px: float = 1.0  # lambda / D of the optics (px); sets the spikes' length
+    spike_angle_deg: float = 0.0  # angle of the first strut from the detector's +y axis (deg)
+    halo_fraction: float = 0.0  # fraction of a bright star's flux in a wide halo (0: none)
+    halo_fwhm_factor: float = 6.0  # the halo's FWHM over the core PSF's (Moffat, beta 1.5)
+    # --- extra detector artefacts (off by default)
+    bleed_trails: bool = False  # saturated charge runs along the column (y) instead of being clipped away
+    hot_pixel_frac: float = 0.0  # fraction of pixels that are hot (fixed per field, not masked)
+    hot_pixel_adu: float = 500.0  # median excess of a hot pixel per exposure (ADU; log-normal, 0.3 dex rms)
     # --- rendering
     psf_oversample: int = 11  # odd: sub-pixel phases per pixel in the effective-PSF bank
     stamp_radius_px: int = 7  # smallest stamp; brighter stars use 2x, 4x, 8x (see render.py)
@@ -178,7 +199,49 @@ class Scenario:
             raise bad("frac_*", f"variable fractions must be >= 0 and sum to <= 1, got {fracs}")
         if self.site == "ground" and self.night_only and self.max_airmass < 1:
             raise bad("max_airmass", f"must be >= 1, got {self.max_airmass}")
+        self._validate_extras(bad)
         return self
+
+    def _validate_extras(self, bad: typing.Callable[[str, str], ConfigError]) -> None:
+        """Check the galaxy, bright-star and artefact options (``bad(name, why)`` builds the error)."""
+        if self.galaxy_density_per_arcmin2 < 0:
+            raise bad("galaxy_density_per_arcmin2", f"must be >= 0, got {self.galaxy_density_per_arcmin2}")
+        lo, hi = self.galaxy_mag_range
+        if not hi > lo:
+            raise bad("galaxy_mag_range", f"must be (bright, faint) with faint > bright, got {self.galaxy_mag_range}")
+        lo, hi = self.galaxy_hlr_arcsec
+        if not 0 < lo <= hi:
+            raise bad("galaxy_hlr_arcsec", f"must be (min, max) with 0 < min <= max, got {self.galaxy_hlr_arcsec}")
+        if not 0 <= self.galaxy_e_max < 0.95:
+            raise bad("galaxy_e_max", f"must be in [0, 0.95), got {self.galaxy_e_max}")
+        if not 0 <= self.halo_fraction < 1:
+            raise bad("halo_fraction", f"must be in [0, 1), got {self.halo_fraction}")
+        if self.spike_radius_px < 8:
+            raise bad("spike_radius_px", f"must be >= 8 pixels, got {self.spike_radius_px}")
+        if self.spike_nstruts < 0:
+            raise bad("spike_nstruts", f"must be >= 0, got {self.spike_nstruts}")
+        if not 0 <= self.spike_obscuration < 1:
+            raise bad("spike_obscuration", f"must be in [0, 1), got {self.spike_obscuration}")
+        if not 0 < self.spike_strut_thick < 0.5:
+            raise bad("spike_strut_thick", f"must be in (0, 0.5), got {self.spike_strut_thick}")
+        for name in ("spike_lam_over_diam_px", "halo_fwhm_factor"):
+            if not getattr(self, name) > 0:
+                raise bad(name, f"must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.hot_pixel_frac <= 0.01:
+            raise bad("hot_pixel_frac", f"must be in [0, 0.01], got {self.hot_pixel_frac}")
+        if self.hot_pixel_adu < 0:
+            raise bad("hot_pixel_adu", f"must be >= 0, got {self.hot_pixel_adu}")
+
+    @property
+    def bright_star_psf(self) -> bool:
+        """Whether stars brighter than ``spike_mag_max`` get the bright-star PSF (spikes and/or halo).
+
+        Returns
+        -------
+        bool
+            ``spikes or halo_fraction > 0``.
+        """
+        return bool(self.spikes or self.halo_fraction > 0)
 
 
 #: Named presets. ``dense`` is CSST-like (space, crowded, to i~26); ``sparse`` SDSS-like.

@@ -5,6 +5,9 @@
     DIR/NAME.zarr                  the survey store (pipeline input)
     DIR/NAME.reference.parquet     Gaia-like calibration catalogue (named by the store)
     DIR/NAME.truth/stars.parquet       every simulated star and its variability model
+                                       (``spiked``: drawn with the bright-star PSF)
+    DIR/NAME.truth/galaxies.parquet    every simulated galaxy (empty unless galaxies are on)
+    DIR/NAME.truth/hot_pixels.parquet  field, x, y, excess_adu (only when hot pixels are on)
     DIR/NAME.truth/lightcurves.parquet exact model magnitudes of non-constant stars per epoch
     DIR/NAME.truth/epochs.parquet      per field x epoch conditions (zeropoint, seeing, ...)
     DIR/NAME.truth/fields.parquet      per field pointing and reference-frame WCS
@@ -33,8 +36,9 @@ from survey_proc import __version__, store
 from survey_proc.errors import SurveyProcError
 from survey_proc.simulate.conditions import epoch_conditions, field_epochs
 from survey_proc.simulate.depth import limiting_magnitude, saturation_magnitude
+from survey_proc.simulate.galaxies import make_galaxies
 from survey_proc.simulate.reference import make_reference
-from survey_proc.simulate.render import bad_columns, render_epoch
+from survey_proc.simulate.render import bad_columns, bright_star_mask, hot_pixels, render_epoch
 from survey_proc.simulate.scenario import Scenario, scenario_from_dict
 from survey_proc.simulate.stars import field_id_for, make_stars, neighbour_fraction
 from survey_proc.simulate.variables import magnitudes_at
@@ -80,16 +84,20 @@ def _remove(p: Path) -> None:
 
 
 # ---------------------------------------------------------------- worker side
-_WORKER_CACHE: dict[tuple[str, int], tuple[pd.DataFrame, pd.DataFrame]] = {}
+_WORKER_CACHE: dict[tuple[str, int], tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]] = {}
 
 
-def _field_inputs(stars_path: str, scn: Scenario, field_index: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _field_inputs(stars_path: str, scn: Scenario, field_index: int
+                  ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     key = (stars_path, field_index)
     if key not in _WORKER_CACHE:
         fid = field_id_for(field_index)
         stars = pd.read_parquet(stars_path, filters=[("field", "==", fid)])
+        gal_path = Path(stars_path).with_name("galaxies.parquet")
+        galaxies = (pd.read_parquet(gal_path, filters=[("field", "==", fid)])
+                    if scn.galaxy_density_per_arcmin2 > 0 and gal_path.exists() else make_galaxies(scn, field_index))
         _WORKER_CACHE.clear()  # one field at a time per worker is enough
-        _WORKER_CACHE[key] = (stars, bad_columns(scn, field_index))
+        _WORKER_CACHE[key] = (stars, bad_columns(scn, field_index), galaxies)
     return _WORKER_CACHE[key]
 
 
@@ -116,8 +124,8 @@ def render_task(scn_dict: dict[str, Any], store_path: str, stars_path: str, fiel
         ``saturated_px`` and ``cosmic_px``: pixels flagged in the epoch.
     """
     scn = scenario_from_dict(scn_dict)
-    stars, bad_cols = _field_inputs(stars_path, scn, field_index)
-    image, mask = render_epoch(scn, field_index, stars, cond, bad_cols)
+    stars, bad_cols, galaxies = _field_inputs(stars_path, scn, field_index)
+    image, mask = render_epoch(scn, field_index, stars, cond, bad_cols, galaxies)
     store.write_epoch_pixels(store_path, field_id_for(field_index), int(cond["epoch"]), image, mask)
     return {"saturated_px": int(np.count_nonzero(mask & MASK_SATURATED)),
             "cosmic_px": int(np.count_nonzero(mask & MASK_COSMIC))}
@@ -308,7 +316,12 @@ def _simulate_into(scn: Scenario, tmp: SurveyPaths, final: SurveyPaths, *, worke
         if "in_frame" not in stars:
             stars = stars.assign(in_frame=(stars["x"].between(-0.5, scn.size_px - 0.5)
                                            & stars["y"].between(-0.5, scn.size_px - 0.5)))
+    stars = stars.assign(spiked=bright_star_mask(scn, stars["mag"].to_numpy()))
+    galaxies = pd.concat([make_galaxies(scn, i) for i in range(scn.n_fields)], ignore_index=True)
     summary = survey_summary(scn, stars, epochs)
+    summary["n_galaxies"] = len(galaxies)
+    summary["n_galaxies_in_frame"] = int(galaxies["in_frame"].sum())
+    summary["n_spiked_stars"] = int(stars["spiked"].sum())
     # --- store skeleton and metadata
     sat_ref = saturation_magnitude(scn, float(cond["seeing_fwhm_px"].min()), float(epochs["sky_adu"].min()),
                                    float(epochs["zeropoint"].max()))
@@ -342,6 +355,10 @@ def _simulate_into(scn: Scenario, tmp: SurveyPaths, final: SurveyPaths, *, worke
     tmp.truth.mkdir(parents=True)
     stars_path = tmp.truth / "stars.parquet"
     stars.to_parquet(stars_path, index=False)
+    galaxies.to_parquet(tmp.truth / "galaxies.parquet", index=False)
+    if scn.hot_pixel_frac > 0:
+        pd.concat([hot_pixels(scn, i).assign(field=field_id_for(i)) for i in range(scn.n_fields)],
+                  ignore_index=True).to_parquet(tmp.truth / "hot_pixels.parquet", index=False)
     epochs.to_parquet(tmp.truth / "epochs.parquet", index=False)
     pd.DataFrame(fields_rows).to_parquet(tmp.truth / "fields.parquet", index=False)
     _lightcurves(stars, epochs).to_parquet(tmp.truth / "lightcurves.parquet", index=False)
