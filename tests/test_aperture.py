@@ -37,3 +37,15 @@ def test_estimate_fwhm_steps_its_snr_floor_down_when_few_stars_are_bright():
     assert n_stars >= 5 and fwhm == pytest.approx(fwhm_true, rel=0.15)  # measured at the S/N 20 step
     fwhm, n_stars = estimate_fwhm(data, bad, x, y, np.full(n, 8.0), np.ones(n, bool), cfg)
     assert (fwhm, n_stars) == (cfg.fwhm_default_px, 0)  # below every step: the default
+
+
+def test_the_moffat_aperture_correction_is_the_default_without_stars():
+    from survey_proc.config import PhotometryConfig
+    from survey_proc.photometry.aperture import aperture_correction, moffat_apcorr
+
+    assert moffat_apcorr(1.0, 4.0) == pytest.approx(1.3123, abs=2e-4)  # a Moffat(3): 76 % within 1 FWHM
+    assert moffat_apcorr(2.0, 2.0) == 1.0
+    data = np.zeros((50, 50))
+    one = np.ones(1)
+    apc, n = aperture_correction(data, data > 0, 25 * one, 25 * one, one, 100 * one, one > 0, 3.0, PhotometryConfig())
+    assert (apc, n) == (pytest.approx(1.3123, abs=2e-4), 0)

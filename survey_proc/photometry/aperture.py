@@ -240,6 +240,21 @@ def _no_bright_neighbour(x: np.ndarray, y: np.ndarray, flux: np.ndarray, idx: np
     return out
 
 
+def moffat_apcorr(r_ap_fwhm: float, r_big_fwhm: float, beta: float = 3.0) -> float:
+    """Flux within ``r_big_fwhm`` over flux within ``r_ap_fwhm`` (both in FWHM) for a Moffat profile of ``beta``.
+
+    The enclosed fraction of a Moffat is ``1 - (1 + (r / alpha)^2)^(1 - beta)`` with
+    ``alpha = FWHM / (2 sqrt(2^(1/beta) - 1))``: the aperture correction an image gets when
+    too few of its stars measure one.
+    """
+    alpha = 1.0 / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+
+    def enclosed(r: float) -> float:
+        return 1.0 - (1.0 + (r / alpha) ** 2) ** (1.0 - beta)
+
+    return float(enclosed(r_big_fwhm) / enclosed(r_ap_fwhm))
+
+
 def aperture_correction(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, flux_ap: np.ndarray,
                         snr: np.ndarray, ok: np.ndarray, fwhm_px: float, cfg: PhotometryConfig) -> tuple[float, int]:
     """Median ratio of the flux within ``apcorr_fwhm x FWHM`` to the aperture flux; ``(apcorr, n_stars)``.
@@ -247,8 +262,10 @@ def aperture_correction(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.
     Uses the 300 brightest unflagged stars (S/N >= ``apcorr_snr_min``, or 0.4 of it when
     fewer than 5 qualify) with no detected neighbour brighter than 2 % of them within the
     large radius plus one FWHM (in a dense field no star is perfectly alone; 2 % neighbours
-    bias a median by < 0.5 %). With fewer than 5 stars it returns 1 with n_stars = 0, and
-    the calibration stage replaces it by the field's apcorr(FWHM) relation.
+    bias a median by < 0.5 %). With fewer than 5 stars it returns the PSF model's value
+    (:func:`moffat_apcorr`, a Moffat of beta 3: 1.312 for apertures of 1 and 4 FWHM; it
+    used to be 1, i.e. 0.3 mag of the flux missing) with n_stars = 0, and the calibration
+    stage replaces it by the field's apcorr(FWHM) relation when other epochs measured it.
 
     Parameters
     ----------
@@ -284,7 +301,7 @@ def aperture_correction(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.
         if len(idx) >= MIN_STARS_FOR_FWHM:
             break
     if len(idx) < MIN_STARS_FOR_FWHM:
-        return 1.0, 0
+        return moffat_apcorr(cfg.aperture_fwhm, cfg.apcorr_fwhm), 0
     fb, _, flag = sep.sum_circle(data, x[idx], y[idx], r_big, mask=bad, subpix=5)
     good = flag == 0
     if good.sum() < MIN_STARS_FOR_FWHM:

@@ -63,7 +63,7 @@ def recalibrate_epoch_task(out: str, field: str, epoch: int, model_zp: dict | No
     cfg = task_config(cfg_json)
     record, src = read_epoch(out, field, epoch)
     if apcorr is not None:
-        if not cfg.bpnn.enabled:
+        if record.aperture_photometry(cfg.detector, cfg.bpnn.enabled):
             cal.rescale_aperture_photometry(src, record.apcorr, apcorr)
         record = record.with_(apcorr=apcorr, apcorr_source=APCORR_FROM_MODEL)
     if model_zp is not None:
@@ -193,10 +193,12 @@ class CalibrateStage(Stage):
     def _field(self, ctx: StageContext, p: FieldPlan, recs: dict[int, EpochRecord]) -> dict[str, Any]:
         info: dict[str, Any] = {"reference": str(ctx.reference) if ctx.reference else "internal"}
         # 1. epochs whose aperture correction could not be measured take the field's apcorr(FWHM)
-        measured = [r for r in recs.values() if r.n_apcorr_stars >= cal.APCORR_MIN_STARS and not r.apcorr_from_model]
+        # only aperture photometry has an aperture correction (PNet's and the BPNN's fluxes are totals)
+        aper = {e: r for e, r in recs.items() if r.aperture_photometry(ctx.cfg.detector, ctx.cfg.bpnn.enabled)}
+        measured = [r for r in aper.values() if r.n_apcorr_stars >= cal.APCORR_MIN_STARS and not r.apcorr_from_model]
         apc = cal.fit_apcorr_model(np.array([r.fwhm_px for r in measured]), np.array([r.apcorr for r in measured]))
         info["apcorr_model"] = apc
-        new_apcorr = {e: float(np.polyval(apc["coef"], r.fwhm_px)) for e, r in recs.items()
+        new_apcorr = {e: float(np.polyval(apc["coef"], r.fwhm_px)) for e, r in aper.items()
                       if r.n_apcorr_stars < cal.APCORR_MIN_STARS and not r.apcorr_from_model and apc["n"] > 0}
         info["n_apcorr_model_epochs"] = len(new_apcorr)
         # their fluxes change with it: rewrite them before the ensemble measures them

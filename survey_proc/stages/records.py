@@ -88,6 +88,17 @@ class EpochRecord:
         """The aperture correction is the field's line, not this epoch's own measurement."""
         return self.apcorr_source == APCORR_FROM_MODEL
 
+    def aperture_photometry(self, detector: str, bpnn_enabled: bool) -> bool:
+        """Whether the epoch's fluxes are sep's aperture fluxes times an aperture correction.
+
+        ``detector`` and ``bpnn_enabled`` are the run's; the domain check (``domain``) may have
+        detected the epoch with sep and kept sep's photometry instead.
+        """
+        dom = self.domain or ""
+        sep_used = detector == "sep" or "detected with sep" in dom
+        bpnn_used = bpnn_enabled and "bpnn:" not in dom
+        return sep_used and not bpnn_used
+
     @property
     def needs_model_zp(self) -> bool:
         """Too few reference stars, or none yet: the epoch takes the field's zero-point model."""
