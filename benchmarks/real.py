@@ -1,0 +1,960 @@
+"""Real-data detector benchmark: measures that need no truth, on the images of ``../shared/data/real``.
+
+    python -m benchmarks.real [--out DIR] [--sets sdss,2mass,m67,horsehead,spitzer,decam] [--rounds N] [--quick]
+
+Per real set and per detector, on the pipeline's own block extraction
+(:func:`survey_proc.catalog.extract.extract_block` over the whole frame, the frame's tiles,
+one block):
+
+- ``sep``: the classical path;
+- ``pnet``: the learned default *as the pipeline runs it*, i.e. with the domain check: a
+  frame whose measured FWHM is outside PNet's training range is detected with sep (the
+  action is recorded per frame, ``domain``);
+- ``pnet_raw``: PNet alone, no domain check (the same block extraction with a detector
+  that carries no training range), to see what the network does outside its range;
+- ``dao``: photutils' DAOStarFinder, an outside reference, on the same background-subtracted
+  pixels (the pipeline's background model, bad pixels masked) with the FWHM sep measured,
+  threshold 5 x the background rms (the photutils documentation's usage); its flux is its
+  kernel-footprint sum.
+
+Figures (``real.json``, tables in ``real.md``):
+
+- **injection-recovery**: point sources with the frame's PSF injected into the real frame
+  (an empirical PSF: the median of >= 5 bright, isolated, unsaturated, unflagged sep stars'
+  stamps, each recentred by a cubic-spline shift and normalised; else a Moffat (beta 3) of
+  the measured FWHM; ``psf`` says which), with Poisson noise at the frame's gain, at S/N
+  5-300 in log-spaced bins (:data:`SNR_BINS`; S/N of an optimal PSF fit,
+  ``F / sqrt(F / g + sigma^2 N_eff)``, ``N_eff = 1 / sum(psf^2)``). Positions avoid edges,
+  existing detections (1.5 FWHM of any sep detection, 5 FWHM of S/N > 50 ones, saturated
+  regions) and each other. The same injections (positions, fluxes, noise; ``seed``) go to
+  every detector. An injection is recovered when a detection lies within ``max(1 FWHM,
+  1.5 px)``; ``chance`` is the share of injection positions with a detection within that
+  radius in the frame *before* injection (what a match by coincidence would give). Per bin:
+  recall and the median of recovered flux / injected flux;
+- **repeatability** across the frames of a field (SDSS g/r/i, 2MASS J/H/K, the DECam
+  epochs): each detection mapped through the WCS into every other frame (positions > 5 px
+  inside it): the share with a detection of the other frame within ``max(FWHM_a, FWHM_b,
+  1.5 px)``; ``chance``: the same with the positions shifted by 20-40 px in random
+  directions;
+- **artefacts**: bright stars are the saturated or masked regions of >= 3 px and the
+  brightest sep stars (flux >= the 99.5th percentile and S/N >= 200; at most 15 per frame,
+  none within 4 FWHM of a brighter one). Per star, the detections within 4 FWHM (``r4``)
+  and within the star's extent (``rext``: 4 FWHM + the radius of sep's isophote, or of the
+  saturated region) minus the star itself (floored at 0), and the same less what the
+  detector's density elsewhere in the frame predicts (``excess``). Extended sources: the
+  frame (less a clipped median) is median-filtered with a box of ``max(5, 3 FWHM)`` px
+  (point sources vanish), smoothed (Gaussian, sigma 1 FWHM) and segmented at 3 sigma of the
+  filtered map (photutils ``detect_sources``, >= ``pi (3 FWHM)^2`` px and >= 30 px);
+  segments holding a bright star are left out. Per segment: the detections inside and their
+  excess over the density elsewhere;
+- **catalogue**: GLIMPSE on the Spitzer frame (VOTable), Gaia (legacypipe chunks, positions
+  at 2015.5, no proper motion applied) on each DECam epoch; one-to-one matching within
+  ``max(1 FWHM, 1.5 px)``: recall, precision, and both at the catalogue's count (the
+  detector's N brightest, N the catalogue's sources in the frame);
+- **gallery**: per set, crops (around the brightest star and the largest extended source)
+  with each detector's detections (``benchmarks/plots/real-<set>.png``).
+
+``--quick`` runs one 200 x 200 SDSS crop around the bright star with diffraction spikes
+(g, r, i for the repeatability; injections into r, 2 rounds of 6 per bin), and writes the gallery into OUT
+(the committed gallery is the full run's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from survey_proc.catalog.extract import extract_block
+from survey_proc.config import RunConfig
+from survey_proc.detect import classical
+from survey_proc.detect.base import Aperture, Detections, DetectorInput, TotalFlux
+from survey_proc.detect.registry import make_detector
+from survey_proc.evaluate import match_one_to_one
+from survey_proc.tiling import tile_grid
+from survey_proc.vocab import MASK_BAD
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared/data/real"
+PLOTS = Path(__file__).parent / "plots"
+DETECTORS = ("sep", "pnet", "pnet_raw", "dao")
+SETS = ("sdss", "2mass", "m67", "horsehead", "spitzer", "decam")
+#: log-spaced injection S/N bins (optimal PSF-fit S/N)
+SNR_BINS = ((5.0, 10.0), (10.0, 20.0), (20.0, 50.0), (50.0, 100.0), (100.0, 300.0))
+DAO_THRESH_SIGMA = 5.0
+SEED = 20
+
+
+@dataclass
+class Frame:
+    """One real frame as the pipeline would be given it.
+
+    Attributes
+    ----------
+    name
+        e.g. ``"sdss_r"``.
+    image
+        Pixels (the file's units, called ADU here), float32; NaN where unusable.
+    mask
+        Mask bits (uint8, :data:`~survey_proc.vocab.MASK_BAD`) or None.
+    gain
+        e- per pixel unit (documented or assumed, see :func:`load_set`).
+    saturation
+        Saturation level (pixel units; inf when none).
+    wcs
+        The frame's celestial WCS, or None.
+    """
+
+    name: str
+    image: np.ndarray
+    mask: np.ndarray | None
+    gain: float
+    saturation: float
+    wcs: Any = None
+
+
+@dataclass
+class RealSet:
+    """Frames of one field, an optional reference catalogue (RA/Dec or l/b SkyCoord) and gallery crop size."""
+
+    name: str
+    frames: list[Frame]
+    catalogue: Any = None
+    catalogue_name: str | None = None
+    crop_px: int = 200
+    notes: list[str] = field(default_factory=list)
+    inject: list[int] | None = None  # frames that get injections (None: all)
+
+
+# ---------------------------------------------------------------------------------------------------------- loading
+def _wcs(header: Any) -> Any:
+    from astropy.wcs import WCS, FITSFixedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        w = WCS(header).celestial
+    return w if w.has_celestial else None
+
+
+def _primary(path: Path, name: str, gain: float, saturation: float) -> Frame:
+    from astropy.io import fits
+
+    with fits.open(path) as h:
+        img = np.asarray(h[0].data, np.float32)
+        w = _wcs(h[0].header)
+    return Frame(name, img, None, gain, saturation, w)
+
+
+def load_set(name: str, root: Path = REAL) -> RealSet:
+    """The frames of one real set with their gains and saturation levels.
+
+    Gains (e- per pixel unit) are those of ``docs/real-data.md`` where given (2MASS 10, SDSS
+    1000 e-/nanomaggy, plates 1 as a placeholder), the header's ``GAINA`` for DECam (ADU),
+    and an assumed 100 e- per MJy/sr for the Spitzer mosaic (IRAC 4.5 um: FLUXCONV ~0.15
+    MJy/sr per DN/s, ~3.7 e-/DN, ~2.4 s, 2 frames). Saturation: 2997 for 2MASS (the pile-up
+    ingest finds), 32767 for the int16 plates, the header's ``SATURATA`` for DECam, none
+    for SDSS and Spitzer.
+    """
+    from astropy.coordinates import SkyCoord
+    from astropy.io import fits
+
+    if name == "sdss":
+        fr = [_primary(root / f"sdss_{b}.fits.bz2", f"sdss_{b}", 1000.0, np.inf) for b in "gri"]
+        return RealSet(name, fr, crop_px=200)
+    if name == "2mass":
+        fr = [_primary(root / f"gc_2mass_{b}.fits", f"2mass_{b}", 10.0, 2997.16) for b in "jhk"]
+        return RealSet(name, fr, crop_px=120)
+    if name == "m67":
+        return RealSet(name, [_primary(root / "M6707HH.fits", "m67", 1.0, 32767.0)], crop_px=300)
+    if name == "horsehead":
+        return RealSet(name, [_primary(root / "HorseHead.fits", "horsehead", 1.0, 32767.0)], crop_px=300)
+    if name == "spitzer":
+        from astropy.io.votable import parse_single_table
+
+        fr = _primary(root / "spitzer_example_image.fits", "spitzer", 100.0, np.inf)
+        t = parse_single_table(str(root / "spitzer_example_catalog.xml")).to_table()
+        cat = SkyCoord(np.asarray(t["l"], float), np.asarray(t["b"], float), unit="deg", frame="galactic")
+        return RealSet(name, [fr], catalogue=cat, catalogue_name="GLIMPSE", crop_px=200)
+    if name == "decam":
+        frames = []
+        for p in sorted(glob.glob(str(root / "legacypipe_decam/images/*_ooi_*.fits"))):
+            with fits.open(p) as h:
+                img = np.asarray(h[1].data, np.float32)
+                hd = h[1].header
+                w = _wcs(hd)
+            ood = np.asarray(fits.getdata(p.replace("_ooi_", "_ood_"), 1))
+            mask = np.where(ood != 0, MASK_BAD, 0).astype(np.uint8)
+            tag = Path(p).name.split("_ooi_")[1].split("_ls9")[0] + Path(p).name[3:10]  # band + date
+            frames.append(Frame(f"decam_{tag}", img, mask, float(hd["GAINA"]), float(hd["SATURATA"]), w))
+        gaia = []
+        for p in sorted(glob.glob(str(root / "legacypipe_decam/gaia/*.fits"))):
+            g = fits.getdata(p, 1)
+            gaia.append(np.c_[np.asarray(g["ra"], float), np.asarray(g["dec"], float)])
+        g = np.concatenate(gaia)
+        cat = SkyCoord(g[:, 0], g[:, 1], unit="deg", frame="icrs")
+        return RealSet(name, frames, catalogue=cat, catalogue_name="Gaia", crop_px=100)
+    raise ValueError(f"unknown real set {name!r}; the sets are {', '.join(SETS)}")
+
+
+def quick_set(root: Path = REAL, size: int = 200) -> RealSet:
+    """The ``--quick`` set: ``size``^2 crops of SDSS g, r, i around r's brightest pixel (the star with spikes).
+
+    Injections go into the r crop only (g and i serve the repeatability).
+    """
+    full = load_set("sdss", root)
+    r = full.frames[1].image
+    cy, cx = np.unravel_index(np.nanargmax(r), r.shape)
+    y0 = int(np.clip(cy - size // 2, 0, r.shape[0] - size))
+    x0 = int(np.clip(cx - size // 2, 0, r.shape[1] - size))
+    frames = []
+    for f in full.frames:
+        w = f.wcs.slice((slice(y0, y0 + size), slice(x0, x0 + size))) if f.wcs is not None else None
+        frames.append(Frame(f.name + "_crop", np.ascontiguousarray(f.image[y0:y0 + size, x0:x0 + size]), None, f.gain,
+                            f.saturation, w))
+    return RealSet("sdss_crop", frames, crop_px=size, notes=[f"crop x {x0}:{x0 + size}, y {y0}:{y0 + size}"],
+                   inject=[1])
+
+
+# -------------------------------------------------------------------------------------------------------- detectors
+class _RawPNet:
+    """PNet without the domain check: the same detector with no training range (``fwhm_range_px`` absent)."""
+
+    name = "pnet"
+    model_kind = "detector"
+    weights_setting = "pnet.weights"
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def detect(self, inp: DetectorInput) -> Detections:
+        """PNet's detections (:meth:`survey_proc.detect.pnet_detector.PNetDetector.detect`)."""
+        return self.inner.detect(inp)
+
+    def total_flux(self, inp: DetectorInput, found: Detections, ap: Aperture) -> TotalFlux:
+        """PNet's total fluxes (:meth:`survey_proc.detect.pnet_detector.PNetDetector.total_flux`)."""
+        return self.inner.total_flux(inp, found, ap)
+
+
+@dataclass
+class Found:
+    """One detector's detections on one frame (image frame, px; flux in pixel units)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    flux: np.ndarray
+    snr: np.ndarray
+    fwhm_px: float = float("nan")
+    domain: str | None = None
+    seconds: float = 0.0
+    n_fwhm: int = 0
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+class Runner:
+    """Runs the four detectors on a frame's pixels (see the module docstring)."""
+
+    def __init__(self, detectors: tuple[str, ...] = DETECTORS):
+        from survey_proc import model_registry
+
+        self.detectors = detectors
+        self.cfg = {"sep": RunConfig(detector="sep"), "pnet": RunConfig(detector="pnet")}
+        self.sep = make_detector(self.cfg["sep"])
+        self.pnet = None
+        if "pnet" in detectors or "pnet_raw" in detectors:
+            self.pnet = make_detector(self.cfg["pnet"], model_registry.load("detector", device="cpu"))
+
+    def run(self, frame: Frame, image: np.ndarray | None = None, fwhm_px: float | None = None,
+            exact: bool = True) -> dict[str, Found]:
+        """Every detector's detections on ``image`` (default: the frame's pixels).
+
+        ``fwhm_px`` is DAOStarFinder's FWHM (default: the one sep measures on ``image``).
+        With ``exact`` False, ``pnet`` (the pipeline's) is derived from ``pnet_raw`` and
+        ``sep`` by the rule of :func:`~survey_proc.catalog.extract.extract_block` (the sep
+        block where PNet's measured FWHM is outside its card's range) instead of running
+        PNet a second time; with ``exact`` the two are run and compared.
+        """
+        img = frame.image if image is None else image
+        ny, nx = img.shape
+        tiles = tile_grid(ny, nx, self.cfg["sep"].tile_px, self.cfg["sep"].halo_px)
+        out: dict[str, Found] = {}
+
+        def block(det: Any, cfg: RunConfig) -> Found:
+            t0 = time.perf_counter()
+            r = extract_block(img, frame.mask, (0, 0), tiles, frame.gain, frame.saturation, cfg, det)
+            t = r.table
+            return Found(t["x"].to_numpy(), t["y"].to_numpy(), t["flux"].to_numpy(), t["snr"].to_numpy(),
+                         r.info.fwhm_px, r.info.domain, time.perf_counter() - t0, r.info.n_fwhm_stars)
+
+        out["sep"] = block(self.sep, self.cfg["sep"])
+        if "pnet_raw" in self.detectors:
+            out["pnet_raw"] = block(_RawPNet(self.pnet), self.cfg["pnet"])
+        if "pnet" in self.detectors:
+            if exact or "pnet_raw" not in self.detectors:
+                out["pnet"] = block(self.pnet, self.cfg["pnet"])
+            else:
+                out["pnet"] = self._pipeline_pnet(out["sep"], out["pnet_raw"])
+            if exact and "pnet_raw" in self.detectors:
+                derived = self._pipeline_pnet(out["sep"], out["pnet_raw"])
+                if len(derived) != len(out["pnet"]) or derived.domain != out["pnet"].domain:
+                    raise RuntimeError(f"{frame.name}: the pipeline's PNet block ({len(out['pnet'])}, "
+                                       f"{out['pnet'].domain}) differs from the rule "
+                                       f"({len(derived)}, {derived.domain})")
+        if "dao" in self.detectors:
+            out["dao"] = self.dao(frame, img, fwhm_px or out["sep"].fwhm_px)
+        return {k: out[k] for k in self.detectors}
+
+    def _pipeline_pnet(self, sep_found: Found, raw: Found) -> Found:
+        """What extract_block returns for PNet, from the raw PNet and the sep blocks of the same pixels."""
+        from survey_proc.detect import domain
+
+        rng = self.pnet.fwhm_range_px if self.pnet is not None else None
+        if rng is not None and raw.n_fwhm > 0 and domain.outside(raw.fwhm_px, rng):
+            note = domain.describe("pnet", raw.fwhm_px, rng, "detected with sep")
+            return Found(sep_found.x, sep_found.y, sep_found.flux, sep_found.snr, sep_found.fwhm_px, note,
+                         raw.seconds + sep_found.seconds, sep_found.n_fwhm)
+        return raw
+
+    def dao(self, frame: Frame, img: np.ndarray, fwhm_px: float) -> Found:
+        """DAOStarFinder on the pipeline's background-subtracted window (bad pixels masked)."""
+        from photutils.detection import DAOStarFinder
+
+        t0 = time.perf_counter()
+        cfg = self.cfg["sep"]
+        bad = classical.bad_pixels(img, frame.mask, frame.saturation)
+        bkg = classical.estimate_background(img, bad, cfg.detection)
+        data = np.where(bad, 0.0, img - bkg.back)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t = DAOStarFinder(DAO_THRESH_SIGMA * bkg.global_rms, max(float(fwhm_px), 0.8)).find_stars(data, mask=bad)
+        if t is None or len(t) == 0:
+            z = np.zeros(0)
+            return Found(z, z, z, z, fwhm_px, None, time.perf_counter() - t0)
+        x, y, f = (np.asarray(t[c], float) for c in ("x_centroid", "y_centroid", "flux"))
+        # S/N of the footprint sum, background-limited (no Poisson term; a reference only)
+        snr = f / (bkg.global_rms * np.sqrt(np.asarray(t["n_pixels"], float)))
+        return Found(x, y, f, snr, fwhm_px, None, time.perf_counter() - t0, 0)
+
+
+# ----------------------------------------------------------------------------------------------------------- PSF
+def _bad_map(frame: Frame) -> np.ndarray:
+    return classical.bad_pixels(frame.image, frame.mask, frame.saturation)
+
+
+def saturated_regions(frame: Frame, min_px: int = 3) -> list[tuple[float, float, float]]:
+    """Saturated, non-finite or masked regions of >= ``min_px`` pixels: ``(x, y, radius_px)`` each."""
+    lab, n = ndimage.label(_bad_map(frame))
+    if n == 0:
+        return []
+    idx = np.arange(1, n + 1)
+    area = ndimage.sum(np.ones_like(lab), lab, idx)
+    com = ndimage.center_of_mass(np.ones_like(lab), lab, idx)
+    return [(float(c[1]), float(c[0]), float(np.sqrt(a / np.pi))) for a, c in zip(area, com, strict=True)
+            if a >= min_px]
+
+
+def moffat_psf(fwhm_px: float, half: int, beta: float = 3.0) -> np.ndarray:
+    """A normalised Moffat stamp of ``2 half + 1`` px, centred."""
+    alpha = fwhm_px / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
+    p = (1.0 + (xx**2 + yy**2) / alpha**2) ** (-beta)
+    return p / p.sum()
+
+
+def empirical_psf(frame: Frame, sep_found: Found, fwhm_px: float, half: int, n_max: int = 40,
+                  n_min: int = 5) -> tuple[np.ndarray, str]:
+    """The frame's PSF stamp (sum 1, ``2 half + 1`` px) and how it was made (see the module docstring)."""
+    bad = _bad_map(frame)
+    bkg = classical.estimate_background(frame.image, bad, RunConfig().detection)
+    data = np.where(bad, np.nan, frame.image - bkg.back)
+    x, y, f, s = sep_found.x, sep_found.y, sep_found.flux, sep_found.snr
+    ny, nx = data.shape
+    tree = cKDTree(np.c_[x, y]) if len(x) else None
+    order = np.argsort(-f)
+    stamps = []
+    for i in order:
+        if len(stamps) >= n_max or tree is None:
+            break
+        if not (50 <= s[i] <= 5000):
+            continue
+        ix, iy = int(np.rint(x[i])), int(np.rint(y[i]))
+        if ix - half - 1 < 0 or iy - half - 1 < 0 or ix + half + 2 > nx or iy + half + 2 > ny:
+            continue
+        nb = [j for j in tree.query_ball_point((x[i], y[i]), 2.0 * half) if j != i]
+        if any(f[j] > 0.01 * f[i] for j in nb):
+            continue
+        st = data[iy - half - 1:iy + half + 2, ix - half - 1:ix + half + 2]
+        if not np.isfinite(st).all():
+            continue
+        core = frame.image[iy - 1:iy + 2, ix - 1:ix + 2]
+        if np.isfinite(frame.saturation) and np.nanmax(core) > 0.7 * frame.saturation:
+            continue
+        st = ndimage.shift(st, (iy - y[i], ix - x[i]), order=3, mode="nearest")[1:-1, 1:-1]
+        tot = st.sum()
+        if tot <= 0:
+            continue
+        stamps.append(st / tot)
+    if len(stamps) >= n_min:
+        p = np.clip(np.median(stamps, axis=0), 0, None)
+        return p / p.sum(), f"empirical ({len(stamps)} stars)"
+    return moffat_psf(fwhm_px, half), f"Moffat beta 3, FWHM {fwhm_px:.2f} px ({len(stamps)} isolated stars)"
+
+
+def flux_for_snr(snr: np.ndarray, sigma: float, gain: float, n_eff: float) -> np.ndarray:
+    """Total flux (pixel units) whose optimal PSF-fit S/N is ``snr``: solves ``F = S sqrt(F/g + sigma^2 N_eff)``."""
+    s2 = np.asarray(snr, float) ** 2
+    return 0.5 * (s2 / gain + np.sqrt((s2 / gain) ** 2 + 4.0 * s2 * sigma**2 * n_eff))
+
+
+# ----------------------------------------------------------------------------------------------------- injection
+def choose_positions(frame: Frame, sep_found: Found, fwhm: float, half: int, n: int, rng: np.random.Generator,
+                     avoid: np.ndarray | None = None) -> np.ndarray:
+    """Up to ``n`` injection positions (n, 2) away from edges, detections, saturated regions and each other."""
+    ny, nx = frame.image.shape
+    edge = half + 4
+    bad = _bad_map(frame)
+    far_bad = ndimage.distance_transform_edt(~bad) > max(2.0 * fwhm, 3.0) if bad.any() else np.ones(bad.shape, bool)
+    pts_all = np.c_[sep_found.x, sep_found.y]
+    bright = pts_all[sep_found.snr > 50]
+    t_all = cKDTree(pts_all) if len(pts_all) else None
+    t_br = cKDTree(bright) if len(bright) else None
+    r_all, r_br, r_sep = max(1.5 * fwhm, 2.0), max(5.0 * fwhm, 6.0), 2.0 * half + 2
+    chosen: list[tuple[float, float]] = list(map(tuple, avoid)) if avoid is not None and len(avoid) else []
+    n_avoid = len(chosen)
+    for _ in range(200 * n):
+        if len(chosen) - n_avoid >= n:
+            break
+        px, py = rng.uniform(edge, nx - 1 - edge), rng.uniform(edge, ny - 1 - edge)
+        if not far_bad[int(np.rint(py)), int(np.rint(px))]:
+            continue
+        if t_all is not None and t_all.query_ball_point((px, py), r_all):
+            continue
+        if t_br is not None and t_br.query_ball_point((px, py), r_br):
+            continue
+        if chosen and min(np.hypot(px - cx, py - cy) for cx, cy in chosen) < r_sep:
+            continue
+        chosen.append((px, py))
+    return np.asarray(chosen[n_avoid:], float).reshape(-1, 2)
+
+
+def inject(image: np.ndarray, psf: np.ndarray, xy: np.ndarray, flux: np.ndarray, gain: float,
+           rng: np.random.Generator) -> np.ndarray:
+    """``image`` plus the PSF (cubic-spline shifted to each sub-pixel position) times ``flux``, with Poisson noise."""
+    out = np.array(image, np.float64, copy=True)
+    half = psf.shape[0] // 2
+    for (x, y), f in zip(xy, flux, strict=True):
+        ix, iy = int(np.rint(x)), int(np.rint(y))
+        p = np.clip(ndimage.shift(psf, (y - iy, x - ix), order=3, mode="constant"), 0, None)
+        p *= f / p.sum()
+        noisy = rng.poisson(np.clip(p * gain, 0, None)) / gain if np.isfinite(gain) else p
+        out[iy - half:iy + half + 1, ix - half:ix + half + 1] += noisy
+    return out.astype(np.float32)
+
+
+def injection_recovery(frame: Frame, runner: Runner, base: dict[str, Found], rounds: int, per_bin: int,
+                       seed: int = SEED) -> dict[str, Any]:
+    """Injection-recovery figures of one frame per detector (see the module docstring)."""
+    fwhm = base["sep"].fwhm_px
+    half = int(np.ceil(4.0 * fwhm)) + 1
+    psf, how = empirical_psf(frame, base["sep"], fwhm, half)
+    n_eff = 1.0 / float(np.sum(psf**2))
+    bad = _bad_map(frame)
+    sigma = classical.estimate_background(frame.image, bad, RunConfig().detection).global_rms
+    rng = np.random.default_rng(seed)
+    radius = max(fwhm, 1.5)
+    rows: list[dict[str, Any]] = []
+    base_trees = {k: cKDTree(np.c_[v.x, v.y]) if len(v) else None for k, v in base.items()}
+    for _ in range(rounds):
+        xy = choose_positions(frame, base["sep"], fwhm, half, per_bin * len(SNR_BINS), rng)
+        if len(xy) == 0:
+            break
+        b = np.arange(len(xy)) % len(SNR_BINS)
+        lo = np.array([SNR_BINS[i][0] for i in b])
+        hi = np.array([SNR_BINS[i][1] for i in b])
+        snr = np.exp(rng.uniform(np.log(lo), np.log(hi)))
+        flux = flux_for_snr(snr, sigma, frame.gain, n_eff)
+        img = inject(frame.image, psf, xy, flux, frame.gain, rng)
+        found = runner.run(frame, img, fwhm_px=fwhm, exact=False)
+        for det, fd in found.items():
+            tree = cKDTree(np.c_[fd.x, fd.y]) if len(fd) else None
+            for k in range(len(xy)):
+                rec, ratio = False, np.nan
+                if tree is not None:
+                    d, j = tree.query(xy[k])
+                    if d <= radius:
+                        rec, ratio = True, fd.flux[j] / flux[k]
+                chance = base_trees[det] is not None and bool(base_trees[det].query_ball_point(xy[k], radius))
+                rows.append({"detector": det, "bin": int(b[k]), "snr": snr[k], "recovered": rec, "ratio": ratio,
+                             "chance": chance})
+    df = pd.DataFrame(rows)
+    res: dict[str, Any] = {"psf": how, "fwhm_px": fwhm, "n_eff_px": n_eff, "sigma": sigma, "match_radius_px": radius,
+                           "per_detector": {}}
+    for det in base:
+        bins = []
+        for i, (lo_, hi_) in enumerate(SNR_BINS):
+            s = df[(df["detector"] == det) & (df["bin"] == i)] if len(df) else df
+            r = s["ratio"].dropna() if len(s) else pd.Series(dtype=float)
+            bins.append({"snr_lo": lo_, "snr_hi": hi_, "n": len(s),
+                         "recall": float(s["recovered"].mean()) if len(s) else None,
+                         "chance": float(s["chance"].mean()) if len(s) else None,
+                         "flux_ratio_median": float(r.median()) if len(r) else None})
+        res["per_detector"][det] = bins
+    return res
+
+
+# --------------------------------------------------------------------------------------------------- repeatability
+def _to_frame(a: Frame, b: Frame, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel positions of frame ``a`` in frame ``b`` via the WCSs (the same pixels when either has none)."""
+    if a.wcs is None or b.wcs is None or len(x) == 0:
+        return x, y
+    sky = a.wcs.pixel_to_world(x, y)
+    xb, yb = b.wcs.world_to_pixel(sky)
+    return np.asarray(xb, float), np.asarray(yb, float)
+
+
+def repeatability(frames: list[Frame], found: list[dict[str, Found]], seed: int = SEED) -> dict[str, Any]:
+    """Share of detections with a counterpart in another frame of the field, and the chance level."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {}
+    for det in found[0]:
+        n = m = nc = mc = 0
+        pairs = []
+        for ia, a in enumerate(frames):
+            for ib, b in enumerate(frames):
+                if ia == ib:
+                    continue
+                fa, fb = found[ia][det], found[ib][det]
+                r = max(found[ia]["sep"].fwhm_px, found[ib]["sep"].fwhm_px, 1.5)
+                tree = cKDTree(np.c_[fb.x, fb.y]) if len(fb) else None
+                ang = rng.uniform(0, 2 * np.pi, len(fa))
+                rad = rng.uniform(20, 40, len(fa))
+                res = []
+                for dx, dy in ((0.0, 0.0), (rad * np.cos(ang), rad * np.sin(ang))):
+                    xb, yb = _to_frame(a, b, fa.x + dx, fa.y + dy)
+                    ny, nx = b.image.shape
+                    inside = (xb > 5) & (yb > 5) & (xb < nx - 6) & (yb < ny - 6)
+                    if tree is None or not inside.any():
+                        res.append((int(inside.sum()), 0))
+                        continue
+                    d, _ = tree.query(np.c_[xb[inside], yb[inside]])
+                    res.append((int(inside.sum()), int(np.sum(d <= r))))
+                n, m, nc, mc = n + res[0][0], m + res[0][1], nc + res[1][0], mc + res[1][1]
+                pairs.append({"a": a.name, "b": b.name, "n": res[0][0],
+                              "share": res[0][1] / res[0][0] if res[0][0] else None,
+                              "chance": res[1][1] / res[1][0] if res[1][0] else None})
+        out[det] = {"share": m / n if n else None, "chance": mc / nc if nc else None, "n": n, "pairs": pairs}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- artefacts
+def bright_stars(frame: Frame, sep_found: Found, fwhm: float, n_max: int = 15) -> list[tuple[float, float, float]]:
+    """Bright or saturated stars ``(x, y, extent_px)``: saturated/masked regions and the brightest sep stars."""
+    stars = [(x, y, r) for x, y, r in saturated_regions(frame)]
+    f, s = sep_found.flux, sep_found.snr
+    if len(f):
+        cut = np.percentile(f, 99.5)
+        for i in np.argsort(-f):
+            if len(stars) >= n_max or f[i] < cut or s[i] < 200:
+                break
+            x, y = sep_found.x[i], sep_found.y[i]
+            if any(np.hypot(x - sx, y - sy) < 4 * fwhm + sr for sx, sy, sr in stars):
+                continue
+            stars.append((float(x), float(y), 0.0))
+    return stars[:n_max]
+
+
+def _iso_radius(frame: Frame, x: float, y: float, rms: float, bkg: np.ndarray) -> float:
+    """Radius (px) of the region above 1.5 rms around (x, y) that is connected to it (capped at 80 px)."""
+    ny, nx = frame.image.shape
+    r = 80
+    x0, x1, y0, y1 = max(0, int(x) - r), min(nx, int(x) + r + 1), max(0, int(y) - r), min(ny, int(y) + r + 1)
+    sub = frame.image[y0:y1, x0:x1] - bkg[y0:y1, x0:x1]
+    above = ~(sub < 1.5 * rms)  # NaN (saturated, masked) counts as above
+    lab, _ = ndimage.label(above)
+    k = lab[int(np.rint(y)) - y0, int(np.rint(x)) - x0]
+    if k == 0:
+        return 0.0
+    return float(np.sqrt(np.sum(lab == k) / np.pi))
+
+
+def artefacts(frame: Frame, found: dict[str, Found], fwhm: float) -> dict[str, Any]:
+    """Extra detections per bright star and detections per extended source, per detector."""
+    from photutils.segmentation import detect_sources
+
+    bad = _bad_map(frame)
+    bkg = classical.estimate_background(frame.image, bad, RunConfig().detection)
+    stars = bright_stars(frame, found["sep"], fwhm)
+    img = np.where(bad, np.nan, frame.image)
+    ext = []
+    for x, y, r_sat in stars:
+        ext.append(4 * fwhm + max(r_sat, _iso_radius(frame, x, y, bkg.global_rms, bkg.back)))
+    ny, nx = frame.image.shape
+    yy, xx = np.mgrid[:ny, :nx]
+    near_star = np.zeros((ny, nx), bool)
+    for (x, y, _), re in zip(stars, ext, strict=True):
+        near_star |= (xx - x) ** 2 + (yy - y) ** 2 <= re**2
+    # extended emission: median filter removes point sources, a Gaussian smooths, segmentation at 3 sigma
+    med = float(np.nanmedian(img))
+    filled = np.where(np.isfinite(img), img - med, 0.0)
+    k = int(max(5, 2 * int(1.5 * fwhm) + 1))
+    smooth = ndimage.gaussian_filter(ndimage.median_filter(filled, size=k), sigma=max(fwhm, 1.0))
+    from astropy.stats import sigma_clipped_stats
+
+    _, smed, sstd = sigma_clipped_stats(smooth, sigma=3.0)
+    npix = int(max(30, np.pi * (3 * fwhm) ** 2))
+    seg = detect_sources(smooth - smed, 3.0 * sstd, n_pixels=npix)
+    segmap = np.zeros((ny, nx), np.int32) if seg is None else np.asarray(seg.data)
+    drop = set(np.unique(segmap[near_star])) - {0}
+    labels = [int(v) for v in np.unique(segmap) if v != 0 and v not in drop]
+    in_seg = np.isin(segmap, labels)
+    area_seg = {v: int(np.sum(segmap == v)) for v in labels}
+    res: dict[str, Any] = {"n_bright_stars": len(stars), "n_saturated_regions": sum(1 for s in stars if s[2] > 0),
+                           "extent_px_median": float(np.median(ext)) if ext else None,
+                           "n_extended": len(labels), "extended_px_median": float(np.median(list(area_seg.values())))
+                           if labels else None, "per_detector": {}}
+    for det, fd in found.items():
+        ix = np.clip(np.round(fd.x).astype(int), 0, nx - 1)
+        iy = np.clip(np.round(fd.y).astype(int), 0, ny - 1)
+        outside = ~near_star[iy, ix] & ~in_seg[iy, ix]
+        free_area = float(np.sum(~near_star & ~in_seg))
+        dens = outside.sum() / free_area if free_area else 0.0
+        tree = cKDTree(np.c_[fd.x, fd.y]) if len(fd) else None
+        r4, rext, ex4, exext = [], [], [], []
+        for (x, y, _), re in zip(stars, ext, strict=True):
+            for r, lst, ex in ((4 * fwhm, r4, ex4), (re, rext, exext)):
+                c = len(tree.query_ball_point((x, y), r)) if tree is not None else 0
+                lst.append(max(c - 1, 0))
+                ex.append(max(c - 1, 0) - dens * np.pi * r**2)
+        seg_of = segmap[iy, ix]
+        per_seg = [int(np.sum(seg_of == v)) for v in labels]
+        ex_seg = [c - dens * area_seg[v] for c, v in zip(per_seg, labels, strict=True)]
+
+        def mean(v: list[float]) -> float | None:
+            return float(np.mean(v)) if len(v) else None
+
+        res["per_detector"][det] = {
+            "extra_per_star_r4": mean(r4), "excess_per_star_r4": mean(ex4),
+            "extra_per_star_rext": mean(rext), "excess_per_star_rext": mean(exext),
+            "per_extended": mean(per_seg), "per_extended_median": float(np.median(per_seg)) if per_seg else None,
+            "excess_per_extended": mean(ex_seg), "density_per_kpx": 1000.0 * dens}
+    res["_stars"] = [(x, y, re) for (x, y, _), re in zip(stars, ext, strict=True)]
+    res["_segmap"] = segmap if labels else None
+    res["_labels"] = labels
+    return res
+
+
+# ------------------------------------------------------------------------------------------------------- catalogue
+def catalogue_match(frame: Frame, cat: Any, found: dict[str, Found], fwhm: float) -> dict[str, Any]:
+    """Recall and precision of one detector's detections against a reference catalogue (one-to-one)."""
+    xc, yc = frame.wcs.world_to_pixel(cat)
+    xc, yc = np.asarray(xc, float), np.asarray(yc, float)
+    ny, nx = frame.image.shape
+    inside = (xc > 2) & (yc > 2) & (xc < nx - 3) & (yc < ny - 3)
+    xc, yc = xc[inside], yc[inside]
+    radius = max(fwhm, 1.5)
+    out: dict[str, Any] = {"n_catalogue": int(inside.sum()), "match_radius_px": radius, "per_detector": {}}
+    for det, fd in found.items():
+        keep = (fd.x > 2) & (fd.y > 2) & (fd.x < nx - 3) & (fd.y < ny - 3)
+        x, y, f = fd.x[keep], fd.y[keep], fd.flux[keep]
+        i_d, i_c = match_one_to_one(x, y, xc, yc, radius)
+        top = np.argsort(-f)[:len(xc)]
+        j_d, _ = match_one_to_one(x[top], y[top], xc, yc, radius)
+        out["per_detector"][det] = {
+            "n": len(x), "matched": len(i_d), "recall": len(i_c) / len(xc) if len(xc) else None,
+            "precision": len(i_d) / len(x) if len(x) else None,
+            "recall_at_n": len(j_d) / len(xc) if len(xc) else None,
+            "precision_at_n": len(j_d) / len(top) if len(top) else None}
+    return out
+
+
+def _sum_catalogue(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several frames' catalogue figures pooled (DECam epochs)."""
+    nc = sum(p["n_catalogue"] for p in parts)
+    out: dict[str, Any] = {"n_catalogue": nc, "per_detector": {}}
+    for det in parts[0]["per_detector"]:
+        n = sum(p["per_detector"][det]["n"] for p in parts)
+        m = sum(p["per_detector"][det]["matched"] for p in parts)
+        rn = sum((p["per_detector"][det]["recall_at_n"] or 0) * p["n_catalogue"] for p in parts)
+        pn = sum((p["per_detector"][det]["precision_at_n"] or 0) * min(p["n_catalogue"], p["per_detector"][det]["n"])
+                 for p in parts)
+        npn = sum(min(p["n_catalogue"], p["per_detector"][det]["n"]) for p in parts)
+        out["per_detector"][det] = {"n": n, "matched": m, "recall": m / nc if nc else None,
+                                    "precision": m / n if n else None, "recall_at_n": rn / nc if nc else None,
+                                    "precision_at_n": pn / npn if npn else None}
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------- gallery
+def gallery(rs: RealSet, frame: Frame, found: dict[str, Found], art: dict[str, Any], path: Path) -> None:
+    """Crops (brightest star; largest extended source) with each detector's detections, one PNG.
+
+    Pixels: asinh from the median - 1 sigma (sky) to + 60 sigma (MAD-based), clipped; circles of
+    each detector's colour; a fixed palette of greys and those colours keeps each PNG small.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from astropy.visualization import AsinhStretch, ImageNormalize
+
+    ny, nx = frame.image.shape
+    s = min(rs.crop_px, ny, nx)
+    centres = []
+    if art["_stars"]:
+        centres.append(("brightest star", art["_stars"][0][0], art["_stars"][0][1]))
+    if art["_segmap"] is not None and art["_labels"]:
+        seg = art["_segmap"]
+        areas = [(int(np.sum(seg == v)), v) for v in art["_labels"]]
+        v = max(areas)[1]
+        cy, cx = ndimage.center_of_mass(seg == v)
+        centres.append(("largest extended source", cx, cy))
+    if not centres:
+        centres.append(("centre", nx / 2, ny / 2))
+    if len(centres) == 2 and s >= min(nx, ny):  # one crop is the whole frame: draw it once
+        centres = centres[:1]
+    fig, axes = plt.subplots(len(centres), len(found), figsize=(3.2 * len(found), 3.35 * len(centres)),
+                             squeeze=False)
+    colours = {"sep": "#0000ff", "pnet": "#ff0000", "pnet_raw": "#ff00ff", "dao": "#00b000"}
+    for row, (what, cx, cy) in enumerate(centres):
+        x0 = int(np.clip(cx - s / 2, 0, nx - s))
+        y0 = int(np.clip(cy - s / 2, 0, ny - s))
+        crop = frame.image[y0:y0 + s, x0:x0 + s]
+        good = crop[np.isfinite(crop)]
+        med = float(np.median(good))
+        sd = 1.4826 * float(np.median(np.abs(good - med)))
+        # sky light grey, faint stars visible, bright ones black
+        norm = ImageNormalize(vmin=med - 1.0 * sd, vmax=med + 60 * sd, stretch=AsinhStretch(0.08), clip=True)
+        for col, (det, fd) in enumerate(found.items()):
+            ax = axes[row, col]
+            ax.imshow(crop, origin="lower", cmap="gray_r", norm=norm, interpolation="nearest")
+            sel = (fd.x >= x0 - 0.5) & (fd.x < x0 + s - 0.5) & (fd.y >= y0 - 0.5) & (fd.y < y0 + s - 0.5)
+            ax.scatter(fd.x[sel] - x0, fd.y[sel] - y0, s=30 * 200 / s, facecolors="none",
+                       edgecolors=colours.get(det, "#ff0000"), linewidths=0.8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            label = det + (" (domain: sep)" if det == "pnet" and fd.domain else "")
+            ax.set_title(f"{label}: {int(sel.sum())}", fontsize=7)
+            if col == 0:
+                ax.set_ylabel(f"{what}\n{s}x{s} at ({x0},{y0})", fontsize=6)
+    fig.suptitle(f"{frame.name}", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    from PIL import Image
+
+    # a fixed palette (40 greys and the markers' colours): tens of kB instead of hundreds
+    rgb = [tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in colours.values()]
+    greys = [(v, v, v) for v in np.linspace(0, 255, 40).astype(int)]
+    pal = Image.new("P", (1, 1))
+    pal.putpalette([int(c) for t in greys + rgb for c in t] + [0] * 3 * (256 - len(greys) - len(rgb)))
+    with Image.open(path) as im:
+        q = im.convert("RGB").quantize(palette=pal, dither=Image.Dither.NONE)
+    q.save(path, optimize=True)
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+def benchmark_set(rs: RealSet, runner: Runner, rounds: int, per_bin: int, plot_dir: Path | None) -> dict[str, Any]:
+    """Every figure of one real set (see the module docstring)."""
+    t0 = time.perf_counter()
+    base = [runner.run(f) for f in rs.frames]
+    frames_out = []
+    for i, (f, b) in enumerate(zip(rs.frames, base, strict=True)):
+        fwhm = b["sep"].fwhm_px
+        inj = injection_recovery(f, runner, b, rounds, per_bin) if rs.inject is None or i in rs.inject else None
+        art = artefacts(f, b, fwhm)
+        fr: dict[str, Any] = {
+            "frame": f.name, "shape": list(f.image.shape), "gain": f.gain, "saturation": f.saturation,
+            "fwhm_px": {k: v.fwhm_px for k, v in b.items()},
+            "domain": {k: v.domain for k, v in b.items()},
+            "n_detections": {k: len(v) for k, v in b.items()},
+            "seconds": {k: v.seconds for k, v in b.items()},
+            "injection": inj, "artefacts": {k: v for k, v in art.items() if not k.startswith("_")}}
+        if rs.catalogue is not None and f.wcs is not None:
+            fr["catalogue"] = catalogue_match(f, rs.catalogue, b, fwhm)
+        frames_out.append(fr)
+        if plot_dir is not None and f is rs.frames[_gallery_frame(rs)]:
+            gallery(rs, f, b, art, plot_dir / f"real-{rs.name}.png")
+    out: dict[str, Any] = {"set": rs.name, "notes": rs.notes, "frames": frames_out}
+    if len(rs.frames) > 1:
+        out["repeatability"] = repeatability(rs.frames, base)
+    if rs.catalogue is not None:
+        parts = [fr["catalogue"] for fr in frames_out if "catalogue" in fr]
+        out["catalogue"] = {"name": rs.catalogue_name, **(_sum_catalogue(parts) if len(parts) > 1 else parts[0])}
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _gallery_frame(rs: RealSet) -> int:
+    """The frame drawn in the gallery: SDSS r, 2MASS K, the first DECam epoch, else the only one."""
+    names = [f.name for f in rs.frames]
+    for want in ("sdss_r", "2mass_k"):
+        for i, n in enumerate(names):
+            if n.startswith(want):
+                return i
+    return 0
+
+
+def summary(res: dict[str, Any]) -> dict[str, Any]:
+    """Per set x detector: the headline figures (recall per bin, pooled over frames; the rest averaged)."""
+    out: dict[str, Any] = {}
+    for rs in res["sets"]:
+        per: dict[str, Any] = {}
+        for det in rs["frames"][0]["n_detections"]:
+            bins = []
+            for i in range(len(SNR_BINS)):
+                inj = [fr["injection"]["per_detector"][det][i] for fr in rs["frames"] if fr["injection"]]
+                n = sum(b["n"] for b in inj)
+                rec = sum((b["recall"] or 0) * b["n"] for b in inj)
+                ch = sum((b["chance"] or 0) * b["n"] for b in inj)
+                ratios = [b["flux_ratio_median"] for b in inj]
+                ratios = [r for r in ratios if r is not None]
+                bins.append({"snr_lo": SNR_BINS[i][0], "snr_hi": SNR_BINS[i][1], "n": n,
+                             "recall": rec / n if n else None, "chance": ch / n if n else None,
+                             "flux_ratio_median": float(np.median(ratios)) if ratios else None})
+
+            def avg(key: str, frames: list[dict[str, Any]] = rs["frames"], det: str = det) -> float | None:
+                v = [fr["artefacts"]["per_detector"][det][key] for fr in frames
+                     if fr["artefacts"]["per_detector"][det][key] is not None]
+                return float(np.mean(v)) if v else None
+
+            per[det] = {"n_detections": [fr["n_detections"][det] for fr in rs["frames"]],
+                        "fwhm_px": [fr["fwhm_px"][det] for fr in rs["frames"]],
+                        "domain": [fr["domain"][det] for fr in rs["frames"]],
+                        "recall_bins": bins,
+                        "extra_per_star_r4": avg("extra_per_star_r4"),
+                        "excess_per_star_r4": avg("excess_per_star_r4"),
+                        "extra_per_star_rext": avg("extra_per_star_rext"),
+                        "excess_per_star_rext": avg("excess_per_star_rext"),
+                        "per_extended": avg("per_extended"), "excess_per_extended": avg("excess_per_extended")}
+            if "repeatability" in rs:
+                per[det]["repeatability"] = rs["repeatability"][det]["share"]
+                per[det]["repeatability_chance"] = rs["repeatability"][det]["chance"]
+            if "catalogue" in rs:
+                per[det]["catalogue"] = rs["catalogue"]["per_detector"][det]
+        out[rs["set"]] = per
+    return out
+
+
+def _f(v: Any, fmt: str = ".2f") -> str:
+    return "—" if v is None else format(v, fmt)
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """The tables of ``real.md``."""
+    s = res["summary"]
+    lines = [f"# Real-data detector benchmark\n\n`{res['command']}` ({res['seconds']:.0f} s)\n"]
+    hdr = " | ".join(f"S/N {lo:g}-{hi:g}" for lo, hi in SNR_BINS)
+    lines += ["## Injection-recovery: recall (chance) per S/N bin, median flux ratio\n",
+              f"| set | detector | {hdr} | flux ratio S/N 20-300 |", "|---|---|" + "---|" * (len(SNR_BINS) + 1)]
+    for name, per in s.items():
+        for det, d in per.items():
+            cells = [f"{_f(b['recall'])} ({_f(b['chance'])})" for b in d["recall_bins"]]
+            fr = [b["flux_ratio_median"] for b in d["recall_bins"][2:] if b["flux_ratio_median"] is not None]
+            lines.append(f"| {name} | {det} | " + " | ".join(cells) + f" | {_f(np.median(fr) if fr else None)} |")
+    lines += ["\nn per bin: " + "; ".join(f"{n}: {per['sep']['recall_bins'][0]['n']}" for n, per in s.items()),
+              "\n## Detections, FWHM, domain, repeatability, artefacts\n",
+              "| set | detector | detections per frame | FWHM (px) | domain | repeatability (chance) | "
+              "extra per bright star, 4 FWHM (excess) | extra per bright star, extent (excess) | "
+              "per extended source (excess) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, per in s.items():
+        for det, d in per.items():
+            dom = "sep (outside range)" if any(d["domain"]) else "—"
+            rep = f"{_f(d.get('repeatability'))} ({_f(d.get('repeatability_chance'))})" if "repeatability" in d else "—"
+            lines.append(f"| {name} | {det} | {' / '.join(map(str, d['n_detections']))} | "
+                         f"{' / '.join(_f(v) for v in d['fwhm_px'])} | {dom} | {rep} | "
+                         f"{_f(d['extra_per_star_r4'])} ({_f(d['excess_per_star_r4'])}) | "
+                         f"{_f(d['extra_per_star_rext'])} ({_f(d['excess_per_star_rext'])}) | "
+                         f"{_f(d['per_extended'])} ({_f(d['excess_per_extended'])}) |")
+    cat = [(n, per) for n, per in s.items() if "catalogue" in next(iter(per.values()))]
+    if cat:
+        lines += ["\n## Against a real catalogue\n",
+                  "| set | catalogue (n) | detector | detections | recall | precision | recall at N | precision at N |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for n, per in cat:
+            rs = next(r for r in res["sets"] if r["set"] == n)
+            for det, d in per.items():
+                c = d["catalogue"]
+                cname = f"{rs['catalogue']['name']} ({rs['catalogue']['n_catalogue']})"
+                lines.append(f"| {n} | {cname} | {det} | {c['n']} |"
+                             f" {_f(c['recall'])} | {_f(c['precision'])} | {_f(c['recall_at_n'])} | "
+                             f"{_f(c['precision_at_n'])} |")
+    lines += ["\n## Per frame\n", "| frame | PSF for injection | pnet domain action |", "|---|---|---|"]
+    for rs in res["sets"]:
+        for fr in rs["frames"]:
+            psf = fr["injection"]["psf"] if fr["injection"] else "(no injections)"
+            lines.append(f"| {fr['frame']} | {psf} | {fr['domain'].get('pnet') or '—'} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(sets: list[str] | None = None, out: Path | None = None, quick: bool = False, rounds: int | None = None,
+        per_bin: int | None = None, plot_dir: Path | None = None, root: Path = REAL) -> dict[str, Any]:
+    """The benchmark; returns the result dict (``sets``, ``summary``, ``command``, ``seconds``) and writes OUT.
+
+    Parameters
+    ----------
+    sets
+        Names from :data:`SETS` (default all); ignored with ``quick``.
+    out
+        Folder for ``real.json`` and ``real.md`` (None: nothing written).
+    quick
+        The SDSS crop only (see the module docstring).
+    rounds, per_bin
+        Injection rounds per frame and injections per S/N bin per round (defaults: quick 2 x 6, full 3 x 8).
+    plot_dir
+        Where the gallery PNGs go (None: no gallery).
+    root
+        The real-data folder.
+    """
+    import torch
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    t0 = time.perf_counter()
+    rounds = rounds or (2 if quick else 3)
+    per_bin = per_bin or (6 if quick else 8)
+    runner = Runner()
+    todo = [quick_set(root)] if quick else [load_set(n, root) for n in (sets or list(SETS))]
+    results = []
+    for rs in todo:
+        print(f"[real] {rs.name}: {len(rs.frames)} frame(s)", flush=True)
+        results.append(benchmark_set(rs, runner, rounds, per_bin, plot_dir))
+        print(f"[real] {rs.name}: {results[-1]['seconds']:.0f} s", flush=True)
+    cmd = "python -m benchmarks.real" + (" --quick" if quick else "") + (f" --sets {','.join(sets)}" if sets and not
+                                                                         quick else "")
+    res: dict[str, Any] = {"command": cmd, "rounds": rounds, "per_bin": per_bin, "seed": SEED, "sets": results}
+    res["summary"] = summary(res)
+    res["seconds"] = time.perf_counter() - t0
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "real.json").write_text(json.dumps(res, indent=1, default=float))
+        (out / "real.md").write_text(markdown(res))
+    return res
+
+
+def main() -> None:
+    """Command line (see the module docstring)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench-out/real")
+    ap.add_argument("--sets", default=",".join(SETS))
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--per-bin", type=int)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    out = Path(a.out)
+    plot_dir = out if a.quick else PLOTS
+    res = run(a.sets.split(","), out, a.quick, a.rounds, a.per_bin, plot_dir)
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
