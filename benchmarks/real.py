@@ -17,18 +17,23 @@ one block):
   threshold 5 x the background rms (the photutils documentation's usage); its flux is its
   kernel-footprint sum.
 
+The FWHM every radius below uses is sep's measured one, or the PSFEx model's where sep
+measures none (the DECam cutouts: too few stars in 100^2 px).
+
 Figures (``real.json``, tables in ``real.md``):
 
 - **injection-recovery**: point sources with the frame's PSF injected into the real frame
-  (an empirical PSF: the median of >= 5 bright, isolated, unsaturated, unflagged sep stars'
-  stamps, each recentred by a cubic-spline shift and normalised; else a Moffat (beta 3) of
-  the measured FWHM; ``psf`` says which), with Poisson noise at the frame's gain, at S/N
+  (DECam: its PSFEx model's constant term; else an empirical PSF: the median of >= 5
+  bright (S/N 50-5000), unsaturated sep stars' stamps with no neighbour brighter than 5 %
+  within 3 FWHM, each recentred by a cubic-spline shift and normalised; else a Moffat (beta
+  3) of the measured FWHM; ``psf`` says which), with Poisson noise at the frame's gain, at S/N
   5-300 in log-spaced bins (:data:`SNR_BINS`; S/N of an optimal PSF fit,
   ``F / sqrt(F / g + sigma^2 N_eff)``, ``N_eff = 1 / sum(psf^2)``). Positions avoid edges,
   existing detections (1.5 FWHM of any sep detection, 5 FWHM of S/N > 50 ones, saturated
   regions) and each other. The same injections (positions, fluxes, noise; ``seed``) go to
   every detector. An injection is recovered when a detection lies within ``max(1 FWHM,
-  1.5 px)``; ``chance`` is the share of injection positions with a detection within that
+  1.5 px)`` (the brightest of them is its measurement: a star split into pieces counts its
+  main piece); ``chance`` is the share of injection positions with a detection within that
   radius in the frame *before* injection (what a match by coincidence would give). Per bin:
   recall and the median of recovered flux / injected flux;
 - **repeatability** across the frames of a field (SDSS g/r/i, 2MASS J/H/K, the DECam
@@ -112,6 +117,9 @@ class Frame:
         Saturation level (pixel units; inf when none).
     wcs
         The frame's celestial WCS, or None.
+    psf, psf_fwhm
+        A PSF model of the frame (centred stamp, sum 1) and its FWHM (px) where the data
+        bring one (DECam: PSFEx), else None.
     """
 
     name: str
@@ -120,6 +128,8 @@ class Frame:
     gain: float
     saturation: float
     wcs: Any = None
+    psf: np.ndarray | None = None
+    psf_fwhm: float | None = None
 
 
 @dataclass
@@ -194,7 +204,10 @@ def load_set(name: str, root: Path = REAL) -> RealSet:
             ood = np.asarray(fits.getdata(p.replace("_ooi_", "_ood_"), 1))
             mask = np.where(ood != 0, MASK_BAD, 0).astype(np.uint8)
             tag = Path(p).name.split("_ooi_")[1].split("_ls9")[0] + Path(p).name[3:10]  # band + date
-            frames.append(Frame(f"decam_{tag}", img, mask, float(hd["GAINA"]), float(hd["SATURATA"]), w))
+            ps = fits.getdata(root / "legacypipe_decam/psfex" / (Path(p).name.split(".")[0] + "-psfex.fits"), 1)
+            psf = np.clip(np.asarray(ps["psf_mask"][0][0], float), 0, None)  # the constant term (PSF_SAMP 1)
+            frames.append(Frame(f"decam_{tag}", img, mask, float(hd["GAINA"]), float(hd["SATURATA"]), w,
+                                psf / psf.sum(), float(ps["psf_fwhm"][0])))
         gaia = []
         for p in sorted(glob.glob(str(root / "legacypipe_decam/gaia/*.fits"))):
             g = fits.getdata(p, 1)
@@ -347,6 +360,13 @@ class Runner:
 
 
 # ----------------------------------------------------------------------------------------------------------- PSF
+def frame_fwhm(frame: Frame, sep_found: Found) -> float:
+    """The FWHM (px) the figures use: sep's measured one, else the frame's PSF model's, else sep's default."""
+    if sep_found.n_fwhm > 0 or frame.psf_fwhm is None:
+        return float(sep_found.fwhm_px)
+    return float(frame.psf_fwhm)
+
+
 def _bad_map(frame: Frame) -> np.ndarray:
     return classical.bad_pixels(frame.image, frame.mask, frame.saturation)
 
@@ -373,7 +393,19 @@ def moffat_psf(fwhm_px: float, half: int, beta: float = 3.0) -> np.ndarray:
 
 def empirical_psf(frame: Frame, sep_found: Found, fwhm_px: float, half: int, n_max: int = 40,
                   n_min: int = 5) -> tuple[np.ndarray, str]:
-    """The frame's PSF stamp (sum 1, ``2 half + 1`` px) and how it was made (see the module docstring)."""
+    """The frame's PSF stamp (sum 1, ``2 half + 1`` px) and how it was made (see the module docstring).
+
+    A frame that brings a PSF model (DECam's PSFEx) uses it, cut or padded to the stamp.
+    """
+    if frame.psf is not None:
+        p = frame.psf
+        c = p.shape[0] // 2
+        if c >= half:
+            p = p[c - half:c + half + 1, c - half:c + half + 1]
+        else:
+            p = np.pad(p, half - c)
+        p = np.clip(p, 0, None)
+        return p / p.sum(), f"PSFEx model (constant term), FWHM {frame.psf_fwhm:.2f} px"
     bad = _bad_map(frame)
     bkg = classical.estimate_background(frame.image, bad, RunConfig().detection)
     data = np.where(bad, np.nan, frame.image - bkg.back)
@@ -390,8 +422,8 @@ def empirical_psf(frame: Frame, sep_found: Found, fwhm_px: float, half: int, n_m
         ix, iy = int(np.rint(x[i])), int(np.rint(y[i]))
         if ix - half - 1 < 0 or iy - half - 1 < 0 or ix + half + 2 > nx or iy + half + 2 > ny:
             continue
-        nb = [j for j in tree.query_ball_point((x[i], y[i]), 2.0 * half) if j != i]
-        if any(f[j] > 0.01 * f[i] for j in nb):
+        nb = [j for j in tree.query_ball_point((x[i], y[i]), 3.0 * fwhm_px) if j != i]
+        if any(f[j] > 0.05 * f[i] for j in nb):
             continue
         st = data[iy - half - 1:iy + half + 2, ix - half - 1:ix + half + 2]
         if not np.isfinite(st).all():
@@ -464,7 +496,7 @@ def inject(image: np.ndarray, psf: np.ndarray, xy: np.ndarray, flux: np.ndarray,
 def injection_recovery(frame: Frame, runner: Runner, base: dict[str, Found], rounds: int, per_bin: int,
                        seed: int = SEED) -> dict[str, Any]:
     """Injection-recovery figures of one frame per detector (see the module docstring)."""
-    fwhm = base["sep"].fwhm_px
+    fwhm = frame_fwhm(frame, base["sep"])
     half = int(np.ceil(4.0 * fwhm)) + 1
     psf, how = empirical_psf(frame, base["sep"], fwhm, half)
     n_eff = 1.0 / float(np.sum(psf**2))
@@ -489,10 +521,10 @@ def injection_recovery(frame: Frame, runner: Runner, base: dict[str, Found], rou
             tree = cKDTree(np.c_[fd.x, fd.y]) if len(fd) else None
             for k in range(len(xy)):
                 rec, ratio = False, np.nan
-                if tree is not None:
-                    d, j = tree.query(xy[k])
-                    if d <= radius:
-                        rec, ratio = True, fd.flux[j] / flux[k]
+                near = tree.query_ball_point(xy[k], radius) if tree is not None else []
+                if near:  # the brightest detection within the radius (a star split into pieces: its main one)
+                    j = max(near, key=lambda i: fd.flux[i])
+                    rec, ratio = True, fd.flux[j] / flux[k]
                 chance = base_trees[det] is not None and bool(base_trees[det].query_ball_point(xy[k], radius))
                 rows.append({"detector": det, "bin": int(b[k]), "snr": snr[k], "recovered": rec, "ratio": ratio,
                              "chance": chance})
@@ -534,7 +566,7 @@ def repeatability(frames: list[Frame], found: list[dict[str, Found]], seed: int 
                 if ia == ib:
                     continue
                 fa, fb = found[ia][det], found[ib][det]
-                r = max(found[ia]["sep"].fwhm_px, found[ib]["sep"].fwhm_px, 1.5)
+                r = max(frame_fwhm(a, found[ia]["sep"]), frame_fwhm(b, found[ib]["sep"]), 1.5)
                 tree = cKDTree(np.c_[fb.x, fb.y]) if len(fb) else None
                 ang = rng.uniform(0, 2 * np.pi, len(fa))
                 rad = rng.uniform(20, 40, len(fa))
@@ -710,8 +742,10 @@ def gallery(rs: RealSet, frame: Frame, found: dict[str, Found], art: dict[str, A
     ny, nx = frame.image.shape
     s = min(rs.crop_px, ny, nx)
     centres = []
-    if art["_stars"]:
-        centres.append(("brightest star", art["_stars"][0][0], art["_stars"][0][1]))
+    if art["_stars"]:  # the brightest star whose crop it can be centred in, else the brightest
+        inner = [st for st in art["_stars"] if s / 2 <= st[0] <= nx - s / 2 and s / 2 <= st[1] <= ny - s / 2]
+        st = (inner or art["_stars"])[0]
+        centres.append(("bright star", st[0], st[1]))
     if art["_segmap"] is not None and art["_labels"]:
         seg = art["_segmap"]
         areas = [(int(np.sum(seg == v)), v) for v in art["_labels"]]
@@ -767,15 +801,15 @@ def gallery(rs: RealSet, frame: Frame, found: dict[str, Found], art: dict[str, A
 def benchmark_set(rs: RealSet, runner: Runner, rounds: int, per_bin: int, plot_dir: Path | None) -> dict[str, Any]:
     """Every figure of one real set (see the module docstring)."""
     t0 = time.perf_counter()
-    base = [runner.run(f) for f in rs.frames]
+    base = [runner.run(f, fwhm_px=f.psf_fwhm) for f in rs.frames]
     frames_out = []
     for i, (f, b) in enumerate(zip(rs.frames, base, strict=True)):
-        fwhm = b["sep"].fwhm_px
+        fwhm = frame_fwhm(f, b["sep"])
         inj = injection_recovery(f, runner, b, rounds, per_bin) if rs.inject is None or i in rs.inject else None
         art = artefacts(f, b, fwhm)
         fr: dict[str, Any] = {
             "frame": f.name, "shape": list(f.image.shape), "gain": f.gain, "saturation": f.saturation,
-            "fwhm_px": {k: v.fwhm_px for k, v in b.items()},
+            "fwhm_px": {k: v.fwhm_px for k, v in b.items()}, "fwhm_used_px": fwhm,
             "domain": {k: v.domain for k, v in b.items()},
             "n_detections": {k: len(v) for k, v in b.items()},
             "seconds": {k: v.seconds for k, v in b.items()},
