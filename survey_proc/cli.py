@@ -321,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=int, help="process the first N epochs (default: all; 1000 for the default survey)")
     r.add_argument("--fields", action="append", metavar="F1,F2", help="fields to process (default: all)")
     r.add_argument("--detector", choices=tuple(DETECTOR_SECTIONS),
-                   help="source detector: pnet (learned, default) or sep (classical baseline)")
+                   help="source detector: sep (classical, default: the winner on real images, benchmarks/"
+                        "RESULTS.md) or pnet (learned; trusted inside its training seeing only, docs/pnet.md)")
     r.add_argument("--photometry", choices=("bpnn", "classical"),
                    help="magnitudes from the BPNN (default; aleatoric + epistemic errors) or the detector's own "
                         "(sep: aperture; pnet: PSF fit)")

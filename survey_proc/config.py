@@ -194,7 +194,7 @@ class RunConfig:
     out: str = ""
     epochs: int | None = None  # process the first N epochs of each field (None: all)
     fields: tuple[str, ...] | None = None  # None: every field of the store
-    detector: str = "pnet"
+    detector: str = "sep"  # the measured winner on real images (issue 20, benchmarks/RESULTS.md); "pnet" on request
     cluster: str = "local"
     scheduler: str | None = None
     workers: int | None = None  # None: one per core (local) or per GPU (cuda)

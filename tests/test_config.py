@@ -13,6 +13,7 @@ def test_config_errors_name_the_setting(tmp_path):
         load_config(None, {"detection": {"threshold": 3}})
     with pytest.raises(ConfigError, match="unknown run setting"):
         load_config(None, {"tiles": 3})
+    assert load_config(None, {}).detector == "sep"  # the winner on real images (issue 20)
     with pytest.raises(ConfigError, match="detector must be one of sep, pnet"):
         load_config(None, {"detector": "yolo"})
     with pytest.raises(ConfigError, match=r"halo_px must be between 0 and tile_px"):
