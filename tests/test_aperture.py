@@ -49,3 +49,29 @@ def test_the_moffat_aperture_correction_is_the_default_without_stars():
     one = np.ones(1)
     apc, n = aperture_correction(data, data > 0, 25 * one, 25 * one, one, 100 * one, one > 0, 3.0, PhotometryConfig())
     assert (apc, n) == (pytest.approx(1.3123, abs=2e-4), 0)
+
+
+def test_extended_sources_are_told_from_stars_by_their_concentration():
+    from survey_proc.photometry.aperture import aperture_flux, extended
+
+    rng = np.random.default_rng(9)
+    size, fwhm, noise = 300, 2.5, 2.0
+    yy, xx = np.mgrid[0:size, 0:size]
+    data = rng.normal(0, noise, (size, size))
+    pos = [(25 + 50 * i, 25 + 50 * j) for i in range(6) for j in range(6)]
+    kinds = ["star" if k % 3 else "galaxy" for k in range(len(pos))]
+    for (x, y), kind in zip(pos, kinds, strict=True):
+        s = fwhm / 2.3548 * (1.0 if kind == "star" else 2.5)  # a galaxy of 2.5x the PSF's width
+        data += 4000.0 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s**2)) / (2 * np.pi * s**2)
+    x = np.array([p[0] for p in pos], float)
+    y = np.array([p[1] for p in pos], float)
+    bad = np.zeros(data.shape, bool)
+    f1, e1, _ = aperture_flux(data, noise, bad, x, y, fwhm, 1.0)
+    ext = extended(data, bad, x, y, f1, f1 / e1, fwhm, fwhm, noise, np.ones(len(x), bool))
+    is_gal = np.array([k == "galaxy" for k in kinds])
+    assert ext[is_gal].all() and not ext[~is_gal].any()
+    # a star with a neighbour inside 3 FWHM is not judged (its annulus holds the neighbour's light)
+    x2, y2 = np.r_[x, x[1] + 5.0], np.r_[y, y[1]]
+    f2, e2, _ = aperture_flux(data, noise, bad, x2, y2, fwhm, 1.0)
+    ext2 = extended(data, bad, x2, y2, f2, f2 / e2, fwhm, fwhm, noise, np.ones(len(x2), bool))
+    assert not ext2[1] and not ext2[-1]

@@ -325,7 +325,8 @@ def test_cli_run_reports_failures_and_exits_nonzero(border_survey, tmp_path, cap
     bad_weights.write_bytes(b"\x00" * 64)
     cfg_file = tmp_path / "pnet.toml"
     cfg_file.write_text(f'[pnet]\nweights = "{bad_weights}"\n')
-    rc = main(["run", str(border_survey["store"]), "--out", str(tmp_path / "o2"), "--config", str(cfg_file), "--quiet"])
+    rc = main(["run", str(border_survey["store"]), "--out", str(tmp_path / "o2"), "--config", str(cfg_file), "--quiet",
+               "--detector", "pnet"])
     assert rc == 1
     assert "broken.pt is corrupt or not a PNet model" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()  # refused before anything was written

@@ -238,6 +238,9 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     ap = _aperture(inp, found)
     total = detector.total_flux(inp, found, ap)
     flags = found.flags | ap.flags
+    ok = (flags & F.PHOTOMETRY_BAD) == 0
+    flags[aperture.extended(data, bad, found.x, found.y, ap.flux, total.snr, ap.radius_px, found.fwhm_px, noise,
+                            ok)] |= F.EXTENDED
     flags[total.flux <= 0] |= F.NONPOSITIVE
     x_img, y_img = found.x + ox, found.y + oy
     depth = np.empty(len(found))

@@ -240,6 +240,66 @@ def _no_bright_neighbour(x: np.ndarray, y: np.ndarray, flux: np.ndarray, idx: np
     return out
 
 
+EXTENDED_SNR_MIN = 10.0  # fainter detections are not judged (their concentration is noise)
+EXTENDED_ISOLATION_FWHM = 3.0  # nor those with another detection this close (its light enters the annulus)
+EXTENDED_MARGIN = 0.1  # and the excess must be at least this fraction of a star's annulus light
+
+
+def extended(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, flux_ap: np.ndarray, snr: np.ndarray,
+             r_ap_px: float, fwhm_px: float, noise_adu: float, ok: np.ndarray) -> np.ndarray:
+    """Detections more extended than the PSF, by their concentration (a boolean per detection).
+
+    The concentration is ``c = F(2 r_ap) / F(r_ap)`` (aperture fluxes, ADU; ``r_ap`` is the
+    photometric aperture, 1 FWHM by default). A star's ``c_psf`` is the median over the
+    window's bright (S/N >= 50), clean, isolated detections, or a Moffat(3)'s (1.267 for
+    1 FWHM) when fewer than 5 qualify. A detection is extended when
+    ``c - c_psf`` exceeds both 3 times its noise (the sky noise of the annulus over ``F(1)``)
+    and ``EXTENDED_MARGIN (c_psf - 1)``. Only detections with S/N >= 10 and no other detection
+    within 3 FWHM are judged: a neighbour's light in the annulus would call every crowded
+    star extended. Written here rather than taken from sep's shape parameters because PNet
+    has none, and a concentration is what SExtractor's CLASS_STAR and the SDSS
+    ``psfMag - cmodelMag`` test measure too.
+
+    Parameters
+    ----------
+    data, bad
+        Background-subtracted window (ADU) and unusable pixels.
+    x, y
+        Detection positions (px).
+    flux_ap, snr
+        The aperture flux within ``r_ap_px`` (ADU) and S/N of each detection.
+    r_ap_px
+        The aperture radius (px).
+    fwhm_px, noise_adu
+        The window's FWHM (px) and sky noise per pixel (ADU).
+    ok
+        Detections allowed to be judged and to define ``c_psf`` (no photometry flag).
+
+    Returns
+    -------
+    numpy.ndarray
+        True for the extended ones.
+    """
+    n = len(x)
+    out = np.zeros(n, bool)
+    if n == 0:
+        return out
+    r1, r2 = r_ap_px, 2.0 * r_ap_px
+    f2, _, flag2 = sep.sum_circle(data, x, y, r2, mask=bad, subpix=5)
+    d, _ = cKDTree(np.c_[x, y]).query(np.c_[x, y], k=2) if n > 1 else (np.full((1, 2), np.inf), None)
+    alone = d[:, 1] > EXTENDED_ISOLATION_FWHM * fwhm_px
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = f2 / flux_ap
+        sig = noise_adu * np.sqrt(np.pi * (r2**2 - r1**2)) / flux_ap
+    judged = ok & alone & (snr >= EXTENDED_SNR_MIN) & (flux_ap > 0) & (flag2 == 0) & np.isfinite(c)
+    bright = judged & (snr >= 50.0)
+    c_model = moffat_apcorr(r_ap_px / fwhm_px, 2.0 * r_ap_px / fwhm_px)
+    c_psf = float(np.median(c[bright])) if bright.sum() >= MIN_STARS_FOR_FWHM else c_model
+    excess = c - c_psf
+    out[judged] = (excess[judged] > 3.0 * sig[judged]) & (excess[judged] > EXTENDED_MARGIN * (c_psf - 1.0))
+    return out
+
+
 def moffat_apcorr(r_ap_fwhm: float, r_big_fwhm: float, beta: float = 3.0) -> float:
     """Flux within ``r_big_fwhm`` over flux within ``r_ap_fwhm`` (both in FWHM) for a Moffat profile of ``beta``.
 
