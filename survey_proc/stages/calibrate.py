@@ -50,15 +50,14 @@ EPOCHS_UNIT = OutputUnit("epochs.parquet", None)
 
 
 @worker_task
-def recalibrate_epoch_task(out: str, field: str, epoch: int, model_zp: dict | None, reference_path: str | None,
-                           ref_wcs_text: str, cfg_json: str, fingerprint: str, apcorr: float | None = None
-                           ) -> EpochRecord:
+def recalibrate_epoch_task(out: str, field: str, epoch: int, model_zp: dict | None, cfg_json: str,
+                           fingerprint: str, apcorr: float | None = None) -> EpochRecord:
     """Re-calibrate a written epoch and rewrite the unit atomically.
 
     ``apcorr`` (optional) replaces the epoch's aperture correction (fluxes are rescaled when
     the magnitudes are aperture photometry; the BPNN's do not depend on it); then the zero
-    point is ``model_zp`` (a :meth:`ZeroPoint.to_dict`) or fitted against ``reference_path``,
-    or, with neither, left pending for the ensemble fit.
+    point is ``model_zp`` (a :meth:`ZeroPoint.to_dict`), or, with none, left pending for the
+    ensemble fit.
     """
     cfg = task_config(cfg_json)
     record, src = read_epoch(out, field, epoch)
@@ -66,13 +65,7 @@ def recalibrate_epoch_task(out: str, field: str, epoch: int, model_zp: dict | No
         if record.aperture_photometry(cfg.detector, cfg.bpnn.enabled):
             cal.rescale_aperture_photometry(src, record.apcorr, apcorr)
         record = record.with_(apcorr=apcorr, apcorr_source=APCORR_FROM_MODEL)
-    if model_zp is not None:
-        zp = cal.ZeroPoint.from_dict(model_zp)
-    elif reference_path is not None:
-        zp = cal.calibrate_epoch(src, reference_stars(reference_path, ref_wcs_text), record.fwhm_px,
-                                 cfg.calibration)
-    else:
-        zp = cal.ZeroPoint.pending()
+    zp = cal.ZeroPoint.from_dict(model_zp) if model_zp is not None else cal.ZeroPoint.pending()
     cal.apply_zeropoint(src, zp)
     return write_epoch(out, src, record.with_(zp=zp, fingerprint=fingerprint))
 
@@ -147,8 +140,7 @@ class CalibrateStage(Stage):
             recs[key["epoch"]] = rec
 
         ctx.map(self.name, [Submission({"field": p.field, "epoch": e}, recalibrate_epoch_task,
-                                       (ctx.cfg.out, p.field, e, zp, None, p.ref_wcs_text, ctx.cfg_json,
-                                        ctx.fingerprint, apcorr))
+                                       (ctx.cfg.out, p.field, e, zp, ctx.cfg_json, ctx.fingerprint, apcorr))
                             for e, (zp, apcorr) in jobs.items()], done)
 
     def _ensemble_stars(self, ctx: StageContext, p: FieldPlan, band: str, recs: dict[int, EpochRecord],
@@ -173,17 +165,16 @@ class CalibrateStage(Stage):
             _, src = read_epoch(out, p.field, ref_epoch)
             ccfg = ctx.cfg.calibration
             tried: list[dict[str, Any]] = []
+            steps: list[tuple[tuple[float, float], pd.DataFrame]] = []
             for iso in ((ccfg.isolation_fwhm, ccfg.isolation_flux_ratio), *ISOLATION_STEPS):
                 stars = cal.internal_reference(src, p.zeropoint_nominal, recs[ref_epoch].fwhm_px,
                                                ensemble_config(ccfg, iso))
                 tried.append({"isolation_fwhm": iso[0], "isolation_flux_ratio": iso[1], "n_stars": len(stars)})
+                steps.append((iso, stars))
                 if len(stars) >= ccfg.min_stars:
                     break
-            if len(stars) < ccfg.min_stars:  # none is enough: keep the step with the most stars
-                best = max(range(len(tried)), key=lambda k: tried[k]["n_stars"])
-                iso = (tried[best]["isolation_fwhm"], tried[best]["isolation_flux_ratio"])
-                stars = cal.internal_reference(src, p.zeropoint_nominal, recs[ref_epoch].fwhm_px,
-                                               ensemble_config(ccfg, iso))
+            # the first step with enough stars; when none has enough, the one with the most (the first of equals)
+            iso, stars = steps[-1] if len(stars) >= ccfg.min_stars else max(steps, key=lambda s: len(s[1]))
             meta = {"fingerprint": ctx.fingerprint, "reference_epoch": ref_epoch, "n_stars": len(stars),
                     "isolation": list(iso), "isolation_tried": tried}
             write_parquet_atomic(stars, ENSEMBLE_STARS_UNIT.schema,
