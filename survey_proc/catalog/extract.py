@@ -33,7 +33,7 @@ Nothing here knows about Dask or the store: the caller passes pixels.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,7 +43,7 @@ from survey_proc import vocab as F
 from survey_proc.config import RunConfig
 from survey_proc.detect import classical, domain
 from survey_proc.detect.base import Aperture, Detections, Detector, DetectorInput, nearest_pixel
-from survey_proc.detect.sep_detector import SepDetector
+from survey_proc.detect.registry import make_detector
 from survey_proc.photometry import aperture
 from survey_proc.photometry.measure import Window, bpnn_photometry
 from survey_proc.tiling import Tile
@@ -220,7 +220,7 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     det_range = getattr(detector, "fwhm_range_px", None)
     if det_range is not None and found.n_fwhm > 0 and domain.outside(found.fwhm_px, det_range):
         actions.append(domain.describe(detector.name, found.fwhm_px, det_range, "detected with sep"))
-        detector = SepDetector()
+        detector = make_detector(replace(cfg, detector="sep"))
         found = detector.detect(inp)
     bpnn_range = domain.card_fwhm_range(bpnn.card, "data", "tile", "fwhm_px") if bpnn is not None else None
     if bpnn_range is not None and found.n_fwhm > 0 and domain.outside(found.fwhm_px, bpnn_range):
