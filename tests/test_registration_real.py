@@ -69,6 +69,33 @@ def grid_error_px(reg_matrix: np.ndarray, true: np.ndarray, size: int = SIZE) ->
     return np.hypot(*((g @ reg_matrix[:2, :2].T + reg_matrix[:2, 2]) - (g @ true[:2, :2].T + true[:2, 2])).T)
 
 
+def m67_subframe_store(path: Path, size: int, band: str = "i") -> list[np.ndarray]:
+    """A one-field store at ``path`` of the 5 :data:`POSES` sub-frames (``size`` px) cut around the plate's centre.
+
+    No WCS; MJD 60000.0-60000.4, 300 s, gain 1 e-/ADU, read noise 5 e-, saturation 13000 ADU.
+    Returns each epoch's frame-to-plate matrix. Skips the test when the plate is not here.
+    """
+    from astropy.io import fits
+
+    from survey_proc import store
+
+    if not REAL.exists():
+        pytest.skip("the real plate ../shared/data/real/M6707HH.fits is not here")
+    plate = fits.getdata(REAL).astype(float)
+    rng = np.random.default_rng(1)
+    origin = ((plate.shape[1] - size) / 2, (plate.shape[0] - size) / 2)
+    maps = [frame_to_plate(s, r, size=size, origin=origin) for s, r in POSES]
+    store.create_store(path, band=band, pixel_scale_arcsec=1.0)
+    store.create_field(path, "F000", ny=size, nx=size, n_epochs=5, gain_e_per_adu=1.0, read_noise_e=5.0,
+                       saturation_adu=13000.0, zeropoint_nominal=25.0)
+    store.write_epoch_meta(path, "F000", 0, store.EpochMeta(
+        mjd=60000.0 + 0.1 * np.arange(5), exptime_s=np.full(5, 300.0), airmass=np.full(5, np.nan), wcs=[""] * 5,
+        source_file=[f"m67_{k}.fits" for k in range(5)]))
+    for e, m in enumerate(maps):
+        store.write_epoch_pixels(path, "F000", e, cut(plate, m, rng, size=size), np.zeros((size, size), np.uint8))
+    return maps
+
+
 @pytest.fixture(scope="module")
 def m67() -> dict:
     from astropy.io import fits

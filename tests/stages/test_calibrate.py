@@ -92,28 +92,11 @@ def test_a_field_with_few_calibrators_is_calibrated_relative_to_its_own_stars(bo
 def test_a_crowded_real_plate_loosens_the_ensemble_isolation_and_calibrates_every_epoch(tmp_path, client):
     # five 320-px sub-frames of the M67 plate core: at 3 FWHM and 2.5 % only a handful of stars are isolated
     # (every epoch failed calibration); the ensemble steps to a looser isolation and says which in run.json
-    import numpy as np
-    from astropy.io import fits
+    from tests.test_registration_real import m67_subframe_store
 
-    from survey_proc import store
-    from tests.test_registration_real import POSES, REAL, cut, frame_to_plate
-
-    if not REAL.exists():
-        pytest.skip("the real plate ../shared/data/real/M6707HH.fits is not here")
     size = 320
-    plate = fits.getdata(REAL).astype(float)
-    rng = np.random.default_rng(1)
-    origin = ((plate.shape[1] - size) / 2, (plate.shape[0] - size) / 2)
-    maps = [frame_to_plate(s, r, size=size, origin=origin) for s, r in POSES]
     st = tmp_path / "m67.zarr"
-    store.create_store(st, band="R", pixel_scale_arcsec=1.0)
-    store.create_field(st, "F000", ny=size, nx=size, n_epochs=5, gain_e_per_adu=1.0, read_noise_e=5.0,
-                       saturation_adu=13000.0, zeropoint_nominal=25.0)
-    store.write_epoch_meta(st, "F000", 0, store.EpochMeta(
-        mjd=60000.0 + 0.1 * np.arange(5), exptime_s=np.full(5, 300.0), airmass=np.full(5, np.nan), wcs=[""] * 5,
-        source_file=[f"m67_{k}.fits" for k in range(5)]))
-    for e, m in enumerate(maps):
-        store.write_epoch_pixels(st, "F000", e, cut(plate, m, rng, size=size), np.zeros((size, size), np.uint8))
+    m67_subframe_store(st, size, band="R")
     out = tmp_path / "out"
     run = run_pipeline(run_config(st, out, tile_px=size, halo_px=32, reference="none",
                                   crossmatch={"region_px": size}), client=client)

@@ -118,32 +118,18 @@ def test_m67_subframes_without_wcs_register_and_phase_correlation_takes_over_whe
 
     import pytest
     import zarr
-    from astropy.io import fits
 
-    from survey_proc import store
     from survey_proc.catalog.registration import PHASE_CORRELATION, RegistrationError
     from survey_proc.distributed.pipeline import run_pipeline
     from survey_proc.errors import SurveyProcError
     from survey_proc.stages import register as register_stage
     from tests.conftest import run_config
-    from tests.test_registration_real import POSES, REAL, cut, frame_to_plate
+    from tests.test_registration_real import POSES, m67_subframe_store
 
-    if not REAL.exists():
-        pytest.skip("the real plate ../shared/data/real/M6707HH.fits is not here")
     size = 512
-    plate = fits.getdata(REAL).astype(float)
-    rng = np.random.default_rng(1)
-    origin = ((plate.shape[1] - size) / 2, (plate.shape[0] - size) / 2)
-    maps = [frame_to_plate(s, r, size=size, origin=origin) for s, r in POSES]
     st = tmp_path / "m67.zarr"
-    store.create_store(st, band="i", pixel_scale_arcsec=1.0)
-    store.create_field(st, "F000", ny=size, nx=size, n_epochs=5, gain_e_per_adu=1.0, read_noise_e=5.0,
-                       saturation_adu=13000.0, zeropoint_nominal=25.0)
-    store.write_epoch_meta(st, "F000", 0, store.EpochMeta(
-        mjd=60000.0 + 0.1 * np.arange(5), exptime_s=np.full(5, 300.0), airmass=np.full(5, np.nan), wcs=[""] * 5,
-        source_file=[f"m67_{k}.fits" for k in range(5)]))
-    for e, m in enumerate(maps):
-        store.write_epoch_pixels(st, "F000", e, cut(plate, m, rng, size=size), np.zeros((size, size), np.uint8))
+    maps = m67_subframe_store(st, size)
+    rng = np.random.default_rng(1)
     out = tmp_path / "out"
     cfg = run_config(st, out, tile_px=size, halo_px=32, reference="none", crossmatch={"region_px": size})
     run = run_pipeline(cfg, client=client)
