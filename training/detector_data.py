@@ -30,8 +30,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from survey_proc.simulate.psf import build_bank
-from survey_proc.simulate.render import render_stars
+from survey_proc.simulate.stamps import render_stars
 
 
 @dataclass(frozen=True)
@@ -81,6 +80,8 @@ class TileGenerator:
         self.psfs = [self._draw_psf() for _ in range(cfg.n_psf)]
 
     def _draw_psf(self) -> _Psf:
+        from survey_proc.simulate.psf import build_bank  # GalSim: imported only where these tiles are drawn
+
         c, rng = self.cfg, self.rng
         fwhm = float(np.exp(rng.uniform(np.log(c.fwhm_px[0]), np.log(c.fwhm_px[1]))))
         g1, g2 = rng.normal(0, c.ellipticity_rms, 2)

@@ -1,6 +1,16 @@
 """Train PNet on simulated tiles and write ``survey_proc/models/detector.pt`` + ``detector.json``.
 
     python -m training.train_detector [--steps N] [--batch B] [--seed S] [--out DIR]
+    python -m training.train_detector --generator scenes --assets training/assets/detector_assets.npz \
+        --device cuda --workers 14 --batch 64 --time-budget-s 330 --init survey_proc/models/detector.pt
+
+``--generator scenes`` draws the realistic tiles of ``training/detector_scenes.py`` (stars
+as positives; galaxies, halos, spikes, bleed trails, hot pixels, cosmic rays, grain,
+nebulosity and correlated noise as negatives; PSFs of 0.8-10 px) from a GalSim-drawn
+library (``python -m training.detector_assets``), numpy-only, in ``--workers`` data-loader
+processes (worker ``w`` of stream ``seed`` draws seed ``seed * 100 + w``). With
+``--time-budget-s`` the number of steps is set after 30 timed warm-up steps so that the
+one-cycle schedule ends inside the budget (the card records the steps run).
 
 Tiles are drawn on the fly (``training/detector_data.py``; training seeds < 1000, the
 validation seed is a different stream; the benchmarks' held-out surveys use seeds > 1000
@@ -38,17 +48,46 @@ from survey_proc.detect.pnet import (
     decode,
     detection_loss,
 )
-from survey_proc.evaluate import match_one_to_one
+from survey_proc.matching import match_one_to_one
 from training.detector_data import TileConfig, TileGenerator
+from training.detector_scenes import SceneConfig, SceneGenerator, load_library
 
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
 
 
-def _tensors(b: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    img = torch.from_numpy(b["image"]).contiguous(memory_format=torch.channels_last)
-    tgt = {k: torch.from_numpy(b[k]) for k in ("heatmap", "offset", "flux", "pos")}
+def _tensors(b: dict, device: str = "cpu") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    img = torch.as_tensor(b["image"]).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    tgt = {k: torch.as_tensor(b[k]).to(device, non_blocking=True) for k in ("heatmap", "offset", "flux", "pos")}
     tgt["pos"] = tgt["pos"].float()
     return img, tgt
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Endless training batches from per-worker scene generators (numpy batches, no truth lists)."""
+
+    def __init__(self, cfg: SceneConfig, seed: int, assets: Path, batch: int):
+        self.cfg, self.seed, self.assets, self.batch = cfg, seed, assets, batch
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        info = torch.utils.data.get_worker_info()
+        w = info.id if info is not None else 0
+        gen = SceneGenerator(self.cfg, self.seed * 100 + w, load_library(self.assets))
+        while True:
+            b = gen.batch(self.batch)
+            b.pop("stars")
+            yield b
+
+
+def _generators(a: argparse.Namespace) -> tuple[object, object, object, list]:
+    """(tile config, training generator factory, BN generator, validation batches) of ``--generator``."""
+    if a.generator == "scenes":
+        lib = load_library(a.assets)
+        scfg = SceneConfig(size_px=a.tile_px)
+        val_gen = SceneGenerator(scfg, a.val_seed, lib)
+        val = [val_gen.batch(a.batch) for _ in range(max(1, a.val_tiles // a.batch))]
+        return scfg, lambda seed: SceneGenerator(scfg, seed, lib), lib, val
+    tcfg = TileConfig(size_px=a.tile_px)
+    return tcfg, lambda seed: TileGenerator(tcfg, seed), None, validation_set(tcfg, a.val_seed, a.val_tiles, a.batch)
 
 
 def validation_set(cfg: TileConfig, seed: int, n_tiles: int, batch: int) -> list[dict]:
@@ -56,7 +95,7 @@ def validation_set(cfg: TileConfig, seed: int, n_tiles: int, batch: int) -> list
     return [gen.batch(batch) for _ in range(max(1, n_tiles // batch))]
 
 
-def evaluate(model: PNet, val: list[dict]) -> dict:
+def evaluate(model: PNet, val: list[dict], device: str = "cpu") -> dict:
     """Validation loss and detection metrics (per threshold), astrometric and flux errors."""
     model.eval()
     losses = []
@@ -65,12 +104,13 @@ def evaluate(model: PNet, val: list[dict]) -> dict:
     found = {t: {5: 0, 10: 0, 20: 0} for t in THRESHOLDS}
     with torch.inference_mode():
         for b in val:
-            img, tgt = _tensors(b)
+            img, tgt = _tensors(b, device)
             outs = model(img, all_stacks=True)
             loss, _ = detection_loss(outs, tgt)
             losses.append(float(loss))
-            hm = torch.sigmoid(outs[-1]["heatmap"])
-            dets = decode(hm, outs[-1]["offset"], outs[-1]["flux"], threshold=float(THRESHOLDS[0]))
+            hm = torch.sigmoid(outs[-1]["heatmap"]).float().cpu()
+            dets = decode(hm, outs[-1]["offset"].float().cpu(), outs[-1]["flux"].float().cpu(),
+                          threshold=float(THRESHOLDS[0]))
             for d, stars in zip(dets, b["stars"], strict=True):
                 n = b["image"].shape[-1]
                 inside = (stars[:, 0] > -0.5) & (stars[:, 0] < n - 0.5) & (stars[:, 1] > -0.5) & (stars[:, 1] < n - 0.5)
@@ -117,7 +157,8 @@ def evaluate(model: PNet, val: list[dict]) -> dict:
     return out
 
 
-def precise_batchnorm(model: PNet, gen: TileGenerator, batch: int, n_batches: int) -> None:
+def precise_batchnorm(model: PNet, gen: TileGenerator | SceneGenerator, batch: int, n_batches: int,
+                      device: str = "cpu") -> None:
     """Recompute every BatchNorm's population statistics on fresh batches ("precise BN").
 
     During training the running statistics are an exponential average (momentum 0.1) over
@@ -134,7 +175,7 @@ def precise_batchnorm(model: PNet, gen: TileGenerator, batch: int, n_batches: in
     model.train()
     with torch.no_grad():
         for _ in range(n_batches):
-            img, _ = _tensors(gen.batch(batch))
+            img, _ = _tensors(gen.batch(batch), device)
             model(img, all_stacks=True)
     for m, mom in zip(bns, saved, strict=True):
         m.momentum = mom
@@ -145,6 +186,16 @@ def _init_training(init: Path) -> dict:
     """The training record of ``--init``'s card, for a ``--steps 0`` (precise-BN only) pass."""
     card = json.loads(init.with_suffix(".json").read_text())
     return {**card["training"], "precise_bn_pass_after_training": True}
+
+
+def _tile_record(a: argparse.Namespace, tcfg: object) -> dict:
+    """The tile configuration for the card; for scenes also the library's PSF range (``fwhm_px``)."""
+    rec = dict(tcfg.to_dict())  # type: ignore[attr-defined]
+    if a.generator == "scenes":
+        z = np.load(a.assets)
+        rec["fwhm_px"] = [round(float(z["psf_fwhm_px"].min()), 3), round(float(z["psf_fwhm_px"].max()), 3)]
+        rec["assets"] = {"file": a.assets.name, "config": str(z["config"]), "n_psf": len(z["psf_fwhm_px"])}
+    return rec
 
 
 def git_revision() -> str:
@@ -170,44 +221,85 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log", type=Path, default=Path("training/logs/detector.jsonl"))
     p.add_argument("--init", type=Path, help="start from these weights (fine-tuning)")
     p.add_argument("--bn-batches", type=int, default=64, help="batches for the precise-BatchNorm pass at the end")
+    p.add_argument("--generator", choices=("basic", "scenes"), default="basic",
+                   help="basic: stars on a smooth sky (detector_data); scenes: realistic negatives (detector_scenes)")
+    p.add_argument("--assets", type=Path, default=Path("training/assets/detector_assets.npz"),
+                   help="the GalSim library of --generator scenes (python -m training.detector_assets)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--workers", type=int, default=0, help="data-loader processes (--generator scenes)")
+    p.add_argument("--time-budget-s", type=float, default=0.0,
+                   help="set --steps from the measured step rate so that training ends within this (s)")
     a = p.parse_args(argv)
 
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    tcfg = TileConfig(size_px=a.tile_px)
+    dev = a.device
+    if dev.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    tcfg, make_gen, _, val = _generators(a)
     mcfg = PNetConfig()
     model = PNet(mcfg)
     if a.init:
-        model.load_state_dict(torch.load(a.init, weights_only=True)["state_dict"])
-    model = model.to(memory_format=torch.channels_last)
+        model.load_state_dict(torch.load(a.init, weights_only=True, map_location="cpu")["state_dict"])
+    model = model.to(dev).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
-    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.steps, pct_start=0.1)
-             if a.steps > 0 else None)
-    gen = TileGenerator(tcfg, a.seed)
-    val = validation_set(tcfg, a.val_seed, a.val_tiles, a.batch)
+    if a.generator == "scenes":
+        loader = torch.utils.data.DataLoader(_Stream(tcfg, a.seed, a.assets, a.batch), batch_size=None,
+                                             num_workers=a.workers, pin_memory=dev.startswith("cuda"),
+                                             persistent_workers=a.workers > 0,
+                                             prefetch_factor=4 if a.workers else None)
+        batches = iter(loader)
+    else:
+        gen = make_gen(a.seed)
+        batches = (gen.batch(a.batch) for _ in iter(int, 1))
     a.log.parent.mkdir(parents=True, exist_ok=True)
     log = a.log.open("w")
     t0 = time.perf_counter()
-    run_loss = []
-    history = []
-    for step in range(1, a.steps + 1):
-        img, tgt = _tensors(gen.batch(a.batch))
+
+    def train_step(b: dict) -> list[float]:
+        img, tgt = _tensors(b, dev)
         outs = model(img, all_stacks=True)
         loss, parts = detection_loss(outs, tgt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
+        return [float(loss.detach()), parts["focal"], parts["offset"], parts["flux"]]
+
+    warm = 0
+    if a.time_budget_s > 0:  # warm-up at a tenth of the rate, timed, then size the schedule to the budget
+        for g in opt.param_groups:
+            g["lr"] = a.lr / 25
+        for _ in range(10):
+            train_step(next(batches))
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        tw = time.perf_counter()
+        for _ in range(30):
+            train_step(next(batches))
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        rate = 30 / (time.perf_counter() - tw)
+        warm = 40
+        a.steps = max(100, int(rate * (a.time_budget_s - (time.perf_counter() - t0))))
+        print(json.dumps({"warmup_steps_per_s": round(rate, 2), "steps": a.steps}), flush=True)
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.steps, pct_start=0.1)
+             if a.steps > 0 else None)
+    run_loss = []
+    history = []
+    for step in range(1, a.steps + 1):
+        run_loss.append(train_step(next(batches)))
         sched.step()
-        run_loss.append([float(loss), parts["focal"], parts["offset"], parts["flux"]])
         if step % 50 == 0:
             m = np.mean(run_loss, axis=0)
             rec = {"step": step, "time_s": round(time.perf_counter() - t0, 1), "lr": sched.get_last_lr()[0],
                    "loss": m[0], "focal": m[1], "offset_l1": m[2], "flux_mse": m[3]}
             run_loss = []
             if step % a.val_every == 0 or step == a.steps:
-                v = evaluate(model, val)
+                v = evaluate(model, val, dev)
                 rec["val_loss"] = v["loss"]
                 rec["val_best"] = v["best"]
                 rec.update({k: v[k] for k in v if k.startswith("snr_")})
@@ -215,10 +307,11 @@ def main(argv: list[str] | None = None) -> int:
             log.write(json.dumps(rec) + "\n")
             log.flush()
             print(json.dumps(rec), flush=True)
-    v_before = evaluate(model, val)
+    train_wall_s = round(time.perf_counter() - t0, 1)
+    v_before = evaluate(model, val, dev)
     trained_state = {k: t.clone() for k, t in model.state_dict().items()}
-    precise_batchnorm(model, TileGenerator(tcfg, a.seed + 1), a.batch, a.bn_batches)
-    v = evaluate(model, val)
+    precise_batchnorm(model, make_gen(a.seed + 1), a.batch, a.bn_batches, dev)
+    v = evaluate(model, val, dev)
     use_precise = v["best"]["f1_snr5"] > v_before["best"]["f1_snr5"]
     if not use_precise:  # keep the training's running statistics: they validate better
         model.load_state_dict(trained_state)
@@ -228,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"precise_bn": {"before": v_before["best"], "after": v_after["best"],
                                      "kept": "precise" if use_precise else "running"}}), flush=True)
     model.eval()
+    model = model.to("cpu")
     card = {
         "model": "PNet (CenterNet / stacked hourglass, no downsampling stem)",
         "architecture": asdict(mcfg),
@@ -238,9 +332,12 @@ def main(argv: list[str] | None = None) -> int:
         "threshold_rule": "maximum F1 on the validation tiles: recall of stars with isolated S/N >= 5, "
                           "precision of all detections matched one-to-one within 1 px to any star",
         "training": _init_training(a.init) if a.steps == 0 and a.init else {
-                     "steps": a.steps, "batch": a.batch, "lr": a.lr, "optimizer": "Adam + one-cycle",
-                     "seed": a.seed, "tile": tcfg.to_dict(), "wall_s": round(time.perf_counter() - t0, 1),
+                     "steps": a.steps, "warmup_steps": warm, "batch": a.batch, "lr": a.lr,
+                     "optimizer": "Adam + one-cycle", "seed": a.seed, "generator": a.generator,
+                     "tile": _tile_record(a, tcfg), "wall_s": train_wall_s,
                      "torch": torch.__version__, "threads": torch.get_num_threads(),
+                     "device": torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu",
+                     "workers": a.workers, "init": str(a.init) if a.init else None,
                      "loss": "alpha-balanced focal (alpha 0.25, gamma 2, beta 4) + L1 offset + MSE log10 flux, "
                              "summed over stacks"},
         "validation": {"seed": a.val_seed, "tiles": len(val) * a.batch, **v},

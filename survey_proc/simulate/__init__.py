@@ -7,7 +7,27 @@ pixels), ``depth`` (5σ limit, saturation), ``reference`` (Gaia-like calibration
 ``survey`` (orchestration on Dask).
 """
 
-from survey_proc.simulate.scenario import PRESETS, Scenario, load_scenario, parse_overrides
-from survey_proc.simulate.survey import SurveyPaths, simulate_survey
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from survey_proc.simulate.scenario import PRESETS, Scenario, load_scenario, parse_overrides
+    from survey_proc.simulate.survey import SurveyPaths, simulate_survey
 
 __all__ = ["PRESETS", "Scenario", "SurveyPaths", "load_scenario", "parse_overrides", "simulate_survey"]
+
+_HOME = {"PRESETS": "scenario", "Scenario": "scenario", "load_scenario": "scenario",
+         "parse_overrides": "scenario", "SurveyPaths": "survey", "simulate_survey": "survey"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the public names lazily (PEP 562).
+
+    So numpy-only submodules such as ``stamps`` import where GalSim, Zarr or Dask are not
+    installed (a GPU training node).
+    """
+    if name in _HOME:
+        return getattr(importlib.import_module(f"survey_proc.simulate.{_HOME[name]}"), name)
+    raise AttributeError(f"module 'survey_proc.simulate' has no attribute {name!r}")

@@ -28,59 +28,17 @@ beyond that.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import galsim
 import numpy as np
 from scipy.ndimage import uniform_filter
 
 from survey_proc.photometry.crlb import PSF
+from survey_proc.simulate.stamps import RADIUS_LADDER_FACTORS, PSFBank, bank_from_epsf
 
-RADIUS_LADDER_FACTORS = (1, 2, 4, 8)
+__all__ = ["RADIUS_LADDER_FACTORS", "PSFBank", "bank_from_epsf", "build_bank", "effective_psf", "galsim_profile"]
 
 
-@dataclass
-class PSFBank:
-    """Phase banks of one epoch's effective PSF.
-
-    Attributes
-    ----------
-    oversample : K, sub-pixel samples per pixel (odd)
-    t_min : the smallest phase index (bank index 0 corresponds to t_min)
-    radii_px : stamp radii, ascending
-    banks : per radius, array (K+2, K+2, 2R+1, 2R+1), each stamp summing to 1
-    missing_flux : per radius, 1 - EE(R) for a centred star (flux outside the stamp)
-    peak_fraction : largest fraction of a star's flux in one pixel (star centred on a pixel)
-    """
-
-    oversample: int
-    t_min: int
-    radii_px: tuple[int, ...]
-    banks: tuple[np.ndarray, ...]
-    missing_flux: tuple[float, ...]
-    peak_fraction: float
-
-    def radius_index(self, flux_adu: np.ndarray, sigma_pix_adu: float) -> np.ndarray:
-        """Index into ``radii_px`` of the stamp each star needs (see module docstring).
-
-        Parameters
-        ----------
-        flux_adu
-            Star fluxes (ADU).
-        sigma_pix_adu
-            Per-pixel noise of the sky (ADU).
-
-        Returns
-        -------
-        ndarray of int
-            The radius index per star.
-        """
-        flux = np.asarray(flux_adu, dtype="float64")
-        idx = np.full(flux.shape, len(self.radii_px) - 1, dtype=int)
-        for k in range(len(self.radii_px) - 1, -1, -1):
-            ok = flux * self.missing_flux[k] <= sigma_pix_adu
-            idx[ok] = k
-        return idx
 
 
 def galsim_profile(profile: str, fwhm_px: float, beta: float = 3.0, g1: float = 0.0, g2: float = 0.0
@@ -241,25 +199,8 @@ def build_bank(
     """
     k = int(oversample)
     radii = tuple(base_radius_px * f for f in RADIUS_LADDER_FACTORS if f <= max_factor)
-    r_max = radii[-1]
-    epsf = effective_psf(profile, fwhm_px, beta=beta, g1=g1, g2=g2, oversample=k, radius_px=r_max + 1)
-    c = (epsf.shape[0] - 1) // 2
-    t_min = -(k // 2) - 1
-    t_max = k // 2 + 1
-    phases = np.arange(t_min, t_max + 1)
-    banks = []
-    missing = []
-    for r in radii:
-        j = np.arange(-r, r + 1)
-        rows = c + phases[:, None] + k * j[None, :]  # (n_phase, 2R+1)
-        bank = epsf[rows[:, None, :, None], rows[None, :, None, :]]  # (P, P, 2R+1, 2R+1)
-        centred = bank[-t_min, -t_min]
-        missing.append(float(max(0.0, 1.0 - centred.sum())))
-        bank = bank / bank.sum(axis=(2, 3), keepdims=True)
-        banks.append(np.ascontiguousarray(bank))
-    peak = float(epsf[c, c])
-    return PSFBank(oversample=k, t_min=t_min, radii_px=radii, banks=tuple(banks),
-                   missing_flux=tuple(missing), peak_fraction=peak)
+    epsf = effective_psf(profile, fwhm_px, beta=beta, g1=g1, g2=g2, oversample=k, radius_px=radii[-1] + 1)
+    return bank_from_epsf(epsf, k, radii)
 
 
 def fit_point_source(image: np.ndarray, x: float, y: float, profile: str = "moffat", beta: float = 3.0,

@@ -38,13 +38,12 @@ import pandas as pd
 
 from survey_proc.simulate.conditions import STREAM_BADCOLS, STREAM_COSMICS, STREAM_HOTPIX, STREAM_NOISE, rng_for
 from survey_proc.simulate.galaxies import make_galaxies, render_galaxies
-from survey_proc.simulate.psf import PSFBank, bright_star_profile, build_bank, galsim_profile
+from survey_proc.simulate.psf import bright_star_profile, build_bank, galsim_profile
 from survey_proc.simulate.scenario import Scenario
+from survey_proc.simulate.stamps import render_stars
 from survey_proc.simulate.variables import magnitudes_at
 from survey_proc.simulate.wcs import reference_to_epoch
 from survey_proc.vocab import MASK_BAD, MASK_COSMIC, MASK_SATURATED
-
-_BLOCK_PIXELS = 2_000_000  # stamp pixels per vectorised block: bounds temporaries to ~16 MB each
 
 
 def sigma_pix_adu(scn: Scenario, sky_adu: float) -> float:
@@ -65,71 +64,7 @@ def sigma_pix_adu(scn: Scenario, sky_adu: float) -> float:
     return float(np.sqrt(sky_adu / scn.gain_e_per_adu + (scn.read_noise_e / scn.gain_e_per_adu) ** 2))
 
 
-def render_stars(
-    shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux_adu: np.ndarray, bank: PSFBank, sigma_pix: float
-) -> np.ndarray:
-    """Noise-free image (ADU) of point sources at detector pixels (x, y) with total fluxes.
 
-    Each star's stamp is normalised to its flux exactly (see ``psf.py``); pixels outside
-    the image are dropped, so a star near the edge puts only its in-frame light on it.
-
-    Parameters
-    ----------
-    shape
-        ``(ny, nx)`` of the image (px).
-    x, y
-        Star positions (px, 0-based detector frame).
-    flux_adu
-        Total fluxes (ADU).
-    bank
-        The epoch's effective-PSF phase banks.
-    sigma_pix
-        Per-pixel sky noise (ADU), for the stamp radius rule.
-
-    Returns
-    -------
-    ndarray
-        The image (ADU, float64).
-    """
-    ny, nx = shape
-    acc = np.zeros(ny * nx, dtype="float64")
-    x = np.asarray(x, dtype="float64")
-    y = np.asarray(y, dtype="float64")
-    flux = np.asarray(flux_adu, dtype="float64")
-    k = bank.oversample
-    r_idx = bank.radius_index(flux, sigma_pix)
-    for ri, radius in enumerate(bank.radii_px):
-        sel = np.flatnonzero(r_idx == ri)
-        # keep stars whose stamp touches the image
-        sel = sel[(x[sel] > -radius - 1) & (x[sel] < nx + radius) & (y[sel] > -radius - 1) & (y[sel] < ny + radius)]
-        if not len(sel):
-            continue
-        b = bank.banks[ri].astype(np.float32)  # float32 stamps: half the memory traffic
-        j = np.arange(-radius, radius + 1)
-        block = max(1, _BLOCK_PIXELS // (2 * radius + 1) ** 2)
-        for start in range(0, len(sel), block):
-            s = sel[start : start + block]
-            ix = np.floor(x[s] + 0.5).astype(np.int64)
-            iy = np.floor(y[s] + 0.5).astype(np.int64)
-            tx = -k * (x[s] - ix)
-            ty = -k * (y[s] - iy)
-            tx0 = np.floor(tx)
-            ty0 = np.floor(ty)
-            wx = (tx - tx0).astype(np.float32)[:, None, None]
-            wy = (ty - ty0).astype(np.float32)[:, None, None]
-            ax = tx0.astype(np.int64) - bank.t_min
-            ay = ty0.astype(np.int64) - bank.t_min
-            stamp = ((1 - wy) * ((1 - wx) * b[ay, ax] + wx * b[ay, ax + 1])
-                     + wy * ((1 - wx) * b[ay + 1, ax] + wx * b[ay + 1, ax + 1]))
-            stamp *= flux[s].astype(np.float32)[:, None, None]
-            py = iy[:, None, None] + j[None, :, None]
-            px = ix[:, None, None] + j[None, None, :]
-            ok = (py >= 0) & (py < ny) & (px >= 0) & (px < nx)
-            ok = np.broadcast_to(ok, stamp.shape)
-            flat = (py * nx + px)
-            flat = np.broadcast_to(flat, stamp.shape)
-            acc += np.bincount(flat[ok], weights=stamp[ok], minlength=ny * nx)
-    return acc.reshape(ny, nx)
 
 
 def bright_star_mask(scn: Scenario, mag: np.ndarray) -> np.ndarray:
