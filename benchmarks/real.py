@@ -6,7 +6,12 @@ Per real set and per detector, on the pipeline's own block extraction
 (:func:`survey_proc.catalog.extract.extract_block` over the whole frame, the frame's tiles,
 one block):
 
-- ``sep``: the classical path;
+- ``sep``: the classical path as the pipeline runs it, with its artefact suppression
+  (:mod:`survey_proc.detect.artefacts`: halos and spikes of bright stars, shattered
+  galaxies and nebulosity);
+- ``sep_plain``: the same without it (``detection.suppress_artefacts = false``), the
+  classical path before issue 20's filter; bright stars, injection positions and the
+  empirical PSF are chosen from its detections, so the figures of the two share them;
 - ``pnet``: the learned default *as the pipeline runs it*, i.e. with the domain check: a
   frame whose measured FWHM is outside PNet's training range is detected with sep (the
   action is recorded per frame, ``domain``);
@@ -71,7 +76,7 @@ import glob
 import json
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +96,7 @@ from survey_proc.vocab import MASK_BAD
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared/data/real"
 PLOTS = Path(__file__).parent / "plots"
-DETECTORS = ("sep", "pnet", "pnet_raw", "dao")
+DETECTORS = ("sep", "sep_plain", "pnet", "pnet_raw", "dao")
 SETS = ("sdss", "2mass", "m67", "horsehead", "spitzer", "decam")
 #: log-spaced injection S/N bins (optimal PSF-fit S/N)
 SNR_BINS = ((5.0, 10.0), (10.0, 20.0), (20.0, 50.0), (50.0, 100.0), (100.0, 300.0))
@@ -281,7 +286,9 @@ class Runner:
         from survey_proc import model_registry
 
         self.detectors = detectors
-        self.cfg = {"sep": RunConfig(detector="sep"), "pnet": RunConfig(detector="pnet")}
+        plain = RunConfig(detector="sep")
+        plain = replace(plain, detection=replace(plain.detection, suppress_artefacts=False))
+        self.cfg = {"sep": RunConfig(detector="sep"), "sep_plain": plain, "pnet": RunConfig(detector="pnet")}
         self.sep = make_detector(self.cfg["sep"])
         self.pnet = None
         if "pnet" in detectors or "pnet_raw" in detectors:
@@ -310,6 +317,8 @@ class Runner:
                          r.info.fwhm_px, r.info.domain, time.perf_counter() - t0, r.info.n_fwhm_stars)
 
         out["sep"] = block(self.sep, self.cfg["sep"])
+        if "sep_plain" in self.detectors:
+            out["sep_plain"] = block(self.sep, self.cfg["sep_plain"])
         if "pnet_raw" in self.detectors:
             out["pnet_raw"] = block(_RawPNet(self.pnet), self.cfg["pnet"])
         if "pnet" in self.detectors:
@@ -324,7 +333,7 @@ class Runner:
                                        f"{out['pnet'].domain}) differs from the rule "
                                        f"({len(derived)}, {derived.domain})")
         if "dao" in self.detectors:
-            out["dao"] = self.dao(frame, img, fwhm_px or out["sep"].fwhm_px)
+            out["dao"] = self.dao(frame, img, fwhm_px or _reference(out).fwhm_px)
         return {k: out[k] for k in self.detectors}
 
     def _pipeline_pnet(self, sep_found: Found, raw: Found) -> Found:
@@ -496,9 +505,10 @@ def inject(image: np.ndarray, psf: np.ndarray, xy: np.ndarray, flux: np.ndarray,
 def injection_recovery(frame: Frame, runner: Runner, base: dict[str, Found], rounds: int, per_bin: int,
                        seed: int = SEED) -> dict[str, Any]:
     """Injection-recovery figures of one frame per detector (see the module docstring)."""
-    fwhm = frame_fwhm(frame, base["sep"])
+    ref = _reference(base)
+    fwhm = frame_fwhm(frame, ref)
     half = int(np.ceil(4.0 * fwhm)) + 1
-    psf, how = empirical_psf(frame, base["sep"], fwhm, half)
+    psf, how = empirical_psf(frame, ref, fwhm, half)
     n_eff = 1.0 / float(np.sum(psf**2))
     bad = _bad_map(frame)
     sigma = classical.estimate_background(frame.image, bad, RunConfig().detection).global_rms
@@ -507,7 +517,7 @@ def injection_recovery(frame: Frame, runner: Runner, base: dict[str, Found], rou
     rows: list[dict[str, Any]] = []
     base_trees = {k: cKDTree(np.c_[v.x, v.y]) if len(v) else None for k, v in base.items()}
     for _ in range(rounds):
-        xy = choose_positions(frame, base["sep"], fwhm, half, per_bin * len(SNR_BINS), rng)
+        xy = choose_positions(frame, ref, fwhm, half, per_bin * len(SNR_BINS), rng)
         if len(xy) == 0:
             break
         b = np.arange(len(xy)) % len(SNR_BINS)
@@ -566,7 +576,7 @@ def repeatability(frames: list[Frame], found: list[dict[str, Found]], seed: int 
                 if ia == ib:
                     continue
                 fa, fb = found[ia][det], found[ib][det]
-                r = max(frame_fwhm(a, found[ia]["sep"]), frame_fwhm(b, found[ib]["sep"]), 1.5)
+                r = max(frame_fwhm(a, _reference(found[ia])), frame_fwhm(b, _reference(found[ib])), 1.5)
                 tree = cKDTree(np.c_[fb.x, fb.y]) if len(fb) else None
                 ang = rng.uniform(0, 2 * np.pi, len(fa))
                 rad = rng.uniform(20, 40, len(fa))
@@ -589,6 +599,11 @@ def repeatability(frames: list[Frame], found: list[dict[str, Found]], seed: int 
 
 
 # ------------------------------------------------------------------------------------------------------- artefacts
+def _reference(found: dict[str, Found]) -> Found:
+    """The detections that choose bright stars, injection positions and the PSF: plain sep where it ran."""
+    return found.get("sep_plain", found["sep"])
+
+
 def bright_stars(frame: Frame, sep_found: Found, fwhm: float, n_max: int = 15) -> list[tuple[float, float, float]]:
     """Bright or saturated stars ``(x, y, extent_px)``: saturated/masked regions and the brightest sep stars."""
     stars = [(x, y, r) for x, y, r in saturated_regions(frame)]
@@ -625,7 +640,7 @@ def artefacts(frame: Frame, found: dict[str, Found], fwhm: float) -> dict[str, A
 
     bad = _bad_map(frame)
     bkg = classical.estimate_background(frame.image, bad, RunConfig().detection)
-    stars = bright_stars(frame, found["sep"], fwhm)
+    stars = bright_stars(frame, _reference(found), fwhm)
     img = np.where(bad, np.nan, frame.image)
     ext = []
     for x, y, r_sat in stars:
@@ -758,7 +773,7 @@ def gallery(rs: RealSet, frame: Frame, found: dict[str, Found], art: dict[str, A
         centres = centres[:1]
     fig, axes = plt.subplots(len(centres), len(found), figsize=(3.2 * len(found), 3.35 * len(centres)),
                              squeeze=False)
-    colours = {"sep": "#0000ff", "pnet": "#ff0000", "pnet_raw": "#ff00ff", "dao": "#00b000"}
+    colours = {"sep": "#0000ff", "sep_plain": "#00a0ff", "pnet": "#ff0000", "pnet_raw": "#ff00ff", "dao": "#00b000"}
     for row, (what, cx, cy) in enumerate(centres):
         x0 = int(np.clip(cx - s / 2, 0, nx - s))
         y0 = int(np.clip(cy - s / 2, 0, ny - s))
@@ -804,7 +819,7 @@ def benchmark_set(rs: RealSet, runner: Runner, rounds: int, per_bin: int, plot_d
     base = [runner.run(f, fwhm_px=f.psf_fwhm) for f in rs.frames]
     frames_out = []
     for i, (f, b) in enumerate(zip(rs.frames, base, strict=True)):
-        fwhm = frame_fwhm(f, b["sep"])
+        fwhm = frame_fwhm(f, _reference(b))
         inj = injection_recovery(f, runner, b, rounds, per_bin) if rs.inject is None or i in rs.inject else None
         art = artefacts(f, b, fwhm)
         fr: dict[str, Any] = {

@@ -77,14 +77,23 @@ def _is_overflow(exc: Exception) -> bool:
 
 
 def _run_extract(data: np.ndarray, bad: np.ndarray, noise: float | np.ndarray, thresh: float, cfg: DetectionConfig,
-                 deblend_cont: float) -> np.ndarray:
-    return sep.extract(data, thresh, err=noise, mask=bad, minarea=cfg.minarea_px,
-                       deblend_nthresh=cfg.deblend_nthresh, deblend_cont=deblend_cont, clean=cfg.clean)
+                 deblend_cont: float, segmap: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    out = sep.extract(data, thresh, err=noise, mask=bad, minarea=cfg.minarea_px,
+                      deblend_nthresh=cfg.deblend_nthresh, deblend_cont=deblend_cont, clean=cfg.clean,
+                      segmentation_map=segmap)
+    return (out[0], out[1]) if segmap else (out, None)
 
 
 def extract(data: np.ndarray, bad: np.ndarray, noise_adu: float | np.ndarray, cfg: DetectionConfig
             ) -> tuple[np.ndarray, str | None]:
-    """Detect sources on a background-subtracted image.
+    """Detect sources on a background-subtracted image (:func:`extract_segmap` without the map)."""
+    objs, _, fallback = extract_segmap(data, bad, noise_adu, cfg, segmap=False)
+    return objs, fallback
+
+
+def extract_segmap(data: np.ndarray, bad: np.ndarray, noise_adu: float | np.ndarray, cfg: DetectionConfig,
+                   segmap: bool = True) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+    """Detect sources on a background-subtracted image, with sep's segmentation map.
 
     Parameters
     ----------
@@ -97,10 +106,14 @@ def extract(data: np.ndarray, bad: np.ndarray, noise_adu: float | np.ndarray, cf
     cfg
         Detection settings.
 
+    segmap
+        Also return sep's segmentation map (else None in its place).
+
     Returns
     -------
-    objects, fallback
-        sep's structured array (``x``, ``y`` 0-based pixel centres, ``flag``, ``npix``, ...)
+    objects, segmap, fallback
+        sep's structured array (``x``, ``y`` 0-based pixel centres, ``flag``, ``npix``, ...),
+        its segmentation map (int32 image: 0 sky, ``k`` the pixels of ``objects[k - 1]``)
         and the fallback rung used (``None``, ``"limits"``, ``"threshold"``, ``"no_deblend"``).
     """
     sep.set_extract_pixstack(cfg.pixstack)  # sep's limits are process-global: set them every time
@@ -115,7 +128,8 @@ def extract(data: np.ndarray, bad: np.ndarray, noise_adu: float | np.ndarray, cf
             sep.set_extract_pixstack(10 * sep.get_extract_pixstack())
             sep.set_sub_object_limit(4 * sep.get_sub_object_limit())
         try:
-            return _run_extract(data, bad, noise_adu, thresh, cfg, cont), name
+            objs, seg = _run_extract(data, bad, noise_adu, thresh, cfg, cont, segmap)
+            return objs, seg, name
         except Exception as exc:  # sep raises plain Exception subclasses
             if not _is_overflow(exc):
                 raise

@@ -2,8 +2,10 @@
 
 :meth:`SepDetector.detect` runs sep once on the block window
 (:func:`survey_proc.detect.classical.extract`; the tiles of a block share their halos, so
-searching each tile's window would repeat work) and keeps the detections the block owns
-at their isophotal centroids. On those only it then
+searching each tile's window would repeat work), removes the artefacts of bright stars and
+the fragments of extended sources from the window's detections
+(:mod:`survey_proc.detect.artefacts`; ``detection.suppress_artefacts = false`` keeps plain
+sep), and keeps the detections the block owns at their isophotal centroids. On those only it then
 
 - flags ``BLENDED`` (deblended from a larger region), ``EDGE`` (isophote truncated) and,
   after a sep overflow, ``EXTRACT_FALLBACK``;
@@ -30,7 +32,7 @@ import numpy as np
 import sep
 
 from survey_proc import vocab as F
-from survey_proc.detect import classical
+from survey_proc.detect import artefacts, classical
 from survey_proc.detect.base import Aperture, Detections, DetectorInput, Neighbours, TotalFlux
 from survey_proc.photometry import aperture
 from survey_proc.photometry.psffit import refine_positions
@@ -59,7 +61,11 @@ class SepDetector:
         """
         cfg, pcfg = inp.cfg, inp.cfg.photometry
         oy, ox = inp.origin_yx
-        objs, fallback = classical.extract(inp.data, inp.bad, inp.noise_adu, cfg.detection)
+        if cfg.detection.suppress_artefacts:
+            objs, segmap, fallback = classical.extract_segmap(inp.data, inp.bad, inp.noise_adu, cfg.detection)
+            objs = self._suppress(inp, objs, segmap)
+        else:
+            objs, fallback = classical.extract(inp.data, inp.bad, inp.noise_adu, cfg.detection)
         tile, keep = inp.owner(objs["x"], objs["y"])
         o = objs[keep]
         if len(o) == 0:
@@ -102,6 +108,23 @@ class SepDetector:
                                                     found.fwhm_px, inp.cfg.photometry)
         return TotalFlux(flux=ap.flux * apcorr, flux_err=ap.flux_err * apcorr, snr=snr, apcorr=apcorr,
                          n_apcorr=n_ap)
+
+    @staticmethod
+    def _suppress(inp: DetectorInput, objs: np.ndarray, segmap: np.ndarray | None) -> np.ndarray:
+        """The window's detections less the artefacts of bright stars and extended sources (:mod:`.artefacts`).
+
+        The FWHM the tests scale with is measured on all the window's detections, as
+        :meth:`detect` measures it on the owned ones.
+        """
+        if len(objs) == 0 or segmap is None:
+            return objs
+        snr_iso = objs["flux"] / np.sqrt(objs["npix"] * inp.noise_adu**2
+                                         + np.clip(objs["flux"], 0, None) / inp.gain_e_per_adu)
+        clean = (objs["flag"] & sep.OBJ_TRUNC) == 0
+        fwhm, _ = aperture.estimate_fwhm(inp.data, inp.bad, np.asarray(objs["x"], float),
+                                         np.asarray(objs["y"], float), snr_iso, clean, inp.cfg.photometry)
+        res = artefacts.suppress(inp.data, inp.bad, inp.noise_adu, objs, segmap, fwhm, inp.cfg.detection)
+        return objs[res.keep]
 
     @staticmethod
     def _neighbours(inp: DetectorInput, objs: np.ndarray, targets: np.ndarray, found: Detections) -> Neighbours:
