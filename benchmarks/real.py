@@ -6,12 +6,12 @@ Per real set and per detector, on the pipeline's own block extraction
 (:func:`survey_proc.catalog.extract.extract_block` over the whole frame, the frame's tiles,
 one block):
 
-- ``sep``: the classical path as the pipeline runs it, with its artefact suppression
-  (:mod:`survey_proc.detect.artefacts`: halos and spikes of bright stars, shattered
-  galaxies and nebulosity);
-- ``sep_plain``: the same without it (``detection.suppress_artefacts = false``), the
-  classical path before issue 20's filter; bright stars, injection positions and the
-  empirical PSF are chosen from its detections, so the figures of the two share them;
+- ``sep``: the classical path as the pipeline runs it (the default detector);
+- ``sep_suppressed``: the same with the optional artefact suppression
+  (``detection.suppress_artefacts = true``, :mod:`survey_proc.detect.artefacts`: halos and
+  spikes of bright stars, shattered galaxies and nebulosity); bright stars, injection
+  positions and the empirical PSF are chosen from plain ``sep``'s detections, so the
+  figures of the two share them;
 - ``pnet``: the learned default *as the pipeline runs it*, i.e. with the domain check: a
   frame whose measured FWHM is outside PNet's training range is detected with sep (the
   action is recorded per frame, ``domain``);
@@ -96,7 +96,7 @@ from survey_proc.vocab import MASK_BAD
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared/data/real"
 PLOTS = Path(__file__).parent / "plots"
-DETECTORS = ("sep", "sep_plain", "pnet", "pnet_raw", "dao")
+DETECTORS = ("sep", "sep_suppressed", "pnet", "pnet_raw", "dao")
 SETS = ("sdss", "2mass", "m67", "horsehead", "spitzer", "decam")
 #: log-spaced injection S/N bins (optimal PSF-fit S/N)
 SNR_BINS = ((5.0, 10.0), (10.0, 20.0), (20.0, 50.0), (50.0, 100.0), (100.0, 300.0))
@@ -286,9 +286,9 @@ class Runner:
         from survey_proc import model_registry
 
         self.detectors = detectors
-        plain = RunConfig(detector="sep")
-        plain = replace(plain, detection=replace(plain.detection, suppress_artefacts=False))
-        self.cfg = {"sep": RunConfig(detector="sep"), "sep_plain": plain, "pnet": RunConfig(detector="pnet")}
+        supp = RunConfig(detector="sep")
+        supp = replace(supp, detection=replace(supp.detection, suppress_artefacts=True))
+        self.cfg = {"sep": RunConfig(detector="sep"), "sep_suppressed": supp, "pnet": RunConfig(detector="pnet")}
         self.sep = make_detector(self.cfg["sep"])
         self.pnet = None
         if "pnet" in detectors or "pnet_raw" in detectors:
@@ -317,8 +317,8 @@ class Runner:
                          r.info.fwhm_px, r.info.domain, time.perf_counter() - t0, r.info.n_fwhm_stars)
 
         out["sep"] = block(self.sep, self.cfg["sep"])
-        if "sep_plain" in self.detectors:
-            out["sep_plain"] = block(self.sep, self.cfg["sep_plain"])
+        if "sep_suppressed" in self.detectors:
+            out["sep_suppressed"] = block(self.sep, self.cfg["sep_suppressed"])
         if "pnet_raw" in self.detectors:
             out["pnet_raw"] = block(_RawPNet(self.pnet), self.cfg["pnet"])
         if "pnet" in self.detectors:
@@ -600,8 +600,8 @@ def repeatability(frames: list[Frame], found: list[dict[str, Found]], seed: int 
 
 # ------------------------------------------------------------------------------------------------------- artefacts
 def _reference(found: dict[str, Found]) -> Found:
-    """The detections that choose bright stars, injection positions and the PSF: plain sep where it ran."""
-    return found.get("sep_plain", found["sep"])
+    """The detections that choose bright stars, injection positions and the PSF: plain sep."""
+    return found["sep"]
 
 
 def bright_stars(frame: Frame, sep_found: Found, fwhm: float, n_max: int = 15) -> list[tuple[float, float, float]]:
@@ -773,7 +773,8 @@ def gallery(rs: RealSet, frame: Frame, found: dict[str, Found], art: dict[str, A
         centres = centres[:1]
     fig, axes = plt.subplots(len(centres), len(found), figsize=(3.2 * len(found), 3.35 * len(centres)),
                              squeeze=False)
-    colours = {"sep": "#0000ff", "sep_plain": "#00a0ff", "pnet": "#ff0000", "pnet_raw": "#ff00ff", "dao": "#00b000"}
+    colours = {"sep": "#0000ff", "sep_suppressed": "#00a0ff", "pnet": "#ff0000", "pnet_raw": "#ff00ff",
+               "dao": "#00b000"}
     for row, (what, cx, cy) in enumerate(centres):
         x0 = int(np.clip(cx - s / 2, 0, nx - s))
         y0 = int(np.clip(cy - s / 2, 0, ny - s))

@@ -59,7 +59,7 @@ class DetectionConfig:
     own_margin_px: float = 2.0  # a tile keeps detections up to this far outside its core
     dedup_radius_fwhm: float = 0.5  # border de-duplication radius (x FWHM, at least 1 px)
     # artefact suppression (survey_proc/detect/artefacts.py): halos/spikes of bright stars, shattered galaxies
-    suppress_artefacts: bool = True  # false: plain sep
+    suppress_artefacts: bool = False  # true: detect/artefacts.py filters sep's detections (measured: not the default)
     bright_peak_sigma: float = 50.0  # a bright star: peak >= this x the noise (or a saturated core so bordered)
     bright_max_radius_fwhm: float = 15.0  # a bright star's light is modelled out to this (x FWHM, <= 120 px) + its core
     artefact_ksigma: float = 5.0  # a detection on modelled light is kept when its matched-filter excess is >= this
