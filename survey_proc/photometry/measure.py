@@ -8,7 +8,9 @@ network and returns the sources columns:
 
 - ``mag_inst = m_s + mu`` (mag), with ``m_s = -2.5 log10 s`` the stamp's flux scale;
 - ``mag_err_aleatoric``, ``mag_err_epistemic`` (PNet Eq. 15) and
-  ``mag_inst_err = sqrt(aleatoric^2 + epistemic^2)``;
+  ``mag_inst_err = sqrt(aleatoric^2 + epistemic^2)``; when the model card holds a
+  ``sigma_calibration`` (:mod:`~survey_proc.photometry.sigma_calibration`, fitted after
+  training), the total is recalibrated and both parts are scaled by the same factor;
 - ``flux = 10^(-0.4 mag_inst)`` and ``flux_err = flux * mag_inst_err / 1.0857`` (ADU), so
   that ``mag_inst = -2.5 log10 flux`` holds for every row, as the schema says;
 - ``flux_fit``: the PSF-fit flux the stamp was scaled by (a diagnostic of the block
@@ -111,12 +113,19 @@ def bpnn_photometry(win: Window, targets: np.ndarray, bpnn, *, beta: float = 3.0
     ``flux_fit`` (ADU), ``stamp_masked`` (bool).
     """
     from survey_proc.photometry import bpnn as bp
+    from survey_proc.photometry.sigma_calibration import SigmaCalibration
 
     st = window_stamps(win, targets, beta=beta)
     r = bp.predict(bpnn, st, n_samples=n_samples, seed=seed)
     mag = st.mag_scale + r.mu
     err = r.sigma
+    cal = SigmaCalibration.from_card(getattr(bpnn, "card", {}) or {})
+    factor = np.ones_like(err)
+    if cal is not None:  # the card's recalibration of sigma (both parts scaled alike)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            factor = np.where(err > 0, cal.apply(err) / err, 1.0)
+        err = err * factor
     flux = 10.0 ** (-0.4 * mag)
-    return {"mag_inst": mag, "mag_inst_err": err, "mag_err_aleatoric": r.sigma_aleatoric,
-            "mag_err_epistemic": r.sigma_epistemic, "flux": flux, "flux_err": flux * err / MAG_PER_FLUX,
+    return {"mag_inst": mag, "mag_inst_err": err, "mag_err_aleatoric": r.sigma_aleatoric * factor,
+            "mag_err_epistemic": r.sigma_epistemic * factor, "flux": flux, "flux_err": flux * err / MAG_PER_FLUX,
             "flux_fit": np.asarray(win.flux_fit, float)[np.asarray(targets, np.int64)], "stamp_masked": st.masked}
