@@ -57,3 +57,54 @@ def test_refinement_keeps_stars_it_cannot_fit_where_they_were():
     r = psffit.refine_positions(img, np.ones(img.shape, bool), 1.0, 1.0, np.array([10.0]), np.array([12.0]),
                                 np.array([100.0]), 2.0)
     assert not r.ok[0] and (r.x[0], r.y[0]) == (10.0, 12.0)
+
+
+def _isolated_field(rng: np.random.Generator, flux: float, fwhm: float = 2.5, beta: float = 3.0,
+                    noise: float = 6.0, gain: float = 2.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 7 x 7 grid of isolated stars (Moffat) with Poisson + Gaussian noise; truth positions."""
+    cx, cy = np.meshgrid(np.arange(10, 150, 20.0), np.arange(10, 150, 20.0))
+    x = cx.ravel() + rng.uniform(-0.5, 0.5, cx.size)
+    y = cy.ravel() + rng.uniform(-0.5, 0.5, cx.size)
+    img = psffit.render((160, 160), x, y, np.full(x.size, flux), psffit.moffat_alpha(fwhm, beta), beta, 30)
+    data = img + rng.normal(0, 1, img.shape) * np.sqrt(noise**2 + img / gain)
+    return data, x, y
+
+
+@pytest.mark.parametrize("flux", [800.0, 20000.0])
+def test_flux_err_from_fisher_matches_monte_carlo(flux: float) -> None:
+    rng = np.random.default_rng(11)
+    fits, errs = [], []
+    for _ in range(6):
+        data, x, y = _isolated_field(rng, flux)
+        r = psffit.refine_positions(data, np.zeros(data.shape, bool), 6.0, 2.0, x + 0.1, y - 0.1,
+                                    np.full(x.size, flux * 0.9), 2.5)
+        fits.append(r.flux[r.ok])
+        errs.append(r.flux_err[r.ok])
+    f, e = np.concatenate(fits), np.concatenate(errs)
+    assert np.std(f - flux) / np.median(e) == pytest.approx(1.0, abs=0.15)
+    assert abs(np.median(f) / flux - 1) < 0.01
+
+
+class _WrappedMoffat:
+    """A PSF given as evaluate/gradient (an empirical PSF's interface), here the Moffat itself."""
+
+    def __init__(self, fwhm: float, beta: float):
+        self.m = psffit.MoffatPSF(fwhm, beta)
+
+    def evaluate(self, du: np.ndarray, dv: np.ndarray) -> np.ndarray:
+        return self.m.pixel_grad(du, dv)[0]
+
+    def gradient(self, du: np.ndarray, dv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        _, gu, gv = self.m.pixel_grad(du, dv)
+        return gu, gv
+
+
+def test_a_tabulated_psf_gives_the_moffat_fit() -> None:
+    data, x, y = _isolated_field(np.random.default_rng(3), 5000.0)
+    args = (data, np.zeros(data.shape, bool), 6.0, 2.0, x + 0.2, y - 0.1, np.full(x.size, 4000.0), 2.5)
+    a = psffit.refine_positions(*args)
+    b = psffit.refine_positions(*args, psf=_WrappedMoffat(2.5, 3.0))
+    np.testing.assert_allclose(b.x, a.x, atol=5e-3)  # the renderings differ in the wings (< 1 %)
+    np.testing.assert_allclose(b.flux, a.flux, rtol=2e-3)
+    with pytest.raises(TypeError, match="is not a PSF model for the fitter"):
+        psffit.refine_positions(*args, psf=object())

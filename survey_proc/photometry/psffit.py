@@ -10,7 +10,8 @@ a position step scaled by a wrong flux overshoots), then ``n_iter`` Gauss-Newton
 is re-rendered before each step (Jacobi iterations: every star moves at once from the
 previous estimates, so the result does not depend on the order of the stars).
 
-PSF model: a pixel-integrated Moffat of the block's measured FWHM and ``beta`` (3 by
+PSF model: any :class:`PixelPSF` (``psf=``: an empirical PSF of the epoch through
+:class:`TabulatedPSF`), by default a pixel-integrated Moffat of the block's measured FWHM and ``beta`` (3 by
 default: the dense preset's PSF, and close to the wings of real seeing-limited PSFs). The
 integral over each pixel is a 3 x 3 sub-pixel average in the central 5 x 5 pixels of a
 star and one sample at the pixel centre further out (:func:`render`). A wrong profile
@@ -20,12 +21,15 @@ refined here.
 Weights: ``1 / (noise^2 + model / gain)`` (sky + read noise, plus the stars' own Poisson
 noise). Steps are capped at ``max_step_px`` (0.25 px) per iteration; a star whose fit fails
 (singular system, a non-positive flux) or that ends more than ``max_shift_px`` (0.75 px)
-from the detector's position keeps its detector position (``ok`` False).
+from the detector's position keeps its detector position (``ok`` False). After the
+iterations, one more pass builds the weighted normal matrix of (flux, dx, dy, sky) at the
+final estimates: its inverse is the Fisher bound, whose flux term is ``flux_err``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -34,12 +38,87 @@ _SUB = (np.arange(3) - 1) / 3.0  # 3 x 3 sub-pixel offsets for the pixel integra
 
 @dataclass
 class RefineResult:
-    """Refined positions (same frame as the inputs), fitted fluxes (ADU) and a per-star success mask."""
+    """Refined positions (same frame as the inputs), fitted fluxes (ADU) and a per-star success mask.
+
+    ``flux_err`` (ADU) is the flux's standard error from the fit's Fisher information
+    (the inverse of the weighted normal matrix of flux, position and local sky at the final
+    estimates, neighbours fixed); NaN for stars that were not refit.
+    """
 
     x: np.ndarray
     y: np.ndarray
     flux: np.ndarray
     ok: np.ndarray
+    flux_err: np.ndarray | None = None
+
+
+class PixelPSF(Protocol):
+    """What the fitter needs of a PSF: pixel-integrated values and their offset derivatives.
+
+    ``pixel_grad(du, dv)`` returns ``(p, dp/du, dp/dv)`` for pixel-centre offsets (du, dv)
+    from the star (px); ``profile(du, dv)`` returns the pixel-integrated values for the
+    (cheaper) rendering of every star's model, which may be approximate far from the core.
+    """
+
+    def pixel_grad(self, du: np.ndarray, dv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pixel-integrated values and their derivatives with respect to du and dv (per px)."""
+        ...
+
+    def profile(self, du: np.ndarray, dv: np.ndarray) -> np.ndarray:
+        """Pixel-integrated values for rendering."""
+        ...
+
+
+@dataclass(frozen=True)
+class MoffatPSF:
+    """The analytic pixel-integrated Moffat of a FWHM (px) and beta (the fitter's default PSF)."""
+
+    fwhm_px: float
+    beta: float = 3.0
+
+    @property
+    def alpha(self) -> float:
+        """Moffat core width (px)."""
+        return moffat_alpha(self.fwhm_px, self.beta)
+
+    def pixel_grad(self, du: np.ndarray, dv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """See :class:`PixelPSF`."""
+        return moffat_pixel_grad(du, dv, self.alpha, self.beta)
+
+    def profile(self, du: np.ndarray, dv: np.ndarray) -> np.ndarray:
+        """Pixel centres sampled (the 3 x 3 pixel integral in the central 5 x 5 pixels: :func:`render`)."""
+        a2 = self.alpha**2
+        prof = _tpow(1.0 + (du * du + dv * dv) / a2, self.beta) * ((self.beta - 1.0) / (np.pi * a2))
+        radius = du.shape[-1] // 2
+        c = slice(max(0, radius - 2), radius + 3)
+        prof[..., c, c] = moffat_pixel(du[..., c, c], dv[..., c, c], self.alpha, self.beta)
+        return prof
+
+
+@dataclass(frozen=True)
+class TabulatedPSF:
+    """Adapter for a PSF object with ``evaluate(du, dv)`` and ``gradient(du, dv)`` (an empirical PSF)."""
+
+    psf: Any
+
+    def pixel_grad(self, du: np.ndarray, dv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """See :class:`PixelPSF`."""
+        gu, gv = self.psf.gradient(du, dv)
+        return self.psf.evaluate(du, dv), gu, gv
+
+    def profile(self, du: np.ndarray, dv: np.ndarray) -> np.ndarray:
+        """See :class:`PixelPSF`."""
+        return self.psf.evaluate(du, dv)
+
+
+def as_pixel_psf(psf: Any) -> PixelPSF:
+    """``psf`` as the fitter's :class:`PixelPSF` (an object with ``evaluate``/``gradient`` is wrapped)."""
+    if hasattr(psf, "pixel_grad") and hasattr(psf, "profile"):
+        return cast(PixelPSF, psf)
+    if hasattr(psf, "evaluate") and hasattr(psf, "gradient"):
+        return TabulatedPSF(psf)
+    raise TypeError(f"{type(psf).__name__} is not a PSF model for the fitter: it needs pixel_grad/profile "
+                    "or evaluate/gradient (see survey_proc/photometry/psffit.py)")
 
 
 def moffat_alpha(fwhm_px: float, beta: float) -> float:
@@ -176,11 +255,40 @@ def render(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarra
     return img.reshape(shape)
 
 
+def render_psf(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray, psf: PixelPSF,
+               radius: int) -> np.ndarray:
+    """Image of point sources (flux x ``psf.profile``) within ``radius`` px of each (as :func:`render`).
+
+    Parameters
+    ----------
+    shape
+        ``(ny, nx)`` of the image (px).
+    x, y
+        Star positions (px).
+    flux
+        Total fluxes (ADU).
+    psf
+        The PSF model.
+    radius
+        Half-size of each star's square stamp (px).
+
+    Returns
+    -------
+    ndarray
+        The model image (ADU).
+    """
+    py, px, inside = _stamps(x, y, radius, shape)
+    du, dv = np.broadcast_arrays(px - x[:, None, None], py - y[:, None, None])
+    vals = flux[:, None, None] * psf.profile(np.array(du, float), np.array(dv, float))
+    img = np.bincount((py * shape[1] + px)[inside], weights=vals[inside], minlength=shape[0] * shape[1])
+    return img.reshape(shape)
+
+
 def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_adu: float,
                      x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm_px: float, *, fit: np.ndarray | None = None,
                      beta: float = 3.0, n_iter: int = 2, fit_radius_fwhm: float = 1.5,
-                     model_radius_fwhm: float = 3.0, max_step_px: float = 0.25, max_shift_px: float = 0.75
-                     ) -> RefineResult:
+                     model_radius_fwhm: float = 3.0, max_step_px: float = 0.25, max_shift_px: float = 0.75,
+                     psf: Any = None) -> RefineResult:
     """Refine the positions of all stars of a window together (see the module docstring).
 
     Parameters
@@ -196,6 +304,9 @@ def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
     fit
         Which stars to refit (default all); the others stay where they are but their models
         are still subtracted from their neighbours' stamps.
+    psf
+        The PSF model (:class:`PixelPSF`, or an object with ``evaluate``/``gradient`` such as
+        an empirical PSF); default the Moffat of ``fwhm_px`` and ``beta``.
 
     Returns
     -------
@@ -207,17 +318,19 @@ def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
     xc, yc = x0.copy(), y0.copy()
     f = np.clip(np.asarray(flux, float), 1e-3, None).copy()
     ok = np.ones(n, bool)
+    ferr = np.full(n, np.nan)
     if n == 0:
-        return RefineResult(xc, yc, f, ok)
+        return RefineResult(xc, yc, f, ok, ferr)
     idx = np.flatnonzero(np.ones(n, bool) if fit is None else fit)
     m = len(idx)
-    alpha = moffat_alpha(fwhm_px, beta)
+    model_psf = MoffatPSF(fwhm_px, beta) if psf is None else as_pixel_psf(psf)
     rfit = max(2, int(np.ceil(fit_radius_fwhm * fwhm_px)))
     rmod = max(rfit + 1, int(np.ceil(model_radius_fwhm * fwhm_px)))
     good = ~bad
-    for it in range(n_iter + 1):
+    for it in range(n_iter + 2):
         flux_only = it == 0  # first a linear (flux, sky) step at the detector's positions
-        model = render(data.shape, xc, yc, f, alpha, beta, rmod)
+        final = it == n_iter + 1  # no step: the Fisher information at the final estimates
+        model = render_psf(data.shape, xc, yc, f, model_psf, rmod)
         if m == 0:
             break
         xs, ys, fs = xc[idx], yc[idx], f[idx]
@@ -225,7 +338,7 @@ def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
         use = inside & good[py, px]
         du = px - xs[:, None, None]
         dv = py - ys[:, None, None]
-        p, gu, gv = moffat_pixel_grad(du, dv, alpha, beta)
+        p, gu, gv = model_psf.pixel_grad(du, dv)
         dpx, dpy = -gu, -gv  # d model / d x_c = -d P / d u
         resid = data[py, px] - model[py, px]  # residual of the full model: the star's own step fits it
         w = use / (noise_adu**2 + np.clip(model[py, px], 0, None) / gain_e_per_adu)
@@ -239,6 +352,11 @@ def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
         a = np.einsum("nis,njs->nij", cols * wv, cols)
         b = np.einsum("nis,ns->ni", cols * wv, resid.reshape(m, -1))
         a += np.eye(k_par)[None] * 1e-9 * np.trace(a, axis1=1, axis2=2)[:, None, None]
+        if final:
+            with np.errstate(invalid="ignore"):
+                cov = np.linalg.pinv(a)
+            ferr[idx] = np.sqrt(np.clip(cov[:, 0, 0], 0, None))
+            break
         try:
             sol = np.linalg.solve(a, b[..., None])[..., 0]
         except np.linalg.LinAlgError:
@@ -265,4 +383,4 @@ def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
     moved = np.hypot(xc - x0, yc - y0) > max_shift_px
     ok &= ~moved
     xc[~ok], yc[~ok] = x0[~ok], y0[~ok]
-    return RefineResult(xc, yc, f, ok)
+    return RefineResult(xc, yc, f, ok, ferr)
