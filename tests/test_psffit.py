@@ -77,7 +77,7 @@ def test_flux_err_from_fisher_matches_monte_carlo(flux: float) -> None:
     for _ in range(6):
         data, x, y = _isolated_field(rng, flux)
         r = psffit.refine_positions(data, np.zeros(data.shape, bool), 6.0, 2.0, x + 0.1, y - 0.1,
-                                    np.full(x.size, flux * 0.9), 2.5)
+                                    np.full(x.size, flux * 0.9), 2.5, flux_errors=True)
         fits.append(r.flux[r.ok])
         errs.append(r.flux_err[r.ok])
     f, e = np.concatenate(fits), np.concatenate(errs)

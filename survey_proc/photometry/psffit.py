@@ -22,7 +22,7 @@ Weights: ``1 / (noise^2 + model / gain)`` (sky + read noise, plus the stars' own
 noise). Steps are capped at ``max_step_px`` (0.25 px) per iteration; a star whose fit fails
 (singular system, a non-positive flux) or that ends more than ``max_shift_px`` (0.75 px)
 from the detector's position keeps its detector position (``ok`` False). After the
-iterations, one more pass builds the weighted normal matrix of (flux, dx, dy, sky) at the
+iterations, with ``flux_errors``, one more pass builds the weighted normal matrix of (flux, dx, dy, sky) at the
 final estimates: its inverse is the Fisher bound, whose flux term is ``flux_err``.
 """
 
@@ -288,7 +288,7 @@ def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
                      x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm_px: float, *, fit: np.ndarray | None = None,
                      beta: float = 3.0, n_iter: int = 2, fit_radius_fwhm: float = 1.5,
                      model_radius_fwhm: float = 3.0, max_step_px: float = 0.25, max_shift_px: float = 0.75,
-                     psf: Any = None) -> RefineResult:
+                     psf: Any = None, flux_errors: bool = False) -> RefineResult:
     """Refine the positions of all stars of a window together (see the module docstring).
 
     Parameters
@@ -307,6 +307,9 @@ def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
     psf
         The PSF model (:class:`PixelPSF`, or an object with ``evaluate``/``gradient`` such as
         an empirical PSF); default the Moffat of ``fwhm_px`` and ``beta``.
+    flux_errors
+        Also compute ``flux_err`` from the Fisher information (one more pass over the
+        window, about a third of the fit's cost); otherwise it is all NaN.
 
     Returns
     -------
@@ -327,7 +330,7 @@ def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
     rfit = max(2, int(np.ceil(fit_radius_fwhm * fwhm_px)))
     rmod = max(rfit + 1, int(np.ceil(model_radius_fwhm * fwhm_px)))
     good = ~bad
-    for it in range(n_iter + 2):
+    for it in range(n_iter + 1 + int(flux_errors)):
         flux_only = it == 0  # first a linear (flux, sky) step at the detector's positions
         final = it == n_iter + 1  # no step: the Fisher information at the final estimates
         model = render_psf(data.shape, xc, yc, f, model_psf, rmod)
