@@ -1,0 +1,154 @@
+"""The empirical PSF (survey_proc.photometry.epsf) against the simulator's true effective PSF."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import pickle
+import time
+
+import numpy as np
+import pytest
+
+from survey_proc.photometry.epsf import EmpiricalPSF, build_epsf, measure_fwhm
+from survey_proc.simulate.psf import build_bank, effective_psf
+from survey_proc.simulate.stamps import render_stars
+
+SKY, GAIN, RN = 200.0, 2.0, 5.0
+K_TRUE = 11
+
+
+def simulate_field(profile: str, fwhm: float | tuple[float, float], n: int = 49, seed: int = 1,
+                   snr: tuple[float, float] = (100.0, 2000.0)):
+    """Bright stars on a jittered grid, Poisson + read noise; ``fwhm`` (lo, hi) varies linearly in x."""
+    rng = np.random.default_rng(seed)
+    fmax = max(np.atleast_1d(fwhm))
+    sp = max(14, int(np.ceil(7 * fmax)))
+    g = int(np.ceil(np.sqrt(n)))
+    size = sp * g + 2 * sp
+    xx, yy = np.meshgrid(np.arange(g) * sp + 1.5 * sp, np.arange(g) * sp + 1.5 * sp)
+    x = xx.ravel()[:n] + rng.uniform(-0.15, 0.15, n) * sp
+    y = yy.ravel()[:n] + rng.uniform(-0.15, 0.15, n) * sp
+    sig2 = SKY / GAIN + (RN / GAIN) ** 2
+    sigp = np.sqrt((fmax / 2.355) ** 2 + 1 / 12)
+    s = np.exp(rng.uniform(np.log(snr[0]), np.log(snr[1]), n))
+    flux = (s**2 / GAIN + np.sqrt(s**4 / GAIN**2 + 4 * s**2 * sig2 * 4 * np.pi * sigp**2)) / 2
+    img = np.zeros((size, size))
+    if isinstance(fwhm, tuple):  # linear in x: stars rendered in narrow x bins, each with its own PSF
+        edges = np.linspace(0, size, 9)
+        for lo, hi in itertools.pairwise(edges):
+            sel = (x >= lo) & (x < hi)
+            f = fwhm[0] + (fwhm[1] - fwhm[0]) * (0.5 * (lo + hi)) / size
+            img += render_stars(img.shape, x[sel], y[sel], flux[sel], build_bank(profile, f), np.sqrt(sig2))
+    else:
+        img = render_stars(img.shape, x, y, flux, build_bank(profile, fwhm), np.sqrt(sig2))
+    noisy = rng.poisson(np.clip(img + SKY, 0, None) * GAIN) / GAIN + rng.normal(0, RN / GAIN, img.shape)
+    return noisy, x, y, flux, np.sqrt(sig2)
+
+
+def _build(img, x, y, flux, noise, fwhm, **kw):
+    rng = np.random.default_rng(7)  # a detector's positions and rough fluxes
+    return build_epsf(img, None, SKY, noise, x + rng.normal(0, 0.05, len(x)), y + rng.normal(0, 0.05, len(x)),
+                      flux * rng.uniform(0.8, 1.2, len(x)), fwhm, None, gain_e_per_adu=GAIN, **kw)
+
+
+@pytest.fixture(scope="module")
+def moffat25():
+    img, x, y, flux, noise = simulate_field("moffat", 2.5)
+    return _build(img, x, y, flux, noise, 2.5, order=0), (img, x, y, flux, noise)
+
+
+@pytest.mark.parametrize(("profile", "fwhm"), [("moffat", 1.2), ("kolmogorov", 1.2), ("kolmogorov", 2.5),
+                                               ("moffat", 6.0)])
+def test_matches_true_psf_and_fluxes_unbiased(profile, fwhm):
+    img, x, y, flux, noise = simulate_field(profile, fwhm)
+    psf = _build(img, x, y, flux, noise, fwhm, order=0)
+    true = effective_psf(profile, fwhm, oversample=K_TRUE, radius_px=12)
+    c = (true.shape[0] - 1) // 2
+    j = np.arange(-7, 8)
+    for px, py in [(0, 0), (3, -5), (5, 5), (-4, 2)]:  # sub-pixel phases in 1/11 px
+        tru = true[c + K_TRUE * j[:, None] - py, c + K_TRUE * j[None, :] - px]
+        est = psf.stamp(7, px / K_TRUE, py / K_TRUE)
+        assert np.abs(est - tru).max() <= 0.01 * tru.max()
+    # linear flux fit at the true positions on stamps of radius max(7, 3 FWHM) px
+    j = np.arange(-max(7, int(np.ceil(3 * fwhm))), max(7, int(np.ceil(3 * fwhm))) + 1)
+    ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
+    gx, gy = ix[:, None, None] + j[None, None, :], iy[:, None, None] + j[None, :, None]
+    d = img[gy, gx] - SKY
+    p = psf.evaluate(gx - x[:, None, None], gy - y[:, None, None], x, y)
+    fit = (p * d).sum((1, 2)) / (p * p).sum((1, 2))
+    bright = flux > np.median(flux)
+    assert abs(np.median(fit[bright] / flux[bright]) - 1) < 0.003
+    assert psf.fwhm_px == pytest.approx(measure_fwhm(lambda u, v: _interp(true, u, v), fwhm), rel=0.01)
+
+
+def _interp(table, u, v):
+    from scipy.ndimage import map_coordinates
+
+    c = (table.shape[0] - 1) // 2
+    u, v = np.broadcast_arrays(np.asarray(u, float), np.asarray(v, float))
+    return map_coordinates(table, [v * K_TRUE + c, u * K_TRUE + c], order=3)
+
+
+def test_follows_linear_fwhm_variation():
+    img, x, y, flux, noise = simulate_field("moffat", (2.2, 3.0), n=64, seed=3)
+    psf = _build(img, x, y, flux, noise, 2.6, order=1)
+    size = img.shape[1]
+    for xc in (0.1 * size, 0.9 * size):
+        for yc in (0.1 * size, 0.9 * size):
+            f_true = 2.2 + 0.8 * xc / size
+            t = effective_psf("moffat", f_true, oversample=K_TRUE, radius_px=10)
+            want = measure_fwhm(lambda u, v, t=t: _interp(t, u, v), f_true)
+            assert psf.fwhm_at(xc, yc) == pytest.approx(want, rel=0.05)
+    assert psf.fwhm_at(0.9 * size, size / 2) - psf.fwhm_at(0.1 * size, size / 2) > 0.4  # truth 0.61
+
+
+def test_gradient_matches_finite_differences(moffat25):
+    psf = moffat25[0]
+    rng = np.random.default_rng(0)
+    du, dv = rng.uniform(-4, 4, 500), rng.uniform(-4, 4, 500)
+    gu, gv = psf.gradient(du, dv)
+    h = 1e-4
+    fu = (psf.evaluate(du + h, dv) - psf.evaluate(du - h, dv)) / (2 * h)
+    fv = (psf.evaluate(du, dv + h) - psf.evaluate(du, dv - h)) / (2 * h)
+    scale = np.abs(fu).max()
+    assert np.abs(gu - fu).max() < 0.01 * scale
+    assert np.abs(gv - fv).max() < 0.01 * scale
+
+
+def test_unit_sum_speed_and_persistence(moffat25):
+    psf = moffat25[0]
+    j = np.arange(-60, 61)
+    for dx, dy in [(0, 0), (0.3, -0.4)]:
+        assert psf.evaluate(j[None, :] - dx, j[:, None] - dy).sum() == pytest.approx(1.0, abs=1e-3)
+    rng = np.random.default_rng(1)
+    jj = np.arange(-7, 8)
+    x0, y0 = rng.uniform(0, 200, 10_000), rng.uniform(0, 200, 10_000)
+    du = jj[None, None, :] - rng.uniform(-0.5, 0.5, (10_000, 1, 1))
+    dv = jj[None, :, None] - rng.uniform(-0.5, 0.5, (10_000, 1, 1))
+    psf.evaluate(du[:10], dv[:10], x0[:10], y0[:10])  # tables built
+    t = time.perf_counter()
+    p = psf.evaluate(du, dv, x0, y0)
+    assert p.shape == (10_000, 15, 15)
+    assert time.perf_counter() - t < 2.0  # ~0.3 s on an idle core
+    back = EmpiricalPSF.from_dict(json.loads(json.dumps(psf.to_dict())))
+    np.testing.assert_allclose(back.evaluate(du[:5], dv[:5], x0[:5], y0[:5]), p[:5], atol=1e-12)
+    blob = pickle.dumps(psf)
+    assert len(blob) < 200_000
+    np.testing.assert_allclose(pickle.loads(blob).evaluate(du[:5], dv[:5]), psf.evaluate(du[:5], dv[:5]))
+
+
+def test_clear_errors(moffat25):
+    img, x, y, flux, noise = moffat25[1]
+    with pytest.raises(ValueError, match=r"only 3 usable PSF stars .* need at least 5.*larger block"):
+        _build(img, x[:3], y[:3], flux[:3], noise, 2.5)
+    with pytest.raises(ValueError, match="fwhm_px must be a finite FWHM"):
+        _build(img, x, y, flux, noise, float("nan"))
+    with pytest.raises(ValueError, match="mask must have the image's shape"):
+        build_epsf(img, np.zeros((3, 3)), SKY, noise, x, y, flux, 2.5, None)
+    with pytest.raises(ValueError, match="order must be 0, 1 or 2"):
+        _build(img, x, y, flux, noise, 2.5, order=3)
+    with pytest.raises(ValueError, match="same length"):
+        build_epsf(img, None, SKY, noise, x, y[:-1], flux, 2.5, None)
+    with pytest.raises(ValueError, match="not an empirical-PSF dictionary"):
+        EmpiricalPSF.from_dict({"kind": "other"})
