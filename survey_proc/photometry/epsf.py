@@ -773,9 +773,9 @@ def build_epsf(image_adu: np.ndarray, mask: np.ndarray | None, background_adu: A
         raise ValueError(
             f"build_epsf: only {len(sel)} usable PSF stars (of {reasons['detections']} detections: "
             f"{reasons['in_image']} with a {2 * r_fit + 1} px stamp inside the image, {reasons['bright']} of S/N >= "
-            f"{min_snr:g}, {reasons['isolated']} isolated, {reasons['unsaturated']} unsaturated); need at least "
-            f"{min_stars}. Pass every detection of a larger block, lower min_snr/min_stars, or fall back to an "
-            "analytic PSF of the measured FWHM")
+            f"{min_snr:g}, {reasons['isolated']} isolated, {reasons['unsaturated']} unsaturated and unmasked); "
+            f"need at least {min_stars}. Pass every detection of a larger block, lower min_snr/min_stars, "
+            "or fall back to an analytic PSF of the measured FWHM")
     n_gl = 6 if sig_pix < 1.0 else (4 if sig_pix < 2.0 else 3)
     if order is None:
         order = 0 if len(sel) < 12 else (1 if len(sel) < 30 else 2)
