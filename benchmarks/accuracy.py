@@ -1,6 +1,7 @@
 """Accuracy benchmark: every detector through the same pipeline on the same held-out survey.
 
-    python -m benchmarks.accuracy --scenario dense|sparse [--methods sep,sep+bpnn,pnet,pnet+bpnn] [--out DIR] [--quick]
+    python -m benchmarks.accuracy --scenario dense|sparse [--methods sep,sep+bpnn,sep+epsf,pnet,pnet+bpnn]
+        [--out DIR] [--quick]
 
 Simulates the held-out survey of ``benchmarks/scenarios/<scenario>-heldout.toml`` (a seed
 and conditions never used for training), runs ``survey-proc run`` once per detector, and
@@ -64,13 +65,15 @@ def available() -> set[str]:
     """Methods that can run in this installation (PNet and the BPNN need their shipped weights).
 
     A method is a detector, optionally with ``+bpnn`` (BPNN magnitudes on that detector's
-    detections; without it, the detector's own photometry: sep aperture, PNet PSF fit).
+    detections) or ``+epsf`` (a PSF fit on each block's empirical PSF,
+    ``photometry.psf_model = "epsf"``); without either, the detector's own photometry: sep
+    aperture, PNet PSF fit.
     """
     from survey_proc.detect.pnet import DEFAULT_WEIGHTS
     from survey_proc.photometry.bpnn import DEFAULT_WEIGHTS as BPNN_WEIGHTS
 
     dets = {"sep", "pnet"} if DEFAULT_WEIGHTS.exists() else {"sep"}
-    return dets | ({f"{d}+bpnn" for d in dets} if BPNN_WEIGHTS.exists() else set())
+    return dets | {f"{d}+epsf" for d in dets} | ({f"{d}+bpnn" for d in dets} if BPNN_WEIGHTS.exists() else set())
 
 
 AVAILABLE = available()
@@ -472,6 +475,7 @@ def run(scenario: str, detectors: list[str], out: Path, *, quick: bool = False, 
         detector, _, phot = det.partition("+")
         cfg = load_config(None, {"store": str(survey), "out": str(base / det), "detector": detector,
                                  "bpnn": {"enabled": phot == "bpnn"}, "progress": False,
+                                 "photometry": {"psf_model": "epsf" if phot == "epsf" else "none"},
                                  "evaluate": False, "mode": "overwrite", "workers": workers,
                                  **({"pnet": {"threshold": pnet_threshold}} if pnet_threshold else {})})
         t = time.perf_counter()
@@ -492,8 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.splitlines()[0])
     p.add_argument("--scenario", choices=("dense", "sparse"), default="dense")
     p.add_argument("--detectors", "--methods", dest="detectors", default="sep,sep+bpnn,pnet,pnet+bpnn",
-                   help="comma-separated methods: a detector (sep, pnet: its own photometry) or detector+bpnn "
-                        "(BPNN magnitudes on its detections); default all four")
+                   help="comma-separated methods: a detector (sep, pnet: its own photometry), detector+bpnn "
+                        "(BPNN magnitudes on its detections) or detector+epsf (a PSF fit on each block's "
+                        "empirical PSF); default sep, sep+bpnn, pnet, pnet+bpnn")
     p.add_argument("--out", default="bench-out", help="output directory (default bench-out/)")
     p.add_argument("--epochs", type=int, help="epochs of the held-out survey (default 20; quick 4)")
     p.add_argument("--size", type=int, help="detector size in px (default 1024; quick 256)")

@@ -75,6 +75,7 @@ class PhotometryConfig:
     apcorr_snr_min: float = 50.0  # stars used for the aperture correction and the FWHM
     winpos_subpix: int = 1  # sub-pixel sampling of sep windowed centroids (3 or 11: slower, same rms)
     fwhm_default_px: float = 2.5  # used when a block has too few bright stars to measure it
+    psf_model: str = "none"  # "epsf": magnitudes from a PSF fit on the block's empirical PSF (photometry/psfphot.py)
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,9 @@ class RunConfig:
             raise ConfigError(f"pnet.threshold must be in [0, 1) (0: the model card's), got {self.pnet.threshold}")
         if self.bpnn.n_samples < 0:
             raise ConfigError(f"bpnn.n_samples must be >= 0 (0: the model card's), got {self.bpnn.n_samples}")
+        if self.photometry.psf_model not in ("none", "epsf"):
+            raise ConfigError(f"photometry.psf_model must be 'none' or 'epsf' (a PSF fit on the block's empirical "
+                              f"PSF), got {self.photometry.psf_model!r}")
         c = self.classify
         if not 0.0 <= c.threshold < 1.0:
             raise ConfigError(f"classify.threshold must be in [0, 1) (0: the model card's), got {c.threshold}")

@@ -38,12 +38,13 @@ STAMP_FILLED = 1 << 11  # the BPNN stamp had masked or off-image pixels, filled 
 ZP_FEW = 1 << 12  # the epoch's zero point rests on fewer than calibration.min_stars stars; its error is widened
 ZP_RELATIVE = 1 << 13  # no absolute calibration for this field and band: mag = relative mag + nominal zero point
 EXTENDED = 1 << 14  # more extended than the PSF (concentration test): a galaxy, a nebula knot, an unresolved blend
+PSF_FIT = 1 << 15  # photometry.psf_model = "epsf": the PSF fit failed here, the detector's flux is kept
 
 NAMES: dict[int, str] = {
     SATURATED: "SATURATED", MASKED: "MASKED", COSMIC: "COSMIC", BLENDED: "BLENDED", EDGE: "EDGE",
     CENTROID: "CENTROID", NONPOSITIVE: "NONPOSITIVE", EXTRACT_FALLBACK: "EXTRACT_FALLBACK",
     ZP_MODEL: "ZP_MODEL", NO_WCS: "NO_WCS", FORCED: "FORCED", STAMP_FILLED: "STAMP_FILLED", ZP_FEW: "ZP_FEW",
-    ZP_RELATIVE: "ZP_RELATIVE", EXTENDED: "EXTENDED",
+    ZP_RELATIVE: "ZP_RELATIVE", EXTENDED: "EXTENDED", PSF_FIT: "PSF_FIT",
 }
 
 # flags that make a point unfit for photometric statistics (object means, calibration)

@@ -210,7 +210,8 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     def owner(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return _owner(x + ox, y + oy, tiles, margin)
 
-    want_window = bpnn is not None or keep_window
+    use_epsf = cfg.photometry.psf_model == "epsf"
+    want_window = bpnn is not None or keep_window or use_epsf
     inp = DetectorInput(image=image, mask=mask, data=data, bad=bad, bkg_adu=bkg.back, noise_adu=noise,
                         gain_e_per_adu=gain_e_per_adu, origin_yx=origin_yx, cfg=cfg, owner=owner,
                         want_neighbours=want_window)
@@ -265,6 +266,11 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     if nb is None:
         raise RuntimeError(f"detector {detector.name!r} returned no neighbours for the window it was asked for")
     win = Window(data, bad, bkg.back, noise, gain_e_per_adu, found.fwhm_px, nb.x, nb.y, nb.flux_fit)
+    if use_epsf:  # the PSF fit's magnitudes take the place of the BPNN's and the detector's
+        out = _with_psf_fit(out, image, win, nb.targets, saturation_adu, cfg)
+        if cfg.bpnn.enabled:
+            out = _with_detector_magnitudes(out)
+        return BlockResult(out, info, win, nb.targets)
     if bpnn is not None:
         out = _with_bpnn(out, win, nb.targets, bpnn, cfg, seed)
     elif actions and cfg.bpnn.enabled:  # the other blocks of the epoch bring BPNN magnitude columns: match them
@@ -280,6 +286,30 @@ def _with_detector_magnitudes(out: pd.DataFrame) -> pd.DataFrame:
     out["mag_inst"], out["mag_inst_err"] = instrumental_mag(out["flux"].to_numpy(), out["flux_err"].to_numpy())
     out["mag_err_aleatoric"] = out["mag_inst_err"]
     out["mag_err_epistemic"] = 0.0  # the classical measurement has no model uncertainty
+    return out
+
+
+def _with_psf_fit(out: pd.DataFrame, image: np.ndarray, win: Window, targets: np.ndarray, saturation_adu: float,
+                  cfg: RunConfig) -> pd.DataFrame:
+    """``flux``/``flux_err`` from the PSF fit on the window's empirical PSF (:mod:`~survey_proc.photometry.psfphot`).
+
+    A target whose fit failed keeps the detector's flux and is flagged ``PSF_FIT``.
+    """
+    from survey_proc.photometry.psfphot import psf_photometry
+
+    r = psf_photometry(image, win.bad, win.data, win.bkg_adu, win.noise_adu, win.gain_e_per_adu, saturation_adu,
+                       win.fwhm_px, win.x, win.y, win.flux_fit, targets, beta=cfg.bpnn.psf_beta)
+    out = out.copy()
+    ok = r.ok & np.isfinite(r.flux_err) & (r.flux_err > 0)
+    out.loc[ok, "flux"] = r.flux[ok]
+    out.loc[ok, "flux_err"] = r.flux_err[ok]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out.loc[ok, "snr"] = r.flux[ok] / r.flux_err[ok]
+    flags = out["flags"].to_numpy().copy()
+    flags[~ok] |= F.PSF_FIT
+    flags[ok] &= ~np.int32(F.NONPOSITIVE)
+    flags[ok & (r.flux <= 0)] |= F.NONPOSITIVE
+    out["flags"] = flags.astype(np.int32)
     return out
 
 

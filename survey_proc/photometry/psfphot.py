@@ -1,0 +1,91 @@
+"""PSF-fit photometry of a window on its own empirical PSF (issue 21), with Fisher errors.
+
+Per window (block) of one epoch:
+
+1. the empirical PSF is built from the window's bright, isolated, unsaturated detections
+   (:func:`survey_proc.photometry.epsf.build_epsf`; its constant term: a block covers a
+   small part of the field);
+2. every detection of the window is refitted together with it
+   (:func:`survey_proc.photometry.psffit.refine_positions`: a linear flux step, then
+   Gauss-Newton steps of flux, position and local sky with the neighbours' models
+   subtracted), and ``flux_err`` is the fit's Fisher bound at the final estimates;
+3. the owned detections (``targets``) get ``flux``/``flux_err`` from the fit.
+
+When the window has too few stars for an empirical PSF, the analytic Moffat of the
+window's FWHM is used instead and the result says so (``psf = "moffat"``). A detection
+whose fit fails keeps the flux it came with, with ``ok`` False (the caller flags it).
+Nothing here knows about tiles, Dask or the store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from survey_proc.photometry.psffit import MoffatPSF, refine_positions
+
+
+@dataclass
+class PSFPhotometry:
+    """Fluxes (ADU) and their errors for the targets, the fit's success, and the PSF used."""
+
+    flux: np.ndarray
+    flux_err: np.ndarray
+    ok: np.ndarray
+    psf: str  # "epsf" or "moffat"
+    n_psf_stars: int
+    why_moffat: str | None = None
+
+
+def psf_photometry(image: np.ndarray, bad: np.ndarray, data: np.ndarray, background_adu: np.ndarray,
+                   noise_adu: float, gain_e_per_adu: float, saturation_adu: float, fwhm_px: float,
+                   x: np.ndarray, y: np.ndarray, flux_adu: np.ndarray, targets: np.ndarray,
+                   beta: float = 3.0, n_iter: int = 2) -> PSFPhotometry:
+    """PSF-fit fluxes of ``targets`` among a window's detections (see the module docstring).
+
+    Parameters
+    ----------
+    image
+        The window's raw pixels (ADU, sky included; for the saturation test).
+    bad
+        Unusable pixels.
+    data
+        Background-subtracted pixels (ADU), bad ones 0.
+    background_adu
+        The background map (ADU).
+    noise_adu, gain_e_per_adu, saturation_adu
+        Background noise per pixel (ADU), gain (e-/ADU), saturation (ADU).
+    fwhm_px
+        The window's measured FWHM (px).
+    x, y, flux_adu
+        Every detection of the window (px, window frame) with a first flux (ADU).
+    targets
+        Indices of the owned detections to return.
+    beta
+        The Moffat beta of the fallback PSF.
+    n_iter
+        Gauss-Newton iterations of the fit.
+
+    Returns
+    -------
+    PSFPhotometry
+    """
+    from survey_proc.photometry.epsf import build_epsf
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    f0 = np.asarray(flux_adu, float)
+    why = None
+    try:
+        epsf = build_epsf(image, bad, background_adu, noise_adu, x, y, f0, fwhm_px, saturation_adu,
+                          gain_e_per_adu=gain_e_per_adu, order=0)
+        psf: object = epsf
+        kind, n_stars = "epsf", int(epsf.meta.get("n_used", 0))
+    except ValueError as exc:  # too few stars (or none usable): the analytic profile
+        psf, kind, n_stars, why = MoffatPSF(fwhm_px, beta), "moffat", 0, str(exc)
+    r = refine_positions(data, bad, noise_adu, gain_e_per_adu, x, y, np.clip(f0, 1e-3, None), fwhm_px,
+                         n_iter=n_iter, psf=psf, flux_errors=True)
+    t = np.asarray(targets, np.int64)
+    flux_err = r.flux_err if r.flux_err is not None else np.full(len(x), np.nan)
+    return PSFPhotometry(flux=r.flux[t], flux_err=flux_err[t], ok=r.ok[t], psf=kind, n_psf_stars=n_stars,
+                         why_moffat=why)
