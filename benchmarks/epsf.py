@@ -116,7 +116,7 @@ def sim_case(profile: str, fwhm: float, snr: tuple[float, float], seed: int = 1,
               "moffat3": moffat_pixel(du, dv, moffat_alpha(fwhm, 3.0), 3.0)}
     try:
         ep = _photutils_psf(img, x, y, r)
-        models["photutils_epsf"] = np.stack([ep(du[k] + x[k], dv[k] + y[k], flux=1.0, x_0=x[k], y_0=y[k])
+        models["photutils_epsf"] = np.stack([ep.evaluate(du[k] + x[k], dv[k] + y[k], 1.0, x[k], y[k])
                                              for k in range(n)])
     except Exception as e:
         print("photutils EPSFBuilder failed:", e)
