@@ -288,7 +288,7 @@ def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
                      x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm_px: float, *, fit: np.ndarray | None = None,
                      beta: float = 3.0, n_iter: int = 2, fit_radius_fwhm: float = 1.5,
                      model_radius_fwhm: float = 3.0, max_step_px: float = 0.25, max_shift_px: float = 0.75,
-                     psf: Any = None, flux_errors: bool = False) -> RefineResult:
+                     psf: Any = None, flux_errors: bool = False, model_error_frac: float = 0.0) -> RefineResult:
     """Refine the positions of all stars of a window together (see the module docstring).
 
     Parameters
@@ -310,6 +310,10 @@ def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
     flux_errors
         Also compute ``flux_err`` from the Fisher information (one more pass over the
         window, about a third of the fit's cost); otherwise it is all NaN.
+    model_error_frac
+        The PSF model's own error per pixel as a fraction of the model (DAOPHOT's profile
+        error): adds ``(model_error_frac * model)^2`` to each pixel's variance in the weights
+        and hence in ``flux_err``.
 
     Returns
     -------
@@ -344,7 +348,8 @@ def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
         p, gu, gv = model_psf.pixel_grad(du, dv)
         dpx, dpy = -gu, -gv  # d model / d x_c = -d P / d u
         resid = data[py, px] - model[py, px]  # residual of the full model: the star's own step fits it
-        w = use / (noise_adu**2 + np.clip(model[py, px], 0, None) / gain_e_per_adu)
+        mpos = np.clip(model[py, px], 0, None)
+        w = use / (noise_adu**2 + mpos / gain_e_per_adu + (model_error_frac * mpos) ** 2)
         if flux_only:
             cols = np.stack([p, np.ones_like(p)], axis=1)
         else:

@@ -8,7 +8,9 @@ Per window (block) of one epoch:
 2. every detection of the window is refitted together with it
    (:func:`survey_proc.photometry.psffit.refine_positions`: a linear flux step, then
    Gauss-Newton steps of flux, position and local sky with the neighbours' models
-   subtracted), and ``flux_err`` is the fit's Fisher bound at the final estimates;
+   subtracted); then the PSF model's own error is measured on the window's bright stars
+   (:func:`model_error_fraction`, DAOPHOT's "profile error") and put into the pixel
+   weights of a last flux step, whose Fisher bound is ``flux_err``;
 3. the owned detections (``targets``) get ``flux``/``flux_err`` from the fit.
 
 When the window has too few stars for an empirical PSF, the analytic Moffat of the
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from survey_proc.photometry.psffit import MoffatPSF, refine_positions
+from survey_proc.photometry.psffit import MoffatPSF, RefineResult, refine_positions
 
 
 @dataclass
@@ -36,6 +38,7 @@ class PSFPhotometry:
     psf: str  # "epsf" or "moffat"
     n_psf_stars: int
     why_moffat: str | None = None
+    model_error_frac: float = 0.0  # the PSF model's error per pixel / model, in the weights and flux_err
 
 
 def psf_photometry(image: np.ndarray, bad: np.ndarray, data: np.ndarray, background_adu: np.ndarray,
@@ -84,8 +87,43 @@ def psf_photometry(image: np.ndarray, bad: np.ndarray, data: np.ndarray, backgro
     except ValueError as exc:  # too few stars (or none usable): the analytic profile
         psf, kind, n_stars, why = MoffatPSF(fwhm_px, beta), "moffat", 0, str(exc)
     r = refine_positions(data, bad, noise_adu, gain_e_per_adu, x, y, np.clip(f0, 1e-3, None), fwhm_px,
-                         n_iter=n_iter, psf=psf, flux_errors=True)
+                         n_iter=n_iter, psf=psf)
+    frac = model_error_fraction(data, bad, noise_adu, gain_e_per_adu, r.x, r.y, r.flux, psf, fwhm_px)
+    # the Fisher errors with the PSF model's own error in the weights (a flux step at the fitted positions)
+    r2 = refine_positions(data, bad, noise_adu, gain_e_per_adu, r.x, r.y, r.flux, fwhm_px, n_iter=0, psf=psf,
+                          flux_errors=True, model_error_frac=frac)
+    r = RefineResult(r.x, r.y, r2.flux, r.ok & r2.ok, r2.flux_err)
     t = np.asarray(targets, np.int64)
     flux_err = r.flux_err if r.flux_err is not None else np.full(len(x), np.nan)
     return PSFPhotometry(flux=r.flux[t], flux_err=flux_err[t], ok=r.ok[t], psf=kind, n_psf_stars=n_stars,
-                         why_moffat=why)
+                         why_moffat=why, model_error_frac=frac)
+
+
+def model_error_fraction(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_adu: float,
+                         x: np.ndarray, y: np.ndarray, flux: np.ndarray, psf: object, fwhm_px: float,
+                         snr_min: float = 50.0, max_frac: float = 0.2) -> float:
+    """The PSF model's error per pixel as a fraction of the model, measured on the window's bright stars.
+
+    Within 1.5 FWHM of every star with S/N >= ``snr_min``, the variance of the fit's
+    residuals beyond the noise (sky, read and the model's Poisson noise) over the mean
+    squared model: ``sqrt(max(0, mean(r^2 - var) / mean(model^2)))``, capped at
+    ``max_frac``. It holds what the PSF model misses and the light of unresolved neighbours.
+    0 when no star is bright enough.
+    """
+    from survey_proc.photometry.psffit import _stamps, as_pixel_psf, render_psf
+
+    snr = flux / np.sqrt(np.clip(flux, 0, None) / gain_e_per_adu + noise_adu**2 * 4.0 * np.pi * (fwhm_px / 2.355) ** 2)
+    sel = np.flatnonzero(snr >= snr_min)
+    if len(sel) == 0:
+        return 0.0
+    p = as_pixel_psf(psf)
+    rmod = max(3, int(np.ceil(3.0 * fwhm_px)))
+    model = render_psf(data.shape, x, y, flux, p, rmod)
+    rfit = max(2, int(np.ceil(1.5 * fwhm_px)))
+    py, px, inside = _stamps(x[sel], y[sel], rfit, data.shape)
+    use = inside & ~bad[py, px]
+    m = model[py, px][use]
+    r = (data[py, px] - model[py, px])[use]
+    var = noise_adu**2 + np.clip(m, 0, None) / gain_e_per_adu
+    excess = float(np.mean(r * r - var)) / max(float(np.mean(m * m)), 1e-30)
+    return float(min(max_frac, np.sqrt(max(0.0, excess))))
