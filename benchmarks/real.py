@@ -12,6 +12,8 @@ one block):
   spikes of bright stars, shattered galaxies and nebulosity); bright stars, injection
   positions and the empirical PSF are chosen from plain ``sep``'s detections, so the
   figures of the two share them;
+- ``sep_epsf``: sep's detections with fluxes from the PSF fit on each block's empirical PSF
+  (``photometry.psf_model = "epsf"``): its flux ratio of injected stars is the photometry check;
 - ``pnet``: the learned default *as the pipeline runs it*, i.e. with the domain check: a
   frame whose measured FWHM is outside PNet's training range is detected with sep (the
   action is recorded per frame, ``domain``);
@@ -96,7 +98,7 @@ from survey_proc.vocab import MASK_BAD
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared/data/real"
 PLOTS = Path(__file__).parent / "plots"
-DETECTORS = ("sep", "sep_suppressed", "pnet", "pnet_raw", "dao")
+DETECTORS = ("sep", "sep_suppressed", "sep_epsf", "pnet", "pnet_raw", "dao")
 SETS = ("sdss", "2mass", "m67", "horsehead", "spitzer", "decam")
 #: log-spaced injection S/N bins (optimal PSF-fit S/N)
 SNR_BINS = ((5.0, 10.0), (10.0, 20.0), (20.0, 50.0), (50.0, 100.0), (100.0, 300.0))
@@ -288,7 +290,10 @@ class Runner:
         self.detectors = detectors
         supp = RunConfig(detector="sep")
         supp = replace(supp, detection=replace(supp.detection, suppress_artefacts=True))
-        self.cfg = {"sep": RunConfig(detector="sep"), "sep_suppressed": supp, "pnet": RunConfig(detector="pnet")}
+        epsf = RunConfig(detector="sep")
+        epsf = replace(epsf, photometry=replace(epsf.photometry, psf_model="epsf"))
+        self.cfg = {"sep": RunConfig(detector="sep"), "sep_suppressed": supp, "sep_epsf": epsf,
+                    "pnet": RunConfig(detector="pnet")}
         self.sep = make_detector(self.cfg["sep"])
         self.pnet = None
         if "pnet" in detectors or "pnet_raw" in detectors:
@@ -319,6 +324,8 @@ class Runner:
         out["sep"] = block(self.sep, self.cfg["sep"])
         if "sep_suppressed" in self.detectors:
             out["sep_suppressed"] = block(self.sep, self.cfg["sep_suppressed"])
+        if "sep_epsf" in self.detectors:  # sep's detections, fluxes from the PSF fit on the block's empirical PSF
+            out["sep_epsf"] = block(self.sep, self.cfg["sep_epsf"])
         if "pnet_raw" in self.detectors:
             out["pnet_raw"] = block(_RawPNet(self.pnet), self.cfg["pnet"])
         if "pnet" in self.detectors:
@@ -773,7 +780,8 @@ def gallery(rs: RealSet, frame: Frame, found: dict[str, Found], art: dict[str, A
         centres = centres[:1]
     fig, axes = plt.subplots(len(centres), len(found), figsize=(3.2 * len(found), 3.35 * len(centres)),
                              squeeze=False)
-    colours = {"sep": "#0000ff", "sep_suppressed": "#00a0ff", "pnet": "#ff0000", "pnet_raw": "#ff00ff",
+    colours = {"sep": "#0000ff", "sep_suppressed": "#00a0ff", "sep_epsf": "#000080", "pnet": "#ff0000",
+               "pnet_raw": "#ff00ff",
                "dao": "#00b000"}
     for row, (what, cx, cy) in enumerate(centres):
         x0 = int(np.clip(cx - s / 2, 0, nx - s))
