@@ -133,11 +133,23 @@ def local_client(n_workers: int | None = None, *, threads_per_worker: int = 1, q
         if not quiet:
             print(f"Dask dashboard: {client.dashboard_link}  ({n} workers x {threads_per_worker} thread, "
                   f"{env['OMP_NUM_THREADS']} library thread(s) each)")
-        try:
-            yield client
-        finally:
+        def retire() -> None:
             # Retire workers before the scheduler closes: otherwise a worker heartbeat can race
             # the shutdown and log a CommClosedError traceback (dask/distributed#7192).
             core_log.setLevel(logging.WARNING)
             with contextlib.suppress(Exception):
                 client.retire_workers(close_workers=True)
+
+        try:
+            yield client
+        except KeyboardInterrupt:
+            # Ctrl-C reached the workers too (one process group): a graceful retire would wait
+            # on dying workers without a timeout (a CLI once did not exit within 120 s in CI);
+            # closing the cluster ends them.
+            core_log.setLevel(logging.WARNING)
+            raise
+        except BaseException:
+            retire()
+            raise
+        else:
+            retire()
