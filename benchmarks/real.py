@@ -14,6 +14,8 @@ one block):
   figures of the two share them;
 - ``sep_epsf``: sep's detections with fluxes from the PSF fit on each block's empirical PSF
   (``photometry.psf_model = "epsf"``): its flux ratio of injected stars is the photometry check;
+- ``sep_bpnn``: sep's detections with the BPNN's fluxes (the default pipeline's photometry;
+  the BPNN's domain check keeps sep's flux on frames outside its training seeing);
 - ``pnet``: the learned default *as the pipeline runs it*, i.e. with the domain check: a
   frame whose measured FWHM is outside PNet's training range is detected with sep (the
   action is recorded per frame, ``domain``);
@@ -98,7 +100,7 @@ from survey_proc.vocab import MASK_BAD
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared/data/real"
 PLOTS = Path(__file__).parent / "plots"
-DETECTORS = ("sep", "sep_suppressed", "sep_epsf", "pnet", "pnet_raw", "dao")
+DETECTORS = ("sep", "sep_suppressed", "sep_epsf", "sep_bpnn", "pnet", "pnet_raw", "dao")
 SETS = ("sdss", "2mass", "m67", "horsehead", "spitzer", "decam")
 #: log-spaced injection S/N bins (optimal PSF-fit S/N)
 SNR_BINS = ((5.0, 10.0), (10.0, 20.0), (20.0, 50.0), (50.0, 100.0), (100.0, 300.0))
@@ -296,6 +298,7 @@ class Runner:
                     "pnet": RunConfig(detector="pnet")}
         self.sep = make_detector(self.cfg["sep"])
         self.pnet = None
+        self.bpnn = model_registry.load("bpnn", device="cpu") if "sep_bpnn" in detectors else None
         if "pnet" in detectors or "pnet_raw" in detectors:
             self.pnet = make_detector(self.cfg["pnet"], model_registry.load("detector", device="cpu"))
 
@@ -314,9 +317,9 @@ class Runner:
         tiles = tile_grid(ny, nx, self.cfg["sep"].tile_px, self.cfg["sep"].halo_px)
         out: dict[str, Found] = {}
 
-        def block(det: Any, cfg: RunConfig) -> Found:
+        def block(det: Any, cfg: RunConfig, bpnn: Any = None) -> Found:
             t0 = time.perf_counter()
-            r = extract_block(img, frame.mask, (0, 0), tiles, frame.gain, frame.saturation, cfg, det)
+            r = extract_block(img, frame.mask, (0, 0), tiles, frame.gain, frame.saturation, cfg, det, bpnn)
             t = r.table
             return Found(t["x"].to_numpy(), t["y"].to_numpy(), t["flux"].to_numpy(), t["snr"].to_numpy(),
                          r.info.fwhm_px, r.info.domain, time.perf_counter() - t0, r.info.n_fwhm_stars)
@@ -326,6 +329,8 @@ class Runner:
             out["sep_suppressed"] = block(self.sep, self.cfg["sep_suppressed"])
         if "sep_epsf" in self.detectors:  # sep's detections, fluxes from the PSF fit on the block's empirical PSF
             out["sep_epsf"] = block(self.sep, self.cfg["sep_epsf"])
+        if "sep_bpnn" in self.detectors:  # the default pipeline's photometry: sep's detections, the BPNN's fluxes
+            out["sep_bpnn"] = block(self.sep, self.cfg["sep"], self.bpnn)
         if "pnet_raw" in self.detectors:
             out["pnet_raw"] = block(_RawPNet(self.pnet), self.cfg["pnet"])
         if "pnet" in self.detectors:
@@ -780,7 +785,8 @@ def gallery(rs: RealSet, frame: Frame, found: dict[str, Found], art: dict[str, A
         centres = centres[:1]
     fig, axes = plt.subplots(len(centres), len(found), figsize=(3.2 * len(found), 3.35 * len(centres)),
                              squeeze=False)
-    colours = {"sep": "#0000ff", "sep_suppressed": "#00a0ff", "sep_epsf": "#000080", "pnet": "#ff0000",
+    colours = {"sep": "#0000ff", "sep_suppressed": "#00a0ff", "sep_epsf": "#000080", "sep_bpnn": "#8000ff",
+               "pnet": "#ff0000",
                "pnet_raw": "#ff00ff",
                "dao": "#00b000"}
     for row, (what, cx, cy) in enumerate(centres):
