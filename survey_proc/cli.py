@@ -324,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="source detector: sep (classical, default: the winner on real images, benchmarks/"
                         "RESULTS.md) or pnet (learned; trusted inside its training seeing only, docs/pnet.md)")
     r.add_argument("--photometry", choices=("bpnn", "classical"),
-                   help="magnitudes from the BPNN (default; aleatoric + epistemic errors) or the detector's own "
-                        "(sep: aperture; pnet: PSF fit)")
+                   help="magnitudes from the detector's own photometry (classical, default: sep's aperture, pnet's "
+                        "PSF fit; the measured winner, benchmarks/RESULTS.md issue 21) or the BPNN (aleatoric + "
+                        "epistemic errors)")
     r.add_argument("--allow-failures", action="store_true",
                    help="exit 0 even when some units failed (they are listed and recorded in run.json)")
     r.add_argument("--retries", type=int, help="times a failed unit is submitted again before it is quarantined "

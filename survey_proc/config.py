@@ -123,7 +123,7 @@ class PNetSettings:
 class BPNNSettings:
     """The Bayesian photometry network (magnitudes and their aleatoric + epistemic errors)."""
 
-    enabled: bool = True  # False: the detector's own photometry (aperture for sep, PSF fit for pnet)
+    enabled: bool = False  # True: the BPNN's magnitudes; False: the detector's own (sep aperture, PNet PSF fit)
     weights: str = ""  # a BPNN .pt file; "" = the weights shipped in survey_proc/models/
     n_samples: int = 0  # MC weight samples T; 0 = the one on the model card
     seed: int = 0  # seeds the MC samples (with the epoch and window): reruns are identical

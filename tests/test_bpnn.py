@@ -207,8 +207,9 @@ def test_config_checks_mc_samples_and_fingerprints_the_bpnn_section():
 
     with pytest.raises(ConfigError, match=r"bpnn.n_samples must be >= 0 \(0: the model card's\), got -1"):
         load_config(None, {"bpnn": {"n_samples": -1}})
-    on = load_config(None, {})
-    assert on.fingerprint() != load_config(None, {"bpnn": {"n_samples": 4}}).fingerprint()
+    on = load_config(None, {"bpnn": {"enabled": True}})
+    assert on.fingerprint() != load_config(None, {"bpnn": {"enabled": True, "n_samples": 4}}).fingerprint()
+    assert not load_config(None, {}).bpnn.enabled  # the default photometry is the detector's (issue 21)
     off = load_config(None, {"bpnn": {"enabled": False}})
     assert off.fingerprint() == load_config(None, {"bpnn": {"enabled": False, "n_samples": 4}}).fingerprint()
 

@@ -57,7 +57,7 @@ def test_cluster_cuda_runs_the_pipeline_when_dask_cuda_is_there(border_survey, t
     out = tmp_path / "out"
     assert main(["run", str(border_survey["store"]), "--out", str(out), "--cluster", "cuda", "--workers", "2",
                  "--tile-px", "128", "--halo-px", "16", "--config", str(cfg), "--quiet", "--no-evaluate",
-                 "--reference", "none", "--detector", "pnet"]) == 0  # every model through the GPU path's plugin
+                 "--reference", "none", "--detector", "pnet", "--photometry", "bpnn"]) == 0  # every model
     run = json.loads((out / "run.json").read_text())
     assert made["n_workers"] == 2 and run["config"]["cluster"] == "cuda" and run["status"] == "complete"
     assert run["counts"]["objects"] > 0 and set(run["models"]) == {"detector", "bpnn", "classifier"}
