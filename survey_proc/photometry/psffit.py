@@ -87,12 +87,7 @@ class MoffatPSF:
 
     def profile(self, du: np.ndarray, dv: np.ndarray) -> np.ndarray:
         """Pixel centres sampled (the 3 x 3 pixel integral in the central 5 x 5 pixels: :func:`render`)."""
-        a2 = self.alpha**2
-        prof = _tpow(1.0 + (du * du + dv * dv) / a2, self.beta) * ((self.beta - 1.0) / (np.pi * a2))
-        radius = du.shape[-1] // 2
-        c = slice(max(0, radius - 2), radius + 3)
-        prof[..., c, c] = moffat_pixel(du[..., c, c], dv[..., c, c], self.alpha, self.beta)
-        return prof
+        return _moffat_profile(du, dv, self.alpha, self.beta)
 
 
 @dataclass(frozen=True)
@@ -244,15 +239,7 @@ def render(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarra
     ndarray
         The model image (ADU).
     """
-    py, px, inside = _stamps(x, y, radius, shape)
-    du, dv = np.broadcast_arrays(px - x[:, None, None], py - y[:, None, None])
-    a2 = alpha**2
-    prof = _tpow(1.0 + (du * du + dv * dv) / a2, beta) * ((beta - 1.0) / (np.pi * a2))
-    c = slice(max(0, radius - 2), radius + 3)
-    prof[:, c, c] = moffat_pixel(du[:, c, c], dv[:, c, c], alpha, beta)
-    vals = flux[:, None, None] * prof
-    img = np.bincount((py * shape[1] + px)[inside], weights=vals[inside], minlength=shape[0] * shape[1])
-    return img.reshape(shape)
+    return _render(shape, x, y, flux, radius, lambda du, dv: _moffat_profile(du, dv, alpha, beta))
 
 
 def render_psf(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray, psf: PixelPSF,
@@ -277,11 +264,27 @@ def render_psf(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.nd
     ndarray
         The model image (ADU).
     """
+    return _render(shape, x, y, flux, radius, psf.profile)
+
+
+def _render(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray, radius: int,
+            profile: Any) -> np.ndarray:
+    """Sum ``flux x profile(du, dv)`` over each star's ``2 radius + 1`` square stamp into an image."""
     py, px, inside = _stamps(x, y, radius, shape)
     du, dv = np.broadcast_arrays(px - x[:, None, None], py - y[:, None, None])
-    vals = flux[:, None, None] * psf.profile(np.array(du, float), np.array(dv, float))
+    vals = flux[:, None, None] * profile(np.array(du, float), np.array(dv, float))
     img = np.bincount((py * shape[1] + px)[inside], weights=vals[inside], minlength=shape[0] * shape[1])
     return img.reshape(shape)
+
+
+def _moffat_profile(du: np.ndarray, dv: np.ndarray, alpha: float, beta: float) -> np.ndarray:
+    """The Moffat sampled at pixel centres, pixel-integrated (3 x 3) in the stamp's central 5 x 5 pixels."""
+    a2 = alpha**2
+    prof = _tpow(1.0 + (du * du + dv * dv) / a2, beta) * ((beta - 1.0) / (np.pi * a2))
+    radius = du.shape[-1] // 2
+    c = slice(max(0, radius - 2), radius + 3)
+    prof[..., c, c] = moffat_pixel(du[..., c, c], dv[..., c, c], alpha, beta)
+    return prof
 
 
 def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_adu: float,
