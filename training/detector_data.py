@@ -27,6 +27,7 @@ pixel the brighter one's target wins.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -148,24 +149,42 @@ class TileGenerator:
         c, rng = self.cfg, self.rng
         sc = self.scene()
         img, bad, psf, gain, sky, sigma = sc["image"], sc["bad"], sc["psf"], sc["gain"], sc["sky"], sc["sigma"]
-        x, y, flux, n = sc["x"], sc["y"], sc["flux"], c.size_px
-        bkg = sky + rng.normal(0, c.bkg_error_sigma) * sigma
-        noise = sigma * (1 + rng.normal(0, c.noise_scale_error))
-        norm = ((img - bkg) / noise).astype(np.float32)
-        norm[bad] = 0.0
-        snr = flux / np.sqrt(flux / gain + sigma**2 * psf.n_eff)
-        targets = make_targets(n, x, y, flux / noise, snr, c.snr_target, c.sigma_hm_px)
-        return {"image": norm, "bad": bad, **targets,
-                "stars": np.stack([x, y, flux / noise, snr], axis=1).astype(np.float64),
-                "fwhm_px": psf.fwhm_px}
+        x, y, flux = sc["x"], sc["y"], sc["flux"]
+        return finish_tile(img, bad, x, y, flux, sky, sigma, sigma, gain, psf.n_eff, psf.fwhm_px, c, rng)
 
     def batch(self, size: int) -> dict[str, np.ndarray]:
-        """``size`` tiles stacked: image (B, 1, H, W), heatmap (B, 1, H, W), offset (B, 2, H, W), flux, pos."""
-        tiles = [self.tile() for _ in range(size)]
-        out = {k: np.stack([t[k] for t in tiles])[:, None] for k in ("image", "heatmap", "flux", "pos")}
-        out["offset"] = np.stack([t["offset"] for t in tiles])
-        out["stars"] = [t["stars"] for t in tiles]
-        return out
+        """``size`` tiles stacked (:func:`stack_tiles`)."""
+        return stack_tiles([self.tile() for _ in range(size)])
+
+
+def finish_tile(img: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, flux: np.ndarray, sky: float,
+                noise_sigma: float, sky_sigma: float, gain: float, n_eff: float, fwhm_px: float, c: object,
+                rng: np.random.Generator) -> dict:
+    """Normalise a raw tile as the pipeline does and attach its CenterNet targets and star list.
+
+    The background is ``sky`` off by ``bkg_error_sigma`` x ``noise_sigma`` and the noise
+    scale off by ``noise_scale_error`` (two random draws, in that order); bad pixels are 0.
+    Targets are the stars whose isolated PSF-fit S/N against ``sky_sigma`` (ADU per pixel)
+    and their own Poisson noise is at least ``c.snr_target``.
+    """
+    cfg: Any = c
+    n = img.shape[0]
+    bkg = sky + rng.normal(0, cfg.bkg_error_sigma) * noise_sigma
+    scale = noise_sigma * (1 + rng.normal(0, cfg.noise_scale_error))
+    norm = ((img - bkg) / scale).astype(np.float32)
+    norm[bad] = 0.0
+    snr = flux / np.sqrt(flux / gain + sky_sigma**2 * n_eff)
+    targets = make_targets(n, x, y, flux / scale, snr, cfg.snr_target, cfg.sigma_hm_px)
+    return {"image": norm, "bad": bad, **targets,
+            "stars": np.stack([x, y, flux / scale, snr], axis=1).astype(np.float64), "fwhm_px": fwhm_px}
+
+
+def stack_tiles(tiles: list[dict]) -> dict:
+    """Tiles stacked: image (B, 1, H, W), heatmap (B, 1, H, W), offset (B, 2, H, W), flux, pos; star lists."""
+    out: dict = {k: np.stack([t[k] for t in tiles])[:, None] for k in ("image", "heatmap", "flux", "pos")}
+    out["offset"] = np.stack([t["offset"] for t in tiles])
+    out["stars"] = [t["stars"] for t in tiles]
+    return out
 
 
 def make_targets(n: int, x: np.ndarray, y: np.ndarray, flux_norm: np.ndarray, snr: np.ndarray,

@@ -40,7 +40,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from survey_proc.simulate.stamps import PSFBank, bank_from_epsf, render_stars
-from training.detector_data import make_targets
+from training.detector_data import finish_tile, stack_tiles
 
 
 @dataclass(frozen=True)
@@ -246,20 +246,8 @@ class SceneGenerator:
                 bad[cy, cx] = True
         if rng.random() < c.frac_bad_column:
             bad[rng.integers(n):, rng.integers(n)] = True
-        bkg = sky + rng.normal(0, c.bkg_error_sigma) * noise_sigma
-        scale = noise_sigma * (1 + rng.normal(0, c.noise_scale_error))
-        norm = ((img - bkg) / scale).astype(np.float32)
-        norm[bad] = 0.0
-        snr = flux / np.sqrt(flux / gain + sigma**2 * psf.n_eff)
-        targets = make_targets(n, x, y, flux / scale, snr, c.snr_target, c.sigma_hm_px)
-        return {"image": norm, "bad": bad, **targets,
-                "stars": np.stack([x, y, flux / scale, snr], axis=1).astype(np.float64),
-                "fwhm_px": psf.fwhm_px}
+        return finish_tile(img, bad, x, y, flux, sky, noise_sigma, sigma, gain, psf.n_eff, psf.fwhm_px, c, rng)
 
     def batch(self, size: int) -> dict:
-        """``size`` tiles stacked: image (B, 1, H, W), heatmap (B, 1, H, W), offset (B, 2, H, W), flux, pos."""
-        tiles = [self.tile() for _ in range(size)]
-        out: dict = {k: np.stack([t[k] for t in tiles])[:, None] for k in ("image", "heatmap", "flux", "pos")}
-        out["offset"] = np.stack([t["offset"] for t in tiles])
-        out["stars"] = [t["stars"] for t in tiles]
-        return out
+        """``size`` tiles stacked (:func:`training.detector_data.stack_tiles`)."""
+        return stack_tiles([self.tile() for _ in range(size)])
