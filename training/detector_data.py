@@ -117,10 +117,7 @@ class TileGenerator:
         area = (n + 2 * c.pad_px) ** 2
         k = rng.poisson(dens * area)
         lo, hi = c.mag_rel
-        # dN/dm ~ 10^(a m): inverse-CDF sampling
-        a = c.lf_slope * np.log(10)
-        u = rng.random(k)
-        mrel = np.log(np.exp(a * lo) + u * (np.exp(a * hi) - np.exp(a * lo))) / a
+        mrel = luminosity_function(rng, k, lo, hi, c.lf_slope)
         flux = f5 * 10 ** (-0.4 * mrel)
         x = rng.uniform(-c.pad_px - 0.5, n + c.pad_px - 0.5, k)
         y = rng.uniform(-c.pad_px - 0.5, n + c.pad_px - 0.5, k)
@@ -130,12 +127,7 @@ class TileGenerator:
         sat = float(rng.uniform(*c.full_well_e)) / gain
         bad |= img >= sat
         for _ in range(rng.poisson(c.cosmics_per_tile)):
-            length = int(1 + rng.exponential(3))
-            ang = rng.uniform(0, np.pi)
-            x0, y0 = rng.uniform(0, n, 2)
-            t = np.arange(2 * length + 1) / 2
-            cx = np.clip(np.round(x0 + t * np.cos(ang)).astype(int), 0, n - 1)
-            cy = np.clip(np.round(y0 + t * np.sin(ang)).astype(int), 0, n - 1)
+            cy, cx = cosmic_track(rng, n)
             img[cy, cx] += 2000.0 / gain
             bad[cy, cx] = True
         if rng.random() < c.frac_bad_column:
@@ -155,6 +147,24 @@ class TileGenerator:
     def batch(self, size: int) -> dict[str, np.ndarray]:
         """``size`` tiles stacked (:func:`stack_tiles`)."""
         return stack_tiles([self.tile() for _ in range(size)])
+
+
+def luminosity_function(rng: np.random.Generator, k: int, lo: float, hi: float, slope: float) -> np.ndarray:
+    """``k`` magnitudes in [lo, hi] with dN/dm ~ 10^(slope m) (inverse-CDF sampling; one draw of ``k``)."""
+    a = slope * np.log(10)
+    u = rng.random(k)
+    return np.log(np.exp(a * lo) + u * (np.exp(a * hi) - np.exp(a * lo))) / a
+
+
+def cosmic_track(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel rows and columns of a straight cosmic-ray track in an n x n tile (length, angle, start drawn)."""
+    length = int(1 + rng.exponential(3))
+    ang = rng.uniform(0, np.pi)
+    x0, y0 = rng.uniform(0, n, 2)
+    t = np.arange(2 * length + 1) / 2
+    cx = np.clip(np.round(x0 + t * np.cos(ang)).astype(int), 0, n - 1)
+    cy = np.clip(np.round(y0 + t * np.sin(ang)).astype(int), 0, n - 1)
+    return cy, cx
 
 
 def finish_tile(img: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, flux: np.ndarray, sky: float,

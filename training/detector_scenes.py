@@ -40,7 +40,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from survey_proc.simulate.stamps import PSFBank, bank_from_epsf, render_stars
-from training.detector_data import finish_tile, stack_tiles
+from training.detector_data import cosmic_track, finish_tile, luminosity_function, stack_tiles
 
 
 @dataclass(frozen=True)
@@ -159,9 +159,7 @@ class SceneGenerator:
         self.psfs = library
 
     def _mags(self, k: int, lo: float, hi: float, slope: float) -> np.ndarray:
-        a = slope * np.log(10)
-        u = self.rng.random(k)
-        return np.log(np.exp(a * lo) + u * (np.exp(a * hi) - np.exp(a * lo))) / a
+        return luminosity_function(self.rng, k, lo, hi, slope)
 
     def tile(self) -> dict:
         """One tile: ``image`` (H, W) float32 normalised, ``bad``, targets and the star list."""
@@ -235,12 +233,7 @@ class SceneGenerator:
             hx, hy = rng.integers(0, n, 2)
             img[hy, hx] += float(np.exp(rng.uniform(*np.log(c.hot_pixel_sigma)))) * sigma
         for _ in range(rng.poisson(c.cosmics_per_tile)):
-            length = int(1 + rng.exponential(3))
-            ang = rng.uniform(0, np.pi)
-            x0, y0 = rng.uniform(0, n, 2)
-            t = np.arange(2 * length + 1) / 2
-            cx = np.clip(np.round(x0 + t * np.cos(ang)).astype(int), 0, n - 1)
-            cy = np.clip(np.round(y0 + t * np.sin(ang)).astype(int), 0, n - 1)
+            cy, cx = cosmic_track(rng, n)
             img[cy, cx] += float(rng.uniform(200, 3000)) / gain
             if rng.random() >= c.frac_cosmics_unmasked:
                 bad[cy, cx] = True
