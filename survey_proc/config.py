@@ -1,10 +1,11 @@
 """One typed run configuration for ``survey-proc run``, loadable from TOML, echoed into run.json.
 
-A TOML file may set any top-level key of :class:`RunConfig` and any key of its seven
+A TOML file may set any top-level key of :class:`RunConfig` and any key of its eight
 sections (:data:`SECTIONS`): ``[detection]`` (:class:`DetectionConfig`), ``[pnet]``
 (:class:`PNetSettings`), ``[bpnn]`` (:class:`BPNNSettings`), ``[photometry]``
 (:class:`PhotometryConfig`), ``[calibration]`` (:class:`CalibrationConfig`),
-``[crossmatch]`` (:class:`CrossmatchConfig`) and ``[classify]`` (:class:`ClassifySettings`)::
+``[crossmatch]`` (:class:`CrossmatchConfig`), ``[forced]`` (:class:`ForcedConfig`) and
+``[classify]`` (:class:`ClassifySettings`)::
 
     tile_px = 512
     halo_px = 32
@@ -20,8 +21,9 @@ The *processing fingerprint* (:meth:`RunConfig.fingerprint`) hashes every settin
 changes the numbers in the outputs (and the digests of the model weights; ``[pnet]`` only
 with ``detector = "pnet"``, ``[bpnn]`` only when it is enabled). ``--resume`` refuses an
 output directory written with a different fingerprint, so a resumed run never mixes two
-configurations. ``[classify]`` has a fingerprint of its own
-(:meth:`RunConfig.classify_fingerprint`): changing it re-runs only the classify stage.
+configurations. ``[forced]`` and ``[classify]`` have fingerprints of their own
+(:meth:`RunConfig.forced_fingerprint`, :meth:`RunConfig.classify_fingerprint`): changing
+them re-runs only those stages (forced photometry, then classify).
 """
 
 from __future__ import annotations
@@ -151,6 +153,20 @@ class ClassifySettings:
     detrend_min_stars: int = 20  # fewer usable constant-looking stars in a field: no detrending
 
 
+@dataclass(frozen=True)
+class ForcedConfig:
+    """Forced photometry (``survey_proc/stages/forced.py``): every object measured where it was not detected.
+
+    Its settings have their own fingerprint (:meth:`RunConfig.forced_fingerprint`): changing
+    them re-runs only this stage and the classify stage on a resumed output.
+    """
+
+    enabled: bool = True  # false: light curves hold detections only
+    frame_min_stars: int = 6  # fewer clean stars to map the reference frame onto an epoch: no forced points there
+    frame_snr_min: float = 10.0  # stars used for that map
+    frame_margin_px: float = 128.0  # stars within the region plus this margin map it (all of the epoch's when too few)
+
+
 SECTIONS: dict[str, type] = {
     "pnet": PNetSettings,
     "bpnn": BPNNSettings,
@@ -159,6 +175,7 @@ SECTIONS: dict[str, type] = {
     "calibration": CalibrationConfig,
     "crossmatch": CrossmatchConfig,
     "classify": ClassifySettings,
+    "forced": ForcedConfig,
 }
 
 
@@ -221,11 +238,12 @@ class RunConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     crossmatch: CrossmatchConfig = field(default_factory=CrossmatchConfig)
     classify: ClassifySettings = field(default_factory=ClassifySettings)
+    forced: ForcedConfig = field(default_factory=ForcedConfig)
 
     # settings that do not change output values
     _NOT_FINGERPRINTED = ("store", "out", "epochs", "fields", "cluster", "scheduler", "workers",
                           "threads_per_worker", "tiles_per_task", "retries", "mode", "progress", "evaluate",
-                          "classify")  # the classify stage has its own fingerprint
+                          "classify", "forced")  # the classify and forced stages have their own
 
     def validate(self) -> RunConfig:
         """Check values; raise :class:`ConfigError` naming the setting. Returns self.
@@ -278,6 +296,9 @@ class RunConfig:
         if c.detrend_components < 1 or c.detrend_min_stars < 2:
             raise ConfigError(f"classify.detrend_components must be >= 1 and classify.detrend_min_stars >= 2, got "
                               f"{c.detrend_components} and {c.detrend_min_stars}")
+        if self.forced.frame_min_stars < 3:
+            raise ConfigError(f"forced.frame_min_stars must be >= 3 (an affine map has 3 unknowns per axis), got "
+                              f"{self.forced.frame_min_stars}")
         if self.calibration.min_stars < 1:
             raise ConfigError(f"calibration.min_stars must be >= 1, got {self.calibration.min_stars}")
         if not 1 <= self.calibration.min_stars_fit <= self.calibration.min_stars:
@@ -313,7 +334,24 @@ class RunConfig:
         str
             16 hex digits.
         """
-        d = {"run": fingerprint, "classify": dataclasses.asdict(self.classify), "weights": classifier_digest}
+        d = {"run": self.forced_fingerprint(fingerprint), "classify": dataclasses.asdict(self.classify),
+             "weights": classifier_digest}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def forced_fingerprint(self, fingerprint: str) -> str:
+        """Hash of the forced-photometry stage's inputs: the run's fingerprint and its ``[forced]`` settings.
+
+        Parameters
+        ----------
+        fingerprint
+            The run's :meth:`fingerprint`.
+
+        Returns
+        -------
+        str
+            16 hex digits.
+        """
+        d = {"run": fingerprint, "forced": dataclasses.asdict(self.forced)}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def fingerprint(self, models: dict[str, str] | None = None) -> str:

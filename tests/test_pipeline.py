@@ -139,15 +139,23 @@ def test_lightcurves_are_sorted_and_every_source_is_used_once(field_run):
         assert key == sorted(key), f"{f} is not sorted by (object_id, mjd)"
         assert not lc.duplicated(["object_id", "epoch"]).any()
     lc = _table(field_run["out"], "lightcurves")
-    assert lc["source_id"].is_unique
-    objects = _table(field_run["out"], "objects")
-    assert lc.groupby("object_id").size().sort_index().tolist() == \
-        objects.set_index("object_id")["n_epochs"].sort_index().tolist()
+    detected = lc[lc["source_id"].notna()]
+    assert detected["source_id"].is_unique
+    # forced points: no source, the FORCED flag, and only those
+    forced = lc["source_id"].isna().to_numpy()
+    assert forced.any()
+    assert ((lc["flags"].to_numpy() & F.FORCED) != 0).tolist() == forced.tolist()
+    objects = _table(field_run["out"], "objects").set_index("object_id").sort_index()
+    assert lc.groupby("object_id").size().sort_index().tolist() == objects["n_epochs"].tolist()
+    assert detected.groupby("object_id").size().reindex(objects.index).fillna(0).astype(int).tolist() == \
+        objects["n_detected"].tolist()
+    assert (objects["n_detected"] + objects["n_forced"]).tolist() == objects["n_epochs"].tolist()
 
 
 def test_duckdb_query_returns_the_expected_light_curve(field_run):
     out = field_run["out"]
     objects = _table(out, "objects")
+    objects = objects[objects["n_detected"] == 8]  # detected in every epoch (forced points: test_forced.py)
     star = objects.sort_values("mag_median").iloc[len(objects) // 4]  # a well-measured, unsaturated star
     rows = duckdb.sql(f"select epoch, mjd, mag, mag_err, source_id from '{out}/lightcurves/**/*.parquet' "
                       f"where object_id = {int(star.object_id)} order by mjd").fetchall()

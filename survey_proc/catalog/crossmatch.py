@@ -264,7 +264,7 @@ def _stats(g: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return s[STAT_COLUMNS]
 
 
-def _object_stats(lc: pd.DataFrame, bands: list[str] | None = None) -> pd.DataFrame:
+def object_stats(lc: pd.DataFrame, bands: list[str] | None = None) -> pd.DataFrame:
     """Per-object photometric statistics over clean points (flags without PHOTOMETRY_BAD).
 
     Magnitudes of different bands are never mixed: the statistics of :data:`STAT_COLUMNS`
@@ -306,7 +306,7 @@ def crossmatch_region(src: pd.DataFrame, region: Region, *, field: str, field_in
     fwhm_px
         Typical FWHM of the field (pixels), for the match radius.
     bands
-        The store's bands: objects get per-band means for each (:func:`_object_stats`).
+        The store's bands: objects get per-band means for each (:func:`object_stats`).
 
     Returns
     -------
@@ -344,7 +344,7 @@ def crossmatch_region(src: pd.DataFrame, region: Region, *, field: str, field_in
     centre = centre.sort_values(["y", "x"], kind="stable")
     ids = pd.Series(object_ids(field_index, region.index, len(centre)), index=centre.index)
     lc = lc[lc["obj"].isin(centre.index)]
-    stats = _object_stats(lc, bands)
+    stats = object_stats(lc, bands)
     objects = centre.join(stats, how="left")
     for c in [c for c in objects.columns if c == "n_good" or c.startswith("n_good_")]:
         objects[c] = objects[c].fillna(0).astype(np.int32)
@@ -355,6 +355,8 @@ def crossmatch_region(src: pd.DataFrame, region: Region, *, field: str, field_in
     for c in CLASSIFY_COLUMNS:  # filled by the classify stage
         objects[c] = np.nan
     objects["n_points_classified"] = np.int32(0)
+    objects["n_detected"] = objects["n_epochs"].astype(np.int32)  # the forced stage adds forced points
+    objects["n_forced"] = np.int32(0)
     objects["var_class"] = pd.Series([None] * len(objects), dtype=object, index=objects.index)
     objects["detrend"] = pd.Series([None] * len(objects), dtype=object, index=objects.index)  # classify fills
     objects["detrend_rms"] = np.nan

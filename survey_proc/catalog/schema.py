@@ -81,6 +81,8 @@ OBJECTS = pa.schema([
     ("band", pa.string()),  # the band of mag_mean..chi2_const and n_good: the object's band with most clean points
     ("detrend", pa.string()),  # what the classify stage removed before the period search ("sysrem:2", "none")
     ("detrend_rms", pa.float64()),  # rms of that correction for this object (mag); NaN before classify
+    ("n_detected", pa.int32()),  # light-curve points that are detections (n_epochs counts forced points too)
+    ("n_forced", pa.int32()),  # forced points (flag FORCED, source_id null)
 ])
 
 LIGHTCURVES = pa.schema([

@@ -1,7 +1,7 @@
 """The orchestrator of ``survey-proc run``: plan, submit, gather, retry, quarantine, record.
 
 It runs the stage list :data:`survey_proc.stages.STAGES` in order (extract, register,
-calibrate, crossmatch, classify; each stage module says what it does) and knows no
+calibrate, crossmatch, forced, classify; each stage module says what it does) and knows no
 science: a stage plans its units from the run's state and hands them to the
 :class:`~survey_proc.stages.base.StageContext` this module provides, which submits them to
 the Dask cluster, gathers the results, retries a failed unit (``--retries``, default 1)

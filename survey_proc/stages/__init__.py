@@ -15,9 +15,11 @@ from survey_proc.stages.calibrate import CalibrateStage
 from survey_proc.stages.classify import ClassifyStage
 from survey_proc.stages.crossmatch import CrossmatchStage
 from survey_proc.stages.extract import ExtractStage
+from survey_proc.stages.forced import ForcedStage
 from survey_proc.stages.register import RegisterStage
 from survey_proc.stages.state import RunState
 
-STAGES: tuple[Stage, ...] = (ExtractStage(), RegisterStage(), CalibrateStage(), CrossmatchStage(), ClassifyStage())
+STAGES: tuple[Stage, ...] = (ExtractStage(), RegisterStage(), CalibrateStage(), CrossmatchStage(), ForcedStage(),
+                             ClassifyStage())
 
 __all__ = ["STAGES", "OutputUnit", "RunState", "Stage", "StageContext", "Submission"]

@@ -19,7 +19,7 @@ def test_docs_list_the_stages_of_the_stage_list_in_order():
     text = (ROOT / "docs" / "pipeline.md").read_text()
     table = text[text.index("## Stages"):].split("\n\n")[2]
     rows = [re.match(r"\| (\w+) \|", line).group(1) for line in table.splitlines()[2:]]
-    assert rows == [s.name for s in STAGES] == ["extract", "register", "calibrate", "crossmatch", "classify"]
+    assert rows == [s.name for s in STAGES] == ["extract", "register", "calibrate", "crossmatch", "forced", "classify"]
     for s in STAGES:
         assert f"`stages/{s.name}.py`" in table
 
