@@ -146,8 +146,15 @@ class ClassifySettings:
     clip_sigma: float = 3.0  # outlier clipping against a running median (preprocess.py)
     min_points: int = 20  # objects with fewer kept points (or < min_fraction of the epochs) are not classified
     min_fraction: float = 0.1
-    period_min_days: float = 0.25
-    period_max_days: float = 0.0  # 0: baseline / 1.15
+    period_min_days: float = 0.03  # shortest period searched (days; raised to 2 intervals of a regular sampling)
+    # true: never below the classifier card's search.period_min_days, the range its inputs were trained on
+    # (0.25 d for the shipped v2 model; lightcurves/search.py)
+    period_min_from_model: bool = True
+    period_max_days: float = 0.0  # 0: baseline / 1.15 (a positive value lowers it; periodogram.py)
+    bls_period_min_days: float = 0.25  # shortest box (eclipse, transit) period; shorter ones are LS only
+    bls_max_freq: int = 50_000  # the box search's frequencies are capped (oversampling lowered) ...
+    bls_max_work: float = 5e8  # ... and so are its frequencies x epochs: bounded cost per curve
+    min_baseline_days: float = 0.0  # a curve whose kept points span less is not classified (0: 1.6 x the BLS minimum)
     detrend: str = "sysrem"  # systematics removed before the period search: "sysrem" or "none"
     detrend_components: int = 2  # SysRem components (trends shared by the field's stars)
     detrend_min_stars: int = 20  # fewer usable constant-looking stars in a field: no detrending

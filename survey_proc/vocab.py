@@ -79,3 +79,6 @@ DETECTOR_SECTIONS: dict[str, tuple[str, ...]] = {"sep": (), "pnet": ("pnet",)}
 VAR_CLASSES = ("constant", "eclipsing_binary", "pulsator", "transit", "flare", "trend")  # simulator truth
 CLASSIFIER_CLASSES = ("constant", "eclipsing_binary", "pulsator", "transit", "non_periodic")  # classifier output
 PERIODIC_CLASSES = ("eclipsing_binary", "pulsator", "transit")
+# the classify stage's var_class beyond the classifier's: a periodic-looking signal with fewer than two events
+# (eclipses, transits) or 1.15 cycles in the object's own baseline; its period is NaN (issue 22)
+SINGLE_EVENT = "single_event"

@@ -14,6 +14,7 @@ from survey_proc.lightcurves.periodogram import (
     BatchedLS,
     astropy_bls,
     astropy_ls,
+    sampling_interval,
     search_grid,
 )
 from survey_proc.lightcurves.preprocess import (
@@ -92,14 +93,41 @@ def test_variability_statistics_separate_white_noise_from_a_slow_signal():
 
 
 # ------------------------------------------------------------------ periodograms
-def test_search_grid_covers_the_simulated_periods_and_rejects_an_empty_range():
-    g = search_grid(T)
-    assert g.period_max_days > 2.95 > 1.75  # astropy's autoperiod would stop at T / 2
+def test_search_grid_stays_inside_the_baseline_and_reaches_delta_scuti_periods():
+    g = search_grid(T)  # 1000 x 300 s, T = 3.47 d
+    base = T[-1] - T[0]
+    assert g.period_max_days == pytest.approx(base / 1.15) == g.ls_period_max_days  # < baseline
+    assert g.ls_period_min_days == pytest.approx(0.03) and g.period_min_days == pytest.approx(0.25)
     assert g.bls_freq.min() == pytest.approx(1 / g.period_max_days)
-    with pytest.raises(ValueError, match="period range"):
-        search_grid(T[:20])  # 1.6 h of data: nothing to search above 0.25 d
+    assert 1 / g.ls_freq.max() == pytest.approx(0.03, rel=0.01)
+    assert 400 < len(g.bls_freq) < 500 and g.bls_oversample == 1.0
+    assert np.diff(g.bls_freq)[0] == pytest.approx(2 / 64 / base)  # q_min / T
+    # down to 0.14 d, boxes of 2 bins are shorter than 2 cadences above 4.5 / d: the step grows there
+    g2 = search_grid(T, bls_period_min_days=0.14)
+    assert g2.duration_min_days == pytest.approx(2 * CADENCE_D)
+    s2 = np.diff(g2.bls_freq)
+    assert s2[-2] == pytest.approx(4 / 64 / base, rel=1e-6) and s2[0] == pytest.approx(2 / 64 / base)
+    with pytest.raises(ValueError, match=r"period range .* is empty"):
+        search_grid(T[:80])  # 6.6 h of data: periods up to 0.24 d < 0.25 d
     with pytest.raises(ValueError, match="need at least 3 epochs"):
         search_grid(T[:2])
+
+
+def test_search_grid_nyquist_limit_only_for_regular_sampling():
+    daily = np.arange(200) * 1.0
+    assert sampling_interval(daily) == pytest.approx(1.0)
+    assert search_grid(daily).ls_period_min_days == pytest.approx(2.0)
+    jitter = daily + np.random.default_rng(1).uniform(-0.15, 0.15, 200)  # nightly at varying hours
+    assert sampling_interval(jitter) == 0.0
+    assert search_grid(jitter).ls_period_min_days == pytest.approx(0.03)
+
+
+def test_search_grid_cost_is_capped_for_a_ten_year_curve():
+    t = np.sort(np.random.default_rng(2).uniform(0, 3652.5, 10_000))
+    g = search_grid(t)
+    assert len(g.bls_freq) * len(t) <= 5e8 * 1.001 and g.bls_oversample < 1
+    assert 1e6 < len(g.ls_freq) < 1.5e6  # resolution 1 / (10 T) from 0.03 d to T / 1.5
+    assert g.ls_period_max_days == pytest.approx((t[-1] - t[0]) / 1.15)
 
 
 @pytest.mark.parametrize("period, depth", [(0.62, 0.3), (1.31, 0.05), (2.07, 0.03)])
@@ -113,7 +141,8 @@ def test_batched_bls_finds_the_same_period_as_astropy(period, depth):
     ours = BatchedBLS(T, g)(b.y, b.w)
     p_ref, _, _ = astropy_bls(T, b.y[0].astype(float), b.w[0].astype(float), g,
                               durations_days=np.array([0.06, 0.09, 0.12, 0.16]))
-    step = (g.bls_freq[1] - g.bls_freq[0]) * period**2  # grid resolution in period at this period
+    i = np.searchsorted(g.bls_freq, 1 / period)
+    step = (g.bls_freq[i] - g.bls_freq[i - 1]) * period**2  # grid resolution in period at this period
     assert abs(ours.period_days[0] - period) <= 1.5 * step
     assert abs(ours.period_days[0] - p_ref) <= 2.0 * step
     assert ours.depth[0] == pytest.approx(depth, rel=0.35)
@@ -135,6 +164,43 @@ def test_batched_lomb_scargle_equals_astropy():
         np.testing.assert_allclose(ours.spectrum[i], power_ref, rtol=1e-5, atol=1e-8)
         assert abs(ours.period_days[i] / p - 1) < 0.01
         assert abs(1 / ours.period_days[i] - 1 / p_ref) <= g.ls_freq[1] - g.ls_freq[0]
+
+
+def test_chunked_bls_equals_the_one_matrix_bls(monkeypatch):
+    from survey_proc.lightcurves import periodogram as P
+
+    g = search_grid(T)
+    stars = _stars([{"var_class": "transit", "period": 0.9, "t0": 0.2, "depth": 0.02, "duration": 0.1,
+                     "ingress_frac": 0.15}, {"var_class": "transit", "period": 1.4, "t0": 0.5, "depth": 0.05,
+                                             "duration": 0.08, "ingress_frac": 0.15}])
+    mag, err, flg = _curves(delta_mag(stars, T), 0.004, 7)
+    mag[0, 100:180] = np.nan
+    b = preprocess(np.arange(2), T, mag, err, flg)
+    one = BatchedBLS(T, g)(b.y, b.w, keep_spectrum=True)
+    monkeypatch.setattr(P, "BLS_CHUNK_NNZ", 37 * len(T))  # 37 frequencies per chunk, built on the fly
+    chunked = P.BatchedBLS(T, g)
+    assert chunked.fold is None and chunked.chunk == 37
+    two = chunked(b.y, b.w, keep_spectrum=True)
+    np.testing.assert_allclose(two.spectrum, one.spectrum, rtol=1e-4, atol=1e-3)
+    for k in ("period_days", "duration_days", "t0_days", "n_in"):
+        np.testing.assert_allclose(getattr(two, k), getattr(one, k))
+    np.testing.assert_allclose(two.depth, one.depth, rtol=1e-5)
+    assert abs(one.period_days[0] / 0.9 - 1) < 0.02 and abs(one.period_days[1] / 1.4 - 1) < 0.02
+
+
+def test_large_lomb_scargle_grid_per_curve_equals_astropy():
+    rng = np.random.default_rng(3)
+    t = np.sort(rng.uniform(0, 1500, 400))  # 4 years: 500k frequencies, beyond the dense product
+    y = 0.1 * np.sin(2 * np.pi * t / 0.5612 + 1.0) + 0.02 * rng.normal(size=400)
+    w = np.full(400, 1 / 0.02**2)
+    w[::7] = 0.0
+    g = search_grid(t)
+    ls = BatchedLS(t, g)
+    assert not ls.dense and len(g.ls_freq) > 4e5
+    ours = ls(y[None], w[None], keep_spectrum=True)
+    p_ref, power_ref = astropy_ls(t, y, w, g)
+    np.testing.assert_allclose(ours.spectrum[0], power_ref, atol=2e-4)
+    assert abs(ours.period_days[0] / 0.5612 - 1) < 1e-4 and abs(ours.period_days[0] / p_ref - 1) < 1e-4
 
 
 # ------------------------------------------------------------------ classifier

@@ -25,6 +25,14 @@ Reported period
   (S/N < 3) had its two eclipses folded onto each other, and its period is doubled
   (:func:`_folded_eclipses`);
 - pulsators: the Lomb-Scargle period refined by a 3-harmonic Fourier fit (:func:`refine_fourier`).
+
+Saying when it cannot know (issue 22)
+-------------------------------------
+A periodic class whose signal shows fewer than two events in the object's own span of
+kept points becomes ``single_event`` (:data:`survey_proc.vocab.SINGLE_EVENT`) with period
+NaN: for eclipsing binaries and transits, fewer than two cycles whose kept in-box points
+show the dip (:func:`count_events`), or a period longer than the span; for pulsators, a
+period longer than span / 1.15. ``n_events`` records the count (-1 where not counted).
 """
 
 from __future__ import annotations
@@ -47,11 +55,13 @@ from survey_proc.lightcurves.periodogram import (
     search_grid,
 )
 from survey_proc.lightcurves.preprocess import LightCurveBatch, variability_stats
-from survey_proc.vocab import CLASSIFIER_CLASSES, PERIODIC_CLASSES
+from survey_proc.vocab import CLASSIFIER_CLASSES, PERIODIC_CLASSES, SINGLE_EVENT
 
 CLASSES = CLASSIFIER_CLASSES
 PERIODIC = PERIODIC_CLASSES
 DEFAULT_WEIGHTS = model_registry.default_weights("classifier")
+#: a pulsator's period must fit this many times in the object's own span, else it is a ``single_event``
+SINGLE_EVENT_CYCLES = 1.15
 
 
 @dataclass(frozen=True)
@@ -153,7 +163,11 @@ def refine_bls(t_days: np.ndarray, y: np.ndarray, w: np.ndarray, period_days: fl
     per duration.
     """
     f0 = 1.0 / period_days
-    step = float(coarse.bls_freq[1] - coarse.bls_freq[0]) if len(coarse.bls_freq) > 1 else 0.01 * f0
+    if len(coarse.bls_freq) > 1:  # the coarse grid's local step (it grows with f above q_min / duration_min)
+        i = int(np.clip(np.searchsorted(coarse.bls_freq, f0), 1, len(coarse.bls_freq) - 1))
+        step = float(coarse.bls_freq[i] - coarse.bls_freq[i - 1])
+    else:
+        step = 0.01 * f0
     freq = np.linspace(max(f0 - 2 * step, 0.5 * f0), f0 + 2 * step, n_freq)
     nb = int(np.clip(round(bins_per_duration * period_days / max(duration_days, 1e-6)), 32, 1024))
     k = bins_per_duration
@@ -199,6 +213,51 @@ def _folded_eclipses(one: LightCurveBatch, period: float, duration: float, t0: f
     return bool(sec[0] < 3.0)
 
 
+def count_events(t_days: np.ndarray, y: np.ndarray, w: np.ndarray, period_days: float, t0_days: float,
+                 duration_days: float, min_snr: float = 1.0, rel_snr: float = 0.3) -> int:
+    """The number of distinct events (cycles) whose kept points show the box's dip.
+
+    Each cycle ``round((t - t0) / P)`` with kept points inside the box (``|t - t0 - k P| <
+    duration / 2``) gives a depth ``d_k`` (weighted mean outside the boxes minus inside, relative
+    flux) and its S/N. A cycle counts when its S/N is at least ``max(min_snr, rel_snr x`` the
+    largest one's): one deep event and noise elsewhere is one event, however the period folds
+    it; a shallow signal repeated in many cycles counts every cycle.
+
+    Parameters
+    ----------
+    t_days
+        Epoch times (days).
+    y, w
+        Relative flux and weights (inverse variance; 0 = no point) of one curve.
+    period_days, t0_days, duration_days
+        The box: period, mid-event time (days, same origin as ``t_days``) and duration (days).
+    min_snr, rel_snr
+        The S/N thresholds above.
+
+    Returns
+    -------
+    int
+        The events that show the dip (0 when the box holds no kept point).
+    """
+    if not (np.isfinite(period_days) and np.isfinite(t0_days) and period_days > 0):
+        return 0
+    keep = w > 0
+    t, yy, ww = t_days[keep], y[keep], w[keep]
+    cyc = np.round((t - t0_days) / period_days)
+    inside = np.abs(t - t0_days - cyc * period_days) < 0.5 * duration_days
+    if not inside.any() or inside.all():
+        return 0
+    out_mean = float(np.sum(ww[~inside] * yy[~inside]) / np.sum(ww[~inside]))
+    ks, inv = np.unique(cyc[inside], return_inverse=True)
+    sw = np.bincount(inv, ww[inside], minlength=len(ks))
+    swy = np.bincount(inv, ww[inside] * yy[inside], minlength=len(ks))
+    snr = (out_mean - swy / sw) * np.sqrt(sw)
+    top = float(snr.max())
+    if top <= 0:
+        return 0
+    return int(np.sum(snr >= max(min_snr, rel_snr * top)))
+
+
 def search(batch: LightCurveBatch, grid: SearchGrid, device: torch.device | str | None = None,
            stats: pd.DataFrame | None = None, bls_batch: int = 16
            ) -> tuple[BLSResult, LSResult, tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -227,6 +286,7 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
               "period_bls", "period_ls", "bls_sde", "ls_power"):
         out[c] = np.nan
     out["var_class"] = pd.Series([None] * n, dtype=object)
+    out["n_events"] = -1
     for c in CLASSES:
         out[f"prob_{c}"] = np.nan
     stats = variability_stats(batch)
@@ -256,6 +316,19 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
                 t0[i] = t0i
             if names[i] == "eclipsing_binary" and _folded_eclipses(sub.subset(np.array([i])), p, d, t0[i]):
                 period[i] *= 2.0
+    # can it know? Fewer than two events (boxes) or 1.15 cycles (pulsators) in the object's own span: no period
+    span = np.array([np.ptp(batch.t_days[sub.w[i] > 0]) if (sub.w[i] > 0).any() else 0.0 for i in range(len(use))])
+    n_events = np.full(len(use), -1)
+    for i in np.flatnonzero(np.isin(names, PERIODIC)):
+        if names[i] == "pulsator":
+            enough = period[i] * SINGLE_EVENT_CYCLES <= span[i]
+        else:
+            n_events[i] = count_events(batch.t_days, sub.y[i].astype(float), sub.w[i].astype(float), period[i], t0[i],
+                                       duration[i])
+            enough = n_events[i] >= 2 and period[i] <= span[i]
+        if not enough:
+            names[i] = SINGLE_EVENT
+            period[i] = np.nan
     rows = use
     out.loc[rows, "period"] = period
     out.loc[rows, "period_power"] = power
@@ -269,6 +342,7 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
     out.loc[rows, "bls_sde"] = bls.sde
     out.loc[rows, "ls_power"] = ls.power
     out.loc[rows, "var_class"] = names
+    out.loc[rows, "n_events"] = n_events
     for j, c in enumerate(CLASSES):
         out.loc[rows, f"prob_{c}"] = prob[:, j]
     return out

@@ -35,36 +35,96 @@ def classify_table(lc: pd.DataFrame, clf: Any, cc: ClassifySettings) -> tuple[pd
     Returns
     -------
     results, info
-        One row per searched object (index ``object_id``; the columns of
-        :func:`~survey_proc.lightcurves.classifier.classify` plus ``n_points_classified``), or
-        None when nothing could be searched; and counts for the run record (``n_classified``,
-        ``n_periodic``, ``classes``, the grid size, or ``not_searched`` saying why).
+        One row per object of ``lc`` (index ``object_id``; the columns of
+        :func:`~survey_proc.lightcurves.classifier.classify` plus ``n_points_classified`` and
+        ``classify_reason``: null when classified, else ``too_few_points: ...`` (fewer than
+        ``min_points`` points, before or after clipping), ``too_sparse: ...`` (fewer than
+        ``min_fraction`` of the epochs) or ``too_short: ...`` (kept points spanning less than
+        ``min_baseline_days``, default 1.6 x the shortest box period: 0.4 d)), or None when
+        ``lc`` is empty; and counts for the run record (``n_classified``, ``n_periodic``,
+        ``classes``, ``not_classified`` by reason, the grid size, or ``not_searched`` saying why).
     """
     from survey_proc.lightcurves.classifier import classify
     from survey_proc.lightcurves.periodogram import search_grid
     from survey_proc.lightcurves.preprocess import PreprocessConfig, preprocess, to_matrix
 
     info: dict[str, Any] = {"n_classified": 0, "n_periodic": 0}
-    if not len(lc) or len(np.unique(lc["epoch"])) < 3:
+    if not len(lc):
         return None, info
     ids, _, mjd, mag, err, flg = to_matrix(lc)
+    reason = pd.Series(None, index=pd.Index(ids, name="object_id"), dtype=object)
+    n_have = np.isfinite(mag).sum(1)
+    need_points = max(cc.min_points, 3)
+    need_frac = int(np.ceil(cc.min_fraction * len(mjd)))
+    reason[n_have < need_points] = f"too_few_points: fewer than {need_points} points"
+    reason[(n_have >= need_points) & (n_have < need_frac)] = (
+        f"too_sparse: fewer than {need_frac} points ({cc.min_fraction:.0%} of {len(mjd)} epochs)")
     # objects that cannot reach the minimum number of points are not even preprocessed
-    need = max(cc.min_points, int(np.ceil(cc.min_fraction * len(mjd))))
-    enough = np.isfinite(mag).sum(1) >= need
-    ids, mag, err, flg = ids[enough], mag[enough], err[enough], flg[enough]
-    batch = preprocess(ids, mjd, mag, err, flg, PreprocessConfig(clip_sigma=cc.clip_sigma, min_points=cc.min_points,
-                                                                  min_fraction=cc.min_fraction))
+    enough = reason.isna().to_numpy()
+    p_min = max(cc.period_min_days, trained_period_min(clf)) if cc.period_min_from_model else cc.period_min_days
+    min_base = cc.min_baseline_days or 1.6 * max(cc.bls_period_min_days, p_min)
+    if not enough.any() or len(mjd) < 3:
+        info["not_searched"] = f"no light curve with {max(need_points, need_frac)} points"
+        return _reasons_only(reason), info
+    ids_e, mag, err, flg = ids[enough], mag[enough], err[enough], flg[enough]
+    batch = preprocess(ids_e, mjd, mag, err, flg, PreprocessConfig(clip_sigma=cc.clip_sigma,
+                                                                    min_points=need_points,
+                                                                    min_fraction=cc.min_fraction))
+    reason[ids_e[~batch.usable]] = f"too_few_points: fewer than {max(need_points, need_frac)} kept after clipping"
+    # each curve's own span of kept points: too short to hold two cycles of the shortest box period
+    span = np.array([np.ptp(batch.t_days[batch.w[i] > 0]) if (batch.w[i] > 0).any() else 0.0
+                     for i in range(len(batch))])
+    short = batch.usable & (span < min_base)
+    reason[ids_e[short]] = f"too_short: kept points span less than {min_base:.3g} d"
+    batch.usable = batch.usable & ~short
     baseline = float(batch.t_days[-1] - batch.t_days[0])
-    p_max = cc.period_max_days or baseline / 1.15
-    if not batch.usable.any() or p_max <= cc.period_min_days:
-        info["not_searched"] = (f"no light curve with {need} points" if not batch.usable.any() else
-                                f"baseline {baseline:.3f} d too short for periods >= {cc.period_min_days} d")
-        return None, info
-    grid = search_grid(batch.t_days, period_min_days=cc.period_min_days, period_max_days=p_max)
+    try:
+        grid = search_grid(batch.t_days, period_min_days=p_min, period_max_days=cc.period_max_days or None,
+                           bls_period_min_days=cc.bls_period_min_days, bls_max_freq=cc.bls_max_freq,
+                           bls_max_work=cc.bls_max_work)
+    except ValueError as e:
+        batch.usable[:] = False
+        reason[ids_e[reason[ids_e].isna().to_numpy()]] = f"too_short: baseline {baseline:.3g} d"
+        info["not_searched"] = str(e)
+        return _reasons_only(reason), info
+    if not batch.usable.any():
+        info["not_searched"] = f"no light curve with {max(need_points, need_frac)} points over {min_base:.3g} d"
+        return _reasons_only(reason), info
     res = classify(batch, clf, grid).set_index("object_id")
     res["n_points_classified"] = batch.n_points.astype(np.int32)
+    res = res.reindex(ids)
+    res["classify_reason"] = reason.reindex(ids).to_numpy()
     info.update(n_classified=int(batch.usable.sum()),
                 n_periodic=int(np.isin(res["var_class"].to_numpy(), PERIODIC_CLASSES).sum()),
                 classes={str(k): int(v) for k, v in res["var_class"].value_counts().items()},
+                not_classified={str(k).split(":")[0]: int(v) for k, v in
+                                reason.str.split(":").str[0].value_counts().items()},
                 baseline_days=float(grid.baseline_days), n_bls_freq=len(grid.bls_freq), n_ls_freq=len(grid.ls_freq))
     return res, info
+
+
+def trained_period_min(clf: Any) -> float:
+    """The shortest period (days) the classifier's inputs were trained with: its card's ``search.period_min_days``.
+
+    The classifier sees the Lomb-Scargle and BLS folds and periods; a grid reaching shorter
+    periods than its training data feeds it inputs it never saw (measured: noise peaks at
+    0.03-0.06 d turned constant stars "periodic" with p = 0.99999). Cards without the key are
+    the shipped v2 model's: 0.25 d.
+
+    Parameters
+    ----------
+    clf
+        A loaded classifier (with a ``card`` dict).
+
+    Returns
+    -------
+    float
+        Days.
+    """
+    card = getattr(clf, "card", None) or {}
+    return float(card.get("search", {}).get("period_min_days", 0.25))
+
+
+def _reasons_only(reason: pd.Series) -> pd.DataFrame:
+    """A result with only ``classify_reason`` (why each object was not classified)."""
+    return pd.DataFrame({"classify_reason": reason.to_numpy()}, index=reason.index)

@@ -43,6 +43,10 @@ DETREND_SCHEMA = pa.schema([("band", pa.string()), ("epoch", pa.int32()), ("comp
                             ("value", pa.float64())])
 #: ``objects`` columns the classify stage adds (after the contract's and the cross-match's)
 DETREND_COLUMNS = (("detrend", pa.string()), ("detrend_rms", pa.float64()))
+#: and (issue 22): why an object was not classified (null when it was: ``too_few_points``,
+#: ``too_sparse``, ``too_short``, ``no_points``, each with ": <detail>"), and the events its box shows
+#: (-1 when not counted: not classified, or not an eclipsing binary / transit)
+REASON_COLUMNS = (("classify_reason", pa.string()), ("n_events", pa.int32()))
 
 
 def classified_schema(written: pa.Schema) -> pa.Schema:
@@ -56,7 +60,8 @@ def classified_schema(written: pa.Schema) -> pa.Schema:
     """
     extra = [f for f in written.remove_metadata() if f.name not in OBJECTS.names]
     have = {*OBJECTS.names, *(f.name for f in extra)}
-    return pa.schema([*OBJECTS, *extra, *(pa.field(n, t) for n, t in DETREND_COLUMNS if n not in have)])
+    return pa.schema([*OBJECTS, *extra, *(pa.field(n, t) for n, t in (*DETREND_COLUMNS, *REASON_COLUMNS)
+                                          if n not in have)])
 
 
 def _lc_columns(path: Any) -> list[str]:
@@ -169,6 +174,8 @@ def classify_region_task(out: str, field: str, region: int, cfg_json: str, class
     """Detrend, search and classify the light curves of one region; rewrite its objects file with the results."""
     from dataclasses import replace
 
+    import pandas as pd
+
     from survey_proc.distributed.plugins import worker_model
     from survey_proc.lightcurves.search import classify_table
 
@@ -197,7 +204,16 @@ def classify_region_task(out: str, field: str, region: int, cfg_json: str, class
     res, found = classify_table(lc, clf, cc)
     info: dict[str, Any] = {"n_objects": len(objects), **found, "detrend": applied,
                             "n_detrended": int((objects["detrend"] != "none").sum())}
+    objects["classify_reason"] = "no_points: no light-curve points"
+    objects["n_events"] = np.int32(-1)
     if res is not None:
+        why = res["classify_reason"].reindex(idx)
+        done = (res["var_class"].reindex(idx).notna() if "var_class" in res
+                else pd.Series(False, index=why.index))
+        why = why.where(why.notna() | done, "no_points: no light-curve points")  # objects without points
+        objects["classify_reason"] = why.where(~done, None).to_numpy()
+        if "n_events" in res:
+            objects["n_events"] = res["n_events"].reindex(idx).fillna(-1).astype(np.int32).to_numpy()
         res = res.rename(columns={"chi2_red": "_chi2_red"})
         for c in CLASSIFY_COLUMNS:
             if c in res.columns:
