@@ -584,9 +584,17 @@ def _comps(par: np.ndarray) -> list[tuple[float, float, float]]:
     return [(1.0 - f, a1, b1), (f, a2, b2)]
 
 
+def _light_beyond(comps: list[tuple[float, float, float]], radius: float) -> float:
+    """Fraction of the analytic model's light outside a circle of ``radius`` px (Moffat tails, exact)."""
+    return float(sum(wt * (1.0 + radius * radius / (a * a)) ** (1.0 - b) for wt, a, b in comps))
+
+
 def _fit_analytic(st: _Stars, par0: np.ndarray, n_gl: int, gain: float | None, r_max: float,
-                  n_max: int = 25) -> np.ndarray:
-    """Core + wing Moffat fitted to the brightest stars at once (fluxes profiled out, positions fixed)."""
+                  n_max: int = 25, sky: bool = False) -> np.ndarray:
+    """Core + wing Moffat fitted to the brightest stars at once (positions fixed).
+
+    Per star the flux, and with ``sky`` a local sky level, are profiled out.
+    """
     sel = np.argsort(-st.f)[:n_max]
     du = st.gx[sel] - st.x[sel, None, None]
     dv = st.gy[sel] - st.y[sel, None, None]
@@ -602,9 +610,15 @@ def _fit_analytic(st: _Stars, par0: np.ndarray, n_gl: int, gain: float | None, r
 
     def resid(par: np.ndarray) -> np.ndarray:
         p, _, _ = _analytic(du, dv, _comps(par), n_gl)
-        wp = sw * p
-        f = (wp * sw * d).sum(axis=(1, 2)) / np.maximum((wp * wp).sum(axis=(1, 2)), 1e-300)
-        return (sw * (d - f[:, None, None] * p)).ravel() / np.sqrt(len(sel))
+        # per star the flux (and with ``sky`` a local sky level) profiled out: weighted linear least squares
+        a11, a12, a22 = (w * p * p).sum(axis=(1, 2)), (w * p).sum(axis=(1, 2)), w.sum(axis=(1, 2))
+        b1, b2 = (w * p * d).sum(axis=(1, 2)), (w * d).sum(axis=(1, 2))
+        if sky:
+            det = np.maximum(a11 * a22 - a12 * a12, 1e-300)
+            f, s0 = (b1 * a22 - b2 * a12) / det, (a11 * b2 - a12 * b1) / det
+        else:
+            f, s0 = b1 / np.maximum(a11, 1e-300), np.zeros(len(sel))
+        return (sw * (d - f[:, None, None] * p - s0[:, None, None])).ravel() / np.sqrt(len(sel))
 
     # the wing is kept where the stamps see it (alpha2 <= 3 alpha1, beta2 >= 1.6): a wider or flatter
     # wing would put light outside every stamp, where nothing constrains it
@@ -620,6 +634,26 @@ def _second_diff(m: int) -> sparse.csr_matrix:
     d1 = sparse.diags([np.ones(m - 2), -2 * np.ones(m - 2), np.ones(m - 2)], [0, 1, 2], shape=(m - 2, m))
     eye = sparse.identity(m)
     return sparse.vstack([sparse.kron(eye, d1), sparse.kron(d1, eye)]).tocsr()
+
+
+def _flux_rows(mb: int, cb: int, kb: float) -> list[np.ndarray]:
+    """Rows of the residual tables' flux constraints: the light a table adds sums to 0 over the pixels.
+
+    A star's pixels sum to its flux at every sub-pixel phase, so a residual table ``R`` must
+    have ``sum_k R(k - phase) = 0`` over the pixel lattice for *every* phase, not only zero
+    integral (the phase average). For ``K`` (integer) nodes per pixel, the lattice sum of the
+    B-spline at node ``c`` depends on ``c`` only through ``(c - cb) mod K``; so the sum of the
+    coefficients of each of the ``K^2`` residue classes must vanish. Without it the fit of
+    per-star fluxes cannot see a phase-dependent normalisation (flux and normalisation are
+    degenerate star by star) and the regularisation leaves one: measured +-4 % on SDSS frames
+    of FWHM 1.2 px, the injected stars' flux ratio 1.17. A non-integer ``K`` (< 1: PSFs of
+    FWHM > 3.6 px, well sampled) keeps the single integral constraint.
+    """
+    k = round(kb)
+    if k < 2 or abs(kb - k) > 1e-9:
+        return [np.ones(mb * mb)]
+    res = (np.arange(mb) - cb) % k
+    return [((res[:, None] == rv) & (res[None, :] == ru)).ravel().astype(float) for rv in range(k) for ru in range(k)]
 
 
 def _fit_residual(st: _Stars, comps: list[tuple[float, float, float]], n_gl: int, gain: float | None, kb: float,
@@ -663,7 +697,7 @@ def _fit_residual(st: _Stars, comps: list[tuple[float, float, float]], n_gl: int
     ridge = sparse.diags(1e-6 * scale + 1e-1 * scale * outside)
     pen_one = smooth * scale * (d2.T @ d2) + ridge
     pen_var = 0.1 * smooth * scale * (d2.T @ d2) + ridge  # spatial terms: less smoothing (measured)
-    cons = sparse.csr_matrix(np.stack([np.ones(mb * mb), nu.ravel(), nv.ravel()]))
+    cons = sparse.csr_matrix(np.stack([*_flux_rows(mb, cb, kb), nu.ravel(), nv.ravel()]))
     pen = sparse.block_diag([pen_one] + [pen_var] * (n_t - 1)).tocsr()
     # the moment constraints exactly (Lagrange multipliers): the KKT system stays sparse
     cmat = sparse.block_diag([cons] * n_t).tocsr()
@@ -676,7 +710,8 @@ def build_epsf(image_adu: np.ndarray, mask: np.ndarray | None, background_adu: A
                x: np.ndarray, y: np.ndarray, flux_adu: np.ndarray, fwhm_px: float, saturation_adu: float | None,
                *, gain_e_per_adu: float | None = None, min_snr: float = 50.0, isolation_fwhm: float = 3.0,
                isolation_frac: float = 0.05, min_stars: int = 5, max_stars: int = 150, order: int | None = None,
-               n_iter: int = 3, smooth: float = 0.03, reject_chi: float = 3.0) -> EmpiricalPSF:
+               n_iter: int = 3, smooth: float = 0.03, reject_chi: float = 3.0,
+               max_unseen: float = 0.015) -> EmpiricalPSF:
     """Build the epoch's (block's) empirical PSF from its bright isolated stars (see the module docstring).
 
     Parameters
@@ -716,6 +751,10 @@ def build_epsf(image_adu: np.ndarray, mask: np.ndarray | None, background_adu: A
     reject_chi
         Stars with chi^2 per pixel above this multiple of the median (and 5 robust sigma above
         it) are dropped.
+    max_unseen
+        When the fitted analytic part puts more than this fraction of the light beyond the
+        stamps' radius (where no pixel constrains it), it is refitted with a local sky level
+        per star (``meta["wing_fit"]`` says which).
 
     Returns
     -------
@@ -824,10 +863,24 @@ def build_epsf(image_adu: np.ndarray, mask: np.ndarray | None, background_adu: A
     def analytic_fn(du: np.ndarray, dv: np.ndarray, _x: Any, _y: Any) -> tuple[np.ndarray, ...]:
         return _analytic(du, dv, _comps(par), n_gl, grad=True)
 
+    par_start = par.copy()
     for _ in range(3):
         subtract_neighbours(_comps(par))
         _star_steps(st, analytic_fn, gain_e_per_adu, 2)
         par = _fit_analytic(st, par, n_gl, gain_e_per_adu, float(r_fit))
+    beyond = _light_beyond(_comps(par), float(r_fit))
+    wing_fit = "no local sky"
+    if beyond > max_unseen:
+        # the wing puts light where no stamp sees it: a sky error around the stars (a background mesh,
+        # faint neighbours, nebulosity) fitted as a wide wing. Measured on SDSS frames: the wing at its
+        # bounds, 16 % of the light beyond the stamps, injected stars recovered at 1.17 x their flux.
+        # Refit with a local sky per star, which takes the pedestal (and a faint true wing with it)
+        par = par_start
+        for _ in range(3):
+            subtract_neighbours(_comps(par))
+            _star_steps(st, analytic_fn, gain_e_per_adu, 2)
+            par = _fit_analytic(st, par, n_gl, gain_e_per_adu, float(r_fit), sky=True)
+        wing_fit = f"local sky per star ({beyond:.3f} of the light beyond {r_fit} px without)"
     comps = _comps(par)
     subtract_neighbours(comps)
     (_, alpha, beta), (wing_frac, wing_alpha, wing_beta) = comps
@@ -852,7 +905,8 @@ def build_epsf(image_adu: np.ndarray, mask: np.ndarray | None, background_adu: A
     assert psf is not None
     psf.meta = {"n_candidates": len(sel), "n_used": int(keep.sum()), "order": int(order),
                 "fwhm_in_px": float(fwhm_px), "median_chi2_per_px": float(np.median(chi[keep])),
-                "selection": reasons, "image_shape": list(shape), "min_snr": float(min_snr)}
+                "selection": reasons, "image_shape": list(shape), "min_snr": float(min_snr),
+                "wing_fit": wing_fit, "light_beyond_stamp": _light_beyond(comps, float(r_fit))}
     return psf
 
 
