@@ -1,6 +1,7 @@
 """Real-data detector benchmark: measures that need no truth, on the images of ``../shared/data/real``.
 
     python -m benchmarks.real [--out DIR] [--sets sdss,2mass,m67,horsehead,spitzer,decam] [--rounds N] [--quick]
+                              [--detectors sep,sep_epsf,...]
 
 Per real set and per detector, on the pipeline's own block extraction
 (:func:`survey_proc.catalog.extract.extract_block` over the whole frame, the frame's tiles,
@@ -44,7 +45,9 @@ Figures (``real.json``, tables in ``real.md``):
   1.5 px)`` (the brightest of them is its measurement: a star split into pieces counts its
   main piece); ``chance`` is the share of injection positions with a detection within that
   radius in the frame *before* injection (what a match by coincidence would give). Per bin:
-  recall and the median of recovered flux / injected flux;
+  recall and the median of recovered flux / injected flux; pooled over the frames for S/N
+  20-300, the median flux ratio and the std of ``z = (flux - injected) / flux_err`` (the
+  table's ``flux / snr``; raw and 5-sigma clipped), issue 21's real-image criteria;
 - **repeatability** across the frames of a field (SDSS g/r/i, 2MASS J/H/K, the DECam
   epochs): each detection mapped through the WCS into every other frame (positions > 5 px
   inside it): the share with a detection of the other frame within ``max(FWHM_a, FWHM_b,
@@ -542,14 +545,16 @@ def injection_recovery(frame: Frame, runner: Runner, base: dict[str, Found], rou
         for det, fd in found.items():
             tree = cKDTree(np.c_[fd.x, fd.y]) if len(fd) else None
             for k in range(len(xy)):
-                rec, ratio = False, np.nan
+                rec, ratio, z = False, np.nan, np.nan
                 near = tree.query_ball_point(xy[k], radius) if tree is not None else []
                 if near:  # the brightest detection within the radius (a star split into pieces: its main one)
                     j = max(near, key=lambda i: fd.flux[i])
                     rec, ratio = True, fd.flux[j] / flux[k]
+                    if fd.snr[j] > 0:  # flux_err = flux / snr (the table's own error)
+                        z = (fd.flux[j] - flux[k]) / (fd.flux[j] / fd.snr[j])
                 chance = base_trees[det] is not None and bool(base_trees[det].query_ball_point(xy[k], radius))
                 rows.append({"detector": det, "bin": int(b[k]), "snr": snr[k], "recovered": rec, "ratio": ratio,
-                             "chance": chance})
+                             "z": z, "chance": chance})
     df = pd.DataFrame(rows)
     res: dict[str, Any] = {"psf": how, "fwhm_px": fwhm, "n_eff_px": n_eff, "sigma": sigma, "match_radius_px": radius,
                            "per_detector": {}}
@@ -558,10 +563,13 @@ def injection_recovery(frame: Frame, runner: Runner, base: dict[str, Found], rou
         for i, (lo_, hi_) in enumerate(SNR_BINS):
             s = df[(df["detector"] == det) & (df["bin"] == i)] if len(df) else df
             r = s["ratio"].dropna() if len(s) else pd.Series(dtype=float)
+            zb = s["z"].dropna() if len(s) else pd.Series(dtype=float)
             bins.append({"snr_lo": lo_, "snr_hi": hi_, "n": len(s),
                          "recall": float(s["recovered"].mean()) if len(s) else None,
                          "chance": float(s["chance"].mean()) if len(s) else None,
-                         "flux_ratio_median": float(r.median()) if len(r) else None})
+                         "flux_ratio_median": float(r.median()) if len(r) else None,
+                         "z_std": float(zb.std(ddof=0)) if len(zb) > 1 else None, "z": [float(v) for v in zb],
+                         "ratios": [float(v) for v in r]})
         res["per_detector"][det] = bins
     return res
 
@@ -885,7 +893,14 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
                 ratios = [r for r in ratios if r is not None]
                 bins.append({"snr_lo": SNR_BINS[i][0], "snr_hi": SNR_BINS[i][1], "n": n,
                              "recall": rec / n if n else None, "chance": ch / n if n else None,
-                             "flux_ratio_median": float(np.median(ratios)) if ratios else None})
+                             "flux_ratio_median": float(np.median(ratios)) if ratios else None,
+                             "z": [v for b in inj for v in b.get("z", [])],
+                             "ratios": [v for b in inj for v in b.get("ratios", [])]})
+            # injected stars of S/N 20-300 pooled over the frames: the median flux ratio and the z std
+            zs = np.array([v for b in bins[2:] for v in b.pop("z")])
+            rr = np.array([v for b in bins[2:] for v in b.pop("ratios")])
+            for b in bins[:2]:
+                b.pop("z"), b.pop("ratios")
 
             def avg(key: str, frames: list[dict[str, Any]] = rs["frames"], det: str = det) -> float | None:
                 v = [fr["artefacts"]["per_detector"][det][key] for fr in frames
@@ -896,6 +911,9 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
                         "fwhm_px": [fr["fwhm_px"][det] for fr in rs["frames"]],
                         "domain": [fr["domain"][det] for fr in rs["frames"]],
                         "recall_bins": bins,
+                        "flux_ratio_pooled_s20": float(np.median(rr)) if len(rr) else None,
+                        "z_std_s20": float(np.std(zs)) if len(zs) > 1 else None,
+                        "z_std_clipped_s20": _clipped_std(zs),
                         "extra_per_star_r4": avg("extra_per_star_r4"),
                         "excess_per_star_r4": avg("excess_per_star_r4"),
                         "extra_per_star_rext": avg("extra_per_star_rext"),
@@ -910,6 +928,20 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _clipped_std(z: np.ndarray, k: float = 5.0) -> float | None:
+    """Std of ``z`` after iterative ``k``-sigma clipping about the median (None for < 2 values)."""
+    z = np.asarray(z, float)
+    z = z[np.isfinite(z)]
+    for _ in range(10):
+        if len(z) < 2:
+            return None
+        keep = np.abs(z - np.median(z)) <= k * np.std(z)
+        if keep.all():
+            break
+        z = z[keep]
+    return float(np.std(z)) if len(z) > 1 else None
+
+
 def _f(v: Any, fmt: str = ".2f") -> str:
     return "—" if v is None else format(v, fmt)
 
@@ -920,12 +952,15 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [f"# Real-data detector benchmark\n\n`{res['command']}` ({res['seconds']:.0f} s)\n"]
     hdr = " | ".join(f"S/N {lo:g}-{hi:g}" for lo, hi in SNR_BINS)
     lines += ["## Injection-recovery: recall (chance) per S/N bin, median flux ratio\n",
-              f"| set | detector | {hdr} | flux ratio S/N 20-300 |", "|---|---|" + "---|" * (len(SNR_BINS) + 1)]
+              f"| set | detector | {hdr} | flux ratio S/N 20-300 | pooled flux ratio | z std (5σ-clipped) |",
+              "|---|---|" + "---|" * (len(SNR_BINS) + 3)]
     for name, per in s.items():
         for det, d in per.items():
             cells = [f"{_f(b['recall'])} ({_f(b['chance'])})" for b in d["recall_bins"]]
             fr = [b["flux_ratio_median"] for b in d["recall_bins"][2:] if b["flux_ratio_median"] is not None]
-            lines.append(f"| {name} | {det} | " + " | ".join(cells) + f" | {_f(np.median(fr) if fr else None)} |")
+            lines.append(f"| {name} | {det} | " + " | ".join(cells) + f" | {_f(np.median(fr) if fr else None)} | "
+                         f"{_f(d.get('flux_ratio_pooled_s20'), '.3f')} | {_f(d.get('z_std_s20'))} "
+                         f"({_f(d.get('z_std_clipped_s20'))}) |")
     lines += ["\nn per bin: " + "; ".join(f"{n}: {per['sep']['recall_bins'][0]['n']}" for n, per in s.items()),
               "\n## Detections, FWHM, domain, repeatability, artefacts\n",
               "| set | detector | detections per frame | FWHM (px) | domain | repeatability (chance) | "
@@ -962,7 +997,8 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def run(sets: list[str] | None = None, out: Path | None = None, quick: bool = False, rounds: int | None = None,
-        per_bin: int | None = None, plot_dir: Path | None = None, root: Path = REAL) -> dict[str, Any]:
+        per_bin: int | None = None, plot_dir: Path | None = None, root: Path = REAL,
+        detectors: tuple[str, ...] = DETECTORS) -> dict[str, Any]:
     """The benchmark; returns the result dict (``sets``, ``summary``, ``command``, ``seconds``) and writes OUT.
 
     Parameters
@@ -979,6 +1015,8 @@ def run(sets: list[str] | None = None, out: Path | None = None, quick: bool = Fa
         Where the gallery PNGs go (None: no gallery).
     root
         The real-data folder.
+    detectors
+        The rows (:data:`DETECTORS`; ``sep`` is always run: it chooses the injections).
     """
     import torch
 
@@ -986,7 +1024,11 @@ def run(sets: list[str] | None = None, out: Path | None = None, quick: bool = Fa
     t0 = time.perf_counter()
     rounds = rounds or (2 if quick else 3)
     per_bin = per_bin or (6 if quick else 8)
-    runner = Runner()
+    unknown = sorted(set(detectors) - set(DETECTORS))
+    if unknown:
+        raise ValueError(f"unknown detector rows {unknown}; the rows are {', '.join(DETECTORS)}")
+    detectors = tuple(d for d in DETECTORS if d in detectors or d == "sep")
+    runner = Runner(detectors)
     todo = [quick_set(root)] if quick else [load_set(n, root) for n in (sets or list(SETS))]
     results = []
     for rs in todo:
@@ -995,6 +1037,8 @@ def run(sets: list[str] | None = None, out: Path | None = None, quick: bool = Fa
         print(f"[real] {rs.name}: {results[-1]['seconds']:.0f} s", flush=True)
     cmd = "python -m benchmarks.real" + (" --quick" if quick else "") + (f" --sets {','.join(sets)}" if sets and not
                                                                          quick else "")
+    if detectors != DETECTORS:
+        cmd += f" --detectors {','.join(detectors)}"
     res: dict[str, Any] = {"command": cmd, "rounds": rounds, "per_bin": per_bin, "seed": SEED, "sets": results}
     res["summary"] = summary(res)
     res["seconds"] = time.perf_counter() - t0
@@ -1013,10 +1057,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--per-bin", type=int)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--detectors", default=",".join(DETECTORS), help="rows to run (sep always)")
     a = ap.parse_args()
     out = Path(a.out)
-    plot_dir = out if a.quick else PLOTS
-    res = run(a.sets.split(","), out, a.quick, a.rounds, a.per_bin, plot_dir)
+    plot_dir = out if a.quick or a.detectors != ",".join(DETECTORS) else PLOTS  # the committed gallery: all rows
+    res = run(a.sets.split(","), out, a.quick, a.rounds, a.per_bin, plot_dir, detectors=tuple(a.detectors.split(",")))
     print(markdown(res))
 
 
