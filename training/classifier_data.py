@@ -165,3 +165,216 @@ def synthesize(tpl: Templates, n: int, seed: int, rows: np.ndarray | None = None
     meta = params.assign(mag=m0, noise="model", snr_obs=snr_obs, label=label, template=tpl.object_id[pick])
     meta.loc[~model_noise, "noise"] = "real"
     return {"mag": mag, "mag_err": err, "flags": flags, "label": label}, meta
+
+
+# ------------------------------------------------------------------ issue 22: any cadence, real-looking signals
+#: signal kinds of :func:`cadence_group` and their training labels (classifier classes)
+KIND_LABEL = {
+    "constant": "constant", "rrab": "pulsator", "rrc": "pulsator", "cepheid": "pulsator", "dsct": "pulsator",
+    "mira": "pulsator", "eb_detached": "eclipsing_binary", "eb_contact": "eclipsing_binary", "transit": "transit",
+    "random_walk": "non_periodic", "flare": "non_periodic", "trend": "non_periodic", "jumps": "non_periodic",
+    "ramps": "non_periodic",
+}
+#: drawing weights of the kinds
+KIND_MIX = {"constant": 0.26, "rrab": 0.06, "rrc": 0.04, "cepheid": 0.06, "dsct": 0.04, "mira": 0.04,
+            "eb_detached": 0.09, "eb_contact": 0.06, "transit": 0.07, "random_walk": 0.07, "flare": 0.04,
+            "trend": 0.05, "jumps": 0.06, "ramps": 0.06}
+
+
+def load_eros_times(path: str | Path) -> list[np.ndarray]:
+    """The R and B time stamps (days) of every EROS light curve in ``path`` (a ``*_varlength_features.csv.gz``)."""
+    import json
+
+    d = pd.read_csv(path, index_col=0, usecols=[0, 1, 2])
+    out = []
+    for col in ("time_points_r", "time_points_b"):
+        out += [np.unique(np.asarray(json.loads(s), float)) for s in d[col]]
+    return [t for t in out if len(t) >= 20]
+
+
+def draw_cadence(rng: np.random.Generator, eros_times: list[np.ndarray] | None = None) -> np.ndarray:
+    """Epoch times (days from 0, increasing) of one survey: 20-3000 points, hours to 10 years.
+
+    Four families, equally likely: ``regular`` (a space-like or single-site stare: 1-30 min
+    intervals, optionally cut by day/night), ``nightly`` (ground-based: one to a few visits per
+    night at varying hours, seasons of 4-8 months each year, weather losses), ``sparse``
+    (a few hundred points over years) and ``eros`` (the time stamps of a real EROS curve).
+    """
+    fam = rng.choice(["regular", "nightly", "sparse", "eros"] if eros_times else ["regular", "nightly", "sparse"])
+    if fam == "eros" and eros_times:
+        return eros_times[int(rng.integers(len(eros_times)))] - 0.0
+    if fam == "regular":
+        dt = rng.uniform(1, 30) / 1440
+        n = int(np.exp(rng.uniform(np.log(40), np.log(3000))))
+        t = np.arange(n) * dt
+        if rng.random() < 0.5 and t[-1] > 1:  # nights of 6-10 h
+            night = rng.uniform(0.25, 0.42)
+            t = t[np.mod(t, 1.0) < night]
+    else:
+        years = np.exp(rng.uniform(np.log(0.1), np.log(10))) if fam == "nightly" else rng.uniform(1, 10)
+        n_nights = int(years * 365)
+        nights = np.arange(n_nights, dtype=float)
+        season = rng.uniform(0.35, 0.7)
+        nights = nights[np.mod(nights / 365.25 + rng.uniform(), 1.0) < season]
+        nights = nights[rng.random(len(nights)) < rng.uniform(0.2, 0.8)]  # weather, scheduling
+        n_target = int(np.exp(rng.uniform(np.log(20), np.log(600 if fam == "nightly" else 300))))
+        per_night = 1 if fam == "sparse" else int(rng.integers(1, 4))
+        if len(nights) == 0:
+            nights = np.array([0.0])
+        pick = rng.choice(len(nights), min(len(nights), max(1, n_target // per_night)), replace=False)
+        base = np.sort(nights[pick])
+        t = (base[:, None] + rng.uniform(-0.15, 0.15, (len(base), 1))
+             + np.arange(per_night)[None, :] * rng.uniform(0.02, 0.1)).ravel()
+    t = np.unique(np.round(t - t.min(), 6))
+    return t if len(t) >= 20 else np.unique(np.r_[t, t[-1] + np.arange(1, 21 - len(t)) * 0.01])
+
+
+def _fourier(phase: np.ndarray, amps: np.ndarray, phis: np.ndarray) -> np.ndarray:
+    k = np.arange(1, len(amps) + 1)
+    return (amps[:, None] * np.cos(2 * np.pi * k[:, None] * phase[None, :] + phis[:, None])).sum(0)
+
+
+def signal_mag(kind: str, t: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float, float]:
+    """Magnitude offsets (brighter negative) of one ``kind`` at times ``t`` (days); and (period days, amplitude mag).
+
+    Shapes after the real classes: RR Lyrae ab (0.45-0.9 d, 0.4-1.2 mag, sawtooth: Fourier
+    amplitudes ~1/k, aligned phases), RR Lyrae c (0.25-0.45 d, near-sinusoidal), classical
+    Cepheids (1-60 d log-uniform, 0.2-1 mag), delta Scuti (0.03-0.2 d, 0.005-0.3 mag), Miras
+    (100-600 d, 1.5-5 mag, cycle-to-cycle amplitude and phase wander), detached binaries
+    (0.4-40 d, eclipses 2-12 % of the period, primary 0.05-1 mag, secondary 0-1 of it,
+    eccentric phases allowed), contact binaries (0.22-0.8 d, 0.1-0.7 mag, unequal minima),
+    transits (0.5-20 d, 0.3-5 %, 1-6 h); negatives: quasar-like damped random walks (tau 5-500 d,
+    0.05-0.6 mag), flares (1-4, 0.1-2 mag, minutes to hours), trends (linear + quadratic, up to
+    0.4 mag), zero-point jumps (1-4 steps of 0.02-0.3 mag) and exponential ramps after gaps.
+    """
+    n = len(t)
+    ph0 = rng.uniform()
+    if kind == "constant":
+        return np.zeros(n), np.nan, 0.0
+    if kind in ("rrab", "rrc", "cepheid", "dsct", "mira"):
+        lo, hi, alo, ahi, nh = {"rrab": (0.45, 0.9, 0.4, 1.2, 6), "rrc": (0.25, 0.45, 0.2, 0.5, 2),
+                                "cepheid": (1.0, 60.0, 0.2, 1.0, 5), "dsct": (0.03, 0.2, 0.005, 0.3, 2),
+                                "mira": (100.0, 600.0, 1.5, 5.0, 2)}[kind]
+        p = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        amp = float(np.exp(rng.uniform(np.log(alo), np.log(ahi))))
+        k = np.arange(1, nh + 1)
+        decay = {"rrab": 1.0, "rrc": 2.5, "cepheid": 1.3, "dsct": 3.0, "mira": 3.0}[kind]
+        amps = 1.0 / k**decay
+        phis = k * 0.0 + (rng.normal(0, 0.3, nh) if kind != "rrab" else rng.normal(0, 0.1, nh))
+        phase = np.mod(t / p + ph0, 1.0)
+        if kind == "mira":  # cycle-to-cycle wander
+            cyc = np.floor(t / p + ph0).astype(int)
+            cyc -= cyc.min()
+            scale = 1 + rng.normal(0, 0.15, cyc.max() + 1)[cyc]
+        else:
+            scale = 1.0
+        shape = -_fourier(phase, amps, phis)  # sawtooth-ish: fast rise (brighter = negative magnitude)
+        shape = (shape - shape.min()) / max(np.ptp(shape), 1e-9) if np.ptp(shape) > 0 else shape
+        return amp * (shape - 0.5) * scale, p, amp
+    if kind in ("eb_detached", "eb_contact"):
+        if kind == "eb_contact":
+            p = float(rng.uniform(0.22, 0.8))
+            amp = float(rng.uniform(0.1, 0.7))
+            phase = np.mod(t / p + ph0, 1.0)
+            dm = amp * 0.5 * (1 - np.cos(4 * np.pi * phase)) * (1 + rng.uniform(0, 0.2) * np.cos(2 * np.pi * phase))
+            return dm - np.median(dm), p, amp
+        p = float(np.exp(rng.uniform(np.log(0.4), np.log(40))))
+        w = rng.uniform(0.02, 0.12) * min(1.0, (2.0 / p) ** 0.3)
+        d1 = float(np.exp(rng.uniform(np.log(0.05), np.log(1.0))))
+        d2 = d1 * rng.uniform(0, 1)
+        sec = 0.5 + rng.normal(0, 0.03) if rng.random() < 0.3 else 0.5
+        phase = np.mod(t / p + ph0, 1.0)
+        dist1 = np.minimum(phase, 1 - phase)
+        dist2 = np.abs(phase - sec)
+        dm = d1 * np.exp(-0.5 * (dist1 / (w / 2.5)) ** 2) + d2 * np.exp(-0.5 * (dist2 / (w / 2.5)) ** 2)
+        return dm, p, d1
+    if kind == "transit":
+        p = float(np.exp(rng.uniform(np.log(0.5), np.log(20))))
+        depth = float(np.exp(rng.uniform(np.log(0.003), np.log(0.05))))
+        dur = min(rng.uniform(1, 6) / 24, 0.15 * p)
+        phase = np.mod(t / p + ph0, 1.0)
+        dt = np.minimum(phase, 1 - phase) * p
+        ing = 0.15 * dur
+        f = np.clip((dur / 2 - dt) / ing, 0, 1)
+        return -2.5 * np.log10(1 - depth * f), p, 1.0857 * depth
+    span = max(float(t[-1] - t[0]), 1e-3)
+    if kind == "random_walk":
+        tau = float(np.exp(rng.uniform(np.log(5), np.log(500))))
+        sig = float(rng.uniform(0.05, 0.6))
+        x = np.zeros(n)
+        for i in range(1, n):
+            a = np.exp(-(t[i] - t[i - 1]) / tau)
+            x[i] = a * x[i - 1] + sig * np.sqrt(1 - a * a) * rng.normal()
+        return x, np.nan, sig
+    if kind == "flare":
+        dm = np.zeros(n)
+        amp = 0.0
+        for _ in range(int(rng.integers(1, 5))):
+            t0 = t[0] + rng.uniform() * span
+            a = float(rng.uniform(0.1, 2.0))
+            decay = float(np.exp(rng.uniform(np.log(0.005), np.log(0.2))))
+            x = t - t0
+            flux = a * np.exp(-np.maximum(x, 0) / decay) * np.exp(np.minimum(x, 0) / (0.1 * decay))
+            dm += -2.5 * np.log10(1 + flux)
+            amp = max(amp, a)
+        return dm, np.nan, amp
+    if kind == "trend":
+        x = (t - t[0]) / span - 0.5
+        a, b = rng.uniform(-0.4, 0.4), rng.uniform(-0.3, 0.3)
+        return a * x + b * (x * x - 1 / 12), np.nan, abs(a) + abs(b)
+    gaps = np.flatnonzero(np.diff(t) > max(5 * np.median(np.diff(t)), 0.2)) + 1
+    if kind == "jumps":
+        dm = np.zeros(n)
+        cuts = rng.choice(gaps, min(len(gaps), int(rng.integers(1, 5))), replace=False) if len(gaps) else \
+            rng.integers(n // 5, 4 * n // 5, int(rng.integers(1, 3)))
+        for c in np.atleast_1d(cuts):
+            dm[int(c):] += rng.choice([-1, 1]) * rng.uniform(0.02, 0.3)
+        return dm, np.nan, float(np.ptp(dm))
+    # ramps: an exponential settling after each gap (and at the start)
+    starts = np.r_[0, gaps]
+    amp = float(rng.uniform(0.02, 0.3))
+    tau = float(rng.uniform(0.05, 2.0)) * min(1.0, span / 5)
+    seg_start = t[starts[np.searchsorted(starts, np.arange(n), side="right") - 1]]
+    return amp * np.exp(-(t - seg_start) / tau) * rng.choice([-1, 1]), np.nan, amp
+
+
+def cadence_group(rng: np.random.Generator, n_curves: int, eros_times: list[np.ndarray] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame]:
+    """``n_curves`` training curves sharing one drawn cadence (:func:`draw_cadence`).
+
+    Each curve: a kind (:data:`KIND_MIX`), its signal (:func:`signal_mag`), a noise level
+    0.003-0.3 mag (log-uniform) with quoted errors off by up to +-30 %, 0-20 % of the points
+    missing, 0-2 % outliers. The label is the kind's class (:data:`KIND_LABEL`); a periodic
+    kind whose period exceeds the span / 1.5, or whose signal is below 5 sigma in total
+    (``sqrt(sum(dm^2)) / sigma``), or an aperiodic one below 5 sigma, is labelled ``constant``
+    (periodic ones beyond the span: ``non_periodic`` when seen).
+
+    Returns
+    -------
+    mjd (n_t,), mag (n, n_t; NaN missing), mag_err (n, n_t), meta (kind, label, period, amplitude, sigma)
+    """
+    t = draw_cadence(rng, eros_times)
+    n_t = len(t)
+    kinds = rng.choice(list(KIND_MIX), n_curves, p=np.array(list(KIND_MIX.values())) / sum(KIND_MIX.values()))
+    mag = np.empty((n_curves, n_t))
+    err = np.empty((n_curves, n_t))
+    rows = []
+    span = float(t[-1] - t[0])
+    for i, kind in enumerate(kinds):
+        dm, p, amp = signal_mag(str(kind), t, rng)
+        sigma = float(np.exp(rng.uniform(np.log(0.003), np.log(0.3))))
+        noise = sigma * rng.normal(size=n_t) * (1 + 0.3 * rng.random(n_t))
+        out = rng.random(n_t) < rng.uniform(0, 0.02)
+        noise[out] += rng.normal(0, 10 * sigma, out.sum())
+        m = 18.0 + dm + noise
+        m[rng.random(n_t) < rng.uniform(0, 0.2)] = np.nan
+        mag[i], err[i] = m, sigma * rng.uniform(0.7, 1.3)
+        keep = np.isfinite(m)
+        snr = float(np.sqrt(np.sum((dm[keep] - np.median(dm[keep])) ** 2)) / sigma) if keep.any() else 0.0
+        label = KIND_LABEL[str(kind)]
+        if label != "constant" and snr < 5:
+            label = "constant"
+        elif label in ("pulsator", "eclipsing_binary", "transit") and p > span / 1.5:
+            label = "non_periodic"
+        rows.append({"kind": str(kind), "label": label, "period": p, "amplitude": amp, "sigma": sigma, "snr": snr})
+    return t + 60000.0, mag, err, pd.DataFrame(rows)

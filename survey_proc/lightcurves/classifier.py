@@ -259,13 +259,18 @@ def count_events(t_days: np.ndarray, y: np.ndarray, w: np.ndarray, period_days: 
 
 
 def search(batch: LightCurveBatch, grid: SearchGrid, device: torch.device | str | None = None,
-           stats: pd.DataFrame | None = None, bls_batch: int = 16
+           stats: pd.DataFrame | None = None, bls_batch: int = 16, use_magnitude: bool = True
            ) -> tuple[BLSResult, LSResult, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """BLS and LS of every curve of ``batch`` and the classifier's inputs (global, local, aux)."""
     stats = variability_stats(batch) if stats is None else stats
     bls = BatchedBLS(batch.t_days, grid, device=device)(batch.y, batch.w, batch=bls_batch)
     ls = BatchedLS(batch.t_days, grid, device=device)(batch.y, batch.w)
-    return bls, ls, views.make_inputs(batch, bls, ls, stats)
+    return bls, ls, views.make_inputs(batch, bls, ls, stats, use_magnitude=use_magnitude)
+
+
+def uses_magnitude(clf: LoadedClassifier) -> bool:
+    """Whether the model takes the magnitude feature: its card's ``inputs.magnitude`` (default true, model v2)."""
+    return bool((clf.card or {}).get("inputs", {}).get("magnitude", True))
 
 
 def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | None = None,
@@ -297,7 +302,8 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
         return out
     sub = batch.subset(use)
     grid = grid or search_grid(batch.t_days)
-    bls, ls, (g, loc, aux) = search(sub, grid, clf.device, stats.iloc[use].reset_index(drop=True), bls_batch)
+    bls, ls, (g, loc, aux) = search(sub, grid, clf.device, stats.iloc[use].reset_index(drop=True), bls_batch,
+                                    use_magnitude=uses_magnitude(clf))
     prob = predict_proba(clf, g, loc, aux)
     p_per, names, p_cls = decide(prob, clf.threshold)
     period = np.where(names == "pulsator", ls.period_days, bls.period_days)

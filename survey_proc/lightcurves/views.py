@@ -199,8 +199,8 @@ def eclipse_tests(batch: LightCurveBatch, bls: BLSResult) -> tuple[np.ndarray, n
     return np.where(np.isfinite(e2), d2 / e2, 0.0), oe
 
 
-def make_inputs(batch: LightCurveBatch, bls: BLSResult, ls: LSResult, stats: pd.DataFrame
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_inputs(batch: LightCurveBatch, bls: BLSResult, ls: LSResult, stats: pd.DataFrame,
+                use_magnitude: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The classifier's inputs: global (n, 2, 201), local (n, 1, 61), aux (n, len(AUX_NAMES)) float32.
 
     Parameters
@@ -211,6 +211,9 @@ def make_inputs(batch: LightCurveBatch, bls: BLSResult, ls: LSResult, stats: pd.
         Their BLS and LS results.
     stats
         :func:`~survey_proc.lightcurves.preprocess.variability_stats` of the batch.
+    use_magnitude
+        False: the ``mag`` feature is 0 for every curve (models trained without it, issue 22:
+        no class may depend on the magnitude; the card's ``inputs.magnitude``).
 
     Returns
     -------
@@ -233,7 +236,7 @@ def make_inputs(batch: LightCurveBatch, bls: BLSResult, ls: LSResult, stats: pd.
             np.log10(np.clip(stats["chi2_red"].to_numpy(float), 1e-3, 1e6)),
             np.clip(stats["von_neumann"].to_numpy(float), 0.0, 3.0),
             np.log10(np.clip(stats["robust_rms"].to_numpy(float), 1e-5, 10.0)),
-            (batch.mag_median - 22.0) / 3.0, batch.n_points / n_t,
+            (batch.mag_median - 22.0) / 3.0 if use_magnitude else np.zeros(len(batch)), batch.n_points / n_t,
             np.clip(np.log2(ls.period_days / bls.period_days), -3, 3), batch.n_clipped / n_t,
             bls.n_in / np.maximum(batch.n_points, 1),
         ]
