@@ -152,7 +152,7 @@ class ClassifySettings:
     period_min_from_model: bool = True
     period_max_days: float = 0.0  # 0: baseline / 1.15 (a positive value lowers it; periodogram.py)
     bls_period_min_days: float = 0.25  # shortest box (eclipse, transit) period; shorter ones are LS only
-    bls_max_freq: int = 50_000  # the box search's frequencies are capped (oversampling lowered) ...
+    bls_max_freq: int = 20_000  # the box search's frequencies are capped (oversampling lowered) ...
     bls_max_work: float = 5e8  # ... and so are its frequencies x epochs: bounded cost per curve
     min_baseline_days: float = 0.0  # a curve whose kept points span less is not classified (0: 1.6 x the BLS minimum)
     detrend: str = "sysrem"  # systematics removed before the period search: "sysrem" or "none"
