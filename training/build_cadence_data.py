@@ -47,6 +47,13 @@ def featurize(mjd: np.ndarray, mag: np.ndarray, err: np.ndarray) -> dict[str, np
             "n_points": sub.n_points, "span": np.full(len(use), grid.baseline_days)}
 
 
+def _save(out: str, parts: dict[str, list], meta_rows: list[pd.DataFrame]) -> pd.DataFrame:
+    meta = pd.concat(meta_rows, ignore_index=True)
+    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    np.savez(out, **arrays, **{f"meta_{c}": meta[c].to_numpy() for c in meta.columns})
+    return meta
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--what", choices=["synthetic", "eros"], required=True)
@@ -81,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
             if gi % 20 == 0:
                 print(f"group {gi}/{args.groups} n_t {len(mjd)} T {mjd[-1] - mjd[0]:.1f} d  {time.time() - t0:.0f} s",
                       flush=True)
+                if meta_rows:  # a checkpoint: what is done so far is usable
+                    _save(args.out, parts, meta_rows)
     else:
         lab = pd.read_csv(EROS / f"{args.split}.csv", index_col=0)
         curves = pd.read_csv(EROS / f"{args.split}_varlength_features.csv.gz", index_col=0)
@@ -107,9 +116,7 @@ def main(argv: list[str] | None = None) -> None:
                 add(f, meta)
             if k % 200 == 0:
                 print(f"star {k}/{len(ids)}  {time.time() - t0:.0f} s", flush=True)
-    meta = pd.concat(meta_rows, ignore_index=True)
-    arrays = {k: np.concatenate(v) for k, v in parts.items()}
-    np.savez(args.out, **arrays, **{f"meta_{c}": meta[c].to_numpy() for c in meta.columns})
+    meta = _save(args.out, parts, meta_rows)
     print(f"wrote {args.out}: {len(meta)} curves, {meta['label'].value_counts().to_dict()}, {time.time() - t0:.0f} s",
           flush=True)
 

@@ -13,7 +13,9 @@ the CSST 201/61-bin views:
   go through 3 fully connected layers of 128 (Astronet: 4 of 512) with dropout, then a
   softmax over :data:`CLASSES`.
 
-``p_periodic`` is the summed probability of the periodic classes. An object is periodic
+``p_periodic`` is the summed probability of the periodic classes, mapped through the card's
+isotonic calibration when it has one (``calibration.p_periodic``, fitted on validation data:
+model v3 on). An object is periodic
 when ``p_periodic >= threshold`` (chosen on the validation set, on the model card); its
 class is then the most probable periodic class, otherwise the more probable of
 ``constant`` and ``non_periodic`` (flares, trends and other aperiodic variables).
@@ -143,12 +145,25 @@ def predict_proba(clf: LoadedClassifier, g: np.ndarray, loc: np.ndarray, aux: np
     return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
 
 
-def decide(prob: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(p_periodic, class name, class probability) per row of ``prob`` (see the module docstring)."""
+def calibration_of(clf: LoadedClassifier) -> dict | None:
+    """The card's p_periodic calibration (``calibration.p_periodic``: isotonic ``x``, ``y`` knots), or None."""
+    return (clf.card or {}).get("calibration", {}).get("p_periodic")
+
+
+def decide(prob: np.ndarray, threshold: float, calibration: dict | None = None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(p_periodic, class name, class probability) per row of ``prob`` (see the module docstring).
+
+    ``calibration`` (the card's isotonic map, ``{"x": [...], "y": [...]}``) maps the summed
+    periodic probability to a calibrated one (piecewise linear between the knots); the
+    threshold is then on the calibrated scale.
+    """
     idx = {c: i for i, c in enumerate(CLASSES)}
     per = [idx[c] for c in PERIODIC]
     non = [idx["constant"], idx["non_periodic"]]
     p_per = prob[:, per].sum(1)
+    if calibration:
+        p_per = np.interp(p_per, np.asarray(calibration["x"], float), np.asarray(calibration["y"], float))
     is_per = p_per >= threshold
     k = np.where(is_per, np.array(per)[prob[:, per].argmax(1)], np.array(non)[prob[:, non].argmax(1)])
     names = np.array(CLASSES, dtype=object)[k]
@@ -305,7 +320,7 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
     bls, ls, (g, loc, aux) = search(sub, grid, clf.device, stats.iloc[use].reset_index(drop=True), bls_batch,
                                     use_magnitude=uses_magnitude(clf))
     prob = predict_proba(clf, g, loc, aux)
-    p_per, names, p_cls = decide(prob, clf.threshold)
+    p_per, names, p_cls = decide(prob, clf.threshold, calibration_of(clf))
     period = np.where(names == "pulsator", ls.period_days, bls.period_days)
     power = np.where(names == "pulsator", ls.power, bls.sde)
     depth = np.where(names == "pulsator", 2 * ls.amplitude, bls.depth)
