@@ -93,3 +93,33 @@ def test_the_search_never_goes_below_the_classifier_training_range():
     assert info["n_ls_freq"] == len(search_grid(T, period_min_days=0.25).ls_freq)
     _, info2 = classify_table(lc, clf, ClassifySettings(period_min_from_model=False))
     assert info2["n_ls_freq"] == len(search_grid(T, period_min_days=0.03).ls_freq) > 8 * info["n_ls_freq"]
+
+
+def test_decide_applies_the_card_calibration_before_the_threshold():
+    prob = np.array([[0.5, 0.2, 0.2, 0.05, 0.05], [0.1, 0.3, 0.5, 0.05, 0.05]])
+    cal = {"x": [0.0, 0.5, 1.0], "y": [0.0, 0.2, 0.9]}  # raw 0.45 -> 0.18, raw 0.85 -> 0.69
+    p, names, _ = C.decide(prob, 0.5, cal)
+    np.testing.assert_allclose(p, [0.18, 0.69])
+    assert names.tolist() == ["constant", "pulsator"]
+
+
+def test_a_model_without_the_magnitude_input_ignores_the_magnitude():
+    from dataclasses import replace
+
+    from survey_proc.lightcurves import views
+
+    clf = model_registry.load("classifier", device="cpu")
+    assert C.uses_magnitude(clf)  # the shipped v2 takes it
+    no_mag = replace(clf, card={**clf.card, "inputs": {"magnitude": False}})
+    assert not C.uses_magnitude(no_mag)
+    rng = np.random.default_rng(5)
+    t = T[::2]
+    dm = 0.2 * np.sin(2 * np.pi * t / 0.9)
+    out = []
+    for m0 in (14.0, 19.0):
+        mag = m0 + dm[None] + rng.normal(0, 0.01, (1, len(t)))
+        b = preprocess(np.arange(1), t + 61000.0, mag, np.full(mag.shape, 0.01), np.zeros(mag.shape, np.int32))
+        out.append(C.classify(b, no_mag, search_grid(t)).iloc[0])
+        _bls, _ls, (_g, _loc, aux) = C.search(b, search_grid(t), use_magnitude=False)
+        assert aux[0, views.AUX_NAMES.index("mag")] == 0.0
+    assert out[0]["var_class"] == out[1]["var_class"]
