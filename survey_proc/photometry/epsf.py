@@ -590,10 +590,11 @@ def _light_beyond(comps: list[tuple[float, float, float]], radius: float) -> flo
 
 
 def _fit_analytic(st: _Stars, par0: np.ndarray, n_gl: int, gain: float | None, r_max: float,
-                  n_max: int = 25, sky: bool = False) -> np.ndarray:
+                  n_max: int = 25, sky: bool = False, max_wing: float = 0.5) -> np.ndarray:
     """Core + wing Moffat fitted to the brightest stars at once (positions fixed).
 
-    Per star the flux, and with ``sky`` a local sky level, are profiled out.
+    Per star the flux, and with ``sky`` a local sky level, are profiled out; the wing carries
+    at most ``max_wing`` of the light.
     """
     sel = np.argsort(-st.f)[:n_max]
     du = st.gx[sel] - st.x[sel, None, None]
@@ -623,7 +624,7 @@ def _fit_analytic(st: _Stars, par0: np.ndarray, n_gl: int, gain: float | None, r
     # the wing is kept where the stamps see it (alpha2 <= 3 alpha1, beta2 >= 1.6): a wider or flatter
     # wing would put light outside every stamp, where nothing constrains it
     lo = [np.log(0.05), np.log(0.3), 0.0, np.log(0.5), np.log(0.6)]
-    hi = [np.log(100.0), np.log(30.0), 0.5, np.log(3.0), np.log(3.0)]
+    hi = [np.log(100.0), np.log(30.0), max(max_wing, 1e-6), np.log(3.0), np.log(3.0)]
     par0 = np.clip(par0, np.add(lo, 1e-6), np.subtract(hi, 1e-6))
     sol = least_squares(resid, par0, bounds=(lo, hi), x_scale=[0.1, 0.1, 0.05, 0.1, 0.1], max_nfev=40)
     return np.asarray(sol.x)
@@ -754,7 +755,7 @@ def build_epsf(image_adu: np.ndarray, mask: np.ndarray | None, background_adu: A
     max_unseen
         When the fitted analytic part puts more than this fraction of the light beyond the
         stamps' radius (where no pixel constrains it), it is refitted with a local sky level
-        per star (``meta["wing_fit"]`` says which).
+        per star, and if that still does, without the wing (``meta["wing_fit"]`` says which).
 
     Returns
     -------
@@ -875,12 +876,17 @@ def build_epsf(image_adu: np.ndarray, mask: np.ndarray | None, background_adu: A
         # faint neighbours, nebulosity) fitted as a wide wing. Measured on SDSS frames: the wing at its
         # bounds, 16 % of the light beyond the stamps, injected stars recovered at 1.17 x their flux.
         # Refit with a local sky per star, which takes the pedestal (and a faint true wing with it)
-        par = par_start
-        for _ in range(3):
-            subtract_neighbours(_comps(par))
-            _star_steps(st, analytic_fn, gain_e_per_adu, 2)
-            par = _fit_analytic(st, par, n_gl, gain_e_per_adu, float(r_fit), sky=True)
-        wing_fit = f"local sky per star ({beyond:.3f} of the light beyond {r_fit} px without)"
+        for max_wing in (0.5, 0.0):  # with the wing, then (when it still reaches beyond the stamps) without
+            par = par_start.copy()
+            par[2] = min(par[2], max_wing)
+            for _ in range(3):
+                subtract_neighbours(_comps(par))
+                _star_steps(st, analytic_fn, gain_e_per_adu, 2)
+                par = _fit_analytic(st, par, n_gl, gain_e_per_adu, float(r_fit), sky=True, max_wing=max_wing)
+            if _light_beyond(_comps(par), float(r_fit)) <= max_unseen:
+                break
+        wing_fit = (f"local sky per star{'' if max_wing else ', no wing'} ({beyond:.3f} of the light beyond "
+                    f"{r_fit} px without)")
     comps = _comps(par)
     subtract_neighbours(comps)
     (_, alpha, beta), (wing_frac, wing_alpha, wing_beta) = comps
