@@ -192,6 +192,26 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from survey_proc.report_html import write_report
+
+    rep = write_report(args.out, args.dest, top=args.top, store=args.store)
+    print(f"Wrote {rep.html} ({len(rep.plots)} plots; sections: {', '.join(rep.sections)}"
+          f"{'; compared with the simulated truth' if rep.simulated else ''})")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from survey_proc.export_hats import export_hats
+
+    res = export_hats(args.out, args.hats, overwrite=args.overwrite, margin_arcsec=args.margin_arcsec,
+                      workers=args.workers)
+    print(f"Wrote the HATS catalogue {res['path']}: {res['rows']} objects with {res['lightcurve_points']} nested "
+          f"light-curve points in {res['partitions']} partition(s), margin catalogue {res['margin_path']} "
+          f"({res['margin_rows']} rows); {res['wall_s']:.1f} s, {res['bytes'] / 1e6:.1f} MB")
+    return 0
+
+
 def default_out(store_path: Path) -> Path:
     """Default ``--out``: ``./survey-proc-out/<store name without .zarr>``.
 
@@ -314,6 +334,23 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a run's outputs: schemas, unique keys, references, counts")
     v.add_argument("out", help="the output directory of survey-proc run")
     v.set_defaults(func=_cmd_validate)
+
+    h = sub.add_parser("report", help="an HTML page with plots of a finished run (OUT/report/index.html)")
+    h.add_argument("out", help="the output directory of survey-proc run")
+    h.add_argument("--dest", help="folder of the page and its PNGs (default: OUT/report)")
+    h.add_argument("--top", type=int, default=6, help="periodic-variable candidates plotted (highest p_periodic)")
+    h.add_argument("--store", help="the survey store, to find a simulated survey's truth (default: run.json's)")
+    h.set_defaults(func=_cmd_report)
+
+    x = sub.add_parser("export", help="export a run's objects and light curves (HATS catalogue for lsdb)")
+    x.add_argument("out", help="the output directory of survey-proc run")
+    x.add_argument("--hats", required=True, metavar="DIR",
+                   help="write a HATS catalogue of the objects with their light curves nested, and its margin "
+                        "catalogue, under DIR (needs the hats extra: pip install 'survey-proc[hats]')")
+    x.add_argument("--margin-arcsec", type=float, default=10.0, help="margin catalogue threshold (arcsec)")
+    x.add_argument("--workers", type=int, default=1, help="Dask worker processes for hats-import (default 1)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing catalogue in DIR")
+    x.set_defaults(func=_cmd_export)
 
     r = sub.add_parser("run", help="process a survey (without STORE: the default simulated survey)")
     r.add_argument("store", nargs="?", help="survey store (default: simulate/reuse the default survey)")
