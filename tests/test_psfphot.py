@@ -89,13 +89,17 @@ def test_an_empirical_psf_that_does_not_fit_the_stars_falls_back_to_the_moffat(m
     img, x, y, flux, sig = _field(6, profile="moffat")
     bad = np.zeros(img.shape, bool)
     args = (img, bad, img - SKY, np.full(img.shape, SKY), sig, GAIN, 1e9, 3.0, x, y, flux * 1.1, np.arange(len(x)))
-    r = psf_photometry(*args)
+    by_fwhm = psf_photometry(*args)  # its FWHM (5 px) is off the window's (3 px) by > 30 %
+    assert by_fwhm.psf == "moffat"
+    assert by_fwhm.why_moffat is not None
+    assert "differs from the window's 3.00 px by more than 30%" in by_fwhm.why_moffat
+    r = psf_photometry(*args, max_fwhm_mismatch=1.0)  # the FWHM test off: the profile-error test
     assert r.psf == "moffat"
     assert r.why_moffat is not None
     assert "empirical PSF's profile error" in r.why_moffat
     assert r.model_error_frac < 0.05
     bright = r.ok & (flux > 1e4)
     assert np.median(r.flux[bright] / flux[bright]) == pytest.approx(1.0, abs=0.01)
-    kept = psf_photometry(*args, max_model_error=1.0)  # no comparison: the wrong ePSF stays
+    kept = psf_photometry(*args, max_model_error=1.0, max_fwhm_mismatch=1.0)  # neither test: the wrong ePSF stays
     assert kept.psf == "epsf"
     assert kept.model_error_frac >= 0.1
