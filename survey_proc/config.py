@@ -78,6 +78,7 @@ class PhotometryConfig:
     winpos_subpix: int = 1  # sub-pixel sampling of sep windowed centroids (3 or 11: slower, same rms)
     fwhm_default_px: float = 2.5  # used when a block has too few bright stars to measure it
     psf_model: str = "none"  # "epsf": magnitudes from a PSF fit on the block's empirical PSF (photometry/psfphot.py)
+    background: str = "mesh"  # photometry's sky: "mesh" (the detection's) or "masked" (photometry/background.py)
 
 
 @dataclass(frozen=True)
@@ -290,6 +291,9 @@ class RunConfig:
         if self.photometry.psf_model not in ("none", "epsf"):
             raise ConfigError(f"photometry.psf_model must be 'none' or 'epsf' (a PSF fit on the block's empirical "
                               f"PSF), got {self.photometry.psf_model!r}")
+        if self.photometry.background not in ("masked", "mesh"):
+            raise ConfigError(f"photometry.background must be 'masked' (the mesh background again with the detections "
+                              f"masked) or 'mesh' (the detection's), got {self.photometry.background!r}")
         c = self.classify
         if not 0.0 <= c.threshold < 1.0:
             raise ConfigError(f"classify.threshold must be in [0, 1) (0: the model card's), got {c.threshold}")

@@ -33,7 +33,7 @@ NONPOSITIVE = 1 << 6  # flux <= 0: magnitudes are NaN
 EXTRACT_FALLBACK = 1 << 7  # the epoch was extracted with relaxed settings after a sep overflow
 ZP_MODEL = 1 << 8  # the epoch's zero point comes from the cross-epoch model (too few reference stars)
 NO_WCS = 1 << 9  # the epoch has no WCS: ra/dec are NaN, the cross-match uses pixel positions
-FORCED = 1 << 10  # reserved: forced photometry at an object position (no detection)
+FORCED = 1 << 10  # forced photometry at an object position in an epoch that did not detect it (source_id null)
 STAMP_FILLED = 1 << 11  # the BPNN stamp had masked or off-image pixels, filled with the PSF model
 ZP_FEW = 1 << 12  # the epoch's zero point rests on fewer than calibration.min_stars stars; its error is widened
 ZP_RELATIVE = 1 << 13  # no absolute calibration for this field and band: mag = relative mag + nominal zero point

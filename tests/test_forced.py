@@ -173,7 +173,7 @@ def test_forced_fluxes_of_constant_isolated_stars_match_the_truth_with_honest_er
     attrs = st.field_attrs(store, "F000")
     _, ny, nx = st.image_shape(store, "F000")
     regions = {r.index: r for r in region_grid(ny, nx, 192)}
-    z, snr = [], []
+    flux, f_true, err = [], [], []
     for e in range(8):
         rec, _ = read_epoch(str(out), "F000", e, columns=["x"])
         ep = {"epoch": e, "mjd": rec.mjd, "band": rec.band, "fwhm_px": rec.fwhm_px, "apcorr": rec.apcorr,
@@ -183,22 +183,25 @@ def test_forced_fluxes_of_constant_isolated_stars_match_the_truth_with_honest_er
             pts = measure_epoch(str(store), str(out), "F000", regions[int(r)], ep, objs, set(), (ny, nx),
                                 float(attrs["gain_e_per_adu"]), float(attrs.get("saturation_adu", np.inf)), cfg)
             pts = pts[(pts["flags"].to_numpy() & F.PHOTOMETRY_BAD & ~F.NONPOSITIVE) == 0]
-            f_true = t["flux_adu"].reindex([star_of[o] for o in pts["object_id"]]).to_numpy()
-            z.extend((pts["flux"].to_numpy() - f_true) / pts["flux_err"].to_numpy())
-            snr.extend(f_true / pts["flux_err"].to_numpy())
-    z, snr = np.array(z), np.array(snr)
-    faint = (snr >= 5) & (snr < 30)  # where the aperture correction's error does not dominate
-    assert faint.sum() > 300
-    med = float(np.median(z[faint]))
-    nmad = float(1.4826 * np.median(np.abs(z[faint] - med)))
-    assert 0.85 < nmad < 1.15, nmad
-    # the median is -0.2 to -0.35 sigma: sep's mesh background sits ~0.08 noise/px above the true sky in this field
-    # (star light in the meshes), an additive offset the detections share (docs/pipeline.md, "Forced photometry")
-    assert -0.45 < med < 0.1, med
+            flux.extend(pts["flux"])
+            err.extend(pts["flux_err"])
+            f_true.extend(t["flux_adu"].reindex([star_of[o] for o in pts["object_id"]]))
+    flux, f_true, err = np.array(flux), np.array(f_true), np.array(err)
+    snr = f_true / err
+    # the flux scale, as the zero point sees it: the bright stars' (the aperture correction's error, ~1 %)
     bright = snr >= 30
     assert bright.sum() > 200
-    ratio = np.median(1 + z[bright] / snr[bright])  # flux / true flux
-    assert abs(ratio - 1) < 0.01, ratio
+    scale = float(np.median(flux[bright] / f_true[bright]))
+    assert abs(scale - 1) < 0.03, scale
+    faint = (snr >= 3) & (snr < 30)
+    assert faint.sum() > 300
+    z = (flux[faint] - scale * f_true[faint]) / err[faint]
+    med = float(np.median(z))
+    nmad = float(1.4826 * np.median(np.abs(z - med)))
+    # the mesh background (the default) holds some star light: an additive deficit of ~0.2-0.3 sigma
+    # (photometry.background = "masked" takes it to 0.0 +- 0.05 here; docs/pipeline.md, benchmarks/RESULTS.md)
+    assert -0.4 < med < 0.05, med
+    assert 0.85 < nmad < 1.15, nmad
 
 
 def test_forced_stage_resumes_without_duplicating_points(forced_run, client, tmp_path):

@@ -22,7 +22,9 @@ Image-frame positions (0-based pixel centres, px), fluxes in ADU:
 - ``flux_aper(_err)``: a circular aperture of ``photometry.aperture_fwhm`` x FWHM at the
   final position; ``flux(_err)``, ``snr``: the detector's total flux (sep: the aperture
   flux times the block's aperture correction; PNet: the PSF fit's or the flux head's);
-- ``bkg_adu``: the background model at the nearest pixel; ``npix``, ``peak_adu``: the
+- ``bkg_adu``: the photometry's background model at the nearest pixel (the detection's; with
+  ``photometry.background = "masked"`` the mesh background estimated again with the
+  detections masked, :mod:`survey_proc.photometry.background`); ``npix``, ``peak_adu``: the
   detector's (sep: isophotal area and peak; PNet: 0 and the raw pixel value);
 - ``flags``: the detector's, ``EDGE`` and the mask bits of the aperture, and
   ``NONPOSITIVE`` where ``flux <= 0``;
@@ -45,6 +47,7 @@ from survey_proc.detect import classical, domain
 from survey_proc.detect.base import Aperture, Detections, Detector, DetectorInput, nearest_pixel
 from survey_proc.detect.registry import make_detector
 from survey_proc.photometry import aperture
+from survey_proc.photometry.background import masked_background
 from survey_proc.photometry.measure import Window, bpnn_photometry
 from survey_proc.tiling import Tile
 
@@ -231,6 +234,11 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
                                    "fallback": found.fallback or None, **pixel_census(image, bad, saturation_adu),
                                    "domain": "; ".join(actions) or None}
     no_window = np.zeros(0, np.int64)
+    if len(found) and cfg.photometry.background == "masked":  # the stars' light out of the photometry's sky
+        bkg = masked_background(image, bad, found.x, found.y, found.peak_adu, noise, found.fwhm_px, cfg.detection)
+        data = np.ascontiguousarray(np.where(bad, 0.0, image - bkg.back), dtype=np.float32)
+        inp = replace(inp, data=data, bkg_adu=bkg.back)
+        info_common["bkg_adu"] = float(np.median(bkg.back))
     if len(found) == 0:
         table = _empty() if found.confidence is None else _empty().assign(confidence=found.confidence)
         return BlockResult(table, BlockInfo(0, cfg.photometry.fwhm_default_px, 0, 1.0, 0, **info_common), None,

@@ -2,7 +2,9 @@
 
 The measurement is the one the epoch's detections got, so that forced points and detected
 points of a light curve share one photometric scale: the same bad-pixel map and sep mesh
-background (:mod:`survey_proc.detect.classical`), the same single noise level per window,
+background (:mod:`survey_proc.detect.classical`; with ``photometry.background = "masked"``
+estimated again with the epoch's detections masked, :mod:`survey_proc.photometry.background`),
+the same single noise level per window,
 the same aperture (``photometry.aperture_fwhm`` x the epoch's FWHM, sep's ``sum_circle``
 with the detector gain) and the epoch's aperture correction to total flux. Only the
 centre differs: it is the object's position mapped onto the epoch
@@ -33,6 +35,7 @@ from survey_proc import vocab as F
 from survey_proc.config import DetectionConfig, PhotometryConfig
 from survey_proc.detect import classical
 from survey_proc.photometry import aperture
+from survey_proc.photometry.background import masked_background
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,8 @@ class ForcedFluxes:
 
 def forced_aperture(image: np.ndarray, mask: np.ndarray | None, x: np.ndarray, y: np.ndarray, *, fwhm_px: float,
                     apcorr: float, gain_e_per_adu: float, saturation_adu: float, detection: DetectionConfig,
-                    photometry: PhotometryConfig) -> ForcedFluxes:
+                    photometry: PhotometryConfig, detections: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+                    ) -> ForcedFluxes:
     """Aperture photometry at fixed positions of a window, on the detections' scale.
 
     Parameters
@@ -80,7 +84,11 @@ def forced_aperture(image: np.ndarray, mask: np.ndarray | None, x: np.ndarray, y
     gain_e_per_adu, saturation_adu
         Detector gain (e-/ADU) and saturation level (ADU).
     detection, photometry
-        The run's settings (background mesh; aperture radius).
+        The run's settings (background mesh; aperture radius; background kind).
+    detections
+        ``(x, y, peak_adu)`` of the epoch's detections in the window (window frame, px; peak
+        above the background, ADU), masked for the photometry's background when
+        ``photometry.background`` is ``"masked"``; None: nothing masked.
 
     Returns
     -------
@@ -91,8 +99,10 @@ def forced_aperture(image: np.ndarray, mask: np.ndarray | None, x: np.ndarray, y
     y = np.asarray(y, float)
     bad = classical.bad_pixels(image, mask, saturation_adu)
     bkg = classical.estimate_background(image, bad, detection)
-    data = np.ascontiguousarray(np.where(bad, 0.0, image - bkg.back), dtype=np.float32)
     noise = bkg.global_rms
+    if photometry.background == "masked" and detections is not None and len(detections[0]):
+        bkg = masked_background(image, bad, detections[0], detections[1], detections[2], noise, fwhm_px, detection)
+    data = np.ascontiguousarray(np.where(bad, 0.0, image - bkg.back), dtype=np.float32)
     r_ap = photometry.aperture_fwhm * fwhm_px
     f_ap, f_ap_err, trunc = aperture.aperture_flux(data, noise, bad, x, y, r_ap, gain_e_per_adu)
     flags = np.full(len(x), F.FORCED, np.int32)

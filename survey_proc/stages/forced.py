@@ -49,22 +49,26 @@ from survey_proc.stages.base import Stage, StageContext, Submission, task_config
 from survey_proc.stages.crossmatch import LIGHTCURVES_UNIT, OBJECTS_UNIT
 from survey_proc.stages.extract import SOURCES_UNIT
 
-FRAME_COLUMNS = ["x", "y", "x_ref", "y_ref", "flags", "snr"]
+FRAME_COLUMNS = ["x", "y", "x_ref", "y_ref", "flags", "snr", "peak_adu"]
 #: keys a region's record loses when its light curves change (the classify stage adds them again)
 CLASSIFY_KEYS = ("classify_fingerprint", "classify")
 MAX_REASONS = 20  # skipped epochs listed per region in its record (the count is always complete)
 
 
-def _epoch_frame(out: str, field: str, epoch: int, region: xm.Region, fc: Any) -> Any:
-    """The map from the reference frame onto ``epoch``, fitted on the clean stars near ``region`` (or all)."""
+def _epoch_frame(out: str, field: str, epoch: int, region: xm.Region, fc: Any) -> tuple[Any, pd.DataFrame]:
+    """The map from the reference frame onto ``epoch``, and the epoch's sources (:data:`FRAME_COLUMNS`).
+
+    The map is fitted on the clean stars near ``region`` (on all of the epoch's when too few).
+    """
     src = pq.read_table(SOURCES_UNIT.path(out, field=field, epoch=epoch), columns=FRAME_COLUMNS).to_pandas()
     clean = ((src["flags"].to_numpy() & F.PHOTOMETRY_BAD) == 0) & (src["snr"].to_numpy() >= fc.frame_snr_min)
     m = fc.frame_margin_px
     xr, yr = src["x_ref"].to_numpy(float), src["y_ref"].to_numpy(float)
     near = clean & (xr >= region.x0 - m) & (xr < region.x1 + m) & (yr >= region.y0 - m) & (yr < region.y1 + m)
     use = near if near.sum() >= max(fc.frame_min_stars, 30) else clean
-    return fit_frame_map(xr[use], yr[use], src["x"].to_numpy(float)[use], src["y"].to_numpy(float)[use],
+    fmap = fit_frame_map(xr[use], yr[use], src["x"].to_numpy(float)[use], src["y"].to_numpy(float)[use],
                          min_stars=fc.frame_min_stars, what=f"field {field} epoch {epoch}")
+    return fmap, src
 
 
 def _window(x: np.ndarray, y: np.ndarray, pad_px: float, ny: int, nx: int) -> tuple[int, int, int, int]:
@@ -109,7 +113,7 @@ def measure_epoch(store_path: str, out: str, field: str, region: xm.Region, epoc
         When the epoch's frame cannot be mapped or its pixels read (the caller records it).
     """
     e = int(epoch["epoch"])
-    fmap = _epoch_frame(out, field, e, region, cfg.forced)
+    fmap, src = _epoch_frame(out, field, e, region, cfg.forced)
     xe, ye = fmap(objects["x"].to_numpy(float), objects["y"].to_numpy(float))
     ny, nx = image_shape
     want = ~objects["object_id"].isin(detected).to_numpy() & (xe >= 0) & (xe <= nx - 1) & (ye >= 0) & (ye <= ny - 1)
@@ -122,9 +126,12 @@ def measure_epoch(store_path: str, out: str, field: str, region: xm.Region, epoc
     inside = (xe >= 0) & (xe <= nx - 1) & (ye >= 0) & (ye <= ny - 1)
     y0, y1, x0, x1 = _window(xe[inside], ye[inside], pad, ny, nx)
     image, mask = store.read_window(store_path, field, e, y0, y1, x0, x1)
+    sx, sy = src["x"].to_numpy(float) - x0, src["y"].to_numpy(float) - y0
+    near = (sx >= -pad) & (sx < x1 - x0 + pad) & (sy >= -pad) & (sy < y1 - y0 + pad)
     res = forced_aperture(image, mask, xe[want] - x0, ye[want] - y0, fwhm_px=fwhm, apcorr=float(epoch["apcorr"]),
                           gain_e_per_adu=gain_e_per_adu, saturation_adu=saturation_adu, detection=cfg.detection,
-                          photometry=cfg.photometry)
+                          photometry=cfg.photometry,
+                          detections=(sx[near], sy[near], src["peak_adu"].to_numpy(float)[near]))
     pts = pd.DataFrame({"flux": res.flux, "flux_err": res.flux_err, "flags": res.flags})
     pts["mag_inst"], pts["mag_inst_err"] = instrumental_mag(res.flux, res.flux_err)
     apply_zeropoint(pts, ZeroPoint.from_dict(epoch["zp"]))
