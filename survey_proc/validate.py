@@ -13,7 +13,9 @@ Checks, each reported as one line naming the file or key:
 5. counts against ``run.json``: sources, objects, light-curve points, epochs written;
 6. no light-curve point comes from an epoch ``run.json`` lists as failed;
 7. every light-curve point of an epoch that fell back says so: ``ZP_MODEL`` where
-   ``epochs.parquet`` has a model zero point, ``ZP_RELATIVE`` where it has no absolute level.
+   ``epochs.parquet`` has a model zero point, ``ZP_RELATIVE`` where it has no absolute level;
+8. forced points are what they say: the ``FORCED`` flag exactly where ``source_id`` is null,
+   and ``objects.n_forced`` (when present) equals the object's number of forced points.
 """
 
 from __future__ import annotations
@@ -108,6 +110,18 @@ def validate_output(out: str | Path, max_examples: int = 3) -> list[str]:
                     f"from {rel('lightcurves')} group by 1) l using (object_id) where o.n_epochs != l.m")[0]
             if bad[0]:
                 problems.append(f"objects: {bad[0]} object(s) whose n_epochs differs from their light-curve length, "
+                                f"e.g. {bad[1]}")
+        forced = q(f"select count(*), min(object_id) from {rel('lightcurves')} "
+                   f"where ((flags & {F.FORCED}) != 0) != (source_id is null)")[0]
+        if forced[0]:
+            problems.append(f"lightcurves: {forced[0]} point(s) whose FORCED flag disagrees with a null source_id, "
+                            f"e.g. object {forced[1]}")
+        if files["objects"] and "n_forced" in pq.read_schema(files["objects"][0]).names:
+            bad = q(f"select count(*), min(o.object_id) from {rel('objects')} o join (select object_id, "
+                    f"count(*) filter (where source_id is null) m from {rel('lightcurves')} group by 1) l "
+                    f"using (object_id) where o.n_forced != l.m")[0]
+            if bad[0]:
+                problems.append(f"objects: {bad[0]} object(s) whose n_forced differs from their forced points, "
                                 f"e.g. {bad[1]}")
     failed = sorted({(str(f["field"]), int(f["epoch"])) for f in run.get("failures", []) if "epoch" in f})
     if failed and files["lightcurves"]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from survey_proc import vocab as F
 from survey_proc.cli import main
 from survey_proc.distributed.pipeline import run_pipeline
 from survey_proc.validate import validate_output
@@ -122,3 +124,22 @@ def test_points_of_fallback_epochs_without_their_flag_are_reported(good_run, tmp
         f"lightcurves: {n} point(s) of epochs with a model zero point lack the ZP_MODEL flag, e.g. field F000 epoch 2",
         f"lightcurves: {n} point(s) of epochs with no absolute calibration lack the ZP_RELATIVE flag, e.g. field "
         "F000 epoch 2"]
+
+
+def test_forced_points_must_carry_their_flag_and_counts(good_run, tmp_path):
+    out = _copy(good_run, tmp_path)
+    assert validate_output(out) == []
+    f = sorted((out / "lightcurves").rglob("*.parquet"))[0]
+    t = pq.read_table(f)
+    lc = t.to_pandas()
+    # a point without a source and without the FORCED flag, and a detection that claims to be forced
+    lc["source_id"] = lc["source_id"].astype("Int64")
+    lc.loc[0, "source_id"] = pd.NA
+    lc.loc[1, "flags"] = lc.loc[1, "flags"] | F.FORCED
+    pq.write_table(pa.Table.from_pandas(lc, schema=t.schema, preserve_index=False), f)
+    problems = validate_output(out)
+    first = min(lc.loc[0, "object_id"], lc.loc[1, "object_id"])
+    assert f"lightcurves: 2 point(s) whose FORCED flag disagrees with a null source_id, e.g. object {first}" \
+        in problems
+    assert f"objects: 1 object(s) whose n_forced differs from their forced points, e.g. {lc.loc[0, 'object_id']}" \
+        in problems
