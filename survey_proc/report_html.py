@@ -341,7 +341,7 @@ def _section_epochs(ep: pd.DataFrame, dest: Path, rep: Report) -> str:
     panels = [("zp", "zero point (mag)"), ("fwhm_px", "seeing FWHM (px)"), ("bkg_adu", "sky (ADU/px)"),
               ("depth_mag", "5σ depth (mag)"), ("n_detections", "detections")]
     panels = [(c, lab) for c, lab in panels if c in ep.columns]
-    fig = Figure(figsize=(10, 1.9 * len(panels) + 0.6))
+    fig = Figure(figsize=(10, 1.9 * len(panels) + 0.6), layout="constrained")
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     for fid, g in ep.groupby("field"):
         for ax, (col, lab) in zip(axes, panels, strict=True):
@@ -427,7 +427,7 @@ def _section_truth(out: Path, store: Path, run: dict[str, Any], ep: pd.DataFrame
     n_hit = np.bincount(k, weights=fd, minlength=len(centres))[: len(centres)]
     with np.errstate(invalid="ignore", divide="ignore"):
         comp = n_hit / n_bin
-    fig = Figure(figsize=(11, 4))
+    fig = Figure(figsize=(11, 4), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(centres[n_bin > 0], comp[n_bin > 0], "o-", color=DETECTED_COLOUR)
     limit = (run.get("evaluation") or {}).get("mag_limit")
@@ -520,7 +520,7 @@ def _section_calibration(out: Path, objects: pd.DataFrame, store: Path | None, d
     forced = (flags & FORCED) != 0
     fin = np.isfinite(z)
     zd, zf = z[fin & clean & ~forced], z[fin & clean & forced]
-    fig = Figure(figsize=(11, 4))
+    fig = Figure(figsize=(11, 4), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     bins = np.linspace(-6, 6, 61)
     if len(zd):
@@ -563,7 +563,7 @@ def _section_calibration(out: Path, objects: pd.DataFrame, store: Path | None, d
 
 
 def _section_skymap(objects: pd.DataFrame, dest: Path, rep: Report) -> str:
-    fig = Figure(figsize=(8, 7))
+    fig = Figure(figsize=(8, 7), layout="constrained")
     ax = fig.subplots()
     has_wcs = np.isfinite(objects["ra"].to_numpy(float)).all()
     xc, yc = ("ra", "dec") if has_wcs else ("x", "y")
@@ -654,7 +654,7 @@ def plot_lightcurve(lc: pd.DataFrame, period: float, t0: float, path: str | Path
     fin = np.isfinite(c["mag"].to_numpy(float))
     if not math.isfinite(t0):
         t0 = float(c["mjd"].min()) if len(c) else 0.0
-    fig = Figure(figsize=(10, 3.2))
+    fig = Figure(figsize=(10, 3.2), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     can_fold = math.isfinite(period) and period > 0
     for sel, colour, lab in ((~forced & fin, DETECTED_COLOUR, "detected"), (forced & fin, FORCED_COLOUR, "forced")):
