@@ -237,3 +237,43 @@ def test_forced_stage_resumes_without_duplicating_points(forced_run, client, tmp
     assert lc["source_id"].notna().all() and run["counts"]["forced_points"] == 0
     objects = _objects(out)
     assert (objects["n_forced"] == 0).all() and (objects["n_detected"] == objects["n_epochs"]).all()
+
+
+def test_forced_fluxes_follow_the_detections_scale(forced_run, tmp_path):
+    """The anchors (bright detections measured the forced way) carry the forced points onto the detections' scale:
+    about 1 for sep's aperture photometry, and 1.1 when the detections' fluxes are 10 % higher (as a PSF fit or
+    the BPNN could give)."""
+    import shutil
+
+    from survey_proc import store as st
+    from survey_proc.catalog.crossmatch import region_grid
+    from survey_proc.catalog.schema import SOURCES
+    from survey_proc.outputs import read_meta, write_parquet_atomic
+    from survey_proc.stages.extract import read_epoch
+    from survey_proc.stages.forced import measure_epoch
+
+    out, store, cfg = forced_run["out"], forced_run["store"], forced_run["cfg"]
+    rec = read_meta(OutputLayout(out).objects("F000", 0))
+    assert rec is not None and 0.98 < rec["forced"]["flux_scale"]["median"] < 1.02
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    src_path = OutputLayout(copy).sources("F000", 3)
+    meta = read_meta(src_path)
+    src = pq.read_table(src_path).to_pandas()
+    src["flux"] *= 1.1
+    write_parquet_atomic(src, SOURCES, src_path, meta)
+    erec, _ = read_epoch(str(out), "F000", 3, columns=["x"])
+    ep = {"epoch": 3, "mjd": erec.mjd, "band": erec.band, "fwhm_px": erec.fwhm_px, "apcorr": erec.apcorr,
+          "zp": erec.zp.to_dict()}
+    objects = _objects(out)
+    objs = objects[objects["region"] == 0]
+    _, ny, nx = st.image_shape(store, "F000")
+    region = region_grid(ny, nx, 192)[0]
+    attrs = st.field_attrs(store, "F000")
+    args = (ep, objs, set(), (ny, nx), float(attrs["gain_e_per_adu"]), float(attrs.get("saturation_adu", np.inf)),
+            cfg)
+    a = measure_epoch(str(store), str(out), "F000", region, *args)
+    b = measure_epoch(str(store), str(copy), "F000", region, *args)
+    assert a.attrs["n_anchors"] >= 20 and abs(a.attrs["flux_scale"] - 1) < 0.02
+    assert b.attrs["flux_scale"] == pytest.approx(1.1 * a.attrs["flux_scale"], rel=1e-6)
+    assert np.allclose(b["flux"], 1.1 * a["flux"]) and np.allclose(b["flux_err"], 1.1 * a["flux_err"])

@@ -7,8 +7,15 @@ that has no detection of it, the region task maps the object's reference-frame p
 onto the epoch (:mod:`survey_proc.catalog.frame_map`, fitted on the epoch's clean stars),
 reads the epoch's pixels around the region and measures the flux there the way the
 detections were measured (:mod:`survey_proc.photometry.forced`), then calibrates it with
-the epoch's zero point. The points join ``lightcurves/`` with the ``FORCED`` flag and a null
-``source_id``; negative fluxes are kept (their magnitudes are NaN, flag ``NONPOSITIVE``).
+the epoch's zero point. The forced fluxes are put on the detections' scale by the window's
+anchors: its bright clean detections (S/N >= 20, up to 300), measured the same way at their
+own positions; the median of their detected flux over that forced flux multiplies the
+forced fluxes (about 1 for sep's aperture photometry, where only the aperture correction of
+the block differs from the epoch's; it carries the forced points onto the scale of PNet's PSF
+fit, the BPNN or the ePSF fit when those measured the detections). The region's record
+keeps the scales' median and range (``forced.flux_scale``). The points join
+``lightcurves/`` with the ``FORCED`` flag and a null ``source_id``; negative fluxes are kept
+(their magnitudes are NaN, flag ``NONPOSITIVE``).
 
 Objects then describe the whole light curve: ``n_epochs`` counts its points (detected and
 forced), ``n_detected`` and ``n_forced`` split them, and the statistics (``mag_mean``,
@@ -49,7 +56,10 @@ from survey_proc.stages.base import Stage, StageContext, Submission, task_config
 from survey_proc.stages.crossmatch import LIGHTCURVES_UNIT, OBJECTS_UNIT
 from survey_proc.stages.extract import SOURCES_UNIT
 
-FRAME_COLUMNS = ["x", "y", "x_ref", "y_ref", "flags", "snr", "peak_adu"]
+FRAME_COLUMNS = ["x", "y", "x_ref", "y_ref", "flags", "snr", "peak_adu", "flux"]
+ANCHOR_SNR_MIN = 20.0  # detections that set the forced points' flux scale (see measure_epoch)
+ANCHOR_MAX = 300
+ANCHOR_MIN = 5
 #: keys a region's record loses when its light curves change (the classify stage adds them again)
 CLASSIFY_KEYS = ("classify_fingerprint", "classify")
 MAX_REASONS = 20  # skipped epochs listed per region in its record (the count is always complete)
@@ -105,7 +115,9 @@ def measure_epoch(store_path: str, out: str, field: str, region: xm.Region, epoc
     Returns
     -------
     DataFrame
-        Light-curve rows (the :data:`LIGHTCURVES` columns), one per forced point.
+        Light-curve rows (the :data:`LIGHTCURVES` columns), one per forced point; ``attrs``
+        holds ``flux_scale`` (the anchors' median detected / forced flux, applied; 1 with fewer
+        than :data:`ANCHOR_MIN` anchors) and ``n_anchors``.
 
     Raises
     ------
@@ -128,19 +140,34 @@ def measure_epoch(store_path: str, out: str, field: str, region: xm.Region, epoc
     image, mask = store.read_window(store_path, field, e, y0, y1, x0, x1)
     sx, sy = src["x"].to_numpy(float) - x0, src["y"].to_numpy(float) - y0
     near = (sx >= -pad) & (sx < x1 - x0 + pad) & (sy >= -pad) & (sy < y1 - y0 + pad)
-    res = forced_aperture(image, mask, xe[want] - x0, ye[want] - y0, fwhm_px=fwhm, apcorr=float(epoch["apcorr"]),
-                          gain_e_per_adu=gain_e_per_adu, saturation_adu=saturation_adu, detection=cfg.detection,
-                          photometry=cfg.photometry,
+    # anchors: the window's bright clean detections, measured the same way at their own positions
+    h, w = image.shape
+    anchor = (near & (sx >= 0) & (sx <= w - 1) & (sy >= 0) & (sy <= h - 1)
+              & ((src["flags"].to_numpy() & F.PHOTOMETRY_BAD) == 0) & (src["snr"].to_numpy() >= ANCHOR_SNR_MIN))
+    i_anchor = np.flatnonzero(anchor)
+    i_anchor = i_anchor[np.argsort(-src["snr"].to_numpy()[i_anchor], kind="stable")[:ANCHOR_MAX]]
+    n_want = int(want.sum())
+    res = forced_aperture(image, mask, np.r_[xe[want] - x0, sx[i_anchor]], np.r_[ye[want] - y0, sy[i_anchor]],
+                          fwhm_px=fwhm, apcorr=float(epoch["apcorr"]), gain_e_per_adu=gain_e_per_adu,
+                          saturation_adu=saturation_adu, detection=cfg.detection, photometry=cfg.photometry,
                           detections=(sx[near], sy[near], src["peak_adu"].to_numpy(float)[near]))
-    pts = pd.DataFrame({"flux": res.flux, "flux_err": res.flux_err, "flags": res.flags})
-    pts["mag_inst"], pts["mag_inst_err"] = instrumental_mag(res.flux, res.flux_err)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = src["flux"].to_numpy(float)[i_anchor] / res.flux[n_want:]
+    ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
+    scale = float(np.median(ratio)) if len(ratio) >= ANCHOR_MIN else 1.0
+    flux, flux_err = res.flux[:n_want] * scale, res.flux_err[:n_want] * scale
+    pts = pd.DataFrame({"flux": flux, "flux_err": flux_err, "flags": res.flags[:n_want]})
+    pts["mag_inst"], pts["mag_inst_err"] = instrumental_mag(flux, flux_err)
     apply_zeropoint(pts, ZeroPoint.from_dict(epoch["zp"]))
-    return pd.DataFrame({
+    out_df = pd.DataFrame({
         "object_id": objects["object_id"].to_numpy()[want], "field": field, "epoch": np.int32(e),
         "mjd": float(epoch["mjd"]), "mag": pts["mag"].to_numpy(), "mag_err": pts["mag_err"].to_numpy(),
-        "flux": res.flux, "flux_err": res.flux_err, "flags": pts["flags"].to_numpy().astype(np.int32),
-        "source_id": pd.array([pd.NA] * int(want.sum()), dtype="Int64"), "band": str(epoch.get("band", "")),
+        "flux": flux, "flux_err": flux_err, "flags": pts["flags"].to_numpy().astype(np.int32),
+        "source_id": pd.array([pd.NA] * n_want, dtype="Int64"), "band": str(epoch.get("band", "")),
     })
+    out_df.attrs["flux_scale"] = scale
+    out_df.attrs["n_anchors"] = len(ratio)
+    return out_df
 
 
 def _with_forced_stats(objects: pd.DataFrame, lc: pd.DataFrame, bands: list[str]) -> pd.DataFrame:
@@ -212,6 +239,7 @@ def forced_region_task(store_path: str, out: str, field: str, region: xm.Region,
     parts = [lc]
     skipped: dict[int, str] = {}
     n_epochs = 0
+    scales: list[float] = []
     if cfg.forced.enabled and len(objects):
         by_epoch = lc.groupby("epoch")["object_id"].agg(set).to_dict()
         for ep in epochs:
@@ -223,6 +251,8 @@ def forced_region_task(store_path: str, out: str, field: str, region: xm.Region,
                 skipped[e] = str(exc)
                 continue
             n_epochs += 1
+            if "flux_scale" in pts.attrs:
+                scales.append(float(pts.attrs["flux_scale"]))
             if len(pts):
                 parts.append(pts)
     full = pd.concat([p.astype({"source_id": "Int64"}) for p in parts], ignore_index=True)
@@ -233,6 +263,8 @@ def forced_region_task(store_path: str, out: str, field: str, region: xm.Region,
     info = {"enabled": cfg.forced.enabled, "n_points": n_forced, "n_epochs_measured": n_epochs,
             "n_epochs_skipped": len(skipped),
             "epochs_skipped": {str(k): v for k, v in sorted(skipped.items())[:MAX_REASONS]},
+            "flux_scale": ({"median": float(np.median(scales)), "min": float(np.min(scales)),
+                            "max": float(np.max(scales))} if scales else None),
             "wall_s": time.perf_counter() - t0}
     base = {k: v for k, v in orec.items() if k not in CLASSIFY_KEYS}
     record = {**base, "forced_fingerprint": forced_fingerprint, "forced": info}
