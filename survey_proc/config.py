@@ -156,6 +156,7 @@ class ClassifySettings:
     bls_max_freq: int = 20_000  # the box search's frequencies are capped (oversampling lowered) ...
     bls_max_work: float = 5e8  # ... and so are its frequencies x epochs: bounded cost per curve
     min_baseline_days: float = 0.0  # a curve whose kept points span less is not classified (0: 1.6 x the BLS minimum)
+    pulsator_max_fap: float = 1e-3  # a pulsator's LS peak must have a false-alarm probability <= this
     detrend: str = "sysrem"  # systematics removed before the period search: "sysrem" or "none"
     detrend_components: int = 2  # SysRem components (trends shared by the field's stars)
     detrend_min_stars: int = 20  # fewer usable constant-looking stars in a field: no detrending

@@ -123,3 +123,19 @@ def test_a_model_without_the_magnitude_input_ignores_the_magnitude():
         _bls, _ls, (_g, _loc, aux) = C.search(b, search_grid(t), use_magnitude=False)
         assert aux[0, views.AUX_NAMES.index("mag")] == 0.0
     assert out[0]["var_class"] == out[1]["var_class"]
+
+
+def test_ls_false_alarm_separates_noise_from_a_pulsation():
+    rng = np.random.default_rng(8)
+    t = np.sort(rng.uniform(0, 3.47, 40))
+    w = np.full(40, 1 / 0.01**2)
+    g = search_grid(t, period_min_days=0.25)
+    from survey_proc.lightcurves.periodogram import BatchedLS
+
+    noise = rng.normal(0, 0.01, 40)
+    puls = noise + 0.05 * np.sin(2 * np.pi * t / 0.7)
+    r = BatchedLS(t, g)(np.vstack([noise, puls]), np.vstack([w, w]))
+    fmax = float(g.ls_freq[-1])
+    assert C.ls_false_alarm(t, noise, w, float(r.power[0]), fmax) > 1e-2
+    assert C.ls_false_alarm(t, puls, w, float(r.power[1]), fmax) < 1e-6
+    assert C.ls_false_alarm(t[:3], puls[:3], w[:3], 0.9, fmax) == 1.0  # too few points to judge

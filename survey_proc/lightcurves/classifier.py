@@ -35,6 +35,12 @@ kept points becomes ``single_event`` (:data:`survey_proc.vocab.SINGLE_EVENT`) wi
 NaN: for eclipsing binaries and transits, fewer than two cycles whose kept in-box points
 show the dip (:func:`count_events`), or a period longer than the span; for pulsators, a
 period longer than span / 1.15. ``n_events`` records the count (-1 where not counted).
+
+A ``pulsator`` must also be a significant Lomb-Scargle peak: Baluev's false-alarm
+probability over the searched band (:func:`ls_false_alarm`) at most ``pulsator_max_fap``
+(1e-3, chosen a priori, not tuned on held-out data); otherwise the class is the more
+probable of ``constant`` and ``non_periodic`` (``ls_fap`` records it; ``p_periodic`` is
+left as the classifier gave it).
 """
 
 from __future__ import annotations
@@ -288,8 +294,37 @@ def uses_magnitude(clf: LoadedClassifier) -> bool:
     return bool((clf.card or {}).get("inputs", {}).get("magnitude", True))
 
 
+def ls_false_alarm(t_days: np.ndarray, y: np.ndarray, w: np.ndarray, power: float, fmax: float) -> float:
+    """Baluev (2008) false-alarm probability of a Lomb-Scargle peak of ``power`` (standard normalisation).
+
+    Parameters
+    ----------
+    t_days
+        Epoch times (days).
+    y, w
+        Relative flux and weights (inverse variance; 0 = no point) of one curve.
+    power
+        The peak's power (0..1).
+    fmax
+        The highest frequency searched (1/day).
+
+    Returns
+    -------
+    float
+        The probability that white noise with these times and errors gives a peak this high
+        anywhere in the searched band (astropy's ``method="baluev"``).
+    """
+    from astropy.timeseries.periodograms.lombscargle._statistics import false_alarm_probability
+
+    keep = w > 0
+    if keep.sum() < 5 or not np.isfinite(power):
+        return 1.0
+    return float(false_alarm_probability(np.array([power]), fmax, t_days[keep], y[keep], 1 / np.sqrt(w[keep]),
+                                         normalization="standard", method="baluev")[0])
+
+
 def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | None = None,
-             bls_batch: int = 16) -> pd.DataFrame:
+             bls_batch: int = 16, pulsator_max_fap: float = 1e-3) -> pd.DataFrame:
     """Search, classify and measure every usable light curve of ``batch``.
 
     Returns
@@ -307,6 +342,7 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
         out[c] = np.nan
     out["var_class"] = pd.Series([None] * n, dtype=object)
     out["n_events"] = -1
+    out["ls_fap"] = np.nan
     for c in CLASSES:
         out[f"prob_{c}"] = np.nan
     stats = variability_stats(batch)
@@ -321,6 +357,15 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
                                     use_magnitude=uses_magnitude(clf))
     prob = predict_proba(clf, g, loc, aux)
     p_per, names, p_cls = decide(prob, clf.threshold, calibration_of(clf))
+    # a pulsation must be a significant Lomb-Scargle peak (false-alarm probability <= pulsator_max_fap)
+    fap = np.full(len(use), np.nan)
+    non = [CLASSES.index("constant"), CLASSES.index("non_periodic")]
+    for i in np.flatnonzero(names == "pulsator"):
+        fap[i] = ls_false_alarm(batch.t_days, sub.y[i].astype(float), sub.w[i].astype(float), float(ls.power[i]),
+                                float(grid.ls_freq[-1]))
+        if fap[i] > pulsator_max_fap:
+            k = non[int(np.argmax(prob[i, non]))]
+            names[i], p_cls[i] = CLASSES[k], prob[i, k]
     period = np.where(names == "pulsator", ls.period_days, bls.period_days)
     power = np.where(names == "pulsator", ls.power, bls.sde)
     depth = np.where(names == "pulsator", 2 * ls.amplitude, bls.depth)
@@ -364,6 +409,7 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
     out.loc[rows, "ls_power"] = ls.power
     out.loc[rows, "var_class"] = names
     out.loc[rows, "n_events"] = n_events
+    out.loc[rows, "ls_fap"] = fap
     for j, c in enumerate(CLASSES):
         out.loc[rows, f"prob_{c}"] = prob[:, j]
     return out

@@ -90,7 +90,7 @@ def classify_table(lc: pd.DataFrame, clf: Any, cc: ClassifySettings) -> tuple[pd
     if not batch.usable.any():
         info["not_searched"] = f"no light curve with {max(need_points, need_frac)} points over {min_base:.3g} d"
         return _reasons_only(reason), info
-    res = classify(batch, clf, grid).set_index("object_id")
+    res = classify(batch, clf, grid, pulsator_max_fap=cc.pulsator_max_fap).set_index("object_id")
     res["n_points_classified"] = batch.n_points.astype(np.int32)
     res = res.reindex(ids)
     res["classify_reason"] = reason.reindex(ids).to_numpy()
