@@ -28,10 +28,10 @@ Sections
   itself, which narrows z by ``sqrt(1 - 1/n)``; negligible for long light curves).
 - **Sky map** (``skymap.png``): the objects (ra, dec; pixel x, y when a field has no WCS),
   coloured by ``mag_mean``, periodic variables ringed.
-- **Variables** (``variable-<object_id>.png``): the ``top`` objects by ``p_periodic``, raw
-  and folded at their period (phase 0 at ``t0_mjd`` when known); forced points
-  (:data:`survey_proc.vocab.FORCED`) in another colour, their NaN magnitudes (negative
-  flux) left out.
+- **Variables** (``variable-<object_id>.png``): the ``top`` objects by ``p_periodic`` among
+  those with a period (:func:`periodic_candidates`), raw and folded at their period (phase 0
+  at ``t0_mjd`` when known); forced points (:data:`survey_proc.vocab.FORCED`) in another
+  colour, their NaN magnitudes (negative flux) left out.
 """
 
 from __future__ import annotations
@@ -597,8 +597,10 @@ def _section_variables(out: Path, objects: pd.DataFrame, dest: Path, rep: Report
     if "p_periodic" not in objects or not np.isfinite(objects["p_periodic"].to_numpy(float)).any():
         return ("<h2>Periodic variables</h2><p>No object was classified (too few epochs or a short baseline, or "
                 "the classify stage was switched off): objects/ has no p_periodic.</p>")
-    cand = objects[np.isfinite(objects["p_periodic"].to_numpy(float))].sort_values(
-        ["p_periodic", "object_id"], ascending=[False, True]).head(top)
+    cand = periodic_candidates(objects, top)
+    if cand.empty:
+        return ("<h2>Periodic variables</h2><p>No classified object has a period (single events and curves too "
+                "short for a period search have none): nothing to fold.</p>")
     ids = cand["object_id"].to_numpy()
     lc = _read(out / "lightcurves", ["object_id", "mjd", "mag", "mag_err", "flags"],
                filters=[("object_id", "in", [int(i) for i in ids])])
@@ -623,6 +625,30 @@ def _section_variables(out: Path, objects: pd.DataFrame, dest: Path, rep: Report
                             "forced": "d", "forced without mag": "d"})
             + '<p class="note">Detected points in blue, forced points (flag FORCED) in orange; forced points with '
               'negative flux have no magnitude and are not drawn. Folded twice over phase 0-2.</p>' + "".join(parts))
+
+
+def periodic_candidates(objects: pd.DataFrame, top: int) -> pd.DataFrame:
+    """The objects the report plots as periodic variables: the ``top`` by ``p_periodic`` that have a period.
+
+    Objects without a finite, positive ``period`` (single events, curves too short for a search)
+    cannot be folded and are left out; ties in ``p_periodic`` go to the lower ``object_id``.
+
+    Parameters
+    ----------
+    objects
+        The run's objects (``object_id``, ``p_periodic``, ``period`` in days).
+    top
+        How many.
+
+    Returns
+    -------
+    DataFrame
+        Those rows, highest ``p_periodic`` first.
+    """
+    p = objects["p_periodic"].to_numpy(float)
+    period = objects["period"].to_numpy(float) if "period" in objects else np.full(len(objects), np.nan)
+    ok = np.isfinite(p) & np.isfinite(period) & (period > 0)
+    return objects[ok].sort_values(["p_periodic", "object_id"], ascending=[False, True]).head(top)
 
 
 def plot_lightcurve(lc: pd.DataFrame, period: float, t0: float, path: str | Path, title: str = "") -> dict[str, int]:
@@ -668,8 +694,12 @@ def plot_lightcurve(lc: pd.DataFrame, period: float, t0: float, path: str | Path
             for shift in (0.0, 1.0):
                 ax2.errorbar(ph + shift, d["mag"], yerr=d["mag_err"], fmt=".", ms=3, lw=0.5, color=colour)
     n_nan = int((forced & ~fin).sum())
+    mags = c["mag"].to_numpy(float)[fin]
+    # the magnitudes set the range, not the error bars (a faint forced point's can span 20 mag)
+    lo, hi = (np.percentile(mags, [0.5, 99.5]) if len(mags) else (0.0, 1.0))
+    pad = 0.1 * (hi - lo) + 0.05
     for ax in (ax1, ax2):
-        ax.invert_yaxis()
+        ax.set_ylim(hi + pad, lo - pad)  # brighter up
         ax.grid(alpha=0.3)
         ax.set_ylabel("mag")
     ax1.set_xlabel("MJD")
