@@ -1,0 +1,105 @@
+"""The GPU check's dry mode (benchmarks/gpu_check.py): the whole path on the CPU, a tiny survey."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmarks import gpu_check
+from survey_proc import store
+
+
+def test_dry_mode_runs_the_whole_check(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    res = gpu_check.run_check(out, work_dir=work, dry=True, size_px=128, n_epochs=3, seconds=0.05)
+    data = json.loads((out / "gpu_check.json").read_text())
+    assert tuple(data) == gpu_check.JSON_KEYS
+    assert data == json.loads(json.dumps(res, default=str))
+    assert data["dry"] is True and data["device"] == "cpu"
+    assert data["survey"]["size_px"] == 128 and data["survey"]["epochs"] == 3 and data["survey"]["stars"] > 100
+    rates = [data["models"]["pnet"]["mpix_per_s"], data["models"]["bpnn"]["stamps_per_s"],
+             data["periodogram"]["bls_curves_per_s"], data["periodogram"]["ls_curves_per_s"],
+             data["periodogram"]["curves_per_s"]]
+    assert all(math.isfinite(r) and r > 0 for r in rates)
+    # both searches of a curve together are slower than either alone
+    assert data["periodogram"]["curves_per_s"] < min(rates[2:4])
+    assert data["periodogram"]["bls_freq"] > 0 and data["periodogram"]["ls_freq"] > 0
+    assert set(data["runs"]["gpu"]) == set(gpu_check.CONFIGS)
+    for name, run in data["runs"]["gpu"].items():
+        assert run["cluster"] == "local" and run["workers"] == 1
+        assert run["status"] == "complete" and run["failures"] == 0
+        c = run["counts"]
+        assert c["sources"] > 100 and c["objects"] > 20
+        assert c["lightcurve_points"] >= 3 * c["objects"]  # every object has a point in each of the 3 epochs
+        assert run["timings_s"]["extract_s"] > 0 and run["timings_s"]["total_s"] > run["timings_s"]["extract_s"]
+        copy = json.loads((out / f"run-gpu-{name}.json").read_text())
+        assert copy["status"] == "complete" and copy["counts"]["objects"] == c["objects"]
+        lc = pd.read_parquet(work / f"run-gpu-{name}" / "lightcurves")
+        assert lc["object_id"].nunique() == c["objects"]
+    assert data["runs"]["gpu"]["pnet_bpnn"]["timings_s"].keys() >= {"extract_s", "crossmatch_s", "total_s"}
+    # dry mode: no CPU runs, no ratio, no GPU memory
+    assert data["runs"]["cpu"] == {}
+    assert data["cpu_gpu_ratio"] == {"pnet_bpnn": None, "default": None}
+    assert data["gpu_memory"] == {"driver_peak_allocated_gib": None, "workers_peak_allocated_gib": None,
+                                  "nvidia_smi_peak_used_gib": None}
+    assert any("dry mode" in n for n in data["notes"])
+    md = (out / "gpu_check.md").read_text()
+    assert "| PNet (128² blocks, batch 1) |" in md and "| gpu pnet_bpnn | local | 1 | complete |" in md
+
+
+def test_missing_module_is_named_with_the_fix():
+    with pytest.raises(gpu_check.GPUCheckError,
+                       match=r"missing Python module\(s\): no_such_module_xyz\. .*benchmarks/gpu\.sh --prepare"):
+        gpu_check.check_modules(("json", "no_such_module_xyz"))
+
+
+def test_missing_dependency_of_a_present_package_is_named(tmp_path, monkeypatch):
+    pkg = tmp_path / "pkg_needs_dep"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import not_there_abc  # noqa\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert gpu_check.missing_modules(("json", "pkg_needs_dep")) == ["pkg_needs_dep (needs not_there_abc)"]
+    sys.modules.pop("pkg_needs_dep", None)
+
+
+def test_main_exits_2_when_a_module_is_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gpu_check, "REQUIRED_MODULES", ("numpy", "no_such_module_xyz"))
+    assert gpu_check.main(["--dry", "--out", str(tmp_path)]) == 2
+    assert "missing Python module(s): no_such_module_xyz" in capsys.readouterr().out
+    assert not (tmp_path / "gpu_check.json").exists()
+
+
+def test_moffat_bank_and_survey(tmp_path):
+    bank = gpu_check.moffat_bank(2.5)
+    assert bank.radii_px == (6, 12, 24)
+    # light outside a centred 13 x 13 px stamp of a Moffat(3), FWHM 2.5 px (alpha 2.45 px): between
+    # what falls outside the circles of radius 6 px and 6 sqrt(2) px, (1 + r^2 / alpha^2)^-2
+    alpha = 2.5 / (2 * np.sqrt(2 ** (1 / 3) - 1))
+    assert (1 + 72 / alpha**2) ** -2 < bank.missing_flux[0] < (1 + 36 / alpha**2) ** -2
+    assert bank.missing_flux[-1] < (1 + 24**2 / alpha**2) ** -2
+    for b in bank.banks:
+        np.testing.assert_allclose(b.sum(axis=(2, 3)), 1.0, rtol=1e-9)
+    path = tmp_path / "s.zarr"
+    info = gpu_check.make_survey(path, 64, 3, seed=1)
+    assert store.validate_store(path) == []
+    assert info["stars"] == int(0.01 * 84**2) and info["mpix"] == pytest.approx(64 * 64 * 3 / 1e6)
+    table = store.read_epoch_table(path, "F000")
+    assert np.all(np.diff(table["mjd"]) > 0.1) and all("RA---TAN" in w for w in table["wcs"])
+    img = store.open_field(path, "F000")["image"].values
+    assert img.shape == (3, 64, 64) and np.isfinite(img).all()
+    # sky 250-400 ADU, noise ~13 ADU: the median pixel is sky, the brightest are stars
+    assert 240 < float(np.median(img)) < 420 and float(img.max()) > 2000
+
+
+def test_ratios_are_cpu_over_gpu():
+    gpu = {"pnet_bpnn": {"wall_s": 2.0, "timings_s": {"total_s": 2.0, "extract_s": 1.0}}}
+    cpu = {"pnet_bpnn": {"wall_s": 6.0, "timings_s": {"total_s": 6.0, "extract_s": 4.0, "classify_s": 1.0}}}
+    r = gpu_check.ratios(gpu, cpu)
+    assert r["pnet_bpnn"]["wall_s"] == 3.0 and r["pnet_bpnn"]["extract_s"] == 4.0
+    assert r["pnet_bpnn"]["classify_s"] is None  # no GPU time to compare with
+    assert all(v is None for v in r["default"].values())
