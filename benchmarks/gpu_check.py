@@ -44,16 +44,23 @@ to compare, so the CPU cluster runs are skipped: ``runs.cpu`` is ``{}``, every
 ``cpu_gpu_ratio`` value is ``null``, ``gpu_memory`` values are ``null``, and ``dry`` is
 true. The default test suite runs it (``tests/test_gpu_check.py``).
 
-The JSON (keys always present; :data:`JSON_KEYS`): ``dry``, ``device`` (name), ``machine``
-(host, cores, torch, CUDA), ``started_utc``, ``survey`` (size, epochs, stars, variables,
-Mpix, seconds to write), ``models`` (:func:`benchmarks.gpu_models.measure`'s dict),
-``periodogram`` (curves, epochs, BLS/LS frequencies, ``bls_curves_per_s``,
-``ls_curves_per_s``, ``curves_per_s`` for both), ``runs`` (``gpu`` and ``cpu``, each
-configuration -> cluster, workers, status, wall_s, ``timings_s`` of run.json, counts:
-sources, objects, light-curve points, objects classified, periodic variables; and the peak
-GPU memory of its workers), ``gpu_memory`` (GiB: the driver process's peak, the workers'
-peak, nvidia-smi's peak), ``cpu_gpu_ratio`` (per configuration: CPU seconds / GPU seconds,
-end to end and per stage; > 1 means the GPU is faster), ``wall_s``.
+The JSON (keys always present, :data:`JSON_KEYS`; a key not measured yet is null, since the
+reports are rewritten after every step): ``dry``, ``device`` (name), ``machine`` (host,
+cores, Python, torch, CUDA), ``started_utc``, ``survey`` (size_px, epochs, stars, variables,
+mpix, wall_s to write it), ``models`` (:func:`benchmarks.gpu_models.measure`'s dict:
+``pnet.mpix_per_s``, ``bpnn.stamps_per_s``, ...), ``periodogram`` (curves, epochs,
+bls_freq, ls_freq, ``bls_curves_per_s``, ``ls_curves_per_s``, ``curves_per_s`` for both
+searches of a curve), ``runs`` (``gpu`` and ``cpu``, each configuration -> cluster, workers,
+status (``complete``, or ``error: ...`` when the run raised: the check goes on), wall_s,
+``timings_s`` of run.json, counts (sources, objects, lightcurve_points,
+objects_classified, periodic_variables), failures, worker_peak_gpu_gib),
+``cluster_start_s`` (gpu, cpu: seconds to start each cluster, once for both runs),
+``gpu_memory`` (GiB: driver_peak_allocated_gib of the model and periodogram timings,
+workers_peak_allocated_gib of the GPU runs, nvidia_smi_peak_used_gib of the whole card
+during the GPU runs), ``cpu_gpu_ratio`` (per configuration: CPU seconds / GPU seconds for
+wall_s and every stage of :data:`STAGE_KEYS`; > 1 means the GPU is faster; null where a
+side is missing), ``notes`` (what went differently: a fallback, a skipped run, dry mode),
+``wall_s`` (the whole check).
 
 Budget: the default GPU size (1024² x 20 epochs) is sized to end within 8 minutes on an
 H100/H200 machine with 16 cores, install included; ``--size``/``--epochs`` change it.
@@ -84,15 +91,16 @@ REQUIRED_MODULES = ("numpy", "scipy", "pandas", "pyarrow", "xarray", "torch", "d
 #: modules needed only on the GPU path
 GPU_MODULES = ("dask_cuda", "pynvml")
 #: the top-level keys of gpu_check.json
-JSON_KEYS = ("dry", "device", "machine", "started_utc", "survey", "models", "periodogram", "runs", "gpu_memory",
-             "cpu_gpu_ratio", "notes", "wall_s")
+JSON_KEYS = ("dry", "device", "machine", "started_utc", "survey", "models", "periodogram", "runs",
+             "cluster_start_s", "gpu_memory", "cpu_gpu_ratio", "notes", "wall_s")
 #: the two configurations of the end-to-end runs: name -> run settings
 CONFIGS: dict[str, dict[str, Any]] = {
     "pnet_bpnn": {"detector": "pnet", "bpnn": {"enabled": True}},
     "default": {},
 }
-#: stages whose times (run.json ``timings_s``) the ratio and the table report
-STAGE_KEYS = ("cluster_start_s", "extract_s", "register_s", "calibrate_s", "crossmatch_s", "forced_s", "classify_s",
+#: stages whose times (run.json ``timings_s``) the ratio and the table report (its ``cluster_start_s`` is 0
+#: here: the check starts each cluster once for both runs and reports that time apart)
+STAGE_KEYS = ("extract_s", "register_s", "calibrate_s", "crossmatch_s", "forced_s", "classify_s",
               "total_s")
 
 ZEROPOINT = 28.0  # mag of 1 ADU per exposure
@@ -548,8 +556,6 @@ def run_check(out_dir: str | Path, *, work_dir: str | Path | None = None, dry: b
 
     has_cuda = torch.cuda.is_available()
     dry = (not has_cuda) if dry is None else (dry or not has_cuda)
-    if not dry:
-        check_modules(GPU_MODULES)
     size_px = size_px or (256 if dry else 1024)
     n_epochs = n_epochs or (4 if dry else 20)
     seconds = seconds if seconds is not None else (0.3 if dry else 3.0)
@@ -558,12 +564,15 @@ def run_check(out_dir: str | Path, *, work_dir: str | Path | None = None, dry: b
     work.mkdir(parents=True, exist_ok=True)
     device = "cpu" if dry else "cuda"
     notes: list[str] = []
+    if not dry and missing_modules(GPU_MODULES):  # not fatal: gpu_client falls back to a LocalCluster on the GPU
+        notes.append(f"missing for dask-cuda: {', '.join(missing_modules(GPU_MODULES))}")
     res: dict[str, Any] = {
         "dry": dry, "device": torch.cuda.get_device_name(0) if has_cuda and not dry else "cpu",
         "machine": {"host": platform.node(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "cuda": torch.version.cuda},
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "notes": notes,
-        "runs": {"gpu": {}, "cpu": {}}, "cpu_gpu_ratio": dict.fromkeys(CONFIGS),
+        "runs": {"gpu": {}, "cpu": {}}, "cluster_start_s": {"gpu": None, "cpu": None},
+        "cpu_gpu_ratio": dict.fromkeys(CONFIGS),
         "gpu_memory": dict.fromkeys(("driver_peak_allocated_gib", "workers_peak_allocated_gib",
                                      "nvidia_smi_peak_used_gib"))}
 
@@ -600,7 +609,16 @@ def run_check(out_dir: str | Path, *, work_dir: str | Path | None = None, dry: b
 
     runs = res["runs"]
 
-    def record(side: str, name: str, r: dict[str, Any], run_out: Path) -> None:
+    def run(side: str, name: str, client: Any, cluster: str) -> None:
+        """One run, recorded; a run that raises is recorded with its error and the check goes on."""
+        run_out = work / f"run-{side}-{name}"
+        t0 = time.perf_counter()
+        try:
+            r = run_one(client, store_path, run_out, cluster, CONFIGS[name])
+        except Exception as exc:
+            r = {"cluster": cluster, "workers": None, "status": f"error: {type(exc).__name__}: {exc}"[:500],
+                 "wall_s": time.perf_counter() - t0, "timings_s": {}, "counts": {}, "failures": None,
+                 "worker_peak_gpu_gib": None}
         runs[side][name] = r
         with contextlib.suppress(OSError):
             shutil.copyfile(run_out / "run.json", out / f"run-{side}-{name}.json")
@@ -608,23 +626,26 @@ def run_check(out_dir: str | Path, *, work_dir: str | Path | None = None, dry: b
             res["cpu_gpu_ratio"] = ratios(runs["gpu"], runs["cpu"])
         step(f"{side} {name} ({r['cluster']}): {r['status']}, {r['wall_s']:.1f} s")
 
-    with SmiSampler() as smi, gpu_client(dry, cpu_workers or gpu_workers, notes) as (client, cluster):
-        for name, settings in CONFIGS.items():
-            run_out = work / f"run-gpu-{name}"
-            record("gpu", name, run_one(client, store_path, run_out, cluster, settings), run_out)
+    with SmiSampler() as smi:
+        t0 = time.perf_counter()
+        with gpu_client(dry, cpu_workers or gpu_workers, notes) as (client, cluster):
+            res["cluster_start_s"]["gpu"] = time.perf_counter() - t0
+            for name in CONFIGS:
+                run("gpu", name, client, cluster)
     worker_peaks = [r["worker_peak_gpu_gib"] for r in runs["gpu"].values() if r["worker_peak_gpu_gib"] is not None]
     res["gpu_memory"]["workers_peak_allocated_gib"] = max(worker_peaks) if worker_peaks else None
     res["gpu_memory"]["nvidia_smi_peak_used_gib"] = smi.peak_gib
     if dry:
         notes.append("dry mode: the GPU runs ran on a CPU LocalCluster; no CPU runs, the CPU/GPU ratio is null")
     else:
+        t0 = time.perf_counter()
         with cpu_client(cpu_workers) as client:
-            for name, settings in CONFIGS.items():
+            res["cluster_start_s"]["cpu"] = time.perf_counter() - t0
+            for name in CONFIGS:
                 if time.perf_counter() - t_all > budget_s:
                     notes.append(f"cpu {name}: not run, the check had used its {budget_s:.0f} s budget")
                     continue
-                run_out = work / f"run-cpu-{name}"
-                record("cpu", name, run_one(client, store_path, run_out, "local", settings), run_out)
+                run("cpu", name, client, "local")
     res["wall_s"] = time.perf_counter() - t_all
     md = write_reports(res, out)
     print(md, flush=True)
@@ -676,14 +697,16 @@ def markdown(res: dict[str, Any]) -> str:
     lines += ["| figure | value |", "| --- | --- |", *(f"| {a} | {b} |" for a, b in rows), ""]
     runs = res.get("runs") or {}
     if any(runs.values()):
-        lines += ["End to end (run.json `timings_s`, seconds; ratio = CPU / GPU, > 1: the GPU is faster):", "",
+        cs = res.get("cluster_start_s") or {}
+        lines += ["End to end (run.json `timings_s`, seconds; ratio = CPU / GPU, > 1: the GPU is faster; cluster "
+                  f"start, once for both runs: gpu {_fmt(cs.get('gpu'))} s, cpu {_fmt(cs.get('cpu'))} s):", "",
                   "| run | cluster | workers | status | objects | " + " | ".join(k[:-2] for k in STAGE_KEYS)
                   + " | wall |",
                   "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in STAGE_KEYS) + " | --- |"]
         for side in ("gpu", "cpu"):
             for name, r in (runs.get(side) or {}).items():
-                lines.append(f"| {side} {name} | {r['cluster']} | {r['workers']} | {r['status']} | "
-                             f"{_fmt(r['counts']['objects'])} | "
+                lines.append(f"| {side} {name} | {r['cluster']} | {_fmt(r['workers'])} | {r['status']} | "
+                             f"{_fmt(r['counts'].get('objects'))} | "
                              + " | ".join(_fmt(r["timings_s"].get(k)) for k in STAGE_KEYS)
                              + f" | {_fmt(r['wall_s'])} |")
         for name, row in (res.get("cpu_gpu_ratio") or {}).items():

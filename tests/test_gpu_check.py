@@ -19,6 +19,7 @@ def test_dry_mode_runs_the_whole_check(tmp_path):
     res = gpu_check.run_check(out, work_dir=work, dry=True, size_px=128, n_epochs=3, seconds=0.05)
     data = json.loads((out / "gpu_check.json").read_text())
     assert tuple(data) == gpu_check.JSON_KEYS
+    assert data["cluster_start_s"]["gpu"] > 0 and data["cluster_start_s"]["cpu"] is None
     assert data == json.loads(json.dumps(res, default=str))
     assert data["dry"] is True and data["device"] == "cpu"
     assert data["survey"]["size_px"] == 128 and data["survey"]["epochs"] == 3 and data["survey"]["stars"] > 100
@@ -103,3 +104,37 @@ def test_ratios_are_cpu_over_gpu():
     assert r["pnet_bpnn"]["wall_s"] == 3.0 and r["pnet_bpnn"]["extract_s"] == 4.0
     assert r["pnet_bpnn"]["classify_s"] is None  # no GPU time to compare with
     assert all(v is None for v in r["default"].values())
+
+
+def test_a_run_that_raises_is_recorded_and_the_check_goes_on(tmp_path, monkeypatch):
+    import contextlib
+
+    from benchmarks import gpu_models
+
+    @contextlib.contextmanager
+    def fake_client(dry, workers, notes):
+        yield object(), "local"
+
+    def fake_run(client, store_path, out, cluster, settings):
+        if settings.get("detector") == "pnet":
+            raise RuntimeError("boom on the worker")
+        return {"cluster": cluster, "workers": 1, "status": "complete", "wall_s": 1.5,
+                "timings_s": {"extract_s": 1.0, "total_s": 1.5}, "counts": {"objects": 7}, "failures": 0,
+                "worker_peak_gpu_gib": None}
+
+    survey = {"size_px": 8, "epochs": 3, "stars": 1, "variables": 0, "mpix": 0.0002, "wall_s": 0.0}
+    monkeypatch.setattr(gpu_check, "make_survey", lambda *a, **k: survey)
+    monkeypatch.setattr(gpu_check, "gpu_client", fake_client)
+    monkeypatch.setattr(gpu_check, "run_one", fake_run)
+    monkeypatch.setattr(gpu_check, "measure_periodogram", lambda *a, **k: {
+        "curves": 1, "epochs": 2, "bls_freq": 3, "ls_freq": 4, "bls_curves_per_s": 1.0, "ls_curves_per_s": 1.0,
+        "curves_per_s": 0.5})
+    monkeypatch.setattr(gpu_models, "measure", lambda *a, **k: {
+        "pnet": {"block_px": 128, "batch": 1, "mpix_per_s": 1.0}, "bpnn": {"mc_samples": 8, "stamps_per_s": 2.0}})
+    res = gpu_check.run_check(tmp_path, dry=True)
+    err = res["runs"]["gpu"]["pnet_bpnn"]
+    assert err["status"] == "error: RuntimeError: boom on the worker" and err["timings_s"] == {}
+    assert res["runs"]["gpu"]["default"]["status"] == "complete"
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "| gpu pnet_bpnn | local | - | error: RuntimeError: boom on the worker | - |" in md
+    assert "| gpu default | local | 1 | complete | 7 | 1 |" in md
