@@ -54,6 +54,7 @@ FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.3548
 DETECTED_COLOUR = "#1f4e9c"
 FORCED_COLOUR = "#e07b00"
 DPI = 110
+MAX_CALIBRATION_OBJECTS = 20_000  # constant stars whose light curves enter the z distribution
 
 
 @dataclass
@@ -510,7 +511,11 @@ def _section_calibration(out: Path, objects: pd.DataFrame, store: Path | None, d
     from survey_proc.evaluate import nmad
 
     ids, how = _constant_objects(objects, store)
-    lc = _read(out / "lightcurves", ["object_id", "mag", "mag_err", "flags"])
+    if len(ids) > MAX_CALIBRATION_OBJECTS:  # a fixed random subset (seeded): memory bounded on large surveys
+        ids = np.sort(np.random.default_rng(0).choice(ids, MAX_CALIBRATION_OBJECTS, replace=False))
+        how += f" (a random {MAX_CALIBRATION_OBJECTS} of them)"
+    lc = _read(out / "lightcurves", ["object_id", "mag", "mag_err", "flags"],
+               filters=[("object_id", "in", [int(i) for i in ids])])
     lc = lc[lc["object_id"].isin(ids)]
     mean = objects.set_index("object_id")["mag_mean"]
     lc = lc.assign(mag_mean=mean.reindex(lc["object_id"].to_numpy()).to_numpy())
