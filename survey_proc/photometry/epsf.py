@@ -876,17 +876,22 @@ def build_epsf(image_adu: np.ndarray, mask: np.ndarray | None, background_adu: A
         # faint neighbours, nebulosity) fitted as a wide wing. Measured on SDSS frames: the wing at its
         # bounds, 16 % of the light beyond the stamps, injected stars recovered at 1.17 x their flux.
         # Refit with a local sky per star, which takes the pedestal (and a faint true wing with it)
-        for max_wing in (0.5, 0.0):  # with the wing, then (when it still reaches beyond the stamps) without
+        # with the wing, then (when it still reaches beyond the stamps) without; of the fits, the one that
+        # puts the least light beyond the stamps (a core alone can go to beta ~1.3: SDSS i, worse than either)
+        tried = [(beyond, par, "no local sky")]
+        for max_wing in (0.5, 0.0):
             par = par_start.copy()
             par[2] = min(par[2], max_wing)
             for _ in range(3):
                 subtract_neighbours(_comps(par))
                 _star_steps(st, analytic_fn, gain_e_per_adu, 2)
                 par = _fit_analytic(st, par, n_gl, gain_e_per_adu, float(r_fit), sky=True, max_wing=max_wing)
-            if _light_beyond(_comps(par), float(r_fit)) <= max_unseen:
+            b_now = _light_beyond(_comps(par), float(r_fit))
+            tried.append((b_now, par, f"local sky per star{'' if max_wing else ', no wing'} ({beyond:.3f} of the "
+                                      f"light beyond {r_fit} px without)"))
+            if b_now <= max_unseen:
                 break
-        wing_fit = (f"local sky per star{'' if max_wing else ', no wing'} ({beyond:.3f} of the light beyond "
-                    f"{r_fit} px without)")
+        _, par, wing_fit = min(tried, key=lambda t: t[0])
     comps = _comps(par)
     subtract_neighbours(comps)
     (_, alpha, beta), (wing_frac, wing_alpha, wing_beta) = comps
