@@ -8,11 +8,13 @@
 #    It runs ../shared/tools/gpu-wheelhouse.sh (dask, distributed, zarr, astropy, sep,
 #    dask-cuda, ... into .whl/, which .gitignore and .git/info/exclude keep out of git) and
 #    adds the wheels that script leaves out but the GPU image also lacks: tornado
-#    (distributed's), msgspec and google-crc32c (zarr >= 3.4's). GalSim is not needed: the
-#    check writes its survey with numpy.
+#    (distributed's), msgspec and google-crc32c (zarr >= 3.4's); then, where the wheelhouse
+#    took another version than this project's .venv has (zarr 3.4 against 3.1, say), it
+#    swaps in the .venv's, the versions the test suite passes with. GalSim is not needed:
+#    the check writes its survey with numpy.
 # 2. On the device machine (the device tool's `run`, in the root of a copy of the working
 #    tree; .whl/ is ignored by git, so it travels only when `carry` names it; the working
-#    tree plus .whl/ is about 28 MB of the 64 MiB limit). One call, carry [".whl"]:
+#    tree plus .whl/ is about 35 MB of the 64 MiB limit). One call, carry [".whl"]:
 #        bash benchmarks/gpu.sh
 #    with timeout_s 600. The check itself is sized to end within 8 minutes (1024² x 20
 #    epochs; about 30 s of that is the install); BUDGET_S (default 420) stops it from
@@ -30,12 +32,27 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [[ ${1:-} == --prepare ]]; then
-  bash ../shared/tools/gpu-wheelhouse.sh
+get() {  # wheels for the GPU machine's Python (3.12, x86-64)
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64 -d .whl tornado msgspec google-crc32c
+    --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64 -d .whl "$@" 2>&1 | grep -v 'is ignored' || true
+}
+
+if [[ ${1:-} == --prepare ]]; then
+  bash ../shared/tools/gpu-wheelhouse.sh
+  get tornado msgspec google-crc32c
+  # the versions this project is tested with (its .venv), where the wheelhouse took others
+  if [[ -x .venv/bin/python ]]; then
+    for name in dask distributed zarr numcodecs astropy sep tornado; do
+      v=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('$name'))" 2>/dev/null) || continue
+      if ! compgen -G ".whl/${name}-${v}-*.whl" > /dev/null; then
+        rm -f .whl/"${name}"-*.whl
+        get "${name}==${v}"
+      fi
+    done
+  fi
+  ls .whl
   du -sh .whl
   exit 0
 fi
