@@ -50,7 +50,8 @@ cores, Python, torch, CUDA), ``started_utc``, ``survey`` (size_px, epochs, stars
 mpix, wall_s to write it), ``models`` (:func:`benchmarks.gpu_models.measure`'s dict:
 ``pnet.mpix_per_s``, ``bpnn.stamps_per_s``, ...), ``periodogram`` (curves, epochs,
 bls_freq, ls_freq, ``bls_curves_per_s``, ``ls_curves_per_s``, ``curves_per_s`` for both
-searches of a curve), ``runs`` (``gpu`` and ``cpu``, each configuration -> cluster, workers,
+searches of a curve; ``models`` and ``periodogram`` are ``{"error": ...}`` when their
+measurement raised, and the check goes on), ``runs`` (``gpu`` and ``cpu``, each configuration -> cluster, workers,
 status (``complete``, or ``error: ...`` when the run raised: the check goes on), wall_s,
 ``timings_s`` of run.json, counts (sources, objects, lightcurve_points,
 objects_classified, periodic_variables), failures, worker_peak_gpu_gib),
@@ -470,7 +471,9 @@ def run_one(client: Any, store_path: Path, out: Path, cluster: str, settings: di
     from survey_proc.config import load_config
     from survey_proc.distributed.pipeline import run_pipeline
 
-    cfg = load_config(None, {"store": str(store_path), "out": str(out), "cluster": cluster, "reference": "none",
+    # (the client is already there; the setting only records the kind: "local-gpu" is a LocalCluster)
+    cfg = load_config(None, {"store": str(store_path), "out": str(out), "reference": "none",
+                             "cluster": "cuda" if cluster == "cuda" else "local",
                              "progress": False, "evaluate": False, "mode": "overwrite", **settings})
     client.run(_worker_reset_peak)
     t0 = time.perf_counter()
@@ -502,6 +505,14 @@ def ratios(gpu: dict[str, Any], cpu: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- the check
+
+
+def _guarded(fn: Any) -> dict[str, Any]:
+    """``fn()``, or ``{"error": "Type: message"}`` when it raises (the check goes on to the runs)."""
+    try:
+        return dict(fn())
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
 def write_reports(res: dict[str, Any], out: Path) -> str:
@@ -595,17 +606,18 @@ def run_check(out_dir: str | Path, *, work_dir: str | Path | None = None, dry: b
     if dry:  # one thread: on a shared 2-core machine two wait on each other (128^2 PNet block: 1-3 s vs 0.2 s)
         torch.set_num_threads(1)
     try:
-        res["models"] = gpu_models.measure(device, seconds, block_px=128 if dry else 512, batch=1 if dry else 8,
-                                           n_stamps=128 if dry else 16384)
-        step(f"PNet {res['models']['pnet']['mpix_per_s']:.3g} Mpix/s, "
-             f"BPNN {res['models']['bpnn']['stamps_per_s']:.3g} stamps/s")
-        res["periodogram"] = measure_periodogram(device, 16 if dry else 2048, 200 if dry else 1000, seconds)
+        res["models"] = _guarded(lambda: gpu_models.measure(device, seconds, block_px=128 if dry else 512,
+                                                            batch=1 if dry else 8, n_stamps=128 if dry else 16384))
+        step("models: " + (res["models"].get("error") or f"PNet {res['models']['pnet']['mpix_per_s']:.3g} Mpix/s, "
+                           f"BPNN {res['models']['bpnn']['stamps_per_s']:.3g} stamps/s"))
+        res["periodogram"] = _guarded(lambda: measure_periodogram(device, 16 if dry else 2048,
+                                                                  200 if dry else 1000, seconds))
     finally:
         torch.set_num_threads(threads)
     if not dry:
         res["gpu_memory"]["driver_peak_allocated_gib"] = float(torch.cuda.max_memory_allocated()) / 2**30
         torch.cuda.empty_cache()
-    step(f"periodograms {res['periodogram']['curves_per_s']:.3g} curves/s")
+    step("periodograms: " + (res["periodogram"].get("error") or f"{res['periodogram']['curves_per_s']:.3g} curves/s"))
 
     runs = res["runs"]
 
@@ -682,11 +694,14 @@ def markdown(res: dict[str, Any]) -> str:
                   f"torch {mach.get('torch')}; check wall time {_fmt(res.get('wall_s'))} s.", ""]
     rows: list[tuple[str, str]] = []
     m, p, g = res.get("models"), res.get("periodogram"), res.get("gpu_memory") or {}
-    if m:
+    for label, part in (("models", m), ("periodograms", p)):
+        if part and "error" in part:
+            rows.append((label, f"error: {part['error']}"))
+    if m and "error" not in m:
         rows += [(f"PNet ({m['pnet']['block_px']}² blocks, batch {m['pnet']['batch']})",
                   f"{_fmt(m['pnet']['mpix_per_s'])} Mpix/s"),
                  (f"BPNN ({m['bpnn']['mc_samples']} MC samples)", f"{_fmt(m['bpnn']['stamps_per_s'])} stamps/s")]
-    if p:
+    if p and "error" not in p:
         rows += [(f"BLS ({p['curves']} curves x {p['epochs']} epochs, {p['bls_freq']} freq)",
                   f"{_fmt(p['bls_curves_per_s'])} curves/s"),
                  (f"LS ({p['ls_freq']} freq)", f"{_fmt(p['ls_curves_per_s'])} curves/s"),

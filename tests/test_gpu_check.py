@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 
 import numpy as np
@@ -106,7 +107,7 @@ def test_ratios_are_cpu_over_gpu():
     assert all(v is None for v in r["default"].values())
 
 
-def test_a_run_that_raises_is_recorded_and_the_check_goes_on(tmp_path, monkeypatch):
+def test_a_run_or_measurement_that_raises_is_recorded_and_the_check_goes_on(tmp_path, monkeypatch):
     import contextlib
 
     from benchmarks import gpu_models
@@ -126,9 +127,10 @@ def test_a_run_that_raises_is_recorded_and_the_check_goes_on(tmp_path, monkeypat
     monkeypatch.setattr(gpu_check, "make_survey", lambda *a, **k: survey)
     monkeypatch.setattr(gpu_check, "gpu_client", fake_client)
     monkeypatch.setattr(gpu_check, "run_one", fake_run)
-    monkeypatch.setattr(gpu_check, "measure_periodogram", lambda *a, **k: {
-        "curves": 1, "epochs": 2, "bls_freq": 3, "ls_freq": 4, "bls_curves_per_s": 1.0, "ls_curves_per_s": 1.0,
-        "curves_per_s": 0.5})
+    def broken_periodogram(*a, **k):
+        raise ValueError("no grid")
+
+    monkeypatch.setattr(gpu_check, "measure_periodogram", broken_periodogram)
     monkeypatch.setattr(gpu_models, "measure", lambda *a, **k: {
         "pnet": {"block_px": 128, "batch": 1, "mpix_per_s": 1.0}, "bpnn": {"mc_samples": 8, "stamps_per_s": 2.0}})
     res = gpu_check.run_check(tmp_path, dry=True)
@@ -138,3 +140,45 @@ def test_a_run_that_raises_is_recorded_and_the_check_goes_on(tmp_path, monkeypat
     md = (tmp_path / "gpu_check.md").read_text()
     assert "| gpu pnet_bpnn | local | - | error: RuntimeError: boom on the worker | - |" in md
     assert "| gpu default | local | 1 | complete | 7 | 1 |" in md
+    # a measurement that raises is recorded too, and the runs still ran
+    assert res["periodogram"] == {"error": "ValueError: no grid"} and res["models"]["pnet"]["mpix_per_s"] == 1.0
+    assert "| periodograms | error: ValueError: no grid |" in md and "| PNet (128² blocks, batch 1) | 1 Mpix/s |" in md
+
+
+def test_nvidia_smi_sampler_keeps_the_peak(tmp_path, monkeypatch):
+    import time
+
+    smi = tmp_path / "nvidia-smi"
+    count = tmp_path / "n"
+    # used memory in MiB: 1024, then 3072, then 2048 for every later call
+    smi.write_text(f"#!/bin/sh\nn=$(cat {count} 2>/dev/null || echo 0); echo $((n + 1)) > {count}\n"
+                   "case $n in 0) echo 1024;; 1) echo 3072;; *) echo 2048;; esac\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    with gpu_check.SmiSampler(interval_s=0.02) as s:
+        t0 = time.monotonic()
+        while int((count.read_text() if count.exists() else "0").strip() or 0) < 4 and time.monotonic() - t0 < 20:
+            time.sleep(0.02)
+    assert s.peak_gib == 3.0
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert gpu_check.SmiSampler.read_gib() is None
+    with gpu_check.SmiSampler(interval_s=0.02) as s2:
+        pass
+    assert s2.peak_gib is None
+
+
+def test_gpu_client_falls_back_without_dask_cuda_and_cpu_workers_see_no_gpu():
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("dask_cuda") is not None:
+        pytest.skip("dask-cuda is installed here: no fallback to see")
+    notes: list[str] = []
+    with gpu_check.gpu_client(False, 1, notes) as (client, name):
+        assert name == "local-gpu" and len(client.scheduler_info()["workers"]) == 1
+    assert len(notes) == 1 and re.match(r"dask-cuda's LocalCUDACluster did not start \(ConfigError: --cluster cuda "
+                                        r"needs dask-cuda", notes[0])
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    with gpu_check.cpu_client(1) as client:
+        assert list(client.run(os.environ.get, "CUDA_VISIBLE_DEVICES").values()) == [""]
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == before
