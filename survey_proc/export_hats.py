@@ -11,7 +11,9 @@ HEALPix pixel with ``_metadata``, ``properties`` and margin catalogues. The expo
                                  flags, source_id, band, ...: every lightcurves/ column but
                                  object_id and field, which are the row's)
     DIR/objects_<N>arcs/         the margin catalogue (objects within N arcsec of each partition's
-                                 border, default 10), the collection's default margin
+                                 border, default 10, and some a little beyond: the HEALPix pixels of
+                                 the order N implies; hats-import 0.11 has no exact distance filter),
+                                 the collection's default margin
 
 ``lsdb.open_catalog(DIR)`` opens the catalogue with its margin. The hive-partitioned output is
 left as it is. hats-import reads the run's output unit by unit: each ``objects/field=f/region=r``
