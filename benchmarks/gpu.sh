@@ -3,7 +3,7 @@
 # wheelhouse, then runs `python3 -m benchmarks.gpu_check` (benchmarks/gpu_check.py says what
 # it measures and what its JSON holds). On a machine without CUDA it runs the dry mode.
 #
-# 1. Here, on the project's CPU machine, from the project root, once (needs PyPI; ~20 MB):
+# 1. Here, on the project's CPU machine, from the project root, once (needs PyPI; ~27 MB):
 #        bash benchmarks/gpu.sh --prepare
 #    It runs ../shared/tools/gpu-wheelhouse.sh (dask, distributed, zarr, astropy, sep,
 #    dask-cuda, ... into .whl/, which .gitignore and .git/info/exclude keep out of git) and
@@ -22,7 +22,8 @@
 #    step, so a call cut short still returns what was measured.
 #    Reports go to $OUT when it is set (the device tool's return folder: gpu_check.json,
 #    gpu_check.md, gpu_check.log and one run.json per run, 7 files), else to
-#    bench-out/gpu-check (ignored by git); the survey and the runs' outputs go to $WORK (default /tmp/gpu-check).
+#    bench-out/gpu-check (ignored by git); the survey and the runs' outputs go to $WORK
+#    (default /tmp/gpu-check).
 #    Arguments after the script's name go to gpu_check (--size, --epochs, --seconds,
 #    --cpu-workers, --dry, ...): e.g. `bash benchmarks/gpu.sh --size 2048 --epochs 10`.
 # 3. Here: copy the figures into benchmarks/RESULTS.md with the device named.
@@ -52,6 +53,9 @@ if [[ ${1:-} == --prepare ]]; then
       fi
     done
   fi
+  for n in dask distributed zarr numcodecs astropy sep tornado msgspec google_crc32c dask_cuda; do
+    compgen -G ".whl/${n}-*.whl" > /dev/null || { echo "gpu.sh --prepare: no ${n} wheel in .whl/" >&2; exit 1; }
+  done
   ls .whl
   du -sh .whl
   exit 0
