@@ -47,15 +47,17 @@ if [[ ${1:-} == --prepare ]]; then
   if [[ -x .venv/bin/python ]]; then
     for name in dask distributed zarr numcodecs astropy sep tornado; do
       v=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('$name'))" 2>/dev/null) || continue
-      if ! compgen -G ".whl/${name}-${v}-*.whl" > /dev/null; then
-        rm -f .whl/"${name}"-*.whl
-        get "${name}==${v}"
-      fi
+      for f in .whl/"${name}"-*.whl; do  # one version of each: two stop the install
+        [[ -e $f && $f != .whl/${name}-${v}-* ]] && rm -f "$f"
+      done
+      compgen -G ".whl/${name}-${v}-*.whl" > /dev/null || get "${name}==${v}"
     done
   fi
   for n in dask distributed zarr numcodecs astropy sep tornado msgspec google_crc32c dask_cuda; do
     compgen -G ".whl/${n}-*.whl" > /dev/null || { echo "gpu.sh --prepare: no ${n} wheel in .whl/" >&2; exit 1; }
   done
+  dupes=$(ls .whl | sed -E 's/-[0-9].*//' | sort | uniq -d)
+  [[ -z $dupes ]] || { echo "gpu.sh --prepare: two versions of ${dupes} in .whl/" >&2; exit 1; }
   ls .whl
   du -sh .whl
   exit 0
