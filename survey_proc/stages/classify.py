@@ -1,4 +1,4 @@
-"""Stage 5, classify: per (field, region), the periodic-variable search and classifier on the region's light curves.
+"""Stage 6, classify: per (field, region), the periodic-variable search and classifier on the region's light curves.
 
 Detrending first (``[classify] detrend = "sysrem"``, :mod:`survey_proc.lightcurves.detrend`):
 the systematics are shared by a whole field but the search runs per region, so the stage
