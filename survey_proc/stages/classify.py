@@ -45,8 +45,9 @@ DETREND_SCHEMA = pa.schema([("band", pa.string()), ("epoch", pa.int32()), ("comp
 DETREND_COLUMNS = (("detrend", pa.string()), ("detrend_rms", pa.float64()))
 #: and (issue 22): why an object was not classified (null when it was: ``too_few_points``,
 #: ``too_sparse``, ``too_short``, ``no_points``, each with ": <detail>"), and the events its box shows
-#: (-1 when not counted: not classified, or not an eclipsing binary / transit)
-REASON_COLUMNS = (("classify_reason", pa.string()), ("n_events", pa.int32()))
+#: (-1 when not counted: not classified, or not an eclipsing binary / transit), and the Baluev
+#: false-alarm probability of the Lomb-Scargle peak (NaN where not computed)
+REASON_COLUMNS = (("classify_reason", pa.string()), ("n_events", pa.int32()), ("ls_fap", pa.float64()))
 
 
 def classified_schema(written: pa.Schema) -> pa.Schema:
@@ -206,6 +207,7 @@ def classify_region_task(out: str, field: str, region: int, cfg_json: str, class
                             "n_detrended": int((objects["detrend"] != "none").sum())}
     objects["classify_reason"] = "no_points: no light-curve points"
     objects["n_events"] = np.int32(-1)
+    objects["ls_fap"] = np.nan
     if res is not None:
         why = res["classify_reason"].reindex(idx)
         done = (res["var_class"].reindex(idx).notna() if "var_class" in res
@@ -214,6 +216,8 @@ def classify_region_task(out: str, field: str, region: int, cfg_json: str, class
         objects["classify_reason"] = why.where(~done, None).to_numpy()
         if "n_events" in res:
             objects["n_events"] = res["n_events"].reindex(idx).fillna(-1).astype(np.int32).to_numpy()
+        if "ls_fap" in res:
+            objects["ls_fap"] = res["ls_fap"].reindex(idx).astype(float).to_numpy()
         res = res.rename(columns={"chi2_red": "_chi2_red"})
         for c in CLASSIFY_COLUMNS:
             if c in res.columns:

@@ -51,6 +51,8 @@ def test_classify_stage_fills_objects_and_resumes_alone(variable_survey, client,
     assert min(abs(eb["period_bls"] / 0.3 - 1), abs(eb["period_bls"] / 0.15 - 1)) < 0.05
     puls = obj.iloc[np.argmin(np.hypot(obj["x"] - 70, obj["y"] - 25))]
     assert abs(puls["period_ls"] / 0.4 - 1) < 0.1
+    # the Lomb-Scargle peak's false-alarm probability is written: a probability, tiny for the pulsator
+    assert obj["ls_fap"].dropna().between(0, 1).all() and puls["ls_fap"] < 1e-3
     const = obj[obj["y"] > 60]
     assert (const["robust_rms"] < 0.1 * puls["robust_rms"]).all()
     assert (const["mag_std"] < 0.5 * eb["mag_std"]).all()
