@@ -89,6 +89,55 @@ def choose_threshold(p_per: np.ndarray, is_per: np.ndarray, prior: float = PERIO
                     "false_positive_rate": float(np.mean(p_per[~is_per] >= 0.99)), "precision_at_prior": None}
 
 
+def fit(tr: list[torch.Tensor], va: list[torch.Tensor], *, epochs: int, batch: int, seed: int, log_path: Path,
+        t_start: float | None = None) -> tuple[C.LocalGlobalCNN, float]:
+    """Train a new classifier on ``tr`` (global, local, aux, label), keep the epoch with the lowest validation loss.
+
+    AdamW (lr 1e-3, weight decay 1e-4) with a one-cycle schedule to 2e-3; one JSON line per epoch
+    (train/val loss, val accuracy, and ``wall_s`` since ``t_start`` when given) goes to ``log_path``
+    and stdout. Returns the best model in eval mode and its validation loss.
+    """
+    torch.manual_seed(seed)
+    model = C.LocalGlobalCNN()
+    model.aux_mean.copy_(tr[2].mean(0))
+    model.aux_std.copy_(tr[2].std(0).clamp_min(1e-3))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    n = len(tr[3])
+    steps = epochs * ((n + batch - 1) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    log_path.parent.mkdir(exist_ok=True)
+    best: tuple[float, dict | None] = (np.inf, None)
+    with open(log_path, "w") as log:
+        for epoch in range(epochs):
+            model.train()
+            perm_t = torch.randperm(n)
+            tot = 0.0
+            for i in range(0, n, batch):
+                idx = perm_t[i:i + batch]
+                loss = nnf.cross_entropy(model(tr[0][idx], tr[1][idx], tr[2][idx]), tr[3][idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                tot += float(loss) * len(idx)
+            model.eval()
+            with torch.no_grad():
+                logits = model(va[0], va[1], va[2])
+                vloss = float(nnf.cross_entropy(logits, va[3]))
+                acc = float((logits.argmax(1) == va[3]).float().mean())
+            rec: dict = {"epoch": epoch, "train_loss": tot / n, "val_loss": vloss, "val_acc": acc}
+            if t_start is not None:
+                rec["wall_s"] = round(time.time() - t_start, 1)
+            print(json.dumps(rec), flush=True)
+            log.write(json.dumps(rec) + "\n")
+            if vloss < best[0]:
+                best = (vloss, {k: v.clone() for k, v in model.state_dict().items()})
+    assert best[1] is not None
+    model.load_state_dict(best[1])
+    model.eval()
+    return model, best[0]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", default=str(ROOT / "survey-proc-out/default-dense-512px-seed0-1000ep"))
@@ -118,41 +167,8 @@ def main(argv: list[str] | None = None) -> None:
 
     tr = tensors(train, train["usable"])
     va = tensors(val, val["usable"])
-    torch.manual_seed(args.seed)
-    model = C.LocalGlobalCNN()
-    model.aux_mean.copy_(tr[2].mean(0))
-    model.aux_std.copy_(tr[2].std(0).clamp_min(1e-3))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    n = len(tr[3])
-    steps = args.epochs * ((n + 255) // 256)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    LOGS.mkdir(exist_ok=True)
-    log = open(LOGS / "classifier.jsonl", "w")
-    best = (np.inf, None)
-    for epoch in range(args.epochs):
-        model.train()
-        perm_t = torch.randperm(n)
-        tot = 0.0
-        for i in range(0, n, 256):
-            idx = perm_t[i:i + 256]
-            loss = nnf.cross_entropy(model(tr[0][idx], tr[1][idx], tr[2][idx]), tr[3][idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot += float(loss) * len(idx)
-        model.eval()
-        with torch.no_grad():
-            logits = model(va[0], va[1], va[2])
-            vloss = float(nnf.cross_entropy(logits, va[3]))
-            acc = float((logits.argmax(1) == va[3]).float().mean())
-        rec = {"epoch": epoch, "train_loss": tot / n, "val_loss": vloss, "val_acc": acc}
-        print(json.dumps(rec), flush=True)
-        log.write(json.dumps(rec) + "\n")
-        if vloss < best[0]:
-            best = (vloss, {k: v.clone() for k, v in model.state_dict().items()})
-    model.load_state_dict(best[1])
-    model.eval()
+    model, best_val_loss = fit(tr, va, epochs=args.epochs, batch=256, seed=args.seed,
+                               log_path=LOGS / "classifier.jsonl")
     with torch.no_grad():
         prob = torch.softmax(model(va[0], va[1], va[2]), 1).numpy()
     y = va[3].numpy()
@@ -179,12 +195,12 @@ def main(argv: list[str] | None = None) -> None:
         "threshold_rule": f"lowest p_periodic threshold with precision >= {TARGET_PRECISION} on the validation set "
                           f"reweighted to {PERIODIC_PRIOR:.0%} periodic objects",
         "data": {"generator": "training/classifier_data.py", "templates_run": str(args.run), "store": str(store),
-                 "n_templates": len(perm), "n_train": int(n), "n_val": len(y), "class_mix": CLASS_MIX,
+                 "n_templates": len(perm), "n_train": len(tr[3]), "n_val": len(y), "class_mix": CLASS_MIX,
                  "ranges": {k: list(v) for k, v in RANGES.items()}, "seed_train": args.seed,
                  "seed_val": args.seed + 500},
         "training": {"epochs": args.epochs, "batch": 256, "optimizer": "AdamW + one-cycle, max lr 2e-3",
                      "wall_s": round(time.time() - t_start, 1), "data_s": round(t_data, 1),
-                     "best_val_loss": best[0]},
+                     "best_val_loss": best_val_loss},
         "validation": {"threshold": thr, "per_class": cm["per_class"], "confusion": cm["confusion"],
                        "candidate_period_within_1pct": per_ok},
     }

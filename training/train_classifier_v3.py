@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as nnf
 
 from survey_proc import model_registry
 from survey_proc.lightcurves import classifier as C
+from training.train_classifier import fit
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGS = Path(__file__).resolve().parent / "logs"
@@ -106,44 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     tr_t = [torch.as_tensor(a) for a in tr]
     va_t = [torch.as_tensor(a) for a in va]
     print(f"train {len(tr[3])} val {len(va[3])} classes {np.bincount(tr[3], minlength=len(C.CLASSES))}", flush=True)
-    torch.manual_seed(args.seed)
-    model = C.LocalGlobalCNN()
-    model.aux_mean.copy_(tr_t[2].mean(0))
-    model.aux_std.copy_(tr_t[2].std(0).clamp_min(1e-3))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    n = len(tr[3])
     bs = 128
-    steps = args.epochs * ((n + bs - 1) // bs)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    LOGS.mkdir(exist_ok=True)
-    log = open(LOGS / "classifier-v3.jsonl", "w")
-    best: tuple[float, dict | None] = (np.inf, None)
-    for epoch in range(args.epochs):
-        model.train()
-        perm = torch.randperm(n)
-        tot = 0.0
-        for i in range(0, n, bs):
-            idx = perm[i:i + bs]
-            loss = nnf.cross_entropy(model(tr_t[0][idx], tr_t[1][idx], tr_t[2][idx]), tr_t[3][idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot += float(loss) * len(idx)
-        model.eval()
-        with torch.no_grad():
-            logits = model(va_t[0], va_t[1], va_t[2])
-            vloss = float(nnf.cross_entropy(logits, va_t[3]))
-            acc = float((logits.argmax(1) == va_t[3]).float().mean())
-        rec = {"epoch": epoch, "train_loss": tot / n, "val_loss": vloss, "val_acc": acc,
-               "wall_s": round(time.time() - t_start, 1)}
-        print(json.dumps(rec), flush=True)
-        log.write(json.dumps(rec) + "\n")
-        if vloss < best[0]:
-            best = (vloss, {k: v.clone() for k, v in model.state_dict().items()})
-    assert best[1] is not None
-    model.load_state_dict(best[1])
-    model.eval()
+    model, best_val_loss = fit(tr_t, va_t, epochs=args.epochs, batch=bs, seed=args.seed,
+                               log_path=LOGS / "classifier-v3.jsonl", t_start=t_start)
     with torch.no_grad():
         prob = torch.softmax(model(va_t[0], va_t[1], va_t[2]), 1).numpy()
     y = va[3]
@@ -174,12 +139,12 @@ def main(argv: list[str] | None = None) -> None:
         "search": {"period_min_days": 0.03},
         "calibration": {"p_periodic": cal, "method": "isotonic regression on the validation set"},
         "data": {"generator": "training/classifier_data.py (cadence_group), training/build_cadence_data.py",
-                 "synthetic": args.synth, "eros_train": args.eros, "n_train": int(n), "n_val": len(y),
+                 "synthetic": args.synth, "eros_train": args.eros, "n_train": len(tr[3]), "n_val": len(y),
                  "n_val_synthetic": int(syn_val.sum()), "n_val_eros": int(ero_val.sum()),
                  "train_label_counts": {C.CLASSES[k]: int(v) for k, v in
                                         enumerate(np.bincount(tr[3], minlength=len(C.CLASSES)))}},
         "training": {"epochs": args.epochs, "batch": bs, "optimizer": "AdamW + one-cycle, max lr 2e-3",
-                     "wall_s": round(time.time() - t_start, 1), "best_val_loss": best[0], "threads": 1},
+                     "wall_s": round(time.time() - t_start, 1), "best_val_loss": best_val_loss, "threads": 1},
         "validation": {"per_class": cm["per_class"], "confusion": cm["confusion"],
                        "false_positive_rate": float(np.mean(p_per[neg] >= thr)),
                        "recall_periodic": float(np.mean(p_per[is_per] >= thr)),
