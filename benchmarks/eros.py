@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-EROS = Path("/work/shared/data/lightcurves/eros")
+from training.build_cadence_data import EROS, eros_band
+
 NAMES = {1: "EB", 2: "Cepheid", 3: "RR Lyrae", 4: "Mira"}
 RRL_MAX_D = 1.03
 CEP_MAX_D = 30.0
@@ -70,11 +71,7 @@ def classify_star(row: pd.Series, clf, bands: str = "rb") -> dict:
 
     res = {}
     for band in bands:
-        t = np.asarray(json.loads(row[f"time_points_{band}"]), float)
-        m = np.asarray(json.loads(row[f"light_points_{band}"]), float)
-        e = np.asarray(json.loads(row[f"error_points_{band}"]), float)
-        t, first = np.unique(t, return_index=True)
-        m, e = m[first], e[first]
+        t, m, e = eros_band(row, band)
         if len(t) < 20:
             continue
         b = preprocess(np.array([0]), t, m[None], e[None], np.zeros((1, len(t)), np.int32),

@@ -25,10 +25,22 @@ from survey_proc.lightcurves import classifier as C
 from survey_proc.lightcurves.periodogram import search_grid
 from survey_proc.lightcurves.preprocess import PreprocessConfig, preprocess
 
-EROS = Path("/work/shared/data/lightcurves/eros")
+EROS = Path(__file__).resolve().parents[1].parent / "shared/data/lightcurves/eros"  # ../shared beside the repo
 PERIOD_MIN = 0.03
 EROS_LABEL = {1: "eclipsing_binary", 2: "pulsator", 3: "pulsator", 4: "pulsator"}
 
+
+
+def eros_band(row: pd.Series, band: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One band of an EROS curve (a row of ``*_varlength_features.csv.gz``): times (days), fluxes, errors.
+
+    Repeated times keep their first point (the files hold a few duplicates).
+    """
+    t = np.asarray(json.loads(row[f"time_points_{band}"]), float)
+    m = np.asarray(json.loads(row[f"light_points_{band}"]), float)
+    e = np.asarray(json.loads(row[f"error_points_{band}"]), float)
+    t, first = np.unique(t, return_index=True)
+    return t, m[first], e[first]
 
 def featurize(mjd: np.ndarray, mag: np.ndarray, err: np.ndarray) -> dict[str, np.ndarray] | None:
     """Preprocess, search and make the classifier inputs of curves sharing ``mjd`` (days)."""
@@ -98,12 +110,7 @@ def main(argv: list[str] | None = None) -> None:
             ids = ids[:args.limit]
         for k, sid in enumerate(ids):
             for band in args.bands:
-                r = curves.loc[sid]
-                t = np.asarray(json.loads(r[f"time_points_{band}"]), float)
-                m = np.asarray(json.loads(r[f"light_points_{band}"]), float)
-                e = np.asarray(json.loads(r[f"error_points_{band}"]), float)
-                t, first = np.unique(t, return_index=True)
-                m, e = m[first], e[first]
+                t, m, e = eros_band(curves.loc[sid], band)
                 if len(t) < 20:
                     continue
                 f = featurize(t, m[None], e[None])
