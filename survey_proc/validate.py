@@ -105,24 +105,26 @@ def validate_output(out: str | Path, max_examples: int = 3) -> list[str]:
                      f"and l.source_id not in (select source_id from {rel('sources')})")[0]
             if miss[0]:
                 problems.append(f"lightcurves: {miss[0]} source_id(s) not in sources/, e.g. {miss[1]}")
+        counts = None
         if files["objects"]:
-            bad = q(f"select count(*), min(o.object_id) from {rel('objects')} o join (select object_id, count(*) m "
-                    f"from {rel('lightcurves')} group by 1) l using (object_id) where o.n_epochs != l.m")[0]
-            if bad[0]:
-                problems.append(f"objects: {bad[0]} object(s) whose n_epochs differs from their light-curve length, "
-                                f"e.g. {bad[1]}")
+            # one pass over the light curves: each object's points, and its forced points when objects count them
+            forced_col = "n_forced" in pq.read_schema(files["objects"][0]).names
+            f_bad = "o.n_forced != l.f" if forced_col else "false"
+            counts = q(f"select count(*) filter (where o.n_epochs != l.m), min(o.object_id) filter (where "
+                       f"o.n_epochs != l.m), count(*) filter (where {f_bad}), min(o.object_id) filter (where {f_bad}) "
+                       f"from {rel('objects')} o join (select object_id, count(*) m, count(*) filter (where "
+                       f"source_id is null) f from {rel('lightcurves')} group by 1) l using (object_id)")[0]
+            if counts[0]:
+                problems.append(f"objects: {counts[0]} object(s) whose n_epochs differs from their light-curve "
+                                f"length, e.g. {counts[1]}")
         forced = q(f"select count(*), min(object_id) from {rel('lightcurves')} "
                    f"where ((flags & {F.FORCED}) != 0) != (source_id is null)")[0]
         if forced[0]:
             problems.append(f"lightcurves: {forced[0]} point(s) whose FORCED flag disagrees with a null source_id, "
                             f"e.g. object {forced[1]}")
-        if files["objects"] and "n_forced" in pq.read_schema(files["objects"][0]).names:
-            bad = q(f"select count(*), min(o.object_id) from {rel('objects')} o join (select object_id, "
-                    f"count(*) filter (where source_id is null) m from {rel('lightcurves')} group by 1) l "
-                    f"using (object_id) where o.n_forced != l.m")[0]
-            if bad[0]:
-                problems.append(f"objects: {bad[0]} object(s) whose n_forced differs from their forced points, "
-                                f"e.g. {bad[1]}")
+        if counts is not None and counts[2]:
+            problems.append(f"objects: {counts[2]} object(s) whose n_forced differs from their forced points, "
+                            f"e.g. {counts[3]}")
     failed = sorted({(str(f["field"]), int(f["epoch"])) for f in run.get("failures", []) if "epoch" in f})
     if failed and files["lightcurves"]:
         values = ", ".join(f"('{fi}', {e})" for fi, e in failed)
