@@ -175,23 +175,17 @@ def moffat_bank(fwhm_px: float, beta: float = 3.0, oversample: int = 5, radii_px
     """
     from scipy.ndimage import uniform_filter
 
+    from survey_proc.photometry.psffit import moffat_alpha
     from survey_proc.simulate.stamps import bank_from_epsf
 
     k = int(oversample)
     c = k * (max(radii_px) + 2)
     u = (np.arange(2 * c + 1) - c) / k
-    alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    alpha = moffat_alpha(fwhm_px, beta)
     r2 = u[None, :] ** 2 + u[:, None] ** 2
     density = (beta - 1.0) / (math.pi * alpha**2) * (1.0 + r2 / alpha**2) ** (-beta)  # flux per px^2, total 1
     epsf = uniform_filter(density, size=k, mode="constant")  # K x K mean of the density = one pixel's integral
     return bank_from_epsf(epsf, k, radii_px)
-
-
-def _magnitudes(rng: np.random.Generator, n: int, m_lo: float = 15.0, m_hi: float = 22.5) -> np.ndarray:
-    """``n`` magnitudes with dN/dm proportional to 10^(0.3 m) between ``m_lo`` and ``m_hi``."""
-    a = 0.3 * math.log(10.0)
-    u = rng.uniform(size=n)
-    return np.log(np.exp(a * m_lo) + u * (np.exp(a * m_hi) - np.exp(a * m_lo))) / a
 
 
 def make_survey(path: str | Path, size_px: int, n_epochs: int, seed: int = 0,
@@ -220,6 +214,7 @@ def make_survey(path: str | Path, size_px: int, n_epochs: int, seed: int = 0,
     from survey_proc.simulate.stamps import render_stars
     from survey_proc.simulate.wcs import make_wcs, wcs_header_text
     from survey_proc.vocab import MASK_SATURATED
+    from training.detector_data import luminosity_function
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -228,7 +223,7 @@ def make_survey(path: str | Path, size_px: int, n_epochs: int, seed: int = 0,
     n_stars = int(density_per_px2 * (n + 2 * margin) ** 2)
     x = rng.uniform(-margin, n + margin, n_stars)
     y = rng.uniform(-margin, n + margin, n_stars)
-    mag = _magnitudes(rng, n_stars)
+    mag = luminosity_function(rng, n_stars, 15.0, 22.5, 0.3)  # dN/dm ~ 10^(0.3 m)
     mjd = 60000.0 + CADENCE_DAYS * np.arange(n_epochs) + rng.uniform(0, 0.01, n_epochs)
     # variables: 5 % of the stars brighter than 20 mag, half sinusoids, half eclipses
     bright = np.flatnonzero(mag < 20.0)
