@@ -62,10 +62,9 @@ def _zstats(z: np.ndarray) -> dict[str, float]:
             "clipped_fraction": float(1 - keep.mean())}
 
 
-def _isolated_constant(objects: pd.DataFrame, truth: pd.DataFrame, fwhm_px: float) -> dict[int, int]:
-    """object_id -> star_id of objects matched (1 px) to constant stars with no bright neighbour."""
-    i_o, i_t = match_one_to_one(objects["x"].to_numpy(), objects["y"].to_numpy(), truth["x"].to_numpy(),
-                                truth["y"].to_numpy(), radius_px=1.0)
+def _isolated_constant(objects: pd.DataFrame, truth: pd.DataFrame, i_o: np.ndarray, i_t: np.ndarray,
+                       fwhm_px: float) -> dict[int, int]:
+    """object_id -> star_id of the matched pairs ``(i_o, i_t)`` whose star is constant with no bright neighbour."""
     from scipy.spatial import cKDTree
 
     tx, ty = truth["x"].to_numpy(), truth["y"].to_numpy()
@@ -109,7 +108,9 @@ def measure(out: Path, survey: Path, cfg: Any, run: dict[str, Any]) -> dict[str,
                            "fraction_detections_only_median": float(np.median(n_det / len(calibrated))),
                            "objects_complete_detections_only": float(np.mean(n_det == len(calibrated)))}
     # forced fluxes of constant isolated stars
-    star_of = _isolated_constant(objects, truth, fwhm)
+    i_o, i_t = match_one_to_one(objects["x"].to_numpy(), objects["y"].to_numpy(), truth["x"].to_numpy(),
+                                truth["y"].to_numpy(), radius_px=1.0)
+    star_of = _isolated_constant(objects, truth, i_o, i_t, fwhm)
     attrs = st.field_attrs(survey, field)
     regions = {r.index: r for r in region_grid(ny, nx, cfg.crossmatch.region_px)}
     rows_all, rows_written = [], []
@@ -143,8 +144,6 @@ def measure(out: Path, survey: Path, cfg: Any, run: dict[str, Any]) -> dict[str,
     from survey_proc.catalog.crossmatch import object_stats
 
     det_stats = object_stats(det.rename(columns={"object_id": "obj"})).reindex(objects["object_id"])
-    i_o, i_t = match_one_to_one(objects["x"].to_numpy(), objects["y"].to_numpy(), truth["x"].to_numpy(),
-                                truth["y"].to_numpy(), radius_px=1.0)
     const = truth["var_class"].to_numpy()[i_t] == "constant"
     tm = truth["mag"].to_numpy()[i_t][const]
     dm_all = objects["mag_mean"].to_numpy()[i_o][const] - tm

@@ -128,14 +128,14 @@ def measure_epoch(store_path: str, out: str, field: str, region: xm.Region, epoc
     fmap, src = _epoch_frame(out, field, e, region, cfg.forced)
     xe, ye = fmap(objects["x"].to_numpy(float), objects["y"].to_numpy(float))
     ny, nx = image_shape
-    want = ~objects["object_id"].isin(detected).to_numpy() & (xe >= 0) & (xe <= nx - 1) & (ye >= 0) & (ye <= ny - 1)
+    inside = (xe >= 0) & (xe <= nx - 1) & (ye >= 0) & (ye <= ny - 1)
+    want = ~objects["object_id"].isin(detected).to_numpy() & inside
     if not want.any():
         return pd.DataFrame(columns=LIGHTCURVES.names)
     fwhm = float(epoch["fwhm_px"])
     pad = max(2.0 * cfg.detection.bkg_mesh_px, cfg.photometry.aperture_fwhm * fwhm + 4.0)
     # the window spans every object of the region (not only the undetected ones): the background mesh sees the
     # same surroundings epoch after epoch, whichever objects were missed
-    inside = (xe >= 0) & (xe <= nx - 1) & (ye >= 0) & (ye <= ny - 1)
     y0, y1, x0, x1 = _window(xe[inside], ye[inside], pad, ny, nx)
     image, mask = store.read_window(store_path, field, e, y0, y1, x0, x1)
     sx, sy = src["x"].to_numpy(float) - x0, src["y"].to_numpy(float) - y0
