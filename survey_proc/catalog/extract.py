@@ -324,11 +324,8 @@ def _with_psf_fit(out: pd.DataFrame, image: np.ndarray, win: Window, targets: np
 def _aperture(inp: DetectorInput, found: Detections) -> Aperture:
     """Aperture flux (radius ``aperture_fwhm`` x FWHM), ``EDGE`` and the mask bits at ``found``'s final positions."""
     r_ap = inp.cfg.photometry.aperture_fwhm * found.fwhm_px
-    f_ap, f_ap_err, trunc = aperture.aperture_flux(inp.data, inp.noise_adu, inp.bad, found.x, found.y, r_ap,
-                                                   inp.gain_e_per_adu)
-    flags = np.zeros(len(found), np.int32)
-    flags[trunc] |= F.EDGE
-    flags |= aperture.mask_bits_in_aperture(inp.mask, inp.bad, found.x, found.y, r_ap)
+    f_ap, f_ap_err, flags = aperture.aperture_measure(inp.data, inp.noise_adu, inp.bad, inp.mask, found.x, found.y,
+                                                      r_ap, inp.gain_e_per_adu)
     return Aperture(flux=f_ap, flux_err=f_ap_err, flags=flags, radius_px=r_ap)
 
 

@@ -225,6 +225,21 @@ def aperture_flux(data: np.ndarray, noise: float | np.ndarray, bad: np.ndarray, 
     return f, fe, (flag & sep.APER_TRUNC) != 0
 
 
+def aperture_measure(data: np.ndarray, noise: float | np.ndarray, bad: np.ndarray, mask: np.ndarray | None,
+                     x: np.ndarray, y: np.ndarray, r_px: float, gain_e_per_adu: float
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Aperture flux and error (ADU) with the aperture's flags: ``EDGE`` and the mask bits (``(flux, err, flags)``).
+
+    :func:`aperture_flux` plus :func:`mask_bits_in_aperture`, the measurement detections and forced
+    points share (parameters as there; ``mask`` the store's mask bits or None).
+    """
+    f, fe, trunc = aperture_flux(data, noise, bad, x, y, r_px, gain_e_per_adu)
+    flags = np.zeros(len(x), np.int32)
+    flags[trunc] |= F.EDGE
+    flags |= mask_bits_in_aperture(mask, bad, x, y, r_px)
+    return f, fe, flags
+
+
 def _no_bright_neighbour(x: np.ndarray, y: np.ndarray, flux: np.ndarray, idx: np.ndarray, radius_px: float,
                          max_ratio: float) -> np.ndarray:
     """For stars ``idx``: True when no neighbour within ``radius_px`` is brighter than ``max_ratio`` x the star.

@@ -34,6 +34,7 @@ import numpy as np
 from survey_proc import vocab as F
 from survey_proc.config import DetectionConfig, PhotometryConfig
 from survey_proc.detect import classical
+from survey_proc.detect.base import nearest_pixel
 from survey_proc.photometry import aperture
 from survey_proc.photometry.background import masked_background
 
@@ -104,13 +105,10 @@ def forced_aperture(image: np.ndarray, mask: np.ndarray | None, x: np.ndarray, y
         bkg = masked_background(image, bad, detections[0], detections[1], detections[2], noise, fwhm_px, detection)
     data = np.ascontiguousarray(np.where(bad, 0.0, image - bkg.back), dtype=np.float32)
     r_ap = photometry.aperture_fwhm * fwhm_px
-    f_ap, f_ap_err, trunc = aperture.aperture_flux(data, noise, bad, x, y, r_ap, gain_e_per_adu)
-    flags = np.full(len(x), F.FORCED, np.int32)
-    flags[trunc] |= F.EDGE
-    flags |= aperture.mask_bits_in_aperture(mask, bad, x, y, r_ap)
+    f_ap, f_ap_err, flags = aperture.aperture_measure(data, noise, bad, mask, x, y, r_ap, gain_e_per_adu)
+    flags |= F.FORCED
     flux = f_ap * apcorr
     flags[~(flux > 0)] |= F.NONPOSITIVE
-    iy = np.clip(np.rint(y).astype(int), 0, image.shape[0] - 1) if len(y) else np.zeros(0, int)
-    ix = np.clip(np.rint(x).astype(int), 0, image.shape[1] - 1) if len(x) else np.zeros(0, int)
+    iy, ix = nearest_pixel(x, y, image.shape)
     return ForcedFluxes(flux=flux, flux_err=f_ap_err * apcorr, flux_aper=f_ap, flux_aper_err=f_ap_err,
                         flags=flags, bkg_adu=bkg.back[iy, ix].astype(float), noise_adu=float(noise))
