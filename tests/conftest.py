@@ -115,3 +115,14 @@ def field_survey(tmp_path_factory) -> dict:
                                   "star_density_per_px2": 0.01, "psf_fwhm_px": 2.2})
     summary = simulate_survey(scn, out, workers=0, progress=False)
     return {"store": out, "scn": scn, "summary": summary}
+
+
+@pytest.fixture(scope="session")
+def field_run(field_survey, client, tmp_path_factory) -> dict:
+    """The default pipeline (sep) on ``field_survey`` (128-px tiles, 192-px regions); read-only for the tests."""
+    from survey_proc.distributed.pipeline import run_pipeline
+
+    out = tmp_path_factory.mktemp("field-out") / "out"
+    cfg = run_config(field_survey["store"], out, tile_px=128, halo_px=24, crossmatch={"region_px": 192})
+    run = run_pipeline(cfg, client=client)
+    return {"out": out, "run": run, "cfg": cfg, **field_survey}

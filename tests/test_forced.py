@@ -113,14 +113,6 @@ def test_forced_aperture_flags_the_edge_and_masked_pixels():
 # ------------------------------------------------------------------------------------------ the stage
 
 
-@pytest.fixture(scope="module")
-def forced_run(field_survey, client, tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("forced-out") / "out"
-    cfg = run_config(field_survey["store"], out, tile_px=128, halo_px=24, crossmatch={"region_px": 192})
-    run = run_pipeline(cfg, client=client)
-    return {"out": out, "run": run, "cfg": cfg, **field_survey}
-
-
 def _lightcurves(out) -> pd.DataFrame:
     return pd.concat([pq.read_table(f).to_pandas() for f in sorted((out / "lightcurves").rglob("*.parquet"))],
                      ignore_index=True)
@@ -131,8 +123,8 @@ def _objects(out) -> pd.DataFrame:
                      ignore_index=True)
 
 
-def test_every_object_inside_the_footprint_has_a_point_in_every_epoch(forced_run):
-    run, out = forced_run["run"], forced_run["out"]
+def test_every_object_inside_the_footprint_has_a_point_in_every_epoch(field_run):
+    run, out = field_run["run"], field_run["out"]
     assert run["status"] == "complete"
     assert run["counts"]["forced_points"] > 0 and run["counts"]["forced_epochs_skipped"] == 0
     objects = _objects(out)
@@ -150,7 +142,7 @@ def test_every_object_inside_the_footprint_has_a_point_in_every_epoch(forced_run
     assert (forced["flux"] < 0).any() and forced.loc[forced["flux"] <= 0, "mag"].isna().all()
 
 
-def test_forced_fluxes_of_constant_isolated_stars_match_the_truth_with_honest_errors(forced_run):
+def test_forced_fluxes_of_constant_isolated_stars_match_the_truth_with_honest_errors(field_run):
     """Measured in every epoch (not only where the star was missed: that choice is biased low by the noise that
     hid it), the forced fluxes of constant isolated stars are unbiased and their errors honest."""
     from survey_proc import store as st
@@ -158,7 +150,7 @@ def test_forced_fluxes_of_constant_isolated_stars_match_the_truth_with_honest_er
     from survey_proc.stages.extract import read_epoch
     from survey_proc.stages.forced import measure_epoch
 
-    out, store, cfg = forced_run["out"], forced_run["store"], forced_run["cfg"]
+    out, store, cfg = field_run["out"], field_run["store"], field_run["cfg"]
     objects = _objects(out)
     truth = load_truth_stars(store, "F000")
     i_o, i_t = match_one_to_one(objects["x"].to_numpy(), objects["y"].to_numpy(), truth["x"].to_numpy(),
@@ -204,13 +196,13 @@ def test_forced_fluxes_of_constant_isolated_stars_match_the_truth_with_honest_er
     assert 0.85 < nmad < 1.15, nmad
 
 
-def test_forced_stage_resumes_without_duplicating_points(forced_run, client, tmp_path):
+def test_forced_stage_resumes_without_duplicating_points(field_run, client, tmp_path):
     import shutil
 
     from survey_proc.outputs import read_meta
 
     out = tmp_path / "out"
-    shutil.copytree(forced_run["out"], out)
+    shutil.copytree(field_run["out"], out)
     before = _lightcurves(out).sort_values(["object_id", "epoch"]).reset_index(drop=True)
     # an interruption between the stage's two writes: light curves rewritten, objects not yet
     opath = OutputLayout(out).objects("F000", 0)
@@ -222,14 +214,14 @@ def test_forced_stage_resumes_without_duplicating_points(forced_run, client, tmp
     from survey_proc.outputs import write_parquet_atomic
 
     write_parquet_atomic(t.to_pandas(), t.schema.remove_metadata(), opath, stripped)
-    cfg = run_config(forced_run["store"], out, tile_px=128, halo_px=24, crossmatch={"region_px": 192})
+    cfg = run_config(field_run["store"], out, tile_px=128, halo_px=24, crossmatch={"region_px": 192})
     run = run_pipeline(cfg, client=client)
     assert run["counts"]["forced_regions_skipped_resume"] == run["counts"]["regions_written"] - 1
     assert run["counts"]["epochs_skipped_resume"] == 8
     after = _lightcurves(out).sort_values(["object_id", "epoch"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(before, after)
     # switching forced photometry off removes the forced points and re-runs only forced + classify
-    cfg = run_config(forced_run["store"], out, tile_px=128, halo_px=24, crossmatch={"region_px": 192},
+    cfg = run_config(field_run["store"], out, tile_px=128, halo_px=24, crossmatch={"region_px": 192},
                      forced={"enabled": False})
     run = run_pipeline(cfg, client=client)
     assert run["counts"]["regions_skipped_resume"] == run["counts"]["regions_written"]
@@ -239,7 +231,7 @@ def test_forced_stage_resumes_without_duplicating_points(forced_run, client, tmp
     assert (objects["n_forced"] == 0).all() and (objects["n_detected"] == objects["n_epochs"]).all()
 
 
-def test_forced_fluxes_follow_the_detections_scale(forced_run, tmp_path):
+def test_forced_fluxes_follow_the_detections_scale(field_run, tmp_path):
     """The anchors (bright detections measured the forced way) carry the forced points onto the detections' scale:
     about 1 for sep's aperture photometry, and 1.1 when the detections' fluxes are 10 % higher (as a PSF fit or
     the BPNN could give)."""
@@ -252,7 +244,7 @@ def test_forced_fluxes_follow_the_detections_scale(forced_run, tmp_path):
     from survey_proc.stages.extract import read_epoch
     from survey_proc.stages.forced import measure_epoch
 
-    out, store, cfg = forced_run["out"], forced_run["store"], forced_run["cfg"]
+    out, store, cfg = field_run["out"], field_run["store"], field_run["cfg"]
     rec = read_meta(OutputLayout(out).objects("F000", 0))
     assert rec is not None and 0.98 < rec["forced"]["flux_scale"]["median"] < 1.02
     copy = tmp_path / "out"

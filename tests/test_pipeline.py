@@ -79,14 +79,6 @@ def test_border_stars_have_one_light_curve_point_per_epoch(border_run):
     assert objects["object_id"].is_unique
 
 
-@pytest.fixture(scope="module")
-def field_run(field_survey, client, tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("field-out") / "out"
-    cfg = run_config(field_survey["store"], out, tile_px=128, halo_px=24, crossmatch={"region_px": 192})
-    run = run_pipeline(cfg, client=client)
-    return {"out": out, "run": run, "cfg": cfg, **field_survey}
-
-
 def test_recovered_zero_points_match_truth_within_001_mag(field_run):
     epochs = pd.read_parquet(field_run["out"] / "epochs.parquet")
     truth = load_truth_epochs(field_run["store"]).set_index("epoch")
