@@ -22,8 +22,15 @@ classifier, and:
   (>= 500 points), one transit- or eclipse-like dip (depth 1-30 %, 1-6 h, centred at a
   random time 10-90 % into the baseline, nothing else) is injected; *given a period* = a
   periodic class with a finite period.
-- **Reliability** of p_periodic on the 1000-epoch objects: per bin of p_periodic, the
-  fraction of objects with a true periodic star within 1 px.
+- **Reliability** of p_periodic (as the classify path reports it: calibrated when the card
+  has ``calibration.p_periodic``) and of the raw summed periodic probability, on the
+  1000-epoch objects and on the 100- and 40-epoch cuts: per bin of 0.1, n, mean p, the
+  fraction of objects with a true periodic star within 1 px (blend-aware) and its Wilson
+  95 % interval; the largest |mean p - fraction| over all bins and over bins of >= 20
+  objects, ECE (the n-weighted mean |gap|) and the Brier score
+  (:func:`training.calibrate_classifier.summary`). ``decisions_unchanged``: every classified
+  object's ``p_periodic >= threshold`` equals ``raw >= calibration.threshold_raw``.
+  ``--plot PNG`` draws the diagrams (raw and calibrated, per cadence).
 """
 
 from __future__ import annotations
@@ -81,6 +88,49 @@ def constants_called_periodic(res: pd.DataFrame, const_ids: np.ndarray) -> dict:
             "classes": {str(k): int(v) for k, v in r.loc[done, "var_class"].value_counts().items()}}
 
 
+def reliability_of(res: pd.DataFrame, has_per: pd.Series, threshold: float, threshold_raw: float) -> dict:
+    """Reliability of ``p_periodic`` and of the raw summed periodic probability of classified objects."""
+    from training.calibrate_classifier import summary
+
+    r = res[res["var_class"].notna()]
+    y = has_per.reindex(r.index).fillna(False).to_numpy(bool)
+    p_cal = r["p_periodic"].to_numpy(float)
+    p_raw = r[[f"prob_{c}" for c in PERIODIC_CLASSES]].sum(axis=1).to_numpy(float)
+    return {"calibrated": summary(p_cal, y), "raw": summary(p_raw, y),
+            "decisions_unchanged": bool(np.array_equal(p_cal >= threshold, p_raw >= threshold_raw))}
+
+
+def plot_reliability(rel: dict, path: str, title: str) -> None:
+    """Reliability diagrams, raw and calibrated, one panel per cadence, with the objects per bin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rel), figsize=(5 * len(rel), 5.2), squeeze=False)
+    for ax, (n_ep, r) in zip(axes[0], rel.items(), strict=True):
+        ax.plot([0, 1], [0, 1], color="0.6", lw=1)
+        ax.fill_between([0, 1], [-0.05, 0.95], [0.05, 1.05], color="0.9", label="diagonal +- 0.05")
+        for key, col, mk in (("raw", "tab:red", "s"), ("calibrated", "tab:blue", "o")):
+            b = [x for x in r[key]["bins"] if x["n"]]
+            pm = np.array([x["p_mean"] for x in b])
+            fr = np.array([x["frac"] for x in b])
+            lo = np.array([x["wilson95"][0] for x in b])
+            hi = np.array([x["wilson95"][1] for x in b])
+            ax.errorbar(pm, fr, yerr=[fr - lo, hi - fr], fmt=mk + "-", color=col, ms=5, capsize=2,
+                        label=f"{key}: ECE {r[key]['ece']:.3f}, max gap {r[key]['max_gap']:.2f}")
+            for x, f, n in zip(pm, fr, [x["n"] for x in b], strict=True):
+                ax.annotate(str(n), (x, f), textcoords="offset points", xytext=(4, -10 if key == "raw" else 6),
+                            fontsize=7, color=col)
+        ax.set(xlim=(0, 1), ylim=(-0.02, 1.02), xlabel="mean p_periodic in bin",
+               ylabel="fraction with a true periodic star (1 px)", title=f"{n_ep} epochs")
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(title + " (numbers: objects per bin; bars: Wilson 95 %)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     import torch
 
@@ -91,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sparse-run", nargs="*", default=[])
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=22)
+    ap.add_argument("--plot", default=None, help="reliability diagram PNG")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     clf = model_registry.load("classifier", path=args.weights, device="cpu")
@@ -127,23 +178,24 @@ def main(argv: list[str] | None = None) -> None:
         else None}
     const_ids = clean_constants(objects, stars)
     out["epochs_1000"]["constants_called_periodic"] = constants_called_periodic(res, const_ids)
-    # reliability of p_periodic
+    # reliability of p_periodic (as reported) and of the raw summed probability
     from benchmarks.classify import _pairing
 
     _, has_per = _pairing(obj, stars, 1.0, True)
-    p = obj["p_periodic"].to_numpy(float)
-    ok = np.isfinite(p)
-    edges = np.linspace(0, 1, 11)
-    b = np.clip(np.digitize(p[ok], edges) - 1, 0, 9)
-    out["reliability_1000"] = [{"p_lo": float(edges[k]), "n": int((b == k).sum()),
-                                "p_mean": float(p[ok][b == k].mean()) if (b == k).any() else None,
-                                "frac_true_periodic": float(has_per[ok][b == k].mean()) if (b == k).any() else None}
-                               for k in range(10)]
+    has_per_s = pd.Series(has_per, index=obj["object_id"].to_numpy())
+    thr_raw = float((clf.card or {}).get("calibration", {}).get("threshold_raw", clf.threshold))
+    rel: dict = {}
+    rel[1000] = reliability_of(res, has_per_s, clf.threshold, thr_raw)
     # sparser cadences from the same light curves
     for n_ep, step in ((100, 10), (40, 25)):
         r2, _ = classify_table(lc[lc["epoch"] % step == 0], clf, cc)
         assert r2 is not None
         out[f"epochs_{n_ep}_subsampled"] = constants_called_periodic(r2, const_ids)
+        rel[n_ep] = reliability_of(r2, has_per_s, clf.threshold, thr_raw)
+    for n_ep, r in rel.items():
+        out[f"reliability_{n_ep}"] = r
+    if args.plot:
+        plot_reliability(rel, args.plot, f"{Path(args.run).name}: held-out dense 256^2, seed 777")
     for sr in args.sparse_run:
         o2, lc2 = load_run(Path(sr))
         js = json.loads((Path(sr) / "run.json").read_text())

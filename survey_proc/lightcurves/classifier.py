@@ -14,11 +14,17 @@ the CSST 201/61-bin views:
   softmax over :data:`CLASSES`.
 
 ``p_periodic`` is the summed probability of the periodic classes, mapped through the card's
-isotonic calibration when it has one (``calibration.p_periodic``, fitted on validation data:
-model v3 on). An object is periodic
-when ``p_periodic >= threshold`` (chosen on the validation set, on the model card); its
-class is then the most probable periodic class, otherwise the more probable of
-``constant`` and ``non_periodic`` (flares, trends and other aperiodic variables).
+calibration when it has one (``calibration.p_periodic``: knots ``x`` (raw) and ``y``
+(calibrated), applied piecewise linearly, :func:`apply_calibration`; checked by
+:func:`check_calibration`). The shipped v2 card's map is an isotonic regression fitted on a
+simulated validation survey that is not a held-out one (``training/calibrate_classifier.py``;
+the provenance is in the block): ``p_periodic`` then estimates the probability that a true
+periodic star lies within 1 px of the object. An object is periodic when ``p_periodic >=
+threshold``: the card's threshold is on the same (calibrated) scale; for v2 it is the raw
+validation threshold (``calibration.threshold_raw``, 0.94) mapped through the calibration,
+which is strictly increasing, so the classes are those of the raw threshold. Its class is
+then the most probable periodic class, otherwise the more probable of ``constant`` and
+``non_periodic`` (flares, trends and other aperiodic variables).
 
 Reported period
 ---------------
@@ -151,9 +157,51 @@ def predict_proba(clf: LoadedClassifier, g: np.ndarray, loc: np.ndarray, aux: np
     return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
 
 
+def check_calibration(cal: object) -> dict:
+    """A card's ``calibration.p_periodic`` block, checked: returns it, or raises ValueError saying what is wrong.
+
+    The block is ``{"x": [...], "y": [...]}``: at least two knots, ``x`` (raw summed periodic
+    probability) strictly increasing within [0, 1], ``y`` (calibrated) non-decreasing within
+    [0, 1], all finite, of equal length.
+    """
+    where = "classifier card calibration.p_periodic"
+    if not isinstance(cal, dict) or "x" not in cal or "y" not in cal:
+        raise ValueError(f"{where} must be a mapping with knot lists 'x' and 'y', got {cal!r:.80}")
+    try:
+        x = np.asarray(cal["x"], dtype=float)
+        y = np.asarray(cal["y"], dtype=float)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: knots must be numbers ({e})") from None
+    if x.ndim != 1 or y.ndim != 1 or len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"{where}: 'x' and 'y' must be flat lists of equal length >= 2 "
+                         f"(got {x.shape} and {y.shape})")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError(f"{where}: knots must be finite")
+    if x.min() < 0 or x.max() > 1 or y.min() < 0 or y.max() > 1:
+        raise ValueError(f"{where}: knots must lie within [0, 1]")
+    if np.any(np.diff(x) <= 0):
+        raise ValueError(f"{where}: 'x' must be strictly increasing")
+    if np.any(np.diff(y) < 0):
+        raise ValueError(f"{where}: 'y' must be non-decreasing (a calibration map is monotone)")
+    return cal
+
+
 def calibration_of(clf: LoadedClassifier) -> dict | None:
-    """The card's p_periodic calibration (``calibration.p_periodic``: isotonic ``x``, ``y`` knots), or None."""
-    return (clf.card or {}).get("calibration", {}).get("p_periodic")
+    """The card's p_periodic calibration (``calibration.p_periodic``: ``x``, ``y`` knots, checked), or None."""
+    cal = (clf.card or {}).get("calibration", {}).get("p_periodic")
+    return None if cal is None else check_calibration(cal)
+
+
+def apply_calibration(p_raw: np.ndarray, calibration: dict | None) -> np.ndarray:
+    """Map raw summed periodic probabilities through the card's calibration (piecewise linear between knots).
+
+    Below the first knot and above the last the map is flat (numpy's ``interp``); ``None``
+    returns ``p_raw`` unchanged.
+    """
+    if not calibration:
+        return np.asarray(p_raw)
+    return np.interp(np.asarray(p_raw, float), np.asarray(calibration["x"], float),
+                     np.asarray(calibration["y"], float))
 
 
 def decide(prob: np.ndarray, threshold: float, calibration: dict | None = None
@@ -169,7 +217,7 @@ def decide(prob: np.ndarray, threshold: float, calibration: dict | None = None
     non = [idx["constant"], idx["non_periodic"]]
     p_per = prob[:, per].sum(1)
     if calibration:
-        p_per = np.interp(p_per, np.asarray(calibration["x"], float), np.asarray(calibration["y"], float))
+        p_per = apply_calibration(p_per, calibration)
     is_per = p_per >= threshold
     k = np.where(is_per, np.array(per)[prob[:, per].argmax(1)], np.array(non)[prob[:, non].argmax(1)])
     names = np.array(CLASSES, dtype=object)[k]
