@@ -47,7 +47,9 @@ Figures (``real.json``, tables in ``real.md``):
   radius in the frame *before* injection (what a match by coincidence would give). Per bin:
   recall and the median of recovered flux / injected flux; pooled over the frames for S/N
   20-300, the median flux ratio and the std of ``z = (flux - injected) / flux_err`` (the
-  table's ``flux / snr``; raw and 5-sigma clipped), issue 21's real-image criteria;
+  table's ``flux_err``, which for sep holds the aperture correction's scatter that ``snr``
+  leaves out; DAOStarFinder: ``flux / snr``; raw and 5-sigma clipped), issue 21's
+  real-image criteria;
 - **repeatability** across the frames of a field (SDSS g/r/i, 2MASS J/H/K, the DECam
   epochs): each detection mapped through the WCS into every other frame (positions > 5 px
   inside it): the share with a detection of the other frame within ``max(FWHM_a, FWHM_b,
@@ -99,7 +101,7 @@ from survey_proc.detect.base import Aperture, Detections, DetectorInput, TotalFl
 from survey_proc.detect.registry import make_detector
 from survey_proc.evaluate import match_one_to_one
 from survey_proc.tiling import tile_grid
-from survey_proc.vocab import MASK_BAD
+from survey_proc.vocab import EXTENDED, MASK_BAD
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared/data/real"
 PLOTS = Path(__file__).parent / "plots"
@@ -281,6 +283,8 @@ class Found:
     domain: str | None = None
     seconds: float = 0.0
     n_fwhm: int = 0
+    flux_err: np.ndarray | None = None  # the table's flux_err (None: flux / snr)
+    flags: np.ndarray | None = None  # the table's flags (None: unknown)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -325,7 +329,8 @@ class Runner:
             r = extract_block(img, frame.mask, (0, 0), tiles, frame.gain, frame.saturation, cfg, det, bpnn)
             t = r.table
             return Found(t["x"].to_numpy(), t["y"].to_numpy(), t["flux"].to_numpy(), t["snr"].to_numpy(),
-                         r.info.fwhm_px, r.info.domain, time.perf_counter() - t0, r.info.n_fwhm_stars)
+                         r.info.fwhm_px, r.info.domain, time.perf_counter() - t0, r.info.n_fwhm_stars,
+                         t["flux_err"].to_numpy(), t["flags"].to_numpy())
 
         out["sep"] = block(self.sep, self.cfg["sep"])
         if "sep_suppressed" in self.detectors:
@@ -359,7 +364,7 @@ class Runner:
         if rng is not None and raw.n_fwhm > 0 and domain.outside(raw.fwhm_px, rng):
             note = domain.describe("pnet", raw.fwhm_px, rng, "detected with sep")
             return Found(sep_found.x, sep_found.y, sep_found.flux, sep_found.snr, sep_found.fwhm_px, note,
-                         raw.seconds + sep_found.seconds, sep_found.n_fwhm)
+                         raw.seconds + sep_found.seconds, sep_found.n_fwhm, sep_found.flux_err, sep_found.flags)
         return raw
 
     def dao(self, frame: Frame, img: np.ndarray, fwhm_px: float) -> Found:
@@ -442,6 +447,8 @@ def empirical_psf(frame: Frame, sep_found: Found, fwhm_px: float, half: int, n_m
         if len(stamps) >= n_max or tree is None:
             break
         if not (50 <= s[i] <= 5000):
+            continue
+        if sep_found.flags is not None and sep_found.flags[i] & EXTENDED:  # a galaxy is no PSF star
             continue
         ix, iy = int(np.rint(x[i])), int(np.rint(y[i]))
         if ix - half - 1 < 0 or iy - half - 1 < 0 or ix + half + 2 > nx or iy + half + 2 > ny:
@@ -531,11 +538,15 @@ def injection_recovery(frame: Frame, runner: Runner, base: dict[str, Found], rou
     radius = max(fwhm, 1.5)
     rows: list[dict[str, Any]] = []
     base_trees = {k: cKDTree(np.c_[v.x, v.y]) if len(v) else None for k, v in base.items()}
+    n_done = 0
     for _ in range(rounds):
         xy = choose_positions(frame, ref, fwhm, half, per_bin * len(SNR_BINS), rng)
         if len(xy) == 0:
             break
-        b = np.arange(len(xy)) % len(SNR_BINS)
+        # the bins cycle on across rounds: a frame with room for 2 stars a round (the DECam cutouts) got
+        # only the two faintest bins every round when each round started again at the first
+        b = (n_done + np.arange(len(xy))) % len(SNR_BINS)
+        n_done += len(xy)
         lo = np.array([SNR_BINS[i][0] for i in b])
         hi = np.array([SNR_BINS[i][1] for i in b])
         snr = np.exp(rng.uniform(np.log(lo), np.log(hi)))
@@ -550,8 +561,9 @@ def injection_recovery(frame: Frame, runner: Runner, base: dict[str, Found], rou
                 if near:  # the brightest detection within the radius (a star split into pieces: its main one)
                     j = max(near, key=lambda i: fd.flux[i])
                     rec, ratio = True, fd.flux[j] / flux[k]
-                    if fd.snr[j] > 0:  # flux_err = flux / snr (the table's own error)
-                        z = (fd.flux[j] - flux[k]) / (fd.flux[j] / fd.snr[j])
+                    err = fd.flux[j] / fd.snr[j] if fd.flux_err is None else fd.flux_err[j]  # the table's error
+                    if err > 0 and fd.snr[j] > 0:
+                        z = (fd.flux[j] - flux[k]) / err
                 chance = base_trees[det] is not None and bool(base_trees[det].query_ball_point(xy[k], radius))
                 rows.append({"detector": det, "bin": int(b[k]), "snr": snr[k], "recovered": rec, "ratio": ratio,
                              "z": z, "chance": chance})

@@ -44,7 +44,7 @@ import pandas as pd
 from survey_proc import vocab as F
 from survey_proc.config import RunConfig
 from survey_proc.detect import classical, domain
-from survey_proc.detect.base import Aperture, Detections, Detector, DetectorInput, nearest_pixel
+from survey_proc.detect.base import Aperture, Detections, Detector, DetectorInput, TotalFlux, nearest_pixel
 from survey_proc.detect.registry import make_detector
 from survey_proc.photometry import aperture
 from survey_proc.photometry.background import masked_background
@@ -245,7 +245,7 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
                            no_window)
 
     ap = _aperture(inp, found)
-    total = detector.total_flux(inp, found, ap)
+    total = _with_apcorr_scatter(inp, found, ap, detector.total_flux(inp, found, ap))
     flags = found.flags | ap.flags
     ok = (flags & F.PHOTOMETRY_BAD) == 0
     flags[aperture.extended(data, bad, found.x, found.y, ap.flux, total.snr, ap.radius_px, found.fwhm_px, noise,
@@ -327,6 +327,25 @@ def _aperture(inp: DetectorInput, found: Detections) -> Aperture:
     f_ap, f_ap_err, flags = aperture.aperture_measure(inp.data, inp.noise_adu, inp.bad, inp.mask, found.x, found.y,
                                                       r_ap, inp.gain_e_per_adu)
     return Aperture(flux=f_ap, flux_err=f_ap_err, flags=flags, radius_px=r_ap)
+
+
+def _with_apcorr_scatter(inp: DetectorInput, found: Detections, ap: Aperture, total: TotalFlux) -> TotalFlux:
+    """An aperture-based total flux's error with the aperture correction's star-to-star scatter added.
+
+    Applies when ``total.flux`` is the aperture flux times the aperture correction (sep);
+    a detector with its own total flux (PNet's PSF fit) keeps its errors.
+    ``snr`` stays the aperture's (the detection significance the thresholds use).
+    :func:`~survey_proc.photometry.aperture.aperture_correction_scatter` says how it is measured.
+    """
+    if not np.array_equal(total.flux, ap.flux * total.apcorr):
+        return total
+    ok = ((found.flags | ap.flags) & (F.PHOTOMETRY_BAD | F.CENTROID)) == 0
+    s_rel, _ = aperture.aperture_correction_scatter(inp.data, inp.bad, found.x, found.y, ap.flux, ap.flux_err, ok,
+                                                    found.fwhm_px, inp.noise_adu, inp.gain_e_per_adu,
+                                                    inp.cfg.photometry)
+    if s_rel <= 0:
+        return total
+    return replace(total, flux_err=aperture.with_scatter(total.flux, total.flux_err, s_rel))
 
 
 def _with_bpnn(out: pd.DataFrame, win: Window, targets: np.ndarray, bpnn: LoadedBPNN, cfg: RunConfig, seed: int
