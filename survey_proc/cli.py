@@ -12,8 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from survey_proc import __version__
-from survey_proc.errors import SurveyProcError
+from survey_proc import __version__, storage
+from survey_proc.errors import ConfigError, SurveyProcError
+from survey_proc.storage import Location
 from survey_proc.vocab import DETECTOR_SECTIONS
 
 DEFAULT_SCENARIO = "dense"
@@ -212,7 +213,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def default_out(store_path: Path) -> Path:
+def default_out(store_path: Location) -> Path:
     """Default ``--out``: ``./survey-proc-out/<store name without .zarr>``.
 
     Parameters
@@ -225,8 +226,27 @@ def default_out(store_path: Path) -> Path:
     Path
         The output directory (relative to the working directory).
     """
-    name = store_path.name[: -len(".zarr")] if store_path.name.endswith(".zarr") else store_path.name
-    return Path("survey-proc-out") / name
+    base = storage.name(store_path)
+    return Path("survey-proc-out") / (base[: -len(".zarr")] if base.endswith(".zarr") else base)
+
+
+def _export_after_run(run: dict, out: Location, args: argparse.Namespace) -> None:
+    """``run --hats DIR``: the HATS export of a complete run, recorded in run.json (``hats_export``)."""
+    from survey_proc.export_hats import export_hats
+    from survey_proc.outputs import write_json_atomic
+
+    if run["status"] != "complete" and not args.allow_failures:
+        run["hats_export"] = {"path": str(args.hats), "skipped": f"the run is {run['status']}; resume it (or pass "
+                              "--allow-failures) and the export follows"}
+        print(f"Warning: no HATS export to {args.hats}: {run['hats_export']['skipped']}", file=sys.stderr)
+    else:
+        res = export_hats(out, args.hats, overwrite=True, workers=1)
+        run["hats_export"] = {"path": str(res["path"]), "rows": res["rows"], "run_status": run["status"],
+                              "lightcurve_points": res["lightcurve_points"], "margin_rows": res["margin_rows"],
+                              "partitions": res["partitions"], "wall_s": res["wall_s"], "bytes": res["bytes"]}
+        print(f"Wrote the HATS catalogue {res['path']}: {res['rows']} objects, {res['lightcurve_points']} nested "
+              f"light-curve points; {res['wall_s']:.1f} s")
+    write_json_atomic(run, storage.join(out, "run.json"))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -237,14 +257,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if args.epochs is not None and args.epochs < 1:
         raise SurveyProcError(f"--epochs must be a positive number of epochs, got {args.epochs}")
-    from survey_proc.config import local_path
-
-    path = Path(local_path(args.store, "store")) if args.store else default_survey(args.epochs or 1000,
+    path = storage.location(args.store, "store") if args.store else default_survey(args.epochs or 1000,
                                                                                   workers=args.workers)
     if args.store is None and args.epochs is None:
         args.epochs = 1000
     fields = tuple(f for item in (args.fields or []) for f in item.split(",") if f) or None
-    out = Path(local_path(args.out, "--out")) if args.out else default_out(path)
+    out = storage.location(args.out, "--out") if args.out else default_out(path)
+    if args.hats:
+        from survey_proc.export_hats import require_hats
+
+        require_hats()  # before the run, not after it
+    if args.hats and storage.is_remote(out):
+        raise ConfigError(f"--hats: the HATS export reads a local output, and --out {out} is not local; run "
+                          "`survey-proc export` on a local copy of the output instead")
     overrides = {"store": str(path), "out": str(out), "epochs": args.epochs, "fields": fields,
                  "detector": args.detector, "cluster": args.cluster, "scheduler": args.scheduler,
                  "workers": args.workers, "tile_px": args.tile_px, "halo_px": args.halo_px,
@@ -275,7 +300,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 run["evaluation"] = {"error": f"{type(exc).__name__}: {exc}"}
                 print(f"Warning: the comparison with truth could not run ({type(exc).__name__}: {exc}); it is "
                       "skipped (the run's outputs are complete). Pass --no-evaluate to skip it", file=sys.stderr)
-            write_json_atomic(run, out / "run.json")
+            write_json_atomic(run, storage.join(out, "run.json"))
+    if args.hats:
+        _export_after_run(run, out, args)
     print("\n".join(summary_lines(run)))
     if run["status"] != "complete" and args.allow_failures:
         print(f"{len(run['failures'])} failed unit(s) allowed by --allow-failures; the rest of the run is complete")
@@ -364,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="magnitudes from the detector's own photometry (classical, default: sep's aperture, pnet's "
                         "PSF fit; the measured winner, benchmarks/RESULTS.md issue 21) or the BPNN (aleatoric + "
                         "epistemic errors)")
+    r.add_argument("--hats", metavar="DIR", help="when the run is complete, export its objects with their light "
+                   "curves nested as a HATS catalogue under DIR (as `survey-proc export OUT --hats DIR`; replaces "
+                   "an earlier export there)")
     r.add_argument("--allow-failures", action="store_true",
                    help="exit 0 even when some units failed (they are listed and recorded in run.json)")
     r.add_argument("--retries", type=int, help="times a failed unit is submitted again before it is quarantined "

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from survey_proc import storage
 from survey_proc.errors import ConfigError
 from survey_proc.vocab import DETECTOR_SECTIONS
 
@@ -189,34 +190,14 @@ SECTIONS: dict[str, type] = {
 
 
 def local_path(value: str, name: str = "path") -> str:
-    """A local path from a path or a ``file://`` URL; other URL schemes are a :class:`ConfigError`.
+    """A local path from a path or a ``file://`` URL; any other URL is a :class:`ConfigError`.
 
-    Object stores (s3://, gs://, memory://) are refused: every output unit is written to a
-    temporary file and renamed atomically, and object stores have no atomic rename (see
-    deployments/README.md, "Storage").
-
-    Parameters
-    ----------
-    value
-        A path or a URL.
-    name
-        The setting's name, for the error message.
-
-    Returns
-    -------
-    str
-        The local path.
+    For settings that must be on this machine (report and export destinations). The store
+    and the output may also be object storage: see :func:`survey_proc.storage.location`.
     """
-    if "://" not in value:
-        return value
-    from urllib.parse import unquote, urlparse
-
-    url = urlparse(value)
-    if url.scheme == "file" and url.netloc in ("", "localhost"):
-        return unquote(url.path)
-    raise ConfigError(f"{name} {value!r}: {url.scheme}:// URLs are not supported yet; survey-proc writes every unit "
-                      "by a temporary file and an atomic rename, which object stores lack. Mount the bucket "
-                      "(s3fs, gcsfuse) or copy the store to a shared filesystem, or use a file:// URL")
+    if "://" in value and not value.startswith("file://"):
+        raise ConfigError(f"{name} {value!r}: must be a local path or a file:// URL")
+    return str(storage.location(value, name))
 
 
 @dataclass(frozen=True)
@@ -257,14 +238,17 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Check values; raise :class:`ConfigError` naming the setting. Returns self.
 
-        ``file://`` URLs for the store and the output become local paths. Other fsspec URLs
-        (s3://, gs://, memory://) are refused with a message: outputs rely on atomic renames,
-        which object stores do not have (see deployments/README.md).
+        ``file://`` URLs for the store and the output become local paths; other fsspec URLs
+        (``s3://``, ``gs://``...) stay URLs (see deployments/README.md, "Storage").
+        ``memory://`` is refused: each process has its own, so workers would not see it.
         """
         for name in ("store", "out"):
             value = getattr(self, name)
             if value:
-                object.__setattr__(self, name, local_path(value, name))
+                if str(value).startswith("memory://"):
+                    raise ConfigError(f"{name} {value!r}: memory:// is private to each process, so the workers "
+                                      "could not see it; use a local directory or an object store (s3://...)")
+                object.__setattr__(self, name, str(storage.location(value, name)))
         if self.detector not in DETECTORS:
             raise ConfigError(f"detector must be one of {', '.join(DETECTORS)}, got {self.detector!r}")
         if self.cluster not in CLUSTERS:

@@ -8,22 +8,36 @@ the CLI summary agree on what the truth is.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from survey_proc import storage
 from survey_proc.errors import SurveyProcError
 from survey_proc.matching import DEFAULT_MATCH_RADIUS_PX, match_one_to_one
-from survey_proc.simulate.survey import SurveyPaths
 from survey_proc.simulate.variables import magnitudes_at
+from survey_proc.storage import Location
 
 TRUTH_FILES = ("stars.parquet", "lightcurves.parquet", "epochs.parquet")
 
 
-def truth_paths(store_path: str | Path) -> SurveyPaths:
+@dataclass(frozen=True)
+class TruthPaths:
+    """Where a simulated store's truth lives: beside the store, locally or in the same bucket."""
+
+    store: Location
+    truth: Location
+    reference: Location
+
+
+def truth_paths(store_path: Location) -> TruthPaths:
     """Paths of the truth directory and reference catalogue that belong to a store.
+
+    ``DIR/NAME.zarr`` has ``DIR/NAME.truth/`` and ``DIR/NAME.reference.parquet``; ``DIR`` may
+    be an object-store prefix (``s3://bucket/surveys``).
 
     Raises
     ------
@@ -37,19 +51,28 @@ def truth_paths(store_path: str | Path) -> SurveyPaths:
 
     Returns
     -------
-    SurveyPaths
+    TruthPaths
         The store, its reference catalogue and its truth directory.
     """
-    paths = SurveyPaths.for_store(store_path)
-    if not paths.truth.is_dir():
+    base = storage.name(store_path)
+    stem = base[: -len(".zarr")] if base.endswith(".zarr") else base
+    where = storage.parent(store_path)
+    paths = TruthPaths(store=store_path, truth=storage.join(where, f"{stem}.truth"),
+                       reference=storage.join(where, f"{stem}.reference.parquet"))
+    if not storage.is_dir(paths.truth):
         raise SurveyProcError(
             f"no truth for {store_path}: {paths.truth} does not exist (truth exists only for surveys made by "
             "`survey-proc simulate`)"
         )
     for name in TRUTH_FILES:
-        if not (paths.truth / name).is_file():
-            raise SurveyProcError(f"truth file {paths.truth / name} is missing; re-run `survey-proc simulate`")
+        if not storage.is_file(storage.join(paths.truth, name)):
+            raise SurveyProcError(f"truth file {storage.join(paths.truth, name)} is missing; re-run "
+                                  "`survey-proc simulate`")
     return paths
+
+
+def _truth_table(store_path: Location, name: str, **kwargs: Any) -> pd.DataFrame:
+    return storage.read_table(storage.join(truth_paths(store_path).truth, name), **kwargs).to_pandas()
 
 
 def _filters(field: str | None, **extra: Any) -> list[tuple[str, str, Any]] | None:
@@ -78,7 +101,7 @@ def load_truth_stars(store_path: str | Path, field: str | None = None, *, in_fra
         One row per star: ``star_id``, ``field``, positions (reference frame, px; ra, dec in
         deg), ``mag`` and the variability model's parameters.
     """
-    df = pd.read_parquet(truth_paths(store_path).truth / "stars.parquet", filters=_filters(field))
+    df = _truth_table(store_path, "stars.parquet", filters=_filters(field))
     return df[df["in_frame"]].reset_index(drop=True) if in_frame_only else df
 
 
@@ -97,7 +120,7 @@ def load_truth_epochs(store_path: str | Path, field: str | None = None) -> pd.Da
     DataFrame
         One row per field x epoch (``mjd`` in days, ``zeropoint`` in mag, ...).
     """
-    return pd.read_parquet(truth_paths(store_path).truth / "epochs.parquet", filters=_filters(field))
+    return _truth_table(store_path, "epochs.parquet", filters=_filters(field))
 
 
 def load_truth_lightcurves(
@@ -119,8 +142,7 @@ def load_truth_lightcurves(
     DataFrame
         One row per star x epoch with the model magnitude (mag).
     """
-    return pd.read_parquet(truth_paths(store_path).truth / "lightcurves.parquet",
-                           filters=_filters(field, star_id=star_ids))
+    return _truth_table(store_path, "lightcurves.parquet", filters=_filters(field, star_id=star_ids))
 
 
 def load_truth_fields(store_path: str | Path) -> pd.DataFrame:
@@ -136,7 +158,7 @@ def load_truth_fields(store_path: str | Path) -> pd.DataFrame:
     DataFrame
         One row per field.
     """
-    return pd.read_parquet(truth_paths(store_path).truth / "fields.parquet")
+    return _truth_table(store_path, "fields.parquet")
 
 
 def load_truth_summary(store_path: str | Path) -> dict[str, Any]:
@@ -152,7 +174,7 @@ def load_truth_summary(store_path: str | Path) -> dict[str, Any]:
     dict
         The parsed ``summary.json``.
     """
-    return json.loads((truth_paths(store_path).truth / "summary.json").read_text())
+    return json.loads(storage.read_text(storage.join(truth_paths(store_path).truth, "summary.json")))
 
 
 def load_reference_catalog(path: str | Path) -> pd.DataFrame:
@@ -322,7 +344,7 @@ def evaluate_run(out: str | Path, store_path: str | Path, n_sample_epochs: int =
     layout = OutputLayout(out)
     summary = load_truth_summary(store_path)
     mag_limit = float(summary["limiting_mag_5sigma_psf_crlb"])
-    epochs = pd.read_parquet(layout.epochs_table)
+    epochs = storage.read_table(layout.epochs_table).to_pandas()
     truth_ep = load_truth_epochs(store_path)
     result: dict[str, Any] = {"mag_limit": mag_limit, "match_radius_px": DEFAULT_MATCH_RADIUS_PX, "fields": {}}
     for fid, ep in epochs.groupby("field"):
@@ -332,7 +354,7 @@ def evaluate_run(out: str | Path, store_path: str | Path, n_sample_epochs: int =
         sample = ep.index.to_numpy()[np.unique(np.linspace(0, len(ep) - 1, min(n_sample_epochs, len(ep))).astype(int))]
         per = []
         for e in sample:
-            src = pd.read_parquet(layout.sources(str(fid), int(e)))
+            src = storage.read_table(layout.sources(str(fid), int(e))).to_pandas()
             per.append(detection_metrics(src, truth_at_epoch(store_path, str(fid), int(e)), mag_limit))
         m = pd.DataFrame(per)
         result["fields"][str(fid)] = {

@@ -52,7 +52,8 @@ _MISSING = ("HATS export needs the optional packages hats, hats-import, lsdb and
             "installed): pip install 'survey-proc[hats]'")
 
 
-def _require() -> None:
+def require_hats() -> None:
+    """Raise a :class:`SurveyProcError` naming the missing package when the hats extra is not installed."""
     for mod, name in (("hats", "hats"), ("hats_import", "hats-import"), ("lsdb", "lsdb"),
                       ("nested_pandas", "nested-pandas")):
         try:
@@ -217,7 +218,7 @@ def export_hats(out: str | Path, dest: str | Path, *, overwrite: bool = False, m
         fields); when ``dest`` exists and is not empty (without ``overwrite``, or when it is not a
         HATS collection).
     """
-    _require()
+    require_hats()
     import hats
     from hats.catalog.healpix_dataset.healpix_dataset import HealpixDataset
     from hats_import.collection.arguments import CollectionArguments

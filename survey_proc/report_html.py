@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from survey_proc import storage
 from survey_proc.errors import SurveyProcError
 from survey_proc.vocab import FORCED, MAG_PER_FLUX, NONPOSITIVE, PHOTOMETRY_BAD
 
@@ -405,9 +406,9 @@ def _section_truth(out: Path, store: Path, run: dict[str, Any], ep: pd.DataFrame
             except SurveyProcError:
                 continue
             unit = OutputLayout(out).sources(str(fid), int(e))
-            if not unit.is_file():
+            if not storage.is_file(unit):
                 continue
-            src = pd.read_parquet(unit, columns=["x", "y", "mag"])
+            src = storage.read_table(unit, columns=["x", "y", "mag"]).to_pandas()
             i_d, i_t = match_one_to_one(src["x"].to_numpy(float), src["y"].to_numpy(float),
                                         truth["x_epoch"].to_numpy(), truth["y_epoch"].to_numpy(),
                                         DEFAULT_MATCH_RADIUS_PX)

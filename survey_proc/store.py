@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import os
+import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,9 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 from zarr.core.metadata import ArrayV3Metadata
 
+from survey_proc import storage
 from survey_proc.errors import StoreError, StoreValidationError
+from survey_proc.storage import Location
 from survey_proc.vocab import MASK_BAD, MASK_COSMIC, MASK_SATURATED  # noqa: F401  (the store's mask bits)
 
 FORMAT_VERSION = 2
@@ -146,6 +149,10 @@ def _open_root(path: str | Path, mode: _Mode = "r") -> zarr.Group:
                          "or `survey-proc ingest`") from None
     except (ValueError, TypeError, KeyError) as exc:
         raise StoreError(f"{path} is not a Zarr v3 survey store ({exc})") from None
+    except Exception as exc:  # an object store that cannot be reached or refuses (botocore, aiohttp, OSError...)
+        raise StoreError(f"survey store {path}: cannot open it ({type(exc).__name__}: {exc}); check the path, and "
+                         "for a URL the endpoint and credentials (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID... for "
+                         "s3://)") from None
 
 
 def create_store(
@@ -559,7 +566,7 @@ def open_field(path: str | Path, field_id: str, *, chunks: Any = None) -> xr.Dat
     return ds
 
 
-def reference_catalog_path(path: str | Path) -> Path | None:
+def reference_catalog_path(path: str | Path) -> Location | None:
     """Absolute path of the reference catalogue the store names, or None.
 
     Parameters
@@ -569,14 +576,19 @@ def reference_catalog_path(path: str | Path) -> Path | None:
 
     Returns
     -------
-    Path or None
-        The catalogue's absolute path (a relative attribute is taken relative to the store);
-        None when the store names none.
+    Path, URL or None
+        The catalogue's absolute path (a relative attribute is taken relative to the store,
+        which may be a URL); None when the store names none.
     """
     rel = store_attrs(path).get("reference_catalog")
     if not rel:
         return None
-    return (Path(path) / rel).resolve() if not os.path.isabs(rel) else Path(rel)
+    if storage.is_remote(rel) or os.path.isabs(rel):
+        return storage.location(rel, "the store's reference_catalog")
+    if storage.is_remote(path):
+        scheme, key = str(path).split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(key, rel))}"
+    return (Path(path) / rel).resolve()
 
 
 def _dtype_ok(arr: zarr.Array, expected: Any) -> bool:
@@ -792,7 +804,7 @@ def read_window(path: str | Path, field_id: str, epoch: int, y0: int, y1: int, x
     g = _field_group(path, field_id)
     try:
         for name in ("image", "mask"):
-            if name in g:
+            if name in g and not storage.is_remote(path):  # an object is whole or absent (one PUT)
                 _check_blosc_chunks(Path(path) / "fields" / field_id / name, _array(g, name), epoch, y0, y1, x0, x1)
         image = np.asarray(_array(g, "image")[epoch, y0:y1, x0:x1], dtype=np.float32)
         mask = np.asarray(_array(g, "mask")[epoch, y0:y1, x0:x1]) if "mask" in g else None

@@ -16,6 +16,10 @@ Checks, each reported as one line naming the file or key:
    ``epochs.parquet`` has a model zero point, ``ZP_RELATIVE`` where it has no absolute level;
 8. forced points are what they say: the ``FORCED`` flag exactly where ``source_id`` is null,
    and ``objects.n_forced`` (when present) equals the object's number of forced points.
+
+``OUT`` may be an object-store URL (``s3://...``): DuckDB then reads through the same fsspec
+filesystem as the run (``DuckDBPyConnection.register_filesystem``), so no DuckDB extension
+and no second set of credentials is needed.
 """
 
 from __future__ import annotations
@@ -23,14 +27,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
+from survey_proc import storage
 from survey_proc import vocab as F
 from survey_proc.catalog.schema import SCHEMAS
+from survey_proc.storage import Location
 
 
-def _files(out: Path, kind: str) -> list[Path]:
-    return sorted((out / kind).rglob("*.parquet")) if (out / kind).exists() else []
+def _files(out: Location, kind: str) -> list[Location]:
+    return [f for f in storage.find(storage.join(out, kind), ".parquet") if not storage.name(f).startswith(".")]
 
 
 def validate_output(out: str | Path, max_examples: int = 3) -> list[str]:
@@ -50,19 +54,20 @@ def validate_output(out: str | Path, max_examples: int = 3) -> list[str]:
     """
     import duckdb
 
-    out = Path(out)
+    out = storage.location(out, "OUT")
+    run_json = storage.join(out, "run.json")
     problems: list[str] = []
     try:
-        run = json.loads((out / "run.json").read_text())
+        run = json.loads(storage.read_text(run_json))
     except FileNotFoundError:
-        return [f"{out / 'run.json'}: missing; {out} is not a survey-proc output (or the run never started)"]
+        return [f"{run_json}: missing; {out} is not a survey-proc output (or the run never started)"]
     except json.JSONDecodeError as exc:
-        return [f"{out / 'run.json'}: not valid JSON ({exc}); the run was interrupted while writing it"]
+        return [f"{run_json}: not valid JSON ({exc}); the run was interrupted while writing it"]
     files = {k: _files(out, k) for k in SCHEMAS}
     for kind, schema in SCHEMAS.items():
         for f in files[kind]:
             try:
-                have = pq.read_schema(f)
+                have = storage.read_schema(f)
             except Exception as exc:
                 problems.append(f"{f}: unreadable Parquet ({exc})")
                 continue
@@ -76,6 +81,8 @@ def validate_output(out: str | Path, max_examples: int = 3) -> list[str]:
     if problems:
         return problems  # the queries below need the columns
     con = duckdb.connect()
+    if storage.is_remote(out):
+        con.register_filesystem(storage.filesystem(out)[0])
 
     def rel(kind: str) -> str:
         return "read_parquet([" + ", ".join(f"'{p}'" for p in files[kind]) + "], hive_partitioning = false)"
@@ -108,7 +115,7 @@ def validate_output(out: str | Path, max_examples: int = 3) -> list[str]:
         counts = None
         if files["objects"]:
             # one pass over the light curves: each object's points, and its forced points when objects count them
-            forced_col = "n_forced" in pq.read_schema(files["objects"][0]).names
+            forced_col = "n_forced" in storage.read_schema(files["objects"][0]).names
             f_bad = "o.n_forced != l.f" if forced_col else "false"
             counts = q(f"select count(*) filter (where o.n_epochs != l.m), min(o.object_id) filter (where "
                        f"o.n_epochs != l.m), count(*) filter (where {f_bad}), min(o.object_id) filter (where {f_bad}) "
@@ -133,9 +140,9 @@ def validate_output(out: str | Path, max_examples: int = 3) -> list[str]:
         if leak[0]:
             problems.append(f"lightcurves: {leak[0]} point(s) from epochs run.json lists as failed, e.g. field "
                             f"{leak[1]} epoch {leak[2]}; a failed epoch must not reach the light curves")
-    epochs_table = out / "epochs.parquet"
-    if files["lightcurves"] and epochs_table.exists():
-        names = pq.read_schema(epochs_table).names
+    epochs_table = storage.join(out, "epochs.parquet")
+    if files["lightcurves"] and storage.exists(epochs_table):
+        names = storage.read_schema(epochs_table).names
         # a point of an epoch that fell back (model zero point, no absolute level) must say so
         for cond, bit, what in (("e.zp_status = 'model'", F.ZP_MODEL, "a model zero point"),
                                 ("not e.zp_absolute" if "zp_absolute" in names else "false", F.ZP_RELATIVE,
@@ -179,11 +186,12 @@ def content_digest(out: str | Path) -> dict[str, tuple[int, str]]:
 
     import pandas as pd
 
-    out = Path(out)
+    out = storage.location(out, "OUT")
     digest = {}
     for kind, key in DIGEST_KEYS.items():
         files = _files(out, kind)
-        df = pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True) if files else pd.DataFrame()
+        df = (pd.concat([storage.read_table(f).to_pandas() for f in files], ignore_index=True) if files
+              else pd.DataFrame())
         if len(df):
             df = df.sort_values(key).reset_index(drop=True)[sorted(df.columns)]
         rows = pd.util.hash_pandas_object(df, index=False).to_numpy() if len(df) else b""

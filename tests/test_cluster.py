@@ -120,7 +120,7 @@ def test_run_attached_to_a_running_cluster_gives_the_same_outputs_as_a_local_one
     assert run["config"]["scheduler"] == external_cluster and run["status"] == "complete"
 
 
-def test_file_urls_for_store_and_output_and_a_clear_refusal_of_object_stores(border_survey, client, tmp_path):
+def test_file_urls_for_store_and_output_and_a_clear_refusal_of_unusable_urls(border_survey, client, tmp_path):
     from survey_proc.config import load_config
     from survey_proc.distributed.pipeline import run_pipeline
     from survey_proc.errors import ConfigError
@@ -133,7 +133,7 @@ def test_file_urls_for_store_and_output_and_a_clear_refusal_of_object_stores(bor
     run = run_pipeline(cfg, client=client)
     assert run["status"] == "complete" and (out / "objects").exists()
     assert len(pd.read_parquet(out / "sources")) == run["counts"]["sources"]
-    with pytest.raises(ConfigError, match=r"store 's3://bucket/s\.zarr': s3:// URLs are not supported yet"):
-        load_config(None, {"store": "s3://bucket/s.zarr", "out": str(out)})
-    with pytest.raises(ConfigError, match=r"out 'memory://x': memory:// URLs are not supported yet"):
+    with pytest.raises(ConfigError, match=r"store 'nosuchfs://bucket/s\.zarr': cannot open nosuchfs:// URLs here"):
+        load_config(None, {"store": "nosuchfs://bucket/s.zarr", "out": str(out)})
+    with pytest.raises(ConfigError, match=r"out 'memory://x': memory:// is private to each process"):
         load_config(None, {"store": str(border_survey["store"]), "out": "memory://x"})

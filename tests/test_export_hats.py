@@ -128,3 +128,30 @@ def test_export_destination_and_missing_extra(exported, tmp_path, monkeypatch):
     with pytest.raises(SurveyProcError, match=r"needs the optional packages .*\(lsdb is not installed\): "
                                               r"pip install 'survey-proc\[hats\]'"):
         export_hats(exported["out"], tmp_path / "h3")
+
+
+def test_run_with_hats_exports_when_the_run_is_complete(exported, grid_survey, tmp_path, capsys, monkeypatch):
+    """``survey-proc run ... --hats DIR``: the export follows a complete run (here a resume with nothing left to do)."""
+    import json
+
+    out = tmp_path / "out"
+    shutil.copytree(exported["out"], out)
+    cfg_file = tmp_path / "run.toml"
+    cfg_file.write_text("[crossmatch]\nregion_px = 80\n")
+    args = ["run", str(grid_survey["store"]), "--out", str(out), "--tile-px", "160", "--halo-px", "16",
+            "--workers", "1", "--quiet", "--no-evaluate", "--detector", "sep", "--photometry", "classical",
+            "--config", str(cfg_file), "--hats", str(tmp_path / "hats")]
+    assert main(args) == 0, capsys.readouterr().err
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"]["epochs_skipped_resume"] == 6  # the same configuration as the fixture's run
+    assert run["hats_export"]["rows"] == exported["res"]["rows"] == 16
+    assert run["hats_export"]["lightcurve_points"] == exported["res"]["lightcurve_points"]
+    assert len(lsdb.open_catalog(tmp_path / "hats").compute()) == 16
+    # refused before any work, with one line: an object-store output, or the extra missing
+    capsys.readouterr()
+    assert main([*args[:2], "--out", "s3://b/out", "--hats", str(tmp_path / "h2")]) == 1
+    assert "--hats: the HATS export reads a local output, and --out s3://b/out is not local" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "hats_import", None)
+    assert main([*args[:2], "--out", str(tmp_path / "o3"), "--hats", str(tmp_path / "h3")]) == 1
+    assert "(hats-import is not installed): pip install 'survey-proc[hats]'" in capsys.readouterr().err
+    assert not (tmp_path / "o3").exists()

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from survey_proc import __version__, store
+from survey_proc import __version__, storage, store
 from survey_proc.config import RunConfig
 from survey_proc.errors import ConfigError
 from survey_proc.outputs import OUTPUT_MARKERS, OutputLayout, clean_temporaries, prepare, write_json_atomic
@@ -175,7 +175,8 @@ def run_pipeline(cfg: RunConfig, client: Any = None) -> dict[str, Any]:
     state = RunState()
     run = {"status": "running", "started_unix": time.time(), "config": cfg.to_dict(), "fingerprint": fp,
            "classify_fingerprint": cfp,
-           "versions": _versions(), "models": models, "store": str(Path(cfg.store).resolve()),
+           "versions": _versions(), "models": models,
+           "store": cfg.store if storage.is_remote(cfg.store) else str(Path(cfg.store).resolve()),
            "reference_catalog": str(reference) if reference else None,
            "fields": {p.field: {"epochs": p.n_epochs, "shape": [p.ny, p.nx], "blocks_per_epoch": len(p.blocks),
                                 "tiles_per_epoch": sum(len(b[0]) for b in p.blocks), "regions": len(p.regions)}

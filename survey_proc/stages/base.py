@@ -27,15 +27,16 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, ParamSpec, TypeVar
 
 import pyarrow as pa
 
+from survey_proc import storage
 from survey_proc.config import RunConfig, config_from_json
 from survey_proc.outputs import read_meta
 from survey_proc.stages.plan import FieldPlan
 from survey_proc.stages.state import RunState
+from survey_proc.storage import Location
 
 
 @dataclass(frozen=True)
@@ -55,16 +56,16 @@ class OutputUnit:
     template: str
     schema: pa.Schema | None
 
-    def path(self, out: str | Path, **key: Any) -> Path:
-        """The unit's file for ``key`` (e.g. ``field="F000", epoch=3``) under ``out``."""
-        return Path(out) / self.template.format(**key)
+    def path(self, out: Location, **key: Any) -> Location:
+        """The unit's file for ``key`` (e.g. ``field="F000", epoch=3``) under ``out`` (a directory or a URL)."""
+        return storage.join(out, self.template.format(**key))
 
     @property
     def top(self) -> str:
         """The top-level name under OUT the unit lives in (what ``--overwrite`` removes)."""
         return self.template.split("/", 1)[0]
 
-    def record(self, out: str | Path, **key: Any) -> dict[str, Any] | None:
+    def record(self, out: Location, **key: Any) -> dict[str, Any] | None:
         """The record in the unit's footer (None: missing or unreadable)."""
         return read_meta(self.path(out, **key))
 
@@ -94,7 +95,7 @@ class StageContext:
         The configuration as JSON, the form tasks take it in (:func:`task_config`).
     """
 
-    def __init__(self, cfg: RunConfig, plans: list[FieldPlan], reference: Path | None, fingerprint: str,
+    def __init__(self, cfg: RunConfig, plans: list[FieldPlan], reference: Location | None, fingerprint: str,
                  classify_fingerprint: str | None, state: RunState, run_token: str,
                  gather: Callable[..., None], submit: Callable[..., Any], bars: Any):
         self.cfg = cfg

@@ -33,6 +33,7 @@ import pandas as pd
 import pyarrow as pa
 from scipy.spatial import cKDTree
 
+from survey_proc import storage
 from survey_proc.catalog import calibrate as cal
 from survey_proc.config import CalibrationConfig
 from survey_proc.errors import ConfigError, SurveyProcError
@@ -270,7 +271,7 @@ class CalibrateStage(Stage):
         if mags is None:
             return {"status": str(cal.ZpStatus.FEW), "why": f"the reference catalogue has no mag_{band} column "
                     "(a plain 'mag' column calibrates a single-band survey only)"}
-        ens = pd.read_parquet(stars_path)
+        ens = storage.read_table(stars_path).to_pandas()
         ok = np.isfinite(ref["x_ref"].to_numpy(float))
         if not ok.any() or len(ens) == 0:
             return {"status": str(cal.ZpStatus.FEW), "why": "no reference star falls in the field (no WCS?)"}

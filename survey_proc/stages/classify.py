@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from survey_proc import storage
 from survey_proc.catalog.schema import CLASSIFY_COLUMNS, OBJECTS
 from survey_proc.errors import SurveyProcError
 from survey_proc.outputs import write_parquet_atomic
@@ -67,7 +67,7 @@ def classified_schema(written: pa.Schema) -> pa.Schema:
 
 def _lc_columns(path: Any) -> list[str]:
     cols = ["object_id", "epoch", "mjd", "mag", "mag_err", "flags"]
-    return [*cols, "band"] if "band" in pq.read_schema(path).names else cols
+    return [*cols, "band"] if "band" in storage.read_schema(path).names else cols
 
 
 @worker_task
@@ -106,9 +106,9 @@ def detrend_field_task(out: str, field: str, regions: list[int], cfg_json: str, 
     objs = []
     for r in regions:
         path = OBJECTS_UNIT.path(out, field=field, region=r)
-        names = pq.read_schema(path).names
+        names = storage.read_schema(path).names
         cols = [c for c in ("object_id", "n_epochs", "n_good", "mag_err_median") if c in names]
-        objs.append(pq.read_table(path, columns=cols).to_pandas().assign(region=r))
+        objs.append(storage.read_table(path, columns=cols).to_pandas().assign(region=r))
     objects = pd.concat(objs, ignore_index=True) if objs else pd.DataFrame(columns=["object_id", "region"])
     n_good = objects["n_good"] if "n_good" in objects else objects.get("n_epochs", pd.Series(dtype=float))
     # candidates: measured on at least half the epochs the best-sampled object has; the best-measured first
@@ -120,7 +120,7 @@ def detrend_field_task(out: str, field: str, regions: list[int], cfg_json: str, 
     for reg in sorted(set(cand["region"].tolist())):
         path = LIGHTCURVES_UNIT.path(out, field=field, region=reg)
         ids = cand.loc[cand["region"] == reg, "object_id"].to_numpy().tolist()
-        lcs.append(pq.read_table(path, columns=_lc_columns(path), filters=[("object_id", "in", ids)]).to_pandas())
+        lcs.append(storage.read_table(path, columns=_lc_columns(path), filters=[("object_id", "in", ids)]).to_pandas())
     lc = (pd.concat(lcs, ignore_index=True) if lcs else
           pd.DataFrame({c: pd.Series(dtype=float) for c in ("object_id", "epoch", "mag", "mag_err", "flags")}))
     lc["flags"] = lc["flags"].astype(np.int64)
@@ -162,7 +162,7 @@ def _detrend_region(out: str, field: str, lc: Any, cc: Any, classify_fingerprint
         return lc, None, (f"none: {path} is missing or from other settings (its fit failed: see run.json "
                           "failures); re-run to fit it")
     applied = str(rec["detrend"]["applied"])
-    comps = pq.read_table(path).to_pandas()
+    comps = storage.read_table(path).to_pandas()
     if not len(comps):
         return lc, None, applied
     lc, per_object = apply_components(lc, comps, PHOTOMETRY_BAD)
@@ -186,12 +186,12 @@ def classify_region_task(out: str, field: str, region: int, cfg_json: str, class
     record = OBJECTS_UNIT.record(out, field=field, region=region)
     if record is None:
         raise SurveyProcError(f"{opath}: missing or unreadable; re-run to cross-match field {field} region {region}")
-    objects = pq.read_table(opath).to_pandas()
+    objects = storage.read_table(opath).to_pandas()
     for c in CLASSIFY_COLUMNS:  # outputs of an older version lack some of the additions
         if c not in objects.columns:
             objects[c] = 0 if c == "n_points_classified" else np.nan
     lpath = LIGHTCURVES_UNIT.path(out, field=field, region=region)
-    lc = pq.read_table(lpath, columns=_lc_columns(lpath)).to_pandas()
+    lc = storage.read_table(lpath, columns=_lc_columns(lpath)).to_pandas()
     lc, per_object, applied = _detrend_region(out, field, lc, cc, classify_fingerprint)
     idx = objects["object_id"].to_numpy()
     if per_object is None:
@@ -225,7 +225,7 @@ def classify_region_task(out: str, field: str, region: int, cfg_json: str, class
                 objects[c] = (vals.to_numpy() if c != "n_points_classified"
                               else vals.fillna(0).astype(np.int32).to_numpy())
     info["wall_s"] = time.perf_counter() - t0
-    write_parquet_atomic(objects, classified_schema(pq.read_schema(opath)), opath,
+    write_parquet_atomic(objects, classified_schema(storage.read_schema(opath)), opath,
                          {**record, "classify_fingerprint": classify_fingerprint, "classify": info})
     return {"field": field, "region": region, **info}
 

@@ -18,9 +18,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
-from survey_proc import store
+from survey_proc import storage, store
 from survey_proc.catalog import crossmatch as xm
 from survey_proc.catalog.astrometry import parse_wcs, pixel_to_world
 from survey_proc.catalog.schema import LIGHTCURVES, OBJECTS, objects_schema
@@ -58,7 +57,7 @@ def crossmatch_region_task(out: str, field: str, field_index: int, region: xm.Re
     lo_y, hi_y = region.y0 - 0.5 - margin, region.y1 - 0.5 + margin
     parts = []
     for e in epochs:
-        df = pq.read_table(SOURCES_UNIT.path(out, field=field, epoch=e), columns=XMATCH_COLUMNS).to_pandas()
+        df = storage.read_table(SOURCES_UNIT.path(out, field=field, epoch=e), columns=XMATCH_COLUMNS).to_pandas()
         sel = (df["x_ref"] >= lo_x) & (df["x_ref"] < hi_x) & (df["y_ref"] >= lo_y) & (df["y_ref"] < hi_y)
         parts.append(df[sel.to_numpy()])
     t_read = time.perf_counter() - t0

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from survey_proc import store
+from survey_proc import storage, store
 from survey_proc.catalog import calibrate as cal
 from survey_proc.catalog.astrometry import parse_wcs
 from survey_proc.catalog.extract import BlockInfo, epoch_pixel_problem, extract_block
@@ -198,13 +198,12 @@ def read_epoch(out: str, field: str, epoch: int, columns: list[str] | None = Non
     import json
 
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from survey_proc.outputs import META_KEY
 
     path = SOURCES_UNIT.path(out, field=field, epoch=epoch)
     try:  # one read: the record is in the table's own footer metadata
-        table = pq.read_table(path, columns=columns)
+        table = storage.read_table(path, columns=columns)
         rec = json.loads((table.schema.metadata or {})[META_KEY])
     except (OSError, KeyError, ValueError, pa.ArrowException):
         raise SurveyProcError(f"{path}: missing or unreadable; re-run to extract field {field} epoch {epoch}") from None

@@ -41,9 +41,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
-from survey_proc import store
+from survey_proc import storage, store
 from survey_proc import vocab as F
 from survey_proc.catalog import crossmatch as xm
 from survey_proc.catalog.calibrate import ZeroPoint, apply_zeropoint, instrumental_mag
@@ -70,7 +69,7 @@ def _epoch_frame(out: str, field: str, epoch: int, region: xm.Region, fc: Any) -
 
     The map is fitted on the clean stars near ``region`` (on all of the epoch's when too few).
     """
-    src = pq.read_table(SOURCES_UNIT.path(out, field=field, epoch=epoch), columns=FRAME_COLUMNS).to_pandas()
+    src = storage.read_table(SOURCES_UNIT.path(out, field=field, epoch=epoch), columns=FRAME_COLUMNS).to_pandas()
     clean = ((src["flags"].to_numpy() & F.PHOTOMETRY_BAD) == 0) & (src["snr"].to_numpy() >= fc.frame_snr_min)
     m = fc.frame_margin_px
     xr, yr = src["x_ref"].to_numpy(float), src["y_ref"].to_numpy(float)
@@ -230,8 +229,8 @@ def forced_region_task(store_path: str, out: str, field: str, region: xm.Region,
     if lrec is None or orec is None:
         raise SurveyProcError(f"{opath if orec is None else lpath}: missing or unreadable; re-run to cross-match "
                               f"field {field} region {region.index}")
-    lc = pq.read_table(lpath).to_pandas()
-    objects = pq.read_table(opath).to_pandas()
+    lc = storage.read_table(lpath).to_pandas()
+    objects = storage.read_table(opath).to_pandas()
     lc = lc[lc["source_id"].notna().to_numpy()]  # forced rows of an earlier attempt: measured again
     for c in ("n_detected", "n_forced"):  # outputs of an older version
         if c not in objects.columns:

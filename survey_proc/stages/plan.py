@@ -14,14 +14,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
-from survey_proc import store
+from survey_proc import storage, store
 from survey_proc.catalog.astrometry import parse_wcs, pixel_to_world
 from survey_proc.catalog.calibrate import reference_in_frame
 from survey_proc.catalog.crossmatch import Region, region_grid
 from survey_proc.config import RunConfig
 from survey_proc.errors import ConfigError, SurveyProcError
+from survey_proc.storage import Location
 from survey_proc.tiling import Tile, block_window, tile_blocks, tile_grid
 
 REFERENCE_COLUMNS = ("ra", "dec", "mag", "mag_err")
@@ -55,38 +55,38 @@ class FieldPlan:
 def reference_stars(path: str, ref_wcs_text: str) -> pd.DataFrame:
     """The reference catalogue at ``path`` in a field's reference frame (cached per process)."""
     wcs = parse_wcs(ref_wcs_text) if ref_wcs_text else None
-    return reference_in_frame(pd.read_parquet(path), wcs)
+    return reference_in_frame(storage.read_table(path).to_pandas(), wcs)
 
 
-def resolve_reference(cfg: RunConfig) -> Path | None:
+def resolve_reference(cfg: RunConfig) -> Location | None:
     """The reference catalogue to use (``--reference`` or the store's), checked; None: relative calibration.
 
     ``--reference none`` asks for relative calibration even when the store names a catalogue.
     """
     if cfg.reference is not None and cfg.reference.lower() == "none":
         return None
-    path = Path(cfg.reference) if cfg.reference else store.reference_catalog_path(cfg.store)
+    path = storage.location(cfg.reference, "--reference") if cfg.reference else store.reference_catalog_path(cfg.store)
     if path is None:
         return None
-    if not path.exists():
+    if not storage.exists(path):
         src = "--reference" if cfg.reference else f"the store's reference_catalog attribute ({cfg.store})"
         raise ConfigError(f"reference catalogue {path} (from {src}) does not exist; pass --reference PATH "
                           "or remove the attribute to calibrate relative to a reference epoch")
     try:
-        names = pq.read_schema(path).names
+        names = storage.read_schema(path).names
     except Exception as exc:
         raise ConfigError(f"reference catalogue {path} is not a readable Parquet file ({exc})") from None
     missing = [c for c in REFERENCE_COLUMNS if c not in names]
     if missing:
         raise ConfigError(f"reference catalogue {path} lacks column(s) {', '.join(missing)}; "
                           f"it needs {', '.join(REFERENCE_COLUMNS)} (deg, deg, mag, mag)")
-    if pq.read_metadata(path).num_rows == 0:
+    if storage.read_metadata(path).num_rows == 0:
         raise ConfigError(f"reference catalogue {path} has no rows; pass a catalogue of the field's stars with "
                           "--reference PATH, or --reference none to calibrate relative to a reference epoch")
-    return path.resolve()
+    return path if storage.is_remote(path) else Path(path).resolve()
 
 
-def check_reference_overlap(reference: Path, plans: list[FieldPlan]) -> None:
+def check_reference_overlap(reference: Location, plans: list[FieldPlan]) -> None:
     """Refuse a reference catalogue with no star inside a field (a field without a WCS is not checked)."""
     for p in plans:
         if not p.ref_wcs_text:
