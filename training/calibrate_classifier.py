@@ -62,8 +62,9 @@ def pav(x: np.ndarray, y: np.ndarray, min_block: int = 1) -> tuple[np.ndarray, n
     lo, hi, value, count
         Per block: lowest and highest score, fitted frequency and number of objects.
     """
+    x = np.clip(np.asarray(x, float), 0.0, 1.0)  # a float32 sum of probabilities can exceed 1 by 1e-7
     o = np.argsort(x, kind="stable")
-    xs, ys = np.asarray(x, float)[o], np.asarray(y, float)[o]
+    xs, ys = x[o], np.asarray(y, float)[o]
     ux, inv = np.unique(xs, return_inverse=True)
     w = np.bincount(inv).astype(float)
     s = np.bincount(inv, ys)
@@ -110,7 +111,7 @@ def strict_knots(x: np.ndarray, y: np.ndarray) -> dict[str, list[float]]:
     if x[-1] < 1:
         x, y = np.r_[x, 1.0], np.r_[y, y[-1]]
     x, keep = np.unique(x, return_index=True)
-    y = y[keep] * (1 - STRICT_EPS) + STRICT_EPS * x
+    y = np.clip(y[keep] * (1 - STRICT_EPS) + STRICT_EPS * x, 0.0, 1.0)  # rounding can reach 1 + 2e-16
     return {"x": [float(v) for v in x], "y": [float(v) for v in y]}
 
 
@@ -181,8 +182,13 @@ def summary(p: np.ndarray, y: np.ndarray, n_bins: int = 10, min_n: int = 20) -> 
 
 
 # ------------------------------------------------------------------ data
-def raw_scores(run: Path, store: str, clf: Any, every: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(object ids, raw p_periodic, label) of a run's classified objects (``every``-th epoch only when > 1)."""
+def raw_scores(run: Path, store: str, clf: Any, every: int = 1, no_forced: bool = False
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(object ids, raw p_periodic, label) of a run's classified objects.
+
+    ``every`` > 1: every ``every``-th epoch only; ``no_forced``: without the forced-photometry
+    points (what a run made before the forced stage existed classified).
+    """
     from benchmarks.classify import _pairing, truth_table
     from benchmarks.classify_heldout22 import load_run
     from survey_proc.config import ClassifySettings
@@ -190,6 +196,10 @@ def raw_scores(run: Path, store: str, clf: Any, every: int = 1) -> tuple[np.ndar
     from survey_proc.vocab import PERIODIC_CLASSES
 
     objects, lc = load_run(run)
+    if no_forced:
+        from survey_proc.vocab import FORCED
+
+        lc = lc[(lc["flags"].to_numpy() & FORCED) == 0]
     if every > 1:
         lc = lc[lc["epoch"] % every == 0]
     res, _ = classify_table(lc, clf, ClassifySettings())

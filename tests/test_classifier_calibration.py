@@ -1,0 +1,114 @@
+"""p_periodic calibration (issue 22): the isotonic fit, the card's map at inference, malformed cards."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from survey_proc import model_registry
+from survey_proc.lightcurves import classifier as C
+from survey_proc.lightcurves.preprocess import preprocess
+from survey_proc.vocab import PERIODIC_CLASSES
+from training.calibrate_classifier import fit_isotonic, fit_platt, pav, summary
+
+
+def _toy(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Over-confident scores: the true probability is s**3, the score claims s."""
+    rng = np.random.default_rng(seed)
+    s = rng.uniform(0, 1, n)
+    return s, rng.uniform(0, 1, n) < s**3
+
+
+def test_isotonic_makes_overconfident_scores_reliable_on_fresh_data():
+    p, y = _toy(20000, 1)
+    before = summary(p, y)
+    assert before["max_gap"] > 0.2  # miscalibrated: the middle bins are far off
+    cal = fit_isotonic(p, y, min_block=20)
+    p2, y2 = _toy(20000, 2)  # held out from the fit
+    after = summary(C.apply_calibration(p2, cal), y2)
+    assert after["max_gap"] < 0.05 and after["ece"] < 0.02
+    assert all(b["n"] >= 100 for b in after["bins"] if b["n"])  # the bins are populated, the check is decidable
+    # the map is strictly increasing over [0, 1], so a threshold converts without changing any decision
+    x, yk = np.array(cal["x"]), np.array(cal["y"])
+    assert x[0] == 0 and x[-1] == 1 and np.all(np.diff(yk) > 0)
+    t = C.apply_calibration(np.array([0.7]), cal)[0]
+    assert np.array_equal(p2 >= 0.7, C.apply_calibration(p2, cal) >= t)
+    C.check_calibration(cal)
+
+
+def test_pav_pools_violators_and_merges_small_blocks():
+    lo, hi, v, n = pav(np.array([0.1, 0.2, 0.3, 0.4]), np.array([0, 1, 0, 1]))
+    np.testing.assert_allclose(v, [0, 0.5, 1])
+    np.testing.assert_allclose(n, [1, 2, 1])
+    np.testing.assert_allclose(lo, [0.1, 0.2, 0.4])
+    np.testing.assert_allclose(hi, [0.1, 0.3, 0.4])
+    _, _, v, n = pav(np.array([0.1, 0.2, 0.3, 0.4]), np.array([0, 1, 0, 1]), min_block=2)
+    assert n.min() >= 2 and np.all(np.diff(v) > 0)
+    platt = fit_platt(*_toy(5000, 3))
+    C.check_calibration({"x": platt["x"], "y": platt["y"]})
+
+
+def _variable_batch() -> tuple[pd.DataFrame, np.ndarray]:
+    t = np.arange(1000) * 300 / 86400
+    rng = np.random.default_rng(5)
+    mag = 20 + 0.01 * rng.standard_normal((3, len(t)))
+    mag[1] += 0.3 * np.sin(2 * np.pi * t / 0.9)
+    mag[2] += np.where(((t / 1.3) % 1) < 0.04, 0.4, 0.0)
+    return preprocess(np.arange(3), t + 61000.0, mag, np.full_like(mag, 0.01), np.zeros(mag.shape, np.int64)), t
+
+
+def test_the_cards_calibration_is_applied_at_inference():
+    clf = model_registry.load("classifier", device="cpu")
+    b, _ = _variable_batch()
+    raw_clf = replace(clf, card={k: v for k, v in clf.card.items() if k != "calibration"})
+    raw = C.classify(b, raw_clf)
+    p_raw = raw[[f"prob_{c}" for c in PERIODIC_CLASSES]].sum(axis=1).to_numpy()
+    np.testing.assert_allclose(raw["p_periodic"], p_raw, rtol=1e-6)
+    # a known map: p_periodic is exactly that map of the raw sum
+    cal = {"x": [0.0, 0.5, 1.0], "y": [0.0, 0.1, 0.6]}
+    toy = C.classify(b, replace(clf, card={**clf.card, "calibration": {"p_periodic": cal}}))
+    np.testing.assert_allclose(toy["p_periodic"], np.interp(p_raw, cal["x"], cal["y"]), rtol=1e-6)
+    assert toy["p_periodic"].max() <= 0.6
+    # the shipped card: calibrated on validation surveys, threshold converted so the classes do not change
+    block = clf.card["calibration"]
+    assert block["provenance"]["surveys"] and block["threshold_raw"] == pytest.approx(0.94)
+    shipped = C.classify(b, clf)
+    np.testing.assert_allclose(shipped["p_periodic"], C.apply_calibration(p_raw, block["p_periodic"]), rtol=1e-6)
+    at_raw_threshold = C.classify(b, replace(raw_clf, threshold=block["threshold_raw"]))
+    assert shipped["var_class"].tolist() == at_raw_threshold["var_class"].tolist()
+    assert clf.threshold == pytest.approx(C.apply_calibration(np.array([block["threshold_raw"]]),
+                                                              block["p_periodic"])[0])
+
+
+def test_decide_keeps_the_classes_of_the_raw_threshold():
+    clf = model_registry.load("classifier", device="cpu")
+    block = clf.card["calibration"]
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 4, (5000, len(C.CLASSES)))
+    prob = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    _, names_raw, _ = C.decide(prob, block["threshold_raw"])
+    p_cal, names_cal, _ = C.decide(prob, clf.threshold, C.calibration_of(clf))
+    assert np.array_equal(names_raw, names_cal)
+    assert p_cal.min() >= 0 and p_cal.max() <= 1
+
+
+@pytest.mark.parametrize("block, match", [
+    ({"x": [0, 1]}, "must be a mapping with knot lists 'x' and 'y'"),
+    ({"x": [0, 0.5, 1], "y": [0, 1]}, "equal length >= 2"),
+    ({"x": [0, 0.6, 0.5, 1], "y": [0, 0.1, 0.2, 1]}, "'x' must be strictly increasing"),
+    ({"x": [0, 0.5, 1], "y": [0, 0.8, 0.3]}, "'y' must be non-decreasing"),
+    ({"x": [0, 0.5, 1.5], "y": [0, 0.5, 1]}, r"within \[0, 1\]"),
+    ({"x": [0, "a", 1], "y": [0, 0.5, 1]}, "knots must be numbers"),
+    ({"x": [0, float("nan"), 1], "y": [0, 0.5, 1]}, "knots must be finite"),
+])
+def test_a_malformed_calibration_block_is_refused(block, match):
+    clf = model_registry.load("classifier", device="cpu")
+    bad = replace(clf, card={**clf.card, "calibration": {"p_periodic": block}})
+    with pytest.raises(ValueError, match=f"classifier card calibration.p_periodic.*{match}"):
+        C.calibration_of(bad)
+    b, _ = _variable_batch()
+    with pytest.raises(ValueError, match=match):
+        C.classify(b, bad)
