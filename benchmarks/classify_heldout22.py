@@ -117,7 +117,8 @@ def plot_reliability(rel: dict, path: str, title: str) -> None:
             fr = np.array([x["frac"] for x in b])
             lo = np.array([x["wilson95"][0] for x in b])
             hi = np.array([x["wilson95"][1] for x in b])
-            ax.errorbar(pm, fr, yerr=[fr - lo, hi - fr], fmt=mk + "-", color=col, ms=5, capsize=2,
+            ax.errorbar(pm, fr, yerr=[np.clip(fr - lo, 0, None), np.clip(hi - fr, 0, None)], fmt=mk + "-", color=col,
+                        ms=5, capsize=2,
                         label=f"{key}: ECE {r[key]['ece']:.3f}, max gap {r[key]['max_gap']:.2f}")
             for x, f, n in zip(pm, fr, [x["n"] for x in b], strict=True):
                 ax.annotate(str(n), (x, f), textcoords="offset points", xytext=(4, -10 if key == "raw" else 6),

@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     card_path = Path(args.card)
     card = json.loads(card_path.read_text())
     thr_raw = float(card.get("calibration", {}).get("threshold_raw", card["threshold"]))
+    raw_rule = card.get("calibration", {}).get("threshold_raw_rule", card.get("threshold_rule", ""))
     weights = card_path.with_suffix(".pt")
     clf = model_registry.load("classifier", path=weights, device="cpu")
     clf = replace(clf, card={k: v for k, v in clf.card.items() if k != "calibration"}, threshold=thr_raw)
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
                   "between the knots; chosen by the lowest cross-survey Brier score among plain isotonic, "
                   f"isotonic with blocks of >= {args.min_block} objects and Platt scaling)",
         "threshold_raw": thr_raw,
+        "threshold_raw_rule": raw_rule,
         "threshold_rule": "card threshold = the raw validation threshold mapped through the calibration "
                           "(strictly increasing: every object keeps its class)",
         "target": "an object has a true periodic star (eclipsing_binary, pulsator, transit) within 1 px "
@@ -305,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.write:
         card["calibration"] = block
         card["threshold"] = thr_cal
+        card["threshold_rule"] = (f"calibration.threshold_raw ({thr_raw:.4g}, raw: {raw_rule}) mapped through "
+                                  "calibration.p_periodic (strictly increasing: the same classes)")
         card_path.write_text(json.dumps(card, indent=2) + "\n")
         print(f"wrote {card_path}: threshold {thr_raw} (raw) -> {thr_cal:.6f} (calibrated)")
 
