@@ -108,6 +108,9 @@ class CrossmatchConfig:
     match_radius_min_px: float = 1.0
     min_epochs: int = 3  # objects detected in fewer epochs are dropped
     seed_bin_px: float = 0.25  # detection-density map used to seed objects
+    # objects this close (x FWHM) never detected in the same epoch are merged (0: never; off until measured on
+    # the classification: see catalog/crossmatch.merge_exclusive and RESULTS.md)
+    merge_radius_fwhm: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -267,6 +270,9 @@ class RunConfig:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.crossmatch.region_px < 64:
             raise ConfigError(f"crossmatch.region_px must be >= 64 pixels, got {self.crossmatch.region_px}")
+        if self.crossmatch.merge_radius_fwhm < 0:
+            raise ConfigError(f"crossmatch.merge_radius_fwhm must be >= 0 (0: never merge), got "
+                              f"{self.crossmatch.merge_radius_fwhm}")
         if self.crossmatch.min_epochs < 1:
             raise ConfigError(f"crossmatch.min_epochs must be >= 1, got {self.crossmatch.min_epochs}")
         if not 0.0 <= self.pnet.threshold < 1.0:

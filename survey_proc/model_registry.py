@@ -316,6 +316,17 @@ def digest(kind: str, path: str | Path | None) -> str:
     return hashlib.sha256(weights_path(kind, path).read_bytes()).hexdigest()[:16]
 
 
+def card_digest(kind: str, path: str | Path | None) -> str:
+    """The first 16 hex digits of the sha256 of the weights' JSON card ("" without a card).
+
+    The classifier's card holds settings that change its outputs (the p_periodic
+    calibration and the threshold on its scale), so the classify stage's fingerprint takes it
+    beside the weights' :func:`digest`.
+    """
+    cp = card_path(weights_path(kind, path))
+    return hashlib.sha256(cp.read_bytes()).hexdigest()[:16] if cp.is_file() else ""
+
+
 def describe(kind: str, path: str | Path | None = None) -> dict[str, Any]:
     """The ``run.json`` entry of a model (loading it on the CPU first: a bad file fails here).
 
@@ -329,7 +340,7 @@ def describe(kind: str, path: str | Path | None = None) -> dict[str, Any]:
     """
     spec = _spec(kind)
     m = load(kind, path, device="cpu")
-    entry: dict[str, Any] = {"path": m.path, "sha256": digest(kind, m.path)}
+    entry: dict[str, Any] = {"path": m.path, "sha256": digest(kind, m.path), "card_sha256": card_digest(kind, m.path)}
     if spec.setting:
         entry[spec.setting] = getattr(m, spec.setting)
     entry.update({"trained": m.card.get("date"), "git_revision": m.card.get("git_revision"),

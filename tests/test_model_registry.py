@@ -23,7 +23,7 @@ from survey_proc.photometry import stamps as stp
 SHIPPED_DIGESTS = {"detector": "d61c5020fe32b8c9", "bpnn": "584032c7fa35c363", "classifier": "5468d5a4421793c3"}
 # today's values of the shipped settings (detector and bpnn: in the weights file; classifier: on its card)
 SHIPPED_SETTINGS = {"detector": ("threshold", 0.14), "bpnn": ("n_samples", 8),
-                    "classifier": ("threshold", 0.9400000000000001)}
+                    "classifier": ("threshold", 0.01398694)}  # calibrated p_periodic scale (raw 0.94)
 
 
 def _tiny(kind: str) -> torch.nn.Module:
@@ -202,7 +202,8 @@ def test_weights_of_another_kind_are_refused(tmp_path):
 
 def test_describe_gives_the_run_json_entry_of_each_shipped_model():
     cards = {k: json.loads(mr.default_weights(k).with_suffix(".json").read_text()) for k in mr.KINDS}
-    common = {k: {"path": str(mr.default_weights(k)), "sha256": SHIPPED_DIGESTS[k]} for k in mr.KINDS}
+    common = {k: {"path": str(mr.default_weights(k)), "sha256": SHIPPED_DIGESTS[k],
+                  "card_sha256": mr.card_digest(k, None)} for k in mr.KINDS}
     expected = {
         "detector": common["detector"] | {"threshold": 0.14, "trained": cards["detector"]["date"],
                                           "git_revision": cards["detector"]["git_revision"],
@@ -210,7 +211,7 @@ def test_describe_gives_the_run_json_entry_of_each_shipped_model():
         "bpnn": common["bpnn"] | {"n_samples": 8, "trained": cards["bpnn"]["date"],
                                   "git_revision": cards["bpnn"]["git_revision"],
                                   "validation": cards["bpnn"]["validation"]},
-        "classifier": common["classifier"] | {"threshold": 0.9400000000000001, "trained": cards["classifier"]["date"],
+        "classifier": common["classifier"] | {"threshold": 0.01398694, "trained": cards["classifier"]["date"],
                                               "git_revision": cards["classifier"]["git_revision"],
                                               "validation_threshold": cards["classifier"]["validation"]["threshold"]},
     }
@@ -224,8 +225,19 @@ def test_describe_of_a_model_without_a_card(tmp_path):
     path = tmp_path / "b.pt"
     mr.save("bpnn", _tiny("bpnn"), path, card={}, n_samples=3)
     path.with_suffix(".json").unlink()
-    assert mr.describe("bpnn", path) == {"path": str(path), "sha256": mr.digest("bpnn", path), "n_samples": 3,
-                                         "trained": None, "git_revision": None, "validation": None}
+    assert mr.describe("bpnn", path) == {"path": str(path), "sha256": mr.digest("bpnn", path), "card_sha256": "",
+                                         "n_samples": 3, "trained": None, "git_revision": None, "validation": None}
+
+
+def test_the_card_digest_follows_the_card(tmp_path):
+    """The classify fingerprint takes the card (calibration, threshold): a new card must give a new digest."""
+    path = tmp_path / "c.pt"
+    mr.save("classifier", _tiny("classifier"), path, card={"calibration": None}, threshold=0.5)
+    before = mr.card_digest("classifier", path)
+    assert len(before) == 16 and before == mr.card_digest("classifier", path)
+    path.with_suffix(".json").write_text(json.dumps({"calibration": {"method": "isotonic"}}))
+    assert mr.card_digest("classifier", path) not in ("", before)
+    assert mr.digest("classifier", path) == mr.digest("classifier", path)  # the weights' digest is unchanged
 
 
 # ------------------------------------------------------------------ device rule

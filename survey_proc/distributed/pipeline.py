@@ -163,7 +163,9 @@ def run_pipeline(cfg: RunConfig, client: Any = None) -> dict[str, Any]:
     store.validate_store(cfg.store, epoch_checks=False)  # an epoch without a time is left out, not the run
     models = check_models(cfg)
     fp = cfg.fingerprint(models={k: v["sha256"] for k, v in models.items() if k != "classifier"})
-    cfp = cfg.classify_fingerprint(fp, models["classifier"]["sha256"]) if "classifier" in models else None
+    # the classifier's card is part of its input too (p_periodic calibration, threshold): a new card reclassifies
+    cfp = (cfg.classify_fingerprint(fp, models["classifier"]["sha256"] + models["classifier"].get("card_sha256", ""))
+           if "classifier" in models else None)
     reference = resolve_reference(cfg)
     plans = plan_fields(cfg)
     if reference is not None:

@@ -65,7 +65,8 @@ def crossmatch_region_task(out: str, field: str, field_index: int, region: xm.Re
     objects, lc, info = xm.crossmatch_region(src, region, field=field, field_index=field_index, fwhm_px=fwhm_px,
                                              match_radius_fwhm=xc.match_radius_fwhm,
                                              match_radius_min_px=xc.match_radius_min_px,
-                                             min_epochs=xc.min_epochs, seed_bin_px=xc.seed_bin_px, bands=bands)
+                                             min_epochs=xc.min_epochs, seed_bin_px=xc.seed_bin_px, bands=bands,
+                                             merge_radius_fwhm=xc.merge_radius_fwhm)
     ref_wcs = parse_wcs(ref_wcs_text) if ref_wcs_text else None
     objects["ra"], objects["dec"] = pixel_to_world(ref_wcs, objects["x"].to_numpy(), objects["y"].to_numpy())
     record = {"unit": "crossmatch", "field": field, "region": region.index, "n_epochs_in": len(epochs),
