@@ -178,6 +178,9 @@ class ForcedConfig:
     frame_min_stars: int = 6  # fewer clean stars to map the reference frame onto an epoch: no forced points there
     frame_snr_min: float = 10.0  # stars used for that map
     frame_margin_px: float = 128.0  # stars within the region plus this margin map it (all of the epoch's when too few)
+    subtract_neighbours: bool = False  # subtract the epoch's detections (Moffat models) before the forced apertures
+    neighbour_exclude_fwhm: float = 0.75  # ... except detections this close (x FWHM) to a measured position (itself)
+    neighbour_beta: float = 3.0  # Moffat index of the neighbours' model
 
 
 SECTIONS: dict[str, type] = {
@@ -298,6 +301,11 @@ class RunConfig:
         if c.detrend_components < 1 or c.detrend_min_stars < 2:
             raise ConfigError(f"classify.detrend_components must be >= 1 and classify.detrend_min_stars >= 2, got "
                               f"{c.detrend_components} and {c.detrend_min_stars}")
+        if self.forced.neighbour_exclude_fwhm < 0:
+            raise ConfigError(f"forced.neighbour_exclude_fwhm must be >= 0, got {self.forced.neighbour_exclude_fwhm}")
+        if self.forced.neighbour_beta <= 1:
+            raise ConfigError(f"forced.neighbour_beta must be > 1 (a Moffat with finite flux), got "
+                              f"{self.forced.neighbour_beta}")
         if self.forced.frame_min_stars < 3:
             raise ConfigError(f"forced.frame_min_stars must be >= 3 (an affine map has 3 unknowns per axis), got "
                               f"{self.forced.frame_min_stars}")

@@ -98,6 +98,49 @@ def test_forced_fluxes_are_unbiased_with_honest_errors_on_blank_sky_and_on_stars
     assert np.allclose(ratio, 1.0)
 
 
+def _moffat_image(n: int, stars: list[tuple[float, float, float]], fwhm: float, sky: float, noise: float,
+                  rng: np.random.Generator, beta: float = 3.0) -> np.ndarray:
+    from survey_proc.photometry.psffit import moffat_alpha, render
+
+    x, y, f = (np.array(v, float) for v in zip(*stars, strict=True))
+    img = sky + render((n, n), x, y, f, moffat_alpha(fwhm, beta), beta, 30)
+    return (img + rng.normal(0, noise, img.shape)).astype(np.float32)
+
+
+def test_subtracting_the_neighbours_removes_their_light_from_forced_apertures():
+    """A faint star 3 px from a 30x brighter one in poor seeing: without subtraction its forced flux holds the
+    neighbour's wing; with it, the star's own flux comes back (within its error), and a detection at the
+    measured position itself is never subtracted."""
+    rng = np.random.default_rng(7)
+    fwhm, noise = 3.5, 5.0
+    pairs = [(30.0 + 40 * i, 30.0 + 40 * j) for i in range(5) for j in range(5)]
+    stars = [s for x, y in pairs for s in ((x, y, 1000.0), (x + 3.0, y, 30000.0))]
+    kw = {"fwhm_px": fwhm, "apcorr": 1.0, "gain_e_per_adu": 1e9, "saturation_adu": np.inf,
+          "detection": DetectionConfig(), "photometry": PhotometryConfig(aperture_fwhm=1.0)}
+    fx, fy = np.array(pairs).T
+    nb = (fx + 3.0, fy, np.full(len(fx), 30000.0))
+    plain, sub, itself = [], [], []
+    for _ in range(6):
+        img = _moffat_image(220, stars, fwhm, 100.0, noise, rng)
+        plain.append(forced_aperture(img, None, fx, fy, **kw).flux)
+        r = forced_aperture(img, None, fx, fy, **kw, neighbours=nb, neighbour_exclude_px=0.75 * fwhm)
+        sub.append(r.flux)
+        # the bright star measured at its own position with itself among the neighbours: kept, not subtracted
+        itself.append(forced_aperture(img, None, nb[0], nb[1], **kw, neighbours=nb,
+                                      neighbour_exclude_px=0.75 * fwhm).flux)
+    from survey_proc.photometry.aperture import moffat_apcorr
+
+    frac = 1.0 / moffat_apcorr(1.0, 20.0)  # the share of a star's flux inside a 1-FWHM aperture
+    plain, sub, itself = np.concatenate(plain), np.concatenate(sub), np.concatenate(itself)
+    assert np.median(plain) > 1000.0 * frac * 3  # the neighbour's wing dominates the faint star's aperture
+    assert abs(np.median(sub) / (1000.0 * frac) - 1.0) < 0.1
+    assert abs(np.median(itself) / (30000.0 * frac) - 1.0) < 0.05
+    with pytest.raises(ConfigError, match=r"forced.neighbour_beta must be > 1 \(a Moffat with finite flux\), got 1"):
+        run_config("s.zarr", "o", forced={"neighbour_beta": 1.0})
+    with pytest.raises(ConfigError, match=r"forced.neighbour_exclude_fwhm must be >= 0, got -1"):
+        run_config("s.zarr", "o", forced={"neighbour_exclude_fwhm": -1.0})
+
+
 def test_forced_aperture_flags_the_edge_and_masked_pixels():
     rng = np.random.default_rng(6)
     img = _gaussian_image(128, [], 2.5, 50.0, 5.0, rng)

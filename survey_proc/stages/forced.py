@@ -149,7 +149,11 @@ def measure_epoch(store_path: str, out: str, field: str, region: xm.Region, epoc
     res = forced_aperture(image, mask, np.r_[xe[want] - x0, sx[i_anchor]], np.r_[ye[want] - y0, sy[i_anchor]],
                           fwhm_px=fwhm, apcorr=float(epoch["apcorr"]), gain_e_per_adu=gain_e_per_adu,
                           saturation_adu=saturation_adu, detection=cfg.detection, photometry=cfg.photometry,
-                          detections=(sx[near], sy[near], src["peak_adu"].to_numpy(float)[near]))
+                          detections=(sx[near], sy[near], src["peak_adu"].to_numpy(float)[near]),
+                          neighbours=((sx[near], sy[near], src["flux"].to_numpy(float)[near])
+                                      if cfg.forced.subtract_neighbours else None),
+                          neighbour_exclude_px=cfg.forced.neighbour_exclude_fwhm * fwhm,
+                          neighbour_beta=cfg.forced.neighbour_beta)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = src["flux"].to_numpy(float)[i_anchor] / res.flux[n_want:]
     ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
