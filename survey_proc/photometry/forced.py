@@ -23,6 +23,8 @@ x FWHM of any measured position (they may be the object itself, detected as a bl
 anchors are measured the same way (each keeps its own light), so the flux scale stays the
 detections'. Detected points are not corrected: a blended object's forced points then sit
 below its detections by the neighbour's share in good seeing (a few per cent at 3 px).
+Measured on a held-out 512² x 1000 survey, it does not help (the biasing light is mostly the
+star's own blend, within the exclusion radius): it stays off.
 
 Errors: sep's aperture error (the window's background noise plus the source's Poisson noise
 for a positive flux) times the aperture correction, as for detections. Flags: ``FORCED``
