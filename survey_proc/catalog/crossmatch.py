@@ -27,7 +27,7 @@ Objects
    neighbours). The rms is the 90th percentile, over objects with at least 10 sources, of
    the per-axis scatter of their positions after the first association. Then the
    association is repeated once.
-4. *Alternate centroids merged* (``merge_radius_fwhm``, default 0: off): two objects closer
+4. *Alternate centroids merged* (``merge_radius_fwhm``, default 1; 0: off): two objects closer
    than that which no epoch detected together are one source seen at two centroids (alone
    in good seeing, blended with a neighbour in poor seeing): :func:`merge_exclusive`. The
    points from the other centroid carry ``BLENDED`` (they hold the neighbour's light).
