@@ -56,7 +56,9 @@ def _alternating_source(rng: np.random.Generator, n_epochs: int = 60) -> dict:
             rows.append((e, 41.4, 40.0))
         rows += [(e, 80.0, 80.0), (e, 81.6, 80.0), (e, 20.0, 70.0)]
     ep, x, y = (np.array(v) for v in zip(*rows, strict=True))
-    return {"epoch": ep, "x": x + rng.normal(0, 0.05, len(x)), "y": y + rng.normal(0, 0.05, len(y))}
+    # a blend's centroid moves with the seeing: it scatters more than the star alone
+    sigma = np.where(np.isclose(x, 41.4), 0.25, 0.05)
+    return {"epoch": ep, "x": x + rng.normal(0, 1, len(x)) * sigma, "y": y + rng.normal(0, 1, len(y)) * sigma}
 
 
 def test_alternate_centroids_of_one_source_are_merged_and_resolved_pairs_are_not():
@@ -68,7 +70,8 @@ def test_alternate_centroids_of_one_source_are_merged_and_resolved_pairs_are_not
     assert n == 1 and len(np.unique(merged[merged >= 0])) == 4
     star = merged[np.argmin(np.hypot(s["x"] - 40, s["y"] - 40))]
     assert np.sum(merged == star) == 60  # every epoch, one source each
-    # its position is the main member's (good seeing), not the blend's centroid
+    # its position is the steadier member's (the star alone), not the blend's centroid, though that has fewer points
+    # here only in one epoch in three
     assert np.all(np.abs(s["x"][(merged == star) & primary] - 40.0) < 0.3)
     # the resolved pair shares every epoch: never merged, whatever the radius
     pair = np.hypot(s["x"] - 80.8, s["y"] - 80) < 1.2
@@ -92,7 +95,7 @@ def test_crossmatch_region_merges_when_asked_and_flags_the_other_centroid():
     assert abs(star["x"] - 40.0) < 0.1
     pts = lc[lc["object_id"] == star["object_id"]]
     blended = (pts["flags"].to_numpy() & F.BLENDED) != 0
-    assert blended.sum() == 20 and np.all(np.abs(pts["x_ref"].to_numpy()[blended] - 41.4) < 0.3)
+    assert blended.sum() == 20 and np.all(pts["epoch"].to_numpy()[blended] % 3 == 0)  # the poor-seeing epochs
     objects0, _, info0 = crossmatch_region(src, region, **kw, merge_radius_fwhm=0.0)
     assert info0["n_merged"] == 0 and len(objects0) == 5
 

@@ -30,7 +30,8 @@ Objects
 4. *Alternate centroids merged* (``merge_radius_fwhm``, default 1; 0: off): two objects closer
    than that which no epoch detected together are one source seen at two centroids (alone
    in good seeing, blended with a neighbour in poor seeing): :func:`merge_exclusive`. The
-   points from the other centroid carry ``BLENDED`` (they hold the neighbour's light).
+   object sits at its member with the steadier astrometry; the points from the other
+   centroid carry ``BLENDED`` (they hold the neighbour's light).
 5. Objects with fewer than ``min_epochs`` sources are dropped (their sources stay in
    ``sources/``).
 
@@ -280,9 +281,10 @@ def merge_exclusive(obj: np.ndarray, x: np.ndarray, y: np.ndarray, epoch: np.nda
     -------
     obj, primary, n_merged
         The object index of every source after merging (each group takes its smallest
-        index); whether the source belonged to its group's member with the most sources
-        (the object's position is theirs: the source alone, not the blend's centroid); the
-        number of merges.
+        index); whether the source belonged to its group's member with the smallest
+        astrometric scatter (the object's position is theirs: the source alone, whose
+        centroid is stable, not the blend's, which moves with the seeing); the number of
+        merges.
     """
     m = obj >= 0
     primary = np.ones(len(obj), bool)
@@ -322,10 +324,11 @@ def merge_exclusive(obj: np.ndarray, x: np.ndarray, y: np.ndarray, epoch: np.nda
     lut = {o: find(o) for o in root}
     out = obj.copy()
     out[m] = pd.Series(obj[m]).map(lambda o: lut.get(o, o)).to_numpy()
-    size = pd.Series(obj[m]).value_counts()
+    grp = pd.DataFrame({"o": obj[m], "x": x[m], "y": y[m]}).groupby("o")
+    scatter = np.sqrt(0.5 * (grp["x"].var(ddof=1) + grp["y"].var(ddof=1)))
     members = pd.DataFrame({"o": list(lut), "g": list(lut.values())})
-    members["n"] = size.reindex(members["o"]).to_numpy()
-    main = members.sort_values(["g", "n", "o"], ascending=[True, False, True]).drop_duplicates("g")
+    members["n"] = scatter.reindex(members["o"]).fillna(np.inf).to_numpy()
+    main = members.sort_values(["g", "n", "o"], ascending=[True, True, True]).drop_duplicates("g")
     merged_groups = set(members.loc[members["o"] != members["g"], "g"])
     main_of = dict(zip(main["g"], main["o"], strict=True))
     src_obj, src_grp = obj[m], out[m]
@@ -434,7 +437,7 @@ def crossmatch_region(src: pd.DataFrame, region: Region, *, field: str, field_in
     alternate = ~primary[m]  # detections at a merged object's other centroid: blended with a neighbour
     if alternate.any():
         lc.loc[alternate, "flags"] = lc.loc[alternate, "flags"].to_numpy() | F.BLENDED
-    pos = lc[primary[m]].groupby("obj")  # a merged object sits where its main member's sources are
+    pos = lc[primary[m]].groupby("obj")  # a merged object sits where its steadier member's sources are
     centre = pd.DataFrame({"x": pos["x_ref"].median(), "y": pos["y_ref"].median(),
                            "n_epochs": lc.groupby("obj").size(),
                            "astrom_rms_px": np.sqrt(0.5 * (pos["x_ref"].var(ddof=1) + pos["y_ref"].var(ddof=1)))})
