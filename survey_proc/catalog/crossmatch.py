@@ -325,7 +325,7 @@ def merge_exclusive(obj: np.ndarray, x: np.ndarray, y: np.ndarray, epoch: np.nda
     out = obj.copy()
     out[m] = pd.Series(obj[m]).map(lambda o: lut.get(o, o)).to_numpy()
     grp = pd.DataFrame({"o": obj[m], "x": x[m], "y": y[m]}).groupby("o")
-    scatter = np.sqrt(0.5 * (grp["x"].var(ddof=1) + grp["y"].var(ddof=1)))
+    scatter = pd.Series(np.sqrt(0.5 * (grp["x"].var(ddof=1) + grp["y"].var(ddof=1))))
     members = pd.DataFrame({"o": list(lut), "g": list(lut.values())})
     members["n"] = scatter.reindex(members["o"]).fillna(np.inf).to_numpy()
     main = members.sort_values(["g", "n", "o"], ascending=[True, True, True]).drop_duplicates("g")
