@@ -195,17 +195,6 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def local_path(value: str, name: str = "path") -> str:
-    """A local path from a path or a ``file://`` URL; any other URL is a :class:`ConfigError`.
-
-    For settings that must be on this machine (report and export destinations). The store
-    and the output may also be object storage: see :func:`survey_proc.storage.location`.
-    """
-    if "://" in value and not value.startswith("file://"):
-        raise ConfigError(f"{name} {value!r}: must be a local path or a file:// URL")
-    return str(storage.location(value, name))
-
-
 @dataclass(frozen=True)
 class RunConfig:
     """Everything ``survey-proc run`` needs. Paths are strings so the config is JSON-able."""

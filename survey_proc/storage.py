@@ -28,6 +28,7 @@ import io
 import os
 import posixpath
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -221,15 +222,7 @@ def write_bytes_atomic(data: bytes, loc: Location) -> None:
         fs, key = filesystem(loc)
         fs.pipe_file(key, data)
         return
-    path = Path(loc)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    _replace_atomically(Path(loc), lambda tmp: tmp.write_bytes(data))
 
 
 def write_table_atomic(table: pa.Table, loc: Location, **write_options: Any) -> None:
@@ -243,11 +236,15 @@ def write_table_atomic(table: pa.Table, loc: Location, **write_options: Any) -> 
         pq.write_table(table, buf, **write_options)
         write_bytes_atomic(buf.getvalue(), loc)
         return
-    path = Path(loc)
+    _replace_atomically(Path(loc), lambda tmp: pq.write_table(table, tmp, **write_options))
+
+
+def _replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write`` a hidden temporary file beside ``path``, then rename it over ``path``; no temporary is left."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, tmp, **write_options)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -269,17 +266,11 @@ def read_table(loc: Location, **kwargs: Any) -> pa.Table:
 
 def read_schema(loc: Location) -> pa.Schema:
     """The Arrow schema of the Parquet file at ``loc``."""
-    if not is_remote(loc):
-        return pq.read_schema(str(loc))
-    fs, path = filesystem(loc)
-    with fs.open(path, "rb") as f:
-        return pq.read_schema(f)
+    path, fs = _arrow_args(loc)
+    return pq.read_schema(path, filesystem=fs)
 
 
 def read_metadata(loc: Location) -> pq.FileMetaData:
     """The Parquet footer of the file at ``loc``."""
-    if not is_remote(loc):
-        return pq.read_metadata(str(loc))
-    fs, path = filesystem(loc)
-    with fs.open(path, "rb") as f:
-        return pq.read_metadata(f)
+    path, fs = _arrow_args(loc)
+    return pq.read_metadata(path, filesystem=fs)

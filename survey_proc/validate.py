@@ -34,7 +34,7 @@ from survey_proc.storage import Location
 
 
 def _files(out: Location, kind: str) -> list[Location]:
-    return [f for f in storage.find(storage.join(out, kind), ".parquet") if not storage.name(f).startswith(".")]
+    return storage.find(storage.join(out, kind), ".parquet")
 
 
 def validate_output(out: str | Path, max_examples: int = 3) -> list[str]:
