@@ -13,7 +13,9 @@ Definitions (fixed before any test-split number was computed)
   pipeline's search grid (:func:`~survey_proc.lightcurves.periodogram.search_grid`, its
   shortest period the model card's ``search.period_min_days``, else 0.25 d, as
   ``classify_table`` does) and :func:`~survey_proc.lightcurves.classifier.classify` with
-  the classifier's own threshold.
+  the classifier's own threshold, and, as the classify stage does, the shipped sparse
+  long-baseline classifier for curves spanning more than ``[classify] sparse_span_days``
+  (``--sparse-weights none``: the CNN alone, the figure before it existed).
 - **Bands reconciled**: when one band is called periodic (eclipsing_binary, pulsator,
   transit) and the other not, the periodic band's result is taken; when both are periodic,
   the one with the higher ``var_class_prob``; when neither, R's.
@@ -37,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from survey_proc.config import ClassifySettings
 from training.build_cadence_data import EROS, eros_band
 
 NAMES = {1: "EB", 2: "Cepheid", 3: "RR Lyrae", 4: "Mira"}
@@ -61,7 +64,7 @@ def period_ok(p: float, p_true: float, eb: bool) -> bool:
     return any(abs(p / (f * p_true) - 1) <= 0.01 for f in facs)
 
 
-def classify_star(row: pd.Series, clf, bands: str = "rb") -> dict:
+def classify_star(row: pd.Series, clf, bands: str = "rb", sparse=None, sparse_span_days: float = 30.0) -> dict:
     """Both bands of one star through the classify path, reconciled (module docstring)."""
     from survey_proc.lightcurves import classifier as C
     from survey_proc.lightcurves.periodogram import search_grid
@@ -80,7 +83,7 @@ def classify_star(row: pd.Series, clf, bands: str = "rb") -> dict:
             grid = search_grid(b.t_days, period_min_days=trained_period_min(clf))
         except ValueError:
             continue
-        r = C.classify(b, clf, grid).iloc[0]
+        r = C.classify(b, clf, grid, sparse=sparse, sparse_span_days=sparse_span_days).iloc[0]
         res[band] = {"var_class": r["var_class"], "period": float(r["period"]), "prob": float(r["var_class_prob"])
                      if np.isfinite(r["var_class_prob"]) else 0.0, "p_periodic": float(r["p_periodic"])}
     per = {k: v for k, v in res.items() if v["var_class"] in PERIODIC_CLASSES}
@@ -104,9 +107,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--bands", default="rb")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--sparse-weights", default="", help="the sparse classifier's weights ('' shipped, 'none': off)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     clf = model_registry.load("classifier", path=args.weights, device="cpu")
+    sparse = (None if args.sparse_weights == "none"
+              else model_registry.load("classifier_sparse", path=args.sparse_weights or None, device="cpu"))
+    span_days = ClassifySettings().sparse_span_days
     lab = pd.read_csv(EROS / f"{args.split}.csv", index_col=0)
     curves = pd.read_csv(EROS / f"{args.split}_varlength_features.csv.gz", index_col=0)
     ids = lab.index.intersection(curves.index)
@@ -115,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     rows = []
     for k, sid in enumerate(ids):
-        r = classify_star(curves.loc[sid], clf, args.bands)
+        r = classify_star(curves.loc[sid], clf, args.bands, sparse, span_days)
         typ = int(lab.loc[sid, "type"])
         p_true = float(lab.loc[sid, "period"] / lab.loc[sid, "div_period"])
         pred = four_class(r["var_class"], r["period"])
@@ -126,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     d = pd.DataFrame(rows)
     correct = d["pred"] == d["type"]
     res = {"split": args.split, "n": len(d), "weights": str(clf.path), "threshold": clf.threshold,
+           "sparse_weights": str(sparse.path) if sparse is not None else None,
+           "sparse_threshold": sparse.threshold if sparse is not None else None,
            "class_accuracy": float(correct.mean()), "period_within_1pct": float(d["period_ok"].mean()),
            "period_within_1pct_of_correct_class": float(d.loc[correct, "period_ok"].mean()) if correct.any() else None,
            "per_class": {NAMES[t]: {"n": int((d["type"] == t).sum()),

@@ -161,6 +161,10 @@ class ClassifySettings:
     bls_max_work: float = 5e8  # ... and so are its frequencies x epochs: bounded cost per curve
     min_baseline_days: float = 0.0  # a curve whose kept points span less is not classified (0: 1.6 x the BLS minimum)
     pulsator_max_fap: float = 1e-3  # a pulsator's LS peak must have a false-alarm probability <= this
+    # curves whose kept points span more than this (days) go to the sparse long-baseline classifier
+    # (lightcurves/sparse_classifier.py; the CNN saw 3.5-d curves only); 0: the CNN classifies every curve
+    sparse_span_days: float = 30.0
+    sparse_weights: str = ""  # the sparse classifier's .pt file; "" = the one shipped in survey_proc/models/
     detrend: str = "sysrem"  # systematics removed before the period search: "sysrem" or "none"
     detrend_components: int = 2  # SysRem components (trends shared by the field's stars)
     detrend_min_stars: int = 20  # fewer usable constant-looking stars in a field: no detrending
@@ -265,6 +269,9 @@ class RunConfig:
         if self.crossmatch.merge_radius_fwhm < 0:
             raise ConfigError(f"crossmatch.merge_radius_fwhm must be >= 0 (0: never merge), got "
                               f"{self.crossmatch.merge_radius_fwhm}")
+        if self.classify.sparse_span_days < 0:
+            raise ConfigError(f"classify.sparse_span_days must be >= 0 days (0: the CNN classifies every curve), got "
+                              f"{self.classify.sparse_span_days}")
         if self.crossmatch.min_epochs < 1:
             raise ConfigError(f"crossmatch.min_epochs must be >= 1, got {self.crossmatch.min_epochs}")
         if not 0.0 <= self.pnet.threshold < 1.0:

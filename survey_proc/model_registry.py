@@ -2,14 +2,17 @@
 
 Kinds
 -----
-:data:`KINDS` names the three networks a run can use:
+:data:`KINDS` names the four networks a run can use:
 
 - ``"detector"``: PNet (:mod:`survey_proc.detect.pnet`), setting ``threshold`` (heatmap
   confidence, dimensionless);
 - ``"bpnn"``: the Bayesian photometry network (:mod:`survey_proc.photometry.bpnn`),
   setting ``n_samples`` (T, Monte-Carlo weight samples per prediction);
 - ``"classifier"``: the periodic-variable CNN (:mod:`survey_proc.lightcurves.classifier`),
-  setting ``threshold`` (on ``p_periodic``, dimensionless).
+  setting ``threshold`` (on ``p_periodic``, dimensionless);
+- ``"classifier_sparse"``: the MLP on Fourier features for sparse, long-baseline curves
+  (:mod:`survey_proc.lightcurves.sparse_classifier`), setting ``threshold`` (on its
+  ``p_periodic``).
 
 The architectures and the inference code stay in those modules; this module only knows
 how a kind is stored, loaded onto a device and recorded in ``run.json``.
@@ -71,11 +74,12 @@ from survey_proc.errors import SurveyProcError
 if TYPE_CHECKING:
     from survey_proc.detect.pnet import LoadedDetector
     from survey_proc.lightcurves.classifier import LoadedClassifier
+    from survey_proc.lightcurves.sparse_classifier import LoadedSparseClassifier
     from survey_proc.photometry.bpnn import LoadedBPNN
 
-    Loaded: TypeAlias = LoadedDetector | LoadedBPNN | LoadedClassifier
+    Loaded: TypeAlias = LoadedDetector | LoadedBPNN | LoadedClassifier | LoadedSparseClassifier
 
-KINDS: tuple[str, ...] = ("detector", "bpnn", "classifier")
+KINDS: tuple[str, ...] = ("detector", "bpnn", "classifier", "classifier_sparse")
 FORMAT = 1  # the layout of the weights dictionary (see the module docstring)
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_SETTINGS: dict[str, float | int] = {"threshold": 0.5, "n_samples": 8}
@@ -111,6 +115,10 @@ _SPECS: dict[str, _Spec] = {
                         "LoadedClassifier", "classifier", "PYTHONPATH=. python training/train_classifier.py",
                         "threshold", "validation_threshold",
                         lambda card: card.get("validation", {}).get("threshold")),
+    "classifier_sparse": _Spec("survey_proc.lightcurves.sparse_classifier", "FourierMLP", "SparseClassifierConfig",
+                               "LoadedSparseClassifier", "sparse classifier",
+                               "PYTHONPATH=. python training/train_sparse_classifier.py", "threshold",
+                               "validation", lambda card: card.get("validation")),
 }
 
 
@@ -220,6 +228,9 @@ def load(kind: Literal["bpnn"], path: str | Path | None = None,
 @overload
 def load(kind: Literal["classifier"], path: str | Path | None = None,
          device: str | torch.device | None = None) -> LoadedClassifier: ...
+@overload
+def load(kind: Literal["classifier_sparse"], path: str | Path | None = None,
+         device: str | torch.device | None = None) -> LoadedSparseClassifier: ...
 @overload
 def load(kind: str, path: str | Path | None = None, device: str | torch.device | None = None) -> Loaded: ...
 

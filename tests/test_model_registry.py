@@ -16,14 +16,17 @@ from survey_proc import model_registry as mr
 from survey_proc.detect import pnet
 from survey_proc.errors import SurveyProcError
 from survey_proc.lightcurves import classifier as C
+from survey_proc.lightcurves import sparse_classifier as sc
 from survey_proc.photometry import bpnn as bp
 from survey_proc.photometry import stamps as stp
 
 # the shipped weights: their digests are part of every run's fingerprint and must never change
-SHIPPED_DIGESTS = {"detector": "d61c5020fe32b8c9", "bpnn": "584032c7fa35c363", "classifier": "5468d5a4421793c3"}
+SHIPPED_DIGESTS = {"detector": "d61c5020fe32b8c9", "bpnn": "584032c7fa35c363", "classifier": "5468d5a4421793c3",
+                   "classifier_sparse": "d8bb2d9032f9f4cd"}
 # today's values of the shipped settings (detector and bpnn: in the weights file; classifier: on its card)
 SHIPPED_SETTINGS = {"detector": ("threshold", 0.14), "bpnn": ("n_samples", 8),
-                    "classifier": ("threshold", 0.01398694)}  # calibrated p_periodic scale (raw 0.94)
+                    "classifier": ("threshold", 0.01398694),  # calibrated p_periodic scale (raw 0.94)
+                    "classifier_sparse": ("threshold", 0.85)}
 
 
 def _tiny(kind: str) -> torch.nn.Module:
@@ -32,10 +35,13 @@ def _tiny(kind: str) -> torch.nn.Module:
         return pnet.PNet(pnet.PNetConfig(channels=(8, 8, 12, 16), stem_channels=8, head_channels=8)).eval()
     if kind == "bpnn":
         return bp.BPNN(bp.BPNNConfig(channels=8, n_blocks=1, bottleneck=16, hidden=(8,))).eval()
+    if kind == "classifier_sparse":
+        return sc.FourierMLP(sc.SparseClassifierConfig(hidden=(8,))).eval()
     return C.LocalGlobalCNN(C.ClassifierConfig(global_channels=(4,), local_channels=(4,), hidden=(8,))).eval()
 
 
-SETTINGS = {"detector": {"threshold": 0.42}, "bpnn": {"n_samples": 12}, "classifier": {"threshold": 0.7}}
+SETTINGS = {"detector": {"threshold": 0.42}, "bpnn": {"n_samples": 12}, "classifier": {"threshold": 0.7},
+            "classifier_sparse": {"threshold": 0.6}}
 
 
 # ------------------------------------------------------------------ round trips
@@ -87,7 +93,8 @@ def test_save_refuses_another_kinds_model_and_wrong_settings(tmp_path):
         mr.save("classifier", _tiny("classifier"), tmp_path / "x.pt", card={})
     with pytest.raises(SurveyProcError, match=r"takes the settings \['n_samples'\], got \['threshold'\]"):
         mr.save("bpnn", _tiny("bpnn"), tmp_path / "x.pt", card={}, threshold=0.5)
-    with pytest.raises(SurveyProcError, match=r"unknown model kind 'pnet'; the kinds are detector, bpnn, classifier"):
+    with pytest.raises(SurveyProcError,
+                       match=r"unknown model kind 'pnet'; the kinds are detector, bpnn, classifier, classifier_sparse"):
         mr.save("pnet", _tiny("detector"), tmp_path / "x.pt", card={}, threshold=0.5)
     assert not (tmp_path / "x.pt").exists()
 
@@ -214,6 +221,10 @@ def test_describe_gives_the_run_json_entry_of_each_shipped_model():
         "classifier": common["classifier"] | {"threshold": 0.01398694, "trained": cards["classifier"]["date"],
                                               "git_revision": cards["classifier"]["git_revision"],
                                               "validation_threshold": cards["classifier"]["validation"]["threshold"]},
+        "classifier_sparse": common["classifier_sparse"] | {
+            "threshold": SHIPPED_SETTINGS["classifier_sparse"][1], "trained": cards["classifier_sparse"]["date"],
+            "git_revision": cards["classifier_sparse"]["git_revision"],
+            "validation": cards["classifier_sparse"]["validation"]},
     }
     for kind in mr.KINDS:
         got = mr.describe(kind, None)

@@ -124,6 +124,8 @@ def required_models(cfg: RunConfig) -> dict[str, str | None]:
         models["bpnn"] = cfg.bpnn.weights or None
     if cfg.classify.enabled:
         models["classifier"] = cfg.classify.weights or None
+        if cfg.classify.sparse_span_days > 0:
+            models["classifier_sparse"] = cfg.classify.sparse_weights or None
     return models
 
 
@@ -162,9 +164,11 @@ def run_pipeline(cfg: RunConfig, client: Any = None) -> dict[str, Any]:
         raise ConfigError("a run needs a store and an --out directory")
     store.validate_store(cfg.store, epoch_checks=False)  # an epoch without a time is left out, not the run
     models = check_models(cfg)
-    fp = cfg.fingerprint(models={k: v["sha256"] for k, v in models.items() if k != "classifier"})
-    # the classifier's card is part of its input too (p_periodic calibration, threshold): a new card reclassifies
-    cfp = (cfg.classify_fingerprint(fp, models["classifier"]["sha256"] + models["classifier"].get("card_sha256", ""))
+    classifiers = ("classifier", "classifier_sparse")
+    fp = cfg.fingerprint(models={k: v["sha256"] for k, v in models.items() if k not in classifiers})
+    # the classifiers' cards are part of their input too (p_periodic calibration, threshold): a new card reclassifies
+    cfp = (cfg.classify_fingerprint(fp, "".join(models[k]["sha256"] + models[k].get("card_sha256", "")
+                                                for k in classifiers if k in models))
            if "classifier" in models else None)
     reference = resolve_reference(cfg)
     plans = plan_fields(cfg)

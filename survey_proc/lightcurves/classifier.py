@@ -69,6 +69,7 @@ from survey_proc.lightcurves.periodogram import (
     search_grid,
 )
 from survey_proc.lightcurves.preprocess import LightCurveBatch, variability_stats
+from survey_proc.lightcurves.sparse_classifier import LoadedSparseClassifier
 from survey_proc.vocab import CLASSIFIER_CLASSES, PERIODIC_CLASSES, SINGLE_EVENT
 
 CLASSES = CLASSIFIER_CLASSES
@@ -372,8 +373,13 @@ def ls_false_alarm(t_days: np.ndarray, y: np.ndarray, w: np.ndarray, power: floa
 
 
 def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | None = None,
-             bls_batch: int = 16, pulsator_max_fap: float = 1e-3) -> pd.DataFrame:
+             bls_batch: int = 16, pulsator_max_fap: float = 1e-3, sparse: LoadedSparseClassifier | None = None,
+             sparse_span_days: float = 30.0) -> pd.DataFrame:
     """Search, classify and measure every usable light curve of ``batch``.
+
+    With ``sparse`` (:mod:`survey_proc.lightcurves.sparse_classifier`), the curves whose kept
+    points span more than ``sparse_span_days`` are classified by it (outside the CNN's
+    training cadence); their ``prob_transit`` is NaN and ``sparse`` True.
 
     Returns
     -------
@@ -381,7 +387,8 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
     period (days), period_power (BLS SDE for eclipsing binaries and transits, LS power for
     pulsators and the rest), depth (relative flux: BLS depth, or the LS peak-to-peak for
     pulsators), duration (days, BLS), p_periodic, var_class, var_class_prob, t0_mjd, the
-    variability statistics and the class probabilities ``prob_<class>``.
+    variability statistics, the class probabilities ``prob_<class>`` and ``sparse`` (which
+    model classified the row).
     """
     n = len(batch)
     out = pd.DataFrame({"object_id": batch.object_id})
@@ -396,7 +403,13 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
     stats = variability_stats(batch)
     for c in stats.columns:
         out[c] = stats[c].to_numpy()
+    out["sparse"] = False
     use = np.flatnonzero(batch.usable)
+    if sparse is not None and sparse_span_days > 0 and len(use):
+        span_u = np.array([np.ptp(batch.t_days[batch.w[i] > 0]) for i in use])
+        long_rows, use = use[span_u > sparse_span_days], use[span_u <= sparse_span_days]
+        if len(long_rows):
+            _fill_sparse(out, batch, long_rows, sparse, pulsator_max_fap)
     if len(use) == 0:
         return out
     sub = batch.subset(use)
@@ -461,3 +474,18 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
     for j, c in enumerate(CLASSES):
         out.loc[rows, f"prob_{c}"] = prob[:, j]
     return out
+
+
+def _fill_sparse(out: pd.DataFrame, batch: LightCurveBatch, rows: np.ndarray, sparse: LoadedSparseClassifier,
+                 pulsator_max_fap: float) -> None:
+    """Rows ``rows`` of ``out`` from the sparse long-baseline classifier (:func:`classify`)."""
+    from survey_proc.lightcurves.sparse_classifier import classify_sparse
+
+    r = classify_sparse(batch, rows, sparse, pulsator_max_fap)
+    for c in ("period", "period_power", "depth", "duration", "p_periodic", "var_class_prob", "period_ls",
+              "ls_power", "n_events", "ls_fap", "var_class"):
+        out.loc[rows, c] = r[c].to_numpy()
+    out.loc[rows, "t0_mjd"] = r["t0_days"].to_numpy() + batch.t_ref_mjd
+    for c in CLASSES:
+        out.loc[rows, f"prob_{c}"] = r[f"prob_{c}"].to_numpy() if f"prob_{c}" in r else np.nan
+    out.loc[rows, "sparse"] = True

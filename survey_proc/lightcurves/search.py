@@ -19,7 +19,8 @@ from survey_proc.config import ClassifySettings
 from survey_proc.vocab import PERIODIC_CLASSES
 
 
-def classify_table(lc: pd.DataFrame, clf: Any, cc: ClassifySettings) -> tuple[pd.DataFrame | None, dict[str, Any]]:
+def classify_table(lc: pd.DataFrame, clf: Any, cc: ClassifySettings, sparse: Any = None
+                   ) -> tuple[pd.DataFrame | None, dict[str, Any]]:
     """Search and classify the light curves in ``lc``.
 
     Parameters
@@ -31,6 +32,9 @@ def classify_table(lc: pd.DataFrame, clf: Any, cc: ClassifySettings) -> tuple[pd
         A loaded classifier (``survey_proc.model_registry.load("classifier")``).
     cc
         The ``[classify]`` settings (minimum points, clipping, period range in days).
+    sparse
+        The sparse long-baseline classifier (``model_registry.load("classifier_sparse")``)
+        for curves spanning more than ``cc.sparse_span_days``; None: the CNN classifies all.
 
     Returns
     -------
@@ -90,7 +94,8 @@ def classify_table(lc: pd.DataFrame, clf: Any, cc: ClassifySettings) -> tuple[pd
     if not batch.usable.any():
         info["not_searched"] = f"no light curve with {max(need_points, need_frac)} points over {min_base:.3g} d"
         return _reasons_only(reason), info
-    res = classify(batch, clf, grid, pulsator_max_fap=cc.pulsator_max_fap).set_index("object_id")
+    res = classify(batch, clf, grid, pulsator_max_fap=cc.pulsator_max_fap, sparse=sparse,
+                   sparse_span_days=cc.sparse_span_days).set_index("object_id")
     res["n_points_classified"] = batch.n_points.astype(np.int32)
     res = res.reindex(ids)
     res["classify_reason"] = reason.reindex(ids).to_numpy()
@@ -99,7 +104,8 @@ def classify_table(lc: pd.DataFrame, clf: Any, cc: ClassifySettings) -> tuple[pd
                 classes={str(k): int(v) for k, v in res["var_class"].value_counts().items()},
                 not_classified={str(k).split(":")[0]: int(v) for k, v in
                                 reason.str.split(":").str[0].value_counts().items()},
-                baseline_days=float(grid.baseline_days), n_bls_freq=len(grid.bls_freq), n_ls_freq=len(grid.ls_freq))
+                baseline_days=float(grid.baseline_days), n_bls_freq=len(grid.bls_freq), n_ls_freq=len(grid.ls_freq),
+                n_sparse=int(res["sparse"].fillna(False).astype(bool).sum()))
     return res, info
 
 

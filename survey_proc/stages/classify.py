@@ -202,7 +202,8 @@ def classify_region_task(out: str, field: str, region: int, cfg_json: str, class
     clf = worker_model("classifier", cc.weights or None)
     if cc.threshold > 0:
         clf = replace(clf, threshold=cc.threshold)
-    res, found = classify_table(lc, clf, cc)
+    sparse = worker_model("classifier_sparse", cc.sparse_weights or None) if cc.sparse_span_days > 0 else None
+    res, found = classify_table(lc, clf, cc, sparse)
     info: dict[str, Any] = {"n_objects": len(objects), **found, "detrend": applied,
                             "n_detrended": int((objects["detrend"] != "none").sum())}
     objects["classify_reason"] = "no_points: no light-curve points"

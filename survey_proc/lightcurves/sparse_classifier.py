@@ -1,0 +1,158 @@
+"""The classifier of sparse, long-baseline light curves: a small MLP on Fourier features.
+
+Why a second model
+------------------
+The shipped CNN (:mod:`survey_proc.lightcurves.classifier`, v2) was trained on one cadence
+(1000 epochs over 3.5 d) and reads phase-folded views of it. On real ground-based curves of
+years (EROS-1, ~120 points over ~900-1400 d) it called 0.54 of the test split's stars right
+(RESULTS.md, issue 22): its inputs are out of its domain. Curves whose kept points span
+more than ``[classify] sparse_span_days`` go to this model instead: it sees the cadence-free
+features of :mod:`survey_proc.lightcurves.fourier_features`, was trained on the real EROS-1
+train split (eclipsing binaries and pulsators) and on constant and random-walk curves at the
+same real cadences and errors (``training/train_sparse_classifier.py``; the card says how).
+Curves inside the CNN's domain (the simulated surveys, whatever their number of epochs)
+are unchanged.
+
+Decision
+--------
+Classes :data:`SPARSE_CLASSES` (no ``transit``: the training set has none). ``p_periodic``
+is ``p(eclipsing_binary) + p(pulsator)``; an object is periodic when it reaches the card's
+``threshold`` (chosen on the validation constants, see the card) and its LS peak's Baluev
+false-alarm probability is at most ``pulsator_max_fap`` (the CNN path's gate); otherwise the
+more probable of ``constant`` and ``non_periodic``. Periods: a pulsator's is the fitted
+period; an eclipsing binary's is twice it (the LS peak of two similar eclipses is half the
+orbit). Fewer than 1.15 cycles of that period in the curve's own span: ``single_event``,
+period NaN, as in the CNN path.
+
+Nothing here knows about Dask or files; :func:`survey_proc.model_registry.load` loads it
+(kind ``"classifier_sparse"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from survey_proc.lightcurves.fourier_features import FEATURE_NAMES, curve_features
+from survey_proc.lightcurves.preprocess import LightCurveBatch
+from survey_proc.vocab import SINGLE_EVENT
+
+SPARSE_CLASSES: tuple[str, ...] = ("constant", "eclipsing_binary", "pulsator", "non_periodic")
+SINGLE_EVENT_CYCLES = 1.15
+
+
+@dataclass(frozen=True)
+class SparseClassifierConfig:
+    """Architecture of :class:`FourierMLP`."""
+
+    n_features: int = len(FEATURE_NAMES)
+    hidden: tuple[int, ...] = (64, 64)
+    dropout: float = 0.2
+    n_classes: int = len(SPARSE_CLASSES)
+
+
+class FourierMLP(nn.Module):
+    """Standardised features -> class logits; the standardisation (``mean``, ``scale``) is part of the weights."""
+
+    def __init__(self, cfg: SparseClassifierConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("mean", torch.zeros(cfg.n_features))
+        self.register_buffer("scale", torch.ones(cfg.n_features))
+        layers: list[nn.Module] = []
+        n_in = cfg.n_features
+        for h in cfg.hidden:
+            layers += [nn.Linear(n_in, h), nn.ReLU(), nn.Dropout(cfg.dropout)]
+            n_in = h
+        layers.append(nn.Linear(n_in, cfg.n_classes))
+        self.net = nn.Sequential(*layers)
+
+    mean: torch.Tensor
+    scale: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (n, n_classes) of raw feature rows ``x`` (n, n_features)."""
+        return self.net((x - self.mean) / self.scale)
+
+
+@dataclass
+class LoadedSparseClassifier:
+    """A sparse-curve classifier ready for inference (from :func:`survey_proc.model_registry.load`)."""
+
+    model: FourierMLP
+    threshold: float
+    card: dict
+    path: str
+    device: torch.device
+
+
+def period_min_days(clf: LoadedSparseClassifier) -> float:
+    """The shortest period searched (days): the card's ``search.period_min_days`` (what it was trained with)."""
+    return float((clf.card or {}).get("search", {}).get("period_min_days", 0.1))
+
+
+@torch.no_grad()
+def predict_proba(clf: LoadedSparseClassifier, x: np.ndarray) -> np.ndarray:
+    """Class probabilities (n, len(SPARSE_CLASSES)) of feature rows ``x`` (n, len(FEATURE_NAMES))."""
+    if not len(x):
+        return np.zeros((0, len(SPARSE_CLASSES)), np.float32)
+    t = torch.as_tensor(np.asarray(x, np.float32), device=clf.device)
+    return torch.softmax(clf.model(t), 1).cpu().numpy()
+
+
+def batch_features(batch: LightCurveBatch, rows: np.ndarray, p_min_days: float) -> list:
+    """:func:`~survey_proc.lightcurves.fourier_features.curve_features` of rows ``rows`` of ``batch`` (kept points)."""
+    out = []
+    for i in rows:
+        keep = batch.w[i] > 0
+        out.append(curve_features(batch.t_days[keep], batch.y[i, keep].astype(float),
+                                  1.0 / np.sqrt(batch.w[i, keep].astype(float)), p_min_days))
+    return out
+
+
+def classify_sparse(batch: LightCurveBatch, rows: np.ndarray, clf: LoadedSparseClassifier,
+                    pulsator_max_fap: float = 1e-3) -> pd.DataFrame:
+    """Classify rows ``rows`` of ``batch`` (usable curves): one result row each, in that order.
+
+    Returns
+    -------
+    DataFrame with period (days), period_power (LS power), depth (peak-to-peak relative flux),
+    duration (NaN), p_periodic, var_class, var_class_prob, t0_days (time of minimum light,
+    days from ``batch.t_days`` 0), period_ls, ls_power, n_events (-1), ls_fap and
+    ``prob_<class>`` for :data:`SPARSE_CLASSES`.
+    """
+    from survey_proc.lightcurves.classifier import ls_false_alarm
+
+    rows = np.asarray(rows, int)
+    fits = batch_features(batch, rows, period_min_days(clf))
+    x = np.stack([f.features for f in fits]) if fits else np.zeros((0, len(FEATURE_NAMES)), np.float32)
+    prob = predict_proba(clf, x)
+    ie, ip = SPARSE_CLASSES.index("eclipsing_binary"), SPARSE_CLASSES.index("pulsator")
+    non = [SPARSE_CLASSES.index("constant"), SPARSE_CLASSES.index("non_periodic")]
+    p_per = prob[:, ie] + prob[:, ip]
+    res = []
+    for k, (i, fit) in enumerate(zip(rows, fits, strict=True)):
+        keep = batch.w[i] > 0
+        span = float(np.ptp(batch.t_days[keep]))
+        fap = ls_false_alarm(batch.t_days, batch.y[i].astype(float), batch.w[i].astype(float), fit.ls_power,
+                             1.0 / period_min_days(clf))
+        if p_per[k] >= clf.threshold and fap <= pulsator_max_fap:
+            j = ie if prob[k, ie] >= prob[k, ip] else ip
+            name = SPARSE_CLASSES[j]
+            period = fit.period_days * (2.0 if name == "eclipsing_binary" else 1.0)
+            if period * SINGLE_EVENT_CYCLES > span:
+                name, period = SINGLE_EVENT, np.nan
+        else:
+            j = non[int(np.argmax(prob[k, non]))]
+            name, period = SPARSE_CLASSES[j], np.nan
+        row = {"period": period, "period_power": fit.ls_power, "depth": fit.amplitude, "duration": np.nan,
+               "p_periodic": float(p_per[k]), "var_class": name, "var_class_prob": float(prob[k, j]),
+               "t0_days": fit.t_min_days + float(batch.t_days[keep][0]), "period_ls": fit.period_days,
+               "ls_power": fit.ls_power, "n_events": -1, "ls_fap": fap}
+        row.update({f"prob_{c}": float(prob[k, m]) for m, c in enumerate(SPARSE_CLASSES)})
+        res.append(row)
+    return pd.DataFrame(res, index=pd.RangeIndex(len(res)))
