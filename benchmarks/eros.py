@@ -19,6 +19,11 @@ Definitions (fixed before any test-split number was computed)
 - **Bands reconciled**: when one band is called periodic (eclipsing_binary, pulsator,
   transit) and the other not, the periodic band's result is taken; when both are periodic,
   the one with the higher ``var_class_prob``; when neither, R's.
+- **``--as-object``** (added in the fourth session, after the definitions above had given
+  test figures; reported beside them, not instead): both bands as one multi-band object
+  through :func:`survey_proc.lightcurves.search.classify_table`, the classify stage's own
+  function (each band classified alone, the results reconciled per object with the rule
+  above, :func:`~survey_proc.lightcurves.search.reconcile_bands`), one result per star.
 - **4-class prediction**: ``eclipsing_binary`` -> EB; ``pulsator`` -> by its reported period
   P: P < 1.03 d RR Lyrae, 1.03 <= P < 30 d Cepheid, P >= 30 d Mira (boundaries set on the
   train split's true periods: they assign 99.3 % of its pulsators to their class). Anything
@@ -96,6 +101,28 @@ def classify_star(row: pd.Series, clf, bands: str = "rb", sparse=None, sparse_sp
     return {**out, "band": band, **{f"{k}_{b}": v[k] for b, v in res.items() for k in ("var_class", "period")}}
 
 
+def classify_star_object(row: pd.Series, clf, sparse, bands: str = "rb") -> dict:
+    """Both bands of one star as one multi-band object through the classify stage's own function.
+
+    :func:`survey_proc.lightcurves.search.classify_table` with the default ``[classify]``
+    settings (the sparse classifier for a curve spanning more than ``sparse_span_days``).
+    """
+    from survey_proc.lightcurves.search import classify_table
+
+    parts, start = [], 0
+    for band in bands:
+        t, m, e = eros_band(row, band)
+        parts.append(pd.DataFrame({"object_id": 0, "epoch": start + np.arange(len(t)), "mjd": t, "mag": m,
+                                   "mag_err": e, "flags": 0, "band": band}))
+        start += len(t)
+    res, _ = classify_table(pd.concat(parts, ignore_index=True), clf, ClassifySettings(), sparse)
+    if res is None or "var_class" not in res or pd.isna(res["var_class"].iloc[0]):
+        return {"var_class": None, "period": np.nan, "prob": np.nan, "p_periodic": np.nan, "band": bands}
+    r = res.iloc[0]
+    return {"var_class": r["var_class"], "period": float(r["period"]), "prob": float(r["var_class_prob"]),
+            "p_periodic": float(r["p_periodic"]), "band": str(r.get("band_classified", bands))}
+
+
 def main(argv: list[str] | None = None) -> None:
     import torch
 
@@ -108,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bands", default="rb")
     ap.add_argument("--json", default=None)
     ap.add_argument("--sparse-weights", default="", help="the sparse classifier's weights ('' shipped, 'none': off)")
+    ap.add_argument("--as-object", action="store_true", help="both bands as one multi-band object (classify_table)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     clf = model_registry.load("classifier", path=args.weights, device="cpu")
@@ -122,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     rows = []
     for k, sid in enumerate(ids):
-        r = classify_star(curves.loc[sid], clf, args.bands, sparse, span_days)
+        r = (classify_star_object(curves.loc[sid], clf, sparse, args.bands) if args.as_object
+             else classify_star(curves.loc[sid], clf, args.bands, sparse, span_days))
         typ = int(lab.loc[sid, "type"])
         p_true = float(lab.loc[sid, "period"] / lab.loc[sid, "div_period"])
         pred = four_class(r["var_class"], r["period"])
@@ -133,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     d = pd.DataFrame(rows)
     correct = d["pred"] == d["type"]
     res = {"split": args.split, "n": len(d), "weights": str(clf.path), "threshold": clf.threshold,
+           "mode": "one multi-band object (classify_table)" if args.as_object else "bands reconciled",
            "sparse_weights": str(sparse.path) if sparse is not None else None,
            "sparse_threshold": sparse.threshold if sparse is not None else None,
            "class_accuracy": float(correct.mean()), "period_within_1pct": float(d["period_ok"].mean()),

@@ -120,3 +120,42 @@ def test_sparse_span_setting_is_checked():
 
     with pytest.raises(ConfigError, match=r"classify\.sparse_span_days must be >= 0 days"):
         load_config(None, {"classify": {"sparse_span_days": -1}})
+
+
+def test_a_multi_band_object_is_classified_per_band_and_reconciled():
+    rng = np.random.default_rng(5)
+    t = ground_cadence(rng, 150)
+    n = len(t)
+    band = np.where(np.arange(n) % 3 == 0, "g", "r")  # r is the better-sampled band
+    colour = np.where(band == "g", 0.8, 0.0)  # mixed into one curve this would be a 0.8-mag "variable"
+    base = pd.DataFrame({"object_id": 7, "epoch": np.arange(n), "mjd": 50000.0 + t, "mag_err": 0.05, "flags": 0,
+                         "band": band})
+    rows = [base.assign(mag=18.0 + colour + rng.normal(0, 0.05, n))]
+    # object 8: an RR Lyrae seen in r, constant in g
+    rows.append(base.assign(object_id=8, mag=18.5 + colour + np.where(band == "r", rrab(t, 0.5123), 0.0)
+                            + rng.normal(0, 0.05, n)))
+    lc = pd.concat(rows, ignore_index=True)
+    sparse = model_registry.load("classifier_sparse", device="cpu")
+    res, info = classify_table(lc, model_registry.load("classifier", device="cpu"), ClassifySettings(), sparse)
+    assert info["n_bands"] == 2 and set(info["bands"]) == {"g", "r"} and info["n_classified"] == 2
+    assert res.loc[7, "var_class"] in ("constant", "non_periodic") and np.isnan(res.loc[7, "period"])
+    assert res.loc[7, "band_classified"] == "r"  # neither band periodic: the better-sampled band
+    assert res.loc[8, "var_class"] == "pulsator" and abs(res.loc[8, "period"] / 0.5123 - 1) < 0.01
+    assert res.loc[8, "band_classified"] == "r"  # the periodic band wins
+
+
+def test_reconcile_bands_rules():
+    from survey_proc.lightcurves.search import reconcile_bands
+
+    g = pd.DataFrame({"var_class": ["pulsator", "constant", None], "var_class_prob": [0.7, 0.9, np.nan],
+                      "n_points_classified": [40, 40, 0], "classify_reason": [None, None, "too_few_points: x"]},
+                     index=pd.Index([1, 2, 3], name="object_id"))
+    r = pd.DataFrame({"var_class": ["pulsator", "non_periodic", None], "var_class_prob": [0.9, 0.6, np.nan],
+                      "n_points_classified": [80, 80, 5], "classify_reason": [None, None, "too_few_points: y"]},
+                     index=pd.Index([1, 2, 3], name="object_id"))
+    out = reconcile_bands({"g": g, "r": r})
+    assert list(out.index) == [1, 2, 3]
+    assert out.loc[1, "band_classified"] == "r"  # both periodic: the higher class probability
+    assert out.loc[2, "band_classified"] == "r"  # neither: the more points
+    assert out.loc[3, "classify_reason"] == "too_few_points: y"  # none classified: the band with more points
+    assert reconcile_bands({}) is None

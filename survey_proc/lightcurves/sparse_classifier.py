@@ -17,8 +17,9 @@ Decision
 --------
 Classes :data:`SPARSE_CLASSES` (no ``transit``: the training set has none). ``p_periodic``
 is ``p(eclipsing_binary) + p(pulsator)``; an object is periodic when it reaches the card's
-``threshold`` (chosen on the validation constants, see the card) and its LS peak's Baluev
-false-alarm probability is at most ``pulsator_max_fap`` (the CNN path's gate); otherwise the
+``threshold`` and its LS peak's Baluev false-alarm probability is at most the card's
+``max_fap`` (both chosen on the validation split, see the card; without ``max_fap``,
+``[classify] pulsator_max_fap``, the CNN path's gate); otherwise the
 more probable of ``constant`` and ``non_periodic``. Periods: a pulsator's is the fitted
 period; an eclipsing binary's is twice it (the LS peak of two similar eclipses is half the
 orbit). Fewer than 1.15 cycles of that period in the curve's own span: ``single_event``,
@@ -95,6 +96,11 @@ def period_min_days(clf: LoadedSparseClassifier) -> float:
     return float((clf.card or {}).get("search", {}).get("period_min_days", 0.1))
 
 
+def max_fap(clf: LoadedSparseClassifier, default: float) -> float:
+    """The FAP gate of a periodic call: the card's ``max_fap`` (chosen on validation), else ``default``."""
+    return float((clf.card or {}).get("max_fap", default))
+
+
 @torch.no_grad()
 def predict_proba(clf: LoadedSparseClassifier, x: np.ndarray) -> np.ndarray:
     """Class probabilities (n, len(SPARSE_CLASSES)) of feature rows ``x`` (n, len(FEATURE_NAMES))."""
@@ -125,8 +131,6 @@ def classify_sparse(batch: LightCurveBatch, rows: np.ndarray, clf: LoadedSparseC
     days from ``batch.t_days`` 0), period_ls, ls_power, n_events (-1), ls_fap and
     ``prob_<class>`` for :data:`SPARSE_CLASSES`.
     """
-    from survey_proc.lightcurves.classifier import ls_false_alarm
-
     rows = np.asarray(rows, int)
     fits = batch_features(batch, rows, period_min_days(clf))
     x = np.stack([f.features for f in fits]) if fits else np.zeros((0, len(FEATURE_NAMES)), np.float32)
@@ -138,9 +142,8 @@ def classify_sparse(batch: LightCurveBatch, rows: np.ndarray, clf: LoadedSparseC
     for k, (i, fit) in enumerate(zip(rows, fits, strict=True)):
         keep = batch.w[i] > 0
         span = float(np.ptp(batch.t_days[keep]))
-        fap = ls_false_alarm(batch.t_days, batch.y[i].astype(float), batch.w[i].astype(float), fit.ls_power,
-                             1.0 / period_min_days(clf))
-        if p_per[k] >= clf.threshold and fap <= pulsator_max_fap:
+        fap = fit.fap
+        if p_per[k] >= clf.threshold and fap <= max_fap(clf, pulsator_max_fap):
             j = ie if prob[k, ie] >= prob[k, ip] else ip
             name = SPARSE_CLASSES[j]
             period = fit.period_days * (2.0 if name == "eclipsing_binary" else 1.0)
