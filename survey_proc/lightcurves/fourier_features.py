@@ -15,10 +15,13 @@ on the cadence:
   equally well (chi^2 within :data:`CHI2_TIE`) are aliases the data cannot separate; the
   lowest frequency is kept (the Nyquist convention). Measured on a simulated 11-year survey
   visited every ~3.03 d: all aliases of a 7-d pulsator tie to 0.1 in chi^2, and before this
-  rule the search returned periods of 0.1-1 d for every one of them. A ground-based curve's 1-day aliases (f +- 1.0027 / d) have
-  nearly the same LS power as the true peak; the harmonic fit separates some of them (a
-  non-sinusoidal shape is fitted better at the true frequency), not all (measured on the
-  EROS train split: 0.76 within 1 %; the rest are mostly 1-day aliases, RESULTS.md).
+  rule the search returned periods of 0.1-1 d for every one of them (development survey,
+  seed 3003). A ground-based curve's 1-day aliases (f +- 1.0027 / d) have nearly the same
+  LS power as the true peak without tying; the harmonic fit separates some of them (a
+  non-sinusoidal shape is fitted better at the true frequency), not all: on the EROS train
+  split 0.72 (B) and 0.45 (R) of the curves' periods are within 1 %, the true one is among
+  the top six peaks for 0.73 (R), and a learned choice among them gained 3 points (not
+  kept; RESULTS.md, issue 22).
 - **Shape at that period** (4-harmonic fit): amplitude, the Fourier ratios R21, R31 and
   phase differences phi21, phi31 (as cos/sin), the variance explained, the reduced chi^2,
   the skewness of the fitted profile, the fraction of the cycle brighter than the mean and
