@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from benchmarks.eros import four_class, period_ok
 from survey_proc.lightcurves.fourier_features import FEATURE_NAMES
 from survey_proc.lightcurves.preprocess import PreprocessConfig, preprocess
 from survey_proc.lightcurves.sparse_classifier import (
@@ -55,7 +56,6 @@ from training.build_cadence_data import EROS, eros_band
 PERIOD_MIN_DAYS = 0.1  # EROS-1's shortest periods are RRc stars at ~0.2 d
 MAX_FP = 0.005  # validation constants and random walks called periodic, at most
 FAP_GATES = (1e-3, 1e-2, 1.0)  # FAP gates tried (1e-3: the [classify] pulsator_max_fap default; 1: none)
-RRL_MAX_D, CEP_MAX_D = 1.03, 30.0  # benchmarks/eros.py's four-class boundaries
 
 
 def _features_of(t: np.ndarray, mag: np.ndarray, err: np.ndarray) -> tuple[np.ndarray, float, float] | None:
@@ -158,14 +158,12 @@ def star_level(mv: pd.DataFrame, prob: np.ndarray, called: np.ndarray, lab: pd.D
         for _, r in g[g["called"]].iterrows():
             eb = r["pe"] >= r["pp"]
             p = 2 * r["period"] if eb else r["period"]
-            cls = 1 if eb else 3 if p < RRL_MAX_D else 2 if p < CEP_MAX_D else 4
             if best is None or max(r["pe"], r["pp"]) > best[2]:
-                best = (cls, p, max(r["pe"], r["pp"]))
+                best = (four_class("eclipsing_binary" if eb else "pulsator", p), p, max(r["pe"], r["pp"]))
         typ = int(lab.loc[sid, "type"])
         p_true = float(lab.loc[sid, "period"] / lab.loc[sid, "div_period"])
         acc.append(best is not None and best[0] == typ)
-        facs = (1.0, 2.0, 0.5) if typ == 1 else (1.0,)
-        ok.append(best is not None and any(abs(best[1] / (f * p_true) - 1) <= 0.01 for f in facs))
+        ok.append(best is not None and period_ok(best[1], p_true, typ == 1))
     return float(np.mean(acc)), float(np.mean(ok))
 
 
@@ -233,19 +231,16 @@ def main(argv: list[str] | None = None) -> None:
     best = max(variants, key=lambda v: (round(v["eros_val_class_accuracy"], 3), -v["max_fap"]))
     thr, gate_fap = best["threshold"], best["max_fap"]
     called = (p_per >= thr) & (mv["fap"].to_numpy() <= gate_fap)
-    chosen = (thr, best["negatives_called_periodic"])
     pred = np.where(called, np.where(prob[:, 1] >= prob[:, 2], 1, 2), np.where(prob[:, 0] >= prob[:, 3], 0, 3))
     per_class = {c: {"n": int((yv == k).sum()),
                      "recall": float(np.mean(pred[yv == k] == k)) if (yv == k).any() else None}
                  for k, c in enumerate(SPARSE_CLASSES)}
-    # the EROS four-class figure of benchmarks/eros.py on validation curves (each band alone)
     per = mv["type"].to_numpy() > 0
-    model.eval()
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     card = {
         "model": "sparse long-baseline light-curve classifier (MLP on Fourier features)",
         "date": time.strftime("%Y-%m-%d"), "git_revision": rev, "classes": list(SPARSE_CLASSES),
-        "features": list(FEATURE_NAMES), "threshold": thr,
+        "features": list(FEATURE_NAMES), "threshold": thr, "max_fap": gate_fap,
         "threshold_rule": f"per FAP gate {FAP_GATES}: the lowest p_periodic threshold (grid 0.50-0.99) at which <= "
                           f"{MAX_FP:.1%} of the validation constants and non-periodic curves pass it and the gate; "
                           "the gate (max_fap) with the best EROS validation four-class accuracy (stars, bands "
@@ -257,14 +252,12 @@ def main(argv: list[str] | None = None) -> None:
                  "counts": {c: int((y == k).sum()) for k, c in enumerate(SPARSE_CLASSES)}, "split_seed": 0},
         "training": {"steps": 400, "optimizer": "AdamW lr 3e-3, weight decay 1e-3, full batch, class-balanced",
                      "data_s": round(data_s, 1), "wall_s": round(time.time() - t0, 1)},
-        "validation": {"negatives_called_periodic": chosen[1], "per_class_recall": per_class,
+        "validation": {"negatives_called_periodic": best["negatives_called_periodic"], "per_class_recall": per_class,
                        "periodic_curves": int(per.sum()),
-                       "periodic_called_periodic": float(np.mean(called[per])) if per.any() else None},
+                       "periodic_called_periodic": float(np.mean(called[per])) if per.any() else None,
+                       "variants": variants, "eros_val_class_accuracy": best["eros_val_class_accuracy"],
+                       "eros_val_period_within_1pct": best["eros_val_period_within_1pct"]},
     }
-    card["max_fap"] = gate_fap
-    card["validation"]["variants"] = variants
-    card["validation"]["eros_val_class_accuracy"] = best["eros_val_class_accuracy"]
-    card["validation"]["eros_val_period_within_1pct"] = best["eros_val_period_within_1pct"]
     model_registry.save("classifier_sparse", model, a.out, card=card, threshold=thr)
     print(json.dumps(card["validation"], indent=1))
     print(f"threshold {thr}, wrote {a.out}")

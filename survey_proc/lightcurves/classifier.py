@@ -52,6 +52,7 @@ left as the classifier gave it).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -69,8 +70,10 @@ from survey_proc.lightcurves.periodogram import (
     search_grid,
 )
 from survey_proc.lightcurves.preprocess import LightCurveBatch, variability_stats
-from survey_proc.lightcurves.sparse_classifier import LoadedSparseClassifier
 from survey_proc.vocab import CLASSIFIER_CLASSES, PERIODIC_CLASSES, SINGLE_EVENT
+
+if TYPE_CHECKING:
+    from survey_proc.lightcurves.sparse_classifier import LoadedSparseClassifier
 
 CLASSES = CLASSIFIER_CLASSES
 PERIODIC = PERIODIC_CLASSES

@@ -46,6 +46,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from survey_proc.lightcurves.classifier import ls_false_alarm
+
 #: the features, in the order of :func:`curve_features`'s vector
 FEATURE_NAMES: tuple[str, ...] = (
     "log_period", "ls_power", "log_amp", "r21", "r31", "cos_phi21", "sin_phi21", "cos_phi31", "sin_phi31",
@@ -181,7 +183,7 @@ def curve_features(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, period_min_d
     var = y.var()
     eta = float(np.mean(d**2) / var) if var > 0 else 2.0
     i_min, i_max = int(np.argmin(model)), int(np.argmax(model))
-    fap = false_alarm(t, y, sigma, float(powers[best]), 1.0 / period_min_days)
+    fap = ls_false_alarm(t, y, 1.0 / sigma**2, float(powers[best]), 1.0 / period_min_days)
     others = np.delete(powers, best)
     contrast = float(powers[best] / others.max()) if len(others) and others.max() > 0 else 1.0
     feats = np.array([
@@ -196,13 +198,3 @@ def curve_features(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, period_min_d
         np.log10(max(contrast, 1e-3)),
     ], np.float32)
     return CurveFit(np.nan_to_num(feats), 1.0 / f, float(powers[best]), amp, float(grid[i_min]), fap)
-
-
-def false_alarm(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, power: float, fmax: float) -> float:
-    """Baluev (2008) false-alarm probability of an LS peak of ``power`` up to ``fmax`` (1/day), astropy's method."""
-    from astropy.timeseries.periodograms.lombscargle._statistics import false_alarm_probability
-
-    if len(t) < 5 or not np.isfinite(power):
-        return 1.0
-    return float(false_alarm_probability(np.array([power]), fmax, t, y, sigma, normalization="standard",
-                                         method="baluev")[0])
