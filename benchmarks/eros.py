@@ -69,7 +69,8 @@ def period_ok(p: float, p_true: float, eb: bool) -> bool:
     return any(abs(p / (f * p_true) - 1) <= 0.01 for f in facs)
 
 
-def classify_star(row: pd.Series, clf, bands: str = "rb", sparse=None, sparse_span_days: float = 30.0) -> dict:
+def classify_star(row: pd.Series, clf, bands: str = "rb", sparse=None, sparse_span_days: float = 30.0,
+                  joint: bool = True) -> dict:
     """Both bands of one star through the classify path, reconciled (module docstring)."""
     from survey_proc.lightcurves import classifier as C
     from survey_proc.lightcurves.periodogram import search_grid
@@ -78,6 +79,7 @@ def classify_star(row: pd.Series, clf, bands: str = "rb", sparse=None, sparse_sp
     from survey_proc.vocab import PERIODIC_CLASSES
 
     res = {}
+    prepared = {}
     for band in bands:
         t, m, e = eros_band(row, band)
         if len(t) < 20:
@@ -88,7 +90,17 @@ def classify_star(row: pd.Series, clf, bands: str = "rb", sparse=None, sparse_sp
             grid = search_grid(b.t_days, period_min_days=trained_period_min(clf))
         except ValueError:
             continue
-        r = C.classify(b, clf, grid, sparse=sparse, sparse_span_days=sparse_span_days).iloc[0]
+        prepared[band] = (b, grid)
+    # the classify stage's joint period search of the long curves of the other bands ([classify] joint_bands)
+    kept = {}
+    for band, (b, _) in prepared.items():
+        keep = b.w[0] > 0
+        if joint and b.usable[0] and np.ptp(b.t_days[keep]) > sparse_span_days:
+            kept[band] = (b.t_days[keep] + b.t_ref_mjd, b.y[0, keep].astype(float),
+                          1.0 / np.sqrt(b.w[0, keep].astype(float)))
+    for band, (b, grid) in prepared.items():
+        others = {0: [c for o, c in kept.items() if o != band]}
+        r = C.classify(b, clf, grid, sparse=sparse, sparse_span_days=sparse_span_days, sparse_others=others).iloc[0]
         res[band] = {"var_class": r["var_class"], "period": float(r["period"]), "prob": float(r["var_class_prob"])
                      if np.isfinite(r["var_class_prob"]) else 0.0, "p_periodic": float(r["p_periodic"])}
     per = {k: v for k, v in res.items() if v["var_class"] in PERIODIC_CLASSES}
@@ -101,7 +113,7 @@ def classify_star(row: pd.Series, clf, bands: str = "rb", sparse=None, sparse_sp
     return {**out, "band": band, **{f"{k}_{b}": v[k] for b, v in res.items() for k in ("var_class", "period")}}
 
 
-def classify_star_object(row: pd.Series, clf, sparse, bands: str = "rb") -> dict:
+def classify_star_object(row: pd.Series, clf, sparse, bands: str = "rb", joint: bool = True) -> dict:
     """Both bands of one star as one multi-band object through the classify stage's own function.
 
     :func:`survey_proc.lightcurves.search.classify_table` with the default ``[classify]``
@@ -115,7 +127,7 @@ def classify_star_object(row: pd.Series, clf, sparse, bands: str = "rb") -> dict
         parts.append(pd.DataFrame({"object_id": 0, "epoch": start + np.arange(len(t)), "mjd": t, "mag": m,
                                    "mag_err": e, "flags": 0, "band": band}))
         start += len(t)
-    res, _ = classify_table(pd.concat(parts, ignore_index=True), clf, ClassifySettings(), sparse)
+    res, _ = classify_table(pd.concat(parts, ignore_index=True), clf, ClassifySettings(joint_bands=joint), sparse)
     if res is None or "var_class" not in res or pd.isna(res["var_class"].iloc[0]):
         return {"var_class": None, "period": np.nan, "prob": np.nan, "p_periodic": np.nan, "band": bands}
     r = res.iloc[0]
@@ -136,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--sparse-weights", default="", help="the sparse classifier's weights ('' shipped, 'none': off)")
     ap.add_argument("--as-object", action="store_true", help="both bands as one multi-band object (classify_table)")
+    ap.add_argument("--per-band-search", action="store_true",
+                    help="each band's period searched alone ([classify] joint_bands = false)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     clf = model_registry.load("classifier", path=args.weights, device="cpu")
@@ -150,8 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     rows = []
     for k, sid in enumerate(ids):
-        r = (classify_star_object(curves.loc[sid], clf, sparse, args.bands) if args.as_object
-             else classify_star(curves.loc[sid], clf, args.bands, sparse, span_days))
+        joint = not args.per_band_search
+        r = (classify_star_object(curves.loc[sid], clf, sparse, args.bands, joint) if args.as_object
+             else classify_star(curves.loc[sid], clf, args.bands, sparse, span_days, joint))
         typ = int(lab.loc[sid, "type"])
         p_true = float(lab.loc[sid, "period"] / lab.loc[sid, "div_period"])
         pred = four_class(r["var_class"], r["period"])
@@ -163,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     correct = d["pred"] == d["type"]
     res = {"split": args.split, "n": len(d), "weights": str(clf.path), "threshold": clf.threshold,
            "mode": "one multi-band object (classify_table)" if args.as_object else "bands reconciled",
+           "band_search": "each band alone" if args.per_band_search else "joint (the long curves of all bands)",
            "sparse_weights": str(sparse.path) if sparse is not None else None,
            "sparse_threshold": sparse.threshold if sparse is not None else None,
            "class_accuracy": float(correct.mean()), "period_within_1pct": float(d["period_ok"].mean()),

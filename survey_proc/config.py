@@ -165,6 +165,9 @@ class ClassifySettings:
     # (lightcurves/sparse_classifier.py; the CNN saw 3.5-d curves only); 0: the CNN classifies every curve
     sparse_span_days: float = 30.0
     sparse_weights: str = ""  # the sparse classifier's .pt file; "" = the one shipped in survey_proc/models/
+    # the sparse route searches a multi-band object's period in all its bands jointly (each band its own
+    # sinusoid, one frequency), then classifies each band at that period; false: each band alone
+    joint_bands: bool = True
     detrend: str = "sysrem"  # systematics removed before the period search: "sysrem" or "none"
     detrend_components: int = 2  # SysRem components (trends shared by the field's stars)
     detrend_min_stars: int = 20  # fewer usable constant-looking stars in a field: no detrending

@@ -59,6 +59,26 @@ def test_features_recover_a_sparse_pulsator_period_and_the_eclipse_half_period()
     assert abs(fit.period_days / (2.3456 / 2) - 1) < 0.01
 
 
+def test_joint_band_search_finds_the_period_a_noisy_band_alone_misses():
+    # B: a clear RR Lyrae; R: the same star at a fifth of the amplitude under three times the noise, on its own nights
+    p_true = 0.6127
+    alone, joint = [], []
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        tb, tr = ground_cadence(rng, 120), ground_cadence(rng, 120)
+        yb = 10 ** (-0.4 * (rrab(tb, p_true, 0.8) + rng.normal(0, 0.05, len(tb))))
+        yr = 10 ** (-0.4 * (rrab(tr, p_true, 0.15) + rng.normal(0, 0.15, len(tr))))
+        sb, sr = np.full(len(tb), 0.046), np.full(len(tr), 0.138)
+        alone.append(curve_features(tr, yr, sr, 0.1).period_days / p_true)
+        fit_r = curve_features(tr, yr, sr, 0.1, others=[(tb, yb, sb)])
+        fit_b = curve_features(tb, yb, sb, 0.1, others=[(tr, yr, sr)])
+        joint.append(fit_r.period_days / p_true)
+        assert fit_b.period_days == pytest.approx(fit_r.period_days)  # one period for the object
+        assert fit_r.ls_power < fit_b.ls_power  # each band's own power at it
+    assert np.all(np.abs(np.array(joint) - 1) < 0.001)
+    assert np.sum(np.abs(np.array(alone) - 1) > 0.01) >= 5  # R alone: aliases and noise peaks (7 of 8 here)
+
+
 def test_sparse_model_round_trips_through_the_registry(tmp_path):
     model = FourierMLP(SparseClassifierConfig())
     model.mean.fill_(0.5)
@@ -142,6 +162,60 @@ def test_a_multi_band_object_is_classified_per_band_and_reconciled():
     assert res.loc[7, "band_classified"] == "r"  # neither band periodic: the better-sampled band
     assert res.loc[8, "var_class"] == "pulsator" and abs(res.loc[8, "period"] / 0.5123 - 1) < 0.01
     assert res.loc[8, "band_classified"] == "r"  # the periodic band wins
+
+
+@pytest.mark.parametrize("joint", [True, False])
+def test_classify_table_searches_an_objects_long_bands_jointly(monkeypatch, joint):
+    from survey_proc.lightcurves import fourier_features, sparse_classifier
+
+    seen: list[tuple[int, int]] = []
+    real = fourier_features.curve_features
+
+    def spy(t, y, sigma, period_min_days=0.1, others=()):
+        seen.append((len(t), sum(len(o[0]) for o in others)))
+        return real(t, y, sigma, period_min_days, others=others)
+
+    monkeypatch.setattr(sparse_classifier, "curve_features", spy)
+    rng = np.random.default_rng(9)
+    t = ground_cadence(rng, 150)
+    n = len(t)
+    band = np.where(np.arange(n) % 3 == 0, "g", "r")
+    lc = pd.DataFrame({"object_id": 4, "epoch": np.arange(n), "mjd": 50000.0 + t, "mag_err": 0.05, "flags": 0,
+                       "band": band, "mag": 18.0 + rrab(t, 0.4321) + rng.normal(0, 0.05, n)})
+    # a second object seen in g only: nothing to search it with
+    lc = pd.concat([lc, lc[lc["band"] == "g"].assign(object_id=5)], ignore_index=True)
+    res, _ = classify_table(lc, model_registry.load("classifier", device="cpu"), ClassifySettings(joint_bands=joint),
+                            model_registry.load("classifier_sparse", device="cpu"))
+    n_g, n_r = int((band == "g").sum()), int((band == "r").sum())
+    assert len(seen) == 3  # object 4's g and r, object 5's g (kept points: a few are clipped)
+    own = sorted(k for k, _ in seen)
+    assert n_g - 3 <= own[0] <= own[1] <= n_g and n_r - 3 <= own[2] <= n_r
+    if joint:  # each of object 4's bands searched with the other's kept points; object 5 alone
+        pairs = sorted(p for p in seen if p[1] > 0)
+        assert len(pairs) == 2 and pairs[0] == pairs[1][::-1]
+        assert sum(o == 0 for _, o in seen) == 1
+    else:
+        assert all(o == 0 for _, o in seen)
+    assert res.loc[4, "var_class"] == "pulsator" and abs(res.loc[4, "period"] / 0.4321 - 1) < 0.01
+
+
+def test_white_noise_objects_off_the_training_cadence_are_not_called_periodic():
+    # two bands of 50 and 100 points over 3 years (EROS-1, the training data: ~120 + 120), noise exactly as quoted
+    cnn = model_registry.load("classifier", device="cpu")
+    sparse = model_registry.load("classifier_sparse", device="cpu")
+    rows = []
+    for k in range(30):
+        rng = np.random.default_rng(100 + k)
+        t = ground_cadence(rng, 150)
+        band = np.where(np.arange(len(t)) % 3 == 0, "g", "r")
+        rows.append(pd.DataFrame({"object_id": k, "epoch": np.arange(len(t)), "mjd": 50000.0 + t, "mag_err": 0.05,
+                                  "flags": 0, "band": band,
+                                  "mag": 18.0 + np.where(band == "g", 0.8, 0.0) + rng.normal(0, 0.05, len(t))}))
+    res, info = classify_table(pd.concat(rows, ignore_index=True), cnn, ClassifySettings(), sparse)
+    assert info["n_classified"] == 30 and res["sparse"].all()
+    # without the card's FAP gate the model called 12 of 40 such objects periodic (p_periodic up to 0.94)
+    assert res["var_class"].isin(["constant", "non_periodic"]).sum() >= 29
+    assert (res["ls_fap"] > sparse.card["max_fap"]).sum() >= 25
 
 
 def test_reconcile_bands_rules():

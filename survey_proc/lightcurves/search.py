@@ -10,6 +10,8 @@ nothing of files or Dask.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -68,11 +70,21 @@ def _per_band(lc: pd.DataFrame, clf: Any, cc: ClassifySettings, sparse: Any
     """
     results: dict[str, pd.DataFrame] = {}
     bands: dict[str, dict[str, Any]] = {}
-    for band, part in lc.groupby(lc["band"].astype(str), sort=True):
-        res, inf = _one_band(part.drop(columns="band"), clf, cc, sparse)
-        bands[str(band)] = inf
+    prepared = {str(band): _prepare(part.drop(columns="band"), clf, cc)
+                for band, part in lc.groupby(lc["band"].astype(str), sort=True)}
+    # the sparse route searches an object's period in all its long curves jointly
+    kept = ({b: p.kept_curves(cc.sparse_span_days) for b, p in prepared.items() if p is not None}
+            if sparse is not None and cc.sparse_span_days > 0 and cc.joint_bands else {})
+    for band, prep in prepared.items():
+        others: dict[Any, list] = {}
+        for ob, curves in kept.items():
+            if ob != band:
+                for oid, c in curves.items():
+                    others.setdefault(oid, []).append(c)
+        res, inf = _finish(prep, clf, cc, sparse, others)
+        bands[band] = inf
         if res is not None:
-            results[str(band)] = res
+            results[band] = res
     res = reconcile_bands(results)
     info: dict[str, Any] = {"n_classified": 0, "n_periodic": 0, "n_bands": len(bands), "bands": bands}
     if res is None:
@@ -114,18 +126,49 @@ def reconcile_bands(results: dict[str, pd.DataFrame]) -> pd.DataFrame | None:
     return out
 
 
+@dataclass
+class _Prepared:
+    """One band's light curves preprocessed for the search (:func:`_prepare`)."""
+
+    ids: np.ndarray
+    reason: pd.Series
+    info: dict[str, Any]
+    batch: Any = None  # LightCurveBatch of the objects with enough points; None: nothing to search
+    ids_e: np.ndarray | None = None
+    grid: Any = None
+
+    def kept_curves(self, min_span_days: float) -> dict[Any, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The usable curves whose kept points span more than ``min_span_days``: object_id -> (t_mjd, y, sigma)."""
+        out: dict[Any, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        if self.batch is None:
+            return out
+        b = self.batch
+        for i in np.flatnonzero(b.usable):
+            keep = b.w[i] > 0
+            t = b.t_days[keep]
+            if np.ptp(t) > min_span_days:
+                out[b.object_id[i]] = (t + b.t_ref_mjd, b.y[i, keep].astype(float),
+                                       1.0 / np.sqrt(b.w[i, keep].astype(float)))
+        return out
+
+
 def _one_band(lc: pd.DataFrame, clf: Any, cc: ClassifySettings, sparse: Any
               ) -> tuple[pd.DataFrame | None, dict[str, Any]]:
     """:func:`classify_table` of light curves of one band."""
-    from survey_proc.lightcurves.classifier import classify
+    return _finish(_prepare(lc, clf, cc), clf, cc, sparse)
+
+
+def _prepare(lc: pd.DataFrame, clf: Any, cc: ClassifySettings) -> _Prepared | None:
+    """Select, preprocess and grid one band's curves; None when ``lc`` is empty."""
     from survey_proc.lightcurves.periodogram import search_grid
     from survey_proc.lightcurves.preprocess import PreprocessConfig, preprocess, to_matrix
 
     info: dict[str, Any] = {"n_classified": 0, "n_periodic": 0}
     if not len(lc):
-        return None, info
+        return None
     ids, _, mjd, mag, err, flg = to_matrix(lc)
     reason = pd.Series(None, index=pd.Index(ids, name="object_id"), dtype=object)
+    prep = _Prepared(ids, reason, info)
     n_have = np.isfinite(mag).sum(1)
     need_points = max(cc.min_points, 3)
     need_frac = int(np.ceil(cc.min_fraction * len(mjd)))
@@ -138,7 +181,7 @@ def _one_band(lc: pd.DataFrame, clf: Any, cc: ClassifySettings, sparse: Any
     min_base = cc.min_baseline_days or 1.6 * max(cc.bls_period_min_days, p_min)
     if not enough.any() or len(mjd) < 3:
         info["not_searched"] = f"no light curve with {max(need_points, need_frac)} points"
-        return _reasons_only(reason), info
+        return prep
     ids_e, mag, err, flg = ids[enough], mag[enough], err[enough], flg[enough]
     batch = preprocess(ids_e, mjd, mag, err, flg, PreprocessConfig(clip_sigma=cc.clip_sigma,
                                                                     min_points=need_points,
@@ -156,15 +199,31 @@ def _one_band(lc: pd.DataFrame, clf: Any, cc: ClassifySettings, sparse: Any
                            bls_period_min_days=cc.bls_period_min_days, bls_max_freq=cc.bls_max_freq,
                            bls_max_work=cc.bls_max_work)
     except ValueError as e:
-        batch.usable[:] = False
         reason[ids_e[reason[ids_e].isna().to_numpy()]] = f"too_short: baseline {baseline:.3g} d"
         info["not_searched"] = str(e)
-        return _reasons_only(reason), info
+        return prep
     if not batch.usable.any():
         info["not_searched"] = f"no light curve with {max(need_points, need_frac)} points over {min_base:.3g} d"
+        return prep
+    prep.batch, prep.ids_e, prep.grid = batch, ids_e, grid
+    return prep
+
+
+def _finish(prep: _Prepared | None, clf: Any, cc: ClassifySettings, sparse: Any,
+            others: Mapping[Any, list] | None = None) -> tuple[pd.DataFrame | None, dict[str, Any]]:
+    """Classify a :func:`_prepare`'d band.
+
+    ``others``: the objects' other bands, for the sparse route's joint period search.
+    """
+    from survey_proc.lightcurves.classifier import classify
+
+    if prep is None:
+        return None, {"n_classified": 0, "n_periodic": 0}
+    ids, reason, info, batch, grid = prep.ids, prep.reason, prep.info, prep.batch, prep.grid
+    if batch is None:
         return _reasons_only(reason), info
     res = classify(batch, clf, grid, pulsator_max_fap=cc.pulsator_max_fap, sparse=sparse,
-                   sparse_span_days=cc.sparse_span_days).set_index("object_id")
+                   sparse_span_days=cc.sparse_span_days, sparse_others=others).set_index("object_id")
     res["n_points_classified"] = batch.n_points.astype(np.int32)
     res = res.reindex(ids)
     res["classify_reason"] = reason.reindex(ids).to_numpy()

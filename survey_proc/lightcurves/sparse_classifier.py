@@ -31,7 +31,9 @@ Nothing here knows about Dask or files; :func:`survey_proc.model_registry.load` 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -110,19 +112,28 @@ def predict_proba(clf: LoadedSparseClassifier, x: np.ndarray) -> np.ndarray:
     return torch.softmax(clf.model(t), 1).cpu().numpy()
 
 
-def batch_features(batch: LightCurveBatch, rows: np.ndarray, p_min_days: float) -> list:
-    """:func:`~survey_proc.lightcurves.fourier_features.curve_features` of rows ``rows`` of ``batch`` (kept points)."""
+def batch_features(batch: LightCurveBatch, rows: np.ndarray, p_min_days: float,
+                   others: Mapping[Any, list] | None = None) -> list:
+    """:func:`~survey_proc.lightcurves.fourier_features.curve_features` of rows ``rows`` of ``batch`` (kept points).
+
+    ``others`` maps an object_id to its other bands' kept curves, ``(t_mjd, y, sigma)`` each
+    (MJD in days): that object's period is searched in all its bands jointly.
+    """
     out = []
+    others = others or {}
     for i in rows:
         keep = batch.w[i] > 0
-        out.append(curve_features(batch.t_days[keep], batch.y[i, keep].astype(float),
-                                  1.0 / np.sqrt(batch.w[i, keep].astype(float)), p_min_days))
+        out.append(curve_features(batch.t_days[keep] + batch.t_ref_mjd, batch.y[i, keep].astype(float),
+                                  1.0 / np.sqrt(batch.w[i, keep].astype(float)), p_min_days,
+                                  others=others.get(batch.object_id[i], ())))
     return out
 
 
 def classify_sparse(batch: LightCurveBatch, rows: np.ndarray, clf: LoadedSparseClassifier,
-                    pulsator_max_fap: float = 1e-3) -> pd.DataFrame:
+                    pulsator_max_fap: float = 1e-3, others: Mapping[Any, list] | None = None) -> pd.DataFrame:
     """Classify rows ``rows`` of ``batch`` (usable curves): one result row each, in that order.
+
+    ``others``: the objects' other bands (:func:`batch_features`), searched jointly with these.
 
     Returns
     -------
@@ -132,7 +143,7 @@ def classify_sparse(batch: LightCurveBatch, rows: np.ndarray, clf: LoadedSparseC
     ``prob_<class>`` for :data:`SPARSE_CLASSES`.
     """
     rows = np.asarray(rows, int)
-    fits = batch_features(batch, rows, period_min_days(clf))
+    fits = batch_features(batch, rows, period_min_days(clf), others)
     x = np.stack([f.features for f in fits]) if fits else np.zeros((0, len(FEATURE_NAMES)), np.float32)
     prob = predict_proba(clf, x)
     ie, ip = SPARSE_CLASSES.index("eclipsing_binary"), SPARSE_CLASSES.index("pulsator")
