@@ -40,7 +40,12 @@ on the cadence:
   (small for random walks and trends), the skewness of the points, the number of cycles in
   the span and the S/N of the amplitude.
 - **Significance**: Baluev's false-alarm probability of this band's LS power at the chosen
-  peak over the searched band, and the (joint) peak's power over the next candidate's.
+  peak over the searched band and the (joint) peak's power over the next candidate's. A
+  multi-harmonic false-alarm probability (:func:`harmonic_false_alarm`, ``CurveFit.fap_harmonic``)
+  is measured too and may gate the periodic call (the sparse classifier's card): narrow
+  eclipses are weak sinusoids (40 % of the EROS-1 validation eclipsing binaries' LS peaks
+  have a FAP <= 1e-2; 54 % pass either test with an earlier, uncorrected M). As a feature
+  it did not help (validation, five training seeds: 0.788 without, 0.784 with).
 - **Colour of the variation**: whether other bands were searched, and ``|log10|`` of this
   band's amplitude over the largest other band's at the same period: an eclipse of similar
   stars is grey, a pulsation's amplitude grows to the blue.
@@ -92,6 +97,9 @@ class CurveFit:
         Time of the fit's minimum of ``y`` (faintest light), same origin as ``t``.
     fap
         Baluev's false-alarm probability of that LS power over the searched band (white noise).
+    fap_harmonic
+        The smaller :func:`harmonic_false_alarm` of a 3-harmonic fit at the period and of a
+        6-harmonic fit at twice it: narrow eclipses are a weak sinusoid but a strong harmonic series.
     """
 
     features: np.ndarray
@@ -100,6 +108,51 @@ class CurveFit:
     amplitude: float
     t_min_days: float
     fap: float
+    fap_harmonic: float = 1.0
+
+
+def harmonic_false_alarm(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, f: float, k: int,
+                         f_max: float) -> float:
+    """False-alarm probability of a ``k``-harmonic Fourier series at ``f`` found by a search up to ``f_max``.
+
+    The fit's variance reduction over a constant is an F statistic with ``(2k, n - 2k - 1)``
+    degrees of freedom for white noise of any scale (the quoted errors set only the weights);
+    the search is a Bonferroni-like correction ``1 - (1 - p)^M`` over ``M = k x span x f_max``
+    independent trials (Schwarzenberg-Czerny 1996's multi-harmonic analysis of variance: a
+    ``k``-harmonic series up to ``f_max`` reaches frequencies up to ``k f_max``). Measured on
+    400 white-noise curves of 60-120 points over 3 years (the search of
+    :func:`curve_features`): with ``M = span x f_max`` 3.3 % had a 3-harmonic FAP <= 1e-2,
+    with this ``M`` 1.0 % (and 0.75 % an LS Baluev FAP <= 1e-2).
+
+    Parameters
+    ----------
+    t, y, sigma
+        Times (days), values and errors of one curve.
+    f
+        Frequency (1/day).
+    k
+        Harmonics.
+    f_max
+        Highest frequency searched (1/day).
+
+    Returns
+    -------
+    float
+        0..1.
+    """
+    from scipy import stats
+
+    n = len(t)
+    if n <= 2 * k + 2:
+        return 1.0
+    _, chi0 = fourier_fit(t, y, sigma, f, 0)
+    _, chik = fourier_fit(t, y, sigma, f, k)
+    if chik <= 0 or chi0 <= chik:
+        return 1.0 if chi0 <= chik else 0.0
+    stat = ((chi0 - chik) / (2 * k)) / (chik / (n - 2 * k - 1))
+    p = float(stats.f.sf(stat, 2 * k, n - 2 * k - 1))
+    m = max(k * float(np.ptp(t)) * f_max, 1.0)
+    return float(-np.expm1(m * np.log1p(-min(p, 1.0 - 1e-16))))
 
 
 def _design(t: np.ndarray, f: float, k: int) -> np.ndarray:
@@ -268,6 +321,8 @@ def curve_features(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, period_min_d
     eta = float(np.mean(d**2) / var) if var > 0 else 2.0
     i_min, i_max = int(np.argmin(model)), int(np.argmax(model))
     fap = ls_false_alarm(t, y, 1.0 / sigma**2, power, 1.0 / period_min_days)
+    fap_h = min(harmonic_false_alarm(t, y, sigma, f, 3, 1.0 / period_min_days),
+                harmonic_false_alarm(t, y, sigma, f / 2.0, 6, 0.5 / period_min_days))
     # the amplitude in the object's other bands at the same period: an eclipse of similar stars is grey, a
     # pulsation is not (its amplitude grows to the blue)
     amp_other = [float(np.ptp(_design(grid, f, 4) @ fourier_fit(ct, cy, cs, f, 4)[0])) for ct, cy, cs in curves[1:]]
@@ -285,4 +340,4 @@ def curve_features(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, period_min_d
         np.log10(len(t)), np.log10(max(span * f, 1e-6)), eta, _skew(y), np.log10(max(fap, 1e-30)),
         np.log10(max(contrast, 1e-3)), float(bool(amp_other)), amp_ratio,
     ], np.float32)
-    return CurveFit(np.nan_to_num(feats), 1.0 / f, power, amp, float(grid[i_min]), fap)
+    return CurveFit(np.nan_to_num(feats), 1.0 / f, power, amp, float(grid[i_min]), fap, fap_h)

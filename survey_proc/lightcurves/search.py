@@ -67,6 +67,10 @@ def _per_band(lc: pd.DataFrame, clf: Any, cc: ClassifySettings, sparse: Any
     validation stars (two bands, RESULTS.md, issue 22), bands merged onto one scale and
     searched jointly were called right less often (0.65-0.73) than each band alone reconciled
     (0.75-0.77): the bands' amplitudes differ and one band's noise dilutes the other's signal.
+    The sparse route does search an object's long curves jointly (``[classify] joint_bands``),
+    each band with its own mean and amplitude at one shared frequency
+    (:func:`survey_proc.lightcurves.fourier_features.joint_candidates`), then classifies each
+    band at that period.
     """
     results: dict[str, pd.DataFrame] = {}
     bands: dict[str, dict[str, Any]] = {}

@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from survey_proc.lightcurves.fourier_features import FEATURE_NAMES, curve_features
+from survey_proc.lightcurves.fourier_features import FEATURE_NAMES, CurveFit, curve_features
 from survey_proc.lightcurves.preprocess import LightCurveBatch
 from survey_proc.vocab import SINGLE_EVENT
 
@@ -96,6 +96,17 @@ class LoadedSparseClassifier:
 def period_min_days(clf: LoadedSparseClassifier) -> float:
     """The shortest period searched (days): the card's ``search.period_min_days`` (what it was trained with)."""
     return float((clf.card or {}).get("search", {}).get("period_min_days", 0.1))
+
+
+def significance(clf: LoadedSparseClassifier, fit: CurveFit) -> float:
+    """The false-alarm probability a periodic call is gated on.
+
+    The LS peak's, or with the card's ``significance = "ls_or_harmonic"`` the smaller of it
+    and the multi-harmonic one (:attr:`CurveFit.fap_harmonic`).
+    """
+    if (clf.card or {}).get("significance", "ls") == "ls_or_harmonic":
+        return min(fit.fap, fit.fap_harmonic)
+    return fit.fap
 
 
 def max_fap(clf: LoadedSparseClassifier, default: float) -> float:
@@ -154,7 +165,7 @@ def classify_sparse(batch: LightCurveBatch, rows: np.ndarray, clf: LoadedSparseC
         keep = batch.w[i] > 0
         span = float(np.ptp(batch.t_days[keep]))
         fap = fit.fap
-        if p_per[k] >= clf.threshold and fap <= max_fap(clf, pulsator_max_fap):
+        if p_per[k] >= clf.threshold and significance(clf, fit) <= max_fap(clf, pulsator_max_fap):
             j = ie if prob[k, ie] >= prob[k, ip] else ip
             name = SPARSE_CLASSES[j]
             period = fit.period_days * (2.0 if name == "eclipsing_binary" else 1.0)
