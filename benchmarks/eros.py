@@ -15,7 +15,9 @@ Definitions (fixed before any test-split number was computed)
   ``classify_table`` does) and :func:`~survey_proc.lightcurves.classifier.classify` with
   the classifier's own threshold, and, as the classify stage does, the shipped sparse
   long-baseline classifier for curves spanning more than ``[classify] sparse_span_days``
-  (``--sparse-weights none``: the CNN alone, the figure before it existed).
+  (``--sparse-weights none``: the CNN alone, the figure before it existed). Since the fifth
+  session the sparse route searches the period of both bands jointly, as the classify stage
+  does with ``[classify] joint_bands`` (``--per-band-search``: each band alone, as before).
 - **Bands reconciled**: when one band is called periodic (eclipsing_binary, pulsator,
   transit) and the other not, the periodic band's result is taken; when both are periodic,
   the one with the higher ``var_class_prob``; when neither, R's.
