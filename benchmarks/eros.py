@@ -31,6 +31,9 @@ Definitions (fixed before any test-split number was computed)
   train split's true periods: they assign 99.3 % of its pulsators to their class). Anything
   else (constant, non_periodic, transit, single_event, not classified) is wrong.
 - **Class accuracy**: correct 4-class predictions over all stars of the split.
+- **``--thin F``** (fifth session, defined before any thinned figure): each band keeps a
+  random fraction F of its points (at least 20; seeded by the star's index and the band),
+  a sparser survey than EROS-1; the definitions above are unchanged.
 - **Period**: correct when ``|P / P_true - 1| <= 0.01``; for eclipsing binaries also at
   ``2 P_true`` or ``P_true / 2`` (within 1 %). Over all stars of the split (NaN = wrong);
   also reported over the stars whose class is right.
@@ -71,8 +74,20 @@ def period_ok(p: float, p_true: float, eb: bool) -> bool:
     return any(abs(p / (f * p_true) - 1) <= 0.01 for f in facs)
 
 
+def _thinned(curve: tuple, thin: tuple[float, int] | None, band: str) -> tuple:
+    """``curve`` (t, m, e) with a random ``thin[0]`` of its points kept (at least 20; seed ``thin[1]`` and the
+    band), or as it is when ``thin`` is None."""
+    if thin is None:
+        return curve
+    t, m, e = curve
+    rng = np.random.default_rng([thin[1], ord(band)])
+    n = min(len(t), max(20, round(len(t) * thin[0])))
+    keep = np.sort(rng.choice(len(t), n, replace=False))
+    return t[keep], m[keep], e[keep]
+
+
 def classify_star(row: pd.Series, clf, bands: str = "rb", sparse=None, sparse_span_days: float = 30.0,
-                  joint: bool = True) -> dict:
+                  joint: bool = True, thin: tuple[float, int] | None = None) -> dict:
     """Both bands of one star through the classify path, reconciled (module docstring)."""
     from survey_proc.lightcurves import classifier as C
     from survey_proc.lightcurves.periodogram import search_grid
@@ -83,7 +98,7 @@ def classify_star(row: pd.Series, clf, bands: str = "rb", sparse=None, sparse_sp
     res = {}
     prepared = {}
     for band in bands:
-        t, m, e = eros_band(row, band)
+        t, m, e = _thinned(eros_band(row, band), thin, band)
         if len(t) < 20:
             continue
         b = preprocess(np.array([0]), t, m[None], e[None], np.zeros((1, len(t)), np.int32),
@@ -115,7 +130,8 @@ def classify_star(row: pd.Series, clf, bands: str = "rb", sparse=None, sparse_sp
     return {**out, "band": band, **{f"{k}_{b}": v[k] for b, v in res.items() for k in ("var_class", "period")}}
 
 
-def classify_star_object(row: pd.Series, clf, sparse, bands: str = "rb", joint: bool = True) -> dict:
+def classify_star_object(row: pd.Series, clf, sparse, bands: str = "rb", joint: bool = True,
+                         thin: tuple[float, int] | None = None) -> dict:
     """Both bands of one star as one multi-band object through the classify stage's own function.
 
     :func:`survey_proc.lightcurves.search.classify_table` with the default ``[classify]``
@@ -125,7 +141,7 @@ def classify_star_object(row: pd.Series, clf, sparse, bands: str = "rb", joint: 
 
     parts, start = [], 0
     for band in bands:
-        t, m, e = eros_band(row, band)
+        t, m, e = _thinned(eros_band(row, band), thin, band)
         parts.append(pd.DataFrame({"object_id": 0, "epoch": start + np.arange(len(t)), "mjd": t, "mag": m,
                                    "mag_err": e, "flags": 0, "band": band}))
         start += len(t)
@@ -152,6 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--as-object", action="store_true", help="both bands as one multi-band object (classify_table)")
     ap.add_argument("--per-band-search", action="store_true",
                     help="each band's period searched alone ([classify] joint_bands = false)")
+    ap.add_argument("--thin", type=float, default=0.0,
+                    help="keep this fraction of each band's points (at least 20; random, seeded per star): a sparser "
+                         "survey")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     clf = model_registry.load("classifier", path=args.weights, device="cpu")
@@ -167,8 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for k, sid in enumerate(ids):
         joint = not args.per_band_search
-        r = (classify_star_object(curves.loc[sid], clf, sparse, args.bands, joint) if args.as_object
-             else classify_star(curves.loc[sid], clf, args.bands, sparse, span_days, joint))
+        thin = (args.thin, k) if args.thin > 0 else None
+        r = (classify_star_object(curves.loc[sid], clf, sparse, args.bands, joint, thin) if args.as_object
+             else classify_star(curves.loc[sid], clf, args.bands, sparse, span_days, joint, thin))
         typ = int(lab.loc[sid, "type"])
         p_true = float(lab.loc[sid, "period"] / lab.loc[sid, "div_period"])
         pred = four_class(r["var_class"], r["period"])
@@ -181,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     res = {"split": args.split, "n": len(d), "weights": str(clf.path), "threshold": clf.threshold,
            "mode": "one multi-band object (classify_table)" if args.as_object else "bands reconciled",
            "band_search": "each band alone" if args.per_band_search else "joint (the long curves of all bands)",
+           "thin": args.thin or None,
            "sparse_weights": str(sparse.path) if sparse is not None else None,
            "sparse_threshold": sparse.threshold if sparse is not None else None,
            "class_accuracy": float(correct.mean()), "period_within_1pct": float(d["period_ok"].mean()),
