@@ -7,9 +7,11 @@ The shipped CNN (:mod:`survey_proc.lightcurves.classifier`, v2) was trained on o
 years (EROS-1, ~120 points over ~900-1400 d) it called 0.54 of the test split's stars right
 (RESULTS.md, issue 22): its inputs are out of its domain. Curves whose kept points span
 more than ``[classify] sparse_span_days`` go to this model instead: it sees the cadence-free
-features of :mod:`survey_proc.lightcurves.fourier_features`, was trained on the real EROS-1
-train split (eclipsing binaries and pulsators) and on constant and random-walk curves at the
-same real cadences and errors (``training/train_sparse_classifier.py``; the card says how).
+features of :mod:`survey_proc.lightcurves.fourier_features` (a multi-band object's period
+searched in all its bands jointly), was trained on the real EROS-1 train split (eclipsing
+binaries and pulsators) and on constant and random-walk objects at the same real cadences and
+errors, each also thinned to 20-60 % of its points (``training/train_sparse_classifier.py``;
+the card says how).
 Curves inside the CNN's domain (the simulated surveys, whatever their number of epochs)
 are unchanged.
 
@@ -17,9 +19,11 @@ Decision
 --------
 Classes :data:`SPARSE_CLASSES` (no ``transit``: the training set has none). ``p_periodic``
 is ``p(eclipsing_binary) + p(pulsator)``; an object is periodic when it reaches the card's
-``threshold`` and its LS peak's Baluev false-alarm probability is at most the card's
-``max_fap`` (both chosen on the validation split, see the card; without ``max_fap``,
-``[classify] pulsator_max_fap``, the CNN path's gate); otherwise the
+``threshold`` and its signal is significant: the LS peak's Baluev false-alarm probability,
+or with the card's ``significance = "ls_or_harmonic"`` the smaller of it and the
+multi-harmonic one (:func:`~survey_proc.lightcurves.fourier_features.harmonic_false_alarm`),
+is at most the card's ``max_fap`` (all chosen on the validation split, see the card; without
+``max_fap``, ``[classify] pulsator_max_fap``, the CNN path's gate); otherwise the
 more probable of ``constant`` and ``non_periodic``. Periods: a pulsator's is the fitted
 period; an eclipsing binary's is twice it (the LS peak of two similar eclipses is half the
 orbit). Fewer than 1.15 cycles of that period in the curve's own span: ``single_event``,
