@@ -111,10 +111,8 @@ def classify_star(row: pd.Series, clf, bands: str = "rb", sparse=None, sparse_sp
     # the classify stage's joint period search of the long curves of the other bands ([classify] joint_bands)
     kept = {}
     for band, (b, _) in prepared.items():
-        keep = b.w[0] > 0
-        if joint and b.usable[0] and np.ptp(b.t_days[keep]) > sparse_span_days:
-            kept[band] = (b.t_days[keep] + b.t_ref_mjd, b.y[0, keep].astype(float),
-                          1.0 / np.sqrt(b.w[0, keep].astype(float)))
+        if joint and b.usable[0] and np.ptp(b.kept(0)[0]) > sparse_span_days:
+            kept[band] = b.kept(0)
     for band, (b, grid) in prepared.items():
         others = {0: [c for o, c in kept.items() if o != band]}
         r = C.classify(b, clf, grid, sparse=sparse, sparse_span_days=sparse_span_days, sparse_others=others).iloc[0]

@@ -71,11 +71,10 @@ def _kept(t: np.ndarray, mag: np.ndarray, err: np.ndarray) -> tuple[np.ndarray, 
     flux, its error); None when unusable."""
     b = preprocess(np.array([0]), t, mag[None], err[None], np.zeros((1, len(t)), np.int32),
                    PreprocessConfig(min_points=20))
-    keep = b.w[0] > 0
-    if not b.usable[0] or np.ptp(b.t_days[keep]) < 4 * PERIOD_MIN_DAYS:
+    curve = b.kept(0)
+    if not b.usable[0] or np.ptp(curve[0]) < 4 * PERIOD_MIN_DAYS:
         return None
-    return (b.t_days[keep].astype(float) + b.t_ref_mjd, b.y[0, keep].astype(float),
-            1.0 / np.sqrt(b.w[0, keep].astype(float)))
+    return curve
 
 
 def _features_of(bands: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], joint: bool = True
@@ -309,8 +308,9 @@ def main(argv: list[str] | None = None) -> None:
         "data": {"generator": "training/train_sparse_classifier.py", "periodic": "EROS-1 train split, both bands",
                  "negatives": "constant and random-walk/trend objects at the EROS train stars' own times and errors "
                               "(both bands; one random walk or trend per object, its amplitude 0.7-1.4x per band)",
-                 "search": "each curve twice: its period searched jointly with the star's other band, and alone"
-                           if not a.per_band else "each band's period searched alone",
+                 "search": ("each band's period searched alone" if a.per_band else
+                            "each curve searched jointly with the star's other band and alone")
+                           + ("; and thinned to 20-60 % of its points" if not a.no_thinned else ""),
                  "n_curves": len(meta), "n_val": int(val.sum()),
                  "counts": {c: int((y == k).sum()) for k, c in enumerate(SPARSE_CLASSES)}, "split_seed": 0},
         "training": {"steps": 400, "optimizer": "AdamW lr 3e-3, weight decay 1e-3, full batch, class-balanced",

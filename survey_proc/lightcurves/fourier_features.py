@@ -201,12 +201,6 @@ def _pick_peaks(power: np.ndarray, n: int) -> np.ndarray:
     return np.array(chosen)
 
 
-def ls_candidates(t: np.ndarray, y: np.ndarray, sigma: np.ndarray, period_min_days: float,
-                  n: int = N_CANDIDATES) -> tuple[np.ndarray, np.ndarray, float]:
-    """The ``n`` highest separate Lomb-Scargle peaks: (frequencies (1/day), powers, frequency step)."""
-    return joint_candidates([(t, y, sigma)], period_min_days, n)
-
-
 def joint_candidates(curves: list[tuple[np.ndarray, np.ndarray, np.ndarray]], period_min_days: float,
                      n: int = N_CANDIDATES) -> tuple[np.ndarray, np.ndarray, float]:
     """The highest separate peaks of the joint periodogram of one object's bands.

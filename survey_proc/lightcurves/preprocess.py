@@ -107,6 +107,12 @@ class LightCurveBatch:
     def __len__(self) -> int:
         return len(self.object_id)
 
+    def kept(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Curve ``i``'s kept points (weight > 0): times (MJD, days), relative flux and its error."""
+        keep = self.w[i] > 0
+        return (self.t_days[keep] + self.t_ref_mjd, self.y[i, keep].astype(float),
+                1.0 / np.sqrt(self.w[i, keep].astype(float)))
+
     def subset(self, sel: np.ndarray) -> LightCurveBatch:
         """The rows ``sel`` (boolean mask or indices).
 

@@ -148,11 +148,9 @@ class _Prepared:
             return out
         b = self.batch
         for i in np.flatnonzero(b.usable):
-            keep = b.w[i] > 0
-            t = b.t_days[keep]
-            if np.ptp(t) > min_span_days:
-                out[b.object_id[i]] = (t + b.t_ref_mjd, b.y[i, keep].astype(float),
-                                       1.0 / np.sqrt(b.w[i, keep].astype(float)))
+            curve = b.kept(i)
+            if np.ptp(curve[0]) > min_span_days:
+                out[b.object_id[i]] = curve
         return out
 
 

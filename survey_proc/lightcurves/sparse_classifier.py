@@ -137,10 +137,7 @@ def batch_features(batch: LightCurveBatch, rows: np.ndarray, p_min_days: float,
     out = []
     others = others or {}
     for i in rows:
-        keep = batch.w[i] > 0
-        out.append(curve_features(batch.t_days[keep] + batch.t_ref_mjd, batch.y[i, keep].astype(float),
-                                  1.0 / np.sqrt(batch.w[i, keep].astype(float)), p_min_days,
-                                  others=others.get(batch.object_id[i], ())))
+        out.append(curve_features(*batch.kept(i), p_min_days, others=others.get(batch.object_id[i], ())))
     return out
 
 
