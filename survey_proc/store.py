@@ -18,12 +18,23 @@ Layout (the format ``../shared/DESIGN.md`` records and docs/store.md explains;
         wcs       string  (epoch)        FITS WCS header text, "" when unknown
         band      string  (epoch)        photometric band, "" when unknown (format 2)
         source_file string (epoch)       where the epoch came from (optional)
+        header_fwhm_px float32 (epoch)   seeing FWHM (px) from the exposure's FITS header, NaN when
+                                         none (optional; written by ingest, see below)
+        header_fwhm_source string (epoch)  the keyword it came from, why a value was refused, or ""
+                                         (optional, written with ``header_fwhm_px``)
 
 Format versions: 2 adds the per-epoch ``band`` variable. A format-1 store (one band for
 all epochs, the root attribute ``band``) stays readable: :func:`read_epoch_table` and
 :func:`open_field` give every epoch the root band ("" when absent) and
 :func:`bands_per_epoch` says False, so a caller can say so where it matters. Fields
 created in a format-1 store (``ingest --append``) stay format 1.
+
+The two ``header_fwhm_*`` variables exist only in fields whose epochs were written with
+:attr:`EpochMeta.header_fwhm_px` (``survey-proc ingest`` always gives it; the simulator
+never does, so its stores have neither). They are optional within format 2: a reader
+without them sees no header FWHM (:func:`read_header_fwhm` returns None). The extract
+stage uses an epoch's header FWHM for a block with too few stars to measure its own, in
+place of ``photometry.fwhm_default_px``.
 
 Chunks are ``(1, cy, cx)``: per axis the smallest multiple of :data:`TILE_GRID_PX` (the
 default tile size) that covers it, capped at :data:`MAX_CHUNK_PX` (2048), or the whole axis
@@ -78,7 +89,11 @@ SCHEMA: dict[str, tuple[str, Any, tuple[str, ...]]] = {
     "wcs": ("string", None, ("epoch",)),
     "band": ("string", None, ("epoch",)),
     "source_file": ("string", None, ("epoch",)),
+    "header_fwhm_px": ("float32", np.dtype("float32"), ("epoch",)),
+    "header_fwhm_source": ("string", None, ("epoch",)),
 }
+#: optional per-epoch variables written only when :class:`EpochMeta` gives them
+HEADER_FWHM_VARIABLES = ("header_fwhm_px", "header_fwhm_source")
 REQUIRED_VARIABLES = ("image", "epoch", "mjd", "exptime", "airmass", "wcs")
 #: variables required from format 2 on
 REQUIRED_VARIABLES_V2 = ("band",)
@@ -100,6 +115,11 @@ class EpochMeta:
     source_file : where each epoch came from
     band : photometric band per epoch ("" when unknown); None: the store's root ``band``
         for every epoch
+    header_fwhm_px : seeing FWHM (px) per epoch from the FITS header, NaN when none; None:
+        the field keeps no header FWHM (the variables are not created)
+    header_fwhm_source : per epoch the keyword (and unit conversion) the FWHM came from,
+        ``"refused: ..."`` with the reason a header value was not used, or "" when the
+        header has none; None: "" for every epoch
     """
 
     mjd: np.ndarray
@@ -108,10 +128,12 @@ class EpochMeta:
     wcs: Sequence[str]
     source_file: Sequence[str]
     band: Sequence[str] | None = None
+    header_fwhm_px: np.ndarray | None = None
+    header_fwhm_source: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.mjd)
-        for name in ("exptime_s", "airmass", "wcs", "source_file", "band"):
+        for name in ("exptime_s", "airmass", "wcs", "source_file", "band", "header_fwhm_px", "header_fwhm_source"):
             if getattr(self, name) is not None and len(getattr(self, name)) != n:
                 raise StoreError(f"epoch metadata: {name} has {len(getattr(self, name))} entries, mjd has {n}")
 
@@ -315,6 +337,16 @@ def write_epoch_meta(path: str | Path, field_id: str, start_epoch: int, meta: Ep
     _array(g, "source_file")[sl] = np.asarray(list(meta.source_file), dtype=object)
     if "band" in g:
         _array(g, "band")[sl] = np.asarray(_meta_bands(path, meta), dtype=object)
+    if meta.header_fwhm_px is not None:
+        vec: dict[str, Any] = dict(chunks=(_EPOCH_VECTOR_CHUNK,), dimension_names=["epoch"])
+        if "header_fwhm_px" not in g:  # created on first use: earlier epochs read NaN / ""
+            g.create_array("header_fwhm_px", shape=(n_alloc,), dtype="float32", fill_value=np.nan,
+                           compressors=[_VECTOR_COMPRESSOR], **vec)
+        if "header_fwhm_source" not in g:
+            g.create_array("header_fwhm_source", shape=(n_alloc,), dtype=str, fill_value="", **vec)
+        sources = meta.header_fwhm_source if meta.header_fwhm_source is not None else [""] * len(meta.mjd)
+        _array(g, "header_fwhm_px")[sl] = np.asarray(meta.header_fwhm_px, dtype="float32")
+        _array(g, "header_fwhm_source")[sl] = np.asarray([str(s) for s in sources], dtype=object)
 
 
 def _meta_bands(path: str | Path, meta: EpochMeta) -> list[str]:
@@ -421,7 +453,7 @@ def append_epochs(
         if name in g:
             arr = _array(g, name)
             arr.resize((n_old + n_new, *arr.shape[1:]))
-    for name in ("epoch", "mjd", "exptime", "airmass", "wcs", "band", "source_file"):
+    for name in ("epoch", "mjd", "exptime", "airmass", "wcs", "band", "source_file", *HEADER_FWHM_VARIABLES):
         if name in g:
             _array(g, name).resize((n_old + n_new,))
     write_epoch_meta(path, field_id, n_old, meta)
@@ -864,6 +896,36 @@ def read_epoch_table(path: str | Path, field_id: str) -> dict[str, np.ndarray]:
     out["wcs"] = np.asarray([str(s) if s is not None else "" for s in np.asarray(_array(g, "wcs")[:])], dtype=object)
     out["band"] = _field_bands(path, field_id)
     return out
+
+
+def read_header_fwhm(path: str | Path, field_id: str) -> tuple[np.ndarray, list[str]] | None:
+    """The seeing FWHM from each epoch's FITS header and where it came from; None when the field keeps none.
+
+    Written by ``survey-proc ingest`` (:func:`survey_proc.ingest.header_fwhm`); a simulated
+    store has none.
+
+    Parameters
+    ----------
+    path
+        The survey store.
+    field_id
+        The field.
+
+    Returns
+    -------
+    (fwhm_px, source) or None
+        Per epoch the FWHM (px, float64; NaN when the header gave none or it was refused)
+        and the keyword it came from (``"refused: ..."`` with the reason, "" when none).
+    """
+    g = _field_group(path, field_id)
+    if "header_fwhm_px" not in g:
+        return None
+    fwhm = np.asarray(_array(g, "header_fwhm_px")[:], dtype="float64")
+    if "header_fwhm_source" in g:
+        src = [str(s) if s is not None else "" for s in np.asarray(_array(g, "header_fwhm_source")[:])]
+    else:
+        src = [""] * len(fwhm)
+    return fwhm, src
 
 
 def read_source_files(path: str | Path, field_id: str) -> list[str]:
