@@ -30,6 +30,18 @@ Image-frame positions (0-based pixel centres, px), fluxes in ADU:
   ``NONPOSITIVE`` where ``flux <= 0``;
 - ``confidence`` for a detector that has one (PNet's heatmap peak).
 
+FWHM
+----
+Every radius scales with the block's FWHM, which the detector measures on the block's
+bright, isolated stars (:func:`~survey_proc.photometry.aperture.estimate_fwhm`). A block
+with too few of them (a small cutout, a sparse or shallow frame) takes the epoch's seeing
+from its FITS header when the caller gives it (``header_fwhm_px``: the store's
+``header_fwhm_px``, read at ingest, :func:`survey_proc.ingest.header_fwhm`), else
+``photometry.fwhm_default_px``. The header value simply takes the default's place in the
+configuration the block runs with, so the detectors, the aperture, the Moffat aperture
+correction and an empty block all use it the same way. :attr:`BlockInfo.fwhm_source` says
+which of the three the block used.
+
 Nothing here knows about Dask or the store: the caller passes pixels.
 """
 
@@ -54,6 +66,11 @@ from survey_proc.tiling import Tile
 if TYPE_CHECKING:
     from survey_proc.photometry.bpnn import LoadedBPNN
 
+#: :attr:`BlockInfo.fwhm_source` of a block that measured its FWHM on its own stars
+FWHM_MEASURED = "measured"
+#: :attr:`BlockInfo.fwhm_source` of a block that took ``photometry.fwhm_default_px``
+FWHM_DEFAULT = "default photometry.fwhm_default_px"
+
 COLUMNS = ("tile", "depth_px", "x", "y", "x_iso", "y_iso", "flux_aper", "flux_aper_err", "flux", "flux_err",
            "snr", "bkg_adu", "npix", "peak_adu", "flags")
 
@@ -76,6 +93,7 @@ class BlockInfo:
     saturated_px: int = 0  # finite and at or above the saturation level
     usable_ptp_adu: float = float("nan")  # max - min of the usable pixels (0: a constant image; NaN: none usable)
     domain: str | None = None  # what the domain check did (survey_proc.detect.domain), None when nothing
+    fwhm_source: str = ""  # FWHM_MEASURED, "header <keyword ...>" or FWHM_DEFAULT ("": a block from before)
 
     def to_dict(self) -> dict:
         """The fields as a dict (what a block task returns to the epoch task)."""
@@ -160,7 +178,8 @@ def _owner(x: np.ndarray, y: np.ndarray, tiles: list[Tile], margin_px: float) ->
 
 def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[int, int], tiles: list[Tile],
                   gain_e_per_adu: float, saturation_adu: float, cfg: RunConfig, detector: Detector,
-                  bpnn: LoadedBPNN | None = None, *, seed: int = 0, keep_window: bool = False) -> BlockResult:
+                  bpnn: LoadedBPNN | None = None, *, seed: int = 0, keep_window: bool = False,
+                  header_fwhm_px: float | None = None, header_fwhm_source: str = "") -> BlockResult:
     """Detect and measure the sources owned by ``tiles`` in a window of one epoch.
 
     Parameters
@@ -186,6 +205,11 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
         Return the :class:`~survey_proc.photometry.measure.Window` also without a BPNN
         (for training the BPNN on exactly the pipeline's inputs). It costs sep a linear PSF
         fit of every detection of the window, which it otherwise skips.
+    header_fwhm_px, header_fwhm_source
+        The epoch's seeing FWHM (px) from its FITS header and the keyword it came from (the
+        store's ``header_fwhm_px`` / ``header_fwhm_source``); used in place of
+        ``photometry.fwhm_default_px`` when the block has too few stars to measure its FWHM.
+        None, NaN or not positive: no header value (the default stays).
 
     Returns
     -------
@@ -201,6 +225,10 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     if not isinstance(detector, Detector):
         raise TypeError(f"extract_block needs a Detector (survey_proc.detect.registry.make_detector) after cfg, "
                         f"got a {type(detector).__name__}; the BPNN comes after the detector")
+    fwhm_fallback = FWHM_DEFAULT
+    if header_fwhm_px is not None and np.isfinite(header_fwhm_px) and header_fwhm_px > 0:
+        cfg = replace(cfg, photometry=replace(cfg.photometry, fwhm_default_px=float(header_fwhm_px)))
+        fwhm_fallback = f"header {header_fwhm_source or 'FWHM'}".strip()
     oy, ox = origin_yx
     bad = classical.bad_pixels(image, mask, saturation_adu)
     bkg = classical.estimate_background(image, bad, cfg.detection)
@@ -232,7 +260,8 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
         bpnn = None
     info_common: dict[str, Any] = {"bkg_adu": float(np.median(bkg.back)), "rms_adu": noise, "bad_px": int(bad.sum()),
                                    "fallback": found.fallback or None, **pixel_census(image, bad, saturation_adu),
-                                   "domain": "; ".join(actions) or None}
+                                   "domain": "; ".join(actions) or None,
+                                   "fwhm_source": FWHM_MEASURED if found.n_fwhm > 0 else fwhm_fallback}
     no_window = np.zeros(0, np.int64)
     if len(found) and cfg.photometry.background == "masked":  # the stars' light out of the photometry's sky
         bkg = masked_background(image, bad, found.x, found.y, found.peak_adu, noise, found.fwhm_px, cfg.detection)

@@ -6,6 +6,12 @@ de-duplicates the tile borders, adds astrometry, fits the zero point against an 
 reference catalogue and writes the unit (:func:`finalize_epoch_task`). Without a
 reference catalogue the zero point stays ``pending`` for the calibrate stage.
 
+FWHM: a block with too few stars to measure its FWHM takes the epoch's seeing from its FITS
+header when the store keeps one (``header_fwhm_px``, read at ingest), else
+``photometry.fwhm_default_px`` (:mod:`survey_proc.catalog.extract`); the epoch's FWHM falls
+back the same way when no block measured it. The record says which (``fwhm_source``).
+A store without header FWHMs (the simulator's) runs exactly as before.
+
 Resume: an epoch whose unit exists with this run's fingerprint is skipped. Epochs whose
 metadata make them unusable (no time, no exposure) are recorded as failures without a
 task (attempts 0): no retry can give them one.
@@ -24,7 +30,7 @@ import pandas as pd
 from survey_proc import storage, store
 from survey_proc.catalog import calibrate as cal
 from survey_proc.catalog.astrometry import parse_wcs
-from survey_proc.catalog.extract import BlockInfo, epoch_pixel_problem, extract_block
+from survey_proc.catalog.extract import FWHM_DEFAULT, FWHM_MEASURED, BlockInfo, epoch_pixel_problem, extract_block
 from survey_proc.catalog.merge import merge_epoch
 from survey_proc.catalog.schema import SOURCES
 from survey_proc.errors import SurveyProcError
@@ -47,7 +53,7 @@ class EpochJob:
     field: str
     field_index: int
     epoch: int
-    meta: dict[str, Any]  # mjd, exptime, airmass, wcs (the store's epoch table row)
+    meta: dict[str, Any]  # mjd, exptime, airmass, wcs (the store's epoch table row) [, header_fwhm_px/_source]
     ref_wcs_text: str
     reference_path: str | None
     gain_e_per_adu: float
@@ -81,7 +87,9 @@ def extract_block_task(job: EpochJob, tiles: list[Tile], window: tuple[int, int,
     try:
         detector, bpnn = _block_models(job.cfg_json)
         res = extract_block(image, mask, (y0, x0), tiles, job.gain_e_per_adu, job.saturation_adu, cfg, detector,
-                            bpnn, seed=block_seed(cfg.bpnn.seed, job.epoch, (y0, x0)))
+                            bpnn, seed=block_seed(cfg.bpnn.seed, job.epoch, (y0, x0)),
+                            header_fwhm_px=job.meta.get("header_fwhm_px"),
+                            header_fwhm_source=str(job.meta.get("header_fwhm_source", "")))
     except SurveyProcError as exc:
         raise SurveyProcError(f"field {job.field} epoch {job.epoch} window {window}: {exc}") from exc
     return res.table, {**res.info.to_dict(), "read_s": t_read, "task_s": time.perf_counter() - t0}
@@ -91,6 +99,27 @@ def _domain_summary(infos: list[BlockInfo]) -> str | None:
     """The epoch's domain action (:mod:`survey_proc.detect.domain`): the first block's, with the count of blocks."""
     actions = [i.domain for i in infos if i.domain]
     return f"{actions[0]} ({len(actions)} of {len(infos)} block(s))" if actions else None
+
+
+def header_fwhm_px(meta: dict[str, Any]) -> float | None:
+    """The epoch's usable header FWHM (px) from its metadata row, or None."""
+    v = meta.get("header_fwhm_px")
+    return float(v) if v is not None and np.isfinite(v) and v > 0 else None
+
+
+def epoch_fwhm_source(infos: list[BlockInfo], meta: dict[str, Any]) -> str:
+    """Where the epoch's FWHM came from: its blocks' stars, the header or the default (with a refusal's reason)."""
+    srcs = [i.fwhm_source for i in infos]
+    n_measured = sum(s == FWHM_MEASURED for s in srcs)
+    others = ", ".join(sorted({s for s in srcs if s and s != FWHM_MEASURED})) or FWHM_DEFAULT
+    refused = str(meta.get("header_fwhm_source", ""))
+    if refused.startswith("refused") and FWHM_DEFAULT in others:
+        others += f" (header {refused})"
+    if n_measured == len(srcs):
+        return FWHM_MEASURED
+    if n_measured == 0:
+        return others
+    return f"{FWHM_MEASURED} in {n_measured} of {len(srcs)} blocks; the others: {others}"
 
 
 @worker_task
@@ -117,7 +146,8 @@ def finalize_epoch_task(job: EpochJob, blocks: list[tuple[pd.DataFrame, dict[str
     src, fwhm, n_dup = merge_epoch([b[0] for b in blocks], infos, field=field, field_index=job.field_index,
                                    epoch=epoch, mjd=meta["mjd"], epoch_wcs=epoch_wcs, ref_wcs=ref_wcs,
                                    dedup_radius_fwhm=cfg.detection.dedup_radius_fwhm,
-                                   default_fwhm_px=cfg.photometry.fwhm_default_px, band=meta.get("band", ""))
+                                   default_fwhm_px=header_fwhm_px(meta) or cfg.photometry.fwhm_default_px,
+                                   band=meta.get("band", ""))
     if job.reference_path is not None:
         zp = cal.calibrate_epoch(src, reference_stars(job.reference_path, job.ref_wcs_text), fwhm, cfg.calibration)
     else:
@@ -134,7 +164,8 @@ def finalize_epoch_task(job: EpochJob, blocks: list[tuple[pd.DataFrame, dict[str
         has_wcs=epoch_wcs is not None, zp=zp, fingerprint=job.fingerprint,
         queue_to_done_s=time.time() - job.t_submit, finalize_s=time.perf_counter() - t0,
         read_s=float(sum(b[1].get("read_s", 0.0) for b in blocks)),
-        extract_s=float(sum(b[1].get("task_s", 0.0) for b in blocks)))
+        extract_s=float(sum(b[1].get("task_s", 0.0) for b in blocks)),
+        extra={"fwhm_source": epoch_fwhm_source(infos, meta)})
     write_parquet_atomic(src, SOURCES, SOURCES_UNIT.path(job.out, field=field, epoch=epoch), record.to_dict())
     return record
 
@@ -164,9 +195,17 @@ class ExtractStage(Stage):
         total = sum(len(p.epochs) for p in ctx.plans)
         bar = ctx.bar(self.name, total, total - len(todo))
         state.counts["epochs_skipped_resume"] = total - len(todo)
+        # the seeing from the FITS headers, where ingest stored it (None: a store without, e.g. simulated)
+        header_fwhm = {f: store.read_header_fwhm(cfg.store, f) for f in {p.field for p, _ in todo}}
+
+        def epoch_meta(p: FieldPlan, e: int) -> dict[str, Any]:
+            h = header_fwhm.get(p.field)
+            if h is None or e >= len(h[0]):
+                return p.epoch_meta[e]
+            return {**p.epoch_meta[e], "header_fwhm_px": float(h[0][e]), "header_fwhm_source": h[1][e]}
 
         def submit(p: FieldPlan, e: int, attempt: int) -> Any:
-            job = EpochJob(cfg.store, cfg.out, p.field, p.index, e, p.epoch_meta[e], p.ref_wcs_text,
+            job = EpochJob(cfg.store, cfg.out, p.field, p.index, e, epoch_meta(p, e), p.ref_wcs_text,
                            str(ctx.reference) if ctx.reference else None, p.gain_e_per_adu, p.saturation_adu,
                            ctx.cfg_json, ctx.fingerprint, time.time())
             tag = f"{ctx.run_token}-a{attempt}"
