@@ -28,7 +28,11 @@ one block):
   kernel-footprint sum.
 
 The FWHM every radius below uses is sep's measured one, or the PSFEx model's where sep
-measures none (the DECam cutouts: too few stars in 100^2 px).
+measures none (the DECam cutouts: too few stars in 100^2 px). The pipeline's own block
+extraction is given each frame's header FWHM as the pipeline gets it from the store
+(:func:`survey_proc.ingest.header_fwhm` on the header ingest reads; DECam: the CCD's ``FWHM``
+in pixels; none of the other sets has one): a block that measures no FWHM uses it instead of
+``photometry.fwhm_default_px`` (issue 21). ``fwhm_source`` per frame says which it used.
 
 Figures (``real.json``, tables in ``real.md``):
 
@@ -100,6 +104,7 @@ from survey_proc.detect import classical
 from survey_proc.detect.base import Aperture, Detections, DetectorInput, TotalFlux
 from survey_proc.detect.registry import make_detector
 from survey_proc.evaluate import match_one_to_one
+from survey_proc.ingest import hdu_header, header_fwhm
 from survey_proc.tiling import tile_grid
 from survey_proc.vocab import EXTENDED, MASK_BAD
 
@@ -134,6 +139,9 @@ class Frame:
     psf, psf_fwhm
         A PSF model of the frame (centred stamp, sum 1) and its FWHM (px) where the data
         bring one (DECam: PSFEx), else None.
+    header_fwhm_px, header_fwhm_source
+        The seeing FWHM (px) the header states and its keyword, as ingest reads them
+        (:func:`survey_proc.ingest.header_fwhm`; NaN, "" when none).
     """
 
     name: str
@@ -144,6 +152,8 @@ class Frame:
     wcs: Any = None
     psf: np.ndarray | None = None
     psf_fwhm: float | None = None
+    header_fwhm_px: float = float("nan")
+    header_fwhm_source: str = ""
 
 
 @dataclass
@@ -175,7 +185,8 @@ def _primary(path: Path, name: str, gain: float, saturation: float) -> Frame:
     with fits.open(path) as h:
         img = np.asarray(h[0].data, np.float32)
         w = _wcs(h[0].header)
-    return Frame(name, img, None, gain, saturation, w)
+        hf = header_fwhm(hdu_header(h, 0))
+    return Frame(name, img, None, gain, saturation, w, header_fwhm_px=hf[0], header_fwhm_source=hf[1])
 
 
 def load_set(name: str, root: Path = REAL) -> RealSet:
@@ -215,13 +226,14 @@ def load_set(name: str, root: Path = REAL) -> RealSet:
                 img = np.asarray(h[1].data, np.float32)
                 hd = h[1].header
                 w = _wcs(hd)
+                hf = header_fwhm(hdu_header(h, 1))
             ood = np.asarray(fits.getdata(p.replace("_ooi_", "_ood_"), 1))
             mask = np.where(ood != 0, MASK_BAD, 0).astype(np.uint8)
             tag = Path(p).name.split("_ooi_")[1].split("_ls9")[0] + Path(p).name[3:10]  # band + date
             ps = fits.getdata(root / "legacypipe_decam/psfex" / (Path(p).name.split(".")[0] + "-psfex.fits"), 1)
             psf = np.clip(np.asarray(ps["psf_mask"][0][0], float), 0, None)  # the constant term (PSF_SAMP 1)
             frames.append(Frame(f"decam_{tag}", img, mask, float(hd["GAINA"]), float(hd["SATURATA"]), w,
-                                psf / psf.sum(), float(ps["psf_fwhm"][0])))
+                                psf / psf.sum(), float(ps["psf_fwhm"][0]), hf[0], hf[1]))
         gaia = []
         for p in sorted(glob.glob(str(root / "legacypipe_decam/gaia/*.fits"))):
             g = fits.getdata(p, 1)
@@ -246,7 +258,7 @@ def quick_set(root: Path = REAL, size: int = 200) -> RealSet:
     for f in full.frames:
         w = f.wcs.slice((slice(y0, y0 + size), slice(x0, x0 + size))) if f.wcs is not None else None
         frames.append(Frame(f.name + "_crop", np.ascontiguousarray(f.image[y0:y0 + size, x0:x0 + size]), None, f.gain,
-                            f.saturation, w))
+                            f.saturation, w, header_fwhm_px=f.header_fwhm_px, header_fwhm_source=f.header_fwhm_source))
     return RealSet("sdss_crop", frames, crop_px=size, notes=[f"crop x {x0}:{x0 + size}, y {y0}:{y0 + size}"],
                    inject=[1])
 
@@ -285,6 +297,7 @@ class Found:
     n_fwhm: int = 0
     flux_err: np.ndarray | None = None  # the table's flux_err (None: flux / snr)
     flags: np.ndarray | None = None  # the table's flags (None: unknown)
+    fwhm_source: str = ""  # the block's BlockInfo.fwhm_source (measured, header ... or the default)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -326,11 +339,12 @@ class Runner:
 
         def block(det: Any, cfg: RunConfig, bpnn: Any = None) -> Found:
             t0 = time.perf_counter()
-            r = extract_block(img, frame.mask, (0, 0), tiles, frame.gain, frame.saturation, cfg, det, bpnn)
+            r = extract_block(img, frame.mask, (0, 0), tiles, frame.gain, frame.saturation, cfg, det, bpnn,
+                              header_fwhm_px=frame.header_fwhm_px, header_fwhm_source=frame.header_fwhm_source)
             t = r.table
             return Found(t["x"].to_numpy(), t["y"].to_numpy(), t["flux"].to_numpy(), t["snr"].to_numpy(),
                          r.info.fwhm_px, r.info.domain, time.perf_counter() - t0, r.info.n_fwhm_stars,
-                         t["flux_err"].to_numpy(), t["flags"].to_numpy())
+                         t["flux_err"].to_numpy(), t["flags"].to_numpy(), r.info.fwhm_source)
 
         out["sep"] = block(self.sep, self.cfg["sep"])
         if "sep_suppressed" in self.detectors:
@@ -364,7 +378,8 @@ class Runner:
         if rng is not None and raw.n_fwhm > 0 and domain.outside(raw.fwhm_px, rng):
             note = domain.describe("pnet", raw.fwhm_px, rng, "detected with sep")
             return Found(sep_found.x, sep_found.y, sep_found.flux, sep_found.snr, sep_found.fwhm_px, note,
-                         raw.seconds + sep_found.seconds, sep_found.n_fwhm, sep_found.flux_err, sep_found.flags)
+                         raw.seconds + sep_found.seconds, sep_found.n_fwhm, sep_found.flux_err, sep_found.flags,
+                         sep_found.fwhm_source)
         return raw
 
     def dao(self, frame: Frame, img: np.ndarray, fwhm_px: float) -> Found:
@@ -860,6 +875,7 @@ def benchmark_set(rs: RealSet, runner: Runner, rounds: int, per_bin: int, plot_d
         fr: dict[str, Any] = {
             "frame": f.name, "shape": list(f.image.shape), "gain": f.gain, "saturation": f.saturation,
             "fwhm_px": {k: v.fwhm_px for k, v in b.items()}, "fwhm_used_px": fwhm,
+            "fwhm_source": {k: v.fwhm_source for k, v in b.items()},
             "domain": {k: v.domain for k, v in b.items()},
             "n_detections": {k: len(v) for k, v in b.items()},
             "seconds": {k: v.seconds for k, v in b.items()},
