@@ -298,6 +298,7 @@ class Found:
     flux_err: np.ndarray | None = None  # the table's flux_err (None: flux / snr)
     flags: np.ndarray | None = None  # the table's flags (None: unknown)
     fwhm_source: str = ""  # the block's BlockInfo.fwhm_source (measured, header ... or the default)
+    psf_fit: dict[str, Any] | None = None  # the block's BlockInfo.psf_fit (sep_epsf: psf, stars, profile error)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -344,7 +345,7 @@ class Runner:
             t = r.table
             return Found(t["x"].to_numpy(), t["y"].to_numpy(), t["flux"].to_numpy(), t["snr"].to_numpy(),
                          r.info.fwhm_px, r.info.domain, time.perf_counter() - t0, r.info.n_fwhm_stars,
-                         t["flux_err"].to_numpy(), t["flags"].to_numpy(), r.info.fwhm_source)
+                         t["flux_err"].to_numpy(), t["flags"].to_numpy(), r.info.fwhm_source, r.info.psf_fit)
 
         out["sep"] = block(self.sep, self.cfg["sep"])
         if "sep_suppressed" in self.detectors:
@@ -876,6 +877,7 @@ def benchmark_set(rs: RealSet, runner: Runner, rounds: int, per_bin: int, plot_d
             "frame": f.name, "shape": list(f.image.shape), "gain": f.gain, "saturation": f.saturation,
             "fwhm_px": {k: v.fwhm_px for k, v in b.items()}, "fwhm_used_px": fwhm,
             "fwhm_source": {k: v.fwhm_source for k, v in b.items()},
+            "psf_fit": {k: v.psf_fit for k, v in b.items() if v.psf_fit is not None},
             "domain": {k: v.domain for k, v in b.items()},
             "n_detections": {k: len(v) for k, v in b.items()},
             "seconds": {k: v.seconds for k, v in b.items()},
@@ -1016,11 +1018,14 @@ def markdown(res: dict[str, Any]) -> str:
                 lines.append(f"| {n} | {cname} | {det} | {c['n']} |"
                              f" {_f(c['recall'])} | {_f(c['precision'])} | {_f(c['recall_at_n'])} | "
                              f"{_f(c['precision_at_n'])} |")
-    lines += ["\n## Per frame\n", "| frame | PSF for injection | pnet domain action |", "|---|---|---|"]
+    lines += ["\n## Per frame\n", "| frame | PSF for injection | pnet domain action | PSF fit (stars, profile error) |",
+              "|---|---|---|---|"]
     for rs in res["sets"]:
         for fr in rs["frames"]:
             psf = fr["injection"]["psf"] if fr["injection"] else "(no injections)"
-            lines.append(f"| {fr['frame']} | {psf} | {fr['domain'].get('pnet') or '—'} |")
+            pf = "; ".join(f"{k}: {p['psf']} ({p['n_psf_stars']}, {p['model_error_frac']:.3f})"
+                           for k, p in fr.get("psf_fit", {}).items()) or "—"
+            lines.append(f"| {fr['frame']} | {psf} | {fr['domain'].get('pnet') or '—'} | {pf} |")
     return "\n".join(lines) + "\n"
 
 

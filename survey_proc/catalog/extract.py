@@ -94,6 +94,9 @@ class BlockInfo:
     usable_ptp_adu: float = float("nan")  # max - min of the usable pixels (0: a constant image; NaN: none usable)
     domain: str | None = None  # what the domain check did (survey_proc.detect.domain), None when nothing
     fwhm_source: str = ""  # FWHM_MEASURED, "header <keyword ...>" or FWHM_DEFAULT ("": a block from before)
+    # with photometry.psf_model = "epsf": the PSF fit's psf ("epsf"/"moffat"), n_psf_stars, model_error_frac
+    # (the profile error in its flux_err) and why_moffat; None without the PSF fit
+    psf_fit: dict[str, Any] | None = None
 
     def to_dict(self) -> dict:
         """The fields as a dict (what a block task returns to the epoch task)."""
@@ -304,7 +307,8 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
         raise RuntimeError(f"detector {detector.name!r} returned no neighbours for the window it was asked for")
     win = Window(data, bad, bkg.back, noise, gain_e_per_adu, found.fwhm_px, nb.x, nb.y, nb.flux_fit)
     if use_epsf:  # the PSF fit's magnitudes take the place of the BPNN's and the detector's
-        out = _with_psf_fit(out, image, win, nb.targets, saturation_adu, cfg)
+        out, psf_fit = _with_psf_fit(out, image, win, nb.targets, saturation_adu, cfg)
+        info = replace(info, psf_fit=psf_fit)
         if cfg.bpnn.enabled:
             out = _with_detector_magnitudes(out)
         return BlockResult(out, info, win, nb.targets)
@@ -327,10 +331,11 @@ def _with_detector_magnitudes(out: pd.DataFrame) -> pd.DataFrame:
 
 
 def _with_psf_fit(out: pd.DataFrame, image: np.ndarray, win: Window, targets: np.ndarray, saturation_adu: float,
-                  cfg: RunConfig) -> pd.DataFrame:
+                  cfg: RunConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
     """``flux``/``flux_err`` from the PSF fit on the window's empirical PSF (:mod:`~survey_proc.photometry.psfphot`).
 
-    A target whose fit failed keeps the detector's flux and is flagged ``PSF_FIT``.
+    A target whose fit failed keeps the detector's flux and is flagged ``PSF_FIT``. Also
+    returns what the fit used (:attr:`BlockInfo.psf_fit`).
     """
     from survey_proc.photometry.psfphot import psf_photometry
 
@@ -347,7 +352,8 @@ def _with_psf_fit(out: pd.DataFrame, image: np.ndarray, win: Window, targets: np
     flags[ok] &= ~np.int32(F.NONPOSITIVE)
     flags[ok & (r.flux <= 0)] |= F.NONPOSITIVE
     out["flags"] = flags.astype(np.int32)
-    return out
+    return out, {"psf": r.psf, "n_psf_stars": r.n_psf_stars, "model_error_frac": float(r.model_error_frac),
+                 "why_moffat": r.why_moffat}
 
 
 def _aperture(inp: DetectorInput, found: Detections) -> Aperture:
