@@ -12,7 +12,7 @@ from survey_proc import model_registry
 from survey_proc.lightcurves import classifier as C
 from survey_proc.lightcurves.preprocess import preprocess
 from survey_proc.vocab import PERIODIC_CLASSES
-from training.calibrate_classifier import fit_isotonic, fit_platt, pav, summary
+from training.calibrate_classifier import fit_isotonic, fit_platt, pav, raw_threshold_for, summary, threshold_curve
 
 
 def _toy(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -37,6 +37,21 @@ def test_isotonic_makes_overconfident_scores_reliable_on_fresh_data():
     t = C.apply_calibration(np.array([0.7]), cal)[0]
     assert np.array_equal(p2 >= 0.7, C.apply_calibration(p2, cal) >= t)
     C.check_calibration(cal)
+
+
+def test_a_calibrated_threshold_converts_to_the_raw_score_that_reaches_it():
+    p, y = _toy(20000, 4)
+    cal = fit_isotonic(p, y, min_block=20)
+    t = raw_threshold_for(cal, 0.5)
+    # every score at or above t is calibrated to >= 0.5, every one below to < 0.5: the same decisions
+    pc = C.apply_calibration(p, cal)
+    assert np.array_equal(p >= t, pc >= 0.5)
+    assert t == pytest.approx(0.5 ** (1 / 3), abs=0.03)  # the toy's truth: P(periodic | s) = s**3
+    rows = threshold_curve(p, y, np.ones(len(p), bool), [0.0, t])
+    assert rows[0]["recall"] == 1.0 and rows[1]["precision"] == pytest.approx(np.mean(y[p >= t]))
+    assert rows[1]["precision"] > rows[0]["precision"]
+    with pytest.raises(SystemExit, match=r"never reaches p_periodic = 1\.5"):
+        raw_threshold_for(cal, 1.5)
 
 
 def test_pav_pools_violators_and_merges_small_blocks():
@@ -74,7 +89,7 @@ def test_the_cards_calibration_is_applied_at_inference():
     assert toy["p_periodic"].max() <= 0.6
     # the shipped card: calibrated on validation surveys, threshold converted so the classes do not change
     block = clf.card["calibration"]
-    assert block["provenance"]["surveys"] and block["threshold_raw"] == pytest.approx(0.94)
+    assert block["provenance"]["surveys"] and block["threshold_raw"] == pytest.approx(0.99606, abs=1e-5)
     shipped = C.classify(b, clf)
     np.testing.assert_allclose(shipped["p_periodic"], C.apply_calibration(p_raw, block["p_periodic"]), rtol=1e-6)
     at_raw_threshold = C.classify(b, replace(raw_clf, threshold=block["threshold_raw"]))

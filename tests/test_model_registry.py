@@ -25,7 +25,7 @@ SHIPPED_DIGESTS = {"detector": "d61c5020fe32b8c9", "bpnn": "584032c7fa35c363", "
                    "classifier_sparse": "f9a408f0d808c2b5"}
 # today's values of the shipped settings (detector and bpnn: in the weights file; classifier: on its card)
 SHIPPED_SETTINGS = {"detector": ("threshold", 0.14), "bpnn": ("n_samples", 8),
-                    "classifier": ("threshold", 0.01398694),  # calibrated p_periodic scale (raw 0.94)
+                    "classifier": ("threshold", 0.5000000000000712),  # calibrated p_periodic 0.5 (raw 0.99606)
                     "classifier_sparse": ("threshold", 0.79)}
 
 
@@ -218,7 +218,8 @@ def test_describe_gives_the_run_json_entry_of_each_shipped_model():
         "bpnn": common["bpnn"] | {"n_samples": 8, "trained": cards["bpnn"]["date"],
                                   "git_revision": cards["bpnn"]["git_revision"],
                                   "validation": cards["bpnn"]["validation"]},
-        "classifier": common["classifier"] | {"threshold": 0.01398694, "trained": cards["classifier"]["date"],
+        "classifier": common["classifier"] | {"threshold": SHIPPED_SETTINGS["classifier"][1],
+                                              "trained": cards["classifier"]["date"],
                                               "git_revision": cards["classifier"]["git_revision"],
                                               "validation_threshold": cards["classifier"]["validation"]["threshold"]},
         "classifier_sparse": common["classifier_sparse"] | {
