@@ -80,6 +80,11 @@ class PhotometryConfig:
     fwhm_default_px: float = 2.5  # used when a block has too few bright stars to measure it
     psf_model: str = "none"  # "epsf": magnitudes from a PSF fit on the block's empirical PSF (photometry/psfphot.py)
     background: str = "mesh"  # photometry's sky: "mesh" (the detection's) or "masked" (photometry/background.py)
+    # "annulus": a local sky per detection on top of the mesh (sigma-clipped median of an annulus, other detections
+    # masked; photometry/aperture.py local_sky); "none": the mesh sky only
+    local_sky: str = "none"
+    local_sky_inner_fwhm: float = 2.0  # the annulus' inner radius (x FWHM)
+    local_sky_outer_fwhm: float = 3.0  # ... and outer radius (x FWHM)
 
 
 @dataclass(frozen=True)
@@ -287,6 +292,14 @@ class RunConfig:
         if self.photometry.background not in ("masked", "mesh"):
             raise ConfigError(f"photometry.background must be 'masked' (the mesh background again with the detections "
                               f"masked) or 'mesh' (the detection's), got {self.photometry.background!r}")
+        ph = self.photometry
+        if ph.local_sky not in ("none", "annulus"):
+            raise ConfigError(f"photometry.local_sky must be 'none' (the mesh sky only) or 'annulus' (a sigma-clipped "
+                              f"annulus median around each source on top of it), got {ph.local_sky!r}")
+        if not ph.aperture_fwhm < ph.local_sky_inner_fwhm < ph.local_sky_outer_fwhm:
+            raise ConfigError(f"photometry.local_sky_inner_fwhm ({ph.local_sky_inner_fwhm}) must lie between "
+                              f"photometry.aperture_fwhm ({ph.aperture_fwhm}) and photometry.local_sky_outer_fwhm "
+                              f"({ph.local_sky_outer_fwhm})")
         c = self.classify
         if not 0.0 <= c.threshold < 1.0:
             raise ConfigError(f"classify.threshold must be in [0, 1) (0: the model card's), got {c.threshold}")

@@ -281,11 +281,12 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
         return BlockResult(table, BlockInfo(0, cfg.photometry.fwhm_default_px, 0, 1.0, 0, **info_common), None,
                            no_window)
 
-    ap = _aperture(inp, found)
+    ap, flux_mesh = _aperture(inp, found)
     total = _with_apcorr_scatter(inp, found, ap, detector.total_flux(inp, found, ap))
     flags = found.flags | ap.flags
     ok = (flags & F.PHOTOMETRY_BAD) == 0
-    flags[aperture.extended(data, bad, found.x, found.y, ap.flux, total.snr, ap.radius_px, found.fwhm_px, noise,
+    # the concentration test compares two apertures on the same (mesh) sky
+    flags[aperture.extended(data, bad, found.x, found.y, flux_mesh, total.snr, ap.radius_px, found.fwhm_px, noise,
                             ok)] |= F.EXTENDED
     flags[total.flux <= 0] |= F.NONPOSITIVE
     x_img, y_img = found.x + ox, found.y + oy
@@ -386,12 +387,25 @@ def _with_psf_fit(out: pd.DataFrame, image: np.ndarray, win: Window, targets: np
                  "n_not_point": -1 if point is None else int((~point).sum())}
 
 
-def _aperture(inp: DetectorInput, found: Detections) -> Aperture:
-    """Aperture flux (radius ``aperture_fwhm`` x FWHM), ``EDGE`` and the mask bits at ``found``'s final positions."""
-    r_ap = inp.cfg.photometry.aperture_fwhm * found.fwhm_px
+def _aperture(inp: DetectorInput, found: Detections) -> tuple[Aperture, np.ndarray]:
+    """Aperture flux (radius ``aperture_fwhm`` x FWHM), ``EDGE`` and the mask bits at ``found``'s final positions.
+
+    With ``photometry.local_sky = "annulus"`` the flux is net of each detection's local sky
+    (:func:`~survey_proc.photometry.aperture.with_local_sky`: an annulus of
+    ``local_sky_inner_fwhm``-``local_sky_outer_fwhm`` x FWHM, the block's other detections
+    masked) and its error includes the sky's. Also returns the flux on the mesh sky alone
+    (the concentration test's, whose larger aperture has no local sky).
+    """
+    pcfg = inp.cfg.photometry
+    r_ap = pcfg.aperture_fwhm * found.fwhm_px
     f_ap, f_ap_err, flags = aperture.aperture_measure(inp.data, inp.noise_adu, inp.bad, inp.mask, found.x, found.y,
                                                       r_ap, inp.gain_e_per_adu)
-    return Aperture(flux=f_ap, flux_err=f_ap_err, flags=flags, radius_px=r_ap)
+    f_mesh = f_ap
+    if pcfg.local_sky == "annulus":
+        f_ap, f_ap_err = aperture.with_local_sky(inp.data, inp.bad, found.x, found.y, r_ap, f_ap, f_ap_err,
+                                                 inp.noise_adu, pcfg.local_sky_inner_fwhm * found.fwhm_px,
+                                                 pcfg.local_sky_outer_fwhm * found.fwhm_px, found.x, found.y)
+    return Aperture(flux=f_ap, flux_err=f_ap_err, flags=flags, radius_px=r_ap), f_mesh
 
 
 def _with_apcorr_scatter(inp: DetectorInput, found: Detections, ap: Aperture, total: TotalFlux) -> TotalFlux:
