@@ -452,10 +452,45 @@ def _markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """``["section.key=value", ...]`` (``--set``) as run-configuration overrides (``{"section": {"key": value}}``).
+
+    The value is read as a TOML value (``3.5``, ``true``, ``"annulus"``), else kept as a string.
+    """
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise SystemExit(f"--set needs section.key=value, got {item!r}")
+        try:
+            value: Any = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        *sections, name = key.strip().split(".")
+        d = out
+        for sec in sections:
+            d = d.setdefault(sec, {})
+        d[name] = value
+    return out
+
+
+def _merged(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """``a`` with ``b``'s settings on top (section tables merged key by key)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def run(scenario: str, detectors: list[str], out: Path, *, quick: bool = False, epochs: int | None = None,
         size: int | None = None, workers: int | None = None, n_eval_epochs: int = 10,
-        pnet_threshold: float | None = None) -> dict[str, Any]:
-    """Simulate the held-out survey, run every detector, evaluate, write JSON/Markdown/plots."""
+        pnet_threshold: float | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Simulate the held-out survey, run every detector, evaluate, write JSON/Markdown/plots.
+
+    ``overrides`` (:func:`parse_sets`) are applied to every method's run configuration last.
+    """
     scn = heldout(scenario, quick, epochs, size)
     base = out / scenario
     base.mkdir(parents=True, exist_ok=True)
@@ -466,18 +501,19 @@ def run(scenario: str, detectors: list[str], out: Path, *, quick: bool = False, 
     t_sim = time.perf_counter() - t0
     results: dict[str, Any] = {"scenario": scenario, "scenario_file": f"benchmarks/scenarios/{scenario}-heldout.toml",
                                "seed": scn.seed, "size_px": scn.size_px, "n_epochs": scn.n_epochs,
-                               "simulate_s": t_sim, "methods": {}}
+                               "simulate_s": t_sim, "overrides": overrides or {}, "methods": {}}
     sample = sorted({int(e) for e in np.linspace(0, scn.n_epochs - 1, min(n_eval_epochs, scn.n_epochs))})
     for det in detectors:
         if det not in AVAILABLE:
             results["methods"][det] = {"skipped": f"{det}: no shipped model in this version"}
             continue
         detector, _, phot = det.partition("+")
-        cfg = load_config(None, {"store": str(survey), "out": str(base / det), "detector": detector,
-                                 "bpnn": {"enabled": phot == "bpnn"}, "progress": False,
-                                 "photometry": {"psf_model": "epsf" if phot == "epsf" else "none"},
-                                 "evaluate": False, "mode": "overwrite", "workers": workers,
-                                 **({"pnet": {"threshold": pnet_threshold}} if pnet_threshold else {})})
+        cfg = load_config(None, _merged({"store": str(survey), "out": str(base / det), "detector": detector,
+                                         "bpnn": {"enabled": phot == "bpnn"}, "progress": False,
+                                         "photometry": {"psf_model": "epsf" if phot == "epsf" else "none"},
+                                         "evaluate": False, "mode": "overwrite", "workers": workers,
+                                         **({"pnet": {"threshold": pnet_threshold}} if pnet_threshold else {})},
+                                        overrides or {}))
         t = time.perf_counter()
         run_json = run_pipeline(cfg)
         r = evaluate_method(base / det, survey, scn, sample)
@@ -505,9 +541,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, help="Dask worker processes (default: one per core)")
     p.add_argument("--quick", action="store_true", help="a small survey for the test suite")
     p.add_argument("--pnet-threshold", type=float, help="PNet confidence threshold (default: the model card's)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", dest="sets",
+                   help="a run-configuration override for every method (repeatable), e.g. "
+                        "photometry.local_sky=annulus")
     a = p.parse_args(argv)
     res = run(a.scenario, [d for d in a.detectors.split(",") if d], Path(a.out), quick=a.quick, epochs=a.epochs,
-              size=a.size, workers=a.workers, pnet_threshold=a.pnet_threshold)
+              size=a.size, workers=a.workers, pnet_threshold=a.pnet_threshold, overrides=parse_sets(a.sets))
     print(_markdown(res))
     print(f"wrote {Path(a.out) / a.scenario}/accuracy.json, accuracy.md and {', '.join(res['plots'])}")
     return 0

@@ -307,16 +307,18 @@ class Found:
 class Runner:
     """Runs the four detectors on a frame's pixels (see the module docstring)."""
 
-    def __init__(self, detectors: tuple[str, ...] = DETECTORS):
+    def __init__(self, detectors: tuple[str, ...] = DETECTORS, overrides: dict[str, Any] | None = None):
         from survey_proc import model_registry
+        from survey_proc.config import config_from_dict
 
         self.detectors = detectors
-        supp = RunConfig(detector="sep")
+        base = config_from_dict(overrides or {}).validate()  # (``--set``) under every row's own settings
+        supp = replace(base, detector="sep")
         supp = replace(supp, detection=replace(supp.detection, suppress_artefacts=True))
-        epsf = RunConfig(detector="sep")
+        epsf = replace(base, detector="sep")
         epsf = replace(epsf, photometry=replace(epsf.photometry, psf_model="epsf"))
-        self.cfg = {"sep": RunConfig(detector="sep"), "sep_suppressed": supp, "sep_epsf": epsf,
-                    "pnet": RunConfig(detector="pnet")}
+        self.cfg = {"sep": replace(base, detector="sep"), "sep_suppressed": supp, "sep_epsf": epsf,
+                    "pnet": replace(base, detector="pnet")}
         self.sep = make_detector(self.cfg["sep"])
         self.pnet = None
         self.bpnn = model_registry.load("bpnn", device="cpu") if "sep_bpnn" in detectors else None
@@ -1033,7 +1035,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 def run(sets: list[str] | None = None, out: Path | None = None, quick: bool = False, rounds: int | None = None,
         per_bin: int | None = None, plot_dir: Path | None = None, root: Path = REAL,
-        detectors: tuple[str, ...] = DETECTORS) -> dict[str, Any]:
+        detectors: tuple[str, ...] = DETECTORS, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The benchmark; returns the result dict (``sets``, ``summary``, ``command``, ``seconds``) and writes OUT.
 
     Parameters
@@ -1063,7 +1065,7 @@ def run(sets: list[str] | None = None, out: Path | None = None, quick: bool = Fa
     if unknown:
         raise ValueError(f"unknown detector rows {unknown}; the rows are {', '.join(DETECTORS)}")
     detectors = tuple(d for d in DETECTORS if d in detectors or d == "sep")
-    runner = Runner(detectors)
+    runner = Runner(detectors, overrides)
     todo = [quick_set(root)] if quick else [load_set(n, root) for n in (sets or list(SETS))]
     results = []
     for rs in todo:
@@ -1074,6 +1076,8 @@ def run(sets: list[str] | None = None, out: Path | None = None, quick: bool = Fa
                                                                          quick else "")
     if detectors != DETECTORS:
         cmd += f" --detectors {','.join(detectors)}"
+    for sec, kv in (overrides or {}).items():
+        cmd += "".join(f" --set {sec}.{k}={v}" for k, v in kv.items()) if isinstance(kv, dict) else f" --set {sec}={kv}"
     res: dict[str, Any] = {"command": cmd, "rounds": rounds, "per_bin": per_bin, "seed": SEED, "sets": results}
     res["summary"] = summary(res)
     res["seconds"] = time.perf_counter() - t0
@@ -1093,10 +1097,16 @@ def main() -> None:
     ap.add_argument("--per-bin", type=int)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--detectors", default=",".join(DETECTORS), help="rows to run (sep always)")
+    ap.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", dest="sets_cfg",
+                    help="a run-configuration override for every row (repeatable), e.g. photometry.local_sky=annulus")
     a = ap.parse_args()
+    from benchmarks.accuracy import parse_sets
+
+    overrides = parse_sets(a.sets_cfg)
     out = Path(a.out)
     plot_dir = out if a.quick or a.detectors != ",".join(DETECTORS) else PLOTS  # the committed gallery: all rows
-    res = run(a.sets.split(","), out, a.quick, a.rounds, a.per_bin, plot_dir, detectors=tuple(a.detectors.split(",")))
+    res = run(a.sets.split(","), out, a.quick, a.rounds, a.per_bin, plot_dir, detectors=tuple(a.detectors.split(",")),
+              overrides=overrides)
     print(markdown(res))
 
 
