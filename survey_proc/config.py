@@ -85,6 +85,7 @@ class PhotometryConfig:
     local_sky: str = "none"
     local_sky_inner_fwhm: float = 2.0  # the annulus' inner radius (x FWHM)
     local_sky_outer_fwhm: float = 3.0  # ... and outer radius (x FWHM)
+    local_sky_min_snr: float = 0.0  # the annulus sky only where |sky| >= this x its error (0: everywhere)
 
 
 @dataclass(frozen=True)
@@ -296,6 +297,9 @@ class RunConfig:
         if ph.local_sky not in ("none", "annulus"):
             raise ConfigError(f"photometry.local_sky must be 'none' (the mesh sky only) or 'annulus' (a sigma-clipped "
                               f"annulus median around each source on top of it), got {ph.local_sky!r}")
+        if ph.local_sky_min_snr < 0:
+            raise ConfigError(f"photometry.local_sky_min_snr must be >= 0 (0: the annulus sky everywhere), got "
+                              f"{ph.local_sky_min_snr}")
         if not ph.aperture_fwhm < ph.local_sky_inner_fwhm < ph.local_sky_outer_fwhm:
             raise ConfigError(f"photometry.local_sky_inner_fwhm ({ph.local_sky_inner_fwhm}) must lie between "
                               f"photometry.aperture_fwhm ({ph.aperture_fwhm}) and photometry.local_sky_outer_fwhm "

@@ -393,7 +393,8 @@ def _aperture(inp: DetectorInput, found: Detections) -> tuple[Aperture, np.ndarr
     With ``photometry.local_sky = "annulus"`` the flux is net of each detection's local sky
     (:func:`~survey_proc.photometry.aperture.with_local_sky`: an annulus of
     ``local_sky_inner_fwhm``-``local_sky_outer_fwhm`` x FWHM, the block's other detections
-    masked) and its error includes the sky's. Also returns the flux on the mesh sky alone
+    masked; only where it is at least ``local_sky_min_snr`` times its error) and its error
+    includes the sky's. Also returns the flux on the mesh sky alone
     (the concentration test's, whose larger aperture has no local sky).
     """
     pcfg = inp.cfg.photometry
@@ -404,7 +405,8 @@ def _aperture(inp: DetectorInput, found: Detections) -> tuple[Aperture, np.ndarr
     if pcfg.local_sky == "annulus":
         f_ap, f_ap_err = aperture.with_local_sky(inp.data, inp.bad, found.x, found.y, r_ap, f_ap, f_ap_err,
                                                  inp.noise_adu, pcfg.local_sky_inner_fwhm * found.fwhm_px,
-                                                 pcfg.local_sky_outer_fwhm * found.fwhm_px, found.x, found.y)
+                                                 pcfg.local_sky_outer_fwhm * found.fwhm_px, found.x, found.y,
+                                                 pcfg.local_sky_min_snr)
     return Aperture(flux=f_ap, flux_err=f_ap_err, flags=flags, radius_px=r_ap), f_mesh
 
 

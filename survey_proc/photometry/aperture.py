@@ -335,15 +335,17 @@ def local_sky(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, r
 
 def with_local_sky(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, r_px: float,
                    flux: np.ndarray, flux_err: np.ndarray, noise_adu: float | np.ndarray, r_in_px: float,
-                   r_out_px: float, mask_x: np.ndarray | None = None, mask_y: np.ndarray | None = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
+                   r_out_px: float, mask_x: np.ndarray | None = None, mask_y: np.ndarray | None = None,
+                   min_snr: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Aperture fluxes of radius ``r_px`` less their :func:`local_sky`, and their errors (ADU): ``(flux, err)``.
 
     The sky per pixel times the aperture's usable area (``bad`` pixels out, as in the sums)
     is subtracted; the sky's error times that area is added to ``flux_err`` in quadrature
     (the annulus' pixels are not the aperture's, so the two are independent). The other
     detections (``mask_x, mask_y``) are masked out to the aperture's radius ``r_px``; their
-    wings beyond it are left to the clipping.
+    wings beyond it are left to the clipping. With ``min_snr`` > 0 the sky is applied (and
+    its error added) only where ``|sky| >= min_snr x sky_err``: where the mesh sky is not
+    demonstrably wrong the aperture keeps it and its lower noise.
 
     Why the aperture correction (:func:`aperture_correction`, the flux within ``apcorr_fwhm``
     x FWHM over this flux) keeps the mesh sky: it is one number per block, a median over
@@ -356,6 +358,9 @@ def with_local_sky(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarr
     if len(x) == 0:
         return np.asarray(flux, float), np.asarray(flux_err, float)
     sky, sky_err, _ = local_sky(data, bad, x, y, r_in_px, r_out_px, noise_adu, mask_x, mask_y, r_px)
+    if min_snr > 0:
+        use = np.abs(sky) >= min_snr * sky_err
+        sky, sky_err = np.where(use, sky, 0.0), np.where(use, sky_err, 0.0)
     area, _, _ = sep.sum_circle(np.ones(data.shape, np.float32), x, y, r_px, mask=bad, subpix=5)
     area = np.asarray(area, float)
     return np.asarray(flux, float) - area * sky, np.hypot(np.asarray(flux_err, float), area * sky_err)
