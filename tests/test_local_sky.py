@@ -128,3 +128,25 @@ def test_the_local_sky_setting_is_checked() -> None:
                                           r"photometry\.aperture_fwhm \(1\.0\) and photometry\.local_sky_outer_fwhm"):
         load_config(None, {"photometry": {"local_sky": "annulus", "local_sky_inner_fwhm": 3.0,
                                           "local_sky_outer_fwhm": 2.5}})
+
+
+def test_the_gate_keeps_the_mesh_sky_where_the_annulus_agrees_with_it() -> None:
+    rng = np.random.default_rng(11)
+    g = np.arange(16.0, N - 15, 16.0)
+    x, y = (a.ravel() for a in np.meshgrid(g, g))
+    bad = np.zeros((N, N), bool)
+    data = np.ascontiguousarray(rng.normal(0.0, NOISE, (N, N)), dtype=np.float32)
+    f, fe, _ = A.aperture_measure(data, NOISE, bad, None, x, y, FWHM, 1e9)
+    fg, feg = A.with_local_sky(data, bad, x, y, FWHM, f, fe, NOISE, 3 * FWHM, 5 * FWHM, x, y, min_snr=3.0)
+    assert np.mean(fg == f) > 0.95 and np.all(feg[fg == f] == fe[fg == f])  # blank sky: the mesh's, unchanged
+    on_halo = np.ascontiguousarray(data + _halo(), dtype=np.float32)
+    xs, ys = np.array([STAR_XY[0]]), np.array([STAR_XY[1]])
+    f, fe, _ = A.aperture_measure(on_halo, NOISE, bad, None, xs, ys, FWHM, 1e9)
+    always = A.with_local_sky(on_halo, bad, xs, ys, FWHM, f, fe, NOISE, 3 * FWHM, 5 * FWHM, xs, ys)
+    gated = A.with_local_sky(on_halo, bad, xs, ys, FWHM, f, fe, NOISE, 3 * FWHM, 5 * FWHM, xs, ys, min_snr=3.0)
+    assert gated[0][0] == always[0][0] < 0.5 * f[0]  # a halo of ~50 ADU/px (10 sigma): far above the gate
+
+
+def test_the_gate_setting_is_checked() -> None:
+    with pytest.raises(ConfigError, match=r"photometry\.local_sky_min_snr must be >= 0"):
+        load_config(None, {"photometry": {"local_sky_min_snr": -1.0}})
