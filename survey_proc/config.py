@@ -167,6 +167,10 @@ class ClassifySettings:
     bls_max_work: float = 5e8  # ... and so are its frequencies x epochs: bounded cost per curve
     min_baseline_days: float = 0.0  # a curve whose kept points span less is not classified (0: 1.6 x the BLS minimum)
     pulsator_max_fap: float = 1e-3  # a pulsator's LS peak must have a false-alarm probability <= this
+    # an eclipsing binary's or transit's refined box must have a depth S/N >= this (errors rescaled by the
+    # scatter; classifier.box_snr); 7: between the validation surveys' highest false call at 40/100 epochs
+    # (6.3) and their lowest true binary at 1000 epochs (7.5); 0: no test
+    eclipse_min_snr: float = 7.0
     # curves whose kept points span more than this (days) go to the sparse long-baseline classifier
     # (lightcurves/sparse_classifier.py; the CNN saw 3.5-d curves only); 0: the CNN classifies every curve
     sparse_span_days: float = 30.0
@@ -278,6 +282,9 @@ class RunConfig:
         if self.crossmatch.merge_radius_fwhm < 0:
             raise ConfigError(f"crossmatch.merge_radius_fwhm must be >= 0 (0: never merge), got "
                               f"{self.crossmatch.merge_radius_fwhm}")
+        if not self.classify.eclipse_min_snr >= 0:
+            raise ConfigError(f"classify.eclipse_min_snr must be >= 0 (the box S/N an eclipse needs; 0: no test), "
+                              f"got {self.classify.eclipse_min_snr}")
         if self.classify.sparse_span_days < 0:
             raise ConfigError(f"classify.sparse_span_days must be >= 0 days (0: the CNN classifies every curve), got "
                               f"{self.classify.sparse_span_days}")

@@ -63,3 +63,36 @@ def test_a_weak_binary_at_its_orbit_is_not_doubled_for_want_of_a_secondary():
     # the same weak binary with both eclipses equal, folded at half its orbit, is still doubled
     new_f, _ = _decisions(_binary(0.1, 1.0, 0.1, range(41, 61)), ORBIT_D / 2)
     assert new_f.mean() >= 0.7
+
+
+def test_box_snr_is_the_depth_over_its_error_rescaled_by_the_scatter():
+    batch = _binary(0.2, 0.0, 0.02, range(71, 72))
+    t, y, w = batch.t_days, batch.y[0].astype(float), batch.w[0].astype(float)
+    t0 = float(T0_D + 61000.0 - batch.t_ref_mjd)
+    snr = C.box_snr(t, y, w, ORBIT_D, t0, DURATION_D)
+    # the true depth 1 - 10**(-0.08) = 0.168 of the flux over the error of the two weighted means (the errors
+    # are right here, so the scatter does not rescale them)
+    inside = np.abs(((t - t0) / ORBIT_D + 0.5) % 1 - 0.5) * ORBIT_D < DURATION_D / 2
+    assert 60 < inside.sum() < 90
+    ideal = 0.168 / np.sqrt(1 / w[inside].sum() + 1 / w[~inside].sum())
+    assert 0.8 * ideal < snr < 1.05 * ideal  # (preprocessing's clipping takes a few in-box points: 0.89 here)
+    # errors twice too small: the scatter rescales them, the S/N does not double
+    assert C.box_snr(t, y, 4 * w, ORBIT_D, t0, DURATION_D) == pytest.approx(snr, rel=0.02)
+    # a box where nothing happens
+    assert abs(C.box_snr(t, y, w, ORBIT_D, t0 + 0.4, DURATION_D)) < 4
+
+
+def test_an_insignificant_box_is_not_an_eclipse_and_the_setting_is_checked():
+    from survey_proc import model_registry
+    from survey_proc.config import ConfigError, load_config
+
+    clf = model_registry.load("classifier", device="cpu")
+    # a clear binary (box S/N ~ 30): called at the default gate, refused when the gate is above its S/N
+    batch = _binary(0.3, 0.5, 0.05, range(81, 82))
+    res = C.classify(batch, clf, eclipse_min_snr=7.0)
+    assert res["var_class"].iloc[0] == "eclipsing_binary" and res["box_snr"].iloc[0] > 20
+    gated = C.classify(batch, clf, eclipse_min_snr=float(res["box_snr"].iloc[0]) + 1)
+    assert gated["var_class"].iloc[0] in ("constant", "non_periodic")
+    assert gated["period"].iloc[0] == pytest.approx(gated["period_bls"].iloc[0])
+    with pytest.raises(ConfigError, match=r"classify\.eclipse_min_snr must be >= 0"):
+        load_config(None, {"classify": {"eclipse_min_snr": -1}})

@@ -352,6 +352,43 @@ def _folded_eclipses(one: LightCurveBatch, period: float, duration: float, t0: f
     return bool(l2 > l1)
 
 
+def box_snr(t_days: np.ndarray, y: np.ndarray, w: np.ndarray, period_days: float, t0_days: float,
+            duration_days: float) -> float:
+    """S/N of a box's depth: (weighted mean outside - inside) / its error, the errors rescaled by the scatter.
+
+    The error is that of the two weighted means, times ``max(1, sqrt(chi^2 / dof))`` of the
+    points outside the boxes about their mean (errors too small for the scatter do not make a
+    dip significant). 0 when the box holds no kept point.
+
+    Parameters
+    ----------
+    t_days
+        Epoch times (days).
+    y, w
+        Relative flux and weights (inverse variance; 0 = no point) of one curve.
+    period_days, t0_days, duration_days
+        The box: period, mid-event time (days, same origin as ``t_days``) and duration (days).
+
+    Returns
+    -------
+    float
+    """
+    keep = w > 0
+    if not (np.isfinite(period_days) and period_days > 0 and np.isfinite(t0_days)) or keep.sum() < 3:
+        return 0.0
+    t, yy, ww = t_days[keep], y[keep], w[keep]
+    ph = (t - t0_days) / period_days
+    inside = np.abs(ph - np.round(ph)) * period_days < 0.5 * duration_days
+    if not inside.any() or inside.sum() == len(t) or (~inside).sum() < 3:
+        return 0.0
+    wi, wo = ww[inside], ww[~inside]
+    mo = float(np.sum(wo * yy[~inside]) / np.sum(wo))
+    mi = float(np.sum(wi * yy[inside]) / np.sum(wi))
+    chi2 = float(np.sum(wo * (yy[~inside] - mo) ** 2)) / max(len(wo) - 1, 1)
+    err = np.sqrt(1.0 / np.sum(wi) + 1.0 / np.sum(wo)) * max(1.0, np.sqrt(chi2))
+    return float((mo - mi) / err)
+
+
 def count_events(t_days: np.ndarray, y: np.ndarray, w: np.ndarray, period_days: float, t0_days: float,
                  duration_days: float, min_snr: float = 1.0, rel_snr: float = 0.3) -> int:
     """The number of distinct events (cycles) whose kept points show the box's dip.
@@ -442,7 +479,8 @@ def ls_false_alarm(t_days: np.ndarray, y: np.ndarray, w: np.ndarray, power: floa
 
 
 def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | None = None,
-             bls_batch: int = 16, pulsator_max_fap: float = 1e-3, sparse: LoadedSparseClassifier | None = None,
+             bls_batch: int = 16, pulsator_max_fap: float = 1e-3, eclipse_min_snr: float = 0.0,
+             sparse: LoadedSparseClassifier | None = None,
              sparse_span_days: float = 30.0, sparse_others: Mapping[Any, list] | None = None) -> pd.DataFrame:
     """Search, classify and measure every usable light curve of ``batch``.
 
@@ -469,6 +507,7 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
     out["var_class"] = pd.Series([None] * n, dtype=object)
     out["n_events"] = -1
     out["ls_fap"] = np.nan
+    out["box_snr"] = np.nan
     for c in CLASSES:
         out[f"prob_{c}"] = np.nan
     stats = variability_stats(batch)
@@ -503,6 +542,7 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
     depth = np.where(names == "pulsator", 2 * ls.amplitude, bls.depth)
     duration = bls.duration_days.copy()
     t0 = np.where(names == "pulsator", ls.t_min_days, bls.t0_days)
+    box = np.full(len(use), np.nan)
     for i in np.flatnonzero(np.isin(names, PERIODIC)):
         if names[i] == "pulsator":
             period[i] = refine_fourier(batch.t_days, sub.y[i].astype(float), sub.w[i].astype(float), period[i], grid)
@@ -512,6 +552,12 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
             period[i], duration[i] = p, d
             if np.isfinite(t0i):
                 t0[i] = t0i
+            box[i] = box_snr(batch.t_days, sub.y[i].astype(float), sub.w[i].astype(float), p, t0[i], d)
+            if box[i] < eclipse_min_snr:  # not a significant box: no eclipse, no transit
+                k = non[int(np.argmax(prob[i, non]))]
+                names[i], p_cls[i] = CLASSES[k], prob[i, k]
+                period[i], duration[i], t0[i] = bls.period_days[i], bls.duration_days[i], bls.t0_days[i]
+                continue
             if names[i] == "eclipsing_binary" and _folded_eclipses(sub.subset(np.array([i])), p, d, t0[i]):
                 period[i] *= 2.0
     # can it know? Fewer than two events (boxes) or 1.15 cycles (pulsators) in the object's own span: no period
@@ -542,6 +588,7 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
     out.loc[rows, "var_class"] = names
     out.loc[rows, "n_events"] = n_events
     out.loc[rows, "ls_fap"] = fap
+    out.loc[rows, "box_snr"] = box
     for j, c in enumerate(CLASSES):
         out.loc[rows, f"prob_{c}"] = prob[:, j]
     return out

@@ -224,7 +224,8 @@ def _finish(prep: _Prepared | None, clf: Any, cc: ClassifySettings, sparse: Any,
     ids, reason, info, batch, grid = prep.ids, prep.reason, prep.info, prep.batch, prep.grid
     if batch is None:
         return _reasons_only(reason), info
-    res = classify(batch, clf, grid, pulsator_max_fap=cc.pulsator_max_fap, sparse=sparse,
+    res = classify(batch, clf, grid, pulsator_max_fap=cc.pulsator_max_fap, eclipse_min_snr=cc.eclipse_min_snr,
+                   sparse=sparse,
                    sparse_span_days=cc.sparse_span_days, sparse_others=others).set_index("object_id")
     res["n_points_classified"] = batch.n_points.astype(np.int32)
     res = res.reindex(ids)
