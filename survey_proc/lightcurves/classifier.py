@@ -46,7 +46,10 @@ A ``pulsator`` must also be a significant Lomb-Scargle peak: Baluev's false-alar
 probability over the searched band (:func:`ls_false_alarm`) at most ``pulsator_max_fap``
 (1e-3, chosen a priori, not tuned on held-out data); otherwise the class is the more
 probable of ``constant`` and ``non_periodic`` (``ls_fap`` records it; ``p_periodic`` is
-left as the classifier gave it).
+left as the classifier gave it). Likewise an ``eclipsing_binary`` or ``transit`` must be a
+significant box: its refined box's depth S/N (:func:`box_snr`, errors rescaled by the scatter)
+at least ``eclipse_min_snr`` (7 by default, set on the validation surveys; ``box_snr``
+records it).
 """
 
 from __future__ import annotations
