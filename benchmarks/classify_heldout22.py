@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     for n_ep, r in rel.items():
         out[f"reliability_{n_ep}"] = r
     if args.plot:
-        plot_reliability(rel, args.plot, f"{Path(args.run).name}: held-out dense 256^2, seed 777")
+        plot_reliability(rel, args.plot, f"{Path(args.run).name} (held-out store {Path(args.store).name})")
     for sr in args.sparse_run:
         o2, lc2 = load_run(Path(sr))
         js = json.loads((Path(sr) / "run.json").read_text())
