@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pnet-threshold", type=float, help="PNet confidence threshold (default: the model card's)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", dest="sets",
                    help="a run-configuration override for every method (repeatable), e.g. "
-                        "photometry.local_sky=annulus")
+                        "photometry.local_sky=annulus (with forced.enabled=false)")
     a = p.parse_args(argv)
     res = run(a.scenario, [d for d in a.detectors.split(",") if d], Path(a.out), quick=a.quick, epochs=a.epochs,
               size=a.size, workers=a.workers, pnet_threshold=a.pnet_threshold, overrides=parse_sets(a.sets))

@@ -1098,7 +1098,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--detectors", default=",".join(DETECTORS), help="rows to run (sep always)")
     ap.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", dest="sets_cfg",
-                    help="a run-configuration override for every row (repeatable), e.g. photometry.local_sky=annulus")
+                    help="a run-configuration override for every row (repeatable), e.g. photometry.local_sky=annulus "
+                         "(with forced.enabled=false)")
     a = ap.parse_args()
     from benchmarks.accuracy import parse_sets
 

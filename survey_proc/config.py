@@ -304,6 +304,11 @@ class RunConfig:
         if ph.local_sky not in ("none", "annulus"):
             raise ConfigError(f"photometry.local_sky must be 'none' (the mesh sky only) or 'annulus' (a sigma-clipped "
                               f"annulus median around each source on top of it), got {ph.local_sky!r}")
+        if ph.local_sky == "annulus" and self.forced.enabled:
+            # forced photometry measures with the mesh sky: a light curve would mix two sky estimates
+            raise ConfigError("photometry.local_sky = 'annulus' is not applied by forced photometry, so a light "
+                              "curve would mix detections net of the annulus sky with forced points on the mesh sky: "
+                              "set forced.enabled = false to use it, or photometry.local_sky = 'none'")
         if ph.local_sky_min_snr < 0:
             raise ConfigError(f"photometry.local_sky_min_snr must be >= 0 (0: the annulus sky everywhere), got "
                               f"{ph.local_sky_min_snr}")

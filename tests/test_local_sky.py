@@ -111,7 +111,7 @@ def test_extraction_uses_the_setting_on_the_halo() -> None:
     tiles = tile_grid(N, N, 128, 16)
     out = {}
     for mode in ("none", "annulus"):
-        cfg = load_config(None, {"detector": "sep", "photometry": {"local_sky": mode}})
+        cfg = load_config(None, {"detector": "sep", "photometry": {"local_sky": mode}, "forced": {"enabled": False}})
         t = extract_block(img, None, (0, 0), tiles, 1e9, 1e9, cfg, make_detector(cfg)).table
         j = int(np.argmin(np.hypot(t["x"] - 70.3, t["y"] - 80.4)))
         k = int(np.argmin(np.hypot(t["x"] - 120.6, t["y"] - 40.2)))
@@ -122,11 +122,14 @@ def test_extraction_uses_the_setting_on_the_halo() -> None:
 
 
 def test_the_local_sky_setting_is_checked() -> None:
+    with pytest.raises(ConfigError, match=r"photometry\.local_sky = 'annulus' is not applied by forced photometry"):
+        load_config(None, {"photometry": {"local_sky": "annulus"}})
     with pytest.raises(ConfigError, match=r"photometry\.local_sky must be 'none' \(the mesh sky only\) or 'annulus'"):
         load_config(None, {"photometry": {"local_sky": "plane"}})
     with pytest.raises(ConfigError, match=r"photometry\.local_sky_inner_fwhm \(3\.0\) must lie between "
                                           r"photometry\.aperture_fwhm \(1\.0\) and photometry\.local_sky_outer_fwhm"):
-        load_config(None, {"photometry": {"local_sky": "annulus", "local_sky_inner_fwhm": 3.0,
+        load_config(None, {"forced": {"enabled": False},
+                           "photometry": {"local_sky": "annulus", "local_sky_inner_fwhm": 3.0,
                                           "local_sky_outer_fwhm": 2.5}})
 
 
