@@ -324,11 +324,7 @@ def _folded_eclipses(one: LightCurveBatch, period: float, duration: float, t0: f
     de, ee = (float(v[0]) for v in views._box_depth(one, prim & (cycle % 2 == 0), out))
     if not (np.isfinite(e1) and e1 > 0):
         return False
-    w, y, o = one.w[0].astype(float), one.y[0].astype(float), out[0] & (one.w[0] > 0)
-    scale = 1.0
-    if o.sum() > 5:
-        mo = float(np.sum(w[o] * y[o]) / np.sum(w[o]))
-        scale = max(1.0, float(np.sqrt(np.mean(w[o] * (y[o] - mo) ** 2))))
+    scale = _error_scale(one.y[0].astype(float), one.w[0].astype(float), out[0] & (one.w[0] > 0))
     z1 = d1 / e1 / scale
     # the integrals over r and the ellipsoidal term e, on grids of <= 0.1 S/N unit steps
     e_max = max(1.0, 0.5 * abs(z1))
@@ -387,9 +383,22 @@ def box_snr(t_days: np.ndarray, y: np.ndarray, w: np.ndarray, period_days: float
     wi, wo = ww[inside], ww[~inside]
     mo = float(np.sum(wo * yy[~inside]) / np.sum(wo))
     mi = float(np.sum(wi * yy[inside]) / np.sum(wi))
-    chi2 = float(np.sum(wo * (yy[~inside] - mo) ** 2)) / max(len(wo) - 1, 1)
-    err = np.sqrt(1.0 / np.sum(wi) + 1.0 / np.sum(wo)) * max(1.0, np.sqrt(chi2))
+    err = np.sqrt(1.0 / np.sum(wi) + 1.0 / np.sum(wo)) * _error_scale(yy, ww, ~inside)
     return float((mo - mi) / err)
+
+
+def _error_scale(y: np.ndarray, w: np.ndarray, outside: np.ndarray) -> float:
+    """``max(1, sqrt(chi^2 / dof))`` of the kept points ``outside`` a box about their weighted mean.
+
+    The factor by which errors too small for the scatter are enlarged (:func:`box_snr`,
+    :func:`_folded_eclipses`); 1 with fewer than 3 such points.
+    """
+    o = outside & (w > 0)
+    if o.sum() < 3:
+        return 1.0
+    wo, yo = w[o], y[o]
+    mo = float(np.sum(wo * yo) / np.sum(wo))
+    return max(1.0, float(np.sqrt(np.sum(wo * (yo - mo) ** 2) / (len(wo) - 1))))
 
 
 def count_events(t_days: np.ndarray, y: np.ndarray, w: np.ndarray, period_days: float, t0_days: float,
