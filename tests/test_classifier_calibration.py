@@ -127,3 +127,22 @@ def test_a_malformed_calibration_block_is_refused(block, match):
     b, _ = _variable_batch()
     with pytest.raises(ValueError, match=match):
         C.classify(b, bad)
+
+
+def test_write_puts_the_calibrated_threshold_in_a_weights_file_that_carries_its_own(tmp_path):
+    # a file saved by training/train_classifier.py holds its raw validation threshold, which the
+    # registry reads before the card's: --write must change it too, or the calibrated one is ignored
+    import json
+
+    import torch
+
+    from training.calibrate_classifier import _rewrite_weights_threshold
+
+    path = tmp_path / "clf.pt"
+    model_registry.save("classifier", C.LocalGlobalCNN(), path, card={"threshold": 0.98}, threshold=0.98)
+    card = json.loads(path.with_suffix(".json").read_text())
+    path.with_suffix(".json").write_text(json.dumps({**card, "threshold": 0.5}))
+    assert model_registry.load("classifier", path=path, device="cpu").threshold == pytest.approx(0.98)
+    _rewrite_weights_threshold(path, 0.5)
+    assert model_registry.load("classifier", path=path, device="cpu").threshold == pytest.approx(0.5)
+    assert torch.load(path, map_location="cpu", weights_only=False)["state_dict"].keys()

@@ -377,6 +377,23 @@ def main(argv: list[str] | None = None) -> None:
                                   "calibration.p_periodic (strictly increasing: the same classes)")
         card_path.write_text(json.dumps(card, indent=2) + "\n")
         print(f"wrote {card_path}: threshold {thr_raw} (raw) -> {thr_cal:.6f} (calibrated)")
+        _rewrite_weights_threshold(weights, thr_cal)
+
+
+def _rewrite_weights_threshold(weights: Path, threshold: float) -> None:
+    """Put the calibrated ``threshold`` in the weights file too, when it carries one.
+
+    The registry's settings rule reads the weights file's threshold before the card's
+    (:func:`survey_proc.model_registry.load`): a file saved by ``training/train_classifier.py``
+    holds the raw validation threshold, which would silently override the calibrated one.
+    """
+    import torch
+
+    blob = torch.load(weights, map_location="cpu", weights_only=False)
+    if isinstance(blob, dict) and blob.get("threshold") is not None:
+        blob["threshold"] = float(threshold)
+        torch.save(blob, weights)
+        print(f"wrote {weights}: threshold {threshold:.6f} (the weights file's own, read before the card's)")
 
 
 if __name__ == "__main__":

@@ -7,16 +7,22 @@ true **constant** star (one-to-one within 1 px, no true variable within 3 px) wi
 epochs, gaps, flags, quoted errors and its actual scatter (blends, calibration residuals,
 outliers included).
 
-A training light curve takes a random template and one of two noise models (half each):
+A training light curve takes a random template and one of two noise models (half each), both
+in flux relative to the template's median flux, where the noise of the photometry is additive:
 
-- ``real``: the template's own residuals ``mag - median``;
-- ``model``: Gaussian noise drawn from the photometric error against magnitude that the
+- ``real``: the template's own residuals ``f - 1``;
+- ``model``: Gaussian noise drawn from the relative-flux scatter against magnitude that the
   pipeline measures (the NMAD of the template residuals per 0.5-mag bin, interpolated),
   at the template's magnitude shifted by U(-0.75, 0.75) mag, each point scaled by its
-  quoted error relative to the template's median error (per-epoch conditions kept).
+  quoted flux error relative to the template's median one (per-epoch conditions kept).
 
 A variability model from the simulator (:func:`survey_proc.simulate.variables.delta_mag`)
-is then added at the template's epochs: the class is drawn with :data:`CLASS_MIX`, its
+multiplies the star's flux at the template's epochs (``f = 10^(-0.4 dm) + noise``; an eclipse
+dims the star, not the noise); magnitudes and errors are then made from ``f`` as the pipeline
+makes them, and a point with ``f <= 0`` has no magnitude, as in the pipeline's light curves.
+(Before 2026-12-01 the noise was added in magnitudes, which is wrong for faint stars with forced
+points: a forced flux near zero has a magnitude error of up to 10^6 mag.)
+The class is drawn with :data:`CLASS_MIX`, the class is drawn with :data:`CLASS_MIX`, its
 parameters with :func:`~survey_proc.simulate.variables.assign_variables` over ranges a
 little wider than the dense scenario's (:data:`RANGES`). Points where the star is fainter
 than usual are dropped with the extra probability of non-detection that the template set
@@ -36,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from survey_proc.evaluate import load_truth_stars, match_one_to_one
-from survey_proc.lightcurves.preprocess import to_matrix
+from survey_proc.lightcurves.preprocess import LN10_04, to_matrix
 from survey_proc.simulate.variables import assign_variables, delta_mag
 
 CLASS_MIX = {"constant": 0.50, "eclipsing_binary": 0.13, "pulsator": 0.12, "transit": 0.13, "flare": 0.06,
@@ -65,19 +71,26 @@ class Templates:
     mag_err: np.ndarray
     flags: np.ndarray
     mag_median: np.ndarray
-    sigma_mag: np.ndarray  # (n,) NMAD of the residuals
+    sigma_mag: np.ndarray  # (n,) NMAD of the residuals (mag)
+
+    @property
+    def sigma_flux(self) -> np.ndarray:
+        """(n,) NMAD of the flux relative to the median flux (the scatter the synthesis adds noise in)."""
+        f = 10.0 ** (-0.4 * (self.mag - self.mag_median[:, None])) - 1.0
+        return 1.4826 * np.nanmedian(np.abs(f - np.nanmedian(f, 1)[:, None]), 1)
 
     def error_model(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(bin centres, NMAD scatter, missing fraction) per 0.5-mag bin of the median magnitude."""
+        """(bin centres, NMAD relative-flux scatter, missing fraction) per 0.5-mag bin of the median magnitude."""
         edges = np.arange(np.floor(self.mag_median.min()), np.ceil(self.mag_median.max()) + 0.5, 0.5)
         idx = np.digitize(self.mag_median, edges) - 1
         miss = np.isnan(self.mag).mean(1)
+        sig_flux = self.sigma_flux
         c, s, m = [], [], []
         for b in range(len(edges) - 1):
             sel = idx == b
             if sel.sum() >= 5:
                 c.append(0.5 * (edges[b] + edges[b + 1]))
-                s.append(np.median(self.sigma_mag[sel]))
+                s.append(np.median(sig_flux[sel]))
                 m.append(np.median(miss[sel]))
         return np.array(c), np.array(s), np.maximum.accumulate(np.array(m))
 
@@ -139,26 +152,33 @@ def synthesize(tpl: Templates, n: int, seed: int, rows: np.ndarray | None = None
     model_noise = rng.random(n) < 0.5
     shift = np.where(model_noise, rng.uniform(-0.75, 0.75, n), 0.0)
     m0 = tpl.mag_median[pick] + shift
-    base = tpl.mag[pick]
-    err = tpl.mag_err[pick].copy()
     flags = tpl.flags[pick].copy()
-    present = np.isfinite(base)
-    resid = base - tpl.mag_median[pick][:, None]
-    sig_new = np.interp(m0, centres, scatter)
-    rel_err = err / np.nanmedian(err, 1, keepdims=True)
-    gauss = rng.standard_normal(base.shape) * sig_new[:, None] * np.nan_to_num(rel_err, nan=1.0)
-    noise = np.where(model_noise[:, None], gauss, resid)
-    err_scale = np.where(model_noise, sig_new / np.maximum(tpl.sigma_mag[pick], 1e-4), 1.0)
-    err = err * err_scale[:, None]
-    mag = m0[:, None] + dm + noise
-    # extra non-detections where the star is fainter than its median
+    # flux relative to the template's median: the noise is additive there (a forced point of a
+    # faint star can be near zero, where its magnitude error is huge and meaningless)
+    med = tpl.mag_median[pick][:, None]
+    f_tpl = 10.0 ** (-0.4 * (tpl.mag[pick] - med))
+    ef_tpl = LN10_04 * tpl.mag_err[pick] * f_tpl
+    present = np.isfinite(f_tpl) & np.isfinite(ef_tpl)
+    rel_err = ef_tpl / np.nanmedian(np.where(present, ef_tpl, np.nan), 1, keepdims=True)
+    sig_new = np.interp(m0, centres, scatter)  # relative-flux NMAD at the new magnitude
+    gauss = rng.standard_normal(f_tpl.shape) * sig_new[:, None] * np.nan_to_num(rel_err, nan=1.0)
+    noise = np.where(model_noise[:, None], gauss, f_tpl - 1.0)
+    err_scale = np.where(model_noise, sig_new / np.maximum(tpl.sigma_flux[pick], 1e-4), 1.0)
+    ef = ef_tpl * err_scale[:, None]
+    signal = 10.0 ** (-0.4 * dm)
+    f = signal + noise
+    # extra non-detections where the star is fainter than its median (the pipeline without
+    # forced photometry); with forced photometry the template set has none
     p_miss = np.clip(np.interp(m0[:, None] + dm, centres, missing) - np.interp(m0, centres, missing)[:, None], 0, 1)
-    present &= rng.random(base.shape) >= p_miss
-    mag = np.where(present, mag, np.nan)
-    err = np.where(present, err, np.nan)
+    present &= rng.random(f.shape) >= p_miss
+    present &= f > 0  # a negative flux has no magnitude (the lightcurves' mag is NaN there too)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mag = np.where(present, m0[:, None] - 2.5 * np.log10(np.where(present, f, 1.0)), np.nan)
+        err = np.where(present, ef / (LN10_04 * np.where(present, f, 1.0)), np.nan)
     flags = np.where(present, flags, 0)
-    sigma = np.where(present, np.interp(m0, centres, scatter)[:, None], np.inf)
-    snr_obs = np.sqrt(np.sum((dm / sigma) ** 2, 1))
+    sigma = np.where(present, sig_new[:, None], np.inf)
+    # observed S/N of the signal in relative flux over the kept points
+    snr_obs = np.sqrt(np.sum(((signal - 1.0) / sigma) ** 2, 1))
     cls = params["var_class"].to_numpy()
     label = np.array([LABEL[c] for c in cls])
     label = np.where((label > 0) & (snr_obs < 3.0), 0, label)
