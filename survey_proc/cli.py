@@ -146,7 +146,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
               site=tuple(float(v) for v in args.site.split(",")) if args.site else None,
               pixel_scale_arcsec=args.pixel_scale if args.pixel_scale is not None else float("nan"),
               zeropoint_nominal=args.zeropoint, progress=not args.quiet,
-              epoch_table=read_epoch_table(args.epoch_table) if args.epoch_table else None)
+              epoch_table=read_epoch_table(args.epoch_table) if args.epoch_table else None,
+              psfex=args.psfex)
     if not args.workers or len(paths) == 1:
         report = ingest(paths, args.out, **kw)
     else:
@@ -168,6 +169,12 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         print(f"  {path}: missing " + "; ".join(
             ([f"{', '.join(unknown)} (stored as unknown)"] if unknown else [])
             + (["SATURATE (the field's saturation is above)"] if "SATURATE" in keys else [])))
+    if "psfex" in report:
+        print(f"  PSFEx aperture correction from {len(report['psfex'])} model(s)"
+              + (f"; no model for {len(report['psfex_missing'])} file(s): "
+                 + ", ".join(Path(f).name for f in report["psfex_missing"][:5]) if report["psfex_missing"] else ""))
+        for where, why in report["psfex_not_computed"].items():
+            print(f"  {where}: PSFEx correction {why}")
     print(f"Wrote {args.out}: {report['files']} file(s), {report['bytes'] / 1e6:.1f} MB in {report['wall_s']:.1f} s "
           f"({report['mb_per_s']:.1f} MB/s)")
     if report["rejected"]:
@@ -350,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epoch-table", metavar="CSV",
                    help="per-file times, exposures and bands that replace the headers' (columns: file, and any "
                         "of mjd_mid, exptime_s, timescale, band); for headers without them, or copied between files")
+    g.add_argument("--psfex", action="append", metavar="PATH_OR_GLOB",
+                   help="PSFEx models (files, a folder of *-psfex.fits / *.psf, or a glob; repeatable): an image's "
+                        "model is the one named like it (c4d_X_ooi_z_ls9-psfex.fits for c4d_X_ooi_z_ls9.S4.fits), "
+                        "its row the HDU's EXTNAME; its aperture correction replaces the Moffat model's where a "
+                        "block has too few stars to measure one (docs/ingest.md)")
     g.add_argument("--workers", type=int, default=0,
                    help="worker processes reading files in parallel (default 0: in-process, measured faster here "
                         "because the store is written by one process; see benchmarks/RESULTS.md)")

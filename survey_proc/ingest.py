@@ -59,6 +59,31 @@ Header handling (each rule names the keywords it reads, in order)
   ``PIXSCAL1/2``/``PIXSCALE`` (a scale, not a seeing; the WCS gives the scale). None of the
   other real test images (SDSS, 2MASS, the plates, Spitzer) has a seeing keyword: their
   FWHM is measured from their stars.
+- **PSFEx aperture correction** (option ``psfex``, ``survey-proc ingest --psfex``;
+  :func:`psfex_epoch_apcorr`): for an image with a PSFEx model, the aperture correction
+  (total / aperture flux) of that model with the pipeline's apertures, stored per epoch
+  (``header_apcorr``, with the FWHM its radii were scaled with in ``header_apcorr_fwhm_px``
+  and the file, CCD and point in ``header_apcorr_source``). The extract stage uses it for a
+  block with too few stars to measure its own correction, in place of the Moffat(3) model's
+  (DECam cutouts: injected stars' flux ratio 1.043 -> 0.99, benchmarks/results/issue21-*).
+  Which model belongs to which image: ``psfex`` lists PSFEx files, folders or globs; an
+  image's model is the file whose name less ``-psfex.fits`` (``.fits.gz``, ``.fits.fz``) or
+  ``.psf`` is the image's name less its FITS extension, or its start up to a ``.``
+  (legacypipe: ``c4d_150110_053718_ooi_z_ls9-psfex.fits`` for
+  ``c4d_150110_053718_ooi_z_ls9.S4.fits``; the longest such name wins). The CCD is the
+  HDU's ``EXTNAME`` (else ``CCDNAME``, ``DETPOS``), the row of legacypipe's merged table or
+  the extension of a multi-chip ``.psf``. A model that cannot be read or has no entry for
+  the CCD stops the ingest with an error naming both files (nothing is written); an image
+  without a model is ingested with none and listed in the report (``psfex_missing``). The
+  correction is computed at the FWHM the extraction falls back to (the header FWHM, else
+  ``photometry.fwhm_default_px``) with the default :class:`~survey_proc.config.PhotometryConfig`'s
+  radii (``aperture_fwhm``, ``apcorr_fwhm``, no local sky: :func:`psfex_apcorr_config`); a run
+  with other radii does not use it. The model is evaluated at the image's centre in the
+  image's own pixel frame (the frame of its WCS: legacypipe's cutouts carry models rewritten
+  into the cutout's frame, as their ``CRPIX``; their ``LTV1/2`` = -1 are not that offset), or
+  at its constant term (``POLZERO``, the centre of the stars it was fitted on) when the centre
+  lies outside the fitted area (``|u|`` or ``|v|`` above :data:`PSFEX_FIT_HALF_RANGE` in
+  PSFEx's scaled coordinates: a model of another frame); the source says which.
 - **Pixels**: float32 ADU. astropy applies ``BSCALE``/``BZERO``; integer images are
   converted. Mask bits: 1 for NaN/inf pixels and for nonzero pixels of a ``BPM``/``MASK``/``DQ``
   extension of the same shape; 2 for pixels at or above saturation.
@@ -104,10 +129,20 @@ FWHM_KEYS = ("FWHM", "PSF_FWHM", "SEEING", "L1FWHM")
 #: a header FWHM outside this range (px) is refused (a misread unit or keyword, or a failed measurement)
 FWHM_PLAUSIBLE_PX = (0.5, 50.0)
 MASK_EXTNAMES = ("BPM", "MASK", "DQ")
+#: name endings of PSFEx model files (stripped to match an image's name; :func:`match_psfex`)
+PSFEX_SUFFIXES = ("-psfex.fits", "-psfex.fits.gz", "-psfex.fits.fz", ".psf")
+_FITS_SUFFIXES = (".fits.fz", ".fits.gz", ".fits.bz2", ".fits", ".fit", ".fts")
+#: an image centre further than this from POLZERO in PSFEx's scaled coordinates (u, v; the fitted stars span
+#: about -0.5..0.5) lies outside the area the model was fitted on: its constant term is used instead
+PSFEX_FIT_HALF_RANGE = 0.6
 
 
 class IngestError(SurveyProcError):
     """A file that cannot be ingested; the message names the file and what to do."""
+
+
+class PSFExIngestError(IngestError):
+    """A PSFEx model given for an image that cannot be used; stops the whole ingest (nothing is written)."""
 
 
 EPOCH_TABLE_COLUMNS = ("file", "mjd_mid", "exptime_s", "timescale", "band")
@@ -187,6 +222,152 @@ class Exposure:
     saturation_estimated: bool = False  # True when ``saturation`` comes from a pile-up in the pixels
     header_fwhm_px: float = float("nan")  # seeing FWHM (px) from the header (:func:`header_fwhm`); NaN: none
     header_fwhm_source: str = ""  # the keyword it came from, "refused: ..." with the reason, or "" (none)
+    header_apcorr: float = float("nan")  # aperture correction of the PSFEx model (:func:`psfex_epoch_apcorr`)
+    header_apcorr_fwhm_px: float = float("nan")  # the FWHM (px) its radii were scaled with
+    header_apcorr_source: str = ""  # PSFEx file, CCD and point of evaluation; "" without a model
+    psfex_path: str | None = None  # the PSFEx file given for this image (None: none)
+
+
+def _strip_suffix(name: str, suffixes: tuple[str, ...]) -> str:
+    low = name.lower()
+    for suf in suffixes:
+        if low.endswith(suf):
+            return name[: len(name) - len(suf)]
+    return name
+
+
+def psfex_files(specs: Sequence[str | Path]) -> list[str]:
+    """The PSFEx files named by ``specs``: files, folders (their files ending in :data:`PSFEX_SUFFIXES`) or globs.
+
+    Raises
+    ------
+    IngestError
+        When a spec names nothing, or two files would match the same images (the same name
+        less its suffix).
+    """
+    import glob
+
+    out: list[str] = []
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            hits = sorted(str(f) for f in p.iterdir() if f.is_file() and f.name.lower().endswith(PSFEX_SUFFIXES))
+        elif p.exists():
+            hits = [str(p)]
+        else:
+            hits = sorted(glob.glob(str(spec)))
+        if not hits:
+            raise IngestError(f"--psfex {spec}: matches no file (give PSFEx files, a folder of *-psfex.fits or *.psf, "
+                              "or a glob)")
+        out.extend(h for h in hits if h not in out)
+    stems: dict[str, str] = {}
+    for f in out:
+        stem = _strip_suffix(_strip_suffix(Path(f).name, PSFEX_SUFFIXES), _FITS_SUFFIXES)
+        if stem in stems:
+            raise IngestError(f"--psfex: {stems[stem]} and {f} would both be the model of images named {stem}*; "
+                              "give one")
+        stems[stem] = f
+    return out
+
+
+def match_psfex(image_path: str | Path, psfex: Sequence[str]) -> str | None:
+    """The PSFEx file of an image (the rule of the module docstring), or None.
+
+    Parameters
+    ----------
+    image_path
+        The image's FITS file.
+    psfex
+        Candidate PSFEx files (:func:`psfex_files`).
+
+    Returns
+    -------
+    str or None
+        The file whose name less its PSFEx suffix is the image's name less its FITS
+        extension, or the longest one that is its start up to a ``.``; None when none is.
+    """
+    stem = _strip_suffix(Path(image_path).name, _FITS_SUFFIXES)
+    best: tuple[int, str] | None = None
+    for f in psfex:
+        s = _strip_suffix(_strip_suffix(Path(f).name, PSFEX_SUFFIXES), _FITS_SUFFIXES)
+        if s and (stem == s or stem.startswith(s + ".")) and (best is None or len(s) > best[0]):
+            best = (len(s), f)
+    return best[1] if best else None
+
+
+def psfex_apcorr_config() -> Any:
+    """The photometry settings a stored PSFEx correction is computed with: the default ``PhotometryConfig``."""
+    from survey_proc.config import PhotometryConfig
+
+    return PhotometryConfig()
+
+
+def psfex_epoch_apcorr(psfex_path: str, header: Any, shape: tuple[int, int], fwhm_px: float, where: str
+                       ) -> tuple[float, str]:
+    """The aperture correction of an image's PSFEx model with the pipeline's apertures, and its source.
+
+    The model (:func:`survey_proc.photometry.psfex.read_psfex`, the CCD from the header's
+    ``EXTNAME``/``CCDNAME``/``DETPOS``) is evaluated at the image's centre in its own pixel
+    frame, or at its constant term when that centre is outside the fitted area (module
+    docstring); then :func:`survey_proc.photometry.psfex.psfex_apcorr` at ``fwhm_px`` with
+    :func:`psfex_apcorr_config`'s radii.
+
+    Parameters
+    ----------
+    psfex_path
+        The PSFEx file (``.psf`` or legacypipe's ``*-psfex.fits``).
+    header
+        The image HDU's header (:func:`hdu_header`).
+    shape
+        The image's ``(ny, nx)`` (px).
+    fwhm_px
+        The FWHM (px) the apertures scale with.
+    where
+        The image and HDU, for messages (``file[hdu]``).
+
+    Returns
+    -------
+    apcorr, source
+        The correction (total / aperture flux; NaN when the model is too small for the
+        apertures) and ``"<file>[<CCD>] at ..."`` (or why none was computed).
+
+    Raises
+    ------
+    PSFExIngestError
+        When the model cannot be read or has no entry for the CCD; the message names both files.
+    """
+    from survey_proc.photometry.psfex import PSFExError, psfex_apcorr, read_psfex
+
+    ccd = next((str(header[k]).strip() for k in ("EXTNAME", "CCDNAME", "DETPOS")
+                if k in header and str(header[k]).strip()), None)
+    try:
+        model = read_psfex(psfex_path, ccd)
+    except PSFExError as exc:
+        raise PSFExIngestError(f"{where}: its PSFEx model cannot be used: {exc}. Fix the file, or leave it out of "
+                               "--psfex (the image is then ingested without one)") from None
+    ny, nx = shape
+    xc, yc = (nx - 1) / 2.0, (ny - 1) / 2.0
+    name = f"{Path(psfex_path).name}[{model.ccdname or ccd or '-'}]"
+    if model.poldeg == 0:
+        x, y, at = xc, yc, "constant model"
+    else:
+        u = (xc + 1.0 - model.polzero[0]) / model.polscal[0]
+        v = (yc + 1.0 - model.polzero[1]) / model.polscal[1]
+        if max(abs(u), abs(v)) <= PSFEX_FIT_HALF_RANGE:
+            x, y, at = xc, yc, f"image centre ({xc:.1f}, {yc:.1f}) px, image frame (u {u:+.3f}, v {v:+.3f})"
+        else:
+            x, y = model.polzero[0] - 1.0, model.polzero[1] - 1.0
+            at = (f"constant term (the image centre ({xc:.1f}, {yc:.1f}) px is at u {u:+.2f}, v {v:+.2f}, outside the "
+                  "model's fitted area)")
+    cfg = psfex_apcorr_config()
+    try:
+        apcorr = psfex_apcorr(model.evaluate(x, y), fwhm_px, cfg)
+    except ValueError as exc:  # the large aperture is beyond the model's stamp
+        return float("nan"), f"not computed: {name} at FWHM {fwhm_px:.2f} px: {exc}"
+    if not (np.isfinite(apcorr) and apcorr > 0):
+        return float("nan"), f"not computed: {name} at FWHM {fwhm_px:.2f} px gives {apcorr}"
+    return float(apcorr), (f"{name} at {at}; FWHM {fwhm_px:.3f} px, radii {cfg.aperture_fwhm:g} and "
+                           f"{cfg.apcorr_fwhm:g} FWHM")
 
 
 def _first(header: Any, keys: tuple[str, ...]) -> tuple[str | None, Any]:
@@ -567,7 +748,7 @@ def hdu_header(hdul: Any, index: int) -> Any:
 def read_fits(path: str | Path, *, hdus: list[int] | None = None, field_key: str | None = None,
               gain: float | None = None, read_noise: float | None = None, saturation: float | None = None,
               site: tuple[float, float] | None = None, epoch_values: dict[str, Any] | None = None,
-              band: str | None = None) -> list[Exposure]:
+              band: str | None = None, psfex: str | None = None) -> list[Exposure]:
     """Read every image HDU of one FITS file (or the ``hdus`` listed) as :class:`Exposure` objects.
 
     Parameters
@@ -588,6 +769,9 @@ def read_fits(path: str | Path, *, hdus: list[int] | None = None, field_key: str
         ``band`` option).
     band
         Photometric band of every exposure, overriding the header (not the epoch table).
+    psfex
+        This file's PSFEx model (:func:`match_psfex`); each HDU's aperture correction is
+        computed from it (:func:`psfex_epoch_apcorr`). None: no correction.
 
     Returns
     -------
@@ -598,6 +782,8 @@ def read_fits(path: str | Path, *, hdus: list[int] | None = None, field_key: str
     ------
     IngestError
         When the file cannot be read or has no usable image or time.
+    PSFExIngestError
+        When ``psfex`` cannot be read or has no model for an HDU's CCD.
     """
     from astropy.io import fits
 
@@ -705,6 +891,11 @@ def read_fits(path: str | Path, *, hdus: list[int] | None = None, field_key: str
                                 _wcs_text(header), g, rn, sat, missing, band=band_value, band_source=band_source,
                                 saturation_source=sat_source, saturation_estimated=sat_estimated,
                                 header_fwhm_px=fwhm_hdr, header_fwhm_source=fwhm_source))
+            if psfex is not None:
+                fwhm_ap = fwhm_hdr if np.isfinite(fwhm_hdr) else psfex_apcorr_config().fwhm_default_px
+                apc, apc_source = psfex_epoch_apcorr(psfex, header, data.shape, fwhm_ap, f"{path}[{i}]")
+                out[-1].header_apcorr, out[-1].header_apcorr_fwhm_px = apc, float(fwhm_ap)
+                out[-1].header_apcorr_source, out[-1].psfex_path = apc_source, psfex
     return out
 
 
@@ -783,7 +974,8 @@ def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | Non
            saturation: float | None = None, site: tuple[float, float] | None = None, band: str | None = None,
            pixel_scale_arcsec: float = float("nan"),
            zeropoint_nominal: float = 25.0, client: Any = None, progress: bool = True,
-           epoch_table: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+           epoch_table: dict[str, dict[str, Any]] | None = None,
+           psfex: Sequence[str | Path] | None = None) -> dict[str, Any]:
     """Ingest FITS files into a survey store (created, or appended to with ``append``).
 
     A file that cannot be read (corrupt, truncated, no image, no time) is left out and
@@ -795,8 +987,10 @@ def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | Non
     -------
     dict
         Per field the epochs added and skipped, per file the missing header values, the
-        rejected files and why, the header FWHMs refused (``fwhm_refused``: file[HDU] -> why), the
-        bytes read and the wall time (for MB/s).
+        rejected files and why, the header FWHMs refused (``fwhm_refused``: file[HDU] -> why), with
+        ``psfex`` the model of each file (``psfex``: file -> PSFEx file), the files without one
+        (``psfex_missing``) and the HDUs whose correction could not be computed
+        (``psfex_not_computed``: file[HDU] -> why), the bytes read and the wall time (for MB/s).
 
     Parameters
     ----------
@@ -828,6 +1022,17 @@ def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | Non
     epoch_table
         File name -> times and exposures that replace the headers' (:func:`read_epoch_table`);
         every file it names must be among ``paths``.
+    psfex
+        PSFEx model files, folders or globs (:func:`psfex_files`); each image takes the one its
+        name matches (:func:`match_psfex`) and stores its aperture correction
+        (:func:`psfex_epoch_apcorr`). None: no PSFEx (the store keeps no correction).
+
+    Raises
+    ------
+    IngestError
+        When nothing can be ingested or a field cannot be (module docstring); with ``psfex``,
+        when a spec names no file, no image matches any model, or a model cannot be used
+        for its image (:class:`PSFExIngestError`, naming both files).
     """
     t0 = time.perf_counter()
     files = [str(p) for p in paths]
@@ -846,6 +1051,14 @@ def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | Non
                           "its 'file' column holds file names without their folder")
     kwargs: dict[str, Any] = dict(hdus=hdus, field_key=field_key, gain=gain, read_noise=read_noise,
                                   saturation=saturation, site=site, band=band)
+    psfex_of: dict[str, str | None] = {}
+    if psfex is not None:
+        models = psfex_files(psfex)
+        psfex_of = {f: match_psfex(f, models) for f in files}
+        if not any(psfex_of.values()):
+            raise IngestError(f"--psfex: none of the {len(models)} PSFEx file(s) ({Path(models[0]).name}, ...) matches "
+                              f"an input image's name ({Path(files[0]).name}, ...); a model named "
+                              "<image name less .fits>-psfex.fits (or .psf) belongs to the image")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     exposures: list[Exposure] = []
@@ -857,17 +1070,22 @@ def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | Non
             from distributed import as_completed
 
             futures = {client.submit(read_fits, f, **kwargs, epoch_values=epoch_table.get(Path(f).name),
-                                     pure=False): f for f in files}
+                                     psfex=psfex_of.get(f), pure=False): f for f in files}
             for fut in as_completed(list(futures)):
                 try:
                     exposures.extend(fut.result())
+                except PSFExIngestError:  # the model the user gave is unusable: stop before writing
+                    raise
                 except IngestError as exc:  # a bad file is left out; the others go on
                     rejected[futures[fut]] = str(exc)
                 bar.advance(task)
         else:
             for f in files:
                 try:
-                    exposures.extend(read_fits(f, **kwargs, epoch_values=epoch_table.get(Path(f).name)))
+                    exposures.extend(read_fits(f, **kwargs, epoch_values=epoch_table.get(Path(f).name),
+                                               psfex=psfex_of.get(f)))
+                except PSFExIngestError:
+                    raise
                 except IngestError as exc:
                     rejected[f] = str(exc)
                 bar.advance(task)
@@ -929,6 +1147,9 @@ def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | Non
                            pixel_scale_arcsec=pixel_scale_arcsec, attrs={"created_by": "survey-proc ingest"})
     report: dict[str, Any] = {"fields": {}, "missing": {}, "files": len(files), "rejected": rejected,
                               "fwhm_refused": {}}
+    if psfex is not None:
+        report.update(psfex={f: m for f, m in psfex_of.items() if m}, psfex_missing=sorted(
+            f for f, m in psfex_of.items() if not m), psfex_not_computed={})
     for fid, exps in sorted(groups.items()):
         exps.sort(key=lambda e: e.mjd)
         if fid in have:
@@ -959,7 +1180,12 @@ def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | Non
                                                 np.array([e.airmass for e in new]), [e.wcs for e in new],
                                                 [e.source for e in new], band=[e.band for e in new],
                                                 header_fwhm_px=np.array([e.header_fwhm_px for e in new]),
-                                                header_fwhm_source=[e.header_fwhm_source for e in new]),
+                                                header_fwhm_source=[e.header_fwhm_source for e in new],
+                                                **(dict(header_apcorr=np.array([e.header_apcorr for e in new]),
+                                                        header_apcorr_fwhm_px=np.array(
+                                                            [e.header_apcorr_fwhm_px for e in new]),
+                                                        header_apcorr_source=[e.header_apcorr_source for e in new])
+                                                   if psfex is not None else {})),
                                 np.stack([e.mask for e in new]))
         fa = store.field_attrs(out, fid)
         report["fields"][fid] = {"added": len(new), "skipped_already_ingested": len(exps) - len(new),
@@ -971,6 +1197,8 @@ def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | Non
                 report["missing"].setdefault(e.path, sorted(set(e.missing)))
             if e.header_fwhm_source.startswith("refused"):
                 report["fwhm_refused"][f"{e.path}[{e.hdu}]"] = e.header_fwhm_source
+            if e.header_apcorr_source.startswith("not computed"):
+                report["psfex_not_computed"][f"{e.path}[{e.hdu}]"] = e.header_apcorr_source
     wall = time.perf_counter() - t0
     report.update(bytes=n_bytes, wall_s=wall, read_s=t_read, mb_per_s=n_bytes / 1e6 / max(wall, 1e-9))
     return report

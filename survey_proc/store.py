@@ -22,6 +22,10 @@ Layout (the format ``../shared/DESIGN.md`` records and docs/store.md explains;
                                          none (optional; written by ingest, see below)
         header_fwhm_source string (epoch)  the keyword it came from, why a value was refused, or ""
                                          (optional, written with ``header_fwhm_px``)
+        header_apcorr float32 (epoch)    aperture correction (total / aperture flux) of the epoch's
+                                         PSFEx model, NaN when none (optional; ``ingest --psfex``)
+        header_apcorr_fwhm_px float32 (epoch)  the FWHM (px) its radii were scaled with
+        header_apcorr_source string (epoch)  the PSFEx file, CCD, where the model was evaluated, or ""
 
 Format versions: 2 adds the per-epoch ``band`` variable. A format-1 store (one band for
 all epochs, the root attribute ``band``) stays readable: :func:`read_epoch_table` and
@@ -35,6 +39,12 @@ never does, so its stores have neither). They are optional within format 2: a re
 without them sees no header FWHM (:func:`read_header_fwhm` returns None). The extract
 stage uses an epoch's header FWHM for a block with too few stars to measure its own, in
 place of ``photometry.fwhm_default_px``.
+
+The three ``header_apcorr*`` variables are optional in the same way: written only when
+:attr:`EpochMeta.header_apcorr` is given (``survey-proc ingest --psfex``), read with
+:func:`read_header_apcorr` (None for a field without them). The extract stage uses an
+epoch's PSFEx aperture correction for a block with too few stars to measure its own, in
+place of the Moffat model's (:func:`survey_proc.photometry.aperture.model_apcorr`).
 
 Chunks are ``(1, cy, cx)``: per axis the smallest multiple of :data:`TILE_GRID_PX` (the
 default tile size) that covers it, capped at :data:`MAX_CHUNK_PX` (2048), or the whole axis
@@ -91,9 +101,14 @@ SCHEMA: dict[str, tuple[str, Any, tuple[str, ...]]] = {
     "source_file": ("string", None, ("epoch",)),
     "header_fwhm_px": ("float32", np.dtype("float32"), ("epoch",)),
     "header_fwhm_source": ("string", None, ("epoch",)),
+    "header_apcorr": ("float32", np.dtype("float32"), ("epoch",)),
+    "header_apcorr_fwhm_px": ("float32", np.dtype("float32"), ("epoch",)),
+    "header_apcorr_source": ("string", None, ("epoch",)),
 }
 #: optional per-epoch variables written only when :class:`EpochMeta` gives them
 HEADER_FWHM_VARIABLES = ("header_fwhm_px", "header_fwhm_source")
+#: optional per-epoch variables of the PSFEx aperture correction (:attr:`EpochMeta.header_apcorr`)
+HEADER_APCORR_VARIABLES = ("header_apcorr", "header_apcorr_fwhm_px", "header_apcorr_source")
 REQUIRED_VARIABLES = ("image", "epoch", "mjd", "exptime", "airmass", "wcs")
 #: variables required from format 2 on
 REQUIRED_VARIABLES_V2 = ("band",)
@@ -120,6 +135,13 @@ class EpochMeta:
     header_fwhm_source : per epoch the keyword (and unit conversion) the FWHM came from,
         ``"refused: ..."`` with the reason a header value was not used, or "" when the
         header has none; None: "" for every epoch
+    header_apcorr : aperture correction (total / aperture flux, dimensionless) per epoch
+        from the exposure's PSFEx model, NaN when none; None: the field keeps none (the
+        variables are not created)
+    header_apcorr_fwhm_px : the FWHM (px) the correction's radii were scaled with (NaN when
+        none); needed with ``header_apcorr``
+    header_apcorr_source : per epoch the PSFEx file, CCD and where the model was evaluated
+        (or why no correction was computed), "" when none; None: "" for every epoch
     """
 
     mjd: np.ndarray
@@ -130,12 +152,18 @@ class EpochMeta:
     band: Sequence[str] | None = None
     header_fwhm_px: np.ndarray | None = None
     header_fwhm_source: Sequence[str] | None = None
+    header_apcorr: np.ndarray | None = None
+    header_apcorr_fwhm_px: np.ndarray | None = None
+    header_apcorr_source: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.mjd)
-        for name in ("exptime_s", "airmass", "wcs", "source_file", "band", "header_fwhm_px", "header_fwhm_source"):
+        for name in ("exptime_s", "airmass", "wcs", "source_file", "band", "header_fwhm_px", "header_fwhm_source",
+                     "header_apcorr", "header_apcorr_fwhm_px", "header_apcorr_source"):
             if getattr(self, name) is not None and len(getattr(self, name)) != n:
                 raise StoreError(f"epoch metadata: {name} has {len(getattr(self, name))} entries, mjd has {n}")
+        if self.header_apcorr is not None and self.header_apcorr_fwhm_px is None:
+            raise StoreError("epoch metadata: header_apcorr needs header_apcorr_fwhm_px (the FWHM of its radii)")
 
 
 def chunk_px_for(size_px: int) -> int:
@@ -347,6 +375,18 @@ def write_epoch_meta(path: str | Path, field_id: str, start_epoch: int, meta: Ep
         sources = meta.header_fwhm_source if meta.header_fwhm_source is not None else [""] * len(meta.mjd)
         _array(g, "header_fwhm_px")[sl] = np.asarray(meta.header_fwhm_px, dtype="float32")
         _array(g, "header_fwhm_source")[sl] = np.asarray([str(s) for s in sources], dtype=object)
+    if meta.header_apcorr is not None and meta.header_apcorr_fwhm_px is not None:
+        vec = dict(chunks=(_EPOCH_VECTOR_CHUNK,), dimension_names=["epoch"])
+        for name in ("header_apcorr", "header_apcorr_fwhm_px"):
+            if name not in g:  # created on first use: earlier epochs read NaN / ""
+                g.create_array(name, shape=(n_alloc,), dtype="float32", fill_value=np.nan,
+                               compressors=[_VECTOR_COMPRESSOR], **vec)
+        if "header_apcorr_source" not in g:
+            g.create_array("header_apcorr_source", shape=(n_alloc,), dtype=str, fill_value="", **vec)
+        why = meta.header_apcorr_source if meta.header_apcorr_source is not None else [""] * len(meta.mjd)
+        _array(g, "header_apcorr")[sl] = np.asarray(meta.header_apcorr, dtype="float32")
+        _array(g, "header_apcorr_fwhm_px")[sl] = np.asarray(meta.header_apcorr_fwhm_px, dtype="float32")
+        _array(g, "header_apcorr_source")[sl] = np.asarray([str(s) for s in why], dtype=object)
 
 
 def _meta_bands(path: str | Path, meta: EpochMeta) -> list[str]:
@@ -453,7 +493,8 @@ def append_epochs(
         if name in g:
             arr = _array(g, name)
             arr.resize((n_old + n_new, *arr.shape[1:]))
-    for name in ("epoch", "mjd", "exptime", "airmass", "wcs", "band", "source_file", *HEADER_FWHM_VARIABLES):
+    for name in ("epoch", "mjd", "exptime", "airmass", "wcs", "band", "source_file", *HEADER_FWHM_VARIABLES,
+                 *HEADER_APCORR_VARIABLES):
         if name in g:
             _array(g, name).resize((n_old + n_new,))
     write_epoch_meta(path, field_id, n_old, meta)
@@ -926,6 +967,38 @@ def read_header_fwhm(path: str | Path, field_id: str) -> tuple[np.ndarray, list[
     else:
         src = [""] * len(fwhm)
     return fwhm, src
+
+
+def read_header_apcorr(path: str | Path, field_id: str) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    """Each epoch's aperture correction from its PSFEx model; None when the field keeps none.
+
+    Written by ``survey-proc ingest --psfex`` (:func:`survey_proc.ingest.psfex_epoch_apcorr`);
+    a simulated store, and a store ingested without ``--psfex``, has none.
+
+    Parameters
+    ----------
+    path
+        The survey store.
+    field_id
+        The field.
+
+    Returns
+    -------
+    (apcorr, fwhm_px, source) or None
+        Per epoch the correction (total / aperture flux, float64; NaN when none), the FWHM
+        (px, float64) its radii were scaled with, and the PSFEx file, CCD and point of
+        evaluation ("" when none).
+    """
+    g = _field_group(path, field_id)
+    if "header_apcorr" not in g or "header_apcorr_fwhm_px" not in g:
+        return None
+    apcorr = np.asarray(_array(g, "header_apcorr")[:], dtype="float64")
+    fwhm = np.asarray(_array(g, "header_apcorr_fwhm_px")[:], dtype="float64")
+    if "header_apcorr_source" in g:
+        src = [str(s) if s is not None else "" for s in np.asarray(_array(g, "header_apcorr_source")[:])]
+    else:
+        src = [""] * len(apcorr)
+    return apcorr, fwhm, src
 
 
 def read_source_files(path: str | Path, field_id: str) -> list[str]:
