@@ -296,10 +296,13 @@ def match_psfex(image_path: str | Path, psfex: Sequence[str]) -> str | None:
 
 
 def psfex_apcorr_config() -> Any:
-    """The photometry settings a stored PSFEx correction is computed with: the default ``PhotometryConfig``."""
-    from survey_proc.config import PhotometryConfig
+    """The photometry settings a stored PSFEx correction is computed with: the default ``PhotometryConfig``.
 
-    return PhotometryConfig()
+    (:func:`survey_proc.photometry.aperture.stored_apcorr_config`, which the extraction checks a run's radii against.)
+    """
+    from survey_proc.photometry.aperture import stored_apcorr_config
+
+    return stored_apcorr_config()
 
 
 def psfex_epoch_apcorr(psfex_path: str, header: Any, shape: tuple[int, int], fwhm_px: float, where: str
@@ -1181,11 +1184,12 @@ def ingest(paths: Sequence[str | Path], out: str | Path, *, field_key: str | Non
                                                 [e.source for e in new], band=[e.band for e in new],
                                                 header_fwhm_px=np.array([e.header_fwhm_px for e in new]),
                                                 header_fwhm_source=[e.header_fwhm_source for e in new],
-                                                **(dict(header_apcorr=np.array([e.header_apcorr for e in new]),
-                                                        header_apcorr_fwhm_px=np.array(
-                                                            [e.header_apcorr_fwhm_px for e in new]),
-                                                        header_apcorr_source=[e.header_apcorr_source for e in new])
-                                                   if psfex is not None else {})),
+                                                header_apcorr=np.array([e.header_apcorr for e in new])
+                                                if psfex is not None else None,
+                                                header_apcorr_fwhm_px=np.array([e.header_apcorr_fwhm_px for e in new])
+                                                if psfex is not None else None,
+                                                header_apcorr_source=[e.header_apcorr_source for e in new]
+                                                if psfex is not None else None),
                                 np.stack([e.mask for e in new]))
         fa = store.field_attrs(out, fid)
         report["fields"][fid] = {"added": len(new), "skipped_already_ingested": len(exps) - len(new),

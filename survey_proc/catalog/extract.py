@@ -42,6 +42,18 @@ configuration the block runs with, so the detectors, the aperture, the Moffat ap
 correction and an empty block all use it the same way. :attr:`BlockInfo.fwhm_source` says
 which of the three the block used.
 
+Aperture correction
+-------------------
+sep's total flux is the aperture flux times the block's aperture correction, measured on its
+own bright, isolated stars (:func:`~survey_proc.photometry.aperture.aperture_correction`). A
+block with too few of them takes the epoch's PSFEx correction when the caller gives it
+(``header_apcorr``: the store's, computed at ingest from the exposure's PSFEx model,
+``survey-proc ingest --psfex``) and it applies to the block (computed at the block's FWHM
+and with its radii: :func:`~survey_proc.photometry.aperture.fallback_apcorr`), else the
+Moffat(3) model's, as before. :attr:`BlockInfo.apcorr_source` says which (``measured``,
+``psfex <file[CCD] at ...>`` or ``model Moffat(3)``, with why a stored one was not used). A
+detector with its own total flux (PNet) has no aperture correction to replace.
+
 Nothing here knows about Dask or the store: the caller passes pixels.
 """
 
@@ -99,6 +111,9 @@ class BlockInfo:
     usable_ptp_adu: float = float("nan")  # max - min of the usable pixels (0: a constant image; NaN: none usable)
     domain: str | None = None  # what the domain check did (survey_proc.detect.domain), None when nothing
     fwhm_source: str = ""  # FWHM_MEASURED, "header <keyword ...>" or FWHM_DEFAULT ("": a block from before)
+    # aperture.APCORR_MEASURED, "psfex <source>" or aperture.APCORR_MOFFAT[ (why a stored one was not used)]; "": no
+    # aperture correction (a detector's own total flux, an empty block, a block from before)
+    apcorr_source: str = ""
     # with photometry.psf_model = "epsf": the PSF fit's psf ("epsf"/"moffat"), n_psf_stars, model_error_frac
     # (the profile error in its flux_err) and why_moffat; None without the PSF fit
     psf_fit: dict[str, Any] | None = None
@@ -187,7 +202,9 @@ def _owner(x: np.ndarray, y: np.ndarray, tiles: list[Tile], margin_px: float) ->
 def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[int, int], tiles: list[Tile],
                   gain_e_per_adu: float, saturation_adu: float, cfg: RunConfig, detector: Detector,
                   bpnn: LoadedBPNN | None = None, *, seed: int = 0, keep_window: bool = False,
-                  header_fwhm_px: float | None = None, header_fwhm_source: str = "") -> BlockResult:
+                  header_fwhm_px: float | None = None, header_fwhm_source: str = "",
+                  header_apcorr: float | None = None, header_apcorr_fwhm_px: float | None = None,
+                  header_apcorr_source: str = "") -> BlockResult:
     """Detect and measure the sources owned by ``tiles`` in a window of one epoch.
 
     Parameters
@@ -218,6 +235,12 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
         store's ``header_fwhm_px`` / ``header_fwhm_source``); used in place of
         ``photometry.fwhm_default_px`` when the block has too few stars to measure its FWHM.
         None, NaN or not positive: no header value (the default stays).
+    header_apcorr, header_apcorr_fwhm_px, header_apcorr_source
+        The epoch's aperture correction from its PSFEx model (total / aperture flux), the
+        FWHM (px) it was computed at and its source (the store's ``header_apcorr*``); used in
+        place of the Moffat model's when the block has too few stars to measure its own and
+        it applies (:func:`~survey_proc.photometry.aperture.fallback_apcorr`). None or NaN:
+        none (the Moffat model stays).
 
     Returns
     -------
@@ -282,7 +305,9 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
                            no_window)
 
     ap, flux_mesh = _aperture(inp, found)
-    total = _with_apcorr_scatter(inp, found, ap, detector.total_flux(inp, found, ap))
+    total, apcorr_source = _with_fallback_apcorr(inp, found, ap, detector.total_flux(inp, found, ap),
+                                                 header_apcorr, header_apcorr_fwhm_px, header_apcorr_source)
+    total = _with_apcorr_scatter(inp, found, ap, total)
     flags = found.flags | ap.flags
     ok = (flags & F.PHOTOMETRY_BAD) == 0
     # the concentration test compares two apertures on the same (mesh) sky
@@ -305,7 +330,8 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     if found.confidence is not None:
         cols["confidence"] = found.confidence
     out = pd.DataFrame(cols)
-    info = BlockInfo(len(out), found.fwhm_px, found.n_fwhm, total.apcorr, total.n_apcorr, **info_common)
+    info = BlockInfo(len(out), found.fwhm_px, found.n_fwhm, total.apcorr, total.n_apcorr, **info_common,
+                     apcorr_source=apcorr_source)
     if not want_window:
         return BlockResult(out, info, None, no_window)
     nb = found.neighbours
@@ -408,6 +434,28 @@ def _aperture(inp: DetectorInput, found: Detections) -> tuple[Aperture, np.ndarr
                                                  pcfg.local_sky_outer_fwhm * found.fwhm_px, found.x, found.y,
                                                  pcfg.local_sky_min_snr)
     return Aperture(flux=f_ap, flux_err=f_ap_err, flags=flags, radius_px=r_ap), f_mesh
+
+
+def _with_fallback_apcorr(inp: DetectorInput, found: Detections, ap: Aperture, total: TotalFlux,
+                          stored: float | None, stored_fwhm_px: float | None, stored_source: str
+                          ) -> tuple[TotalFlux, str]:
+    """The detector's total flux, with the epoch's stored (PSFEx) correction where the block measured none.
+
+    Applies to an aperture-based total flux (``flux = flux_aper x apcorr``, sep) whose
+    correction is the Moffat model's because too few stars measured one (``n_apcorr`` 0):
+    the flux and its error are rescaled to the correction
+    :func:`~survey_proc.photometry.aperture.fallback_apcorr` returns. Also returns the
+    correction's source (:attr:`BlockInfo.apcorr_source`; "" for a detector's own total flux).
+    """
+    if not np.array_equal(total.flux, ap.flux * total.apcorr, equal_nan=True):
+        return total, ""  # a detector's own total flux (PNet): no aperture correction
+    if total.n_apcorr > 0:
+        return total, aperture.APCORR_MEASURED
+    apcorr, source = aperture.fallback_apcorr(inp.cfg.photometry, found.fwhm_px, stored, stored_fwhm_px,
+                                              stored_source)
+    if apcorr == total.apcorr:
+        return total, source
+    return replace(total, flux=ap.flux * apcorr, flux_err=ap.flux_err * apcorr, apcorr=apcorr), source
 
 
 def _with_apcorr_scatter(inp: DetectorInput, found: Detections, ap: Aperture, total: TotalFlux) -> TotalFlux:

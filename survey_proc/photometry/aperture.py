@@ -487,6 +487,66 @@ def model_apcorr(cfg: PhotometryConfig) -> float:
     return float(e_big / e_ap)
 
 
+#: relative difference between a block's FWHM and the FWHM a stored (PSFEx) correction was computed at beyond
+#: which the stored one is not used (its radii would be another FWHM's: ~0.4 % of apcorr per 1 % of FWHM)
+STORED_APCORR_FWHM_RTOL = 0.01
+#: the photometry settings whose radii a stored correction must share (:func:`stored_apcorr_config`)
+_RADII_FIELDS = ("aperture_fwhm", "apcorr_fwhm", "local_sky", "local_sky_inner_fwhm", "local_sky_outer_fwhm")
+APCORR_MEASURED = "measured"
+APCORR_MOFFAT = "model Moffat(3)"
+
+
+def stored_apcorr_config() -> PhotometryConfig:
+    """The photometry settings a stored aperture correction is computed with (``ingest --psfex``): the defaults."""
+    return PhotometryConfig()
+
+
+def fallback_apcorr(cfg: PhotometryConfig, fwhm_px: float, stored: float | None = None,
+                    stored_fwhm_px: float | None = None, stored_source: str = "") -> tuple[float, str]:
+    """The aperture correction of a block too poor in stars to measure one, and where it came from.
+
+    The epoch's stored correction (its PSFEx model's, ``survey-proc ingest --psfex``:
+    ``header_apcorr``) when there is one and it applies: computed at the block's FWHM (within
+    :data:`STORED_APCORR_FWHM_RTOL`, i.e. the block took the header FWHM it was computed at)
+    and with the radii ``cfg`` uses (:func:`stored_apcorr_config`'s). Else the Moffat(3)
+    model's (:func:`model_apcorr`), with the reason the stored one was not used.
+
+    Parameters
+    ----------
+    cfg
+        Photometry settings of the run (``aperture_fwhm``, ``apcorr_fwhm``, ``local_sky``...).
+    fwhm_px
+        The block's FWHM (px).
+    stored, stored_fwhm_px, stored_source
+        The epoch's stored correction (total / aperture flux), the FWHM (px) its radii were
+        scaled with and its source (the store's ``header_apcorr``, ``header_apcorr_fwhm_px``,
+        ``header_apcorr_source``); None or NaN: none.
+
+    Returns
+    -------
+    apcorr, source
+        The correction (dimensionless) and ``"psfex <source>"`` or :data:`APCORR_MOFFAT`
+        (with ``" (stored correction not used: <why>)"`` when one was refused).
+    """
+    model = model_apcorr(cfg)
+    if stored is None or not np.isfinite(stored) or stored <= 0:
+        return model, APCORR_MOFFAT
+    ref = stored_apcorr_config()
+    diff = [f"{k} {getattr(cfg, k)!r} (stored: {getattr(ref, k)!r})" for k in _RADII_FIELDS
+            if getattr(cfg, k) != getattr(ref, k) and (k in ("aperture_fwhm", "apcorr_fwhm", "local_sky")
+                                                       or cfg.local_sky == "annulus")]
+    why = ""
+    if diff:
+        why = "other radii: " + ", ".join(diff)
+    elif stored_fwhm_px is None or not np.isfinite(stored_fwhm_px) or stored_fwhm_px <= 0:
+        why = "no FWHM stored with it"
+    elif abs(fwhm_px / stored_fwhm_px - 1.0) > STORED_APCORR_FWHM_RTOL:
+        why = f"computed at FWHM {stored_fwhm_px:.3f} px, the block's is {fwhm_px:.3f} px"
+    if why:
+        return model, f"{APCORR_MOFFAT} (stored correction not used: {why})"
+    return float(stored), f"psfex {stored_source}".strip()
+
+
 def aperture_correction(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, flux_ap: np.ndarray,
                         snr: np.ndarray, ok: np.ndarray, fwhm_px: float, cfg: PhotometryConfig) -> tuple[float, int]:
     """Median ratio of the flux within ``apcorr_fwhm x FWHM`` to the aperture flux; ``(apcorr, n_stars)``.

@@ -12,6 +12,13 @@ header when the store keeps one (``header_fwhm_px``, read at ingest), else
 back the same way when no block measured it. The record says which (``fwhm_source``).
 A store without header FWHMs (the simulator's) runs exactly as before.
 
+Aperture correction: a block with too few stars to measure its own takes the epoch's PSFEx
+correction when the store keeps one (``header_apcorr``, computed at ingest with
+``--psfex``) and it applies (:func:`survey_proc.photometry.aperture.fallback_apcorr`), else
+the Moffat model's. The record's ``apcorr_source`` says so when a block did not measure its
+own (None when every block did: :func:`epoch_apcorr_source`). A store without
+``header_apcorr`` (the simulator's, an ingest without ``--psfex``) runs exactly as before.
+
 Resume: an epoch whose unit exists with this run's fingerprint is skipped. Epochs whose
 metadata make them unusable (no time, no exposure) are recorded as failures without a
 task (attempts 0): no retry can give them one.
@@ -35,6 +42,7 @@ from survey_proc.catalog.merge import merge_epoch
 from survey_proc.catalog.schema import SOURCES
 from survey_proc.errors import SurveyProcError
 from survey_proc.outputs import write_parquet_atomic
+from survey_proc.photometry.aperture import APCORR_MEASURED
 from survey_proc.photometry.measure import block_seed
 from survey_proc.stages.base import OutputUnit, Stage, StageContext, Submission, task_config, worker_task
 from survey_proc.stages.plan import FieldPlan, reference_stars
@@ -53,7 +61,8 @@ class EpochJob:
     field: str
     field_index: int
     epoch: int
-    meta: dict[str, Any]  # mjd, exptime, airmass, wcs (the store's epoch table row) [, header_fwhm_px/_source]
+    # mjd, exptime, airmass, wcs (the store's epoch table row) [, header_fwhm_px/_source, header_apcorr*]
+    meta: dict[str, Any]
     ref_wcs_text: str
     reference_path: str | None
     gain_e_per_adu: float
@@ -89,7 +98,10 @@ def extract_block_task(job: EpochJob, tiles: list[Tile], window: tuple[int, int,
         res = extract_block(image, mask, (y0, x0), tiles, job.gain_e_per_adu, job.saturation_adu, cfg, detector,
                             bpnn, seed=block_seed(cfg.bpnn.seed, job.epoch, (y0, x0)),
                             header_fwhm_px=job.meta.get("header_fwhm_px"),
-                            header_fwhm_source=str(job.meta.get("header_fwhm_source", "")))
+                            header_fwhm_source=str(job.meta.get("header_fwhm_source", "")),
+                            header_apcorr=job.meta.get("header_apcorr"),
+                            header_apcorr_fwhm_px=job.meta.get("header_apcorr_fwhm_px"),
+                            header_apcorr_source=str(job.meta.get("header_apcorr_source", "")))
     except SurveyProcError as exc:
         raise SurveyProcError(f"field {job.field} epoch {job.epoch} window {window}: {exc}") from exc
     return res.table, {**res.info.to_dict(), "read_s": t_read, "task_s": time.perf_counter() - t0}
@@ -120,6 +132,21 @@ def epoch_fwhm_source(infos: list[BlockInfo], meta: dict[str, Any]) -> str:
     if n_measured == 0:
         return others
     return f"{FWHM_MEASURED} in {n_measured} of {len(srcs)} blocks; the others: {others}"
+
+
+def epoch_apcorr_source(infos: list[BlockInfo]) -> str | None:
+    """Where the epoch's aperture corrections came from when a block did not measure its own; None when all did.
+
+    None too when no block has one (a detector's own total flux, blocks from before).
+    """
+    srcs = [i.apcorr_source for i in infos if i.apcorr_source]
+    n_measured = sum(s == APCORR_MEASURED for s in srcs)
+    if n_measured == len(srcs):
+        return None
+    others = "; ".join(sorted({s for s in srcs if s != APCORR_MEASURED}))
+    if n_measured == 0:
+        return others
+    return f"{APCORR_MEASURED} in {n_measured} of {len(srcs)} blocks; the others: {others}"
 
 
 @worker_task
@@ -160,7 +187,7 @@ def finalize_epoch_task(job: EpochJob, blocks: list[tuple[pd.DataFrame, dict[str
         n_apcorr_stars=int(min(i.n_apcorr_stars for i in infos)), bkg_adu=float(np.median([i.bkg_adu for i in infos])),
         rms_adu=float(np.median([i.rms_adu for i in infos])), bad_px=int(sum(i.bad_px for i in infos)),
         fallback=",".join(sorted({i.fallback for i in infos if i.fallback})) or None,
-        domain=_domain_summary(infos),
+        domain=_domain_summary(infos), apcorr_source=epoch_apcorr_source(infos),
         has_wcs=epoch_wcs is not None, zp=zp, fingerprint=job.fingerprint,
         queue_to_done_s=time.time() - job.t_submit, finalize_s=time.perf_counter() - t0,
         read_s=float(sum(b[1].get("read_s", 0.0) for b in blocks)),
@@ -197,12 +224,19 @@ class ExtractStage(Stage):
         state.counts["epochs_skipped_resume"] = total - len(todo)
         # the seeing from the FITS headers, where ingest stored it (None: a store without, e.g. simulated)
         header_fwhm = {f: store.read_header_fwhm(cfg.store, f) for f in {p.field for p, _ in todo}}
+        # ... and the PSFEx aperture correction, where ingest stored one (--psfex)
+        header_apcorr = {f: store.read_header_apcorr(cfg.store, f) for f in {p.field for p, _ in todo}}
 
         def epoch_meta(p: FieldPlan, e: int) -> dict[str, Any]:
+            meta = p.epoch_meta[e]
             h = header_fwhm.get(p.field)
-            if h is None or e >= len(h[0]):
-                return p.epoch_meta[e]
-            return {**p.epoch_meta[e], "header_fwhm_px": float(h[0][e]), "header_fwhm_source": h[1][e]}
+            if h is not None and e < len(h[0]):
+                meta = {**meta, "header_fwhm_px": float(h[0][e]), "header_fwhm_source": h[1][e]}
+            a = header_apcorr.get(p.field)
+            if a is not None and e < len(a[0]) and np.isfinite(a[0][e]):
+                meta = {**meta, "header_apcorr": float(a[0][e]), "header_apcorr_fwhm_px": float(a[1][e]),
+                        "header_apcorr_source": a[2][e]}
+            return meta
 
         def submit(p: FieldPlan, e: int, attempt: int) -> Any:
             job = EpochJob(cfg.store, cfg.out, p.field, p.index, e, epoch_meta(p, e), p.ref_wcs_text,
