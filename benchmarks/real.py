@@ -33,6 +33,10 @@ extraction is given each frame's header FWHM as the pipeline gets it from the st
 (:func:`survey_proc.ingest.header_fwhm` on the header ingest reads; DECam: the CCD's ``FWHM``
 in pixels; none of the other sets has one): a block that measures no FWHM uses it instead of
 ``photometry.fwhm_default_px`` (issue 21). ``fwhm_source`` per frame says which it used.
+Likewise the DECam frames carry the aperture correction ``survey-proc ingest --psfex`` stores
+(:func:`survey_proc.ingest.psfex_epoch_apcorr`: the PSFEx model at the cutout's centre, at
+the header FWHM), which a block with too few stars to measure its own uses in place of the
+Moffat(3) model's (issue 21); ``apcorr_source`` per frame says which it used.
 
 Figures (``real.json``, tables in ``real.md``):
 
@@ -104,7 +108,7 @@ from survey_proc.detect import classical
 from survey_proc.detect.base import Aperture, Detections, DetectorInput, TotalFlux
 from survey_proc.detect.registry import make_detector
 from survey_proc.evaluate import match_one_to_one
-from survey_proc.ingest import hdu_header, header_fwhm
+from survey_proc.ingest import hdu_header, header_fwhm, psfex_epoch_apcorr
 from survey_proc.tiling import tile_grid
 from survey_proc.vocab import EXTENDED, MASK_BAD
 
@@ -142,6 +146,10 @@ class Frame:
     header_fwhm_px, header_fwhm_source
         The seeing FWHM (px) the header states and its keyword, as ingest reads them
         (:func:`survey_proc.ingest.header_fwhm`; NaN, "" when none).
+    header_apcorr, header_apcorr_fwhm_px, header_apcorr_source
+        The aperture correction of the frame's PSFEx model, the FWHM (px) it was computed at
+        and its source, as ``ingest --psfex`` stores them
+        (:func:`survey_proc.ingest.psfex_epoch_apcorr`; NaN, NaN, "" when none).
     """
 
     name: str
@@ -154,6 +162,9 @@ class Frame:
     psf_fwhm: float | None = None
     header_fwhm_px: float = float("nan")
     header_fwhm_source: str = ""
+    header_apcorr: float = float("nan")
+    header_apcorr_fwhm_px: float = float("nan")
+    header_apcorr_source: str = ""
 
 
 @dataclass
@@ -227,13 +238,16 @@ def load_set(name: str, root: Path = REAL) -> RealSet:
                 hd = h[1].header
                 w = _wcs(hd)
                 hf = header_fwhm(hdu_header(h, 1))
+                psfex = root / "legacypipe_decam/psfex" / (Path(p).name.split(".")[0] + "-psfex.fits")
+                fwhm_ap = hf[0] if np.isfinite(hf[0]) else RunConfig().photometry.fwhm_default_px
+                apc = psfex_epoch_apcorr(str(psfex), hdu_header(h, 1), img.shape, fwhm_ap, f"{p}[1]")
             ood = np.asarray(fits.getdata(p.replace("_ooi_", "_ood_"), 1))
             mask = np.where(ood != 0, MASK_BAD, 0).astype(np.uint8)
             tag = Path(p).name.split("_ooi_")[1].split("_ls9")[0] + Path(p).name[3:10]  # band + date
             ps = fits.getdata(root / "legacypipe_decam/psfex" / (Path(p).name.split(".")[0] + "-psfex.fits"), 1)
             psf = np.clip(np.asarray(ps["psf_mask"][0][0], float), 0, None)  # the constant term (PSF_SAMP 1)
             frames.append(Frame(f"decam_{tag}", img, mask, float(hd["GAINA"]), float(hd["SATURATA"]), w,
-                                psf / psf.sum(), float(ps["psf_fwhm"][0]), hf[0], hf[1]))
+                                psf / psf.sum(), float(ps["psf_fwhm"][0]), hf[0], hf[1], apc[0], fwhm_ap, apc[1]))
         gaia = []
         for p in sorted(glob.glob(str(root / "legacypipe_decam/gaia/*.fits"))):
             g = fits.getdata(p, 1)
@@ -299,6 +313,8 @@ class Found:
     flags: np.ndarray | None = None  # the table's flags (None: unknown)
     fwhm_source: str = ""  # the block's BlockInfo.fwhm_source (measured, header ... or the default)
     psf_fit: dict[str, Any] | None = None  # the block's BlockInfo.psf_fit (sep_epsf: psf, stars, profile error)
+    apcorr: float = float("nan")  # the block's aperture correction (BlockInfo.apcorr)
+    apcorr_source: str = ""  # ... and where it came from (BlockInfo.apcorr_source: measured, psfex ..., Moffat)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -343,11 +359,14 @@ class Runner:
         def block(det: Any, cfg: RunConfig, bpnn: Any = None) -> Found:
             t0 = time.perf_counter()
             r = extract_block(img, frame.mask, (0, 0), tiles, frame.gain, frame.saturation, cfg, det, bpnn,
-                              header_fwhm_px=frame.header_fwhm_px, header_fwhm_source=frame.header_fwhm_source)
+                              header_fwhm_px=frame.header_fwhm_px, header_fwhm_source=frame.header_fwhm_source,
+                              header_apcorr=frame.header_apcorr, header_apcorr_fwhm_px=frame.header_apcorr_fwhm_px,
+                              header_apcorr_source=frame.header_apcorr_source)
             t = r.table
             return Found(t["x"].to_numpy(), t["y"].to_numpy(), t["flux"].to_numpy(), t["snr"].to_numpy(),
                          r.info.fwhm_px, r.info.domain, time.perf_counter() - t0, r.info.n_fwhm_stars,
-                         t["flux_err"].to_numpy(), t["flags"].to_numpy(), r.info.fwhm_source, r.info.psf_fit)
+                         t["flux_err"].to_numpy(), t["flags"].to_numpy(), r.info.fwhm_source, r.info.psf_fit,
+                         r.info.apcorr, r.info.apcorr_source)
 
         out["sep"] = block(self.sep, self.cfg["sep"])
         if "sep_suppressed" in self.detectors:
@@ -879,6 +898,8 @@ def benchmark_set(rs: RealSet, runner: Runner, rounds: int, per_bin: int, plot_d
             "frame": f.name, "shape": list(f.image.shape), "gain": f.gain, "saturation": f.saturation,
             "fwhm_px": {k: v.fwhm_px for k, v in b.items()}, "fwhm_used_px": fwhm,
             "fwhm_source": {k: v.fwhm_source for k, v in b.items()},
+            "apcorr": {k: v.apcorr for k, v in b.items()},
+            "apcorr_source": {k: v.apcorr_source for k, v in b.items()},
             "psf_fit": {k: v.psf_fit for k, v in b.items() if v.psf_fit is not None},
             "domain": {k: v.domain for k, v in b.items()},
             "n_detections": {k: len(v) for k, v in b.items()},
