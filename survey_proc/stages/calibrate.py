@@ -106,6 +106,28 @@ def band_label(band: str) -> str:
     return band or NO_BAND
 
 
+def apcorr_from_field_model(aper: dict[int, EpochRecord]) -> tuple[dict[str, Any], dict[int, float]]:
+    """The field's apcorr(FWHM) line and the epochs that take it: ``(line, {epoch: apcorr})``.
+
+    The line is fitted to the epochs that measured their own correction (at least
+    ``APCORR_MIN_STARS`` stars); an epoch that could not measure one takes the line's value
+    at its FWHM, unless it already has it, or it has its exposure's own PSF model's
+    correction (``survey-proc ingest --psfex``: PSFEx fitted that exposure's stars over the
+    whole CCD, so it describes that epoch's PSF; the line describes other epochs').
+
+    Parameters
+    ----------
+    aper
+        The epoch records of the field whose fluxes are aperture fluxes.
+    """
+    measured = [r for r in aper.values() if r.n_apcorr_stars >= cal.APCORR_MIN_STARS and not r.apcorr_from_model]
+    apc = cal.fit_apcorr_model(np.array([r.fwhm_px for r in measured]), np.array([r.apcorr for r in measured]))
+    new = {e: float(np.polyval(apc["coef"], r.fwhm_px)) for e, r in aper.items()
+           if r.n_apcorr_stars < cal.APCORR_MIN_STARS and not r.apcorr_from_model and not r.apcorr_from_psf_model
+           and apc["n"] > 0}
+    return apc, new
+
+
 class CalibrateStage(Stage):
     """Per-field and per-band calibration: apcorr model, ensemble photometry, absolute level, zero-point model."""
 
@@ -187,11 +209,8 @@ class CalibrateStage(Stage):
         # 1. epochs whose aperture correction could not be measured take the field's apcorr(FWHM)
         # only aperture photometry has an aperture correction (PNet's and the BPNN's fluxes are totals)
         aper = {e: r for e, r in recs.items() if r.aperture_photometry(ctx.cfg.detector, ctx.cfg.bpnn.enabled)}
-        measured = [r for r in aper.values() if r.n_apcorr_stars >= cal.APCORR_MIN_STARS and not r.apcorr_from_model]
-        apc = cal.fit_apcorr_model(np.array([r.fwhm_px for r in measured]), np.array([r.apcorr for r in measured]))
+        apc, new_apcorr = apcorr_from_field_model(aper)
         info["apcorr_model"] = apc
-        new_apcorr = {e: float(np.polyval(apc["coef"], r.fwhm_px)) for e, r in aper.items()
-                      if r.n_apcorr_stars < cal.APCORR_MIN_STARS and not r.apcorr_from_model and apc["n"] > 0}
         info["n_apcorr_model_epochs"] = len(new_apcorr)
         # their fluxes change with it: rewrite them before the ensemble measures them
         self._recalibrate(ctx, p, recs, {e: (None, a) for e, a in new_apcorr.items()})

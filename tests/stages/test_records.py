@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from survey_proc.catalog import calibrate as cal
 from survey_proc.stages.records import EpochRecord
 
@@ -39,3 +41,19 @@ def test_epoch_summary_row_has_the_epochs_table_columns():
                          "apcorr_n_stars", "apcorr_from_model", "bkg_adu", "rms_adu", "zp", "zp_err", "zp_scatter",
                          "zp_n_stars", "zp_status", "zp_absolute", "fallback", "domain"]
     assert row["apcorr_from_model"] is True and row["zp_status"] == "fit" and row["fallback"] == ""
+
+
+def test_an_epoch_with_its_psfex_correction_keeps_it_and_a_poor_moffat_epoch_takes_the_field_line():
+    from survey_proc.stages.calibrate import apcorr_from_field_model
+
+    rich = {e: _record(epoch=e, fwhm_px=f, apcorr=a, n_apcorr_stars=60, apcorr_source="measured")
+            for e, (f, a) in enumerate([(2.0, 1.10), (2.5, 1.15), (3.0, 1.20), (3.5, 1.25), (4.0, 1.30)])}
+    poor_moffat = _record(epoch=10, fwhm_px=2.25, apcorr=1.312, n_apcorr_stars=0, apcorr_source="model Moffat(3)")
+    poor_psfex = _record(epoch=11, fwhm_px=2.25, apcorr=1.17, n_apcorr_stars=0,
+                         apcorr_source="psfex c4d_x-psfex.fits[S4] at image centre (21.5, 21.5)")
+    line_epoch = _record(epoch=12, fwhm_px=2.25, apcorr=1.125, n_apcorr_stars=0, apcorr_source="field model")
+    assert poor_psfex.apcorr_from_psf_model and not poor_moffat.apcorr_from_psf_model
+    line, new = apcorr_from_field_model({**rich, 10: poor_moffat, 11: poor_psfex, 12: line_epoch})
+    assert line["n"] == 5
+    assert set(new) == {10}  # the PSFEx epoch keeps its own; the one already on the line is not redone
+    assert new[10] == pytest.approx(1.125, abs=1e-9)
