@@ -1,0 +1,89 @@
+"""The pixel-level centroid of the varying light (survey_proc.lightcurves.blend_vetting) on synthetic stamps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from survey_proc.lightcurves.blend_vetting import model_variation, vet_blend
+
+FWHM = 1.75
+N = 15  # stamp side (px)
+
+
+def _psf(xx: np.ndarray, yy: np.ndarray, x0: float, y0: float) -> np.ndarray:
+    s = FWHM / 2.3548
+    return np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * s * s)) / (2 * np.pi * s * s)
+
+
+def _survey(f_const: float, f_var: float, sep: tuple[float, float], n_ep: int = 500, seed: int = 1
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, float, float]:
+    """Stamps of a constant star (the object) with a pulsating variable ``sep`` px away, dithered epochs."""
+    rng = np.random.default_rng(seed)
+    mjd = 61000.0 + np.sort(rng.uniform(0, 3.5, n_ep))
+    period, t0 = 0.61, 61000.1
+    var = f_var * (1.0 + 0.45 * np.sin(2 * np.pi * (mjd - t0) / period))
+    xo, yo = 100.3, 200.6  # the object in the reference frame
+    shift = rng.uniform(-1.0, 1.0, (n_ep, 2))  # dither: epoch = reference + shift
+    yy, xx = np.mgrid[0:N, 0:N].astype(float)
+    stamps = np.empty((n_ep, N, N))
+    dxs, dys = np.empty(n_ep), np.empty(n_ep)
+    r = N // 2
+    for e in range(n_ep):
+        xe, ye = xo + shift[e, 0], yo + shift[e, 1]
+        ix, iy = int(np.rint(xe)), int(np.rint(ye))
+        dxs[e], dys[e] = xe - ix, ye - iy
+        sky = 40.0 + rng.normal(0, 1.0)
+        img = (sky + f_const * _psf(xx, yy, r + dxs[e], r + dys[e])
+               + var[e] * _psf(xx, yy, r + dxs[e] + sep[0], r + dys[e] + sep[1]))
+        stamps[e] = img + rng.normal(0, 1.0, img.shape) * np.sqrt(img)
+    flux = f_const + var + rng.normal(0, np.sqrt(f_const + f_var + 40 * 12), n_ep)
+    return stamps, dxs, dys, mjd, flux, period, t0
+
+
+def test_blend_offset_points_to_the_variable() -> None:
+    sep = (1.2, -0.9)  # 1.5 px
+    stamps, dx, dy, mjd, flux, period, t0 = _survey(20000.0, 1500.0, sep)
+    m = model_variation(mjd, flux, period, t0)
+    res = vet_blend(stamps, dx, dy, m, fwhm_px=FWHM, n_boot=60, seed=3)
+    assert res.amplitude_snr > 5
+    assert abs(res.dx - sep[0]) < 3 * res.sigma_dx + 0.05
+    assert abs(res.dy - sep[1]) < 3 * res.sigma_dy + 0.05
+    assert res.offset == pytest.approx(1.5, abs=0.2)
+    assert res.offset_significance > 5
+    assert res.variability_image.shape == (N - 4, N - 4)
+
+
+def test_isolated_variable_has_no_offset() -> None:
+    stamps, dx, dy, mjd, flux, period, t0 = _survey(0.0, 3000.0, (0.0, 0.0), seed=2)
+    m = model_variation(mjd, flux, period, t0)
+    res = vet_blend(stamps, dx, dy, m, fwhm_px=FWHM, n_boot=60, seed=3)
+    assert res.offset < 0.1
+    assert res.offset < 3 * res.sigma_offset + 0.05
+
+
+def test_jacobian_maps_the_offset_to_the_reference_frame() -> None:
+    sep = (1.5, 0.0)
+    stamps, dx, dy, mjd, flux, period, t0 = _survey(20000.0, 1500.0, sep, seed=4)
+    m = model_variation(mjd, flux, period, t0)
+    # epoch x = -y_ref, epoch y = x_ref (a 90 degree rotation): an epoch offset of +1.5 in x is -1.5 in y_ref
+    res = vet_blend(stamps, dx, dy, m, fwhm_px=FWHM, jacobian=np.array([[0.0, -1.0], [1.0, 0.0]]), n_boot=20)
+    assert res.dx == pytest.approx(0.0, abs=0.2)
+    assert res.dy == pytest.approx(-1.5, abs=0.2)
+
+
+def test_errors_name_the_problem() -> None:
+    stamps, dx, dy, mjd, flux, period, t0 = _survey(0.0, 3000.0, (0.0, 0.0), n_ep=30)
+    m = model_variation(mjd, flux, period, t0)
+    bad = stamps.copy()
+    bad[:15, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"15 usable epochs .* 20 needed"):
+        vet_blend(bad, dx, dy, m, fwhm_px=FWHM)
+    with pytest.raises(ValueError, match=r"dx has shape \(29,\), expected \(30,\)"):
+        vet_blend(stamps, dx[:-1], dy, m, fwhm_px=FWHM)
+    with pytest.raises(ValueError, match=r"n odd"):
+        vet_blend(stamps[:, :-1, :-1], dx, dy, m, fwhm_px=FWHM)
+    with pytest.raises(ValueError, match=r"nothing varies"):
+        vet_blend(stamps, dx, dy, np.zeros(30), fwhm_px=FWHM)
+    with pytest.raises(ValueError, match=r"period -1.0 d is not a positive"):
+        model_variation(mjd, flux, -1.0, t0)
