@@ -54,6 +54,18 @@ def test_blend_offset_points_to_the_variable() -> None:
     assert res.variability_image.shape == (N - 4, N - 4)
 
 
+def test_masked_pixels_leave_only_their_epochs_out() -> None:
+    sep = (1.2, -0.9)
+    stamps, dx, dy, mjd, flux, period, t0 = _survey(20000.0, 1500.0, sep, seed=5)
+    stamps[::3, 2, 2] = np.nan  # a bad pixel in a third of the epochs, a saturated column in all
+    stamps[:, :, 12] = np.nan
+    m = model_variation(mjd, flux, period, t0)
+    res = vet_blend(stamps, dx, dy, m, fwhm_px=FWHM, n_boot=30, seed=3)
+    assert res.n_epochs == 500
+    assert res.offset == pytest.approx(1.5, abs=0.2)
+    assert not np.isfinite(res.variability_error[:, -1]).any()
+
+
 def test_isolated_variable_has_no_offset() -> None:
     stamps, dx, dy, mjd, flux, period, t0 = _survey(0.0, 3000.0, (0.0, 0.0), seed=2)
     m = model_variation(mjd, flux, period, t0)
@@ -76,13 +88,17 @@ def test_errors_name_the_problem() -> None:
     stamps, dx, dy, mjd, flux, period, t0 = _survey(0.0, 3000.0, (0.0, 0.0), n_ep=30)
     m = model_variation(mjd, flux, period, t0)
     bad = stamps.copy()
-    bad[:15, 0, 0] = np.nan
+    bad[:15] = np.nan
     with pytest.raises(ValueError, match=r"15 usable epochs .* 20 needed"):
         vet_blend(bad, dx, dy, m, fwhm_px=FWHM)
     with pytest.raises(ValueError, match=r"dx has shape \(29,\), expected \(30,\)"):
         vet_blend(stamps, dx[:-1], dy, m, fwhm_px=FWHM)
     with pytest.raises(ValueError, match=r"n odd"):
         vet_blend(stamps[:, :-1, :-1], dx, dy, m, fwhm_px=FWHM)
+    masked = stamps.copy()
+    masked[:, :, 3:] = np.nan  # only 3 columns of the 15 px stamp: 1 of the 11 cropped columns keeps its epochs
+    with pytest.raises(ValueError, match=r"pixels of the aligned stamp have 20 or more good epochs, 9 needed"):
+        vet_blend(masked, dx, dy, m, fwhm_px=FWHM)
     with pytest.raises(ValueError, match=r"nothing varies"):
         vet_blend(stamps, dx, dy, np.zeros(30), fwhm_px=FWHM)
     with pytest.raises(ValueError, match=r"period -1.0 d is not a positive"):

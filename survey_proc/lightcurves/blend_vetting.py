@@ -14,11 +14,13 @@ the per-epoch stamps of one object:
    in that epoch; its sub-pixel offset ``(dx, dy)`` (px, epoch frame) is removed by a cubic
    spline shift (:func:`scipy.ndimage.shift`) so the object sits at the centre of every
    aligned stamp, and a margin is then cropped away (the spline's edge effects). A per-epoch
-   local sky (the median of the aligned stamp's outer ring) is subtracted.
+   local sky (the median of the aligned stamp's outer ring) is subtracted. A bad pixel (NaN:
+   masked, saturated, off the image) and the aligned pixels its spline reaches are left out
+   of that epoch only.
 3. **Variability image.** Every pixel is regressed, over the epochs, on
-   ``[1, m, dx, dy, nuisance...]`` (one least-squares solve for all pixels, they share the
-   design). The coefficient of ``m`` is the variability image ``b(p)`` (ADU per unit of
-   ``m``): the light that varies in phase with the signal. The constant light (a bright
+   ``[1, m, dx, dy, nuisance...]`` (the pixels share the design, each with its own 0/1 weights
+   of the epochs where it is good). The coefficient of ``m`` is the variability image ``b(p)``
+   (ADU per unit of ``m``): the light that varies in phase with the signal. The constant light (a bright
    neighbour, its wings, the residuals of the alignment and of seeing changes, absorbed or
    left uncorrelated with ``m``) does not enter it, which is why this test does not suffer
    from the bias of a catalogue (windowed) centroid, pulled by a neighbour's wings when the
@@ -45,6 +47,7 @@ and any ``nuisance`` regressors to soak up what is left).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -191,14 +194,26 @@ def _fit_gaussian(b: np.ndarray, err: np.ndarray, sigma_px: float, starts: list[
     return best
 
 
-def _coefficients(y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares coefficient of column 1 of ``x`` for every column of ``y``, and its standard error."""
-    coef = np.linalg.lstsq(x, y, rcond=None)[0]
-    r = y - x @ coef
-    dof = max(x.shape[0] - x.shape[1], 1)
-    s2 = np.sum(r * r, axis=0) / dof
-    cov11 = np.linalg.pinv(x.T @ x)[1, 1]
-    return coef[1], np.sqrt(np.maximum(s2 * cov11, 1e-30))
+def _coefficients(y: np.ndarray, w: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of ``y``, the least-squares coefficient of column 1 of ``x`` over the rows where ``w`` is 1.
+
+    ``y`` is ``(n_epochs, n_pix)`` (0 where ``w`` is 0), ``w`` its 0/1 usability, ``x`` the shared design.
+    Returns the coefficients and their standard errors from the residuals (inf for a pixel with
+    fewer than :data:`MIN_EPOCHS` usable epochs).
+    """
+    nx = x.shape[1]
+    a = (w.T @ (x[:, :, None] * x[:, None, :]).reshape(len(x), -1)).reshape(-1, nx, nx)  # per-pixel normal matrices
+    rhs = (w * y).T @ x
+    n_use = w.sum(axis=0)
+    ok = n_use >= MIN_EPOCHS
+    coef = np.zeros((y.shape[1], x.shape[1]))
+    inv = np.zeros_like(a)
+    inv[ok] = np.linalg.pinv(a[ok])
+    coef[ok] = np.einsum("pij,pj->pi", inv[ok], rhs[ok])
+    r = (y - x @ coef.T) * w
+    s2 = np.sum(r * r, axis=0) / np.maximum(n_use - x.shape[1], 1)
+    err = np.where(ok, np.sqrt(np.maximum(s2 * inv[:, 1, 1], 1e-30)), np.inf)
+    return coef[:, 1], err
 
 
 def vet_blend(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, m: np.ndarray, *, fwhm_px: float,
@@ -211,7 +226,8 @@ def vet_blend(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, m: np.ndarray,
     stamps
         ``(n_epochs, n, n)`` pixels (ADU, on one photometric scale; sky not subtracted), ``n`` odd,
         each cut with its centre pixel at the pixel nearest to the object's position in that
-        epoch; NaN marks a bad pixel (the epoch is then left out).
+        epoch; NaN marks a bad (masked, saturated, off-image) pixel: it and the aligned pixels
+        its spline reaches (1 px around) are left out of that epoch's regression.
     dx, dy
         ``(n_epochs,)`` the object's position minus the centre pixel's, per epoch (px, epoch
         frame; within +-0.5).
@@ -256,30 +272,45 @@ def vet_blend(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, m: np.ndarray,
         if a.shape != (n_ep,):
             raise ValueError(f"vet_blend: {name} has shape {a.shape}, expected ({n_ep},) like the stamps")
     nuis = np.zeros((n_ep, 0)) if nuisance is None else np.asarray(nuisance, float).reshape(n_ep, -1)
-    good = (np.isfinite(stamps).all(axis=(1, 2)) & np.isfinite(dx) & np.isfinite(dy) & np.isfinite(m)
+    good = (np.isfinite(stamps).any(axis=(1, 2)) & np.isfinite(dx) & np.isfinite(dy) & np.isfinite(m)
             & np.isfinite(nuis).all(axis=1))
     if good.sum() < MIN_EPOCHS:
-        raise ValueError(f"vet_blend: {int(good.sum())} usable epochs (finite stamp, offsets and model), "
+        raise ValueError(f"vet_blend: {int(good.sum())} usable epochs (a finite pixel, offsets and model), "
                          f"{MIN_EPOCHS} needed")
     stamps, dx, dy, m, nuis = stamps[good], dx[good], dy[good], m[good], nuis[good]
     if np.std(m) <= 0:
         raise ValueError("vet_blend: the model variation m is constant over the usable epochs; nothing varies")
     k = n - 2 * crop_px
     aligned = np.empty((len(m), k, k))
+    bad = np.zeros((len(m), k, k), bool)
+    inner = (slice(crop_px, n - crop_px), slice(crop_px, n - crop_px))
     for i in range(len(m)):
-        aligned[i] = ndimage.shift(stamps[i], (-dy[i], -dx[i]), order=3, mode="nearest")[
-            crop_px:n - crop_px, crop_px:n - crop_px]
+        st, nan = stamps[i], ~np.isfinite(stamps[i])
+        if nan.any():  # a bad pixel spoils the aligned pixels its spline reaches: they are left out of this epoch
+            st = np.where(nan, np.nanmedian(st), st)
+            moved = ndimage.shift(nan.astype(float), (-dy[i], -dx[i]), order=1, mode="constant", cval=1.0) > 0
+            bad[i] = ndimage.binary_dilation(moved, np.ones((3, 3), bool))[inner]
+        aligned[i] = ndimage.shift(st, (-dy[i], -dx[i]), order=3, mode="nearest")[inner]
     ring = np.ones((k, k), bool)
     ring[1:-1, 1:-1] = False
-    aligned -= np.median(aligned[:, ring], axis=1)[:, None, None]
-    y = aligned.reshape(len(m), -1)
+    with warnings.catch_warnings():  # an epoch whose whole ring is bad: NaN sky, the epoch left out below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sky = np.nanmedian(np.where(bad, np.nan, aligned)[:, ring], axis=1)
+    bad |= ~np.isfinite(sky)[:, None, None]
+    aligned -= np.nan_to_num(sky)[:, None, None]
+    w = (~bad).reshape(len(m), -1).astype(float)
+    y = np.where(bad, 0.0, aligned).reshape(len(m), -1)
     x = np.column_stack([np.ones(len(m)), m - m.mean(), dx - dx.mean(), dy - dy.mean(), nuis - nuis.mean(axis=0)])
 
     sigma_psf = float(fwhm_px) * FWHM_TO_SIGMA
     c = (k - 1) / 2.0
-    b, err = _coefficients(y, x)
+    b, err = _coefficients(y, w, x)
     b, err = b.reshape(k, k), err.reshape(k, k)
-    snr_img = ndimage.uniform_filter(b / err, size=3)
+    if np.isfinite(err).sum() < 9:
+        raise ValueError(f"vet_blend: {int(np.isfinite(err).sum())} pixels of the aligned stamp have "
+                         f"{MIN_EPOCHS} or more good epochs, 9 needed (masked or off the image)")
+    b = np.where(np.isfinite(err), b, 0.0)
+    snr_img = ndimage.uniform_filter(b / err, size=3)  # 0 where err is inf
     iy, ix = np.unravel_index(int(np.argmax(snr_img)), snr_img.shape)
     fit = _fit_gaussian(b, err, sigma_psf, [(c, c), (float(ix), float(iy))])
     if fit is None:
@@ -292,7 +323,7 @@ def vet_blend(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, m: np.ndarray,
     draws, amps = [], []
     for _ in range(n_boot):
         idx = rng.integers(0, len(m), len(m))
-        bb, _ = _coefficients(y[idx], x[idx])
+        bb, _ = _coefficients(y[idx], w[idx], x[idx])
         f = _fit_gaussian(bb.reshape(k, k), err, sigma_psf, [(float(fit[1]), float(fit[2]))])
         if f is not None:
             draws.append(jinv @ np.array([f[1] - c, f[2] - c]))
