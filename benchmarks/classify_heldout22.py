@@ -88,16 +88,31 @@ def constants_called_periodic(res: pd.DataFrame, const_ids: np.ndarray) -> dict:
             "classes": {str(k): int(v) for k, v in r.loc[done, "var_class"].value_counts().items()}}
 
 
-def reliability_of(res: pd.DataFrame, has_per: pd.Series, threshold: float, threshold_raw: float) -> dict:
-    """Reliability of ``p_periodic`` and of the raw summed periodic probability of classified objects."""
+def reliability_of(res: pd.DataFrame, has_per: pd.Series, threshold: float, threshold_raw: float,
+                   by_points: list[dict] | None = None) -> dict:
+    """Reliability of ``p_periodic`` and of the raw summed periodic probability of classified objects.
+
+    ``decisions_unchanged``: ``p_periodic >= threshold`` is ``raw >= `` the raw threshold of the
+    map the curve took (``threshold_raw``, or a sparser cadence's block's from ``by_points``:
+    the card's ``calibration.p_periodic_by_points``; a block whose map never reaches the
+    threshold calls nothing).
+    """
     from training.calibrate_classifier import summary
 
     r = res[res["var_class"].notna()]
     y = has_per.reindex(r.index).fillna(False).to_numpy(bool)
     p_cal = r["p_periodic"].to_numpy(float)
     p_raw = r[[f"prob_{c}" for c in PERIODIC_CLASSES]].sum(axis=1).to_numpy(float)
+    thr_row = np.full(len(r), float(threshold_raw))
+    if by_points:
+        n_pts = r["n_points_classified"].to_numpy(float)
+        todo = np.ones(len(r), bool)
+        for b in sorted(by_points, key=lambda b: b["max_points"]):
+            sel = todo & (n_pts <= b["max_points"])
+            thr_row[sel] = np.inf if b.get("threshold_raw") is None else float(b["threshold_raw"])
+            todo &= ~sel
     return {"calibrated": summary(p_cal, y), "raw": summary(p_raw, y),
-            "decisions_unchanged": bool(np.array_equal(p_cal >= threshold, p_raw >= threshold_raw))}
+            "decisions_unchanged": bool(np.array_equal(p_cal >= threshold, p_raw >= thr_row))}
 
 
 def plot_reliability(rel: dict, path: str, title: str) -> None:
@@ -192,13 +207,14 @@ def main(argv: list[str] | None = None) -> None:
     has_per_s = pd.Series(has_per, index=obj["object_id"].to_numpy())
     thr_raw = float((clf.card or {}).get("calibration", {}).get("threshold_raw", clf.threshold))
     rel: dict = {}
-    rel[1000] = reliability_of(res, has_per_s, clf.threshold, thr_raw)
+    by_points = (clf.card or {}).get("calibration", {}).get("p_periodic_by_points")
+    rel[1000] = reliability_of(res, has_per_s, clf.threshold, thr_raw, by_points)
     # sparser cadences from the same light curves
     for n_ep, step in ((100, 10), (40, 25)):
         r2, _ = classify_table(lc[lc["epoch"] % step == 0], clf, cc)
         assert r2 is not None
         out[f"epochs_{n_ep}_subsampled"] = constants_called_periodic(r2, const_ids)
-        rel[n_ep] = reliability_of(r2, has_per_s, clf.threshold, thr_raw)
+        rel[n_ep] = reliability_of(r2, has_per_s, clf.threshold, thr_raw, by_points)
     for n_ep, r in rel.items():
         out[f"reliability_{n_ep}"] = r
     if args.plot:

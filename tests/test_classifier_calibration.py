@@ -146,3 +146,71 @@ def test_write_puts_the_calibrated_threshold_in_a_weights_file_that_carries_its_
     _rewrite_weights_threshold(path, 0.5)
     assert model_registry.load("classifier", path=path, device="cpu").threshold == pytest.approx(0.5)
     assert torch.load(path, map_location="cpu", weights_only=False)["state_dict"].keys()
+
+
+def test_a_sparse_curve_takes_the_map_of_its_cadence():
+    clf = model_registry.load("classifier", device="cpu")
+    b, _ = _variable_batch()  # 1000 points each
+    raw_clf = replace(clf, card={k: v for k, v in clf.card.items() if k != "calibration"})
+    p_raw = C.classify(b, raw_clf)[[f"prob_{c}" for c in PERIODIC_CLASSES]].sum(axis=1).to_numpy()
+    main = {"x": [0.0, 1.0], "y": [0.0, 0.9]}
+    sparse = {"max_points": 63, "x": [0.0, 1.0], "y": [0.0, 0.2]}
+    mid = {"max_points": 2000, "x": [0.0, 1.0], "y": [0.0, 0.5]}
+    # 1000 kept points: the first block with max_points >= 1000 (mid), not the 63-point one nor the main map
+    res = C.classify(b, replace(clf, card={**clf.card, "calibration": {"p_periodic": main,
+                                                                      "p_periodic_by_points": [mid, sparse]}}))
+    np.testing.assert_allclose(res["p_periodic"], 0.5 * p_raw, rtol=1e-5)
+    # directly: rows by their number of points
+    p = np.array([0.8, 0.8, 0.8])
+    out = C.calibrate_p_periodic(p, main, np.array([40, 300, 5000]), C.cadence_calibrations_of(
+        replace(clf, card={"calibration": {"p_periodic_by_points": [mid, sparse]}})))
+    np.testing.assert_allclose(out, [0.16, 0.4, 0.72])
+    # the threshold is on the calibrated scale: a 40-point curve needs a higher raw score
+    prob = np.zeros((2, len(C.CLASSES)))
+    prob[:, C.CLASSES.index("pulsator")] = 0.95
+    prob[:, C.CLASSES.index("constant")] = 0.05
+    _, names, _ = C.decide(prob, 0.5, main, np.array([40, 1000]), [sparse])
+    assert names.tolist() == ["constant", "pulsator"]
+
+
+@pytest.mark.parametrize("blocks, match", [
+    ({"max_points": 40, "x": [0, 1], "y": [0, 1]}, "must be a list"),
+    ([{"x": [0, 1], "y": [0, 1]}], "positive integer 'max_points'"),
+    ([{"max_points": 0, "x": [0, 1], "y": [0, 1]}], "positive integer 'max_points'"),
+    ([{"max_points": 40, "x": [0, 1], "y": [1, 0]}], "'y' must be non-decreasing"),
+    ([{"max_points": 40, "x": [0, 1], "y": [0, 1]}, {"max_points": 40, "x": [0, 1], "y": [0, 1]}],
+     "'max_points' values must differ"),
+])
+def test_a_malformed_cadence_block_is_refused(blocks, match):
+    clf = model_registry.load("classifier", device="cpu")
+    bad = replace(clf, card={**clf.card, "calibration": {**clf.card["calibration"], "p_periodic_by_points": blocks}})
+    with pytest.raises(ValueError, match=match):
+        C.cadence_calibrations_of(bad)
+
+
+def test_cadence_maps_are_fitted_per_cadence_with_their_own_raw_thresholds():
+    from training.calibrate_classifier import cadence_maps, fit_isotonic, fit_platt
+
+    rng = np.random.default_rng(3)
+
+    def survey(n: int, power: float) -> tuple[np.ndarray, np.ndarray]:
+        s = rng.uniform(0, 1, n)
+        return s, rng.uniform(0, 1, n) < s**power  # sparser: more over-confident (higher power)
+
+    cuts = {40: [survey(3000, 6.0) for _ in range(3)], 100: [survey(3000, 3.0) for _ in range(3)]}
+    cands = {"isotonic_min_block_20": lambda p, y: fit_isotonic(p, y, 20), "platt": fit_platt}
+    blocks = cadence_maps(cuts, [100, 40], cands, full_epochs=1000, calibrated_threshold=0.5)
+    assert [b["max_points"] for b in blocks] == [63, 316] and [b["epochs"] for b in blocks] == [40, 100]
+    for b, power in zip(blocks, (6.0, 3.0), strict=True):
+        # fresh data of the same cadence: reliable within a few points, and the raw threshold is where
+        # the true probability s**power reaches 0.5
+        s, y = survey(20000, power)
+        pc = np.interp(s, b["x"], b["y"])
+        sm, raw = summary(pc, y), summary(s, y)
+        assert sm["ece"] < 0.02 and sm["max_gap_bins_n>=20"] < 0.1  # raw: ece 0.3-0.4, gaps up to 0.5-0.6
+        assert raw["ece"] > 0.25
+        assert b["threshold_raw"] == pytest.approx(0.5 ** (1 / power), abs=0.05)
+    never = cadence_maps({40: [(np.linspace(0, 1, 500), np.zeros(500, bool))] * 2}, [40], cands, 1000, 0.5)
+    assert never[0]["threshold_raw"] is None
+    with pytest.raises(SystemExit, match=r"--fit-cadences 200: not among --check-cadences \[40, 100\]"):
+        cadence_maps(cuts, [100, 200], cands, 1000, 0.5)

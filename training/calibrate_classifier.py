@@ -142,11 +142,14 @@ def fit_platt(p: np.ndarray, y: np.ndarray) -> dict[str, Any]:
 
     z, t = _logit(p), np.asarray(y, float)
 
-    def nll(ab: np.ndarray) -> float:
+    def nll(ab: np.ndarray) -> tuple[float, np.ndarray]:
         s = ab[0] * z + ab[1]
-        return float(np.sum(np.logaddexp(0, s) - t * s))
+        r = 1 / (1 + np.exp(-s)) - t  # d nll / d s
+        return float(np.sum(np.logaddexp(0, s) - t * s)), np.array([np.sum(r * z), np.sum(r)])
 
-    ab = minimize(nll, np.array([1.0, 0.0]), method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9}).x
+    # BFGS on the convex negative log-likelihood with its gradient (Nelder-Mead stopped early on
+    # some pooled sets, returning a map close to the identity)
+    ab = minimize(nll, np.array([1.0, 0.0]), jac=True, method="BFGS", options={"gtol": 1e-8}).x
     zk = np.linspace(-12, 12, 241)
     xk = 1 / (1 + np.exp(-zk))
     yk = 1 / (1 + np.exp(-(ab[0] * zk + ab[1])))
@@ -248,6 +251,89 @@ def threshold_curve(p: np.ndarray, y: np.ndarray, gates: np.ndarray, thresholds:
     return rows
 
 
+#: the validation surveys' number of epochs (the cuts take every (FULL_EPOCHS // n)-th epoch)
+FULL_EPOCHS = 1000
+
+
+def choose_map(surveys: list[dict[str, Any]], candidates: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The candidate map with the lowest cross-survey Brier score: ``(name, per-candidate folds)``.
+
+    Each survey (``run``, raw scores ``p``, labels ``y``) is scored by the map fitted on the
+    others (on itself when it is the only one); the Brier scores are summed over objects.
+    """
+    cv: dict[str, Any] = {}
+    for name, fit in candidates.items():
+        rows, brier = [], 0.0
+        for i, test in enumerate(surveys):
+            train = [s for j, s in enumerate(surveys) if j != i] or [test]
+            m = fit(np.concatenate([s["p"] for s in train]), np.concatenate([s["y"] for s in train]))
+            pc = apply_calibration_knots(test["p"], m)
+            sm = summary(pc, test["y"])
+            brier += sm["brier"] * len(pc)
+            rows.append({"test": test["run"], **{k: sm[k] for k in ("max_gap", "max_gap_bins_n>=20", "ece", "brier")}})
+        cv[name] = {"brier_total": brier, "folds": rows}
+    return min(cv, key=lambda k: cv[k]["brier_total"]), cv
+
+
+def cadence_maps(cuts: dict[int, list[tuple[np.ndarray, np.ndarray]]], cadences: list[int],
+                 candidates: dict[str, Any], full_epochs: int, calibrated_threshold: float,
+                 names: list[str] | None = None) -> list[dict[str, Any]]:
+    """Maps for sparser curves (the card's ``calibration.p_periodic_by_points``), one per cadence of ``cadences``.
+
+    Parameters
+    ----------
+    cuts
+        Per cadence (epochs), per validation survey: (raw scores, labels) of the survey's light
+        curves cut to that cadence.
+    cadences
+        The cadences to fit (each a key of ``cuts``).
+    candidates
+        The candidate map fitters (``fit(p, y)`` -> knots); each cadence takes the one with the
+        lowest cross-survey Brier score on its own cuts (:func:`choose_map`), as the main map does.
+    names
+        The surveys' names (for the folds' record).
+    full_epochs
+        The full surveys' number of epochs (the main map's cadence).
+    calibrated_threshold
+        The card's threshold (calibrated scale): each block records the raw score reaching it
+        (``threshold_raw``; None when its map never does: no curve of that cadence is called periodic).
+
+    Returns
+    -------
+    list of dict
+        ``max_points`` (the geometric mean of the cadence and the next denser one, the main map's
+        cadence for the densest: a curve with at most that many kept points takes the block),
+        ``x``, ``y`` (strictly increasing knots), ``epochs``, ``n``, ``n_positive``,
+        ``threshold_raw``, ``reliability_in_sample``; by increasing ``max_points``.
+    """
+    out: list[dict[str, Any]] = []
+    todo = sorted(cadences)
+    for n_ep in todo:
+        if n_ep not in cuts or not cuts[n_ep]:
+            raise SystemExit(f"--fit-cadences {n_ep}: not among --check-cadences {sorted(cuts)}")
+    for i, n_ep in enumerate(todo):
+        denser = todo[i + 1] if i + 1 < len(todo) else full_epochs
+        p = np.concatenate([c[0] for c in cuts[n_ep]])
+        y = np.concatenate([c[1] for c in cuts[n_ep]])
+        per_survey = [{"run": (names or [])[k] if k < len(names or []) else str(k), "p": c[0], "y": c[1]}
+                      for k, c in enumerate(cuts[n_ep])]
+        method, cv = choose_map(per_survey, candidates)
+        m = candidates[method](p, y)
+        knots = {"x": m["x"], "y": m["y"]}
+        reaches = knots["y"][0] <= calibrated_threshold <= knots["y"][-1]
+        out.append({"max_points": int(np.floor(np.sqrt(n_ep * denser))), "x": knots["x"], "y": knots["y"],
+                    "epochs": n_ep, "n": len(p), "n_positive": int(np.sum(y)), "method": method,
+                    "cross_survey": {k: v["brier_total"] for k, v in cv.items()},
+                    "threshold_raw": raw_threshold_for(knots, calibrated_threshold) if reaches else None,
+                    "reliability_in_sample": summary(apply_calibration_knots(p, knots), y)})
+    return out
+
+
+def apply_calibration_knots(p: np.ndarray, knots: dict[str, list[float]]) -> np.ndarray:
+    """``p`` mapped piecewise linearly through ``knots`` (as the classifier applies a card's map)."""
+    return np.interp(np.asarray(p, float), np.asarray(knots["x"], float), np.asarray(knots["y"], float))
+
+
 def main(argv: list[str] | None = None) -> None:
     import torch
 
@@ -265,6 +351,10 @@ def main(argv: list[str] | None = None) -> None:
                          "converting the card's raw threshold")
     ap.add_argument("--scores", default=None, metavar="NPZ",
                     help="validation scores: read from this file when it exists (same --val order), else saved to it")
+    ap.add_argument("--fit-cadences", type=int, nargs="*", default=[], metavar="N_EPOCHS",
+                    help="also fit a map for each of these cadences (each must be in --check-cadences) from the "
+                         "validation light curves cut to every (1000 // N)-th epoch: the card's "
+                         "calibration.p_periodic_by_points, chosen per curve by its number of kept points")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -301,18 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     candidates = {"isotonic": lambda p, y: fit_isotonic(p, y, 1),
                   f"isotonic_min_block_{args.min_block}": lambda p, y: fit_isotonic(p, y, args.min_block),
                   "platt": fit_platt}
-    cv: dict[str, Any] = {}
-    for name, fit in candidates.items():
-        rows, brier = [], 0.0
-        for i, test in enumerate(surveys):
-            train = [s for j, s in enumerate(surveys) if j != i] or [test]
-            m = fit(np.concatenate([s["p"] for s in train]), np.concatenate([s["y"] for s in train]))
-            pc = apply_calibration(test["p"], m)
-            sm = summary(pc, test["y"])
-            brier += sm["brier"] * len(pc)
-            rows.append({"test": test["run"], **{k: sm[k] for k in ("max_gap", "max_gap_bins_n>=20", "ece", "brier")}})
-        cv[name] = {"brier_total": brier, "folds": rows}
-    best = min(cv, key=lambda k: cv[k]["brier_total"])
+    best, cv = choose_map(surveys, candidates)
     p_all = np.concatenate([s["p"] for s in surveys])
     y_all = np.concatenate([s["y"] for s in surveys])
     g_all = np.concatenate([s["gates"] for s in surveys])
@@ -331,6 +410,8 @@ def main(argv: list[str] | None = None) -> None:
         bad = (p_all >= thr_raw) != (p_cal >= thr_cal)
         print(f"threshold {thr_raw!r} -> {thr_cal!r}; changed: p_raw {p_all[bad][:10]!r} -> {p_cal[bad][:10]!r}")
         raise SystemExit("the converted threshold changes some validation object's decision: not written")
+    by_points = cadence_maps(cuts, args.fit_cadences, candidates, full_epochs=FULL_EPOCHS,
+                             calibrated_threshold=thr_cal, names=[s["run"] for s in surveys])
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          cwd=ROOT).stdout.strip()
     block = {
@@ -365,6 +446,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     if best == "platt":
         block["platt"] = {"a": cal["a"], "b": cal["b"]}
+    if by_points:
+        block["p_periodic_by_points"] = by_points
     out = {"best": best, "threshold_raw": thr_raw, "threshold": thr_cal, "cv": cv, "block": block}
     text = json.dumps(out, indent=1, default=float)
     print(text)

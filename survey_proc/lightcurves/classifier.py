@@ -26,6 +26,14 @@ scale; for v2 it is 0.5 (a periodic star more likely than not; raw
 then the most probable periodic class, otherwise the more probable of ``constant`` and
 ``non_periodic`` (flares, trends and other aperiodic variables).
 
+The same raw score means less with fewer points: a card may carry maps for sparser curves
+(``calibration.p_periodic_by_points``: a list of ``{"max_points": N, "x": [...], "y": [...]}``,
+fitted on the validation surveys' light curves cut to every k-th epoch,
+``training/calibrate_classifier.py --fit-cadences``). A curve with ``n`` kept points takes the
+first block (in increasing ``max_points``) with ``n <= max_points``, else the main map; the
+threshold stays on the calibrated scale, so a sparse curve is called periodic when a periodic
+star is as probable as for a dense one (:func:`calibrate_p_periodic`).
+
 Reported period
 ---------------
 - eclipsing binaries and transits: the BLS period refined by a fine BLS (:func:`refine_bls`);
@@ -200,6 +208,59 @@ def calibration_of(clf: LoadedClassifier) -> dict | None:
     return None if cal is None else check_calibration(cal)
 
 
+def cadence_calibrations_of(clf: LoadedClassifier) -> list[dict]:
+    """The card's maps for sparser curves (``calibration.p_periodic_by_points``), checked, by increasing ``max_points``.
+
+    Each is ``{"max_points": N, "x": [...], "y": [...]}`` (``x``, ``y`` as :func:`check_calibration`
+    wants them; ``N`` a positive integer, each ``N`` once). ``[]`` when the card has none.
+    """
+    blocks = (clf.card or {}).get("calibration", {}).get("p_periodic_by_points")
+    if blocks is None:
+        return []
+    where = "classifier card calibration.p_periodic_by_points"
+    if not isinstance(blocks, list):
+        raise ValueError(f"{where} must be a list of {{'max_points', 'x', 'y'}} blocks, got {blocks!r:.80}")
+    out = []
+    for b in blocks:
+        n = b.get("max_points") if isinstance(b, dict) else None
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"{where}: each block needs a positive integer 'max_points', got {n!r}")
+        check_calibration(b)
+        out.append(b)
+    out.sort(key=lambda b: b["max_points"])
+    if len({b["max_points"] for b in out}) != len(out):
+        raise ValueError(f"{where}: 'max_points' values must differ")
+    return out
+
+
+def calibrate_p_periodic(p_raw: np.ndarray, calibration: dict | None, n_points: np.ndarray | None = None,
+                         by_points: list[dict] | None = None) -> np.ndarray:
+    """Calibrated p_periodic: each curve's map chosen by its number of kept points (see the module docstring).
+
+    Parameters
+    ----------
+    p_raw
+        (n,) raw summed periodic probabilities.
+    calibration
+        The main map (``{"x", "y"}``) or None (raw scores stay raw where no sparse map applies).
+    n_points
+        (n,) kept points of each curve; None: the main map for all.
+    by_points
+        :func:`cadence_calibrations_of`'s blocks, by increasing ``max_points``.
+    """
+    p_raw = np.asarray(p_raw, float)
+    out = apply_calibration(p_raw, calibration).astype(float)
+    if n_points is None or not by_points:
+        return out
+    n_points = np.asarray(n_points)
+    todo = np.ones(len(p_raw), bool)
+    for b in by_points:
+        sel = todo & (n_points <= b["max_points"])
+        out[sel] = apply_calibration(p_raw[sel], b)
+        todo &= ~sel
+    return out
+
+
 def apply_calibration(p_raw: np.ndarray, calibration: dict | None) -> np.ndarray:
     """Map raw summed periodic probabilities through the card's calibration (piecewise linear between knots).
 
@@ -212,20 +273,23 @@ def apply_calibration(p_raw: np.ndarray, calibration: dict | None) -> np.ndarray
                      np.asarray(calibration["y"], float))
 
 
-def decide(prob: np.ndarray, threshold: float, calibration: dict | None = None
+def decide(prob: np.ndarray, threshold: float, calibration: dict | None = None,
+           n_points: np.ndarray | None = None, by_points: list[dict] | None = None
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(p_periodic, class name, class probability) per row of ``prob`` (see the module docstring).
 
     ``calibration`` (the card's isotonic map, ``{"x": [...], "y": [...]}``) maps the summed
     periodic probability to a calibrated one (piecewise linear between the knots); the
-    threshold is then on the calibrated scale.
+    threshold is then on the calibrated scale. ``n_points`` (kept points per row) and
+    ``by_points`` (the card's maps for sparser curves) choose a map per row
+    (:func:`calibrate_p_periodic`).
     """
     idx = {c: i for i, c in enumerate(CLASSES)}
     per = [idx[c] for c in PERIODIC]
     non = [idx["constant"], idx["non_periodic"]]
     p_per = prob[:, per].sum(1)
-    if calibration:
-        p_per = apply_calibration(p_per, calibration)
+    if calibration or by_points:
+        p_per = calibrate_p_periodic(p_per, calibration, n_points, by_points)
     is_per = p_per >= threshold
     k = np.where(is_per, np.array(per)[prob[:, per].argmax(1)], np.array(non)[prob[:, non].argmax(1)])
     names = np.array(CLASSES, dtype=object)[k]
@@ -539,7 +603,8 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
     bls, ls, (g, loc, aux) = search(sub, grid, clf.device, stats.iloc[use].reset_index(drop=True), bls_batch,
                                     use_magnitude=uses_magnitude(clf))
     prob = predict_proba(clf, g, loc, aux)
-    p_per, names, p_cls = decide(prob, clf.threshold, calibration_of(clf))
+    p_per, names, p_cls = decide(prob, clf.threshold, calibration_of(clf), np.asarray(sub.n_points),
+                                 cadence_calibrations_of(clf))
     # a pulsation must be a significant Lomb-Scargle peak (false-alarm probability <= pulsator_max_fap)
     fap = np.full(len(use), np.nan)
     non = [CLASSES.index("constant"), CLASSES.index("non_periodic")]
