@@ -143,6 +143,7 @@ def measure(run: str, store_path: str, *, n_boot: int = 100, stamp_px: int = 15,
             d_var, _ = ptree.query([o["x"] + res.dx, o["y"] + res.dy])
             row.update(dx=res.dx, dy=res.dy, offset=res.offset, sigma_offset=res.sigma_offset,
                        significance=res.offset_significance, amp_snr=res.amplitude_snr, n_epochs=res.n_epochs,
+                       at_bound=res.at_bound,
                        d_varpos_true=float(d_var), t_fit_s=time.perf_counter() - t0,
                        t_read_s_per_cand=t_read / nc)
             rows.append(row)
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     wall = time.perf_counter() - t
     with pd.option_context("display.width", 200, "display.max_rows", 500, "display.precision", 3):
         cols = [c for c in ("object_id", "var_class", "mag_median", "label", "d_true", "dx", "dy", "offset",
-                            "sigma_offset", "significance", "amp_snr", "d_varpos_true", "error") if c in df]
+                            "sigma_offset", "significance", "amp_snr", "at_bound", "d_varpos_true", "error") if c in df]
         print(df[cols].to_string(index=False))
         rt = rule_table(df)
         print(rt.to_string(index=False))

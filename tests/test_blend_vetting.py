@@ -51,6 +51,7 @@ def test_blend_offset_points_to_the_variable() -> None:
     assert abs(res.dy - sep[1]) < 3 * res.sigma_dy + 0.05
     assert res.offset == pytest.approx(1.5, abs=0.2)
     assert res.offset_significance > 5
+    assert not res.at_bound
     assert res.variability_image.shape == (N - 4, N - 4)
 
 

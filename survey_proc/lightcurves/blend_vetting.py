@@ -85,6 +85,11 @@ class BlendVetting:
         Epochs used.
     n_boot
         Bootstrap draws that gave a fit.
+    at_bound
+        The fitted centre sits on the box it is kept in (:data:`MAX_FIT_OFFSET_PX` from the
+        object on an axis): the varying light is farther away (e.g. the wings of a bright
+        variable), its direction is meaningful, its offset a lower limit and the bootstrap
+        sigma (draws stuck on the bound) meaningless.
     variability_image
         ``b(p)``, the coefficient of ``m`` per pixel of the cropped aligned stamp (ADU per unit
         of ``m``), epoch-frame axes, centre pixel = object.
@@ -103,6 +108,7 @@ class BlendVetting:
     amplitude_snr: float
     n_epochs: int
     n_boot: int
+    at_bound: bool
     variability_image: np.ndarray
     variability_error: np.ndarray
 
@@ -346,4 +352,6 @@ def vet_blend(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, m: np.ndarray,
         sigma_dx=float(np.sqrt(cov[0, 0])), sigma_dy=float(np.sqrt(cov[1, 1])), sigma_offset=sig_off,
         offset_significance=signif, amplitude=float(fit[0]),
         amplitude_snr=float(fit[0] / amp_sd) if amp_sd > 0 else float("nan"),
-        n_epochs=len(m), n_boot=len(dd), variability_image=b, variability_error=err)
+        n_epochs=len(m), n_boot=len(dd),
+        at_bound=bool(max(abs(fit[1] - c), abs(fit[2] - c)) > MAX_FIT_OFFSET_PX - 1e-3),
+        variability_image=b, variability_error=err)
