@@ -53,9 +53,19 @@ from survey_proc.vocab import PERIODIC_CLASSES, PHOTOMETRY_BAD
 
 
 def load_run(run: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Objects and (detrended, as the stage does) light curves of a run."""
+    """Objects and (detrended, as the stage does) light curves of a run.
+
+    The columns are the classify stage's own (:func:`survey_proc.stages.classify._lc_columns`):
+    with ``band`` when the light curves have it. The SysRem components are stored per band, so
+    without the column none of them applied and the curves were classified undetrended, unlike
+    the stage (the case from the band column's introduction until 2026-12-01).
+    """
+    import pyarrow.parquet as pq
+
     objects = pd.read_parquet(run / "objects")
-    lc = pd.read_parquet(run / "lightcurves", columns=["object_id", "epoch", "mjd", "mag", "mag_err", "flags"])
+    cols = ["object_id", "epoch", "mjd", "mag", "mag_err", "flags"]
+    names = pq.ParquetDataset(run / "lightcurves").schema.names
+    lc = pd.read_parquet(run / "lightcurves", columns=[*cols, "band"] if "band" in names else cols)
     lc["flags"] = lc["flags"].astype(np.int64)
     comps = list(run.glob("calibration/field=*/detrend.parquet"))
     if comps:
