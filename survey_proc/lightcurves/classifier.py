@@ -16,13 +16,13 @@ the CSST 201/61-bin views:
 ``p_periodic`` is the summed probability of the periodic classes, mapped through the card's
 calibration when it has one (``calibration.p_periodic``: knots ``x`` (raw) and ``y``
 (calibrated), applied piecewise linearly, :func:`apply_calibration`; checked by
-:func:`check_calibration`). The shipped v2 card's map is an isotonic regression fitted on four
+:func:`check_calibration`). The shipped v2 card's map is a Platt scaling fitted on four
 simulated 1000-epoch validation surveys run with the default pipeline, none a held-out one
 (``training/calibrate_classifier.py``; the provenance is in the block): ``p_periodic`` then
 estimates the probability that a true periodic star lies within 1 px of the object. An object
 is periodic when ``p_periodic >= threshold``: the card's threshold is on the same (calibrated)
 scale; for v2 it is 0.5 (a periodic star more likely than not; raw
-``calibration.threshold_raw`` = 0.99606, the map being strictly increasing). Its class is
+``calibration.threshold_raw`` = 0.99827, the map being strictly increasing). Its class is
 then the most probable periodic class, otherwise the more probable of ``constant`` and
 ``non_periodic`` (flares, trends and other aperiodic variables).
 

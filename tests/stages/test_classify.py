@@ -35,9 +35,9 @@ def variable_survey(tmp_path_factory) -> dict:
 def test_classify_stage_fills_objects_and_resumes_alone(variable_survey, client, tmp_path):
     out = tmp_path / "out"
     # the shipped threshold (calibrated p_periodic 0.5) calls neither of these 40-epoch, 1.4-cycle toy
-    # variables periodic (the card's map for curves of <= 63 points gives 6e-11 for the binary and 0.087 for
-    # the pulsator; the 1000-epoch map gave 0.013 and 0.125): the stage's plumbing is checked at 0.05, where the
-    # pulsator is called and its false-alarm probability written
+    # variables periodic (the card's map for curves of <= 63 points puts both below 0.1; the 1000-epoch map gave
+    # 0.013 and 0.125): the stage's plumbing is checked at 0.05, where the pulsator is called and its
+    # false-alarm probability written
     cfg = run_config(variable_survey["store"], out, tile_px=96, halo_px=16, reference="none",
                      crossmatch={"region_px": 96, "min_epochs": 10}, classify={"min_points": 10, "threshold": 0.05})
     run = run_pipeline(cfg, client=client)
