@@ -11,7 +11,10 @@ each epoch's image is read once and all candidates' stamps are cut from it), bui
 object's phase-binned model from its light curve and runs
 :func:`survey_proc.lightcurves.blend_vetting.vet_blend` (variability image, Gaussian centroid,
 bootstrap over epochs). Stamps and fluxes are put on one photometric scale by the epochs'
-zero points (``epochs.parquet``); the epochs' FWHM is a nuisance regressor.
+zero points (``epochs.parquet``); the epochs' FWHM is a nuisance regressor. The classify stage
+runs the same measurement on every run (``[classify] blend_vetting``, :mod:`survey_proc.stages.blend_io`,
+whose stamp cutter this script shares); this script keeps its own frame maps (fitted on all of an
+epoch's clean stars, the stage's on those near the region) and adds the truth labels.
 
 Label of a call: TRUE when a true periodic star (truth ``var_class`` in ``PERIODIC_CLASSES``)
 lies within 1 px of the object, else FP. Per candidate the script prints the label, the
@@ -39,26 +42,12 @@ from survey_proc import vocab as F
 from survey_proc.catalog.frame_map import fit_frame_map
 from survey_proc.errors import SurveyProcError
 from survey_proc.lightcurves.blend_vetting import model_variation, vet_blend
+from survey_proc.stages.blend_io import LC_BAD, cut_stamps
 from survey_proc.stages.extract import SOURCES_UNIT
 
 T_GRID = (0.5, 0.7, 0.9, 1.0, 1.2, 1.4)
 K_GRID = (3.0, 5.0, 10.0)
 FRAME_SNR_MIN = 10.0  # the forced stage's default (forced.frame_snr_min)
-LC_BAD = F.PHOTOMETRY_BAD & ~F.NONPOSITIVE  # a forced point may be negative: it still measures the model
-
-
-def _cut(image: np.ndarray, xe: np.ndarray, ye: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(n, 2r+1, 2r+1)`` stamps at the nearest pixels of ``xe, ye`` (NaN outside), and the sub-pixel offsets."""
-    ny, nx = image.shape
-    ix, iy = np.rint(xe).astype(int), np.rint(ye).astype(int)
-    out = np.full((len(xe), 2 * r + 1, 2 * r + 1), np.nan, np.float32)
-    for i in range(len(xe)):
-        y0, y1, x0, x1 = iy[i] - r, iy[i] + r + 1, ix[i] - r, ix[i] + r + 1
-        sy0, sx0 = max(y0, 0), max(x0, 0)
-        sy1, sx1 = min(y1, ny), min(x1, nx)
-        if sy1 > sy0 and sx1 > sx0:
-            out[i, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[sy0:sy1, sx0:sx1]
-    return out, xe - ix, ye - iy
 
 
 def measure(run: str, store_path: str, *, n_boot: int = 100, stamp_px: int = 15, seed: int = 0) -> pd.DataFrame:
@@ -109,7 +98,7 @@ def measure(run: str, store_path: str, *, n_boot: int = 100, stamp_px: int = 15,
             if mask is not None:
                 img[mask != 0] = np.nan
             img[~np.isfinite(img)] = np.nan
-            st, dxs[:, i], dys[:, i] = _cut(img * np.float32(scale[i]), xe, ye, r)
+            st, dxs[:, i], dys[:, i] = cut_stamps(img * np.float32(scale[i]), xe, ye, r)
             stamps[:, i] = st
         jac /= max(n_jac, 1)
         t_read = time.perf_counter() - t_read

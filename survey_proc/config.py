@@ -181,6 +181,14 @@ class ClassifySettings:
     detrend: str = "sysrem"  # systematics removed before the period search: "sysrem" or "none"
     detrend_components: int = 2  # SysRem components (trends shared by the field's stars)
     detrend_min_stars: int = 20  # fewer usable constant-looking stars in a field: no detrending
+    # issue 22: a periodic call whose light varying in phase with its signal lies > blend_offset_px (px) and
+    # > blend_min_sigma sigma from the object (or beyond the fit box) becomes "blended_variable"
+    # (stages/blend_io.py, lightcurves/blend_vetting.py; rule fixed on validation, confirmed on held-out surveys)
+    blend_vetting: bool = True
+    blend_offset_px: float = 1.0
+    blend_min_sigma: float = 5.0
+    blend_n_boot: int = 100  # bootstrap draws (over epochs) of the offset's uncertainty
+    blend_stamp_px: int = 15  # side of the per-epoch stamps (px, odd)
 
 
 @dataclass(frozen=True)
@@ -329,6 +337,18 @@ class RunConfig:
         if c.detrend_components < 1 or c.detrend_min_stars < 2:
             raise ConfigError(f"classify.detrend_components must be >= 1 and classify.detrend_min_stars >= 2, got "
                               f"{c.detrend_components} and {c.detrend_min_stars}")
+        if not c.blend_offset_px > 0:
+            raise ConfigError(f"classify.blend_offset_px must be > 0 px (the offset of the varying light beyond "
+                              f"which a periodic call is a blend), got {c.blend_offset_px}")
+        if not c.blend_min_sigma >= 0:
+            raise ConfigError(f"classify.blend_min_sigma must be >= 0 (the offset's significance a blend needs), "
+                              f"got {c.blend_min_sigma}")
+        if c.blend_n_boot < 3:
+            raise ConfigError(f"classify.blend_n_boot must be >= 3 bootstrap draws (the offset's covariance), "
+                              f"got {c.blend_n_boot}")
+        if c.blend_stamp_px < 9 or c.blend_stamp_px % 2 == 0:
+            raise ConfigError(f"classify.blend_stamp_px must be an odd number of pixels >= 9, got "
+                              f"{c.blend_stamp_px}")
         if self.forced.neighbour_exclude_fwhm < 0:
             raise ConfigError(f"forced.neighbour_exclude_fwhm must be >= 0, got {self.forced.neighbour_exclude_fwhm}")
         if self.forced.neighbour_beta <= 1:

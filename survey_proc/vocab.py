@@ -82,3 +82,7 @@ PERIODIC_CLASSES = ("eclipsing_binary", "pulsator", "transit")
 # the classify stage's var_class beyond the classifier's: a periodic-looking signal with fewer than two events
 # (eclipses, transits) or 1.15 cycles in the object's own baseline; its period is NaN (issue 22)
 SINGLE_EVENT = "single_event"
+# a periodic call whose varying light lies on a neighbour, not on the object (issue 22: the blend vetting of the
+# classify stage, stages/blend_io.py); not in PERIODIC_CLASSES: the signal is real, the period is kept, but it
+# belongs to a star about blend_offset_px away
+BLENDED_VARIABLE = "blended_variable"

@@ -67,3 +67,26 @@ def test_classify_settings_have_their_own_fingerprint():
         load_config(None, {"classify": {"period_min_days": 2.0, "period_max_days": 1.0}})
     with pytest.raises(ConfigError, match=r"classify\.min_points must be"):
         load_config(None, {"classify": {"min_points": 1}})
+
+
+def test_blend_vetting_settings_are_classify_settings():
+    from survey_proc.config import load_config
+    from survey_proc.errors import ConfigError
+
+    b = load_config(None, {})
+    assert b.classify.blend_vetting and b.classify.blend_offset_px == 1.0 and b.classify.blend_min_sigma == 5.0
+    for change in ({"blend_vetting": False}, {"blend_offset_px": 1.2}, {"blend_min_sigma": 3.0},
+                   {"blend_n_boot": 30}, {"blend_stamp_px": 17}):
+        a = load_config(None, {"classify": change})
+        assert a.fingerprint() == b.fingerprint()  # only the classify stage re-runs
+        assert a.classify_fingerprint(a.fingerprint(), "w") != b.classify_fingerprint(b.fingerprint(), "w")
+    with pytest.raises(ConfigError, match=r"classify\.blend_offset_px must be > 0 px .*got 0\.0"):
+        load_config(None, {"classify": {"blend_offset_px": 0.0}})
+    with pytest.raises(ConfigError, match=r"classify\.blend_min_sigma must be >= 0 .*got -1\.0"):
+        load_config(None, {"classify": {"blend_min_sigma": -1.0}})
+    with pytest.raises(ConfigError, match=r"classify\.blend_n_boot must be >= 3 bootstrap draws .*got 2"):
+        load_config(None, {"classify": {"blend_n_boot": 2}})
+    with pytest.raises(ConfigError, match=r"classify\.blend_stamp_px must be an odd number of pixels >= 9, got 14"):
+        load_config(None, {"classify": {"blend_stamp_px": 14}})
+    with pytest.raises(ConfigError, match=r"classify\.blend_stamp_px must be an odd number of pixels >= 9, got 7"):
+        load_config(None, {"classify": {"blend_stamp_px": 7}})

@@ -18,6 +18,17 @@ class and probabilities (the cross-match record kept, ``classify_fingerprint`` a
 run.json records per field what was fitted under ``counts.detrend`` (method, components,
 stars used, the rms of those stars before and after, or ``"none: <why>"``).
 
+Blend vetting (issue 22, ``[classify] blend_vetting``): after the classifier, each periodic
+call of the region (``var_class`` in :data:`survey_proc.vocab.PERIODIC_CLASSES`) is measured
+for where its varying light is (:mod:`survey_proc.stages.blend_io`: per-epoch stamps read from
+the store; :func:`survey_proc.lightcurves.blend_vetting.vet_blend`: the pixels varying in phase
+with the signal). A call whose varying light lies more than ``blend_offset_px`` and
+``blend_min_sigma`` sigma from the object (or beyond the fit box) becomes
+:data:`survey_proc.vocab.BLENDED_VARIABLE` (period and probabilities kept). Columns
+``blend_*`` (:data:`BLEND_COLUMNS`); the region's record gets ``classify.blend`` and
+``classify.n_blended``. A call that cannot be vetted (no pixels, too few epochs) keeps its
+class with a ``blend_reason``; the region never fails for it.
+
 Resume: the stage has its own fingerprint (the run's, its ``[classify]`` settings and the
 classifier's weights), so a new classifier re-runs only this stage on a resumed output.
 """
@@ -48,6 +59,13 @@ DETREND_COLUMNS = (("detrend", pa.string()), ("detrend_rms", pa.float64()))
 #: (-1 when not counted: not classified, or not an eclipsing binary / transit), and the Baluev
 #: false-alarm probability of the Lomb-Scargle peak (NaN where not computed)
 REASON_COLUMNS = (("classify_reason", pa.string()), ("n_events", pa.int32()), ("ls_fap", pa.float64()))
+#: and (issue 22) the blend vetting of the periodic calls (:mod:`survey_proc.stages.blend_io`): the offset of the
+#: light varying in phase with the signal from the object (px, reference frame), its standard deviation (px)
+#: and significance, the amplitude's S/N, whether the fit hit its box (the offset is then a lower limit), and
+#: why a periodic call was not vetted (null when it was, and for every object not vetted because not periodic)
+BLEND_COLUMNS = (("blend_dx_px", pa.float64()), ("blend_dy_px", pa.float64()), ("blend_offset_px", pa.float64()),
+                 ("blend_offset_sigma_px", pa.float64()), ("blend_significance", pa.float64()),
+                 ("blend_amp_snr", pa.float64()), ("blend_at_bound", pa.bool_()), ("blend_reason", pa.string()))
 
 
 def classified_schema(written: pa.Schema) -> pa.Schema:
@@ -61,8 +79,8 @@ def classified_schema(written: pa.Schema) -> pa.Schema:
     """
     extra = [f for f in written.remove_metadata() if f.name not in OBJECTS.names]
     have = {*OBJECTS.names, *(f.name for f in extra)}
-    return pa.schema([*OBJECTS, *extra, *(pa.field(n, t) for n, t in (*DETREND_COLUMNS, *REASON_COLUMNS)
-                                          if n not in have)])
+    return pa.schema([*OBJECTS, *extra, *(pa.field(n, t) for n, t in (*DETREND_COLUMNS, *REASON_COLUMNS,
+                                                                       *BLEND_COLUMNS) if n not in have)])
 
 
 def _lc_columns(path: Any) -> list[str]:
@@ -169,10 +187,71 @@ def _detrend_region(out: str, field: str, lc: Any, cc: Any, classify_fingerprint
     return lc, per_object, applied
 
 
+def _vet_blends(objects: Any, out: str, field: str, cc: Any, cfg: Any, pixels: dict[str, Any] | None
+                ) -> dict[str, Any]:
+    """Fill the blend columns of the region's periodic calls; a flagged call becomes :data:`BLENDED_VARIABLE`.
+
+    ``pixels`` holds what reading the epochs needs (``store``, ``region`` (a
+    :class:`~survey_proc.catalog.crossmatch.Region`), ``epochs``, ``image_shape``); without it, or when
+    the pixels cannot be read, the periodic calls keep their class and get a ``blend_reason``. Never raises
+    for the data: the region is classified either way. Returns run.json's record of the vetting.
+    """
+    from survey_proc.stages.blend_io import is_blend, vet_region
+    from survey_proc.vocab import BLENDED_VARIABLE, PERIODIC_CLASSES
+
+    t0 = time.perf_counter()
+    for n, _ in BLEND_COLUMNS:
+        objects[n] = None if n in ("blend_reason", "blend_at_bound") else np.nan
+    periodic = objects["var_class"].isin(PERIODIC_CLASSES).to_numpy()
+    info: dict[str, Any] = {"enabled": bool(cc.blend_vetting), "n_candidates": int(periodic.sum()), "n_vetted": 0,
+                            "n_blended": 0}
+    if not cc.blend_vetting or not periodic.any():
+        return info
+    cand = objects.loc[periodic, ["object_id", "x", "y", "period", "t0_mjd"]]
+    why = None
+    if pixels is None:
+        why = "no_pixels: the task was given no store, region or epochs to read"
+    elif not pixels.get("epochs"):
+        why = "no_pixels: no calibrated epoch"
+    else:
+        try:
+            res, read = vet_region(pixels["store"], out, field, pixels["region"], cand, pixels["epochs"],
+                                   tuple(pixels["image_shape"]), cfg.forced, n_boot=cc.blend_n_boot,
+                                   stamp_px=cc.blend_stamp_px)
+        except (SurveyProcError, OSError) as exc:  # the store or the light curves cannot be read: not vetted
+            why = f"no_pixels: {exc}"
+        else:
+            info.update(read)
+    if why is not None:
+        objects.loc[periodic, "blend_reason"] = why
+        info["not_vetted"] = why
+    else:
+        sel = objects.index[periodic]
+        for n, _ in BLEND_COLUMNS:
+            objects.loc[sel, n] = res[n].to_numpy()
+        flag = is_blend(objects["blend_offset_px"].to_numpy(float), objects["blend_offset_sigma_px"].to_numpy(float),
+                        objects["blend_at_bound"].to_numpy(), min_offset_px=cc.blend_offset_px,
+                        min_sigma=cc.blend_min_sigma) & periodic
+        objects.loc[flag, "var_class"] = BLENDED_VARIABLE
+        info["n_vetted"] = int(res["blend_reason"].isna().sum())
+        info["n_blended"] = int(flag.sum())
+        reasons = res["blend_reason"].dropna()
+        if len(reasons):
+            info["not_vetted"] = {str(k): str(v) for k, v in list(reasons.items())[:20]}
+    info["wall_s"] = time.perf_counter() - t0
+    return info
+
+
 @worker_task
-def classify_region_task(out: str, field: str, region: int, cfg_json: str, classify_fingerprint: str
-                         ) -> dict[str, Any]:
-    """Detrend, search and classify the light curves of one region; rewrite its objects file with the results."""
+def classify_region_task(out: str, field: str, region: int, cfg_json: str, classify_fingerprint: str,
+                         pixels: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Detrend, search and classify the light curves of one region; rewrite its objects file with the results.
+
+    ``pixels`` (``store``, ``region``, ``epochs``, ``image_shape``: the calibrated epochs as
+    :func:`survey_proc.stages.blend_io.read_stamps` takes them) lets the task vet the region's
+    periodic calls for blends (``[classify] blend_vetting``); without it they are not vetted (the
+    reason is in ``blend_reason``).
+    """
     from dataclasses import replace
 
     import pandas as pd
@@ -181,7 +260,8 @@ def classify_region_task(out: str, field: str, region: int, cfg_json: str, class
     from survey_proc.lightcurves.search import classify_table
 
     t0 = time.perf_counter()
-    cc = task_config(cfg_json).classify
+    cfg = task_config(cfg_json)
+    cc = cfg.classify
     opath = OBJECTS_UNIT.path(out, field=field, region=region)
     record = OBJECTS_UNIT.record(out, field=field, region=region)
     if record is None:
@@ -225,6 +305,9 @@ def classify_region_task(out: str, field: str, region: int, cfg_json: str, class
                 vals = res[c].reindex(idx)
                 objects[c] = (vals.to_numpy() if c != "n_points_classified"
                               else vals.fillna(0).astype(np.int32).to_numpy())
+    info["blend"] = _vet_blends(objects, out, field, cc, cfg, pixels)
+    info["n_blended"] = info["blend"]["n_blended"]  # no longer periodic: run.json's periodic_variables leaves them out
+    info["n_periodic"] = int(info.get("n_periodic", 0)) - info["n_blended"]
     info["wall_s"] = time.perf_counter() - t0
     write_parquet_atomic(objects, classified_schema(storage.read_schema(opath)), opath,
                          {**record, "classify_fingerprint": classify_fingerprint, "classify": info})
@@ -266,9 +349,24 @@ class ClassifyStage(Stage):
         def done(key: dict[str, Any], rec: dict[str, Any]) -> None:
             state.classified[(key["field"], key["region"])] = rec
 
+        pixels = self._pixels(ctx) if ctx.cfg.classify.blend_vetting else {}
         ctx.map(self.name, [Submission({"field": f, "region": r}, classify_region_task,
-                                       (ctx.cfg.out, f, r, ctx.cfg_json, ctx.classify_fingerprint))
+                                       (ctx.cfg.out, f, r, ctx.cfg_json, ctx.classify_fingerprint,
+                                        pixels.get((f, r))))
                             for f, r in todo], done, bar)
+        state.counts["blended_variables"] = int(sum(r.get("n_blended", 0) for r in state.classified.values()))
+
+    def _pixels(self, ctx: StageContext) -> dict[tuple[str, int], dict[str, Any]]:
+        """Per (field, region): what the blend vetting reads (the store, the region, the calibrated epochs)."""
+        out: dict[tuple[str, int], dict[str, Any]] = {}
+        for p in ctx.plans:
+            recs = [r for r in ctx.state.field_records(p).values() if r.calibrated]
+            epochs = [{"epoch": int(r.epoch), "mjd": float(r.mjd), "fwhm_px": float(r.fwhm_px),
+                       "zp": float(r.zp.zp)} for r in recs]
+            for reg in p.regions:
+                out[(p.field, reg.index)] = {"store": ctx.cfg.store, "region": reg, "epochs": epochs,
+                                             "image_shape": (p.ny, p.nx)}
+        return out
 
     def _detrend(self, ctx: StageContext, units: list[tuple[str, int]], fields_todo: set[str]) -> None:
         """Fit the components of the fields with regions to classify (unless done); record them in run.json.
