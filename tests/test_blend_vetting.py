@@ -104,3 +104,19 @@ def test_errors_name_the_problem() -> None:
         vet_blend(stamps, dx, dy, np.zeros(30), fwhm_px=FWHM)
     with pytest.raises(ValueError, match=r"period -1.0 d is not a positive"):
         model_variation(mjd, flux, -1.0, t0)
+
+
+def test_a_small_offset_gets_fewer_draws_and_the_same_point_estimate() -> None:
+    # the blend rule needs an offset above a threshold: below half of it only the reported
+    # uncertainty comes from fewer draws; a candidate above it gets them all
+    stamps, dx, dy, mjd, flux, period, t0 = _survey(0.0, 3000.0, (0.0, 0.0), seed=2)
+    m = model_variation(mjd, flux, period, t0)
+    full = vet_blend(stamps, dx, dy, m, fwhm_px=FWHM, n_boot=60, seed=3)
+    few = vet_blend(stamps, dx, dy, m, fwhm_px=FWHM, n_boot=60, seed=3, full_boot_above_px=0.5, n_boot_small=10)
+    assert full.n_boot == 60 and few.n_boot == 10
+    assert few.offset == full.offset and few.dx == full.dx
+    assert few.sigma_offset == pytest.approx(full.sigma_offset, rel=0.6)
+    blend = _survey(20000.0, 1500.0, (1.2, -0.9), seed=1)
+    mb = model_variation(blend[3], blend[4], blend[5], blend[6])
+    res = vet_blend(*blend[:3], mb, fwhm_px=FWHM, n_boot=40, seed=3, full_boot_above_px=0.5, n_boot_small=10)
+    assert res.n_boot == 40 and res.offset > 1.0

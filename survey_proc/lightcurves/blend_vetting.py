@@ -224,7 +224,8 @@ def _coefficients(y: np.ndarray, w: np.ndarray, x: np.ndarray) -> tuple[np.ndarr
 
 def vet_blend(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, m: np.ndarray, *, fwhm_px: float,
               jacobian: np.ndarray | None = None, nuisance: np.ndarray | None = None, crop_px: int = 2,
-              n_boot: int = 100, seed: int = 0) -> BlendVetting:
+              n_boot: int = 100, seed: int = 0, full_boot_above_px: float = 0.0, n_boot_small: int = 20
+              ) -> BlendVetting:
     """Offset of the light that varies in phase with ``m`` from the object, from its per-epoch stamps.
 
     Parameters
@@ -253,6 +254,12 @@ def vet_blend(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, m: np.ndarray,
         Bootstrap draws over epochs for the uncertainties.
     seed
         Seed of the bootstrap.
+    full_boot_above_px, n_boot_small
+        A candidate whose fitted offset is below ``full_boot_above_px`` (px; not at the fit
+        bound) gets ``n_boot_small`` draws instead of ``n_boot``: a blend rule that needs an
+        offset above a threshold cannot flag it whatever its uncertainty, so only the reported
+        uncertainty is coarser (the classify stage passes half its ``blend_offset_px``; 0: every
+        candidate gets ``n_boot``). Most of the vetting's cost is the bootstrap.
 
     Returns
     -------
@@ -325,6 +332,9 @@ def vet_blend(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, m: np.ndarray,
     jinv = np.linalg.inv(jac)
     d_ref = jinv @ np.array([fit[1] - c, fit[2] - c])
 
+    at_bound = bool(max(abs(fit[1] - c), abs(fit[2] - c)) > MAX_FIT_OFFSET_PX - 1e-3)
+    if float(np.hypot(*d_ref)) < full_boot_above_px and not at_bound:
+        n_boot = min(n_boot, n_boot_small)
     rng = np.random.default_rng(seed)
     draws, amps = [], []
     for _ in range(n_boot):
@@ -353,5 +363,5 @@ def vet_blend(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, m: np.ndarray,
         offset_significance=signif, amplitude=float(fit[0]),
         amplitude_snr=float(fit[0] / amp_sd) if amp_sd > 0 else float("nan"),
         n_epochs=len(m), n_boot=len(dd),
-        at_bound=bool(max(abs(fit[1] - c), abs(fit[2] - c)) > MAX_FIT_OFFSET_PX - 1e-3),
+        at_bound=at_bound,
         variability_image=b, variability_error=err)

@@ -210,7 +210,8 @@ BLEND_COLUMNS = ("blend_dx_px", "blend_dy_px", "blend_offset_px", "blend_offset_
 
 def vet_region(store_path: str, out: str, field_id: str, region: xm.Region, candidates: pd.DataFrame,
                epochs: list[dict[str, Any]], image_shape: tuple[int, int], forced_cfg: Any, *, n_boot: int = 100,
-               stamp_px: int = 15, seed: int = 0) -> tuple[pd.DataFrame, dict[str, Any]]:
+               stamp_px: int = 15, seed: int = 0, full_boot_above_px: float = 0.0
+               ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Where the varying light of each periodic candidate of one region is.
 
     Parameters
@@ -219,8 +220,9 @@ def vet_region(store_path: str, out: str, field_id: str, region: xm.Region, cand
         As :func:`read_stamps`.
     candidates
         The periodic calls: ``object_id, x, y`` (reference frame, px), ``period`` (days), ``t0_mjd``.
-    n_boot, seed
-        Bootstrap draws and seed of :func:`vet_blend`.
+    n_boot, seed, full_boot_above_px
+        Bootstrap draws, seed and the offset (px) below which a candidate gets fewer draws
+        (:func:`vet_blend`).
 
     Returns
     -------
@@ -247,7 +249,7 @@ def vet_region(store_path: str, out: str, field_id: str, region: xm.Region, cand
             m = model_variation(st.mjd, lightcurve_flux(lc, int(oid), st), float(c["period"]), float(c["t0_mjd"]))
             res: BlendVetting = vet_blend(st.stamps[j], st.dx[j], st.dy[j], m, fwhm_px=fwhm_med,
                                           jacobian=st.jacobian[j], nuisance=st.fwhm_px[:, None], n_boot=n_boot,
-                                          seed=seed)
+                                          seed=seed, full_boot_above_px=full_boot_above_px)
         except ValueError as exc:  # too few epochs, no variation, no fit: not vetted, with the reason
             rows[int(oid)] = {"blend_reason": f"not_vetted: {exc}"}
             continue

@@ -217,7 +217,7 @@ def _vet_blends(objects: Any, out: str, field: str, cc: Any, cfg: Any, pixels: d
         try:
             res, read = vet_region(pixels["store"], out, field, pixels["region"], cand, pixels["epochs"],
                                    tuple(pixels["image_shape"]), cfg.forced, n_boot=cc.blend_n_boot,
-                                   stamp_px=cc.blend_stamp_px)
+                                   stamp_px=cc.blend_stamp_px, full_boot_above_px=0.5 * cc.blend_offset_px)
         except (SurveyProcError, OSError) as exc:  # the store or the light curves cannot be read: not vetted
             why = f"no_pixels: {exc}"
         else:
