@@ -366,27 +366,38 @@ def write_epoch_meta(path: str | Path, field_id: str, start_epoch: int, meta: Ep
     if "band" in g:
         _array(g, "band")[sl] = np.asarray(_meta_bands(path, meta), dtype=object)
     if meta.header_fwhm_px is not None:
-        vec: dict[str, Any] = dict(chunks=(_EPOCH_VECTOR_CHUNK,), dimension_names=["epoch"])
-        if "header_fwhm_px" not in g:  # created on first use: earlier epochs read NaN / ""
-            g.create_array("header_fwhm_px", shape=(n_alloc,), dtype="float32", fill_value=np.nan,
-                           compressors=[_VECTOR_COMPRESSOR], **vec)
-        if "header_fwhm_source" not in g:
-            g.create_array("header_fwhm_source", shape=(n_alloc,), dtype=str, fill_value="", **vec)
-        sources = meta.header_fwhm_source if meta.header_fwhm_source is not None else [""] * len(meta.mjd)
-        _array(g, "header_fwhm_px")[sl] = np.asarray(meta.header_fwhm_px, dtype="float32")
-        _array(g, "header_fwhm_source")[sl] = np.asarray([str(s) for s in sources], dtype=object)
+        _write_optional_vectors(g, n_alloc, sl, {"header_fwhm_px": meta.header_fwhm_px},
+                                {"header_fwhm_source": meta.header_fwhm_source})
     if meta.header_apcorr is not None and meta.header_apcorr_fwhm_px is not None:
-        vec = dict(chunks=(_EPOCH_VECTOR_CHUNK,), dimension_names=["epoch"])
-        for name in ("header_apcorr", "header_apcorr_fwhm_px"):
-            if name not in g:  # created on first use: earlier epochs read NaN / ""
-                g.create_array(name, shape=(n_alloc,), dtype="float32", fill_value=np.nan,
-                               compressors=[_VECTOR_COMPRESSOR], **vec)
-        if "header_apcorr_source" not in g:
-            g.create_array("header_apcorr_source", shape=(n_alloc,), dtype=str, fill_value="", **vec)
-        why = meta.header_apcorr_source if meta.header_apcorr_source is not None else [""] * len(meta.mjd)
-        _array(g, "header_apcorr")[sl] = np.asarray(meta.header_apcorr, dtype="float32")
-        _array(g, "header_apcorr_fwhm_px")[sl] = np.asarray(meta.header_apcorr_fwhm_px, dtype="float32")
-        _array(g, "header_apcorr_source")[sl] = np.asarray([str(s) for s in why], dtype=object)
+        _write_optional_vectors(g, n_alloc, sl, {"header_apcorr": meta.header_apcorr,
+                                                 "header_apcorr_fwhm_px": meta.header_apcorr_fwhm_px},
+                                {"header_apcorr_source": meta.header_apcorr_source})
+
+
+def _write_optional_vectors(g: Any, n_alloc: int, sl: slice, floats: dict[str, Any], strings: dict[str, Any]
+                            ) -> None:
+    """Write optional per-epoch variables at ``sl``, each created on first use (earlier epochs read NaN / "").
+
+    A string variable given None is "" for every epoch of ``sl``.
+    """
+    vec: dict[str, Any] = dict(chunks=(_EPOCH_VECTOR_CHUNK,), dimension_names=["epoch"])
+    for name, values in floats.items():
+        if name not in g:
+            g.create_array(name, shape=(n_alloc,), dtype="float32", fill_value=np.nan,
+                           compressors=[_VECTOR_COMPRESSOR], **vec)
+        _array(g, name)[sl] = np.asarray(values, dtype="float32")
+    for name, values in strings.items():
+        if name not in g:
+            g.create_array(name, shape=(n_alloc,), dtype=str, fill_value="", **vec)
+        texts = [""] * (sl.stop - sl.start) if values is None else [str(v) for v in values]
+        _array(g, name)[sl] = np.asarray(texts, dtype=object)
+
+
+def _optional_strings(g: Any, name: str, n: int) -> list[str]:
+    """An optional per-epoch string variable ("" for missing values, or every epoch when the field has none)."""
+    if name not in g:
+        return [""] * n
+    return [str(v) if v is not None else "" for v in np.asarray(_array(g, name)[:])]
 
 
 def _meta_bands(path: str | Path, meta: EpochMeta) -> list[str]:
@@ -962,11 +973,7 @@ def read_header_fwhm(path: str | Path, field_id: str) -> tuple[np.ndarray, list[
     if "header_fwhm_px" not in g:
         return None
     fwhm = np.asarray(_array(g, "header_fwhm_px")[:], dtype="float64")
-    if "header_fwhm_source" in g:
-        src = [str(s) if s is not None else "" for s in np.asarray(_array(g, "header_fwhm_source")[:])]
-    else:
-        src = [""] * len(fwhm)
-    return fwhm, src
+    return fwhm, _optional_strings(g, "header_fwhm_source", len(fwhm))
 
 
 def read_header_apcorr(path: str | Path, field_id: str) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
@@ -994,11 +1001,7 @@ def read_header_apcorr(path: str | Path, field_id: str) -> tuple[np.ndarray, np.
         return None
     apcorr = np.asarray(_array(g, "header_apcorr")[:], dtype="float64")
     fwhm = np.asarray(_array(g, "header_apcorr_fwhm_px")[:], dtype="float64")
-    if "header_apcorr_source" in g:
-        src = [str(s) if s is not None else "" for s in np.asarray(_array(g, "header_apcorr_source")[:])]
-    else:
-        src = [""] * len(apcorr)
-    return apcorr, fwhm, src
+    return apcorr, fwhm, _optional_strings(g, "header_apcorr_source", len(apcorr))
 
 
 def read_source_files(path: str | Path, field_id: str) -> list[str]:
