@@ -52,6 +52,8 @@ from typing import Any
 
 import numpy as np
 
+from survey_proc.lightcurves.classifier import apply_calibration
+
 ROOT = Path(__file__).resolve().parent.parent
 STRICT_EPS = 1e-6
 
@@ -267,7 +269,7 @@ def choose_map(surveys: list[dict[str, Any]], candidates: dict[str, Any]) -> tup
         for i, test in enumerate(surveys):
             train = [s for j, s in enumerate(surveys) if j != i] or [test]
             m = fit(np.concatenate([s["p"] for s in train]), np.concatenate([s["y"] for s in train]))
-            pc = apply_calibration_knots(test["p"], m)
+            pc = apply_calibration(test["p"], m)
             sm = summary(pc, test["y"])
             brier += sm["brier"] * len(pc)
             rows.append({"test": test["run"], **{k: sm[k] for k in ("max_gap", "max_gap_bins_n>=20", "ece", "brier")}})
@@ -325,20 +327,14 @@ def cadence_maps(cuts: dict[int, list[tuple[np.ndarray, np.ndarray]]], cadences:
                     "epochs": n_ep, "n": len(p), "n_positive": int(np.sum(y)), "method": method,
                     "cross_survey": {k: v["brier_total"] for k, v in cv.items()},
                     "threshold_raw": raw_threshold_for(knots, calibrated_threshold) if reaches else None,
-                    "reliability_in_sample": summary(apply_calibration_knots(p, knots), y)})
+                    "reliability_in_sample": summary(apply_calibration(p, knots), y)})
     return out
-
-
-def apply_calibration_knots(p: np.ndarray, knots: dict[str, list[float]]) -> np.ndarray:
-    """``p`` mapped piecewise linearly through ``knots`` (as the classifier applies a card's map)."""
-    return np.interp(np.asarray(p, float), np.asarray(knots["x"], float), np.asarray(knots["y"], float))
 
 
 def main(argv: list[str] | None = None) -> None:
     import torch
 
     from survey_proc import model_registry
-    from survey_proc.lightcurves.classifier import apply_calibration
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--val", nargs="+", required=True, help="RUN:STORE pairs of validation surveys")
