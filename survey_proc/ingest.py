@@ -77,8 +77,9 @@ Header handling (each rule names the keywords it reads, in order)
   without a model is ingested with none and listed in the report (``psfex_missing``). The
   correction is computed at the FWHM the extraction falls back to (the header FWHM, else
   ``photometry.fwhm_default_px``) with the default :class:`~survey_proc.config.PhotometryConfig`'s
-  radii (``aperture_fwhm``, ``apcorr_fwhm``, no local sky: :func:`psfex_apcorr_config`); a run
-  with other radii does not use it. The model is evaluated at the image's centre in the
+  radii (``aperture_fwhm``, ``apcorr_fwhm``, no local sky:
+  :func:`~survey_proc.photometry.aperture.stored_apcorr_config`); a run with other radii does
+  not use it. The model is evaluated at the image's centre in the
   image's own pixel frame (the frame of its WCS: legacypipe's cutouts carry models rewritten
   into the cutout's frame, as their ``CRPIX``; their ``LTV1/2`` = -1 are not that offset), or
   at its constant term (``POLZERO``, the centre of the stars it was fitted on) when the centre
@@ -295,16 +296,6 @@ def match_psfex(image_path: str | Path, psfex: Sequence[str]) -> str | None:
     return best[1] if best else None
 
 
-def psfex_apcorr_config() -> Any:
-    """The photometry settings a stored PSFEx correction is computed with: the default ``PhotometryConfig``.
-
-    (:func:`survey_proc.photometry.aperture.stored_apcorr_config`, which the extraction checks a run's radii against.)
-    """
-    from survey_proc.photometry.aperture import stored_apcorr_config
-
-    return stored_apcorr_config()
-
-
 def psfex_epoch_apcorr(psfex_path: str, header: Any, shape: tuple[int, int], fwhm_px: float, where: str
                        ) -> tuple[float, str]:
     """The aperture correction of an image's PSFEx model with the pipeline's apertures, and its source.
@@ -313,7 +304,7 @@ def psfex_epoch_apcorr(psfex_path: str, header: Any, shape: tuple[int, int], fwh
     ``EXTNAME``/``CCDNAME``/``DETPOS``) is evaluated at the image's centre in its own pixel
     frame, or at its constant term when that centre is outside the fitted area (module
     docstring); then :func:`survey_proc.photometry.psfex.psfex_apcorr` at ``fwhm_px`` with
-    :func:`psfex_apcorr_config`'s radii.
+    :func:`~survey_proc.photometry.aperture.stored_apcorr_config`'s radii.
 
     Parameters
     ----------
@@ -362,7 +353,9 @@ def psfex_epoch_apcorr(psfex_path: str, header: Any, shape: tuple[int, int], fwh
             x, y = model.polzero[0] - 1.0, model.polzero[1] - 1.0
             at = (f"constant term (the image centre ({xc:.1f}, {yc:.1f}) px is at u {u:+.2f}, v {v:+.2f}, outside the "
                   "model's fitted area)")
-    cfg = psfex_apcorr_config()
+    from survey_proc.photometry.aperture import stored_apcorr_config
+
+    cfg = stored_apcorr_config()
     try:
         apcorr = psfex_apcorr(model.evaluate(x, y), fwhm_px, cfg)
     except ValueError as exc:  # the large aperture is beyond the model's stamp
@@ -895,7 +888,9 @@ def read_fits(path: str | Path, *, hdus: list[int] | None = None, field_key: str
                                 saturation_source=sat_source, saturation_estimated=sat_estimated,
                                 header_fwhm_px=fwhm_hdr, header_fwhm_source=fwhm_source))
             if psfex is not None:
-                fwhm_ap = fwhm_hdr if np.isfinite(fwhm_hdr) else psfex_apcorr_config().fwhm_default_px
+                from survey_proc.photometry.aperture import stored_apcorr_config
+
+                fwhm_ap = fwhm_hdr if np.isfinite(fwhm_hdr) else stored_apcorr_config().fwhm_default_px
                 apc, apc_source = psfex_epoch_apcorr(psfex, header, data.shape, fwhm_ap, f"{path}[{i}]")
                 out[-1].header_apcorr, out[-1].header_apcorr_fwhm_px = apc, float(fwhm_ap)
                 out[-1].header_apcorr_source, out[-1].psfex_path = apc_source, psfex
