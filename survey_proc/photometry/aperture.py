@@ -494,6 +494,7 @@ STORED_APCORR_FWHM_RTOL = 0.01
 _RADII_FIELDS = ("aperture_fwhm", "apcorr_fwhm", "local_sky", "local_sky_inner_fwhm", "local_sky_outer_fwhm")
 APCORR_MEASURED = "measured"
 APCORR_MOFFAT = "model Moffat(3)"
+APCORR_PSFEX = "psfex"  # prefix of the source of a stored (PSFEx) correction: "psfex <file[CCD] at ...>"
 
 
 def stored_apcorr_config() -> PhotometryConfig:
@@ -544,7 +545,7 @@ def fallback_apcorr(cfg: PhotometryConfig, fwhm_px: float, stored: float | None 
         why = f"computed at FWHM {stored_fwhm_px:.3f} px, the block's is {fwhm_px:.3f} px"
     if why:
         return model, f"{APCORR_MOFFAT} (stored correction not used: {why})"
-    return float(stored), f"psfex {stored_source}".strip()
+    return float(stored), f"{APCORR_PSFEX} {stored_source}".strip()
 
 
 def aperture_correction(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, flux_ap: np.ndarray,

@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from survey_proc.catalog.calibrate import ZeroPoint, ZpStatus
+from survey_proc.photometry.aperture import APCORR_PSFEX
 
 APCORR_FROM_MODEL = "field model"  # apcorr_source of an epoch whose aperture correction is the field's line
-APCORR_FROM_PSFEX = "psfex"  # prefix of the apcorr_source of an epoch that took its PSFEx model's correction
 
 
 @dataclass
@@ -92,7 +92,7 @@ class EpochRecord:
     @property
     def apcorr_from_psf_model(self) -> bool:
         """The aperture correction is the exposure's own PSF model's (``ingest --psfex``), not a measurement."""
-        return (self.apcorr_source or "").startswith(APCORR_FROM_PSFEX)
+        return (self.apcorr_source or "").startswith(APCORR_PSFEX)
 
     def aperture_photometry(self, detector: str, bpnn_enabled: bool) -> bool:
         """Whether the epoch's fluxes are sep's aperture fluxes times an aperture correction.
