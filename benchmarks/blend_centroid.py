@@ -42,7 +42,7 @@ from survey_proc import vocab as F
 from survey_proc.catalog.frame_map import fit_frame_map
 from survey_proc.errors import SurveyProcError
 from survey_proc.lightcurves.blend_vetting import model_variation, vet_blend
-from survey_proc.stages.blend_io import LC_BAD, cut_stamps
+from survey_proc.stages.blend_io import LC_BAD, cut_stamps, frame_jacobian, masked_image
 from survey_proc.stages.extract import SOURCES_UNIT
 
 T_GRID = (0.5, 0.7, 0.9, 1.0, 1.2, 1.4)
@@ -85,20 +85,10 @@ def measure(run: str, store_path: str, *, n_boot: int = 100, stamp_px: int = 15,
                 print(f"  {exc}")
                 continue
             xe, ye = fmap(xo, yo)
-            h = 0.5
-            ax1, ay1 = fmap(xo + h, yo)
-            ax0, ay0 = fmap(xo - h, yo)
-            bx1, by1 = fmap(xo, yo + h)
-            bx0, by0 = fmap(xo, yo - h)
-            jac += np.stack([np.stack([(ax1 - ax0) / (2 * h), (bx1 - bx0) / (2 * h)], -1),
-                             np.stack([(ay1 - ay0) / (2 * h), (by1 - by0) / (2 * h)], -1)], 1)
+            jac += frame_jacobian(fmap, xo, yo)
             n_jac += 1
             image, mask = store.read_window(store_path, str(field), int(e), 0, ny, 0, nx)
-            img = image.astype(np.float32)
-            if mask is not None:
-                img[mask != 0] = np.nan
-            img[~np.isfinite(img)] = np.nan
-            st, dxs[:, i], dys[:, i] = cut_stamps(img * np.float32(scale[i]), xe, ye, r)
+            st, dxs[:, i], dys[:, i] = cut_stamps(masked_image(image, mask) * np.float32(scale[i]), xe, ye, r)
             stamps[:, i] = st
         jac /= max(n_jac, 1)
         t_read = time.perf_counter() - t_read

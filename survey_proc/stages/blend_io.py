@@ -101,6 +101,29 @@ def cut_stamps(image: np.ndarray, xe: np.ndarray, ye: np.ndarray, r: int
     return out, xe - ix, ye - iy
 
 
+def frame_jacobian(fmap: Any, x_ref: np.ndarray, y_ref: np.ndarray, h: float = JACOBIAN_STEP_PX) -> np.ndarray:
+    """``(n, 2, 2)`` derivative of a frame map at each position (central differences of ``h`` px).
+
+    ``[[dx/dx_ref, dx/dy_ref], [dy/dx_ref, dy/dy_ref]]`` per position; ``fmap(x_ref, y_ref)``
+    returns the epoch positions.
+    """
+    ax1, ay1 = fmap(x_ref + h, y_ref)
+    ax0, ay0 = fmap(x_ref - h, y_ref)
+    bx1, by1 = fmap(x_ref, y_ref + h)
+    bx0, by0 = fmap(x_ref, y_ref - h)
+    return np.stack([np.stack([(ax1 - ax0) / (2 * h), (bx1 - bx0) / (2 * h)], -1),
+                     np.stack([(ay1 - ay0) / (2 * h), (by1 - by0) / (2 * h)], -1)], 1)
+
+
+def masked_image(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The image as float32 with masked (``mask != 0``) and non-finite pixels NaN."""
+    img = image.astype(np.float32)
+    if mask is not None:
+        img[mask != 0] = np.nan
+    img[~np.isfinite(img)] = np.nan
+    return img
+
+
 def zp_scale(zp: np.ndarray) -> np.ndarray:
     """``10 ** (-0.4 (zp - median zp))``: per epoch, the factor putting its ADU on one photometric scale."""
     zp = np.asarray(zp, float)
@@ -144,7 +167,6 @@ def read_stamps(store_path: str, out: str, field_id: str, region: xm.Region, x_r
     n_jac = 0
     skipped: dict[int, str] = {}
     ny, nx = image_shape
-    h = JACOBIAN_STEP_PX
     for i, ep in enumerate(eps):
         e = int(ep["epoch"])
         if not np.isfinite(scale[i]):
@@ -162,18 +184,9 @@ def read_stamps(store_path: str, out: str, field_id: str, region: xm.Region, x_r
         except (SurveyProcError, OSError, ValueError, KeyError) as exc:  # this epoch is left out, the others go on
             skipped[e] = str(exc)
             continue
-        ax1, ay1 = fmap(x_ref + h, y_ref)
-        ax0, ay0 = fmap(x_ref - h, y_ref)
-        bx1, by1 = fmap(x_ref, y_ref + h)
-        bx0, by0 = fmap(x_ref, y_ref - h)
-        jac += np.stack([np.stack([(ax1 - ax0) / (2 * h), (bx1 - bx0) / (2 * h)], -1),
-                         np.stack([(ay1 - ay0) / (2 * h), (by1 - by0) / (2 * h)], -1)], 1)
+        jac += frame_jacobian(fmap, x_ref, y_ref)
         n_jac += 1
-        img = image.astype(np.float32)
-        if mask is not None:
-            img[mask != 0] = np.nan
-        img[~np.isfinite(img)] = np.nan
-        st, dxs[:, i], dys[:, i] = cut_stamps(img * np.float32(scale[i]), xe - x0, ye - y0, r)
+        st, dxs[:, i], dys[:, i] = cut_stamps(masked_image(image, mask) * np.float32(scale[i]), xe - x0, ye - y0, r)
         stamps[:, i] = st
     jac = jac / n_jac if n_jac else np.broadcast_to(np.eye(2), (nc, 2, 2)).copy()
     return EpochStamps(epochs=np.array([int(e["epoch"]) for e in eps], int),
