@@ -35,6 +35,7 @@ points, e.g. an eclipsing binary with no eclipse in the 3.5 days) is labelled ``
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,7 @@ class Templates:
     mag_median: np.ndarray
     sigma_mag: np.ndarray  # (n,) NMAD of the residuals (mag)
 
-    @property
+    @functools.cached_property
     def sigma_flux(self) -> np.ndarray:
         """(n,) NMAD of the flux relative to the median flux (the scatter the synthesis adds noise in)."""
         f = 10.0 ** (-0.4 * (self.mag - self.mag_median[:, None])) - 1.0
