@@ -867,7 +867,7 @@ def read_window(path: str | Path, field_id: str, epoch: int, y0: int, y1: int, x
 
     Reads straight from Zarr (no xarray/dask), so a worker task decompresses only the
     chunks its window touches. Raises :class:`StoreError` naming the field and epoch when
-    the chunk cannot be read.
+    the chunk cannot be read. A task reading many epochs opens a :class:`PixelReader` once.
 
     Parameters
     ----------
@@ -885,18 +885,54 @@ def read_window(path: str | Path, field_id: str, epoch: int, y0: int, y1: int, x
     image, mask
         ``(y1 - y0, x1 - x0)`` pixels (float32, ADU) and mask bits (uint8), or None without a mask.
     """
-    g = _field_group(path, field_id)
-    try:
-        for name in ("image", "mask"):
-            if name in g and not storage.is_remote(path):  # an object is whole or absent (one PUT)
-                _check_blosc_chunks(Path(path) / "fields" / field_id / name, _array(g, name), epoch, y0, y1, x0, x1)
-        image = np.asarray(_array(g, "image")[epoch, y0:y1, x0:x1], dtype=np.float32)
-        mask = np.asarray(_array(g, "mask")[epoch, y0:y1, x0:x1]) if "mask" in g else None
-    except Exception as exc:  # a corrupt or missing chunk: zarr/numcodecs raise many types
-        raise StoreError(f"{path}: field {field_id} epoch {epoch}: cannot read pixels "
-                         f"[{y0}:{y1}, {x0}:{x1}] ({type(exc).__name__}: {exc}); "
-                         "check or re-ingest that epoch") from exc
-    return image, mask
+    return PixelReader(path, field_id).window(epoch, y0, y1, x0, x1)
+
+
+class PixelReader:
+    """Windows of one field's epochs, its Zarr group and arrays opened once.
+
+    Opening the group and arrays costs more than decompressing a 512^2 chunk (measured: 4.7 ms
+    against 1.3 ms per epoch): a task that reads every epoch (the blend vetting) keeps one reader.
+
+    Parameters
+    ----------
+    path
+        The survey store.
+    field_id
+        The field.
+
+    Raises
+    ------
+    StoreError
+        When the field or its ``image`` array cannot be opened.
+    """
+
+    def __init__(self, path: str | Path, field_id: str) -> None:
+        self.path, self.field_id = path, field_id
+        g = _field_group(path, field_id)
+        try:
+            self._image = _array(g, "image")
+            self._mask = _array(g, "mask") if "mask" in g else None
+        except Exception as exc:  # a missing or damaged array's metadata
+            raise StoreError(f"{path}: field {field_id}: cannot open the pixel arrays ({type(exc).__name__}: {exc}); "
+                             "check the store with `survey-proc validate`") from exc
+        self._check = not storage.is_remote(path)
+
+    def window(self, epoch: int, y0: int, y1: int, x0: int, x1: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """``image[epoch, y0:y1, x0:x1]`` (float32, ADU) and the mask window (uint8 or None), as :func:`read_window`."""
+        path, field_id = self.path, self.field_id
+        try:
+            if self._check:  # an object is whole or absent (one PUT)
+                for name, arr in (("image", self._image), ("mask", self._mask)):
+                    if arr is not None:
+                        _check_blosc_chunks(Path(path) / "fields" / field_id / name, arr, epoch, y0, y1, x0, x1)
+            image = np.asarray(self._image[epoch, y0:y1, x0:x1], dtype=np.float32)
+            mask = np.asarray(self._mask[epoch, y0:y1, x0:x1]) if self._mask is not None else None
+        except Exception as exc:  # a corrupt or missing chunk: zarr/numcodecs raise many types
+            raise StoreError(f"{path}: field {field_id} epoch {epoch}: cannot read pixels "
+                             f"[{y0}:{y1}, {x0}:{x1}] ({type(exc).__name__}: {exc}); "
+                             "check or re-ingest that epoch") from exc
+        return image, mask
 
 
 def _check_blosc_chunks(array_dir: Path, arr: zarr.Array, epoch: int, y0: int, y1: int, x0: int, x1: int) -> None:

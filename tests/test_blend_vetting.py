@@ -120,3 +120,57 @@ def test_a_small_offset_gets_fewer_draws_and_the_same_point_estimate() -> None:
     mb = model_variation(blend[3], blend[4], blend[5], blend[6])
     res = vet_blend(*blend[:3], mb, fwhm_px=FWHM, n_boot=40, seed=3, full_boot_above_px=0.5, n_boot_small=10)
     assert res.n_boot == 40 and res.offset > 1.0
+
+
+def test_batched_alignment_is_scipys_spline_shift_per_epoch() -> None:
+    """_align gives ndimage.shift's numbers (order 3, mode nearest) and its bad-pixel reach, for all epochs at once."""
+    from scipy import ndimage
+
+    from survey_proc.lightcurves.blend_vetting import _align
+
+    stamps, dx, dy, *_ = _survey(20000.0, 1500.0, (1.2, -0.9), n_ep=60, seed=7)
+    stamps[::4, 3, 5] = np.nan
+    stamps[1::7, :, 11] = np.nan
+    stamps[5, 0, :] = np.nan
+    aligned, bad = _align(stamps, dx, dy, 2)
+    inner = (slice(2, N - 2), slice(2, N - 2))
+    for i in range(len(dx)):
+        nan = ~np.isfinite(stamps[i])
+        st = np.where(nan, np.nanmedian(stamps[i]), stamps[i])
+        want = ndimage.shift(st, (-dy[i], -dx[i]), order=3, mode="nearest")[inner]
+        moved = ndimage.shift(nan.astype(float), (-dy[i], -dx[i]), order=1, mode="constant", cval=1.0) > 0
+        want_bad = ndimage.binary_dilation(moved, np.ones((3, 3), bool))[inner]
+        np.testing.assert_allclose(aligned[i], want, rtol=1e-12, atol=1e-9)
+        assert np.array_equal(bad[i], want_bad)
+    assert bad[::4].any() and not bad[2].any()
+
+
+def test_batched_bootstrap_pieces_match_the_one_draw_versions() -> None:
+    """The bootstrap's batched regression and Gaussian fits give what _coefficients and scipy's fit give per draw."""
+    from survey_proc.lightcurves.blend_vetting import _boot_coefficients, _coefficients, _fit_gaussian, _fit_gaussians
+
+    rng = np.random.default_rng(4)
+    n_ep, k = 80, 11
+    x = np.column_stack([np.ones(n_ep), rng.normal(size=n_ep), rng.uniform(-0.5, 0.5, (n_ep, 2))])
+    yy, xx = np.mgrid[0:k, 0:k]
+    img = 30.0 * np.exp(-((xx - 6.3) ** 2 + (yy - 4.8) ** 2) / (2 * 0.8 ** 2))
+    y = 100 + np.outer(x[:, 1], img.ravel()) + rng.normal(0, 1.0, (n_ep, k * k))
+    w = np.ones_like(y)
+    w[rng.random(y.shape) < 0.05] = 0.0  # scattered bad epochs of some pixels
+    w[:70, 0] = 0.0  # a pixel with too few good epochs
+    y = np.where(w > 0, y, 0.0)
+    draws = [rng.integers(0, n_ep, n_ep) for _ in range(6)]
+    counts = np.stack([np.bincount(d, minlength=n_ep) for d in draws]).astype(float)
+    batched = _boot_coefficients(y, w, x, counts)
+    for b, idx in enumerate(draws):
+        one, _ = _coefficients(y[idx], w[idx], x[idx])
+        np.testing.assert_allclose(batched[b], one, rtol=1e-9, atol=1e-9)
+    _, err = _coefficients(y, w, x)
+    err = np.where(np.isfinite(err), err, np.inf).reshape(k, k)
+    fits = _fit_gaussians(batched.reshape(-1, k, k), err, 0.8, 5.0, 5.0)
+    for b in range(len(draws)):
+        ref = _fit_gaussian(batched[b].reshape(k, k), err, 0.8, [(5.0, 5.0)])
+        assert ref is not None
+        np.testing.assert_allclose(fits[b, 1:3], ref[1:3], atol=1e-5)
+        np.testing.assert_allclose(fits[b, 0], ref[0], rtol=1e-5)
+    assert np.all(np.abs(fits[:, 1] - 6.3) < 0.1) and np.all(np.abs(fits[:, 2] - 4.8) < 0.1)

@@ -161,3 +161,22 @@ def test_validation_empty_store(tmp_path):
     store.create_store(path, band="i", pixel_scale_arcsec=0.1)
     with pytest.raises(StoreValidationError, match=r"the store has no fields"):
         store.validate_store(path)
+
+
+def test_pixel_reader_reads_what_read_window_reads_and_names_what_is_missing(tmp_path, small_store):
+    import shutil
+
+    reader = store.PixelReader(small_store, "F000")
+    for e in range(2):
+        img, mask = reader.window(e, 3, 17, 5, 30)
+        want_img, want_mask = store.read_window(small_store, "F000", e, 3, 17, 5, 30)
+        assert img.dtype == np.float32 and img.shape == (14, 25)
+        assert np.array_equal(img, want_img, equal_nan=True)
+        assert (mask is None and want_mask is None) or np.array_equal(mask, want_mask)
+    with pytest.raises(StoreError, match=r"field 'F9' is not in survey store"):
+        store.PixelReader(small_store, "F9")
+    broken = tmp_path / "broken.zarr"
+    shutil.copytree(small_store, broken)
+    shutil.rmtree(broken / "fields" / "F000" / "image")
+    with pytest.raises(StoreError, match=r"field F000: cannot open the pixel arrays .*survey-proc validate"):
+        store.PixelReader(broken, "F000")

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from survey_proc.errors import SurveyProcError
 
@@ -122,3 +123,23 @@ def fit_frame_map(x_ref: np.ndarray, y_ref: np.ndarray, x: np.ndarray, y: np.nda
             break
         keep = new
     return FrameMap(degree, centre, scale, cx, cy, rms, int(keep.sum()))
+
+
+#: one row per epoch of a region's frame maps (the forced stage writes them, the blend vetting reads them)
+FRAME_TABLE_COLUMNS = ("epoch", "degree", "centre_x", "centre_y", "scale", "coef_x", "coef_y", "rms_px", "n_stars")
+
+
+def frames_to_table(frames: dict[int, FrameMap]) -> pd.DataFrame:
+    """Frame maps per epoch as a table (:data:`FRAME_TABLE_COLUMNS`; coefficients as lists), sorted by epoch."""
+    rows = [{"epoch": int(e), "degree": int(f.degree), "centre_x": float(f.centre[0]), "centre_y": float(f.centre[1]),
+             "scale": float(f.scale), "coef_x": [float(v) for v in f.coef_x], "coef_y": [float(v) for v in f.coef_y],
+             "rms_px": float(f.rms_px), "n_stars": int(f.n_stars)} for e, f in sorted(frames.items())]
+    return pd.DataFrame(rows, columns=list(FRAME_TABLE_COLUMNS))
+
+
+def frames_from_table(table: pd.DataFrame) -> dict[int, FrameMap]:
+    """The frame maps of :func:`frames_to_table`'s table, by epoch."""
+    cols = {c: table[c].to_list() for c in FRAME_TABLE_COLUMNS}
+    return {int(e): FrameMap(int(d), (float(cx), float(cy)), float(s), np.asarray(ax, float), np.asarray(ay, float),
+                             float(rms), int(n))
+            for e, d, cx, cy, s, ax, ay, rms, n in zip(*(cols[c] for c in FRAME_TABLE_COLUMNS), strict=True)}

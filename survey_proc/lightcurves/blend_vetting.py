@@ -47,11 +47,12 @@ and any ``nuisance`` regressors to soak up what is left).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, sparse
 from scipy.optimize import least_squares
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
@@ -168,6 +169,98 @@ def model_variation(mjd: np.ndarray, flux: np.ndarray, period_d: float, t0_mjd: 
     return np.asarray(model / f0 - 1.0)
 
 
+SPLINE_PAD_PX = 12  # what scipy.ndimage pads a stamp with (edge values) before its spline filter in mode "nearest"
+
+
+@functools.lru_cache(maxsize=8)
+def _prefilter_matrix(n: int) -> np.ndarray:
+    """``(n, n)``: a line of ``n`` pixels -> its cubic spline coefficients, as ``scipy.ndimage.shift`` computes them.
+
+    scipy pads the line with its edge values by :data:`SPLINE_PAD_PX` and filters the padded
+    line (mode ``"nearest"``); the filter is linear, so the central ``n`` coefficients are this
+    matrix times the line. A shift of at most 0.5 px evaluated on pixels at least 2 px from the
+    edges only reaches those ``n`` coefficients.
+    """
+    pad = SPLINE_PAD_PX
+    eye = np.pad(np.eye(n), ((pad, pad), (0, 0)), mode="edge")
+    coef = ndimage.spline_filter1d(eye, 3, axis=0, mode="nearest", output=np.float64)
+    return np.asarray(coef[pad:pad + n])
+
+
+def _bspline_rows(start: np.ndarray, k: int, n: int) -> np.ndarray:
+    """``(E, k, n)`` cubic B-spline interpolation weights of positions ``start[e] + 0..k-1`` over ``n`` knots."""
+    pos = np.asarray(start, float)[:, None] + np.arange(k)[None, :]
+    f = np.floor(pos)
+    t = pos - f
+    wts = np.stack([(1 - t) ** 3, 3 * t ** 3 - 6 * t ** 2 + 4, -3 * t ** 3 + 3 * t ** 2 + 3 * t + 1, t ** 3], -1) / 6
+    rows = np.zeros((len(pos), k, n))
+    e_idx, o_idx = np.meshgrid(np.arange(len(pos)), np.arange(k), indexing="ij")
+    for j in range(4):
+        rows[e_idx, o_idx, f.astype(int) - 1 + j] = wts[..., j]
+    return rows
+
+
+def _spoiled(nan: np.ndarray, dx: np.ndarray, dy: np.ndarray, crop_px: int) -> np.ndarray:
+    """``(E, k, k)``: the aligned (shifted, cropped) pixels that a bad input pixel reaches.
+
+    What ``binary_dilation(ndimage.shift(nan, (-dy, -dx), order=1, mode="constant", cval=1) > 0,
+    3x3)`` cropped by ``crop_px`` gives per epoch: an output pixel is reached when a bad pixel
+    has a non-zero weight in its bilinear interpolation (``floor(o + d)``, and the next pixel
+    when the fraction is positive), then 1 px around. For ``|d| <= 0.5`` and ``crop_px >= 2``
+    every pixel read lies inside the stamp (the ``cval`` never enters).
+    """
+    n = nan.shape[1]
+    o = np.arange(crop_px - 1, n - crop_px + 1)  # the pixels the 3x3 dilation of the cropped ones reads
+
+    def along(a: np.ndarray, d: np.ndarray, axis: int) -> np.ndarray:
+        p = o[None, :] + d[:, None]
+        f = np.floor(p).astype(int)
+        nxt = (p - f) > 0
+        idx0, idx1 = f, np.minimum(f + 1, n - 1)
+        if axis == 1:
+            g0 = np.take_along_axis(a, idx0[:, :, None], axis=1)
+            g1 = np.take_along_axis(a, idx1[:, :, None], axis=1) & nxt[:, :, None]
+        else:
+            g0 = np.take_along_axis(a, idx0[:, None, :], axis=2)
+            g1 = np.take_along_axis(a, idx1[:, None, :], axis=2) & nxt[:, None, :]
+        return np.asarray(g0 | g1)
+
+    moved = along(along(nan, dy, 1), dx, 2)  # (E, k + 2, k + 2)
+    out = np.zeros_like(moved[:, 1:-1, 1:-1])
+    for sy in range(3):
+        for sx in range(3):
+            out |= moved[:, sy:sy + out.shape[1], sx:sx + out.shape[2]]
+    return out
+
+
+def _align(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, crop_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stamps shifted by ``(-dy, -dx)`` and cropped by ``crop_px``, and the aligned pixels a bad pixel spoils.
+
+    The numbers of ``scipy.ndimage.shift(stamp, (-dy, -dx), order=3, mode="nearest")`` per epoch
+    (the stamp's cubic spline coefficients, :func:`_prefilter_matrix`, evaluated at the shifted
+    pixels) for all epochs at once: the per-epoch calls were most of the vetting's time.
+    ``|dx|, |dy| <= 0.5`` and ``crop_px >= 2`` keep every spline tap inside the stamp. A bad
+    (NaN) pixel is filled with the epoch's median before the spline; the aligned pixels it
+    reaches (:func:`_spoiled`) are returned as bad for that epoch only.
+    """
+    n_ep, n = stamps.shape[0], stamps.shape[1]
+    k = n - 2 * crop_px
+    nan = ~np.isfinite(stamps)
+    has_nan = np.flatnonzero(nan.any(axis=(1, 2)))
+    filled = stamps.copy()
+    if len(has_nan):
+        med = np.nanmedian(stamps[has_nan].reshape(len(has_nan), -1), axis=1)
+        filled[has_nan] = np.where(nan[has_nan], med[:, None, None], stamps[has_nan])
+    pm = _prefilter_matrix(n)
+    coef = pm @ filled @ pm.T
+    ry = _bspline_rows(crop_px + dy, k, n)
+    rx = _bspline_rows(crop_px + dx, k, n)
+    aligned = (ry @ coef) @ rx.transpose(0, 2, 1)
+    bad = np.zeros((n_ep, k, k), bool)
+    if len(has_nan):
+        bad[has_nan] = _spoiled(nan[has_nan], dx[has_nan], dy[has_nan], crop_px)
+    return aligned, bad
+
 def _gauss(params: np.ndarray, xx: np.ndarray, yy: np.ndarray, sigma: float) -> np.ndarray:
     amp, x0, y0, c = params
     return np.asarray(amp * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2.0 * sigma * sigma)) + c)
@@ -220,6 +313,115 @@ def _coefficients(y: np.ndarray, w: np.ndarray, x: np.ndarray) -> tuple[np.ndarr
     s2 = np.sum(r * r, axis=0) / np.maximum(n_use - x.shape[1], 1)
     err = np.where(ok, np.sqrt(np.maximum(s2 * inv[:, 1, 1], 1e-30)), np.inf)
     return coef[:, 1], err
+
+
+def _boot_coefficients(y: np.ndarray, w: np.ndarray, x: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """:func:`_coefficients`' coefficients for bootstrap draws given as epoch multiplicities.
+
+    ``counts`` is ``(n_draws, n_epochs)``: how often each epoch was drawn (a draw with replacement
+    weights the normal equations by it). Returns ``(n_draws, n_pix)`` coefficients of column 1 of
+    ``x`` (0 for a pixel with fewer than :data:`MIN_EPOCHS` usable epochs in the draw). Pixels good
+    in every epoch share one normal matrix per draw; the others get their own.
+    """
+    n_ep, nx = x.shape
+    n_draws, n_pix = counts.shape[0], y.shape[1]
+    xx = (x[:, :, None] * x[:, None, :]).reshape(n_ep, nx * nx)
+    rhs = (counts[:, :, None] * x[None, :, :]).transpose(0, 2, 1) @ y  # (draws, nx, pix); y is 0 where w is 0
+    a_all = counts @ xx  # (draws, nx * nx): the normal matrix of a pixel good in every epoch
+    coef = np.zeros((n_draws, n_pix))
+    good_all = w.all(axis=0)
+    full = np.flatnonzero(good_all)
+    if len(full):
+        inv = _inverse(a_all.reshape(n_draws, nx, nx))
+        coef[:, full] = np.einsum("bk,bkp->bp", inv[:, 1, :], rhs[:, :, full])
+    part = np.flatnonzero(~good_all)
+    if len(part):
+        # a pixel's matrix is the full one less its bad epochs' terms (sparse: few bad epochs per pixel)
+        bad_t, bad_p = np.nonzero(w[:, part] == 0)
+        cols = (bad_p[:, None] * nx * nx + np.arange(nx * nx)[None, :]).ravel()
+        less = sparse.csr_matrix((xx[bad_t].ravel(), (np.repeat(bad_t, nx * nx), cols)),
+                                 shape=(n_ep, len(part) * nx * nx))
+        a = (a_all[:, None, :] - np.asarray((less.T @ counts.T).T).reshape(n_draws, len(part), nx * nx))
+        a = a.reshape(n_draws, len(part), nx, nx)
+        ok = (counts @ w[:, part]) >= MIN_EPOCHS
+        inv = np.zeros_like(a)
+        inv[ok] = _inverse(a[ok])
+        coef[:, part] = np.einsum("bpk,bkp->bp", inv[:, :, 1, :], rhs[:, :, part])
+    return coef
+
+
+def _inverse(a: np.ndarray) -> np.ndarray:
+    """Inverses of a stack of square matrices (the pseudo-inverses when one is singular)."""
+    try:
+        return np.asarray(np.linalg.inv(a))
+    except np.linalg.LinAlgError:
+        return np.asarray(np.linalg.pinv(a))
+
+
+FIT_MAX_ITER = 100
+
+
+def _fit_gaussians(b: np.ndarray, err: np.ndarray, sigma_px: float, x_start: float, y_start: float) -> np.ndarray:
+    """:func:`_fit_gaussian` for a stack of images at once (Levenberg-Marquardt, bounds by projection).
+
+    ``b`` is ``(n, k, k)``, all weighted by ``1 / err``; every fit starts at ``(x_start, y_start)``
+    with the amplitude and constant :func:`_fit_gaussian` starts from. Returns ``(n, 4)``
+    ``(amp, x0, y0, const)``; NaN rows for fits that did not give a finite result. Written for the
+    bootstrap, where one scipy ``least_squares`` call per draw was most of the time; the minimum
+    found is the same (the fits are smooth 4-parameter problems started near it).
+    """
+    nb, k = b.shape[0], b.shape[1]
+    c = (k - 1) / 2.0
+    yy, xx = np.mgrid[0:k, 0:k].astype(float)
+    xx, yy = xx.ravel(), yy.ravel()
+    wt = (1.0 / err).ravel()
+    bf = b.reshape(nb, -1)
+    lo = np.array([0.0, c - MAX_FIT_OFFSET_PX, c - MAX_FIT_OFFSET_PX, -np.inf])
+    hi = np.array([np.inf, c + MAX_FIT_OFFSET_PX, c + MAX_FIT_OFFSET_PX, np.inf])
+    med = np.median(bf, axis=1)
+    amp0 = np.maximum(bf.max(axis=1) - med, 1e-12)
+    p = np.column_stack([amp0, np.full(nb, np.clip(x_start, lo[1] + 1e-6, hi[1] - 1e-6)),
+                         np.full(nb, np.clip(y_start, lo[2] + 1e-6, hi[2] - 1e-6)), med])
+    s2 = sigma_px * sigma_px
+    scale = np.column_stack([amp0, np.ones(nb), np.ones(nb), amp0])
+
+    def model(q: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        g = np.exp(-((xx - q[:, 1:2]) ** 2 + (yy - q[:, 2:3]) ** 2) / (2.0 * s2))
+        r = (q[:, 0:1] * g + q[:, 3:4] - data) * wt
+        return r, g
+
+    r, g = model(p, bf)
+    cost = np.sum(r * r, axis=1)
+    lam = np.full(nb, 1e-3)
+    active = np.isfinite(cost)
+    for _ in range(FIT_MAX_ITER):
+        if not active.any():
+            break
+        ia = np.flatnonzero(active)
+        q, ga = p[ia], g[ia]
+        ag = q[:, 0:1] * ga
+        jac = np.stack([ga, ag * (xx - q[:, 1:2]) / s2, ag * (yy - q[:, 2:3]) / s2, np.ones_like(ga)], -1)
+        jac *= wt[None, :, None]
+        jtj = jac.transpose(0, 2, 1) @ jac
+        grad = np.einsum("bpk,bp->bk", jac, r[ia])
+        diag = np.diagonal(jtj, axis1=1, axis2=2)
+        damp = jtj + (lam[ia, None] * np.maximum(diag, 1e-30))[:, :, None] * np.eye(4)
+        step = np.einsum("bij,bj->bi", np.linalg.pinv(damp), -grad)
+        trial = np.clip(q + step, lo, hi)
+        rt, gt = model(trial, bf[ia])
+        ct = np.sum(rt * rt, axis=1)
+        better = np.isfinite(ct) & (ct < cost[ia])
+        gain = np.where(better, cost[ia] - ct, 0.0)
+        ib = ia[better]
+        p[ib], r[ib], g[ib] = trial[better], rt[better], gt[better]
+        moved = np.max(np.abs(trial - q) / scale[ia], axis=1)  # in units of scipy's x_scale of _fit_gaussian
+        cost[ib] = ct[better]
+        lam[ia] = np.where(better, lam[ia] / 3.0, lam[ia] * 4.0)
+        done = (better & ((gain <= 1e-12 * np.maximum(cost[ia], 1e-300)) | (moved < 1e-9))) | (lam[ia] > 1e12)
+        active[ia[done]] = False
+    out = p.copy()
+    out[~np.isfinite(cost)] = np.nan
+    return out
 
 
 def vet_blend(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, m: np.ndarray, *, fwhm_px: float,
@@ -294,16 +496,7 @@ def vet_blend(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, m: np.ndarray,
     if np.std(m) <= 0:
         raise ValueError("vet_blend: the model variation m is constant over the usable epochs; nothing varies")
     k = n - 2 * crop_px
-    aligned = np.empty((len(m), k, k))
-    bad = np.zeros((len(m), k, k), bool)
-    inner = (slice(crop_px, n - crop_px), slice(crop_px, n - crop_px))
-    for i in range(len(m)):
-        st, nan = stamps[i], ~np.isfinite(stamps[i])
-        if nan.any():  # a bad pixel spoils the aligned pixels its spline reaches: they are left out of this epoch
-            st = np.where(nan, np.nanmedian(st), st)
-            moved = ndimage.shift(nan.astype(float), (-dy[i], -dx[i]), order=1, mode="constant", cval=1.0) > 0
-            bad[i] = ndimage.binary_dilation(moved, np.ones((3, 3), bool))[inner]
-        aligned[i] = ndimage.shift(st, (-dy[i], -dx[i]), order=3, mode="nearest")[inner]
+    aligned, bad = _align(stamps, dx, dy, crop_px)
     ring = np.ones((k, k), bool)
     ring[1:-1, 1:-1] = False
     with warnings.catch_warnings():  # an epoch whose whole ring is bad: NaN sky, the epoch left out below
@@ -336,14 +529,12 @@ def vet_blend(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, m: np.ndarray,
     if float(np.hypot(*d_ref)) < full_boot_above_px and not at_bound:
         n_boot = min(n_boot, n_boot_small)
     rng = np.random.default_rng(seed)
-    draws, amps = [], []
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(m), len(m))
-        bb, _ = _coefficients(y[idx], w[idx], x[idx])
-        f = _fit_gaussian(bb.reshape(k, k), err, sigma_psf, [(float(fit[1]), float(fit[2]))])
-        if f is not None:
-            draws.append(jinv @ np.array([f[1] - c, f[2] - c]))
-            amps.append(f[0])
+    counts = np.stack([np.bincount(rng.integers(0, len(m), len(m)), minlength=len(m)) for _ in range(n_boot)])
+    bb = _boot_coefficients(y, w, x, counts.astype(float))
+    fits = _fit_gaussians(bb.reshape(-1, k, k), err, sigma_psf, float(fit[1]), float(fit[2]))
+    fits = fits[np.all(np.isfinite(fits), axis=1)]
+    draws = (jinv @ np.stack([fits[:, 1] - c, fits[:, 2] - c])).T
+    amps = list(fits[:, 0])
     dd = np.array(draws).reshape(-1, 2)
     cov = np.cov(dd.T) if len(dd) >= 3 else np.full((2, 2), np.nan)
     off = float(np.hypot(*d_ref))

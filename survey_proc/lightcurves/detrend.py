@@ -77,6 +77,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from survey_proc.lightcurves.nanmedian import nanmedian_rows
+
 #: at most this many stars (the best-measured) are used to fit the components of a field
 MAX_FIT_STARS = 3000
 
@@ -133,6 +135,8 @@ class Components:
 
 
 def _nmad(x: np.ndarray, axis: int | None = None) -> np.ndarray:
+    if axis in (1, -1) and np.ndim(x) == 2:  # per object: the sorting median (same numbers, ~8x faster)
+        return 1.4826 * nanmedian_rows(np.abs(x - nanmedian_rows(x, keepdims=True)))
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
         med = np.nanmedian(x, axis=axis, keepdims=True)

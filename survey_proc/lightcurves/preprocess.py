@@ -42,9 +42,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from numpy.lib.stride_tricks import sliding_window_view
 
 from survey_proc import vocab as F
+from survey_proc.lightcurves.nanmedian import nanmedian_rows, running_nanmedian
 
 LN10_04 = 0.4 * np.log(10.0)
 
@@ -181,18 +181,12 @@ def _empty_slices_ok() -> Iterator[None]:
 
 def _running_nanmedian(a: np.ndarray, k: int) -> np.ndarray:
     """Centred running median over the last axis, ignoring NaN (window ``k``, odd; edges padded)."""
-    if k <= 1:
-        return a.copy()
-    h = k // 2
-    pad = np.pad(a, [(0, 0)] * (a.ndim - 1) + [(h, h)], constant_values=np.nan)
-    with _empty_slices_ok():
-        return np.nanmedian(sliding_window_view(pad, k, axis=-1), axis=-1)
+    return running_nanmedian(a, k)
 
 
 def _nmad_rows(z: np.ndarray) -> np.ndarray:
-    with _empty_slices_ok():
-        med = np.nanmedian(z, axis=1, keepdims=True)
-        return 1.4826 * np.nanmedian(np.abs(z - med), axis=1)
+    med = nanmedian_rows(z, keepdims=True)
+    return 1.4826 * nanmedian_rows(np.abs(z - med))
 
 
 def _fill_gaps(t: np.ndarray, y: np.ndarray, keep: np.ndarray, max_gap_days: float) -> np.ndarray:
@@ -245,8 +239,7 @@ def preprocess(object_id: np.ndarray, mjd: np.ndarray, mag: np.ndarray, mag_err:
     _n, n_t = mag.shape
     valid = np.isfinite(mag) & np.isfinite(err) & (err > 0) & ((np.asarray(flags) & cfg.bad_flags) == 0)
     m = np.where(valid, mag, np.nan)
-    with _empty_slices_ok():
-        med = np.nanmedian(m, axis=1)
+    med = nanmedian_rows(m)
     y = 10.0 ** (-0.4 * (m - med[:, None])) - 1.0
     sig = LN10_04 * np.where(valid, err, np.nan) * (1.0 + y)
     # clipping against a running median over consecutive *kept* points is approximated by a

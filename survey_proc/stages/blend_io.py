@@ -2,13 +2,13 @@
 
 The pure measurement is :func:`survey_proc.lightcurves.blend_vetting.vet_blend`; this module
 does its I/O for the classify stage (and ``benchmarks/blend_centroid.py``): for each
-calibrated epoch it maps the reference frame onto the epoch with the forced stage's
-:func:`survey_proc.stages.forced._epoch_frame` (a frame map fitted on the epoch's clean stars
-near the region), reads the epoch's pixels once (:func:`survey_proc.store.read_window`, one
-window around all the candidates; any mask bit -> NaN) and cuts an ``n x n`` stamp at the
-nearest pixel of each candidate. The stamps are put on one photometric scale by the epochs'
-zero points (``10 ** (-0.4 (zp - median zp))``), as the light curves' fluxes are by
-:func:`lightcurve_flux`.
+calibrated epoch it maps the reference frame onto the epoch with the forced stage's frame
+map (kept by that stage, :func:`survey_proc.stages.forced.load_frames`, or fitted again with
+:func:`survey_proc.stages.forced._epoch_frame` on the epoch's clean stars near the region),
+reads the epoch's pixels once (:class:`survey_proc.store.PixelReader`, one window around all
+the candidates; any mask bit -> NaN) and cuts an ``n x n`` stamp at the nearest pixel of
+each candidate. The stamps are put on one photometric scale by the epochs' zero points
+(``10 ** (-0.4 (zp - median zp))``), as the light curves' fluxes are by :func:`lightcurve_flux`.
 
 An epoch whose frame cannot be mapped or whose pixels cannot be read keeps NaN stamps (the
 vetting leaves it out) and is counted with its reason; nothing here raises for one epoch.
@@ -26,10 +26,11 @@ import pandas as pd
 from survey_proc import storage, store
 from survey_proc import vocab as F
 from survey_proc.catalog import crossmatch as xm
+from survey_proc.catalog.frame_map import FrameMap
 from survey_proc.errors import SurveyProcError
 from survey_proc.lightcurves.blend_vetting import BlendVetting, model_variation, vet_blend
 from survey_proc.stages.crossmatch import LIGHTCURVES_UNIT
-from survey_proc.stages.forced import _epoch_frame
+from survey_proc.stages.forced import _epoch_frame, load_frames
 
 #: light-curve points that do not measure the model (a forced point may be negative: it still does)
 LC_BAD = F.PHOTOMETRY_BAD & ~F.NONPOSITIVE
@@ -70,7 +71,7 @@ class EpochStamps:
     skipped: dict[int, str] = field(default_factory=dict)
 
 
-def cut_stamps(image: np.ndarray, xe: np.ndarray, ye: np.ndarray, r: int
+def cut_stamps(image: np.ndarray, xe: np.ndarray, ye: np.ndarray, r: int, mask: np.ndarray | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stamps at the nearest pixels of positions, and the positions' sub-pixel offsets.
 
@@ -82,22 +83,28 @@ def cut_stamps(image: np.ndarray, xe: np.ndarray, ye: np.ndarray, r: int
         Positions in ``image``'s pixel frame (px, 0-based, pixel centres at integers).
     r
         Half-size: stamps are ``2 r + 1`` px square.
+    mask
+        ``(ny, nx)`` mask bits of ``image``, or None: a pixel with any bit set is NaN in the stamps.
 
     Returns
     -------
     stamps, dx, dy
-        ``(n, 2r+1, 2r+1)`` float32 stamps (NaN outside the image) and ``xe - round(xe)``,
-        ``ye - round(ye)`` (px).
+        ``(n, 2r+1, 2r+1)`` float32 stamps (NaN outside the image, at masked and non-finite pixels)
+        and ``xe - round(xe)``, ``ye - round(ye)`` (px).
     """
     ny, nx = image.shape
     ix, iy = np.rint(xe).astype(int), np.rint(ye).astype(int)
-    out = np.full((len(xe), 2 * r + 1, 2 * r + 1), np.nan, np.float32)
-    for i in range(len(xe)):
-        y0, y1, x0, x1 = iy[i] - r, iy[i] + r + 1, ix[i] - r, ix[i] + r + 1
-        sy0, sx0 = max(y0, 0), max(x0, 0)
-        sy1, sx1 = min(y1, ny), min(x1, nx)
-        if sy1 > sy0 and sx1 > sx0:
-            out[i, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[sy0:sy1, sx0:sx1]
+    off = np.arange(-r, r + 1)
+    rows, cols = iy[:, None] + off, ix[:, None] + off  # (n, 2r+1) each
+    inside = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
+    ri, ci = np.clip(rows, 0, max(ny - 1, 0))[:, :, None], np.clip(cols, 0, max(nx - 1, 0))[:, None, :]
+    if image.size == 0:
+        return np.full((len(xe), 2 * r + 1, 2 * r + 1), np.nan, np.float32), xe - ix, ye - iy
+    out = image[ri, ci].astype(np.float32)
+    bad = ~inside | ~np.isfinite(out)
+    if mask is not None:
+        bad |= mask[ri, ci] != 0
+    out[bad] = np.nan
     return out, xe - ix, ye - iy
 
 
@@ -132,7 +139,7 @@ def zp_scale(zp: np.ndarray) -> np.ndarray:
 
 def read_stamps(store_path: str, out: str, field_id: str, region: xm.Region, x_ref: np.ndarray,
                 y_ref: np.ndarray, epochs: list[dict[str, Any]], image_shape: tuple[int, int], forced_cfg: Any,
-                *, stamp_px: int = 15) -> EpochStamps:
+                *, stamp_px: int = 15, frames: dict[int, FrameMap] | None = None) -> EpochStamps:
     """Per-epoch stamps of positions ``x_ref, y_ref`` (reference frame) of one region.
 
     Parameters
@@ -151,6 +158,9 @@ def read_stamps(store_path: str, out: str, field_id: str, region: xm.Region, x_r
         The ``[forced]`` settings (frame map: ``frame_snr_min``, ``frame_min_stars``, ``frame_margin_px``).
     stamp_px
         Stamp side (px, odd).
+    frames
+        Epoch -> frame map kept by the forced stage (:func:`survey_proc.stages.forced.load_frames`);
+        an epoch without one gets its map fitted here (the same fit).
 
     Returns
     -------
@@ -167,27 +177,29 @@ def read_stamps(store_path: str, out: str, field_id: str, region: xm.Region, x_r
     n_jac = 0
     skipped: dict[int, str] = {}
     ny, nx = image_shape
+    reader: store.PixelReader | None = None  # opened at the first epoch (an unreadable store: every epoch says why)
     for i, ep in enumerate(eps):
         e = int(ep["epoch"])
         if not np.isfinite(scale[i]):
             skipped[e] = f"field {field_id} epoch {e}: no zero point"
             continue
         try:
-            fmap, _ = _epoch_frame(out, field_id, e, region, forced_cfg)
+            fmap = (frames or {}).get(e) or _epoch_frame(out, field_id, e, region, forced_cfg)[0]
             xe, ye = fmap(x_ref, y_ref)
             y0, y1 = int(max(0, np.floor(np.min(ye)) - r - 1)), int(min(ny, np.ceil(np.max(ye)) + r + 2))
             x0, x1 = int(max(0, np.floor(np.min(xe)) - r - 1)), int(min(nx, np.ceil(np.max(xe)) + r + 2))
             if y1 <= y0 or x1 <= x0:
                 skipped[e] = f"field {field_id} epoch {e}: the candidates fall off the image"
                 continue
-            image, mask = store.read_window(store_path, field_id, e, y0, y1, x0, x1)
+            reader = reader or store.PixelReader(store_path, field_id)
+            image, mask = reader.window(e, y0, y1, x0, x1)
         except (SurveyProcError, OSError, ValueError, KeyError) as exc:  # this epoch is left out, the others go on
             skipped[e] = str(exc)
             continue
         jac += frame_jacobian(fmap, x_ref, y_ref)
         n_jac += 1
-        st, dxs[:, i], dys[:, i] = cut_stamps(masked_image(image, mask) * np.float32(scale[i]), xe - x0, ye - y0, r)
-        stamps[:, i] = st
+        st, dxs[:, i], dys[:, i] = cut_stamps(image, xe - x0, ye - y0, r, mask)
+        stamps[:, i] = st * np.float32(scale[i])
     jac = jac / n_jac if n_jac else np.broadcast_to(np.eye(2), (nc, 2, 2)).copy()
     return EpochStamps(epochs=np.array([int(e["epoch"]) for e in eps], int),
                        mjd=np.array([float(e["mjd"]) for e in eps]),
@@ -242,14 +254,17 @@ def vet_region(store_path: str, out: str, field_id: str, region: xm.Region, cand
     results, info
         One row per candidate indexed by ``object_id`` with :data:`BLEND_COLUMNS` (offsets in px,
         reference frame; ``blend_reason`` null when vetted, else why not), and what was read
-        (``n_epochs``, ``n_epochs_skipped``, ``epochs_skipped``, ``read_s``: seconds spent reading).
+        (``n_epochs``, ``n_epochs_skipped``, ``epochs_skipped``, ``n_frames_kept``: epochs mapped
+        by the forced stage's kept frame maps, ``read_s``: seconds spent reading).
     """
     rows: dict[int, dict[str, Any]] = {}
     ids = candidates["object_id"].to_numpy().astype(np.int64)
     t0 = time.perf_counter()
+    frames = load_frames(out, field_id, region.index)
     st = read_stamps(store_path, out, field_id, region, candidates["x"].to_numpy(float),
-                     candidates["y"].to_numpy(float), epochs, image_shape, forced_cfg, stamp_px=stamp_px)
-    info = {"n_epochs": len(st.epochs), "n_epochs_skipped": len(st.skipped),
+                     candidates["y"].to_numpy(float), epochs, image_shape, forced_cfg, stamp_px=stamp_px,
+                     frames=frames)
+    info = {"n_epochs": len(st.epochs), "n_epochs_skipped": len(st.skipped), "n_frames_kept": len(frames or {}),
             "epochs_skipped": {str(k): v for k, v in sorted(st.skipped.items())[:MAX_REASONS]},
             "read_s": time.perf_counter() - t0}
     lpath = LIGHTCURVES_UNIT.path(out, field=field_id, region=region.index)

@@ -26,6 +26,12 @@ An epoch whose frame cannot be mapped (too few clean stars) or whose pixels cann
 read gets no forced points in the region; the reason is in the region's record
 (``forced.epochs_skipped``) and in run.json ``counts.forced``.
 
+The region's frame maps (one per measured epoch) are kept in
+``calibration/field=<f>/frames/region=<r>.parquet`` (:data:`FRAMES_UNIT`, written before the
+light curves, its footer naming the forced fingerprint and cross-match digest they belong
+to): the classify stage's blend vetting maps its candidates with them instead of reading
+every epoch's sources again (:func:`load_frames`; ~2.7 s per 1000 epochs).
+
 Resume: the stage has its own fingerprint (the run's and ``[forced]``,
 :meth:`survey_proc.config.RunConfig.forced_fingerprint`). A region is done when both its
 files carry it and the cross-match digest they were made from. The task first drops any
@@ -41,17 +47,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from survey_proc import storage, store
 from survey_proc import vocab as F
 from survey_proc.catalog import crossmatch as xm
 from survey_proc.catalog.calibrate import ZeroPoint, apply_zeropoint, instrumental_mag
-from survey_proc.catalog.frame_map import fit_frame_map
+from survey_proc.catalog.frame_map import FrameMap, fit_frame_map, frames_from_table, frames_to_table
 from survey_proc.catalog.schema import CLASSIFY_COLUMNS, LIGHTCURVES, objects_schema
 from survey_proc.errors import SurveyProcError
 from survey_proc.outputs import write_parquet_atomic
 from survey_proc.photometry.forced import forced_aperture
-from survey_proc.stages.base import Stage, StageContext, Submission, task_config, worker_task
+from survey_proc.stages.base import OutputUnit, Stage, StageContext, Submission, task_config, worker_task
 from survey_proc.stages.crossmatch import LIGHTCURVES_UNIT, OBJECTS_UNIT
 from survey_proc.stages.extract import SOURCES_UNIT
 
@@ -62,6 +69,11 @@ ANCHOR_MIN = 5
 #: keys a region's record loses when its light curves change (the classify stage adds them again)
 CLASSIFY_KEYS = ("classify_fingerprint", "classify")
 MAX_REASONS = 20  # skipped epochs listed per region in its record (the count is always complete)
+#: the region's frame maps per epoch (an addition outside the contract; see the module doc)
+FRAMES_UNIT = OutputUnit("calibration/field={field}/frames/region={region}.parquet", None)
+FRAMES_SCHEMA = pa.schema([("epoch", pa.int32()), ("degree", pa.int8()), ("centre_x", pa.float64()),
+                           ("centre_y", pa.float64()), ("scale", pa.float64()), ("coef_x", pa.list_(pa.float64())),
+                           ("coef_y", pa.list_(pa.float64())), ("rms_px", pa.float64()), ("n_stars", pa.int32())])
 
 
 def _epoch_frame(out: str, field: str, epoch: int, region: xm.Region, fc: Any) -> tuple[Any, pd.DataFrame]:
@@ -87,6 +99,34 @@ def _window(x: np.ndarray, y: np.ndarray, pad_px: float, ny: int, nx: int) -> tu
     x0 = int(max(0, np.floor(np.min(x) - pad_px)))
     x1 = int(min(nx, np.ceil(np.max(x) + pad_px) + 1))
     return y0, y1, x0, x1
+
+
+def load_frames(out: str, field: str, region: int) -> dict[int, FrameMap] | None:
+    """The frame maps the forced stage kept for a region, when they belong to its current light curves.
+
+    Parameters
+    ----------
+    out, field, region
+        The output directory, the field and the region's index.
+
+    Returns
+    -------
+    dict or None
+        Epoch -> :class:`~survey_proc.catalog.frame_map.FrameMap`; None when the file is missing,
+        unreadable, or its forced fingerprint or cross-match digest is not the light curves' (the
+        caller fits the maps itself).
+    """
+    path = FRAMES_UNIT.path(out, field=field, region=region)
+    rec, lrec = FRAMES_UNIT.record(out, field=field, region=region), LIGHTCURVES_UNIT.record(out, field=field,
+                                                                                             region=region)
+    if rec is None or lrec is None or "forced_fingerprint" not in lrec:
+        return None
+    if rec.get("forced_fingerprint") != lrec["forced_fingerprint"] or rec.get("digest") != lrec.get("digest"):
+        return None
+    try:
+        return frames_from_table(storage.read_table(path).to_pandas())
+    except (OSError, ValueError, KeyError):  # damaged: the caller fits the maps again
+        return None
 
 
 def measure_epoch(store_path: str, out: str, field: str, region: xm.Region, epoch: dict[str, Any],
@@ -116,7 +156,8 @@ def measure_epoch(store_path: str, out: str, field: str, region: xm.Region, epoc
     DataFrame
         Light-curve rows (the :data:`LIGHTCURVES` columns), one per forced point; ``attrs``
         holds ``flux_scale`` (the anchors' median detected / forced flux, applied; 1 with fewer
-        than :data:`ANCHOR_MIN` anchors) and ``n_anchors``.
+        than :data:`ANCHOR_MIN` anchors), ``n_anchors`` and ``frame`` (the epoch's
+        :class:`~survey_proc.catalog.frame_map.FrameMap`).
 
     Raises
     ------
@@ -130,7 +171,9 @@ def measure_epoch(store_path: str, out: str, field: str, region: xm.Region, epoc
     inside = (xe >= 0) & (xe <= nx - 1) & (ye >= 0) & (ye <= ny - 1)
     want = ~objects["object_id"].isin(detected).to_numpy() & inside
     if not want.any():
-        return pd.DataFrame(columns=LIGHTCURVES.names)
+        empty = pd.DataFrame(columns=LIGHTCURVES.names)
+        empty.attrs["frame"] = fmap
+        return empty
     fwhm = float(epoch["fwhm_px"])
     pad = max(2.0 * cfg.detection.bkg_mesh_px, cfg.photometry.aperture_fwhm * fwhm + 4.0)
     # the window spans every object of the region (not only the undetected ones): the background mesh sees the
@@ -170,6 +213,7 @@ def measure_epoch(store_path: str, out: str, field: str, region: xm.Region, epoc
     })
     out_df.attrs["flux_scale"] = scale
     out_df.attrs["n_anchors"] = len(ratio)
+    out_df.attrs["frame"] = fmap
     return out_df
 
 
@@ -243,6 +287,7 @@ def forced_region_task(store_path: str, out: str, field: str, region: xm.Region,
     skipped: dict[int, str] = {}
     n_epochs = 0
     scales: list[float] = []
+    frames: dict[int, FrameMap] = {}
     if cfg.forced.enabled and len(objects):
         by_epoch = lc.groupby("epoch")["object_id"].agg(set).to_dict()
         for ep in epochs:
@@ -254,6 +299,8 @@ def forced_region_task(store_path: str, out: str, field: str, region: xm.Region,
                 skipped[e] = str(exc)
                 continue
             n_epochs += 1
+            if "frame" in pts.attrs:  # popped: pd.concat compares the parts' attrs (a map's arrays cannot be)
+                frames[e] = pts.attrs.pop("frame")
             if "flux_scale" in pts.attrs:
                 scales.append(float(pts.attrs["flux_scale"]))
             if len(pts):
@@ -271,7 +318,11 @@ def forced_region_task(store_path: str, out: str, field: str, region: xm.Region,
             "wall_s": time.perf_counter() - t0}
     base = {k: v for k, v in orec.items() if k not in CLASSIFY_KEYS}
     record = {**base, "forced_fingerprint": forced_fingerprint, "forced": info}
-    # light curves first: the region is done only when its objects file carries the fingerprint too
+    # frames, then light curves: the region is done only when its objects file carries the fingerprint too
+    fpath = FRAMES_UNIT.path(out, field=field, region=region.index)
+    write_parquet_atomic(frames_to_table(frames), FRAMES_SCHEMA, fpath,
+                         {"forced_fingerprint": forced_fingerprint, "digest": lrec.get("digest"),
+                          "n_epochs": len(frames)})
     write_parquet_atomic(full, LIGHTCURVES, lpath, {**{k: v for k, v in lrec.items() if k not in CLASSIFY_KEYS},
                                                     "forced_fingerprint": forced_fingerprint, "forced": info})
     write_parquet_atomic(objects, objects_schema(bands or []), opath, record)
@@ -283,7 +334,7 @@ class ForcedStage(Stage):
 
     name = "forced"
     unit = OBJECTS_UNIT
-    also_writes = (LIGHTCURVES_UNIT,)
+    also_writes = (LIGHTCURVES_UNIT, FRAMES_UNIT)
     config_sections = ("forced", "photometry", "detection")
 
     def done(self, ctx: StageContext, **key: Any) -> dict[str, Any] | None:

@@ -66,6 +66,7 @@ def test_a_blended_periodic_call_is_flagged_and_an_isolated_one_is_not(blend_sur
     assert meta is not None and meta["classify"]["n_blended"] == 1
     assert meta["classify"]["blend"]["n_candidates"] == 2 and meta["classify"]["blend"]["n_vetted"] == 2
     assert meta["classify"]["blend"]["n_epochs"] == 60 and meta["classify"]["blend"]["n_epochs_skipped"] == 0
+    assert meta["classify"]["blend"]["n_frames_kept"] == 60  # the forced stage's frame maps, not fitted again
     assert run["counts"]["blended_variables"] == 1 and run["counts"]["periodic_variables"] == 1
     assert json.loads((out / "run.json").read_text())["counts"]["blended_variables"] == 1
 
@@ -119,6 +120,46 @@ def test_vetting_without_readable_pixels_names_why(blend_survey, client, tmp_pat
                              (96, 96), cfg.forced, n_boot=5)
     assert info2["n_epochs_skipped"] == 0 and res2["blend_reason"].isna().all()
     assert sorted(np.round(res2["blend_offset_px"].to_numpy(), 0)) == [0.0, 1.0]
+    assert info2["n_frames_kept"] == 60
+
+
+def test_kept_frame_maps_are_the_fitted_ones_and_stale_ones_are_not_used(blend_survey, client, tmp_path):
+    """The forced stage keeps each epoch's frame map; the vetting uses them only while they match the light curves."""
+    import pyarrow.parquet as pq
+
+    from survey_proc.catalog.crossmatch import Region
+    from survey_proc.stages.blend_io import vet_region
+    from survey_proc.stages.forced import FRAMES_UNIT, _epoch_frame, load_frames
+
+    out = tmp_path / "out"
+    cfg = _cfg(blend_survey, out, blend_vetting=False)
+    run_pipeline(cfg, client=client)
+    region = Region(0, 0, 96, 0, 96)
+    kept = load_frames(str(out), "F000", 0)
+    assert kept is not None and sorted(kept) == list(range(60))
+    for e in (0, 17, 59):
+        fitted, _ = _epoch_frame(str(out), "F000", e, region, cfg.forced)
+        assert kept[e].degree == fitted.degree and kept[e].n_stars == fitted.n_stars
+        np.testing.assert_array_equal(kept[e].coef_x, fitted.coef_x)
+        np.testing.assert_array_equal(kept[e].coef_y, fitted.coef_y)
+    obj = pd.read_parquet(out / "objects")
+    cand = obj[obj["var_class"].isin(PERIODIC_CLASSES)]
+    eps = [{"epoch": int(r.epoch), "mjd": float(r.mjd), "fwhm_px": float(r.fwhm_px), "zp": float(r.zp)}
+           for r in pd.read_parquet(out / "epochs.parquet").itertuples()]
+    res, info = vet_region(str(blend_survey["store"]), str(out), "F000", region, cand, eps, (96, 96), cfg.forced,
+                           n_boot=5)
+    assert info["n_frames_kept"] == 60
+    # a frames file left by another forced run (its fingerprint is not the light curves'): fitted again, same result
+    path = FRAMES_UNIT.path(str(out), field="F000", region=0)
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[b"survey_proc"])
+    pq.write_table(table.replace_schema_metadata({b"survey_proc": json.dumps({**meta, "forced_fingerprint": "old"})}),
+                   path)
+    assert load_frames(str(out), "F000", 0) is None
+    res2, info2 = vet_region(str(blend_survey["store"]), str(out), "F000", region, cand, eps, (96, 96), cfg.forced,
+                             n_boot=5)
+    assert info2["n_frames_kept"] == 0
+    pd.testing.assert_frame_equal(res, res2)
 
 
 def test_stamps_scales_and_rule():
