@@ -182,11 +182,12 @@ def sysrem(resid: np.ndarray, w: np.ndarray, n_components: int, max_iter: int = 
     for k in range(n_components):
         a = np.ones(n)
         c = np.zeros(n_t)
+        wr = w * r  # the alternations' sums as matrix-vector products (BLAS) rather than full-matrix temporaries
         for _ in range(max_iter):
-            den_c = (w * a[:, None] ** 2).sum(0)
-            c_new = np.where(den_c > 0, (w * a[:, None] * r).sum(0) / np.where(den_c > 0, den_c, 1.0), 0.0)
-            den_a = (w * c_new[None, :] ** 2).sum(1)
-            a = np.where(den_a > 0, (w * c_new[None, :] * r).sum(1) / np.where(den_a > 0, den_a, 1.0), 0.0)
+            den_c = (a**2) @ w
+            c_new = np.where(den_c > 0, (a @ wr) / np.where(den_c > 0, den_c, 1.0), 0.0)
+            den_a = w @ (c_new**2)
+            a = np.where(den_a > 0, (wr @ c_new) / np.where(den_a > 0, den_a, 1.0), 0.0)
             change = np.linalg.norm(c_new - c) / max(float(np.linalg.norm(c_new)), 1e-30)
             c = c_new
             if change < tol:
