@@ -1,7 +1,7 @@
 """Classify-stage throughput on a finished run: light curves per second on one core (issue 22).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/classify_throughput.py --run OUT --store S.zarr \\
-        [--repeat 2] [--json F]
+        [--repeat 2] [--refit-detrend] [--json F]
 
 For every region of every field of ``OUT`` the script calls the classify stage's own region
 task (:func:`survey_proc.stages.classify.classify_region_task`) in this process, with the
@@ -21,6 +21,10 @@ Definitions
   thread (``OMP_NUM_THREADS=1``, torch one thread): curves per second per core. The
   per-field detrend fit (its own task, before the regions; its wall time as the run recorded
   it in ``calibration/field=<f>/detrend.parquet``) is reported with the throughput it gives when added.
+- ``--refit-detrend``: the field's detrend fit is run again first (the stage's
+  :func:`~survey_proc.stages.classify.detrend_field_task`, its recorded fingerprint and inputs) and
+  timed here; with it the script re-runs the whole classify stage of a finished run with the code
+  at hand (how the held-out outputs were re-classified to check that a change leaves them as they were).
 - **Vetting**: the blend vetting's share (``classify.blend.wall_s``) and the part of it
   spent reading (frame maps and pixels, ``read_s``); ``n_frames_kept``: epochs mapped by the
   forced stage's kept frame maps.
@@ -45,7 +49,7 @@ def _epochs(out: str, field: str) -> list[dict[str, Any]]:
             for r in ep.itertuples()]
 
 
-def measure(out: str, store_path: str, repeat: int = 2) -> list[dict[str, Any]]:
+def measure(out: str, store_path: str, repeat: int = 2, refit_detrend: bool = False) -> list[dict[str, Any]]:
     """One row per (field, region, mode, try): wall time, curves, vetting time (see the module doc)."""
     import torch
 
@@ -54,7 +58,7 @@ def measure(out: str, store_path: str, repeat: int = 2) -> list[dict[str, Any]]:
     from survey_proc.config import load_config
     from survey_proc.distributed.plugins import worker_model
     from survey_proc.outputs import OutputLayout, read_meta
-    from survey_proc.stages.classify import DETREND_UNIT, classify_region_task
+    from survey_proc.stages.classify import DETREND_UNIT, classify_region_task, detrend_field_task
 
     torch.set_num_threads(1)
     cfg = load_config(None)
@@ -65,8 +69,12 @@ def measure(out: str, store_path: str, repeat: int = 2) -> list[dict[str, Any]]:
         _, ny, nx = store.image_shape(store_path, field)
         epochs = _epochs(out, field)
         drec = read_meta(DETREND_UNIT.path(out, field=field)) or {}
+        regions = xm.region_grid(ny, nx, cfg.crossmatch.region_px)
+        if refit_detrend and "classify_fingerprint" in drec:
+            drec = detrend_field_task(out, field, [r.index for r in regions], json.dumps(cfg.to_dict()),
+                                      drec["classify_fingerprint"], drec.get("inputs"))
         detrend_s = float(drec.get("detrend", {}).get("wall_s", 0.0))  # the stage's own timing of the field's fit
-        for reg in xm.region_grid(ny, nx, cfg.crossmatch.region_px):
+        for reg in regions:
             meta = read_meta(OutputLayout(out).objects(field, reg.index))
             if meta is None or "classify_fingerprint" not in meta:
                 continue
@@ -96,9 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--run", required=True)
     ap.add_argument("--store", required=True)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--refit-detrend", action="store_true", help="run the field's detrend fit again first")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    d = pd.DataFrame(measure(args.run, args.store, args.repeat))
+    d = pd.DataFrame(measure(args.run, args.store, args.repeat, args.refit_detrend))
     summary = {}
     for mode, g in d[d["try"] < args.repeat + 1].groupby("mode"):
         per = g.groupby("try")[["wall_s", "n_classified"]].sum()
