@@ -8,6 +8,8 @@ Layout (DESIGN.md)::
     OUT/lightcurves/field=<f>/region=<r>.parquet
     OUT/epochs.parquet                      (addition: one row per field x epoch, zero points etc.)
     OUT/calibration/field=<f>/band=<b>/stars.parquet   (addition: the ensemble stars of a field and band)
+    OUT/calibration/field=<f>/detrend.parquet          (addition: the field's SysRem components, classify)
+    OUT/calibration/field=<f>/frames/region=<r>.parquet (addition: the region's frame maps per epoch, forced)
 
 Every unit is written so that it is either complete or absent: on a POSIX filesystem to a
 hidden temporary name in the same directory and renamed into place; on an object store
