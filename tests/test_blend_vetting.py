@@ -96,6 +96,8 @@ def test_errors_name_the_problem() -> None:
         vet_blend(stamps, dx[:-1], dy, m, fwhm_px=FWHM)
     with pytest.raises(ValueError, match=r"n odd"):
         vet_blend(stamps[:, :-1, :-1], dx, dy, m, fwhm_px=FWHM)
+    with pytest.raises(ValueError, match=r"crop_px 1 < 2; .*\(crop at least 2\)"):
+        vet_blend(stamps, dx, dy, m, fwhm_px=FWHM, crop_px=1)
     masked = stamps.copy()
     masked[:, :, 3:] = np.nan  # only 3 columns of the 15 px stamp: 1 of the 11 cropped columns keeps its epochs
     with pytest.raises(ValueError, match=r"pixels of the aligned stamp have 20 or more good epochs, 9 needed"):

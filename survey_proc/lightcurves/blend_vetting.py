@@ -471,8 +471,8 @@ def vet_blend(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, m: np.ndarray,
     Raises
     ------
     ValueError
-        When the shapes disagree, the stamps are not square with an odd side larger than
-        ``2 * crop_px + 2``, fewer than :data:`MIN_EPOCHS` epochs are usable, ``m`` does not
+        When the shapes disagree, ``crop_px`` is below 2, the stamps are not square with an odd
+        side larger than ``2 * crop_px + 2``, fewer than :data:`MIN_EPOCHS` epochs are usable, ``m`` does not
         vary, or no Gaussian can be fitted to the variability image.
     """
     stamps = np.asarray(stamps, float)
@@ -480,6 +480,9 @@ def vet_blend(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, m: np.ndarray,
     if stamps.ndim != 3 or stamps.shape[1] != stamps.shape[2] or stamps.shape[1] % 2 == 0:
         raise ValueError(f"vet_blend: stamps must be (n_epochs, n, n) with n odd, got shape {stamps.shape}")
     n_ep, n = stamps.shape[0], stamps.shape[1]
+    if crop_px < 2:
+        raise ValueError(f"vet_blend: crop_px {crop_px} < 2; the aligned stamp's spline reaches 2 px beyond a "
+                         "pixel shifted by up to 0.5 px (crop at least 2)")
     if n - 2 * crop_px < 5:
         raise ValueError(f"vet_blend: stamps of {n} px leave {n - 2 * crop_px} px after cropping {crop_px}; "
                          "cut larger stamps")
@@ -529,10 +532,13 @@ def vet_blend(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, m: np.ndarray,
     if float(np.hypot(*d_ref)) < full_boot_above_px and not at_bound:
         n_boot = min(n_boot, n_boot_small)
     rng = np.random.default_rng(seed)
-    counts = np.stack([np.bincount(rng.integers(0, len(m), len(m)), minlength=len(m)) for _ in range(n_boot)])
-    bb = _boot_coefficients(y, w, x, counts.astype(float))
-    fits = _fit_gaussians(bb.reshape(-1, k, k), err, sigma_psf, float(fit[1]), float(fit[2]))
-    fits = fits[np.all(np.isfinite(fits), axis=1)]
+    counts = np.array([np.bincount(rng.integers(0, len(m), len(m)), minlength=len(m)) for _ in range(n_boot)],
+                      float).reshape(n_boot, len(m))
+    fits = np.zeros((0, 4))
+    if n_boot > 0:
+        bb = _boot_coefficients(y, w, x, counts)
+        fits = _fit_gaussians(bb.reshape(-1, k, k), err, sigma_psf, float(fit[1]), float(fit[2]))
+        fits = fits[np.all(np.isfinite(fits), axis=1)]
     draws = (jinv @ np.stack([fits[:, 1] - c, fits[:, 2] - c])).T
     amps = list(fits[:, 0])
     dd = np.array(draws).reshape(-1, 2)
