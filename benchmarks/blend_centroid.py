@@ -42,7 +42,7 @@ from survey_proc import vocab as F
 from survey_proc.catalog.frame_map import fit_frame_map
 from survey_proc.errors import SurveyProcError
 from survey_proc.lightcurves.blend_vetting import model_variation, vet_blend
-from survey_proc.stages.blend_io import LC_BAD, cut_stamps, frame_jacobian, masked_image
+from survey_proc.stages.blend_io import LC_BAD, cut_stamps, frame_jacobian
 from survey_proc.stages.extract import SOURCES_UNIT
 
 T_GRID = (0.5, 0.7, 0.9, 1.0, 1.2, 1.4)
@@ -72,6 +72,7 @@ def measure(run: str, store_path: str, *, n_boot: int = 100, stamp_px: int = 15,
         jac = np.zeros((nc, 2, 2))
         n_jac = 0
         _, ny, nx = store.image_shape(store_path, str(field))
+        reader = store.PixelReader(store_path, str(field))
         t_read = time.perf_counter()
         for i, e in enumerate(ep["epoch"].to_numpy(int)):
             src = storage.read_table(SOURCES_UNIT.path(run, field=field, epoch=int(e)),
@@ -87,9 +88,9 @@ def measure(run: str, store_path: str, *, n_boot: int = 100, stamp_px: int = 15,
             xe, ye = fmap(xo, yo)
             jac += frame_jacobian(fmap, xo, yo)
             n_jac += 1
-            image, mask = store.read_window(store_path, str(field), int(e), 0, ny, 0, nx)
-            st, dxs[:, i], dys[:, i] = cut_stamps(masked_image(image, mask) * np.float32(scale[i]), xe, ye, r)
-            stamps[:, i] = st
+            image, mask = reader.window(int(e), 0, ny, 0, nx)
+            st, dxs[:, i], dys[:, i] = cut_stamps(image, xe, ye, r, mask)
+            stamps[:, i] = st * np.float32(scale[i])
         jac /= max(n_jac, 1)
         t_read = time.perf_counter() - t_read
         ids = cf["object_id"].to_numpy()

@@ -122,15 +122,6 @@ def frame_jacobian(fmap: Any, x_ref: np.ndarray, y_ref: np.ndarray, h: float = J
                      np.stack([(ay1 - ay0) / (2 * h), (by1 - by0) / (2 * h)], -1)], 1)
 
 
-def masked_image(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """The image as float32 with masked (``mask != 0``) and non-finite pixels NaN."""
-    img = image.astype(np.float32)
-    if mask is not None:
-        img[mask != 0] = np.nan
-    img[~np.isfinite(img)] = np.nan
-    return img
-
-
 def zp_scale(zp: np.ndarray) -> np.ndarray:
     """``10 ** (-0.4 (zp - median zp))``: per epoch, the factor putting its ADU on one photometric scale."""
     zp = np.asarray(zp, float)
