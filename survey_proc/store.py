@@ -934,6 +934,33 @@ class PixelReader:
                              "check or re-ingest that epoch") from exc
         return image, mask
 
+    def windows(self, epochs: list[int], y0: int, y1: int, x0: int, x1: int
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``image[epochs, y0:y1, x0:x1]`` (float32, ADU) and the mask windows (uint8, or None) in one read.
+
+        One Zarr selection for several epochs (their chunks decoded together): per epoch about half
+        the time of :meth:`window` on a 256^2 field. A damaged chunk fails the whole read with a
+        :class:`StoreError` naming the epochs; a caller that must isolate it reads them one by one.
+        """
+        path, field_id = self.path, self.field_id
+        ep = np.asarray(epochs, int)
+        sel: Any = slice(int(ep[0]), int(ep[-1]) + 1) if len(ep) and np.all(np.diff(ep) == 1) else ep
+        try:
+            if self._check:
+                for e in ep:
+                    for name, arr in (("image", self._image), ("mask", self._mask)):
+                        if arr is not None:
+                            _check_blosc_chunks(Path(path) / "fields" / field_id / name, arr, int(e), y0, y1, x0, x1)
+            image = np.asarray(self._image.get_orthogonal_selection((sel, slice(y0, y1), slice(x0, x1))),
+                               dtype=np.float32)
+            mask = (np.asarray(self._mask.get_orthogonal_selection((sel, slice(y0, y1), slice(x0, x1))))
+                    if self._mask is not None else None)
+        except Exception as exc:  # a corrupt or missing chunk: zarr/numcodecs raise many types
+            raise StoreError(f"{path}: field {field_id} epochs {ep.min() if len(ep) else '-'}-"
+                             f"{ep.max() if len(ep) else '-'}: cannot read pixels [{y0}:{y1}, {x0}:{x1}] "
+                             f"({type(exc).__name__}: {exc}); check or re-ingest those epochs") from exc
+        return image, mask
+
 
 def _check_blosc_chunks(array_dir: Path, arr: zarr.Array, epoch: int, y0: int, y1: int, x0: int, x1: int) -> None:
     """Refuse a truncated or damaged Blosc chunk file before it is decompressed.

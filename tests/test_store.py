@@ -173,6 +173,15 @@ def test_pixel_reader_reads_what_read_window_reads_and_names_what_is_missing(tmp
         assert img.dtype == np.float32 and img.shape == (14, 25)
         assert np.array_equal(img, want_img, equal_nan=True)
         assert (mask is None and want_mask is None) or np.array_equal(mask, want_mask)
+    many, masks = reader.windows([0, 1], 3, 17, 5, 30)  # contiguous epochs: one slice
+    some, _ = reader.windows([1, 0], 3, 17, 5, 30)  # any order: an orthogonal selection
+    for k, e in enumerate((0, 1)):
+        assert np.array_equal(many[k], store.read_window(small_store, "F000", e, 3, 17, 5, 30)[0], equal_nan=True)
+        assert np.array_equal(some[1 - k], many[k], equal_nan=True)
+    assert many.shape == (2, 14, 25) and many.dtype == np.float32
+    assert masks is not None and masks.shape == (2, 14, 25) and masks[1].max() == 1  # the mask bits of epoch 1
+    with pytest.raises(StoreError, match=r"field F000 epochs 0-9: cannot read pixels \[3:17, 5:30\]"):
+        reader.windows([0, 9], 3, 17, 5, 30)  # no epoch 9 in this store
     with pytest.raises(StoreError, match=r"field 'F9' is not in survey store"):
         store.PixelReader(small_store, "F9")
     broken = tmp_path / "broken.zarr"

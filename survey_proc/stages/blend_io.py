@@ -6,9 +6,10 @@ calibrated epoch it maps the reference frame onto the epoch with the forced stag
 map (kept by that stage, :func:`survey_proc.stages.forced.load_frames`, or fitted again with
 :func:`survey_proc.stages.forced._epoch_frame` on the epoch's clean stars near the region),
 reads the epoch's pixels once (:class:`survey_proc.store.PixelReader`, one window around all
-the candidates; any mask bit -> NaN) and cuts an ``n x n`` stamp at the nearest pixel of
-each candidate. The stamps are put on one photometric scale by the epochs' zero points
-(``10 ** (-0.4 (zp - median zp))``), as the light curves' fluxes are by :func:`lightcurve_flux`.
+the candidates, :data:`READ_BLOCK_EPOCHS` epochs per read; any mask bit -> NaN) and cuts an
+``n x n`` stamp at the nearest pixel of each candidate. The stamps are put on one photometric
+scale by the epochs' zero points (``10 ** (-0.4 (zp - median zp))``), as the light curves'
+fluxes are by :func:`lightcurve_flux`.
 
 An epoch whose frame cannot be mapped or whose pixels cannot be read keeps NaN stamps (the
 vetting leaves it out) and is counted with its reason; nothing here raises for one epoch.
@@ -36,6 +37,7 @@ from survey_proc.stages.forced import _epoch_frame, load_frames
 LC_BAD = F.PHOTOMETRY_BAD & ~F.NONPOSITIVE
 JACOBIAN_STEP_PX = 0.5  # half-step of the central differences of the frame map (px)
 MAX_REASONS = 20  # skipped epochs listed (the count is always complete)
+READ_BLOCK_EPOCHS = 32  # epochs read in one Zarr selection (their union window; 32 x 512^2 float32 = 32 MB)
 
 
 @dataclass
@@ -168,7 +170,36 @@ def read_stamps(store_path: str, out: str, field_id: str, region: xm.Region, x_r
     n_jac = 0
     skipped: dict[int, str] = {}
     ny, nx = image_shape
-    reader: store.PixelReader | None = None  # opened at the first epoch (an unreadable store: every epoch says why)
+    reader: store.PixelReader | None = None  # opened at the first read (an unreadable store: every epoch says why)
+    pending: list[tuple[int, int, Any, np.ndarray, np.ndarray, tuple[int, int, int, int]]] = []
+
+    def read_pending() -> None:
+        """Read the pending epochs' pixels in one window (one by one if that fails) and cut their stamps."""
+        nonlocal reader, jac, n_jac
+        win = tuple(f(p[5][k] for p in pending) for k, f in enumerate((min, max, min, max)))
+        got: list[tuple[np.ndarray, np.ndarray | None, int, int] | None] = []
+        try:
+            reader = reader or store.PixelReader(store_path, field_id)
+            images, masks = reader.windows([p[1] for p in pending], *win)
+            got = [(images[k], None if masks is None else masks[k], win[0], win[2]) for k in range(len(pending))]
+        except (SurveyProcError, OSError, ValueError, KeyError):  # one by one: the bad epoch is named, the rest read
+            for p in pending:
+                try:
+                    reader = reader or store.PixelReader(store_path, field_id)
+                    image, mask = reader.window(p[1], *p[5])
+                    got.append((image, mask, p[5][0], p[5][2]))
+                except (SurveyProcError, OSError, ValueError, KeyError) as exc:
+                    skipped[p[1]] = str(exc)
+                    got.append(None)
+        for (i, _, fmap, xe, ye, _), g in zip(pending, got, strict=True):
+            if g is None:
+                continue
+            jac += frame_jacobian(fmap, x_ref, y_ref)
+            n_jac += 1
+            st, dxs[:, i], dys[:, i] = cut_stamps(g[0], xe - g[3], ye - g[2], r, g[1])
+            stamps[:, i] = st * np.float32(scale[i])
+        pending.clear()
+
     for i, ep in enumerate(eps):
         e = int(ep["epoch"])
         if not np.isfinite(scale[i]):
@@ -177,20 +208,19 @@ def read_stamps(store_path: str, out: str, field_id: str, region: xm.Region, x_r
         try:
             fmap = (frames or {}).get(e) or _epoch_frame(out, field_id, e, region, forced_cfg)[0]
             xe, ye = fmap(x_ref, y_ref)
-            y0, y1 = int(max(0, np.floor(np.min(ye)) - r - 1)), int(min(ny, np.ceil(np.max(ye)) + r + 2))
-            x0, x1 = int(max(0, np.floor(np.min(xe)) - r - 1)), int(min(nx, np.ceil(np.max(xe)) + r + 2))
-            if y1 <= y0 or x1 <= x0:
-                skipped[e] = f"field {field_id} epoch {e}: the candidates fall off the image"
-                continue
-            reader = reader or store.PixelReader(store_path, field_id)
-            image, mask = reader.window(e, y0, y1, x0, x1)
         except (SurveyProcError, OSError, ValueError, KeyError) as exc:  # this epoch is left out, the others go on
             skipped[e] = str(exc)
             continue
-        jac += frame_jacobian(fmap, x_ref, y_ref)
-        n_jac += 1
-        st, dxs[:, i], dys[:, i] = cut_stamps(image, xe - x0, ye - y0, r, mask)
-        stamps[:, i] = st * np.float32(scale[i])
+        y0, y1 = int(max(0, np.floor(np.min(ye)) - r - 1)), int(min(ny, np.ceil(np.max(ye)) + r + 2))
+        x0, x1 = int(max(0, np.floor(np.min(xe)) - r - 1)), int(min(nx, np.ceil(np.max(xe)) + r + 2))
+        if y1 <= y0 or x1 <= x0:
+            skipped[e] = f"field {field_id} epoch {e}: the candidates fall off the image"
+            continue
+        pending.append((i, e, fmap, xe, ye, (y0, y1, x0, x1)))
+        if len(pending) >= READ_BLOCK_EPOCHS:
+            read_pending()
+    if pending:
+        read_pending()
     jac = jac / n_jac if n_jac else np.broadcast_to(np.eye(2), (nc, 2, 2)).copy()
     return EpochStamps(epochs=np.array([int(e["epoch"]) for e in eps], int),
                        mjd=np.array([float(e["mjd"]) for e in eps]),

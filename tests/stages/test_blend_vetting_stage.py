@@ -161,6 +161,21 @@ def test_kept_frame_maps_are_the_fitted_ones_and_stale_ones_are_not_used(blend_s
     assert info2["n_frames_kept"] == 0
     pd.testing.assert_frame_equal(res, res2)
 
+    # one epoch's chunk cut in half: that epoch is left out with its name, the other 59 of its read block are read
+    import shutil
+
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(blend_survey["store"], damaged)
+    chunk = next((damaged / "fields" / "F000" / "image" / "c" / "7").rglob("*"))
+    while chunk.is_dir():
+        chunk = next(chunk.iterdir())
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    res3, info3 = vet_region(str(damaged), str(out), "F000", region, cand, eps, (96, 96), cfg.forced, n_boot=5)
+    assert info3["n_epochs_skipped"] == 1 and list(info3["epochs_skipped"]) == ["7"]
+    assert "field F000 epoch 7: cannot read pixels" in info3["epochs_skipped"]["7"]
+    assert res3["blend_reason"].isna().all()
+    np.testing.assert_allclose(res3["blend_offset_px"], res["blend_offset_px"], atol=0.05)
+
 
 def test_stamps_scales_and_rule():
     img = np.arange(100, dtype=np.float32).reshape(10, 10)
