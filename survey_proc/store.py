@@ -941,6 +941,19 @@ class PixelReader:
         One Zarr selection for several epochs (their chunks decoded together): per epoch about half
         the time of :meth:`window` on a 256^2 field. A damaged chunk fails the whole read with a
         :class:`StoreError` naming the epochs; a caller that must isolate it reads them one by one.
+
+        Parameters
+        ----------
+        epochs
+            Epoch indices (any order; consecutive ones are read as one slice).
+        y0, y1, x0, x1
+            The window, the same for every epoch (pixels, image frame).
+
+        Returns
+        -------
+        images, masks
+            ``(len(epochs), y1 - y0, x1 - x0)`` pixels (float32, ADU) and mask bits (uint8), or None
+            without a mask, in the order of ``epochs``.
         """
         path, field_id = self.path, self.field_id
         ep = np.asarray(epochs, int)
