@@ -920,19 +920,8 @@ class PixelReader:
 
     def window(self, epoch: int, y0: int, y1: int, x0: int, x1: int) -> tuple[np.ndarray, np.ndarray | None]:
         """``image[epoch, y0:y1, x0:x1]`` (float32, ADU) and the mask window (uint8 or None), as :func:`read_window`."""
-        path, field_id = self.path, self.field_id
-        try:
-            if self._check:  # an object is whole or absent (one PUT)
-                for name, arr in (("image", self._image), ("mask", self._mask)):
-                    if arr is not None:
-                        _check_blosc_chunks(Path(path) / "fields" / field_id / name, arr, epoch, y0, y1, x0, x1)
-            image = np.asarray(self._image[epoch, y0:y1, x0:x1], dtype=np.float32)
-            mask = np.asarray(self._mask[epoch, y0:y1, x0:x1]) if self._mask is not None else None
-        except Exception as exc:  # a corrupt or missing chunk: zarr/numcodecs raise many types
-            raise StoreError(f"{path}: field {field_id} epoch {epoch}: cannot read pixels "
-                             f"[{y0}:{y1}, {x0}:{x1}] ({type(exc).__name__}: {exc}); "
-                             "check or re-ingest that epoch") from exc
-        return image, mask
+        image, mask = self._read([epoch], slice(epoch, epoch + 1), y0, y1, x0, x1, f"epoch {epoch}", "that epoch")
+        return image[0], None if mask is None else mask[0]
 
     def windows(self, epochs: list[int], y0: int, y1: int, x0: int, x1: int
                 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -955,23 +944,27 @@ class PixelReader:
             ``(len(epochs), y1 - y0, x1 - x0)`` pixels (float32, ADU) and mask bits (uint8), or None
             without a mask, in the order of ``epochs``.
         """
-        path, field_id = self.path, self.field_id
         ep = np.asarray(epochs, int)
         sel: Any = slice(int(ep[0]), int(ep[-1]) + 1) if len(ep) and np.all(np.diff(ep) == 1) else ep
+        what = f"epochs {ep.min()}-{ep.max()}" if len(ep) else "no epochs"
+        return self._read([int(e) for e in ep], sel, y0, y1, x0, x1, what, "those epochs")
+
+    def _read(self, epochs: list[int], sel: Any, y0: int, y1: int, x0: int, x1: int, what: str, which: str
+              ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The Blosc check of every epoch's chunks, then one selection ``sel`` of both arrays; errors name ``what``."""
+        path, field_id = self.path, self.field_id
         try:
-            if self._check:
-                for e in ep:
+            if self._check:  # an object is whole or absent (one PUT)
+                for e in epochs:
                     for name, arr in (("image", self._image), ("mask", self._mask)):
                         if arr is not None:
-                            _check_blosc_chunks(Path(path) / "fields" / field_id / name, arr, int(e), y0, y1, x0, x1)
-            image = np.asarray(self._image.get_orthogonal_selection((sel, slice(y0, y1), slice(x0, x1))),
-                               dtype=np.float32)
-            mask = (np.asarray(self._mask.get_orthogonal_selection((sel, slice(y0, y1), slice(x0, x1))))
-                    if self._mask is not None else None)
+                            _check_blosc_chunks(Path(path) / "fields" / field_id / name, arr, e, y0, y1, x0, x1)
+            box = (sel, slice(y0, y1), slice(x0, x1))
+            image = np.asarray(self._image.get_orthogonal_selection(box), dtype=np.float32)
+            mask = np.asarray(self._mask.get_orthogonal_selection(box)) if self._mask is not None else None
         except Exception as exc:  # a corrupt or missing chunk: zarr/numcodecs raise many types
-            raise StoreError(f"{path}: field {field_id} epochs {ep.min() if len(ep) else '-'}-"
-                             f"{ep.max() if len(ep) else '-'}: cannot read pixels [{y0}:{y1}, {x0}:{x1}] "
-                             f"({type(exc).__name__}: {exc}); check or re-ingest those epochs") from exc
+            raise StoreError(f"{path}: field {field_id} {what}: cannot read pixels [{y0}:{y1}, {x0}:{x1}] "
+                             f"({type(exc).__name__}: {exc}); check or re-ingest {which}") from exc
         return image, mask
 
 

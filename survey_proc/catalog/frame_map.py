@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from survey_proc.errors import SurveyProcError
 
@@ -126,7 +127,11 @@ def fit_frame_map(x_ref: np.ndarray, y_ref: np.ndarray, x: np.ndarray, y: np.nda
 
 
 #: one row per epoch of a region's frame maps (the forced stage writes them, the blend vetting reads them)
-FRAME_TABLE_COLUMNS = ("epoch", "degree", "centre_x", "centre_y", "scale", "coef_x", "coef_y", "rms_px", "n_stars")
+FRAME_TABLE_SCHEMA = pa.schema([("epoch", pa.int32()), ("degree", pa.int8()), ("centre_x", pa.float64()),
+                                ("centre_y", pa.float64()), ("scale", pa.float64()),
+                                ("coef_x", pa.list_(pa.float64())), ("coef_y", pa.list_(pa.float64())),
+                                ("rms_px", pa.float64()), ("n_stars", pa.int32())])
+FRAME_TABLE_COLUMNS = tuple(FRAME_TABLE_SCHEMA.names)
 
 
 def frames_to_table(frames: dict[int, FrameMap]) -> pd.DataFrame:

@@ -77,7 +77,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from survey_proc.lightcurves.nanmedian import nanmedian_rows
+from survey_proc.lightcurves.nanmedian import nmad_rows
 
 #: at most this many stars (the best-measured) are used to fit the components of a field
 MAX_FIT_STARS = 3000
@@ -132,15 +132,6 @@ class Components:
 
         return {"applied": self.applied, "n_stars": int(self.n_stars), "rms_before_mag": f(self.rms_before),
                 "rms_after_mag": f(self.rms_after), "err_median_mag": f(self.err_median), **self.extra}
-
-
-def _nmad(x: np.ndarray, axis: int | None = None) -> np.ndarray:
-    if axis in (1, -1) and np.ndim(x) == 2:  # per object: the sorting median (same numbers, ~8x faster)
-        return 1.4826 * nanmedian_rows(np.abs(x - nanmedian_rows(x, keepdims=True)))
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)
-        med = np.nanmedian(x, axis=axis, keepdims=True)
-        return 1.4826 * np.nanmedian(np.abs(x - med), axis=axis)
 
 
 def sysrem(resid: np.ndarray, w: np.ndarray, n_components: int, max_iter: int = 100, tol: float = 1e-6,
@@ -226,12 +217,12 @@ def _screen(z: np.ndarray, ok: np.ndarray, clip_sigma: float, variable_nmad: flo
     star is used when its scale is within ``variable_nmad`` NMADs of the field's median scale and
     it keeps ``min_fraction`` of the epochs.
     """
-    scale = _nmad(z, axis=1)
+    scale = nmad_rows(z)
     scale = np.where(np.isfinite(scale) & (scale > 0), scale, np.inf)
     keep = ok & (np.abs(np.nan_to_num(z, nan=np.inf)) <= clip_sigma * scale[:, None])
     fin = np.isfinite(scale)
     s_med = float(np.median(scale[fin])) if fin.any() else np.inf
-    s_nmad = float(_nmad(scale[fin])) if fin.sum() > 1 else 0.0
+    s_nmad = float(nmad_rows(scale[fin])) if fin.sum() > 1 else 0.0
     use = fin & (scale <= s_med + variable_nmad * max(s_nmad, 0.05 * s_med))
     return scale, keep, use & (keep.sum(1) >= min_fraction * z.shape[1])
 
@@ -427,7 +418,7 @@ def fit_amplitudes(mag: np.ndarray, err: np.ndarray, good: np.ndarray, c: np.nda
         if it == n_iter - 1:
             break
         z = np.where(ok, (mag - off[:, None] - a @ c) / e, np.nan)
-        s = _nmad(np.where(keep, z, np.nan), axis=1)
+        s = nmad_rows(np.where(keep, z, np.nan))
         s = np.where(np.isfinite(s) & (s > 0), s, np.inf)
         keep = ok & (np.abs(np.nan_to_num(z, nan=np.inf)) <= clip_sigma * s[:, None])
     return a, a @ c

@@ -48,6 +48,22 @@ def nanmedian_rows(a: np.ndarray, keepdims: bool = False) -> np.ndarray:
     return out[..., None] if keepdims else out
 
 
+def nmad_rows(a: np.ndarray) -> np.ndarray:
+    """``1.4826 x`` the median absolute deviation from the median of each row's non-NaN values (last axis).
+
+    Parameters
+    ----------
+    a
+        ``(..., n)`` values (any unit; NaN: missing).
+
+    Returns
+    -------
+    ndarray
+        ``(...)`` robust standard deviations, in the unit of ``a`` (NaN for a row without values).
+    """
+    return 1.4826 * nanmedian_rows(np.abs(a - nanmedian_rows(a, keepdims=True)))
+
+
 def running_nanmedian(a: np.ndarray, k: int) -> np.ndarray:
     """Centred running median over the last axis, ignoring NaN (window ``k``, odd; edges padded with NaN).
 

@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from survey_proc import vocab as F
-from survey_proc.lightcurves.nanmedian import nanmedian_rows, running_nanmedian
+from survey_proc.lightcurves.nanmedian import nanmedian_rows, nmad_rows, running_nanmedian
 
 LN10_04 = 0.4 * np.log(10.0)
 
@@ -179,16 +179,6 @@ def _empty_slices_ok() -> Iterator[None]:
         yield
 
 
-def _running_nanmedian(a: np.ndarray, k: int) -> np.ndarray:
-    """Centred running median over the last axis, ignoring NaN (window ``k``, odd; edges padded)."""
-    return running_nanmedian(a, k)
-
-
-def _nmad_rows(z: np.ndarray) -> np.ndarray:
-    med = nanmedian_rows(z, keepdims=True)
-    return 1.4826 * nanmedian_rows(np.abs(z - med))
-
-
 def _fill_gaps(t: np.ndarray, y: np.ndarray, keep: np.ndarray, max_gap_days: float) -> np.ndarray:
     """Linear interpolation of the dropped points of each row across gaps <= ``max_gap_days``; else 0."""
     out = np.where(keep, y, 0.0)
@@ -244,9 +234,9 @@ def preprocess(object_id: np.ndarray, mjd: np.ndarray, mag: np.ndarray, mag_err:
     sig = LN10_04 * np.where(valid, err, np.nan) * (1.0 + y)
     # clipping against a running median over consecutive *kept* points is approximated by a
     # running median over epochs that ignores missing ones (the same when few are missing)
-    run = _running_nanmedian(y, cfg.clip_window_points)
+    run = running_nanmedian(y, cfg.clip_window_points)
     z = (y - run) / sig
-    scale = _nmad_rows(z)
+    scale = nmad_rows(z)
     scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
     keep = valid & (np.abs(z) <= cfg.clip_sigma * scale[:, None])
     n_valid = valid.sum(axis=1)
@@ -254,7 +244,7 @@ def preprocess(object_id: np.ndarray, mjd: np.ndarray, mag: np.ndarray, mag_err:
     w = np.where(keep, 1.0 / np.where(keep, sig * scale[:, None], 1.0) ** 2, 0.0)
     t = mjd - mjd[0]
     yf = _fill_gaps(t, np.where(keep, y, 0.0), keep, cfg.max_gap_days)
-    smooth = _running_nanmedian(yf, cfg.median_filter_points) if cfg.median_filter_points > 1 else yf.copy()
+    smooth = running_nanmedian(yf, cfg.median_filter_points) if cfg.median_filter_points > 1 else yf.copy()
     need = max(cfg.min_points, int(np.ceil(cfg.min_fraction * n_t)))
     return LightCurveBatch(np.asarray(object_id), t, float(mjd[0]), yf.astype(np.float32), w.astype(np.float32),
                            smooth.astype(np.float32), med, scale, n_keep, n_valid - n_keep, n_keep >= need)
@@ -286,7 +276,7 @@ def variability_stats(batch: LightCurveBatch) -> pd.DataFrame:
     yk = np.where(keep, y, np.nan)
     with _empty_slices_ok():
         q25, q75 = np.nanpercentile(yk, [25, 75], axis=1)
-        rms = _nmad_rows(yk)
+        rms = nmad_rows(yk)
         var = np.nanvar(yk, axis=1, ddof=1)
     # successive differences between consecutive kept points
     vn = np.full(len(y), np.nan)

@@ -47,13 +47,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from survey_proc import storage, store
 from survey_proc import vocab as F
 from survey_proc.catalog import crossmatch as xm
 from survey_proc.catalog.calibrate import ZeroPoint, apply_zeropoint, instrumental_mag
-from survey_proc.catalog.frame_map import FrameMap, fit_frame_map, frames_from_table, frames_to_table
+from survey_proc.catalog.frame_map import (
+    FRAME_TABLE_SCHEMA,
+    FrameMap,
+    fit_frame_map,
+    frames_from_table,
+    frames_to_table,
+)
 from survey_proc.catalog.schema import CLASSIFY_COLUMNS, LIGHTCURVES, objects_schema
 from survey_proc.errors import SurveyProcError
 from survey_proc.outputs import write_parquet_atomic
@@ -71,9 +76,6 @@ CLASSIFY_KEYS = ("classify_fingerprint", "classify")
 MAX_REASONS = 20  # skipped epochs listed per region in its record (the count is always complete)
 #: the region's frame maps per epoch (an addition outside the contract; see the module doc)
 FRAMES_UNIT = OutputUnit("calibration/field={field}/frames/region={region}.parquet", None)
-FRAMES_SCHEMA = pa.schema([("epoch", pa.int32()), ("degree", pa.int8()), ("centre_x", pa.float64()),
-                           ("centre_y", pa.float64()), ("scale", pa.float64()), ("coef_x", pa.list_(pa.float64())),
-                           ("coef_y", pa.list_(pa.float64())), ("rms_px", pa.float64()), ("n_stars", pa.int32())])
 
 
 def _epoch_frame(out: str, field: str, epoch: int, region: xm.Region, fc: Any) -> tuple[Any, pd.DataFrame]:
@@ -320,7 +322,7 @@ def forced_region_task(store_path: str, out: str, field: str, region: xm.Region,
     record = {**base, "forced_fingerprint": forced_fingerprint, "forced": info}
     # frames, then light curves: the region is done only when its objects file carries the fingerprint too
     fpath = FRAMES_UNIT.path(out, field=field, region=region.index)
-    write_parquet_atomic(frames_to_table(frames), FRAMES_SCHEMA, fpath,
+    write_parquet_atomic(frames_to_table(frames), FRAME_TABLE_SCHEMA, fpath,
                          {"forced_fingerprint": forced_fingerprint, "digest": lrec.get("digest"),
                           "n_epochs": len(frames)})
     write_parquet_atomic(full, LIGHTCURVES, lpath, {**{k: v for k, v in lrec.items() if k not in CLASSIFY_KEYS},
