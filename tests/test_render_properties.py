@@ -19,7 +19,12 @@ BANK = build_bank("moffat", 2.0, beta=3.0, oversample=7, base_radius_px=6)
 def test_rendered_star_conserves_flux_and_centroid(x, y, flux):
     # the largest stamp (radius 48 px) stays inside the 128 px image
     img = render_stars((128, 128), np.array([x]), np.array([y]), np.array([flux]), BANK, sigma_pix=5.0)
-    assert abs(img.sum() / flux - 1) < 1e-6  # float32 stamps (the stored image is float32)
+    # the stamp is the PSF truncated (not renormalised): the light left out is below one pixel's noise
+    k = int(BANK.radius_index(np.array([flux]), 5.0)[0])
+    m = BANK.missing_flux[k]
+    assert flux * (1 - 2 * m) * (1 - 1e-6) <= img.sum() <= flux * (1 + 1e-6)  # float32 stamps
+    if k < len(BANK.radii_px) - 1:  # the radius rule: at most about one pixel's noise left out
+        assert flux - img.sum() <= 2 * 5.0 + 1e-6 * flux
     yy, xx = np.mgrid[:128, :128]
     # first moments of the rendered (untruncated-in-image) star are the true position,
     # up to the stamp truncation of the Moffat wings (< 0.01 px for this PSF)
@@ -37,7 +42,7 @@ def test_stars_partly_outside_put_only_their_in_frame_light(xs, seed):
     img = render_stars((64, 64), x, y, flux, BANK, sigma_pix=5.0)
     assert np.all(img >= 0)
     inside = (x > 8) & (x < 55) & (y > 8) & (y < 55)  # stamps (radius <= 6 at this flux) fully inside
-    assert img.sum() >= flux[inside].sum() * (1 - 1e-6) - 1e-6
+    assert img.sum() >= flux[inside].sum() * (1 - 1e-6) - 5.0 * inside.sum() - 1e-6  # <= sigma_pix left out per star
     assert img.sum() <= flux.sum() * (1 + 1e-6) + 1e-6
 
 

@@ -19,8 +19,9 @@ Options (all off in the presets; see ``scenario.py``), each leaving the rest unc
 - **Bright-star PSF** (``spikes`` and/or ``halo_fraction > 0``): stars whose truth ``mag``
   is below ``spike_mag_max`` are drawn one by one with GalSim on a stamp of half-size
   ``spike_radius_px`` with :func:`~survey_proc.simulate.psf.bright_star_profile` (core +
-  halo, convolved with an OpticalPSF with struts), each stamp normalised to the star's flux
-  (photometric truth is unchanged). Spikes are fixed in the detector frame.
+  halo, convolved with an OpticalPSF with struts), each stamp the profile times the star's
+  flux, truncated (the light beyond the stamp is left out, not put into the core; the truth
+  flux is the total). Spikes are fixed in the detector frame.
 - **Galaxies** (``galaxy_density_per_arcmin2 > 0``; ``galaxies.py``) are added to the
   noise-free image with the stars.
 - **Hot pixels** (``hot_pixel_frac > 0``): fixed per field, ``hot_pixel_adu`` log-normal
@@ -93,7 +94,9 @@ def render_bright_stars(img: np.ndarray, x: np.ndarray, y: np.ndarray, flux_adu:
     """Add bright stars drawn one by one with GalSim to a noise-free image in place (ADU).
 
     Each star's ``(2 radius_px + 1)``-pixel stamp (``profile`` ⊗ pixel, at the star's
-    sub-pixel position) is normalised to sum to its flux; the part outside the image is dropped.
+    sub-pixel position) is the profile times the star's flux, truncated to the stamp and not
+    renormalised (as the faint stars' stamps: ``survey_proc.simulate.psf``); the part outside
+    the image is dropped.
 
     Parameters
     ----------
@@ -124,7 +127,7 @@ def render_bright_stars(img: np.ndarray, x: np.ndarray, y: np.ndarray, flux_adu:
             continue
         stamp = profile.drawImage(nx=2 * r + 1, ny=2 * r + 1, scale=1.0, offset=(xs - ix, ys - iy),
                                   dtype=np.float64).array
-        stamp *= f / stamp.sum()
+        stamp *= f / profile.flux  # the light beyond the stamp is left out, not put into the core
         img[y0:y1, x0:x1] += stamp[y0 - (iy - r) : y1 - (iy - r), x0 - (ix - r) : x1 - (ix - r)]
         drawn += 1
     return drawn

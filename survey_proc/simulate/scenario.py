@@ -38,7 +38,8 @@ galaxies-heldout.toml`` switches galaxies, spikes and halos on for a held-out su
   ``halo_fwhm_factor`` x the FWHM, convolved with a GalSim ``OpticalPSF`` (``spike_*``:
   lambda/D in px, obscuration, ``spike_nstruts`` struts of ``spike_strut_thick``, at
   ``spike_angle_deg``; spikes fixed in the detector frame), on a stamp of half-size
-  ``spike_radius_px`` normalised to the star's flux (photometric truth unchanged).
+  ``spike_radius_px``, truncated there (the truth flux is the total; the light beyond the
+  stamp is left out).
   Truth: the ``spiked`` column of ``stars.parquet`` (True: drawn with the bright-star PSF).
   Spikes of a given length need bright stars: at lambda/D = 1 px, 3.3 px seeing, a spike
   pixel 35 px out holds about 1e-5 of the star's flux.

@@ -27,7 +27,8 @@ class PSFBank:
     oversample : K, sub-pixel samples per pixel (odd)
     t_min : the smallest phase index (bank index 0 corresponds to t_min)
     radii_px : stamp radii, ascending
-    banks : per radius, array (K+2, K+2, 2R+1, 2R+1), each stamp summing to 1
+    banks : per radius, array (K+2, K+2, 2R+1, 2R+1), the effective PSF cut to the stamp
+        (each stamp sums to EE(R) at its phase: truncated, not renormalised)
     missing_flux : per radius, 1 - EE(R) for a centred star (flux outside the stamp)
     peak_fraction : largest fraction of a star's flux in one pixel (star centred on a pixel)
     """
@@ -92,7 +93,7 @@ def bank_from_epsf(epsf: np.ndarray, oversample: int, radii_px: tuple[int, ...])
         bank = epsf[rows[:, None, :, None], rows[None, :, None, :]]  # (P, P, 2R+1, 2R+1)
         centred = bank[-t_min, -t_min]
         missing.append(float(max(0.0, 1.0 - centred.sum())))
-        bank = bank / bank.sum(axis=(2, 3), keepdims=True)
+        # truncated, not renormalised: every pixel of the stamp is the PSF's own value (see psf.py)
         banks.append(np.ascontiguousarray(bank))
     peak = float(epsf[c, c])
     return PSFBank(oversample=k, t_min=t_min, radii_px=tuple(radii_px), banks=tuple(banks),
@@ -104,8 +105,9 @@ def render_stars(
 ) -> np.ndarray:
     """Noise-free image (ADU) of point sources at detector pixels (x, y) with total fluxes.
 
-    Each star's stamp is normalised to its flux exactly (see ``psf.py``); pixels outside
-    the image are dropped, so a star near the edge puts only its in-frame light on it.
+    Each star's stamp is its flux times the effective PSF, truncated to the stamp (see
+    ``psf.py``: the light left out is below one pixel's noise); pixels outside the image are
+    dropped, so a star near the edge puts only its in-frame light on it.
 
     Parameters
     ----------
