@@ -123,7 +123,7 @@ def psf_photometry(image: np.ndarray, bad: np.ndarray, data: np.ndarray, backgro
     except ValueError as exc:  # too few stars (or none usable): the analytic profile
         psf, kind, n_stars, why = MoffatPSF(fwhm_px, beta), "moffat", 0, str(exc)
     r = refine_positions(data, bad, noise_adu, gain_e_per_adu, x, y, np.clip(f0, 1e-3, None), fwhm_px,
-                         n_iter=n_iter, psf=psf)
+                         n_iter=n_iter, psf=psf, flux_errors=True)
     # every bright detection measures the profile error, extended ones too (see ``point``)
     frac = model_error_fraction(data, bad, noise_adu, gain_e_per_adu, r.x, r.y, r.flux, psf, fwhm_px)
     if kind == "epsf" and frac >= max_model_error:
@@ -131,7 +131,7 @@ def psf_photometry(image: np.ndarray, bad: np.ndarray, data: np.ndarray, backgro
         # profiles, blends, a field too crowded for isolated stars): the analytic profile where it does better
         moffat = MoffatPSF(fwhm_px, beta)
         rm = refine_positions(data, bad, noise_adu, gain_e_per_adu, x, y, np.clip(f0, 1e-3, None), fwhm_px,
-                              n_iter=n_iter, psf=moffat)
+                              n_iter=n_iter, psf=moffat, flux_errors=True)
         frac_m = model_error_fraction(data, bad, noise_adu, gain_e_per_adu, rm.x, rm.y, rm.flux, moffat, fwhm_px)
         if frac_m < frac:
             why = (f"the empirical PSF's profile error {frac:.3f} >= {max_model_error:g} of the model on the "
@@ -142,7 +142,9 @@ def psf_photometry(image: np.ndarray, bad: np.ndarray, data: np.ndarray, backgro
     r2 = refine_positions(data, bad, noise_adu, gain_e_per_adu, r.x, r.y, r.flux, fwhm_px, n_iter=0, psf=psf,
                           flux_errors=True, model_error_frac=frac)
     flux_err = r2.flux_err if r2.flux_err is not None else np.full(len(x), np.nan)
-    flux = peakup_corrected(r.flux, flux_err)
+    # the peak-up bias is set by the noise the positions were fitted to: the first fit's Fisher errors (without
+    # the profile error, which in a crowded window carries the neighbours' light and would overcorrect)
+    flux = peakup_corrected(r.flux, r.flux_err if r.flux_err is not None else flux_err)
     ok = r.ok & r2.ok
     t = np.asarray(targets, np.int64)
     return PSFPhotometry(flux=flux[t], flux_err=flux_err[t], ok=ok[t], psf=kind, n_psf_stars=n_stars,
