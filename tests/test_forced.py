@@ -182,7 +182,11 @@ def test_every_object_inside_the_footprint_has_a_point_in_every_epoch(field_run)
     assert not pts.duplicated(["object_id", "epoch"]).any()
     forced = pts[pts["source_id"].isna()]
     assert ((forced["flags"] & F.FORCED) != 0).all()
-    assert (forced["flux"] < 0).any() and forced.loc[forced["flux"] <= 0, "mag"].isna().all()
+    # faint points are measured as they come (S/N < 2 in ~9-10 % of them; a negative one now and then: 1 of 745
+    # before the simulator's stamps were truncated, 0 of 745 since), and a non-positive flux has no magnitude
+    snr = forced["flux"] / forced["flux_err"]
+    assert (snr < 2).mean() > 0.03 and snr.min() < 1
+    assert forced.loc[forced["flux"] <= 0, "mag"].isna().all() and forced.loc[forced["flux"] > 0, "mag"].notna().all()
 
 
 def test_forced_fluxes_of_constant_isolated_stars_match_the_truth_with_honest_errors(field_run):

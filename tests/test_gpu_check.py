@@ -84,8 +84,10 @@ def test_moffat_bank_and_survey(tmp_path):
     alpha = 2.5 / (2 * np.sqrt(2 ** (1 / 3) - 1))
     assert (1 + 72 / alpha**2) ** -2 < bank.missing_flux[0] < (1 + 36 / alpha**2) ** -2
     assert bank.missing_flux[-1] < (1 + 24**2 / alpha**2) ** -2
-    for b in bank.banks:
-        np.testing.assert_allclose(b.sum(axis=(2, 3)), 1.0, rtol=1e-9)
+    for b, m in zip(bank.banks, bank.missing_flux, strict=True):  # truncated stamps: each sums to EE(R) at its phase
+        sums = b.sum(axis=(2, 3))
+        assert np.all(sums <= 1.0 + 1e-9) and sums.min() > 1.0 - 3 * m - 1e-9
+        assert sums[-bank.t_min, -bank.t_min] == pytest.approx(1.0 - m, abs=1e-9)
     path = tmp_path / "s.zarr"
     info = gpu_check.make_survey(path, 64, 3, seed=1)
     assert store.validate_store(path) == []
