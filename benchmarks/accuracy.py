@@ -117,19 +117,12 @@ def _contamination(x: np.ndarray, y: np.ndarray, flux: np.ndarray, targets: np.n
 
 
 def saturation_mag(scn: Scenario, epochs: pd.DataFrame) -> float:
-    """The faintest true magnitude (mag) at which a centred star saturates in any of ``epochs``.
+    """The faintest true magnitude (mag) at which a centred star saturates in any of ``epochs``
+    (:func:`survey_proc.simulate.depth.saturation_magnitude` of each epoch's seeing, sky and zero point)."""
+    from survey_proc.simulate.depth import saturation_magnitude
 
-    Peak pixel = flux x the effective PSF's peak fraction (:func:`survey_proc.simulate.psf.build_bank`
-    of the epoch's seeing) + sky, against ``scn.saturation_adu``.
-    """
-    from survey_proc.simulate.psf import build_bank
-
-    mags = []
-    for _, te in epochs.iterrows():
-        b = build_bank(scn.psf_profile, float(te["seeing_fwhm_px"]), beta=scn.moffat_beta, max_factor=1)
-        flux_sat = (scn.saturation_adu - float(te["sky_adu"])) / b.peak_fraction
-        mags.append(float(te["zeropoint"]) - 2.5 * np.log10(flux_sat))
-    return max(mags)
+    return max(saturation_magnitude(scn, float(te["seeing_fwhm_px"]), float(te["sky_adu"]), float(te["zeropoint"]))
+               for _, te in epochs.iterrows())
 
 
 def issue21_summary(phot_bins: list[dict[str, Any]], dzp: np.ndarray, sat_mag: float) -> dict[str, Any]:

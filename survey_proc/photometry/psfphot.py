@@ -141,10 +141,11 @@ def psf_photometry(image: np.ndarray, bad: np.ndarray, data: np.ndarray, backgro
     # stay those of the first fit (measured: reweighting the fit itself loses 10-60 % in RMS/CRLB)
     r2 = refine_positions(data, bad, noise_adu, gain_e_per_adu, r.x, r.y, r.flux, fwhm_px, n_iter=0, psf=psf,
                           flux_errors=True, model_error_frac=frac)
-    flux_err = r2.flux_err if r2.flux_err is not None else np.full(len(x), np.nan)
+    nan = np.full(len(x), np.nan)
+    flux_err = r2.flux_err if r2.flux_err is not None else nan
     # the peak-up bias is set by the noise the positions were fitted to: the first fit's Fisher errors (without
     # the profile error, which in a crowded window carries the neighbours' light and would overcorrect)
-    flux = peakup_corrected(r.flux, r.flux_err if r.flux_err is not None else flux_err)
+    flux = peakup_corrected(r.flux, r.flux_err if r.flux_err is not None else nan)
     ok = r.ok & r2.ok
     t = np.asarray(targets, np.int64)
     return PSFPhotometry(flux=flux[t], flux_err=flux_err[t], ok=ok[t], psf=kind, n_psf_stars=n_stars,
