@@ -41,7 +41,9 @@ def cache_dir() -> Path:
 def default_survey(n_epochs: int, *, workers: int | None, directory: Path | None = None) -> Path:
     """The default simulated survey with at least ``n_epochs`` epochs, simulating it once if needed.
 
-    A cached default survey with more epochs is reused (the run then uses its first epochs).
+    A cached default survey with more epochs is reused (the run then uses its first epochs);
+    one simulated by another version of the renderer
+    (:data:`survey_proc.simulate.SIMULATOR_VERSION`, in the name) is not.
 
     Parameters
     ----------
@@ -55,12 +57,12 @@ def default_survey(n_epochs: int, *, workers: int | None, directory: Path | None
     Returns
     -------
     Path
-        The store (``default-<scenario>-<size>px-seed<seed>-<epochs>ep.zarr``).
+        The store (``default-<scenario>-<size>px-seed<seed>-sim<version>-<epochs>ep.zarr``).
     """
-    from survey_proc.simulate import load_scenario, simulate_survey
+    from survey_proc.simulate import SIMULATOR_VERSION, load_scenario, simulate_survey
 
     directory = directory or cache_dir()
-    prefix = f"default-{DEFAULT_SCENARIO}-{DEFAULT_SIZE_PX}px-seed{DEFAULT_SEED}-"
+    prefix = f"default-{DEFAULT_SCENARIO}-{DEFAULT_SIZE_PX}px-seed{DEFAULT_SEED}-sim{SIMULATOR_VERSION}-"
     candidates = []
     for p in directory.glob(f"{prefix}*ep.zarr"):
         try:

@@ -6,6 +6,7 @@ import json
 
 import duckdb
 import pytest
+import zarr
 
 from survey_proc.cli import main
 
@@ -67,14 +68,18 @@ def test_run_without_store_simulates_the_default_survey_once(tmp_path, monkeypat
     assert main(["run", "--epochs", "3", "--workers", "1", "--quiet"]) == 0
     captured = capsys.readouterr()
     assert "Simulating the default survey (dense, 256x256 px, 3 epochs)" in captured.out
-    assert "Output: survey-proc-out/default-dense-256px-seed0-3ep  (complete)" in captured.out
+    assert "Output: survey-proc-out/default-dense-256px-seed0-sim2-3ep  (complete)" in captured.out
     assert "epochs: 3/3 written" in captured.out and "vs truth F000 (3 epochs): recall" in captured.out
     cached = list((tmp_path / "cache").glob("*.zarr"))
-    assert [p.name for p in cached] == ["default-dense-256px-seed0-3ep.zarr"]
-    # a shorter run reuses the cache and processes only the first epochs
+    assert [p.name for p in cached] == ["default-dense-256px-seed0-sim2-3ep.zarr"]
+    assert zarr.open_group(str(cached[0]), mode="r").attrs["simulator_version"] == 2
+    # a shorter run reuses the cache and processes only the first epochs; a survey of the older renderer
+    # (stamps renormalised, no version in its name) is not reused
+    (tmp_path / "cache" / "default-dense-256px-seed0-5ep.zarr").mkdir()
     assert main(["run", "--epochs", "2", "--workers", "1", "--quiet", "--out", "short", "--no-evaluate"]) == 0
-    assert "Using the cached default survey" in capsys.readouterr().out
-    assert len(list((tmp_path / "cache").glob("*.zarr"))) == 1
+    out = capsys.readouterr().out
+    assert "Using the cached default survey" in out and "default-dense-256px-seed0-sim2-3ep.zarr" in out
+    assert len(list((tmp_path / "cache").glob("*sim2*.zarr"))) == 1
     assert sorted(pd.read_parquet(tmp_path / "short" / "epochs.parquet")["epoch"]) == [0, 1]
 
 

@@ -140,7 +140,7 @@ def fit(tr: list[torch.Tensor], va: list[torch.Tensor], *, epochs: int, batch: i
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", default=str(ROOT / "survey-proc-out/default-dense-512px-seed0-1000ep"))
+    ap.add_argument("--run", default=str(ROOT / "survey-proc-out/default-dense-512px-seed0-sim2-1000ep"))
     ap.add_argument("--store", default=None, help="the run's simulated store (default: from run.json)")
     ap.add_argument("--n-train", type=int, default=30000)
     ap.add_argument("--n-val", type=int, default=6000)

@@ -16,6 +16,12 @@ if TYPE_CHECKING:
     from survey_proc.simulate.scenario import PRESETS, Scenario, load_scenario, parse_overrides
     from survey_proc.simulate.survey import SurveyPaths, simulate_survey
 
+#: Bumped whenever the same scenario and seed render different pixels or truth. The cached default
+#: survey of ``survey-proc run`` carries it in its name (a survey simulated by an older renderer is
+#: not reused) and every simulated store records it (``simulator_version``). 1: stamps renormalised
+#: to unit sum; 2 (issue 21): stamps truncated, not renormalised (docs/simulator.md).
+SIMULATOR_VERSION = 2
+
 __all__ = ["PRESETS", "Scenario", "SurveyPaths", "load_scenario", "parse_overrides", "simulate_survey"]
 
 _HOME = {"PRESETS": "scenario", "Scenario": "scenario", "load_scenario": "scenario",

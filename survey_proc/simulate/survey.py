@@ -34,6 +34,7 @@ import pandas as pd
 
 from survey_proc import __version__, store
 from survey_proc.errors import SurveyProcError
+from survey_proc.simulate import SIMULATOR_VERSION
 from survey_proc.simulate.conditions import epoch_conditions, field_epochs
 from survey_proc.simulate.depth import limiting_magnitude, saturation_magnitude
 from survey_proc.simulate.galaxies import make_galaxies
@@ -328,6 +329,7 @@ def _simulate_into(scn: Scenario, tmp: SurveyPaths, final: SurveyPaths, *, worke
     store.create_store(tmp.store, band=scn.band, pixel_scale_arcsec=scn.pixel_scale_arcsec, attrs={
         "reference_catalog": os.path.relpath(final.reference, final.store),
         "created_by": f"survey-proc {__version__} simulate",
+        "simulator_version": SIMULATOR_VERSION,
         "simulation": {"scenario": scn.to_dict()},
     })
     fields_rows = []
@@ -375,6 +377,7 @@ def _simulate_into(scn: Scenario, tmp: SurveyPaths, final: SurveyPaths, *, worke
     summary.update({
         "scenario": scn.to_dict(),
         "survey_proc_version": __version__,
+        "simulator_version": SIMULATOR_VERSION,
         "n_epochs": scn.n_epochs,
         "n_fields": scn.n_fields,
         "render_s": render_s,
