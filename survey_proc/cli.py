@@ -38,12 +38,26 @@ def cache_dir() -> Path:
     return Path(base) / "survey-proc"
 
 
+def default_survey_prefix() -> str:
+    """The start of the cached default survey's name, and so of its output folder's.
+
+    Returns
+    -------
+    str
+        ``default-<scenario>-<size>px-seed<seed>-sim<version>-`` (the epochs and ``ep.zarr``
+        follow; the version is :data:`survey_proc.simulate.SIMULATOR_VERSION`).
+    """
+    from survey_proc.simulate import SIMULATOR_VERSION
+
+    return f"default-{DEFAULT_SCENARIO}-{DEFAULT_SIZE_PX}px-seed{DEFAULT_SEED}-sim{SIMULATOR_VERSION}-"
+
+
 def default_survey(n_epochs: int, *, workers: int | None, directory: Path | None = None) -> Path:
     """The default simulated survey with at least ``n_epochs`` epochs, simulating it once if needed.
 
     A cached default survey with more epochs is reused (the run then uses its first epochs);
-    one simulated by another version of the renderer
-    (:data:`survey_proc.simulate.SIMULATOR_VERSION`, in the name) is not.
+    one simulated by another version of the renderer (in the name: :func:`default_survey_prefix`)
+    is not.
 
     Parameters
     ----------
@@ -57,12 +71,12 @@ def default_survey(n_epochs: int, *, workers: int | None, directory: Path | None
     Returns
     -------
     Path
-        The store (``default-<scenario>-<size>px-seed<seed>-sim<version>-<epochs>ep.zarr``).
+        The store (:func:`default_survey_prefix` ``<epochs>ep.zarr``).
     """
-    from survey_proc.simulate import SIMULATOR_VERSION, load_scenario, simulate_survey
+    from survey_proc.simulate import load_scenario, simulate_survey
 
     directory = directory or cache_dir()
-    prefix = f"default-{DEFAULT_SCENARIO}-{DEFAULT_SIZE_PX}px-seed{DEFAULT_SEED}-sim{SIMULATOR_VERSION}-"
+    prefix = default_survey_prefix()
     candidates = []
     for p in directory.glob(f"{prefix}*ep.zarr"):
         try:

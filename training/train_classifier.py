@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as nnf
 
 from survey_proc import model_registry
+from survey_proc.cli import default_survey_prefix
 from survey_proc.lightcurves import classifier as C
 from survey_proc.lightcurves.periodogram import search_grid
 from survey_proc.lightcurves.preprocess import PreprocessConfig, preprocess
@@ -140,7 +141,7 @@ def fit(tr: list[torch.Tensor], va: list[torch.Tensor], *, epochs: int, batch: i
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", default=str(ROOT / "survey-proc-out/default-dense-512px-seed0-sim2-1000ep"))
+    ap.add_argument("--run", default=str(ROOT / "survey-proc-out" / f"{default_survey_prefix()}1000ep"))
     ap.add_argument("--store", default=None, help="the run's simulated store (default: from run.json)")
     ap.add_argument("--n-train", type=int, default=30000)
     ap.add_argument("--n-val", type=int, default=6000)
