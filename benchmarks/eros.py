@@ -109,13 +109,15 @@ def classify_star(row: pd.Series, clf, bands: str = "rb", sparse=None, sparse_sp
             continue
         prepared[band] = (b, grid)
     # the classify stage's joint period search of the long curves of the other bands ([classify] joint_bands)
-    kept = {}
+    kept, kept_u = {}, {}
     for band, (b, _) in prepared.items():
         if joint and b.usable[0] and np.ptp(b.kept(0)[0]) > sparse_span_days:
-            kept[band] = b.kept(0)
+            kept[band], kept_u[band] = b.kept(0), b.kept(0, with_clipped=True)
     for band, (b, grid) in prepared.items():
         others = {0: [c for o, c in kept.items() if o != band]}
-        r = C.classify(b, clf, grid, sparse=sparse, sparse_span_days=sparse_span_days, sparse_others=others).iloc[0]
+        others_u = {0: [c for o, c in kept_u.items() if o != band]}
+        r = C.classify(b, clf, grid, sparse=sparse, sparse_span_days=sparse_span_days, sparse_others=others,
+                       sparse_others_unclipped=others_u).iloc[0]
         res[band] = {"var_class": r["var_class"], "period": float(r["period"]), "prob": float(r["var_class_prob"])
                      if np.isfinite(r["var_class_prob"]) else 0.0, "p_periodic": float(r["p_periodic"])}
     per = {k: v for k, v in res.items() if v["var_class"] in PERIODIC_CLASSES}

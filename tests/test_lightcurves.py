@@ -66,6 +66,31 @@ def test_preprocess_clips_a_spike_keeps_a_transit_and_interpolates_a_gap():
     assert b.usable[0]
 
 
+def test_preprocess_keeps_the_clipped_points_on_the_side_for_the_sparse_route():
+    """An eclipse sampled once a night is an isolated faint point: the running-median clip drops it. The batch keeps
+    it aside, so ``kept(i, with_clipped=True)`` is what an unclipped preprocessing keeps, also after ``subset``."""
+    rng = np.random.default_rng(3)
+    t = np.sort(rng.uniform(0, 900, 200)) + 50000.0
+    mag = 18.0 + rng.normal(0, 0.01, (3, 200))
+    mag[1, ::25] += 0.8  # one eclipse point in 25 nights: isolated, 80 sigma faint
+    err = np.full((3, 200), 0.01)
+    flags = np.zeros((3, 200), np.int32)
+    flags[2, 7] = F.SATURATED  # a rejected point stays rejected in both views
+    b = preprocess(np.array([4, 5, 6]), t, mag, err, flags, PreprocessConfig())
+    raw = preprocess(np.array([4, 5, 6]), t, mag, err, flags, PreprocessConfig(clip_sigma=np.inf))
+    assert b.n_clipped[1] >= 8 and np.all(b.w[1, ::25] == 0)  # the clip drops the eclipse points
+    for i in range(3):
+        for got, want in zip(b.kept(i, with_clipped=True), raw.kept(i), strict=True):
+            np.testing.assert_allclose(got, want, rtol=2e-6)
+        assert len(b.kept(i)[0]) == b.n_points[i] and len(b.kept(i, with_clipped=True)[0]) == 200 - (i == 2)
+    sub = b.subset(np.array([2, 1]))
+    for k, i in enumerate([2, 1]):
+        for got, want in zip(sub.kept(k, with_clipped=True), b.kept(i, with_clipped=True), strict=True):
+            np.testing.assert_array_equal(got, want)
+    mask = b.subset(np.array([False, True, False]))
+    np.testing.assert_array_equal(mask.kept(0, with_clipped=True)[1], b.kept(1, with_clipped=True)[1])
+
+
 def test_preprocess_marks_sparse_curves_unusable_and_rejects_unsorted_times():
     mag = np.full((1, 100), np.nan)
     mag[0, :5] = 20.0

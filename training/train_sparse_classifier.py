@@ -1,7 +1,7 @@
 """Train the sparse, long-baseline light-curve classifier (``survey_proc/models/classifier_sparse.pt``).
 
     PYTHONPATH=. python training/train_sparse_classifier.py [--out survey_proc/models/classifier_sparse.pt]
-        [--cache training/cache/sparse-features.npz] [--workers 2] [--per-band] [--no-thinned]
+        [--cache training/cache/sparse-features-2views.npz] [--workers 2] [--per-band] [--no-thinned]
 
 Data (:mod:`survey_proc.lightcurves.sparse_classifier` says why this model exists):
 
@@ -15,6 +15,10 @@ Data (:mod:`survey_proc.lightcurves.sparse_classifier` says why this model exist
   damped random walk (quasar-like; tau 10-1000 d log-uniform, rms 0.05-0.5 mag) or linear
   trend with a zero-point jump (0.05-0.5 mag) seen in both bands (amplitude 0.7-1.4x per
   band), plus the noise of (a).
+- **Two views of each curve** (:mod:`survey_proc.lightcurves.sparse_classifier`, "Two views of
+  a curve"): the features of the points the preprocessing keeps (``x``) and of those points with
+  the clipped ones put back (``x_u``), each view's period searched on its own (with the object's
+  other bands' same view); the model reads both side by side (card ``views``).
 - **Each band of each object is a training curve**, measured three ways (``mode``):
   ``joint`` (its period searched with the object's other band, as the classify stage does
   with ``[classify] joint_bands``), ``alone`` (a single-band object) and ``thinned`` (each
@@ -27,7 +31,8 @@ Every curve goes through the classify path's own preprocessing
 (seed 0) into training and validation; the negatives follow their star. The MLP is trained
 with class-balanced cross-entropy (AdamW, full batch, 400 steps). For each FAP gate of
 :data:`FAP_GATES` and significance of :data:`SIGNIFICANCE` (the LS peak's Baluev FAP, or the
-smaller of it and the multi-harmonic FAP) the threshold on ``p_periodic`` is the lowest one
+smaller of it and the multi-harmonic FAP; of the two views, the smaller) the threshold on
+``p_periodic`` is the lowest one
 (grid 0.50-0.99) at which at most 0.5 % of the validation constants *and* random walks (all
 modes) pass the full decision (threshold and gate); of those, the variant with the best
 four-class accuracy on the validation EROS stars in ``joint`` mode (:func:`star_level`, the
@@ -55,6 +60,7 @@ from survey_proc.lightcurves.fourier_features import FEATURE_NAMES, curve_featur
 from survey_proc.lightcurves.preprocess import PreprocessConfig, preprocess
 from survey_proc.lightcurves.sparse_classifier import (
     SPARSE_CLASSES,
+    VIEWS,
     FourierMLP,
     SparseClassifierConfig,
 )
@@ -63,31 +69,45 @@ from training.build_cadence_data import EROS, eros_band
 PERIOD_MIN_DAYS = 0.1  # EROS-1's shortest periods are RRc stars at ~0.2 d
 MAX_FP = 0.005  # validation constants and random walks called periodic, at most
 SIGNIFICANCE = ("ls", "ls_or_harmonic")  # the LS FAP, or the smaller of it and the multi-harmonic FAP
+CACHE_COLUMNS = ("star", "band", "label", "type", "mode", "period", "fap", "fap_h", "period_u", "fap_u", "fap_h_u")
 FAP_GATES = (1e-3, 1e-2)  # FAP gates tried (1e-3: the [classify] pulsator_max_fap default); never none (see below)
 
 
-def _kept(t: np.ndarray, mag: np.ndarray, err: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """One band through the classify path's preprocessing: kept (times (days, same clock as ``t``), relative
-    flux, its error); None when unusable."""
+Curve = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _kept(t: np.ndarray, mag: np.ndarray, err: np.ndarray) -> tuple[Curve, Curve] | None:
+    """One band through the classify path's preprocessing: its two views (the kept points; the kept and the
+    clipped points), each (times (days, same clock as ``t``), relative flux, its error); None when unusable."""
     b = preprocess(np.array([0]), t, mag[None], err[None], np.zeros((1, len(t)), np.int32),
                    PreprocessConfig(min_points=20))
     curve = b.kept(0)
     if not b.usable[0] or np.ptp(curve[0]) < 4 * PERIOD_MIN_DAYS:
         return None
-    return curve
+    return curve, b.kept(0, with_clipped=True)
 
 
 def _features_of(bands: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], joint: bool = True
-                 ) -> dict[str, tuple[np.ndarray, float, float, float]]:
-    """(features, fitted period (days), FAP) of each usable band of one object, the period searched in all its
-    usable bands jointly (``joint``) or in each band alone."""
+                 ) -> dict[str, dict[str, tuple[np.ndarray, float, float, float]]]:
+    """Of each usable band of one object and each view of :data:`VIEWS`: (features, fitted period (days), LS FAP,
+    harmonic FAP), the period searched in all its usable bands' same view jointly (``joint``) or in each band
+    alone."""
     kept = {b: k for b, v in bands.items() if (k := _kept(*v)) is not None}
-    out = {}
-    for b, (t, y, s) in kept.items():
-        others = [v for o, v in kept.items() if o != b] if joint else []
-        fit = curve_features(t, y, s, PERIOD_MIN_DAYS, others=others)
-        out[b] = (fit.features, fit.period_days, fit.fap, fit.fap_harmonic)
+    out: dict[str, dict[str, tuple[np.ndarray, float, float, float]]] = {}
+    for b, views in kept.items():
+        out[b] = {}
+        for k, view in enumerate(VIEWS):
+            others = [v[k] for o, v in kept.items() if o != b] if joint else []
+            fit = curve_features(*views[k], PERIOD_MIN_DAYS, others=others)
+            out[b][view] = (fit.features, fit.period_days, fit.fap, fit.fap_harmonic)
     return out
+
+
+def _row(f: dict[str, tuple[np.ndarray, float, float, float]]) -> dict:
+    """A training row's measured columns from :func:`_features_of`'s views of one band (unclipped: suffix ``_u``)."""
+    c, u = f["clipped"], f["unclipped"]
+    return {"x": c[0], "period": c[1], "fap": c[2], "fap_h": c[3],
+            "x_u": u[0], "period_u": u[1], "fap_u": u[2], "fap_h_u": u[3]}
 
 
 def _negative(rng: np.random.Generator, bands: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], kind: str
@@ -146,8 +166,7 @@ def _star_rows(args: tuple) -> list[dict]:
             for b, f in _features_of(obj, mode == "joint").items():
                 if mode == "joint" and len(obj) < 2:
                     continue
-                rows.append({"star": sid, "band": b, "label": label, "type": typ_, "mode": mode, "x": f[0],
-                             "period": f[1], "fap": f[2], "fap_h": f[3]})
+                rows.append({"star": sid, "band": b, "label": label, "type": typ_, "mode": mode, **_row(f)})
     if thin:  # sparser surveys: each band keeps a random 20-60 % of its points (at least 20), searched jointly
         rng_t = np.random.default_rng([seed, 1])
         for label, typ_, obj in objects:
@@ -157,8 +176,7 @@ def _star_rows(args: tuple) -> list[dict]:
                 keep = np.sort(rng_t.choice(len(t), min(n, len(t)), replace=False))
                 sub[b] = (t[keep], m[keep], e[keep])
             for b, f in _features_of(sub, True).items():
-                rows.append({"star": sid, "band": b, "label": label, "type": typ_, "mode": "thinned", "x": f[0],
-                             "period": f[1], "fap": f[2], "fap_h": f[3]})
+                rows.append({"star": sid, "band": b, "label": label, "type": typ_, "mode": "thinned", **_row(f)})
     return rows
 
 
@@ -166,8 +184,8 @@ def build(cache: Path, workers: int, joint: bool = True, thin: bool = True) -> p
     """The feature table of every training curve (cached in ``cache``)."""
     if cache.is_file():
         z = np.load(cache, allow_pickle=False)
-        meta = pd.DataFrame({k: z[k] for k in ("star", "band", "label", "type", "mode", "period", "fap", "fap_h")})
-        meta["x"] = list(z["x"])
+        meta = pd.DataFrame({k: z[k] for k in CACHE_COLUMNS})
+        meta["x"], meta["x_u"] = list(z["x"]), list(z["x_u"])
         return meta
     lab = pd.read_csv(EROS / "train.csv", index_col=0)
     cur = pd.read_csv(EROS / "train_varlength_features.csv.gz", index_col=0)
@@ -178,26 +196,28 @@ def build(cache: Path, workers: int, joint: bool = True, thin: bool = True) -> p
     print(f"features of {len(rows)} curves in {time.time() - t0:.0f} s", flush=True)
     meta = pd.DataFrame(rows)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, x=np.stack(meta["x"].to_numpy()),
+    np.savez(cache, x=np.stack(meta["x"].to_numpy()), x_u=np.stack(meta["x_u"].to_numpy()),
              **{k: meta[k].to_numpy().astype(str if k in ("star", "band", "label", "mode") else float)
-                for k in ("star", "band", "label", "type", "mode", "period", "fap", "fap_h")})
+                for k in CACHE_COLUMNS})
     return meta
 
 
 def star_level(mv: pd.DataFrame, prob: np.ndarray, called: np.ndarray, lab: pd.DataFrame) -> tuple[float, float]:
     """benchmarks/eros.py's four-class accuracy and periods within 1 % over the validation EROS stars.
 
-    Per band: EB (period x2) or pulsator (RR Lyrae / Cepheid / Mira by period) when called
-    periodic, else none; bands reconciled: the called band with the higher class probability,
-    else none.
+    Per band: EB (the unclipped view's period x2, ``period_u``) or pulsator (RR Lyrae / Cepheid /
+    Mira by period) when called periodic, else none; bands reconciled: the called band with the
+    higher class probability, else none.
     """
     d = mv.assign(pe=prob[:, 1], pp=prob[:, 2], called=called).reset_index(drop=True)
+    if "period_u" not in d:
+        d["period_u"] = d["period"]
     acc, ok = [], []
     for sid, g in d[d["type"] > 0].groupby("star"):
         best = None
         for _, r in g[g["called"]].iterrows():
             eb = r["pe"] >= r["pp"]
-            p = 2 * r["period"] if eb else r["period"]
+            p = 2 * r["period_u"] if eb else r["period"]  # an EB's period from the unclipped view
             if best is None or max(r["pe"], r["pp"]) > best[2]:
                 best = (four_class("eclipsing_binary" if eb else "pulsator", p), p, max(r["pe"], r["pp"]))
         typ = int(lab.loc[sid, "type"])
@@ -210,7 +230,7 @@ def star_level(mv: pd.DataFrame, prob: np.ndarray, called: np.ndarray, lab: pd.D
 def train(x: np.ndarray, y: np.ndarray, seed: int = 0, steps: int = 400) -> FourierMLP:
     """Class-balanced full-batch training of a :class:`FourierMLP` on standardised features."""
     torch.manual_seed(seed)
-    model = FourierMLP(SparseClassifierConfig())
+    model = FourierMLP(SparseClassifierConfig(n_features=x.shape[1]))
     model.mean.copy_(torch.tensor(x.mean(0)))
     model.scale.copy_(torch.tensor(x.std(0) + 1e-6))
     xt, yt = torch.tensor(x), torch.tensor(y)
@@ -234,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="survey_proc/models/classifier_sparse.pt")
-    ap.add_argument("--cache", default="training/cache/sparse-features.npz")
+    ap.add_argument("--cache", default="training/cache/sparse-features-2views.npz")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--per-band", action="store_true",
                     help="search each band's period alone (the default searches an object's bands jointly)")
@@ -243,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     meta = build(Path(a.cache), a.workers, joint=not a.per_band, thin=not a.no_thinned)
     data_s = time.time() - t0
-    x = np.stack(meta["x"].to_numpy()).astype(np.float32)
+    # the two views' features side by side (survey_proc.lightcurves.sparse_classifier, "Two views of a curve")
+    x = np.concatenate([np.stack(meta["x"].to_numpy()), np.stack(meta["x_u"].to_numpy())], 1).astype(np.float32)
     y = np.array([SPARSE_CLASSES.index(v) for v in meta["label"]])
     stars = np.array(sorted(set(meta["star"])))
     rng = np.random.default_rng(0)
@@ -261,9 +282,10 @@ def main(argv: list[str] | None = None) -> None:
     thinned = (mv["mode"] == "thinned").to_numpy()
     main_mode = (mv["mode"] == "joint").to_numpy() if (mv["mode"] == "joint").any() else alone
     variants = []
-    def sig(kind: str) -> np.ndarray:
-        return (np.minimum(mv["fap"].to_numpy(), mv["fap_h"].to_numpy()) if kind == "ls_or_harmonic"
-                else mv["fap"].to_numpy())
+    def sig(kind: str) -> np.ndarray:  # the smaller of the two views' (classify_sparse)
+        if kind == "ls_or_harmonic":
+            return np.minimum.reduce([mv[c].to_numpy() for c in ("fap", "fap_h", "fap_u", "fap_h_u")])
+        return np.minimum(mv["fap"].to_numpy(), mv["fap_u"].to_numpy())
 
     for gate_fap, sig_kind in [(g, k) for k in SIGNIFICANCE for g in FAP_GATES]:
         gate = sig(sig_kind) <= gate_fap
@@ -298,7 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     card = {
         "model": "sparse long-baseline light-curve classifier (MLP on Fourier features)",
         "date": time.strftime("%Y-%m-%d"), "git_revision": rev, "classes": list(SPARSE_CLASSES),
-        "features": list(FEATURE_NAMES), "threshold": thr, "max_fap": gate_fap, "significance": sig_kind,
+        "features": list(FEATURE_NAMES), "views": list(VIEWS), "threshold": thr, "max_fap": gate_fap,
+        "significance": sig_kind,
         "threshold_rule": f"per FAP gate {FAP_GATES} and significance {SIGNIFICANCE}: the lowest p_periodic "
                           "threshold (grid 0.50-0.99) at which <= "
                           f"{MAX_FP:.1%} of the validation constants and non-periodic curves pass it and the gate; "

@@ -557,14 +557,17 @@ def ls_false_alarm(t_days: np.ndarray, y: np.ndarray, w: np.ndarray, power: floa
 def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | None = None,
              bls_batch: int = 16, pulsator_max_fap: float = 1e-3, eclipse_min_snr: float = 0.0,
              sparse: LoadedSparseClassifier | None = None,
-             sparse_span_days: float = 30.0, sparse_others: Mapping[Any, list] | None = None) -> pd.DataFrame:
+             sparse_span_days: float = 30.0, sparse_others: Mapping[Any, list] | None = None,
+             sparse_others_unclipped: Mapping[Any, list] | None = None) -> pd.DataFrame:
     """Search, classify and measure every usable light curve of ``batch``.
 
     With ``sparse`` (:mod:`survey_proc.lightcurves.sparse_classifier`), the curves whose kept
     points span more than ``sparse_span_days`` are classified by it (outside the CNN's
     training cadence); their ``prob_transit`` is NaN and ``sparse`` True. ``sparse_others``
     maps an object_id to its other bands' kept curves, ``(t_mjd, y, sigma)`` each: the
-    sparse route searches the period in all of them jointly.
+    sparse route searches the period in all of them jointly; ``sparse_others_unclipped``: the
+    same curves with their clipped points, for a two-view sparse model
+    (:mod:`~survey_proc.lightcurves.sparse_classifier`).
 
     Returns
     -------
@@ -595,7 +598,7 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
         span_u = np.array([np.ptp(batch.t_days[batch.w[i] > 0]) for i in use])
         long_rows, use = use[span_u > sparse_span_days], use[span_u <= sparse_span_days]
         if len(long_rows):
-            _fill_sparse(out, batch, long_rows, sparse, pulsator_max_fap, sparse_others)
+            _fill_sparse(out, batch, long_rows, sparse, pulsator_max_fap, sparse_others, sparse_others_unclipped)
     if len(use) == 0:
         return out
     sub = batch.subset(use)
@@ -672,11 +675,12 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
 
 
 def _fill_sparse(out: pd.DataFrame, batch: LightCurveBatch, rows: np.ndarray, sparse: LoadedSparseClassifier,
-                 pulsator_max_fap: float, others: Mapping[Any, list] | None = None) -> None:
+                 pulsator_max_fap: float, others: Mapping[Any, list] | None = None,
+                 others_unclipped: Mapping[Any, list] | None = None) -> None:
     """Rows ``rows`` of ``out`` from the sparse long-baseline classifier (:func:`classify`)."""
     from survey_proc.lightcurves.sparse_classifier import classify_sparse
 
-    r = classify_sparse(batch, rows, sparse, pulsator_max_fap, others)
+    r = classify_sparse(batch, rows, sparse, pulsator_max_fap, others, others_unclipped)
     for c in ("period", "period_power", "depth", "duration", "p_periodic", "var_class_prob", "period_ls",
               "ls_power", "n_events", "ls_fap", "var_class"):
         out.loc[rows, c] = r[c].to_numpy()

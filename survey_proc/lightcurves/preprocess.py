@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -90,6 +90,13 @@ class LightCurveBatch:
         (n,) points dropped by the clipping.
     usable
         (n,) enough points to search.
+    clipped_row, clipped_col
+        (k,) row and epoch index of each point the clipping dropped (step 3).
+    clipped_y, clipped_w
+        (k,) its relative flux and weight (as a kept point's: ``1 / (s sigma)^2``). The
+        sparse route measures a long curve with them too (:meth:`kept`, ``with_clipped``):
+        against a running median of nightly points, a detached binary's eclipse points are
+        the "outliers" the clip drops (RESULTS.md, issue 22).
     """
 
     object_id: np.ndarray
@@ -103,15 +110,28 @@ class LightCurveBatch:
     n_points: np.ndarray
     n_clipped: np.ndarray
     usable: np.ndarray
+    clipped_row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    clipped_col: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    clipped_y: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    clipped_w: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
     def __len__(self) -> int:
         return len(self.object_id)
 
-    def kept(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Curve ``i``'s kept points (weight > 0): times (MJD, days), relative flux and its error."""
-        keep = self.w[i] > 0
-        return (self.t_days[keep] + self.t_ref_mjd, self.y[i, keep].astype(float),
-                1.0 / np.sqrt(self.w[i, keep].astype(float)))
+    def kept(self, i: int, with_clipped: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Curve ``i``'s kept points (weight > 0): times (MJD, days), relative flux and its error.
+
+        ``with_clipped``: the points the clipping dropped too (time order).
+        """
+        y = self.y[i].astype(float)
+        w = self.w[i].astype(float)
+        if with_clipped:
+            at = self.clipped_row == i
+            cols = self.clipped_col[at]
+            y[cols] = self.clipped_y[at]
+            w[cols] = self.clipped_w[at]
+        keep = w > 0
+        return self.t_days[keep] + self.t_ref_mjd, y[keep], 1.0 / np.sqrt(w[keep])
 
     def subset(self, sel: np.ndarray) -> LightCurveBatch:
         """The rows ``sel`` (boolean mask or indices).
@@ -126,9 +146,15 @@ class LightCurveBatch:
         LightCurveBatch
             The selected curves on the same epochs.
         """
+        rows = np.arange(len(self))[sel]
+        new = np.full(len(self), -1)
+        new[rows] = np.arange(len(rows))
+        at = np.flatnonzero(new[self.clipped_row] >= 0) if len(self.clipped_row) else np.zeros(0, int)
+        at = at[np.argsort(new[self.clipped_row[at]], kind="stable")]
         return LightCurveBatch(self.object_id[sel], self.t_days, self.t_ref_mjd, self.y[sel], self.w[sel],
                                self.y_smooth[sel], self.mag_median[sel], self.noise_scale[sel], self.n_points[sel],
-                               self.n_clipped[sel], self.usable[sel])
+                               self.n_clipped[sel], self.usable[sel], new[self.clipped_row[at]],
+                               self.clipped_col[at], self.clipped_y[at], self.clipped_w[at])
 
 
 def to_matrix(lc: pd.DataFrame, epochs: np.ndarray | None = None
@@ -246,8 +272,11 @@ def preprocess(object_id: np.ndarray, mjd: np.ndarray, mag: np.ndarray, mag_err:
     yf = _fill_gaps(t, np.where(keep, y, 0.0), keep, cfg.max_gap_days)
     smooth = running_nanmedian(yf, cfg.median_filter_points) if cfg.median_filter_points > 1 else yf.copy()
     need = max(cfg.min_points, int(np.ceil(cfg.min_fraction * n_t)))
+    cr, cc = np.nonzero(valid & ~keep)
+    cw = 1.0 / (sig[cr, cc] * scale[cr]) ** 2
     return LightCurveBatch(np.asarray(object_id), t, float(mjd[0]), yf.astype(np.float32), w.astype(np.float32),
-                           smooth.astype(np.float32), med, scale, n_keep, n_valid - n_keep, n_keep >= need)
+                           smooth.astype(np.float32), med, scale, n_keep, n_valid - n_keep, n_keep >= need,
+                           cr, cc, y[cr, cc].astype(np.float32), cw.astype(np.float32))
 
 
 def variability_stats(batch: LightCurveBatch) -> pd.DataFrame:

@@ -77,15 +77,19 @@ def _per_band(lc: pd.DataFrame, clf: Any, cc: ClassifySettings, sparse: Any
     prepared = {str(band): _prepare(part.drop(columns="band"), clf, cc)
                 for band, part in lc.groupby(lc["band"].astype(str), sort=True)}
     # the sparse route searches an object's period in all its long curves jointly
-    kept = ({b: p.kept_curves(cc.sparse_span_days) for b, p in prepared.items() if p is not None}
-            if sparse is not None and cc.sparse_span_days > 0 and cc.joint_bands else {})
+    joint = sparse is not None and cc.sparse_span_days > 0 and cc.joint_bands
+    kept = {b: p.kept_curves(cc.sparse_span_days) for b, p in prepared.items() if p is not None} if joint else {}
+    kept_u = ({b: p.kept_curves(cc.sparse_span_days, with_clipped=True) for b, p in prepared.items()
+               if p is not None} if joint else {})
     for band, prep in prepared.items():
         others: dict[Any, list] = {}
+        others_u: dict[Any, list] = {}
         for ob, curves in kept.items():
             if ob != band:
                 for oid, c in curves.items():
                     others.setdefault(oid, []).append(c)
-        res, inf = _finish(prep, clf, cc, sparse, others)
+                    others_u.setdefault(oid, []).append(kept_u[ob][oid])
+        res, inf = _finish(prep, clf, cc, sparse, others, others_u)
         bands[band] = inf
         if res is not None:
             results[band] = res
@@ -141,8 +145,12 @@ class _Prepared:
     ids_e: np.ndarray | None = None
     grid: Any = None
 
-    def kept_curves(self, min_span_days: float) -> dict[Any, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """The usable curves whose kept points span more than ``min_span_days``: object_id -> (t_mjd, y, sigma)."""
+    def kept_curves(self, min_span_days: float, with_clipped: bool = False
+                    ) -> dict[Any, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The usable curves whose kept points span more than ``min_span_days``: object_id -> (t_mjd, y, sigma).
+
+        ``with_clipped``: each curve with the points the clipping dropped (the sparse route's unclipped view).
+        """
         out: dict[Any, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         if self.batch is None:
             return out
@@ -150,7 +158,7 @@ class _Prepared:
         for i in np.flatnonzero(b.usable):
             curve = b.kept(i)
             if np.ptp(curve[0]) > min_span_days:
-                out[b.object_id[i]] = curve
+                out[b.object_id[i]] = b.kept(i, True) if with_clipped else curve
         return out
 
 
@@ -212,10 +220,12 @@ def _prepare(lc: pd.DataFrame, clf: Any, cc: ClassifySettings) -> _Prepared | No
 
 
 def _finish(prep: _Prepared | None, clf: Any, cc: ClassifySettings, sparse: Any,
-            others: Mapping[Any, list] | None = None) -> tuple[pd.DataFrame | None, dict[str, Any]]:
+            others: Mapping[Any, list] | None = None, others_unclipped: Mapping[Any, list] | None = None
+            ) -> tuple[pd.DataFrame | None, dict[str, Any]]:
     """Classify a :func:`_prepare`'d band.
 
-    ``others``: the objects' other bands, for the sparse route's joint period search.
+    ``others``: the objects' other bands, for the sparse route's joint period search
+    (``others_unclipped``: the same with their clipped points, for a two-view sparse model).
     """
     from survey_proc.lightcurves.classifier import classify
 
@@ -226,7 +236,8 @@ def _finish(prep: _Prepared | None, clf: Any, cc: ClassifySettings, sparse: Any,
         return _reasons_only(reason), info
     res = classify(batch, clf, grid, pulsator_max_fap=cc.pulsator_max_fap, eclipse_min_snr=cc.eclipse_min_snr,
                    sparse=sparse,
-                   sparse_span_days=cc.sparse_span_days, sparse_others=others).set_index("object_id")
+                   sparse_span_days=cc.sparse_span_days, sparse_others=others,
+                   sparse_others_unclipped=others_unclipped).set_index("object_id")
     res["n_points_classified"] = batch.n_points.astype(np.int32)
     res = res.reindex(ids)
     res["classify_reason"] = reason.reindex(ids).to_numpy()

@@ -15,6 +15,22 @@ the card says how).
 Curves inside the CNN's domain (the simulated surveys, whatever their number of epochs)
 are unchanged.
 
+Two views of a curve
+--------------------
+The preprocessing clips points unlike their neighbours in time
+(:mod:`~survey_proc.lightcurves.preprocess`, step 3). At a nightly cadence a detached
+binary's eclipse is a single faint point among out-of-eclipse neighbours, and the clip drops
+it: on the EROS-1 validation stars the joint search finds the period of 0.49 of the
+eclipsing binaries on the clipped curves and 0.74 with the clipped points put back, while
+the pulsators' periods need the clip (Cepheids 0.72 clipped, 0.59 unclipped; RESULTS.md,
+issue 22). A card with ``views = ["clipped", "unclipped"]`` gives the model both: each
+curve's features are measured on the kept points and again with the clipped points
+(:meth:`~survey_proc.lightcurves.preprocess.LightCurveBatch.kept`, ``with_clipped``), each
+view's period searched on its own, and the two feature vectors concatenated. The
+significance gate takes the smaller false-alarm probability of the two views; an eclipsing
+binary's period and shape come from the unclipped view, every other class's from the
+clipped one. A card without ``views`` is the single clipped view.
+
 Decision
 --------
 Classes :data:`SPARSE_CLASSES` (no ``transit``: the training set has none). ``p_periodic``
@@ -49,6 +65,7 @@ from survey_proc.lightcurves.preprocess import LightCurveBatch
 from survey_proc.vocab import SINGLE_EVENT
 
 SPARSE_CLASSES: tuple[str, ...] = ("constant", "eclipsing_binary", "pulsator", "non_periodic")
+VIEWS: tuple[str, ...] = ("clipped", "unclipped")  # the views a card may name (module docstring)
 SINGLE_EVENT_CYCLES = 1.15
 
 
@@ -127,25 +144,46 @@ def predict_proba(clf: LoadedSparseClassifier, x: np.ndarray) -> np.ndarray:
     return torch.softmax(clf.model(t), 1).cpu().numpy()
 
 
+def views(clf: LoadedSparseClassifier) -> tuple[str, ...]:
+    """The views of a curve the model reads, in the order of its feature vector (card ``views``; default clipped).
+
+    Raises
+    ------
+    ValueError
+        When the card names a view other than :data:`VIEWS` or none.
+    """
+    vs = tuple((clf.card or {}).get("views", ["clipped"]))
+    if not vs or any(v not in VIEWS for v in vs):
+        raise ValueError(f"sparse classifier {clf.path}: card views {list(vs)} must be a non-empty list of "
+                         f"{list(VIEWS)}; retrain it with training/train_sparse_classifier.py")
+    return vs
+
+
 def batch_features(batch: LightCurveBatch, rows: np.ndarray, p_min_days: float,
-                   others: Mapping[Any, list] | None = None) -> list:
+                   others: Mapping[Any, list] | None = None, with_clipped: bool = False) -> list[CurveFit]:
     """:func:`~survey_proc.lightcurves.fourier_features.curve_features` of rows ``rows`` of ``batch`` (kept points).
 
     ``others`` maps an object_id to its other bands' kept curves, ``(t_mjd, y, sigma)`` each
     (MJD in days): that object's period is searched in all its bands jointly.
+    ``with_clipped``: the points the preprocessing clipped are measured too (the unclipped view;
+    ``others`` should then hold the other bands' unclipped curves).
     """
     out = []
     others = others or {}
     for i in rows:
-        out.append(curve_features(*batch.kept(i), p_min_days, others=others.get(batch.object_id[i], ())))
+        out.append(curve_features(*batch.kept(i, with_clipped), p_min_days,
+                                  others=others.get(batch.object_id[i], ())))
     return out
 
 
 def classify_sparse(batch: LightCurveBatch, rows: np.ndarray, clf: LoadedSparseClassifier,
-                    pulsator_max_fap: float = 1e-3, others: Mapping[Any, list] | None = None) -> pd.DataFrame:
+                    pulsator_max_fap: float = 1e-3, others: Mapping[Any, list] | None = None,
+                    others_unclipped: Mapping[Any, list] | None = None) -> pd.DataFrame:
     """Classify rows ``rows`` of ``batch`` (usable curves): one result row each, in that order.
 
-    ``others``: the objects' other bands (:func:`batch_features`), searched jointly with these.
+    ``others``: the objects' other bands (:func:`batch_features`), searched jointly with these;
+    ``others_unclipped``: the same with their clipped points, for a two-view model
+    (module docstring; missing: the unclipped view is searched with ``others``).
 
     Returns
     -------
@@ -155,20 +193,43 @@ def classify_sparse(batch: LightCurveBatch, rows: np.ndarray, clf: LoadedSparseC
     ``prob_<class>`` for :data:`SPARSE_CLASSES`.
     """
     rows = np.asarray(rows, int)
-    fits = batch_features(batch, rows, period_min_days(clf), others)
-    x = np.stack([f.features for f in fits]) if fits else np.zeros((0, len(FEATURE_NAMES)), np.float32)
+    vs = views(clf)
+    p_min = period_min_days(clf)
+    others = others or {}
+    others_u = others if others_unclipped is None else others_unclipped
+    fits: dict[str, list[CurveFit]] = {}
+    for v in vs:
+        if v == "clipped":
+            fits[v] = batch_features(batch, rows, p_min, others)
+            continue
+        fits[v] = []
+        for k, i in enumerate(rows):
+            oid = batch.object_id[i]
+            same = (batch.n_clipped[i] == 0 and [len(c[0]) for c in others.get(oid, ())]
+                    == [len(c[0]) for c in others_u.get(oid, ())])
+            if same and "clipped" in fits:  # nothing clipped in any band: the same curves, the same fit
+                fits[v].append(fits["clipped"][k])
+            else:
+                fits[v] += batch_features(batch, rows[k:k + 1], p_min, others_u, with_clipped=True)
+    x = (np.concatenate([np.stack([f.features for f in fits[v]]) for v in vs], 1) if len(rows)
+         else np.zeros((0, len(FEATURE_NAMES) * len(vs)), np.float32))
     prob = predict_proba(clf, x)
     ie, ip = SPARSE_CLASSES.index("eclipsing_binary"), SPARSE_CLASSES.index("pulsator")
     non = [SPARSE_CLASSES.index("constant"), SPARSE_CLASSES.index("non_periodic")]
     p_per = prob[:, ie] + prob[:, ip]
+    eb_view = "unclipped" if "unclipped" in vs else vs[0]
+    other_view = "clipped" if "clipped" in vs else vs[0]
     res = []
-    for k, (i, fit) in enumerate(zip(rows, fits, strict=True)):
+    for k, i in enumerate(rows):
         keep = batch.w[i] > 0
         span = float(np.ptp(batch.t_days[keep]))
-        fap = fit.fap
-        if p_per[k] >= clf.threshold and significance(clf, fit) <= max_fap(clf, pulsator_max_fap):
+        sig = min(significance(clf, fits[v][k]) for v in vs)
+        fit, view = fits[other_view][k], other_view
+        if p_per[k] >= clf.threshold and sig <= max_fap(clf, pulsator_max_fap):
             j = ie if prob[k, ie] >= prob[k, ip] else ip
             name = SPARSE_CLASSES[j]
+            if name == "eclipsing_binary":
+                fit, view = fits[eb_view][k], eb_view
             period = fit.period_days * (2.0 if name == "eclipsing_binary" else 1.0)
             if period * SINGLE_EVENT_CYCLES > span:
                 name, period = SINGLE_EVENT, np.nan
@@ -177,8 +238,9 @@ def classify_sparse(batch: LightCurveBatch, rows: np.ndarray, clf: LoadedSparseC
             name, period = SPARSE_CLASSES[j], np.nan
         row = {"period": period, "period_power": fit.ls_power, "depth": fit.amplitude, "duration": np.nan,
                "p_periodic": float(p_per[k]), "var_class": name, "var_class_prob": float(prob[k, j]),
-               "t0_days": fit.t_min_days + float(batch.t_days[keep][0]), "period_ls": fit.period_days,
-               "ls_power": fit.ls_power, "n_events": -1, "ls_fap": fap}
+               "t0_days": fit.t_min_days + float(batch.kept(i, view == "unclipped")[0][0]) - batch.t_ref_mjd,
+               "period_ls": fit.period_days,
+               "ls_power": fit.ls_power, "n_events": -1, "ls_fap": fit.fap}
         row.update({f"prob_{c}": float(prob[k, m]) for m, c in enumerate(SPARSE_CLASSES)})
         res.append(row)
     return pd.DataFrame(res, index=pd.RangeIndex(len(res)))
