@@ -256,3 +256,51 @@ def test_reconcile_bands_rules():
     assert out.loc[2, "band_classified"] == "r"  # neither: the more points
     assert out.loc[3, "classify_reason"] == "too_few_points: y"  # none classified: the band with more points
     assert reconcile_bands({}) is None
+
+
+def _eb_model(tmp_path, views):
+    """A sparse model that calls every curve an eclipsing binary (p = 0.9999), with the card's ``views``."""
+    import torch
+
+    n_views = 2 if views == ["clipped", "unclipped"] else 1
+    model = FourierMLP(SparseClassifierConfig(n_features=len(FEATURE_NAMES) * n_views))
+    with torch.no_grad():
+        last = model.net[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.0, 10.0, 0.0, 0.0]))
+    path = tmp_path / "eb.pt"
+    model_registry.save("classifier_sparse", model, path, card={"views": views, "max_fap": 1.0}, threshold=0.5)
+    return model_registry.load("classifier_sparse", path, device="cpu")
+
+
+def test_a_two_view_model_takes_an_eclipsing_binarys_period_from_the_unclipped_view(tmp_path):
+    """Nightly visits of a detached binary: each eclipse point is alone among out-of-eclipse neighbours and the
+    clip drops it. The unclipped view still holds the eclipses: its period is the orbit's; the clipped view's is
+    not."""
+    from survey_proc.lightcurves.sparse_classifier import classify_sparse
+
+    rng = np.random.default_rng(21)
+    t = ground_cadence(rng, 240)
+    p_true = 2.7183
+    mag = 17.0 + eclipsing(t, p_true, depth=0.7, width=0.015) + rng.normal(0, 0.01, len(t))
+    b = one_batch(t, mag, np.full(len(t), 0.01))
+    assert b.n_clipped[0] >= 10
+    two = classify_sparse(b, np.array([0]), _eb_model(tmp_path, ["clipped", "unclipped"])).iloc[0]
+    one = classify_sparse(b, np.array([0]), _eb_model(tmp_path, ["clipped"])).iloc[0]
+    assert two["var_class"] == one["var_class"] == "eclipsing_binary"
+    assert any(abs(two["period"] / (k * p_true) - 1) < 0.01 for k in (1, 2))
+    assert not any(abs(one["period"] / (k * p_true) - 1) < 0.01 for k in (0.5, 1, 2))
+    # the time of minimum light is on the unclipped view's clock too: an eclipse
+    ph = ((two["t0_days"] + b.t_ref_mjd) % p_true) / p_true  # the eclipses are at phases 0 and 0.5 of t
+    assert min(ph, 1 - ph, abs(ph - 0.5)) < 0.05
+
+
+def test_a_sparse_card_naming_an_unknown_view_is_refused(tmp_path):
+    from survey_proc.lightcurves.sparse_classifier import classify_sparse
+
+    rng = np.random.default_rng(2)
+    t = ground_cadence(rng, 60)
+    b = one_batch(t, 17.0 + rng.normal(0, 0.01, len(t)), np.full(len(t), 0.01))
+    with pytest.raises(ValueError, match=r"card views \['raw'\] must be a non-empty list of \['clipped', "
+                                         r"'unclipped'\]; retrain it"):
+        classify_sparse(b, np.array([0]), _eb_model(tmp_path, ["raw"]))
