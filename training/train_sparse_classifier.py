@@ -27,19 +27,21 @@ Data (:mod:`survey_proc.lightcurves.sparse_classifier` says why this model exist
 
 Every curve goes through the classify path's own preprocessing
 (:func:`survey_proc.lightcurves.preprocess.preprocess`, ``min_points`` 20) and features
-(:func:`survey_proc.lightcurves.fourier_features.curve_features`). Stars are split 80/20
-(seed 0) into training and validation; the negatives follow their star. The MLP is trained
-with class-balanced cross-entropy (AdamW, full batch, 400 steps). For each FAP gate of
+(:func:`survey_proc.lightcurves.fourier_features.curve_features`). Stars are split 80/20 (seed
+0) into training and validation; the negatives follow their star. The MLP is trained with
+class-balanced cross-entropy (AdamW, full batch, 400 steps). For each FAP gate of
 :data:`FAP_GATES` and significance of :data:`SIGNIFICANCE` (the LS peak's Baluev FAP, or the
 smaller of it and the multi-harmonic FAP; of the two views, the smaller) the threshold on
-``p_periodic`` is the lowest one
-(grid 0.50-0.99) at which at most 0.5 % of the validation constants *and* random walks (all
-modes) pass the full decision (threshold and gate); of those, the variant with the best
-four-class accuracy on the validation EROS stars in ``joint`` mode (:func:`star_level`, the
-rule of ``benchmarks/eros.py``) is kept (card ``max_fap``, ``significance``, ``threshold``).
-No gate at all is not offered: it called 12 of 40 white-noise objects of a cadence outside
-the training set periodic (RESULTS.md, issue 22). The card records the data, every variant's
-validation figures and the rule. The EROS test split is never read.
+``p_periodic`` is the lowest one (grid 0.50-0.99) at which at most 0.5 % of the validation
+constant objects and at most 0.5 % of the random-walk objects pass the full decision (threshold
+and gate; an object is called when either band is, as the classify stage reconciles them) in each
+mode (joint, alone, thinned; counted over curves and pooled over the modes, the two-view model let
+the thinned cadence's constant objects through at ~1 %); of those, the variant with the best four-class accuracy on the
+validation EROS stars in ``joint`` mode (:func:`star_level`, the rule of ``benchmarks/eros.py``)
+is kept (card ``max_fap``, ``significance``, ``threshold``). No gate at all is not offered: it
+called 12 of 40 white-noise objects of a cadence outside the training set periodic (RESULTS.md,
+issue 22). The card records the data, every variant's validation figures and the rule. The EROS
+test split is never read.
 """
 
 from __future__ import annotations
@@ -280,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     # stars scored as the classify stage sees them: both bands, periods searched jointly (unless --per-band)
     alone = (mv["mode"] == "alone").to_numpy()
     thinned = (mv["mode"] == "thinned").to_numpy()
+    mode = mv["mode"].to_numpy()
     main_mode = (mv["mode"] == "joint").to_numpy() if (mv["mode"] == "joint").any() else alone
     variants = []
     def sig(kind: str) -> np.ndarray:  # the smaller of the two views' (classify_sparse)
@@ -287,21 +290,32 @@ def main(argv: list[str] | None = None) -> None:
             return np.minimum.reduce([mv[c].to_numpy() for c in ("fap", "fap_h", "fap_u", "fap_h_u")])
         return np.minimum(mv["fap"].to_numpy(), mv["fap_u"].to_numpy())
 
+    negs = pd.DataFrame({"star": mv["star"].to_numpy(), "mode": mode, "kind": yv})[neg]
+
+    def object_rates(called: np.ndarray) -> dict[str, float]:
+        """Per mode and negative kind: the fraction of validation negative objects with a band called periodic."""
+        g = negs.assign(c=called[neg]).groupby(["mode", "kind", "star"])["c"].max()
+        return {f"{m}/{SPARSE_CLASSES[int(k)]}": float(v) for (m, k), v in g.groupby(level=[0, 1]).mean().items()}
+
     for gate_fap, sig_kind in [(g, k) for k in SIGNIFICANCE for g in FAP_GATES]:
         gate = sig(sig_kind) <= gate_fap
-        thr, fp = 0.99, float(np.mean((p_per[neg] >= 0.99) & gate[neg]))
+        # every cell (mode x negative kind) at most MAX_FP of its *objects* (called when either band is, as the
+        # classify stage reconciles bands): pooled over curves, the two-view model let the sparser thinned cadence's
+        # constant objects through at ~1 % (validation and test cadences, 2026-12-01, RESULTS.md)
+        thr = 0.99
         for t_ in np.round(np.arange(0.50, 0.995, 0.01), 2):
-            f_ = float(np.mean((p_per[neg] >= t_) & gate[neg]))
-            if f_ <= MAX_FP:
-                thr, fp = float(t_), f_
+            if max(object_rates((p_per >= t_) & gate).values()) <= MAX_FP:
+                thr = float(t_)
                 break
+        fp_cells = object_rates((p_per >= thr) & gate)
+        fp = float(np.mean((p_per[neg] >= thr) & gate[neg]))
         called = (p_per >= thr) & gate
         acc, per_ok = star_level(mv[main_mode], prob[main_mode], called[main_mode], lab)
         acc1, per_ok1 = star_level(mv[alone], prob[alone], called[alone], lab)
         acc2, per_ok2 = (star_level(mv[thinned], prob[thinned], called[thinned], lab) if thinned.any()
                          else (None, None))
         variants.append({"max_fap": gate_fap, "significance": sig_kind, "threshold": thr,
-                         "negatives_called_periodic": fp,
+                         "negatives_called_periodic": fp, "negative_objects_called_periodic": fp_cells,
                          "eros_val_class_accuracy": acc, "eros_val_period_within_1pct": per_ok,
                          "eros_val_bands_searched_alone": {"class_accuracy": acc1, "period_within_1pct": per_ok1},
                          "eros_val_thinned": {"class_accuracy": acc2, "period_within_1pct": per_ok2},
@@ -324,7 +338,8 @@ def main(argv: list[str] | None = None) -> None:
         "significance": sig_kind,
         "threshold_rule": f"per FAP gate {FAP_GATES} and significance {SIGNIFICANCE}: the lowest p_periodic "
                           "threshold (grid 0.50-0.99) at which <= "
-                          f"{MAX_FP:.1%} of the validation constants and non-periodic curves pass it and the gate; "
+                          f"{MAX_FP:.1%} of the validation constant objects and of the non-periodic objects of each "
+                          "mode (joint, alone, thinned; an object is called when either band is) pass it and the gate; "
                           "the gate (max_fap) with the best EROS validation four-class accuracy (stars, bands "
                           "reconciled as benchmarks/eros.py and classify_table do; ties: the stricter gate, then 'ls')",
         "search": {"period_min_days": PERIOD_MIN_DAYS},
