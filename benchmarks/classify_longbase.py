@@ -3,6 +3,7 @@
     survey-proc simulate --scenario benchmarks/scenarios/longbase-heldout.toml --epochs 150 --size 1024 --out S.zarr
     survey-proc run S.zarr --out OUT
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/classify_longbase.py --run OUT --store S.zarr [--json F]
+        [--sparse-weights W ...] [--no-cnn]
 
 The run's light curves (detrended as the stage does: :func:`benchmarks.classify_heldout22.load_run`)
 go through :func:`survey_proc.lightcurves.search.classify_table` twice, with the default
@@ -38,8 +39,9 @@ from survey_proc.lightcurves.search import classify_table
 from survey_proc.vocab import PERIODIC_CLASSES
 
 
-def evaluate(run: Path, store: str) -> dict[str, dict]:
-    """The figures of the module docstring for both variants."""
+def evaluate(run: Path, store: str, extra_weights: tuple[str, ...] = (), cnn: bool = True) -> dict[str, dict]:
+    """The figures of the module docstring for each variant: the shipped sparse model, each of ``extra_weights``
+    (other sparse weights, e.g. an earlier model's) and, with ``cnn``, the CNN alone."""
     objects, lc = load_run(run)
     stars = truth_table(store)
     const = set(clean_constants(objects, stars))
@@ -49,8 +51,11 @@ def evaluate(run: Path, store: str) -> dict[str, dict]:
     cls_true = stars["var_class"].to_numpy()
     clf = model_registry.load("classifier", device="cpu")
     out: dict[str, dict] = {}
-    for name, sparse in (("sparse (default)", model_registry.load("classifier_sparse", device="cpu")),
-                         ("cnn only", None)):
+    variants = [("sparse (default)", model_registry.load("classifier_sparse", device="cpu"))]
+    variants += [(f"sparse ({w})", model_registry.load("classifier_sparse", w, device="cpu")) for w in extra_weights]
+    if cnn:
+        variants.append(("cnn only", None))
+    for name, sparse in variants:
         t0 = time.time()
         res, info = classify_table(lc, clf, ClassifySettings(), sparse)
         wall = time.time() - t0
@@ -87,8 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--run", required=True)
     ap.add_argument("--store", required=True)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--sparse-weights", nargs="*", default=[], help="other sparse weights to compare")
+    ap.add_argument("--no-cnn", action="store_true", help="skip the CNN-only variant")
     a = ap.parse_args(argv)
-    out = evaluate(Path(a.run), a.store)
+    out = evaluate(Path(a.run), a.store, tuple(a.sparse_weights), not a.no_cnn)
     text = json.dumps(out, indent=1)
     print(text)
     if a.json:
