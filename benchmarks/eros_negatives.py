@@ -11,7 +11,8 @@ with a zero-point jump) object in both bands at the star's real times and quoted
 only the times and errors of the test split are read, never its labels), optionally thinned
 to ``--thin`` of each band's points (at least 20). Each object goes through
 :func:`survey_proc.lightcurves.search.classify_table` with the default ``[classify]``
-settings; reported: the objects called periodic (eclipsing_binary, pulsator, transit) per kind.
+settings; reported: the objects called periodic (eclipsing_binary, pulsator, transit) per kind,
+and every class given (a constant labelled ``non_periodic`` is wrong too, though not periodic).
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     out = {"sparse_weights": str(sparse.path), "thin": a.thin, "n_stars": a.n_stars, "seed": a.seed,
            "wall_s": round(time.time() - t0, 1),
            **{kind: {"classified": int((done & (d["kind"] == kind)).sum()),
-                     "called_periodic": int((d["var_class"].isin(PERIODIC_CLASSES) & (d["kind"] == kind)).sum())}
+                     "called_periodic": int((d["var_class"].isin(PERIODIC_CLASSES) & (d["kind"] == kind)).sum()),
+                     "classes": {str(k): int(v) for k, v in
+                                 d.loc[d["kind"] == kind, "var_class"].fillna("none").value_counts().items()}}
               for kind in ("constant", "non_periodic")}}
     text = json.dumps(out, indent=1)
     print(text)

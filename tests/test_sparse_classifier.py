@@ -263,8 +263,9 @@ def test_reconcile_bands_rules():
     assert reconcile_bands({}) is None
 
 
-def _eb_model(tmp_path, views):
-    """A sparse model that calls every curve an eclipsing binary (p = 0.9999), with the card's ``views``."""
+def _eb_model(tmp_path, views, max_fap: float = 1.0):
+    """A sparse model that calls every curve an eclipsing binary (p = 0.9997; non_periodic 10x more probable than
+    constant), with the card's ``views`` and ``max_fap``."""
     import torch
 
     n_views = 2 if views == ["clipped", "unclipped"] else 1
@@ -272,9 +273,9 @@ def _eb_model(tmp_path, views):
     with torch.no_grad():
         last = model.net[-1]
         last.weight.zero_()
-        last.bias.copy_(torch.tensor([0.0, 10.0, 0.0, 0.0]))
+        last.bias.copy_(torch.tensor([0.0, 10.0, 0.0, float(np.log(10.0))]))
     path = tmp_path / "eb.pt"
-    model_registry.save("classifier_sparse", model, path, card={"views": views, "max_fap": 1.0}, threshold=0.5)
+    model_registry.save("classifier_sparse", model, path, card={"views": views, "max_fap": max_fap}, threshold=0.5)
     return model_registry.load("classifier_sparse", path, device="cpu")
 
 
@@ -309,3 +310,17 @@ def test_a_sparse_card_naming_an_unknown_view_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"card views \['raw'\] must be a non-empty list of \['clipped', "
                                          r"'unclipped'\]; retrain it"):
         classify_sparse(b, np.array([0]), _eb_model(tmp_path, ["raw"]))
+
+
+def test_a_periodic_score_without_a_significant_period_is_labelled_constant(tmp_path):
+    """Out of its domain the model may score noise p_periodic ~ 1; the gate refuses the period, and the label is
+    constant, not whichever of its two tiny non-periodic probabilities is larger (here non_periodic's)."""
+    from survey_proc.lightcurves.sparse_classifier import classify_sparse
+
+    rng = np.random.default_rng(4)
+    t = ground_cadence(rng, 100)
+    b = one_batch(t, 17.0 + rng.normal(0, 0.01, len(t)), np.full(len(t), 0.01))
+    r = classify_sparse(b, np.array([0]), _eb_model(tmp_path, ["clipped", "unclipped"], max_fap=1e-9)).iloc[0]
+    assert r["p_periodic"] > 0.99 and r["prob_non_periodic"] > 5 * r["prob_constant"]
+    assert r["var_class"] == "constant" and np.isnan(r["period"])
+    assert r["var_class_prob"] == pytest.approx(r["prob_constant"])

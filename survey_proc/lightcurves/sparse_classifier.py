@@ -40,7 +40,11 @@ or with the card's ``significance = "ls_or_harmonic"`` the smaller of it and the
 multi-harmonic one (:func:`~survey_proc.lightcurves.fourier_features.harmonic_false_alarm`),
 is at most the card's ``max_fap`` (all chosen on the validation split, see the card; without
 ``max_fap``, ``[classify] pulsator_max_fap``, the CNN path's gate); otherwise the
-more probable of ``constant`` and ``non_periodic``. Periods: a pulsator's is the fitted
+more probable of ``constant`` and ``non_periodic``, except when ``p_periodic`` reaches the
+threshold but no period is significant: ``constant`` (the model is out of its domain there:
+on a simulated 11-year single-band survey it gave constant stars p_periodic ~0.99, and the
+order of their two tiny non-periodic probabilities labelled 38 % of them ``non_periodic``;
+RESULTS.md, issue 22). Periods: a pulsator's is the fitted
 period; an eclipsing binary's is twice it (the LS peak of two similar eclipses is half the
 orbit). Fewer than 1.15 cycles of that period in the curve's own span: ``single_event``,
 period NaN, as in the CNN path.
@@ -233,6 +237,12 @@ def classify_sparse(batch: LightCurveBatch, rows: np.ndarray, clf: LoadedSparseC
             period = fit.period_days * (2.0 if name == "eclipsing_binary" else 1.0)
             if period * SINGLE_EVENT_CYCLES > span:
                 name, period = SINGLE_EVENT, np.nan
+        elif p_per[k] >= clf.threshold:
+            # the model calls it periodic but no period is significant: out of the model's domain (on its
+            # validation curves 14 of ~7,000 negatives), its constant / non_periodic probabilities are both
+            # ~0.005 and their order is noise; no significant variability was found, so: constant
+            j = SPARSE_CLASSES.index("constant")
+            name, period = SPARSE_CLASSES[j], np.nan
         else:
             j = non[int(np.argmax(prob[k, non]))]
             name, period = SPARSE_CLASSES[j], np.nan
