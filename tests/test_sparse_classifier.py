@@ -194,9 +194,9 @@ def test_classify_table_searches_an_objects_long_bands_jointly(monkeypatch, join
     seen: list[tuple[int, int]] = []
     real = fourier_features.curve_features
 
-    def spy(t, y, sigma, period_min_days=0.1, others=()):
+    def spy(t, y, sigma, period_min_days=0.1, others=(), rescale_bands=False):
         seen.append((len(t), sum(len(o[0]) for o in others)))
-        return real(t, y, sigma, period_min_days, others=others)
+        return real(t, y, sigma, period_min_days, others=others, rescale_bands=rescale_bands)
 
     monkeypatch.setattr(sparse_classifier, "curve_features", spy)
     rng = np.random.default_rng(9)
@@ -324,3 +324,25 @@ def test_a_periodic_score_without_a_significant_period_is_labelled_constant(tmp_
     assert r["p_periodic"] > 0.99 and r["prob_non_periodic"] > 5 * r["prob_constant"]
     assert r["var_class"] == "constant" and np.isnan(r["period"])
     assert r["var_class_prob"] == pytest.approx(r["prob_constant"])
+
+
+def test_rescaled_bands_weighs_each_band_by_its_own_scatter_about_the_periodic_fit():
+    from survey_proc.lightcurves.fourier_features import rescaled_bands
+
+    rng = np.random.default_rng(8)
+    t_b, t_r = ground_cadence(rng, 120), ground_cadence(rng, 120)
+    p = 0.5678
+    y_b = 0.3 * np.sin(2 * np.pi * t_b / p) + rng.normal(0, 0.02, len(t_b))
+    y_r = 0.15 * np.sin(2 * np.pi * t_r / p) + rng.normal(0, 0.01, len(t_r))
+    # quoted errors inflated by the variability itself, by different factors (as the running-median scale is)
+    curves = [(t_b, y_b, np.full(len(t_b), 0.2)), (t_r, y_r, np.full(len(t_r), 0.03))]
+    out = rescaled_bands(curves, 0.1)
+    assert out[0][2][0] == pytest.approx(0.02, rel=0.2) and out[1][2][0] == pytest.approx(0.01, rel=0.2)
+    for (t, y, _), (t2, y2, _) in zip(curves, out, strict=True):
+        assert t2 is t and y2 is y
+    fit = curve_features(*curves[0], 0.1, others=[curves[1]], rescale_bands=True)
+    assert abs(fit.period_days / p - 1) < 0.01
+    # the features keep the errors as given: the band's own chi^2 is that of the quoted 0.2 mag errors
+    plain = curve_features(*curves[0], 0.1, others=[curves[1]])
+    assert fit.features[FEATURE_NAMES.index("log_chi2nu")] == pytest.approx(
+        plain.features[FEATURE_NAMES.index("log_chi2nu")], abs=0.05)

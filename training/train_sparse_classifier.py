@@ -1,7 +1,7 @@
 """Train the sparse, long-baseline light-curve classifier (``survey_proc/models/classifier_sparse.pt``).
 
     PYTHONPATH=. python training/train_sparse_classifier.py [--out survey_proc/models/classifier_sparse.pt]
-        [--cache training/cache/sparse-features-2views.npz] [--workers 2] [--per-band] [--no-thinned]
+        [--cache training/cache/sparse-features-2views-rescaled.npz] [--workers 2] [--per-band] [--no-thinned]
 
 Data (:mod:`survey_proc.lightcurves.sparse_classifier` says why this model exists):
 
@@ -69,6 +69,7 @@ from survey_proc.lightcurves.sparse_classifier import (
 from training.build_cadence_data import EROS, eros_band
 
 PERIOD_MIN_DAYS = 0.1  # EROS-1's shortest periods are RRc stars at ~0.2 d
+RESCALE_BANDS = True  # the joint search weighs each band by its own scatter (fourier_features.rescaled_bands)
 MAX_FP = 0.005  # validation constants and random walks called periodic, at most
 SIGNIFICANCE = ("ls", "ls_or_harmonic")  # the LS FAP, or the smaller of it and the multi-harmonic FAP
 CACHE_COLUMNS = ("star", "band", "label", "type", "mode", "period", "fap", "fap_h", "period_u", "fap_u", "fap_h_u")
@@ -100,7 +101,7 @@ def _features_of(bands: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], jo
         out[b] = {}
         for k, view in enumerate(VIEWS):
             others = [v[k] for o, v in kept.items() if o != b] if joint else []
-            fit = curve_features(*views[k], PERIOD_MIN_DAYS, others=others)
+            fit = curve_features(*views[k], PERIOD_MIN_DAYS, others=others, rescale_bands=RESCALE_BANDS)
             out[b][view] = (fit.features, fit.period_days, fit.fap, fit.fap_harmonic)
     return out
 
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="survey_proc/models/classifier_sparse.pt")
-    ap.add_argument("--cache", default="training/cache/sparse-features-2views.npz")
+    ap.add_argument("--cache", default="training/cache/sparse-features-2views-rescaled.npz")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--per-band", action="store_true",
                     help="search each band's period alone (the default searches an object's bands jointly)")
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
                           "mode (joint, alone, thinned; an object is called when either band is) pass it and the gate; "
                           "the gate (max_fap) with the best EROS validation four-class accuracy (stars, bands "
                           "reconciled as benchmarks/eros.py and classify_table do; ties: the stricter gate, then 'ls')",
-        "search": {"period_min_days": PERIOD_MIN_DAYS},
+        "search": {"period_min_days": PERIOD_MIN_DAYS, "rescale_bands": RESCALE_BANDS},
         "data": {"generator": "training/train_sparse_classifier.py", "periodic": "EROS-1 train split, both bands",
                  "negatives": "constant and random-walk/trend objects at the EROS train stars' own times and errors "
                               "(both bands; one random walk or trend per object, its amplitude 0.7-1.4x per band)",

@@ -123,6 +123,14 @@ def period_min_days(clf: LoadedSparseClassifier) -> float:
     return float((clf.card or {}).get("search", {}).get("period_min_days", 0.1))
 
 
+def rescale_bands(clf: LoadedSparseClassifier) -> bool:
+    """Whether the joint search weighs each band by its own scatter (the card's ``search.rescale_bands``).
+
+    What the model was trained with (:func:`~survey_proc.lightcurves.fourier_features.rescaled_bands`).
+    """
+    return bool((clf.card or {}).get("search", {}).get("rescale_bands", False))
+
+
 def significance(clf: LoadedSparseClassifier, fit: CurveFit) -> float:
     """The false-alarm probability a periodic call is gated on.
 
@@ -164,19 +172,21 @@ def views(clf: LoadedSparseClassifier) -> tuple[str, ...]:
 
 
 def batch_features(batch: LightCurveBatch, rows: np.ndarray, p_min_days: float,
-                   others: Mapping[Any, list] | None = None, with_clipped: bool = False) -> list[CurveFit]:
+                   others: Mapping[Any, list] | None = None, with_clipped: bool = False,
+                   rescale: bool = False) -> list[CurveFit]:
     """:func:`~survey_proc.lightcurves.fourier_features.curve_features` of rows ``rows`` of ``batch`` (kept points).
 
     ``others`` maps an object_id to its other bands' kept curves, ``(t_mjd, y, sigma)`` each
     (MJD in days): that object's period is searched in all its bands jointly.
     ``with_clipped``: the points the preprocessing clipped are measured too (the unclipped view;
-    ``others`` should then hold the other bands' unclipped curves).
+    ``others`` should then hold the other bands' unclipped curves). ``rescale``: the joint search
+    weighs each band by its own scatter (:func:`rescale_bands`).
     """
     out = []
     others = others or {}
     for i in rows:
         out.append(curve_features(*batch.kept(i, with_clipped), p_min_days,
-                                  others=others.get(batch.object_id[i], ())))
+                                  others=others.get(batch.object_id[i], ()), rescale_bands=rescale))
     return out
 
 
@@ -199,12 +209,13 @@ def classify_sparse(batch: LightCurveBatch, rows: np.ndarray, clf: LoadedSparseC
     rows = np.asarray(rows, int)
     vs = views(clf)
     p_min = period_min_days(clf)
+    rescale = rescale_bands(clf)
     others = others or {}
     others_u = others if others_unclipped is None else others_unclipped
     fits: dict[str, list[CurveFit]] = {}
     for v in vs:
         if v == "clipped":
-            fits[v] = batch_features(batch, rows, p_min, others)
+            fits[v] = batch_features(batch, rows, p_min, others, rescale=rescale)
             continue
         fits[v] = []
         for k, i in enumerate(rows):
@@ -214,7 +225,7 @@ def classify_sparse(batch: LightCurveBatch, rows: np.ndarray, clf: LoadedSparseC
             if same and "clipped" in fits:  # nothing clipped in any band: the same curves, the same fit
                 fits[v].append(fits["clipped"][k])
             else:
-                fits[v] += batch_features(batch, rows[k:k + 1], p_min, others_u, with_clipped=True)
+                fits[v] += batch_features(batch, rows[k:k + 1], p_min, others_u, with_clipped=True, rescale=rescale)
     x = (np.concatenate([np.stack([f.features for f in fits[v]]) for v in vs], 1) if len(rows)
          else np.zeros((0, len(FEATURE_NAMES) * len(vs)), np.float32))
     prob = predict_proba(clf, x)
