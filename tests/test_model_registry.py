@@ -22,11 +22,11 @@ from survey_proc.photometry import stamps as stp
 
 # the shipped weights: their digests are part of every run's fingerprint and must never change
 SHIPPED_DIGESTS = {"detector": "d61c5020fe32b8c9", "bpnn": "584032c7fa35c363", "classifier": "5468d5a4421793c3",
-                   "classifier_sparse": "4eedbe10cfe1bb10"}  # v3 (two views), 2026-12-01
+                   "classifier_sparse": "db88d9f80b342ff6"}  # v4 (two views, bands rescaled), 2026-12-01
 # today's values of the shipped settings (detector and bpnn: in the weights file; classifier: on its card)
 SHIPPED_SETTINGS = {"detector": ("threshold", 0.14), "bpnn": ("n_samples", 8),
                     "classifier": ("threshold", 0.500000000000004),  # calibrated p_periodic 0.5 (raw 0.99827)
-                    "classifier_sparse": ("threshold", 0.95)}
+                    "classifier_sparse": ("threshold", 0.96)}
 
 
 def _tiny(kind: str) -> torch.nn.Module:
