@@ -213,8 +213,6 @@ def star_level(mv: pd.DataFrame, prob: np.ndarray, called: np.ndarray, lab: pd.D
     higher class probability, else none.
     """
     d = mv.assign(pe=prob[:, 1], pp=prob[:, 2], called=called).reset_index(drop=True)
-    if "period_u" not in d:
-        d["period_u"] = d["period"]
     acc, ok = [], []
     for sid, g in d[d["type"] > 0].groupby("star"):
         best = None

@@ -149,8 +149,7 @@ class LightCurveBatch:
         rows = np.arange(len(self))[sel]
         new = np.full(len(self), -1)
         new[rows] = np.arange(len(rows))
-        at = np.flatnonzero(new[self.clipped_row] >= 0) if len(self.clipped_row) else np.zeros(0, int)
-        at = at[np.argsort(new[self.clipped_row[at]], kind="stable")]
+        at = np.flatnonzero(new[self.clipped_row] >= 0)
         return LightCurveBatch(self.object_id[sel], self.t_days, self.t_ref_mjd, self.y[sel], self.w[sel],
                                self.y_smooth[sel], self.mag_median[sel], self.noise_scale[sel], self.n_points[sel],
                                self.n_clipped[sel], self.usable[sel], new[self.clipped_row[at]],

@@ -72,6 +72,8 @@ def _per_band(lc: pd.DataFrame, clf: Any, cc: ClassifySettings, sparse: Any
     (:func:`survey_proc.lightcurves.fourier_features.joint_candidates`), then classifies each
     band at that period.
     """
+    from survey_proc.lightcurves.sparse_classifier import views as sparse_views
+
     results: dict[str, pd.DataFrame] = {}
     bands: dict[str, dict[str, Any]] = {}
     prepared = {str(band): _prepare(part.drop(columns="band"), clf, cc)
@@ -79,16 +81,19 @@ def _per_band(lc: pd.DataFrame, clf: Any, cc: ClassifySettings, sparse: Any
     # the sparse route searches an object's period in all its long curves jointly
     joint = sparse is not None and cc.sparse_span_days > 0 and cc.joint_bands
     kept = {b: p.kept_curves(cc.sparse_span_days) for b, p in prepared.items() if p is not None} if joint else {}
+    # the other bands' unclipped curves, only for a model that reads that view
+    two_views = joint and "unclipped" in sparse_views(sparse)
     kept_u = ({b: p.kept_curves(cc.sparse_span_days, with_clipped=True) for b, p in prepared.items()
-               if p is not None} if joint else {})
+               if p is not None} if two_views else {})
     for band, prep in prepared.items():
         others: dict[Any, list] = {}
-        others_u: dict[Any, list] = {}
+        others_u: dict[Any, list] | None = {} if two_views else None
         for ob, curves in kept.items():
             if ob != band:
                 for oid, c in curves.items():
                     others.setdefault(oid, []).append(c)
-                    others_u.setdefault(oid, []).append(kept_u[ob][oid])
+                    if others_u is not None:
+                        others_u.setdefault(oid, []).append(kept_u[ob][oid])
         res, inf = _finish(prep, clf, cc, sparse, others, others_u)
         bands[band] = inf
         if res is not None:
