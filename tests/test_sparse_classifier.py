@@ -326,6 +326,49 @@ def test_a_periodic_score_without_a_significant_period_is_labelled_constant(tmp_
     assert r["var_class_prob"] == pytest.approx(r["prob_constant"])
 
 
+def _np_model(tmp_path, card: dict | None = None):
+    """A sparse model that calls every curve non_periodic (10x more probable than constant; p_periodic ~1e-5)."""
+    import torch
+
+    model = FourierMLP(SparseClassifierConfig(n_features=len(FEATURE_NAMES) * 2))
+    with torch.no_grad():
+        model.net[-1].weight.zero_()
+        model.net[-1].bias.copy_(torch.tensor([0.0, -10.0, -10.0, float(np.log(10.0))]))
+    path = tmp_path / "np.pt"
+    model_registry.save("classifier_sparse", model, path, card={"views": ["clipped", "unclipped"], **(card or {})},
+                        threshold=0.5)
+    return model_registry.load("classifier_sparse", path, device="cpu")
+
+
+def test_non_periodic_needs_correlated_variability_white_noise_is_constant(tmp_path):
+    """Whatever the model's probabilities, a curve whose points are white noise about their mean carries no
+    evidence of variability (its errors are scaled to its own scatter): constant. A random walk of the same
+    scatter is non_periodic."""
+    from survey_proc.lightcurves.sparse_classifier import (
+        NON_PERIODIC_MIN_Z,
+        classify_sparse,
+        correlated_variability_z,
+    )
+
+    rng = np.random.default_rng(12)
+    t = ground_cadence(rng, 150)
+    white = 17.0 + rng.normal(0, 0.05, len(t))
+    walk = 17.0 + np.cumsum(rng.normal(0, 0.05, len(t))) * 0.3 + rng.normal(0, 0.02, len(t))
+    clf = _np_model(tmp_path)
+    r_white = classify_sparse(one_batch(t, white, np.full(len(t), 0.05)), np.array([0]), clf).iloc[0]
+    r_walk = classify_sparse(one_batch(t, walk, np.full(len(t), 0.05)), np.array([0]), clf).iloc[0]
+    assert r_white["prob_non_periodic"] > 5 * r_white["prob_constant"] and r_white["p_periodic"] < 1e-3
+    assert r_white["var_class"] == "constant" and np.isnan(r_white["period"])
+    assert r_white["var_class_prob"] == pytest.approx(r_white["prob_constant"])
+    assert r_walk["var_class"] == "non_periodic"
+    # the statistic: 0 for white noise's eta = 2, sqrt(n) / 2 per unit below; the card may set the threshold
+    assert correlated_variability_z(2.0, 100) == 0.0 and correlated_variability_z(1.0, 100) == pytest.approx(5.0)
+    assert NON_PERIODIC_MIN_Z == 3.0
+    loose = _np_model(tmp_path, {"non_periodic_min_z": -100.0})
+    assert classify_sparse(one_batch(t, white, np.full(len(t), 0.05)), np.array([0]), loose).iloc[0][
+        "var_class"] == "non_periodic"
+
+
 def test_rescaled_bands_weighs_each_band_by_its_own_scatter_about_the_periodic_fit():
     from survey_proc.lightcurves.fourier_features import rescaled_bands
 

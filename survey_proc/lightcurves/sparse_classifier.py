@@ -44,10 +44,18 @@ more probable of ``constant`` and ``non_periodic``, except when ``p_periodic`` r
 threshold but no period is significant: ``constant`` (the model is out of its domain there:
 on a simulated 11-year single-band survey it gave constant stars p_periodic ~0.99, and the
 order of their two tiny non-periodic probabilities labelled 38 % of them ``non_periodic``;
-RESULTS.md, issue 22). Periods: a pulsator's is the fitted
-period; an eclipsing binary's is twice it (the LS peak of two similar eclipses is half the
-orbit). Fewer than 1.15 cycles of that period in the curve's own span: ``single_event``,
-period NaN, as in the CNN path.
+RESULTS.md, issue 22). ``non_periodic`` further needs evidence of variability that is not white:
+the curve's von Neumann ratio ``eta`` (clipped view) at least :data:`NON_PERIODIC_MIN_Z` white-noise
+spreads below 2 (:func:`correlated_variability_z`; a card may set ``non_periodic_min_z``), else
+``constant``. The preprocessing scales the errors to the curve's own point-to-point scatter, so a
+curve without correlated variability carries no evidence that it varies at all, whatever the
+model's probabilities: on a simulated 11-year single-band survey the model labelled 114 of 1141
+constant stars ``non_periodic`` (3 with this rule), on the EROS-1 validation cadences 4 % of the
+constant curves (0.3 %); the price is the random walks too slow or faint to lower ``eta`` that
+much (at the EROS test cadences 57 % of them keep the label, 84 % before; RESULTS.md, issue 22).
+Periods: a pulsator's is the fitted period; an eclipsing binary's is twice it (the LS peak of
+two similar eclipses is half the orbit). Fewer than 1.15 cycles of that period in the curve's
+own span: ``single_event``, period NaN, as in the CNN path.
 
 Nothing here knows about Dask or files; :func:`survey_proc.model_registry.load` loads it
 (kind ``"classifier_sparse"``).
@@ -71,6 +79,10 @@ from survey_proc.vocab import SINGLE_EVENT
 SPARSE_CLASSES: tuple[str, ...] = ("constant", "eclipsing_binary", "pulsator", "non_periodic")
 VIEWS: tuple[str, ...] = ("clipped", "unclipped")  # the views a card may name (module docstring)
 SINGLE_EVENT_CYCLES = 1.15
+# ``non_periodic`` needs the von Neumann ratio this many white-noise spreads below 2 (module docstring): the
+# smallest of 2, 2.5 and 3 at which <= 0.5 % of the EROS-1 validation constant curves of every mode (joint, alone,
+# thinned) keep that label (2: 0.9 / 0.8 / 1.5 %, 2.5: 0.4 / 0.4 / 0.9 %, 3: 0.2 / 0.3 / 0.1 %; RESULTS.md, issue 22)
+NON_PERIODIC_MIN_Z = 3.0
 
 
 @dataclass(frozen=True)
@@ -145,6 +157,21 @@ def significance(clf: LoadedSparseClassifier, fit: CurveFit) -> float:
 def max_fap(clf: LoadedSparseClassifier, default: float) -> float:
     """The FAP gate of a periodic call: the card's ``max_fap`` (chosen on validation), else ``default``."""
     return float((clf.card or {}).get("max_fap", default))
+
+
+def correlated_variability_z(eta: float, n_points: int) -> float:
+    """How far a curve's von Neumann ratio lies below white noise's, in white-noise spreads.
+
+    ``eta`` (mean squared successive difference over the variance, time-ordered points) is 2 for
+    white noise with a spread of about ``2 / sqrt(n)``; correlated variability (random walks,
+    trends, anything slower than the sampling) lowers it. Returns ``(2 - eta) sqrt(n) / 2``.
+    """
+    return float((2.0 - eta) * np.sqrt(max(n_points, 1)) / 2.0)
+
+
+def non_periodic_min_z(clf: LoadedSparseClassifier) -> float:
+    """The least :func:`correlated_variability_z` of a ``non_periodic`` label (card ``non_periodic_min_z``)."""
+    return float((clf.card or {}).get("non_periodic_min_z", NON_PERIODIC_MIN_Z))
 
 
 @torch.no_grad()
@@ -233,6 +260,8 @@ def classify_sparse(batch: LightCurveBatch, rows: np.ndarray, clf: LoadedSparseC
     non = [SPARSE_CLASSES.index("constant"), SPARSE_CLASSES.index("non_periodic")]
     p_per = prob[:, ie] + prob[:, ip]
     eb_view = "unclipped" if "unclipped" in vs else vs[0]
+    i_eta, i_n = FEATURE_NAMES.index("eta"), FEATURE_NAMES.index("log_n")
+    min_z = non_periodic_min_z(clf)
     other_view = "clipped" if "clipped" in vs else vs[0]
     res = []
     for k, i in enumerate(rows):
@@ -256,6 +285,10 @@ def classify_sparse(batch: LightCurveBatch, rows: np.ndarray, clf: LoadedSparseC
             name, period = SPARSE_CLASSES[j], np.nan
         else:
             j = non[int(np.argmax(prob[k, non]))]
+            feats = fits["clipped" if "clipped" in vs else vs[0]][k].features
+            z = correlated_variability_z(float(feats[i_eta]), round(10 ** float(feats[i_n])))
+            if SPARSE_CLASSES[j] == "non_periodic" and z < min_z:  # no evidence of variability: constant
+                j = SPARSE_CLASSES.index("constant")
             name, period = SPARSE_CLASSES[j], np.nan
         row = {"period": period, "period_power": fit.ls_power, "depth": fit.amplitude, "duration": np.nan,
                "p_periodic": float(p_per[k]), "var_class": name, "var_class_prob": float(prob[k, j]),
