@@ -139,3 +139,26 @@ def test_ls_false_alarm_separates_noise_from_a_pulsation():
     assert C.ls_false_alarm(t, noise, w, float(r.power[0]), fmax) > 1e-2
     assert C.ls_false_alarm(t, puls, w, float(r.power[1]), fmax) < 1e-6
     assert C.ls_false_alarm(t[:3], puls[:3], w[:3], 0.9, fmax) == 1.0  # too few points to judge
+
+
+def test_the_cnn_route_labels_non_periodic_only_with_variability_correlated_in_time(monkeypatch):
+    """Whatever the CNN says, white noise about the mean is no evidence of variability: constant; a slow random
+    walk of the same scatter keeps non_periodic; with the test off (0) both keep the model's label."""
+    clf = model_registry.load("classifier", device="cpu")
+    rng = np.random.default_rng(9)
+    white = 20.0 + rng.normal(0, 0.01, len(T))
+    walk = 20.0 + np.cumsum(rng.normal(0, 0.01, len(T))) * 0.05 + rng.normal(0, 0.005, len(T))
+    mag = np.stack([white, walk])
+    b = preprocess(np.arange(2), T + 61000.0, mag, np.full(mag.shape, 0.01), np.zeros(mag.shape, np.int32))
+    probs = np.zeros(len(C.CLASSES), np.float32)
+    probs[C.CLASSES.index("non_periodic")], probs[C.CLASSES.index("constant")] = 0.9, 0.1
+
+    def all_non_periodic(_clf, g, *_a, **_k):
+        return np.tile(probs, (len(g), 1))
+
+    monkeypatch.setattr(C, "predict_proba", all_non_periodic)
+    res = C.classify(b, clf, search_grid(T), non_periodic_min_z=4.0)
+    assert list(res["var_class"]) == ["constant", "non_periodic"]
+    assert res.loc[0, "var_class_prob"] == pytest.approx(0.1)
+    assert list(C.classify(b, clf, search_grid(T), non_periodic_min_z=0.0)["var_class"]) == ["non_periodic"] * 2
+    assert ClassifySettings().non_periodic_min_z == 4.0

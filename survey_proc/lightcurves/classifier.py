@@ -558,8 +558,15 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
              bls_batch: int = 16, pulsator_max_fap: float = 1e-3, eclipse_min_snr: float = 0.0,
              sparse: LoadedSparseClassifier | None = None,
              sparse_span_days: float = 30.0, sparse_others: Mapping[Any, list] | None = None,
-             sparse_others_unclipped: Mapping[Any, list] | None = None) -> pd.DataFrame:
+             sparse_others_unclipped: Mapping[Any, list] | None = None,
+             non_periodic_min_z: float = 0.0) -> pd.DataFrame:
     """Search, classify and measure every usable light curve of ``batch``.
+
+    ``non_periodic_min_z``: a curve the CNN labels ``non_periodic`` whose von Neumann ratio lies
+    fewer than this many white-noise spreads below 2
+    (:func:`~survey_proc.lightcurves.sparse_classifier.correlated_variability_z`) is labelled
+    ``constant`` (no evidence of variability correlated in time; 0: no test). The sparse route
+    has its own (its card's, :data:`~survey_proc.lightcurves.sparse_classifier.NON_PERIODIC_MIN_Z`).
 
     With ``sparse`` (:mod:`survey_proc.lightcurves.sparse_classifier`), the curves whose kept
     points span more than ``sparse_span_days`` are classified by it (outside the CNN's
@@ -640,6 +647,16 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
                 continue
             if names[i] == "eclipsing_binary" and _folded_eclipses(sub.subset(np.array([i])), p, d, t0[i]):
                 period[i] *= 2.0
+    # non_periodic needs variability correlated in time: white noise about the mean is no evidence of any
+    # (the errors are scaled to each curve's own scatter; [classify] non_periodic_min_z says why the threshold)
+    if non_periodic_min_z > 0:
+        from survey_proc.lightcurves.sparse_classifier import correlated_variability_z
+
+        vn = stats["von_neumann"].to_numpy()[use]
+        for i in np.flatnonzero(names == "non_periodic"):
+            if not correlated_variability_z(float(vn[i]), int(sub.n_points[i])) >= non_periodic_min_z:
+                k = CLASSES.index("constant")
+                names[i], p_cls[i] = CLASSES[k], prob[i, k]
     # can it know? Fewer than two events (boxes) or 1.15 cycles (pulsators) in the object's own span: no period
     span = np.array([np.ptp(batch.t_days[sub.w[i] > 0]) if (sub.w[i] > 0).any() else 0.0 for i in range(len(use))])
     n_events = np.full(len(use), -1)

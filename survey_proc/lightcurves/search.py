@@ -242,7 +242,8 @@ def _finish(prep: _Prepared | None, clf: Any, cc: ClassifySettings, sparse: Any,
     res = classify(batch, clf, grid, pulsator_max_fap=cc.pulsator_max_fap, eclipse_min_snr=cc.eclipse_min_snr,
                    sparse=sparse,
                    sparse_span_days=cc.sparse_span_days, sparse_others=others,
-                   sparse_others_unclipped=others_unclipped).set_index("object_id")
+                   sparse_others_unclipped=others_unclipped,
+                   non_periodic_min_z=cc.non_periodic_min_z).set_index("object_id")
     res["n_points_classified"] = batch.n_points.astype(np.int32)
     res = res.reindex(ids)
     res["classify_reason"] = reason.reindex(ids).to_numpy()
