@@ -43,7 +43,10 @@ search picks the best-fitting of its candidates, so noise favours the reported p
 fraction of these misses judged ``reported`` is the verdict's false-rejection rate under that
 selection.
 
-Output: counts per class of the three verdicts, and the per-star table (``--json``).
+Output: counts per class of the three verdicts; the **ceilings** of a search that reports the
+best-fitting period (every star right except those whose points reject the catalogue period;
+for the class accuracy, those of them whose four-class prediction is wrong too); the per-star
+table (``--json``).
 """
 
 from __future__ import annotations
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         d = evidence(bands, float(r["p_true"]), float(r["period"]), k, catalogue_doubles=typ == 1)
         rows.append({"star": sid, "type": typ, "class": NAMES[typ], "p_catalogue_days": float(r["p_true"]),
                      "p_reported_days": float(r["period"]), "ratio": float(r["period"]) / float(r["p_true"]),
-                     "dchi2": d, "verdict": verdict(d)})
+                     "class_right": bool(int(r["pred"]) == typ), "dchi2": d, "verdict": verdict(d)})
     tab = pd.DataFrame(rows)
     counts = (tab.groupby(["class", "verdict"]).size().unstack(fill_value=0)
               if len(tab) else pd.DataFrame())
@@ -204,7 +207,16 @@ def main(argv: list[str] | None = None) -> None:
     print("which period the stars' own points prefer (dchi2 = chi2(catalogue) - chi2(reported), "
           f"decisive at |dchi2| > {DECISIVE:g}):")
     print(counts.to_string())
+    # what a search reporting the best-fitting period could reach at most: every star right except those whose own
+    # points reject the catalogue period (for the classes: those of them whose class is wrong too)
+    rejected = tab[tab["verdict"] == "reported"] if len(tab) else tab
+    ceilings = {"period_within_1pct": 1.0 - len(rejected) / len(res),
+                "class_accuracy": 1.0 - float((~rejected["class_right"].astype(bool)).sum()) / len(res)
+                if len(rejected) else 1.0}
+    print(f"now: class accuracy {np.mean(res['pred'] == res['type']):.3f}, periods {res['period_ok'].mean():.3f}; "
+          f"ceilings: periods {ceilings['period_within_1pct']:.3f}, classes {ceilings['class_accuracy']:.3f}")
     out = {"split": a.split, "stars": len(res), "no_period": len(no_period), "wrong_periods": len(tab),
+           "ceilings": ceilings,
            "counts": {c: {v: int(n) for v, n in row.items()} for c, row in counts.iterrows()},
            "rows": tab.to_dict("records")}
     if a.null:

@@ -54,3 +54,32 @@ def test_clean_band_drops_bad_points_and_gross_outliers_only() -> None:
     assert list(tt) == [0, 1, 2, 3, 5, 8, 9]
     assert ff.max() == pytest.approx(1.1)
     assert (ee > 0).all()
+
+
+def test_main_on_real_eros_stars_counts_verdicts_and_ceilings(tmp_path, capsys):
+    """Three real test-split stars: one right, one given no period, one given a period its points reject
+    (the catalogue's fits better): one wrong period, judged for the catalogue; nothing rejects the catalogue, so
+    both ceilings are 1."""
+    import json
+
+    import pandas as pd
+
+    from benchmarks.eros_period_evidence import main
+    from training.build_cadence_data import EROS
+
+    if not (EROS / "test.csv").is_file():
+        pytest.skip("EROS-1 light curves not present (../shared/data/lightcurves/eros)")
+    lab = pd.read_csv(EROS / "test.csv", index_col=0)
+    sid = "166_6669"  # a Cepheid of 3.7655 d
+    p_true = float(lab.loc[sid, "period"] / lab.loc[sid, "div_period"])
+    rows = [{"star": sid, "type": 2, "p_true": p_true, "pred": 2, "period_ok": True, "period": p_true},
+            {"star": "149_499", "type": 3, "p_true": 0.2586, "pred": 0, "period_ok": False, "period": np.nan},
+            {"star": sid, "type": 2, "p_true": p_true, "pred": 3, "period_ok": False, "period": 0.4321}]
+    csv = tmp_path / "r.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    main(["--split", "test", "--stars", str(csv), "--json", str(tmp_path / "e.json")])
+    out = json.loads((tmp_path / "e.json").read_text())
+    assert out["stars"] == 3 and out["no_period"] == 1 and out["wrong_periods"] == 1
+    assert out["rows"][0]["verdict"] == "catalogue" and out["rows"][0]["dchi2"] < -DECISIVE
+    assert out["ceilings"] == {"period_within_1pct": 1.0, "class_accuracy": 1.0}
+    assert "ceilings: periods 1.000, classes 1.000" in capsys.readouterr().out
