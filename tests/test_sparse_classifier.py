@@ -249,16 +249,21 @@ def test_white_noise_objects_off_the_training_cadence_are_not_called_periodic():
 def test_reconcile_bands_rules():
     from survey_proc.lightcurves.search import reconcile_bands
 
-    g = pd.DataFrame({"var_class": ["pulsator", "constant", None], "var_class_prob": [0.7, 0.9, np.nan],
-                      "n_points_classified": [40, 40, 0], "classify_reason": [None, None, "too_few_points: x"]},
-                     index=pd.Index([1, 2, 3], name="object_id"))
-    r = pd.DataFrame({"var_class": ["pulsator", "non_periodic", None], "var_class_prob": [0.9, 0.6, np.nan],
-                      "n_points_classified": [80, 80, 5], "classify_reason": [None, None, "too_few_points: y"]},
-                     index=pd.Index([1, 2, 3], name="object_id"))
+    g = pd.DataFrame({"var_class": ["pulsator", "constant", None, "non_periodic", "constant"],
+                      "var_class_prob": [0.7, 0.9, np.nan, 0.6, 0.9], "n_points_classified": [40, 40, 0, 40, 40],
+                      "classify_reason": [None, None, "too_few_points: x", None, None]},
+                     index=pd.Index([1, 2, 3, 4, 5], name="object_id"))
+    r = pd.DataFrame({"var_class": ["pulsator", "non_periodic", None, "constant", "constant"],
+                      "var_class_prob": [0.9, 0.6, np.nan, 0.9, 0.8], "n_points_classified": [80, 80, 5, 80, 80],
+                      "classify_reason": [None, None, "too_few_points: y", None, None]},
+                     index=pd.Index([1, 2, 3, 4, 5], name="object_id"))
     out = reconcile_bands({"g": g, "r": r})
-    assert list(out.index) == [1, 2, 3]
+    assert list(out.index) == [1, 2, 3, 4, 5]
     assert out.loc[1, "band_classified"] == "r"  # both periodic: the higher class probability
-    assert out.loc[2, "band_classified"] == "r"  # neither: the more points
+    assert out.loc[2, "band_classified"] == "r"  # neither periodic: the band that sees variability
+    # ... even with fewer points: correlated variability in any band is the object's
+    assert out.loc[4, "band_classified"] == "g" and out.loc[4, "var_class"] == "non_periodic"
+    assert out.loc[5, "band_classified"] == "r"  # neither periodic nor varying: the more points
     assert out.loc[3, "classify_reason"] == "too_few_points: y"  # none classified: the band with more points
     assert reconcile_bands({}) is None
 

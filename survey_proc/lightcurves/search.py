@@ -117,9 +117,10 @@ def reconcile_bands(results: dict[str, pd.DataFrame]) -> pd.DataFrame | None:
     """One row per object from per-band results (index ``object_id``): which band's result it keeps.
 
     A band that calls the object periodic wins (of several, the higher ``var_class_prob``);
-    otherwise the classified band with the most points (``n_points_classified``); otherwise
-    (not classified in any band) the reason of the band with the most points. ``band_classified``
-    names the band kept.
+    otherwise a band that labels it ``non_periodic`` (significant variability correlated in time in
+    any band is variability of the object; of several, the most points); otherwise the classified
+    band with the most points (``n_points_classified``); otherwise (not classified in any band)
+    the reason of the band with the most points. ``band_classified`` names the band kept.
     """
     if not results:
         return None
@@ -129,12 +130,14 @@ def reconcile_bands(results: dict[str, pd.DataFrame]) -> pd.DataFrame | None:
     n_pts = (allr["n_points_classified"].fillna(0).to_numpy(float) if "n_points_classified" in allr
              else np.zeros(len(allr)))
     prob = allr["var_class_prob"].fillna(0).to_numpy(float) if "var_class_prob" in allr else np.zeros(len(allr))
+    varies = (cls == "non_periodic").to_numpy()
     keys = pd.DataFrame({"object_id": allr.index.to_numpy(), "k0": cls.notna().to_numpy().astype(int),
-                         "k1": periodic.astype(int), "k2": np.where(periodic, prob, n_pts),
+                         "k1": periodic.astype(int), "k1b": varies.astype(int), "k2": np.where(periodic, prob, n_pts),
                          "row": np.arange(len(allr))})
-    keys = keys.sort_values(["object_id", "k0", "k1", "k2"], ascending=[True, False, False, False], kind="stable")
-    pick = keys.drop_duplicates("object_id")["row"].to_numpy()
-    out = allr.iloc[np.sort(pick)]
+    keys = keys.sort_values(["object_id", "k0", "k1", "k1b", "k2"], ascending=[True, False, False, False, False],
+                            kind="stable")
+    pick = keys.drop_duplicates("object_id")["row"].to_numpy()  # in object_id order
+    out = allr.iloc[pick]
     out.index.name = "object_id"
     return out
 
