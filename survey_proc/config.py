@@ -172,7 +172,7 @@ class ClassifySettings:
     # (6.3) and their lowest true binary at 1000 epochs (7.5); 0: no test
     eclipse_min_snr: float = 7.0
     # the CNN route labels a curve non_periodic only when its von Neumann ratio lies >= this many white-noise
-    # spreads below 2 (variability correlated in time; sparse_classifier.correlated_variability_z), else constant;
+    # spreads below 2 (variability correlated in time; preprocess.correlated_variability_z), else constant;
     # 4: the smallest of 2-6 in steps of 0.5 at which <= 0.5 % of every validation survey's clean constants keep
     # the label at 1000 epochs (ten surveys, 1.5 % before; true flares and trends keeping it 118 -> 94 of 138); 0: none
     non_periodic_min_z: float = 4.0

@@ -349,11 +349,8 @@ def test_non_periodic_needs_correlated_variability_white_noise_is_constant(tmp_p
     """Whatever the model's probabilities, a curve whose points are white noise about their mean carries no
     evidence of variability (its errors are scaled to its own scatter): constant. A random walk of the same
     scatter is non_periodic."""
-    from survey_proc.lightcurves.sparse_classifier import (
-        NON_PERIODIC_MIN_Z,
-        classify_sparse,
-        correlated_variability_z,
-    )
+    from survey_proc.lightcurves.preprocess import correlated_variability_z
+    from survey_proc.lightcurves.sparse_classifier import NON_PERIODIC_MIN_Z, classify_sparse
 
     rng = np.random.default_rng(12)
     t = ground_cadence(rng, 150)

@@ -81,7 +81,7 @@ from survey_proc.lightcurves.periodogram import (
     SearchGrid,
     search_grid,
 )
-from survey_proc.lightcurves.preprocess import LightCurveBatch, variability_stats
+from survey_proc.lightcurves.preprocess import LightCurveBatch, correlated_variability_z, variability_stats
 from survey_proc.vocab import CLASSIFIER_CLASSES, PERIODIC_CLASSES, SINGLE_EVENT
 
 if TYPE_CHECKING:
@@ -564,7 +564,7 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
 
     ``non_periodic_min_z``: a curve the CNN labels ``non_periodic`` whose von Neumann ratio lies
     fewer than this many white-noise spreads below 2
-    (:func:`~survey_proc.lightcurves.sparse_classifier.correlated_variability_z`) is labelled
+    (:func:`~survey_proc.lightcurves.preprocess.correlated_variability_z`) is labelled
     ``constant`` (no evidence of variability correlated in time; 0: no test). The sparse route
     has its own (its card's, :data:`~survey_proc.lightcurves.sparse_classifier.NON_PERIODIC_MIN_Z`).
 
@@ -650,8 +650,6 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
     # non_periodic needs variability correlated in time: white noise about the mean is no evidence of any
     # (the errors are scaled to each curve's own scatter; [classify] non_periodic_min_z says why the threshold)
     if non_periodic_min_z > 0:
-        from survey_proc.lightcurves.sparse_classifier import correlated_variability_z
-
         vn = stats["von_neumann"].to_numpy()[use]
         for i in np.flatnonzero(names == "non_periodic"):
             if not correlated_variability_z(float(vn[i]), int(sub.n_points[i])) >= non_periodic_min_z:

@@ -278,6 +278,18 @@ def preprocess(object_id: np.ndarray, mjd: np.ndarray, mag: np.ndarray, mag_err:
                            cr, cc, y[cr, cc].astype(np.float32), cw.astype(np.float32))
 
 
+def correlated_variability_z(eta: float, n_points: int) -> float:
+    """How far a curve's von Neumann ratio lies below white noise's, in white-noise spreads.
+
+    ``eta`` (mean squared successive difference over the variance, time-ordered points; the
+    ``von_neumann`` column of :func:`variability_stats`) is 2 for white noise with a spread of
+    about ``2 / sqrt(n)``; correlated variability (random walks, trends, anything slower than the
+    sampling) lowers it. Returns ``(2 - eta) sqrt(n) / 2``. Both classifier routes label a curve
+    ``non_periodic`` only above a threshold of it (docs/classify.md).
+    """
+    return float((2.0 - eta) * np.sqrt(max(n_points, 1)) / 2.0)
+
+
 def variability_stats(batch: LightCurveBatch) -> pd.DataFrame:
     """Cheap variability statistics of every light curve (kept points only).
 

@@ -52,7 +52,8 @@ curve without correlated variability carries no evidence that it varies at all, 
 model's probabilities: on a simulated 11-year single-band survey the model labelled 114 of 1141
 constant stars ``non_periodic`` (3 with this rule), on the EROS-1 validation cadences 4 % of the
 constant curves (0.3 %); the price is the random walks too slow or faint to lower ``eta`` that
-much (at the EROS test cadences 57 % of them keep the label, 84 % before; RESULTS.md, issue 22).
+much (at the EROS test cadences 57 % of them keep the label per band, 68 % per object with the bands
+reconciled by :func:`~survey_proc.lightcurves.search.reconcile_bands`, 84 % before; RESULTS.md, issue 22).
 Periods: a pulsator's is the fitted period; an eclipsing binary's is twice it (the LS peak of
 two similar eclipses is half the orbit). Fewer than 1.15 cycles of that period in the curve's
 own span: ``single_event``, period NaN, as in the CNN path.
@@ -73,7 +74,7 @@ import torch
 import torch.nn as nn
 
 from survey_proc.lightcurves.fourier_features import FEATURE_NAMES, CurveFit, curve_features
-from survey_proc.lightcurves.preprocess import LightCurveBatch
+from survey_proc.lightcurves.preprocess import LightCurveBatch, correlated_variability_z
 from survey_proc.vocab import SINGLE_EVENT
 
 SPARSE_CLASSES: tuple[str, ...] = ("constant", "eclipsing_binary", "pulsator", "non_periodic")
@@ -157,16 +158,6 @@ def significance(clf: LoadedSparseClassifier, fit: CurveFit) -> float:
 def max_fap(clf: LoadedSparseClassifier, default: float) -> float:
     """The FAP gate of a periodic call: the card's ``max_fap`` (chosen on validation), else ``default``."""
     return float((clf.card or {}).get("max_fap", default))
-
-
-def correlated_variability_z(eta: float, n_points: int) -> float:
-    """How far a curve's von Neumann ratio lies below white noise's, in white-noise spreads.
-
-    ``eta`` (mean squared successive difference over the variance, time-ordered points) is 2 for
-    white noise with a spread of about ``2 / sqrt(n)``; correlated variability (random walks,
-    trends, anything slower than the sampling) lowers it. Returns ``(2 - eta) sqrt(n) / 2``.
-    """
-    return float((2.0 - eta) * np.sqrt(max(n_points, 1)) / 2.0)
 
 
 def non_periodic_min_z(clf: LoadedSparseClassifier) -> float:
