@@ -89,6 +89,17 @@ def clean_band(t: np.ndarray, flux: np.ndarray, err: np.ndarray) -> Curve:
     return t[keep], flux[keep], err[keep]
 
 
+def star_bands(curves: pd.DataFrame, sid: str) -> list[Curve]:
+    """Star ``sid``'s cleaned bands (:func:`clean_band`) with at least 20 points each."""
+    bands = (clean_band(*eros_band(curves.loc[sid], band)) for band in "br")
+    return [b for b in bands if len(b[0]) >= 20]
+
+
+def harmonics(typ: int) -> int:
+    """Harmonics of the model of a star of class ``typ``: 8 for an eclipsing binary (narrow eclipses), else 3."""
+    return 8 if typ == 1 else 3
+
+
 def best_chi2(band: Curve, period_days: float, k: int, df: float) -> tuple[float, float]:
     """The lowest chi^2 of a ``k``-harmonic series near ``period_days`` (+-REFINE_STEPS x ``df`` in frequency).
 
@@ -187,10 +198,10 @@ def null_rejections(curves: pd.DataFrame, right: pd.DataFrame, n: int, seed: int
     rows = []
     for sid in pick:
         typ, p_true = int(right.loc[sid, "type"]), float(right.loc[sid, "p_true"])
-        bands = [b for b in (clean_band(*eros_band(curves.loc[sid], band)) for band in "br") if len(b[0]) >= 20]
+        bands = star_bands(curves, sid)
         if not bands:
             continue
-        k = 8 if typ == 1 else 3
+        k = harmonics(typ)
         twin = synthetic_twin(rng, bands, p_true, k)
         t0 = min(float(b[0][0]) for b in twin)
         twin = [(b[0] - t0, b[1], b[2]) for b in twin]
@@ -218,20 +229,19 @@ def main(argv: list[str] | None = None) -> None:
     miss = res[~res["period_ok"].astype(bool)]
     no_period = miss[~np.isfinite(miss["period"].astype(float))]
     miss = miss[np.isfinite(miss["period"].astype(float))]
+    bands_of = {sid: star_bands(curves, sid) for sid in set(res.index)}
     sig = {}
     for sid, r in res[np.isfinite(res["p_true"].astype(float))].iterrows():
-        typ = int(r["type"])
-        bands = [b for b in (clean_band(*eros_band(curves.loc[sid], band)) for band in "br") if len(b[0]) >= 20]
-        sig[sid] = signal_fap(bands, float(r["p_true"]), 8 if typ == 1 else 3) if bands else 1.0
+        bands = bands_of[sid]
+        sig[sid] = signal_fap(bands, float(r["p_true"]), harmonics(int(r["type"]))) if bands else 1.0
     res = res.assign(signal_fap=[sig.get(i, 1.0) for i in res.index])
     rows = []
     for sid, r in miss.iterrows():
         typ = int(r["type"])
-        bands = [b for b in (clean_band(*eros_band(curves.loc[sid], band)) for band in "br") if len(b[0]) >= 20]
+        bands = bands_of[sid]
         if not bands:
             continue
-        k = 8 if typ == 1 else 3
-        d = evidence(bands, float(r["p_true"]), float(r["period"]), k, catalogue_doubles=typ == 1)
+        d = evidence(bands, float(r["p_true"]), float(r["period"]), harmonics(typ), catalogue_doubles=typ == 1)
         rows.append({"star": sid, "type": typ, "class": NAMES[typ], "p_catalogue_days": float(r["p_true"]),
                      "p_reported_days": float(r["period"]), "ratio": float(r["period"]) / float(r["p_true"]),
                      "class_right": bool(int(r["pred"]) == typ), "dchi2": d, "verdict": verdict(d)})
@@ -250,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     no_signal = res["signal_fap"].to_numpy() > SIGNAL_FAP
     rej = np.zeros(len(res), bool)
     if len(rejected):  # the rows of res whose period the stars' own points reject (stars may repeat in res)
-        rej = np.array([i in set(rejected["star"]) for i in res.index]) & ~res["period_ok"].astype(bool).to_numpy()
+        rej = res.index.isin(set(rejected["star"])) & ~res["period_ok"].astype(bool).to_numpy()
     ceilings = {"period_within_1pct": 1.0 - len(rejected) / len(res),
                 "class_accuracy": 1.0 - len(rejected[~rejected["class_right"].astype(bool)]) / len(res)
                 if len(rejected) else 1.0,

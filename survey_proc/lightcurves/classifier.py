@@ -650,11 +650,10 @@ def classify(batch: LightCurveBatch, clf: LoadedClassifier, grid: SearchGrid | N
     # non_periodic needs variability correlated in time: white noise about the mean is no evidence of any
     # (the errors are scaled to each curve's own scatter; [classify] non_periodic_min_z says why the threshold)
     if non_periodic_min_z > 0:
-        vn = stats["von_neumann"].to_numpy()[use]
+        vn, k_const = stats["von_neumann"].to_numpy()[use], CLASSES.index("constant")
         for i in np.flatnonzero(names == "non_periodic"):
             if not correlated_variability_z(float(vn[i]), int(sub.n_points[i])) >= non_periodic_min_z:
-                k = CLASSES.index("constant")
-                names[i], p_cls[i] = CLASSES[k], prob[i, k]
+                names[i], p_cls[i] = CLASSES[k_const], prob[i, k_const]
     # can it know? Fewer than two events (boxes) or 1.15 cycles (pulsators) in the object's own span: no period
     span = np.array([np.ptp(batch.t_days[sub.w[i] > 0]) if (sub.w[i] > 0).any() else 0.0 for i in range(len(use))])
     n_events = np.full(len(use), -1)

@@ -251,7 +251,7 @@ def classify_sparse(batch: LightCurveBatch, rows: np.ndarray, clf: LoadedSparseC
     non = [SPARSE_CLASSES.index("constant"), SPARSE_CLASSES.index("non_periodic")]
     p_per = prob[:, ie] + prob[:, ip]
     eb_view = "unclipped" if "unclipped" in vs else vs[0]
-    i_eta, i_n = FEATURE_NAMES.index("eta"), FEATURE_NAMES.index("log_n")
+    i_eta = FEATURE_NAMES.index("eta")
     min_z = non_periodic_min_z(clf)
     other_view = "clipped" if "clipped" in vs else vs[0]
     res = []
@@ -276,8 +276,7 @@ def classify_sparse(batch: LightCurveBatch, rows: np.ndarray, clf: LoadedSparseC
             name, period = SPARSE_CLASSES[j], np.nan
         else:
             j = non[int(np.argmax(prob[k, non]))]
-            feats = fits["clipped" if "clipped" in vs else vs[0]][k].features
-            z = correlated_variability_z(float(feats[i_eta]), round(10 ** float(feats[i_n])))
+            z = correlated_variability_z(float(fit.features[i_eta]), int(batch.n_points[i]))  # fit: the clipped view
             if SPARSE_CLASSES[j] == "non_periodic" and z < min_z:  # no evidence of variability: constant
                 j = SPARSE_CLASSES.index("constant")
             name, period = SPARSE_CLASSES[j], np.nan
