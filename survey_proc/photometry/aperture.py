@@ -31,9 +31,10 @@ the median star's share of its light in the aperture; a star holds its own share
 differs by its sub-pixel phase (on an undersampled PSF a 1-FWHM aperture holds 0.61-0.66 of
 a Moffat depending on the phase), by the windowed centroid's error (sep's ``winpos`` pulls
 positions up to 0.23 px towards the pixel centre at FWHM 1.2 px) and by the PSF's variation
-across the window. The same ratio ``F(apcorr_fwhm x FWHM) / F_ap`` that gives ``apcorr``
-measures that scatter on the window's own bright stars, once their noise is taken out and
-galaxies (the ratio's upper tail) clipped: 2.2-4.4 % on the SDSS frames (FWHM 1.15-1.2 px),
+across the window. The ratio ``F(2 r_ap) / F_ap`` of the stars that give ``apcorr``
+measures that scatter on the window's own bright stars, once galaxies (the ratio's upper tail)
+are clipped and their noise is taken out by a maximum-likelihood fit that weighs each star by
+its precision: 2.2-4.4 % on the SDSS frames (FWHM 1.15-1.2 px),
 3.3 % on the Spitzer mosaic, 12-30 % on the 2MASS Galactic-centre mosaics (crowding). Without
 it, the injected stars of benchmarks/real.py had z std 3-90 at S/N 20-300 while it was 0.9-1.0
 at S/N 5-20: the noise terms were right, the proportional term missing. On the simulated
