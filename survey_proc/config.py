@@ -76,6 +76,10 @@ class PhotometryConfig:
     aperture_fwhm: float = 1.0  # aperture radius in units of the FWHM
     apcorr_fwhm: float = 4.0  # radius for the aperture correction to total flux (x FWHM; 99.7 % of a Moffat(3))
     apcorr_snr_min: float = 50.0  # stars used for the aperture correction and the FWHM
+    # the light within apcorr_fwhm: "sum" (the pixels' sum) or "growth" (a 2-FWHM core plus ring medians, the
+    # stars' wing and the sky left by the mesh separated across the stars: photometry/growth.py)
+    apcorr_method: str = "sum"
+    apcorr_growth_fwhm: float = 6.0  # "growth": the outer radius of the rings (x FWHM); stars chosen as for "sum"
     winpos_subpix: int = 1  # sub-pixel sampling of sep windowed centroids (3 or 11: slower, same rms)
     fwhm_default_px: float = 2.5  # used when a block has too few bright stars to measure it
     psf_model: str = "none"  # "epsf": magnitudes from a PSF fit on the block's empirical PSF (photometry/psfphot.py)
@@ -314,6 +318,12 @@ class RunConfig:
             raise ConfigError(f"photometry.background must be 'masked' (the mesh background again with the detections "
                               f"masked) or 'mesh' (the detection's), got {self.photometry.background!r}")
         ph = self.photometry
+        if ph.apcorr_method not in ("sum", "growth"):
+            raise ConfigError(f"photometry.apcorr_method must be 'sum' (the pixels within apcorr_fwhm) or 'growth' "
+                              f"(ring medians, wing and sky separated), got {ph.apcorr_method!r}")
+        if ph.apcorr_method == "growth" and ph.apcorr_growth_fwhm <= 2.0:
+            raise ConfigError(f"photometry.apcorr_method = 'growth' sums a 2-FWHM core and takes rings beyond it: "
+                              f"photometry.apcorr_growth_fwhm must be > 2, got {ph.apcorr_growth_fwhm}")
         if ph.local_sky not in ("none", "annulus"):
             raise ConfigError(f"photometry.local_sky must be 'none' (the mesh sky only) or 'annulus' (a sigma-clipped "
                               f"annulus median around each source on top of it), got {ph.local_sky!r}")

@@ -67,9 +67,11 @@ from scipy.spatial import cKDTree
 
 from survey_proc import vocab as F
 from survey_proc.config import PhotometryConfig
+from survey_proc.photometry import growth
 from survey_proc.vocab import MASK_COSMIC, MASK_SATURATED
 
 MIN_STARS_FOR_FWHM = 5
+GROWTH_CORE_FWHM = 2.0  # apcorr_method "growth": the summed core's radius (x FWHM); rings beyond it
 FWHM_SNR_STEPS = (20.0, 10.0)  # lower S/N floors tried in turn when too few stars reach apcorr_snr_min
 
 
@@ -562,6 +564,12 @@ def aperture_correction(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.
     used to be 1, i.e. 0.3 mag of the flux missing) with n_stars = 0, and the calibration
     stage replaces it by the field's apcorr(FWHM) relation when other epochs measured it.
 
+    With ``cfg.apcorr_method = "growth"`` the same stars' flux within
+    ``apcorr_growth_fwhm x FWHM`` is :func:`survey_proc.photometry.growth.outer_flux`'s: a
+    core sum within ``GROWTH_CORE_FWHM`` plus ring medians, the stars' wing and the sky left
+    by the mesh separated. Where that regression is undetermined (too few stars or rings, an
+    implausible wing) the sum within ``apcorr_fwhm`` is kept.
+
     Parameters
     ----------
     data
@@ -579,7 +587,7 @@ def aperture_correction(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.
     fwhm_px
         The block's FWHM (px).
     cfg
-        Photometry settings (``apcorr_fwhm``, ``apcorr_snr_min``).
+        Photometry settings (``apcorr_fwhm``, ``apcorr_snr_min``, ``apcorr_method``).
 
     Returns
     -------
@@ -589,6 +597,11 @@ def aperture_correction(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.
     idx, fb = _apcorr_stars(data, bad, x, y, flux_ap, snr, ok, fwhm_px, cfg)
     if idx is None or len(idx) < MIN_STARS_FOR_FWHM:  # (it returned 1.0 when the large apertures were flagged)
         return model_apcorr(cfg), 0
+    if cfg.apcorr_method == "growth":  # the outer light split into wing and sky; the sum where undetermined
+        outer = growth.outer_flux(data, bad, x[idx], y[idx], flux_ap[idx], GROWTH_CORE_FWHM * fwhm_px,
+                                  cfg.apcorr_growth_fwhm * fwhm_px)
+        if outer is not None:
+            idx, fb = idx[outer.good], outer.flux
     ratio = fb / flux_ap[idx]
     return float(np.median(ratio)), len(idx)
 
