@@ -64,6 +64,8 @@ class DetectionConfig:
     # artefact suppression (survey_proc/detect/artefacts.py): halos/spikes of bright stars, shattered galaxies
     suppress_artefacts: bool = False  # true: detect/artefacts.py filters sep's detections (measured: not the default)
     bright_peak_sigma: float = 50.0  # a bright star: peak >= this x the noise (or a saturated core so bordered)
+    # true: the sky includes each saturated star's azimuthal-median halo (photometry/halo.py); detections on it: HALO
+    halo_sky: bool = False
     bright_max_radius_fwhm: float = 15.0  # a bright star's light is modelled out to this (x FWHM, <= 120 px) + its core
     artefact_ksigma: float = 5.0  # a detection on modelled light is kept when its matched-filter excess is >= this
     extended_smooth_frac: float = 0.5  # a parent is extended when its 3-FWHM median-filtered light holds this share
@@ -317,6 +319,9 @@ class RunConfig:
         if self.photometry.background not in ("masked", "mesh"):
             raise ConfigError(f"photometry.background must be 'masked' (the mesh background again with the detections "
                               f"masked) or 'mesh' (the detection's), got {self.photometry.background!r}")
+        if not isinstance(self.detection.halo_sky, bool):
+            raise ConfigError(f"detection.halo_sky must be true or false (true: each saturated star's halo modelled "
+                              f"in the sky), got {self.detection.halo_sky!r}")
         ph = self.photometry
         if ph.apcorr_method not in ("sum", "growth"):
             raise ConfigError(f"photometry.apcorr_method must be 'sum' (the pixels within apcorr_fwhm) or 'growth' "

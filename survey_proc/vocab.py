@@ -39,12 +39,14 @@ ZP_FEW = 1 << 12  # the epoch's zero point rests on fewer than calibration.min_s
 ZP_RELATIVE = 1 << 13  # no absolute calibration for this field and band: mag = relative mag + nominal zero point
 EXTENDED = 1 << 14  # more extended than the PSF (concentration test): a galaxy, a nebula knot, an unresolved blend
 PSF_FIT = 1 << 15  # photometry.psf_model = "epsf": the PSF fit failed here, the detector's flux is kept
+HALO = 1 << 16  # detection.halo_sky: on a saturated star's modelled halo (>= 1 sigma per pixel); its sky rests on it
 
 NAMES: dict[int, str] = {
     SATURATED: "SATURATED", MASKED: "MASKED", COSMIC: "COSMIC", BLENDED: "BLENDED", EDGE: "EDGE",
     CENTROID: "CENTROID", NONPOSITIVE: "NONPOSITIVE", EXTRACT_FALLBACK: "EXTRACT_FALLBACK",
     ZP_MODEL: "ZP_MODEL", NO_WCS: "NO_WCS", FORCED: "FORCED", STAMP_FILLED: "STAMP_FILLED", ZP_FEW: "ZP_FEW",
     ZP_RELATIVE: "ZP_RELATIVE", EXTENDED: "EXTENDED", PSF_FIT: "PSF_FIT",
+    HALO: "HALO",
 }
 
 # flags that make a point unfit for photometric statistics (object means, calibration)

@@ -70,7 +70,7 @@ from survey_proc.config import RunConfig
 from survey_proc.detect import classical, domain
 from survey_proc.detect.base import Aperture, Detections, Detector, DetectorInput, TotalFlux, nearest_pixel
 from survey_proc.detect.registry import make_detector
-from survey_proc.photometry import aperture
+from survey_proc.photometry import aperture, halo
 from survey_proc.photometry.background import masked_background
 from survey_proc.photometry.measure import Window, bpnn_photometry
 from survey_proc.tiling import Tile
@@ -262,7 +262,11 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
         fwhm_fallback = f"header {header_fwhm_source or 'FWHM'}".strip()
     oy, ox = origin_yx
     bad = classical.bad_pixels(image, mask, saturation_adu)
-    bkg = classical.estimate_background(image, bad, cfg.detection)
+    halo_adu = None
+    if cfg.detection.halo_sky:  # the saturated stars' halos in the sky (photometry/halo.py)
+        bkg, halo_adu = halo.background_with_halos(image, bad, cfg.detection, cfg.photometry.fwhm_default_px)
+    else:
+        bkg = classical.estimate_background(image, bad, cfg.detection)
     data = np.ascontiguousarray(np.where(bad, 0.0, image - bkg.back), dtype=np.float32)
     # One noise level per window: sep's per-mesh rms map counts star light as noise in crowded
     # meshes (it halves the detections of a dense field); the sky + read noise is what matters.
@@ -276,7 +280,7 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     want_window = bpnn is not None or keep_window or use_epsf
     inp = DetectorInput(image=image, mask=mask, data=data, bad=bad, bkg_adu=bkg.back, noise_adu=noise,
                         gain_e_per_adu=gain_e_per_adu, origin_yx=origin_yx, cfg=cfg, owner=owner,
-                        want_neighbours=want_window)
+                        want_neighbours=want_window, halo_adu=halo_adu)
     found = detector.detect(inp)
     # the domain check (survey_proc.detect.domain): a learned model outside its training seeing is not trusted
     actions: list[str] = []
@@ -296,6 +300,8 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     no_window = np.zeros(0, np.int64)
     if len(found) and cfg.photometry.background == "masked":  # the stars' light out of the photometry's sky
         bkg = masked_background(image, bad, found.x, found.y, found.peak_adu, noise, found.fwhm_px, cfg.detection)
+        if halo_adu is not None:
+            bkg = replace(bkg, back=(bkg.back + halo_adu).astype(np.float32))
         data = np.ascontiguousarray(np.where(bad, 0.0, image - bkg.back), dtype=np.float32)
         inp = replace(inp, data=data, bkg_adu=bkg.back)
         info_common["bkg_adu"] = float(np.median(bkg.back))
@@ -309,6 +315,7 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
                                                  header_apcorr, header_apcorr_fwhm_px, header_apcorr_source)
     total = _with_apcorr_scatter(inp, found, ap, total)
     flags = found.flags | ap.flags
+    flags[halo.on_halo(halo_adu, found.x, found.y, noise)] |= F.HALO
     ok = (flags & F.PHOTOMETRY_BAD) == 0
     # the concentration test compares two apertures on the same (mesh) sky
     flags[aperture.extended(data, bad, found.x, found.y, flux_mesh, total.snr, ap.radius_px, found.fwhm_px, noise,

@@ -66,6 +66,9 @@ class DetectorInput:
         The block's ownership rule (:data:`Owner`).
     want_neighbours
         Fill :attr:`Detections.neighbours` (a BPNN will run, or the caller keeps the window).
+    halo_adu
+        The saturated stars' modelled halos included in ``bkg_adu`` (``detection.halo_sky``,
+        :mod:`survey_proc.photometry.halo`; ADU per pixel), or None.
     """
 
     image: np.ndarray
@@ -79,6 +82,7 @@ class DetectorInput:
     cfg: RunConfig
     owner: Owner
     want_neighbours: bool = False
+    halo_adu: np.ndarray | None = None
 
 
 @dataclass

@@ -34,7 +34,7 @@ import sep
 from survey_proc import vocab as F
 from survey_proc.detect import artefacts, classical
 from survey_proc.detect.base import Aperture, Detections, DetectorInput, Neighbours, TotalFlux
-from survey_proc.photometry import aperture
+from survey_proc.photometry import aperture, halo
 from survey_proc.photometry.psffit import refine_positions
 
 
@@ -84,7 +84,9 @@ class SepDetector:
         # a rough S/N of the isophotal flux selects the bright stars for the FWHM
         iso_var = npix * inp.noise_adu**2 + np.clip(flux_iso, 0, None) / inp.gain_e_per_adu
         snr_iso = flux_iso / np.sqrt(iso_var)
-        clean = (flags & F.EDGE) == 0  # (at 1.5 sigma most bright stars touch a neighbour: BLENDED is normal)
+        flags[halo.on_halo(inp.halo_adu, xw, yw, inp.noise_adu)] |= F.HALO
+        # (at 1.5 sigma most bright stars touch a neighbour: BLENDED is normal; HALO: the sky rests on a model)
+        clean = (flags & (F.EDGE | F.HALO)) == 0
         fwhm, n_fwhm = aperture.estimate_fwhm(inp.data, inp.bad, xw, yw, snr_iso, clean, pcfg)
         xc, yc, failed = aperture.windowed_centroids(inp.data, inp.bad, xw, yw, fwhm, pcfg.winpos_subpix)
         flags[failed] |= F.CENTROID
@@ -103,7 +105,7 @@ class SepDetector:
         """
         with np.errstate(divide="ignore", invalid="ignore"):
             snr = np.where(ap.flux_err > 0, ap.flux / ap.flux_err, 0.0)
-        ok = ((found.flags | ap.flags) & (F.PHOTOMETRY_BAD | F.CENTROID)) == 0
+        ok = ((found.flags | ap.flags) & (F.PHOTOMETRY_BAD | F.CENTROID | F.HALO)) == 0
         apcorr, n_ap = aperture.aperture_correction(inp.data, inp.bad, found.x, found.y, ap.flux, snr, ok,
                                                     found.fwhm_px, inp.cfg.photometry)
         return TotalFlux(flux=ap.flux * apcorr, flux_err=ap.flux_err * apcorr, snr=snr, apcorr=apcorr,

@@ -34,7 +34,7 @@ always; ``EDGE``, ``SATURATED``, ``COSMIC``, ``MASKED`` from the aperture as for
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -44,6 +44,7 @@ from survey_proc.detect import classical
 from survey_proc.detect.base import nearest_pixel
 from survey_proc.photometry import aperture
 from survey_proc.photometry.background import masked_background
+from survey_proc.photometry.halo import background_with_halos, on_halo
 
 
 @dataclass(frozen=True)
@@ -114,10 +115,16 @@ def forced_aperture(image: np.ndarray, mask: np.ndarray | None, x: np.ndarray, y
     x = np.asarray(x, float)
     y = np.asarray(y, float)
     bad = classical.bad_pixels(image, mask, saturation_adu)
-    bkg = classical.estimate_background(image, bad, detection)
+    halo_adu = None
+    if detection.halo_sky:  # the saturated stars' halos in the sky, as the extraction had them
+        bkg, halo_adu = background_with_halos(image, bad, detection, fwhm_px)
+    else:
+        bkg = classical.estimate_background(image, bad, detection)
     noise = bkg.global_rms
     if photometry.background == "masked" and detections is not None and len(detections[0]):
         bkg = masked_background(image, bad, detections[0], detections[1], detections[2], noise, fwhm_px, detection)
+        if halo_adu is not None:
+            bkg = replace(bkg, back=(bkg.back + halo_adu).astype(np.float32))
     sky_sub = image - bkg.back
     if neighbours is not None and len(neighbours[0]):
         sky_sub = sky_sub - neighbour_model(image.shape, x, y, neighbours, fwhm_px, neighbour_beta,
@@ -126,6 +133,7 @@ def forced_aperture(image: np.ndarray, mask: np.ndarray | None, x: np.ndarray, y
     r_ap = photometry.aperture_fwhm * fwhm_px
     f_ap, f_ap_err, flags = aperture.aperture_measure(data, noise, bad, mask, x, y, r_ap, gain_e_per_adu)
     flags |= F.FORCED
+    flags[on_halo(halo_adu, x, y, noise)] |= F.HALO
     flux = f_ap * apcorr
     flags[~(flux > 0)] |= F.NONPOSITIVE
     iy, ix = nearest_pixel(x, y, image.shape)

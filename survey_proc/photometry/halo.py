@@ -1,0 +1,323 @@
+"""Saturated stars' halos in the sky model (``detection.halo_sky``).
+
+The mesh background (:func:`survey_proc.detect.classical.estimate_background`, 32-px meshes
+under a 3 x 3 median filter) cannot follow the light of a saturated star: its halo falls by
+tens of sigma per pixel over a mesh. Measured on the DECam cutouts of
+``../shared/data/real`` (100^2 px around a saturated star with a bleed trail), a star
+injected 2 FWHM or more from the saturated core collects, in its 1-FWHM aperture, 1.44 x
+its own flux of halo light the mesh left (median over 125 injections, S/N 20-300); the
+benchmark's injected stars read 1.42 x their flux (benchmarks/RESULTS.md).
+
+With ``halo_sky`` the sky is the mesh plus a model of each saturated star's light:
+
+- a saturated core is a connected region of bad pixels (saturated or masked) whose rim
+  holds a pixel at least ``bright_peak_sigma`` x the noise above the mesh (as
+  :mod:`survey_proc.detect.artefacts` defines it). Its centre is the point deepest inside
+  the region (the maximum of the distance transform), so that a bleed trail, thinner than
+  the core, does not pull it along the columns as the region's centroid would;
+- the model is the azimuthal median of the pixels (bad ones left out) at each integer radius
+  about that centre (the profile of
+  :func:`survey_proc.detect.artefacts._polar_model`), from the core out to where it falls
+  below :data:`HALO_SIGMA` x the noise (at least 8 FWHM beyond the core, at most
+  ``bright_max_radius_fwhm`` FWHM and :data:`~survey_proc.detect.artefacts.MAX_RADIUS_PX`),
+  tapered to 0 over its outer quarter (a cosine) so that the sky has no step there. A
+  median over a ring is not moved by the few stars on it;
+- it is measured on the image less the mesh, then the mesh again on the image less the model
+  (the first mesh had taken part of the halo), then the model again: the sky is the second
+  mesh plus the second model.
+
+Diffraction spikes are not modelled: a running median along each ray (how the artefact
+suppression models them) is moved by the stars on the ray as much as by the spike (it took
+55-80 % of injected stars' aperture light on the DECam cutouts). Detections on a modelled
+halo (model >= :data:`ON_HALO_SIGMA` x the noise at their position) are flagged ``HALO``: their
+sky rests on the model, and they measure neither the block's FWHM nor its aperture
+correction (a spike's residual pieces, narrow across, would take the FWHM down to 2.6 px
+where the stars' is 4.5).
+
+Written here rather than with photutils: photutils has no bright-star halo model (its
+``Background2D`` is the mesh estimator sep also implements); survey pipelines model the
+halos of bright stars themselves (the Legacy Surveys subtract a radial profile of every
+bright Gaia star; SDSS and HSC mask them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from survey_proc.config import DetectionConfig
+from survey_proc.detect import artefacts, classical
+
+#: the model is followed outwards while its edge is at least this x the noise (as the artefact suppression)
+HALO_SIGMA = artefacts.HALO_SIGMA
+#: sky (mesh) and halo model estimated in turn this many times after the first
+N_ITER = 2
+#: the halo's power-law tail beyond the profile is followed down to this x the noise ...
+TAIL_SIGMA = 0.1
+#: ... and at most this x the profile's radius
+TAIL_FACTOR = 4.0
+#: a tail falling slower than r^-1 is not a star's halo (a nebula, a gradient): no tail
+MIN_TAIL_SLOPE = 1.0
+#: a detection where the modelled halo is at least this x the noise per pixel is flagged HALO
+ON_HALO_SIGMA = 0.1
+
+
+def _dipole_coefs(res: np.ndarray, ok: np.ndarray, dx: np.ndarray, dy: np.ndarray, pr: np.ndarray, r_max: int,
+                  clip: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """The first angular harmonic ``(cos, sin)`` coefficients of ``res`` per integer radius (a clipped fit; 0: none)."""
+    ring = np.rint(pr).astype(int)
+    c = np.zeros(r_max + 1)
+    s = np.zeros(r_max + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos, sin = dx / np.maximum(pr, 1e-9), dy / np.maximum(pr, 1e-9)
+    for k in range(1, r_max + 1):
+        sel = ok & (ring == k)
+        if sel.sum() < 12:
+            continue
+        v, a, b = res[sel], cos[sel], sin[sel]
+        keep = np.ones(v.size, bool)
+        coef = np.zeros(3)
+        for _ in range(3):
+            coef = np.linalg.lstsq(np.c_[np.ones(keep.sum()), a[keep], b[keep]], v[keep], rcond=None)[0]
+            r = v - (coef[0] + coef[1] * a + coef[2] * b)
+            mad = 1.4826 * np.median(np.abs(r[keep]))
+            if not mad > 0:
+                break
+            keep = np.abs(r) <= clip * mad
+        c[k], s[k] = coef[1], coef[2]
+    return c, s
+
+
+def _refine_centre(rest: np.ndarray, bad: np.ndarray, sx: float, sy: float, r_lo: float, r_hi: float,
+                   n_iter: int = 4) -> tuple[float, float]:
+    """The halo's centre: shifted until its first harmonic over ``[r_lo, r_hi]`` vanishes.
+
+    A centre off by ``(dx, dy)`` leaves ``-dI/dr (dx cos t + dy sin t)`` on each ring: the
+    median over the rings of ``-c(r) / I'(r)`` is the shift. 0.5 px off on a DECam halo, 30 px
+    out, is +-35 ADU per pixel on either side, which the deepest point of a saturated core
+    with a bleed trail does not promise.
+    """
+    ny, nx = rest.shape
+    r_hi_i = int(np.ceil(r_hi))
+    for _ in range(n_iter):
+        x0, x1 = max(0, int(sx) - r_hi_i - 1), min(nx, int(sx) + r_hi_i + 2)
+        y0, y1 = max(0, int(sy) - r_hi_i - 1), min(ny, int(sy) + r_hi_i + 2)
+        cut = rest[y0:y1, x0:x1].astype(np.float64)
+        ok = ~bad[y0:y1, x0:x1]
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        pr = np.hypot(xx - sx, yy - sy)
+        r_mean, prof = _ring_profile(cut, ok, pr, r_hi_i)
+        if len(prof) < 5:
+            break
+        c, s = _dipole_coefs(cut - _interp_profile(pr, r_mean, prof), ok, xx - sx, yy - sy, pr, r_hi_i)
+        grad = np.interp(np.arange(r_hi_i + 1), r_mean, np.gradient(prof, r_mean))
+        k = np.arange(r_hi_i + 1)
+        use = (k >= r_lo) & (k <= r_hi) & (grad < 0) & ((c != 0) | (s != 0))
+        if use.sum() < 3:
+            break
+        dx, dy = float(np.median(-c[use] / grad[use])), float(np.median(-s[use] / grad[use]))
+        step = np.hypot(dx, dy)
+        if step > 3.0:  # not a centring error: an asymmetric halo, left to the first harmonic
+            break
+        sx, sy = sx + dx, sy + dy
+        if step < 0.02:
+            break
+    return sx, sy
+
+
+def _ring_profile(cut: np.ndarray, ok: np.ndarray, pr: np.ndarray, r_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """Median of the usable pixels per 1-px ring out to ``r_max`` and the rings' mean radius (rings with >= 3 only).
+
+    The pixels themselves, not a polar resampling: interpolating a steep, convex halo between
+    pixels would read it high (by ~10 ADU/px 20 px from a DECam saturated star).
+    """
+    ring = np.rint(pr).astype(int)
+    use = ok & (ring <= r_max)
+    idx = np.arange(r_max + 1)
+    n = np.bincount(ring[use], minlength=r_max + 1)[:r_max + 1]
+    med = np.asarray(ndimage.median(cut[use], ring[use], idx), float)
+    rm = np.asarray(ndimage.mean(pr[use], ring[use], idx), float)
+    keep = (n >= 3) & np.isfinite(med)
+    return rm[keep], med[keep]
+
+
+def _interp_profile(pr: np.ndarray, r_mean: np.ndarray, prof: np.ndarray) -> np.ndarray:
+    """``prof`` (given at the rings' mean radii ``r_mean``) at radii ``pr``.
+
+    Log-log interpolation where both neighbours are positive (a halo is near a power law; a
+    linear one reads a convex profile high), linear elsewhere; constant beyond the ends.
+    """
+    lin = np.interp(pr, r_mean, prof)
+    pos = prof > 0
+    if pos.sum() < 2:
+        return lin
+    j = np.clip(np.searchsorted(r_mean, pr), 1, len(r_mean) - 1)
+    both = pos[j] & pos[j - 1] & (pr > r_mean[0]) & (pr < r_mean[-1]) & (r_mean[j - 1] > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lo, hi = np.log(np.maximum(r_mean[j - 1], 1e-6)), np.log(r_mean[j])
+        t = (np.log(np.maximum(pr, 1e-6)) - lo) / (hi - lo)
+        logv = (1 - t) * np.log(np.where(pos[j - 1], prof[j - 1], 1.0)) + t * np.log(np.where(pos[j], prof[j], 1.0))
+    return np.where(both, np.exp(np.where(both, logv, 0.0)), lin)
+
+
+def _power_tail(r: np.ndarray, prof: np.ndarray, r_lo: float) -> tuple[float, float]:
+    """``(value at the last ring, slope)`` of a power law ``prof ~ r^-slope`` fitted beyond ``r_lo``; (0, 0): none."""
+    sel = (r >= r_lo) & (prof > 0)
+    if sel.sum() < 4:
+        return 0.0, 0.0
+    slope = -float(np.polyfit(np.log(r[sel]), np.log(prof[sel]), 1)[0])
+    if not np.isfinite(slope) or slope < MIN_TAIL_SLOPE:
+        return 0.0, 0.0
+    return float(prof[-1]), slope
+
+
+def saturated_cores(data: np.ndarray, bad: np.ndarray, noise_adu: float, cfg: DetectionConfig
+                    ) -> list[tuple[float, float, float]]:
+    """The saturated stars of a window: ``(x, y, core_radius_px)`` each, the largest core first.
+
+    Parameters
+    ----------
+    data
+        The window less its mesh background (ADU).
+    bad
+        Pixels not to use (saturated, masked, non-finite).
+    noise_adu
+        The window's background noise (ADU per pixel).
+    cfg
+        ``bright_peak_sigma``: the rim of a saturated core holds a pixel at least this x the noise.
+
+    Returns
+    -------
+    list of tuple
+        Centre (px, the point deepest inside the region) and radius of the largest disc
+        inside it (px).
+    """
+    if not bad.any():
+        return []
+    lab, n = ndimage.label(bad, structure=np.ones((3, 3)))
+    rim = ndimage.binary_dilation(bad, iterations=2) & ~bad
+    rim_lab = np.where(rim, ndimage.grey_dilation(lab, size=5), 0)
+    idx = np.arange(1, n + 1)
+    area = np.asarray(ndimage.sum(np.ones_like(lab), lab, idx))
+    rim_max = np.asarray(ndimage.maximum(np.where(rim, data, -np.inf), rim_lab, idx))
+    edt = ndimage.distance_transform_edt(np.pad(bad, 1))[1:-1, 1:-1]
+    deep = np.asarray(ndimage.maximum(edt, lab, idx))
+    out = []
+    for k in np.flatnonzero((area >= 3) & np.isfinite(rim_max) & (rim_max >= cfg.bright_peak_sigma * noise_adu)):
+        yy, xx = np.nonzero((lab == k + 1) & (edt >= deep[k] - 0.5))
+        out.append((float(xx.mean()), float(yy.mean()), float(deep[k]), float(area[k])))
+    out.sort(key=lambda s: -s[3])
+    return [(x, y, r) for x, y, r, _ in out]
+
+
+def halo_model(data: np.ndarray, bad: np.ndarray, noise_adu: float, fwhm_px: float, cfg: DetectionConfig
+               ) -> tuple[np.ndarray, int]:
+    """The light of the window's saturated stars left in ``data`` (ADU per pixel) and how many were modelled.
+
+    Parameters
+    ----------
+    data
+        The window less its sky (ADU).
+    bad
+        Pixels not to use.
+    noise_adu
+        The window's background noise (ADU per pixel).
+    fwhm_px
+        The PSF's FWHM (px): sets how far out the model starts to be followed.
+    cfg
+        ``bright_peak_sigma`` and ``bright_max_radius_fwhm`` (see the module docstring).
+
+    Returns
+    -------
+    model, n_stars
+        The modelled light (0 away from saturated stars) and the number of stars modelled.
+    """
+    ny, nx = data.shape
+    total = np.zeros(data.shape)
+    n_model = 0
+    fwhm = max(float(fwhm_px), 1.0)
+    for sx, sy, r_sat in saturated_cores(data, bad, noise_adu, cfg):
+        rest = data - total
+        if not artefacts._has_halo(rest, bad, sx, sy, r_sat + max(3.0 * fwhm, 4.0), HALO_SIGMA * noise_adu):
+            continue  # its light is below the noise 3 FWHM out: the mesh holds it
+        r_cap = int(np.ceil(r_sat + min(cfg.bright_max_radius_fwhm * fwhm, artefacts.MAX_RADIUS_PX)))
+        r_max = min(r_cap, int(np.ceil(r_sat + 8.0 * fwhm)) + 2)
+        sx, sy = _refine_centre(rest, bad, sx, sy, r_sat + 1.0, r_sat + 4.0 * fwhm)
+        while True:
+            x0, x1 = max(0, int(sx) - r_max), min(nx, int(sx) + r_max + 2)
+            y0, y1 = max(0, int(sy) - r_max), min(ny, int(sy) + r_max + 2)
+            cut = rest[y0:y1, x0:x1].astype(np.float64)
+            ok = ~bad[y0:y1, x0:x1]
+            yy, xx = np.mgrid[y0:y1, x0:x1]
+            pr = np.hypot(xx - sx, yy - sy)
+            r_mean, prof = _ring_profile(cut, ok, pr, r_max)
+            if r_max >= r_cap or len(prof) < 2 or prof[-2:].max() < HALO_SIGMA * noise_adu:
+                break
+            r_max = min(r_cap, 2 * r_max)  # still above the floor at the edge: look further
+        if len(prof) < 2:
+            continue
+        model = _interp_profile(pr, r_mean, prof)
+        total[y0:y1, x0:x1] += np.where(pr <= r_max, model, 0.0)
+        # beyond r_max a power law matched to the profile's outer half, until it is below TAIL_SIGMA x the noise
+        amp, slope = _power_tail(r_mean, prof, max(r_sat + 2.0 * fwhm, 0.5 * r_max))
+        if amp > 0 and prof[-1] > TAIL_SIGMA * noise_adu:
+            r_end = float(r_mean[-1])
+            r_tail = min(r_end * (prof[-1] / (TAIL_SIGMA * noise_adu)) ** (1.0 / slope), TAIL_FACTOR * r_end)
+            t0, t1 = max(0, int(sx - r_tail)), min(nx, int(np.ceil(sx + r_tail)) + 1)
+            u0, u1 = max(0, int(sy - r_tail)), min(ny, int(np.ceil(sy + r_tail)) + 1)
+            ty, tx = np.mgrid[u0:u1, t0:t1]
+            tr = np.hypot(tx - sx, ty - sy)
+            with np.errstate(divide="ignore"):
+                tail = prof[-1] * (np.maximum(tr, r_end) / r_end) ** (-slope)
+            total[u0:u1, t0:t1] += np.where((tr > r_max) & (tr <= r_tail), tail, 0.0)
+        n_model += 1
+    return total, n_model
+
+
+def background_with_halos(image: np.ndarray, bad: np.ndarray, cfg: DetectionConfig, fwhm_px: float
+                          ) -> tuple[classical.Background, np.ndarray]:
+    """The mesh background plus the saturated stars' halos (see the module docstring).
+
+    Parameters
+    ----------
+    image
+        The window's pixels (ADU, sky not subtracted).
+    bad
+        Pixels not to use.
+    cfg
+        Detection settings (mesh, filter, ``bright_peak_sigma``, ``bright_max_radius_fwhm``).
+    fwhm_px
+        The PSF's FWHM as known before detection (px): the header's or the default.
+
+    Returns
+    -------
+    background, halo
+        The background (``back`` includes the halo model; ``rms`` and ``global_rms`` are
+        the mesh's) and the halo model alone (ADU per pixel; all 0 without saturated stars).
+    """
+    b0 = classical.estimate_background(image, bad, cfg)
+    h1, n = halo_model(np.where(bad, 0.0, image - b0.back), bad, b0.global_rms, fwhm_px, cfg)
+    if n == 0:
+        return b0, np.zeros(image.shape, np.float32)
+    h2 = h1
+    for _ in range(N_ITER):
+        lit = bad | (np.abs(h2) >= HALO_SIGMA * b0.global_rms)  # the mesh from the sky beyond the halo
+        if lit.mean() > 0.75:  # (almost) all halo: one sky level, that of the faintest quarter of the mesh
+            b1 = classical.Background(back=np.full(image.shape, float(np.percentile(b0.back, 25)), np.float32),
+                                      rms=b0.rms, global_rms=b0.global_rms)
+        else:
+            b1 = classical.estimate_background(np.where(bad, image, image - h2).astype(np.float32), lit, cfg)
+        h2, _ = halo_model(np.where(bad, 0.0, image - b1.back), bad, b0.global_rms, fwhm_px, cfg)
+    h2 = h2.astype(np.float32)
+    return classical.Background(back=(b1.back + h2).astype(np.float32), rms=b0.rms, global_rms=b0.global_rms), h2
+
+
+def on_halo(halo_adu: np.ndarray | None, x: np.ndarray, y: np.ndarray, noise_adu: float) -> np.ndarray:
+    """True for the positions (px, window frame) where the modelled halo is >= :data:`ON_HALO_SIGMA` x the noise."""
+    x = np.asarray(x, float)
+    if halo_adu is None or not halo_adu.any() or len(x) == 0:
+        return np.zeros(len(x), bool)
+    ny, nx = halo_adu.shape
+    ix = np.clip(np.rint(x).astype(int), 0, nx - 1)
+    iy = np.clip(np.rint(np.asarray(y, float)).astype(int), 0, ny - 1)
+    return np.asarray(np.abs(halo_adu[iy, ix]) >= ON_HALO_SIGMA * noise_adu)

@@ -1,0 +1,146 @@
+"""Saturated stars' halos in the sky model (detection.halo_sky, photometry/halo.py; issue 21, real images)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from survey_proc import vocab as F
+from survey_proc.catalog.extract import extract_block
+from survey_proc.config import ConfigError, DetectionConfig, PhotometryConfig, RunConfig, config_from_dict
+from survey_proc.detect import classical
+from survey_proc.detect.registry import make_detector
+from survey_proc.photometry import aperture as A
+from survey_proc.photometry import halo as H
+from survey_proc.photometry.forced import forced_aperture
+from survey_proc.tiling import tile_grid
+
+N = 200
+FWHM = 4.0
+BETA = 3.0
+SKY, NOISE, SATURATION = 300.0, 6.0, 30000.0
+CORE_XY = (101.3, 98.6)  # the saturated star
+YY, XX = np.mgrid[0:N, 0:N].astype(float)
+# faint stars on its halo, 25-60 px out, and one far away
+STARS = np.array([[131.0, 99.0], [70.0, 120.0], [115.0, 148.0], [125.0, 60.0], [60.0, 75.0], [150.0, 140.0],
+                  [20.0, 20.0]])
+STAR_FLUX = 6000.0
+ASYM = 0.0
+
+
+def _moffat(x0: float, y0: float, flux: float) -> np.ndarray:
+    alpha = FWHM / (2.0 * np.sqrt(2.0 ** (1.0 / BETA) - 1.0))
+    r2 = (XX - x0) ** 2 + (YY - y0) ** 2
+    return flux * (BETA - 1.0) / (np.pi * alpha**2) * (1.0 + r2 / alpha**2) ** (-BETA)
+
+
+def _field(seed: int, trail: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Sky + a saturated star (a steep core and a wide, slightly lopsided halo) + faint stars; and its mask."""
+    rng = np.random.default_rng(seed)
+    r2 = (XX - CORE_XY[0]) ** 2 + (YY - CORE_XY[1]) ** 2
+    bright = 3e6 / (1.0 + r2 / 3.0**2) ** 2 + 4000.0 / (1.0 + r2 / 15.0**2) ** 2
+    bright *= 1.0 + ASYM * (XX - CORE_XY[0]) / np.sqrt(r2 + 100.0)  # a mild asymmetry (a first harmonic)
+    img = SKY + bright + rng.normal(0.0, NOISE, (N, N))
+    for x, y in STARS:
+        img += _moffat(x, y, STAR_FLUX)
+    mask = np.zeros((N, N), np.uint8)
+    if trail:  # a bleed trail along the columns, as on the DECam frames: masked, as a real mask has it
+        mask[:, int(CORE_XY[0]) - 2:int(CORE_XY[0]) + 3] = F.MASK_SATURATED
+        img[:, int(CORE_XY[0]) - 2:int(CORE_XY[0]) + 3] = SATURATION
+    return np.minimum(img, SATURATION).astype(np.float32), mask
+
+
+def _aperture_ratio(img: np.ndarray, back: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    data = np.ascontiguousarray(np.where(bad, 0.0, img - back), dtype=np.float32)
+    f, _, _ = A.aperture_measure(data, NOISE, bad, None, STARS[:, 0], STARS[:, 1], FWHM, 1e9)
+    alpha = FWHM / (2.0 * np.sqrt(2.0 ** (1.0 / BETA) - 1.0))
+    inside = 1.0 - (1.0 + FWHM**2 / alpha**2) ** (1.0 - BETA)  # a Moffat's light within the aperture
+    return f / (STAR_FLUX * inside)
+
+
+def test_the_core_is_found_at_the_star_not_pulled_along_its_bleed_trail() -> None:
+    img, mask = _field(0)
+    bad = classical.bad_pixels(img, mask, SATURATION)
+    b = classical.estimate_background(img, bad, DetectionConfig())
+    cores = H.saturated_cores(np.where(bad, 0.0, img - b.back), bad, b.global_rms, DetectionConfig())
+    assert len(cores) == 1
+    x, y, r = cores[0]
+    assert abs(x - CORE_XY[0]) < 1.0 and abs(y - CORE_XY[1]) < 1.0, cores
+    assert 2.0 < r < 12.0
+    # the region's centroid is pulled along the trail (to the frame's middle row), the deepest point is not
+    assert abs(np.mean(np.nonzero(bad)[0]) - (N - 1) / 2) < 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_faint_stars_on_the_halo_are_measured_with_the_model_and_biased_without(seed: int) -> None:
+    img, mask = _field(seed)
+    bad = classical.bad_pixels(img, mask, SATURATION)
+    mesh = classical.estimate_background(img, bad, DetectionConfig())
+    with_halo, model = H.background_with_halos(img, bad, DetectionConfig(), FWHM)
+    r_mesh = _aperture_ratio(img, mesh.back, bad)
+    r_halo = _aperture_ratio(img, with_halo.back, bad)
+    on = slice(0, len(STARS) - 1)
+    assert np.median(r_mesh[on]) > 1.15, r_mesh  # the mesh leaves halo light in the apertures
+    assert abs(np.median(r_halo[on]) - 1.0) < 0.03, r_halo
+    assert np.max(np.abs(r_halo[on] - 1.0)) < 0.08, r_halo
+    assert abs(r_halo[-1] - 1.0) < 0.04  # the far star, where the halo's tail is 0.2 sigma
+    assert abs(model[int(STARS[-1, 1]), int(STARS[-1, 0])]) < 0.5 * NOISE
+    assert with_halo.global_rms == pytest.approx(NOISE, rel=0.15)
+
+
+def test_a_window_without_a_saturated_star_keeps_the_mesh_sky_exactly() -> None:
+    rng = np.random.default_rng(5)
+    img = (SKY + rng.normal(0.0, NOISE, (N, N)) + _moffat(60.0, 60.0, 2e4)).astype(np.float32)
+    bad = np.zeros(img.shape, bool)
+    mesh = classical.estimate_background(img, bad, DetectionConfig())
+    b, model = H.background_with_halos(img, bad, DetectionConfig(), FWHM)
+    assert not model.any()
+    np.testing.assert_array_equal(b.back, mesh.back)
+
+
+def test_the_extraction_flags_detections_on_the_halo_and_keeps_them_out_of_the_fwhm() -> None:
+    img, mask = _field(1)
+    tiles = tile_grid(N, N, 128, 16)
+    cfg = RunConfig(detector="sep")
+    on = config_from_dict({"detection": {"halo_sky": True}})
+    runs = {}
+    for name, c in (("mesh", cfg), ("halo", on)):
+        r = extract_block(img, mask, (0, 0), tiles, 4.0, SATURATION, c, make_detector(c), header_fwhm_px=FWHM)
+        runs[name] = r
+    t = runs["halo"].table
+    d = np.hypot(t["x"].to_numpy()[:, None] - STARS[:, 0], t["y"].to_numpy()[:, None] - STARS[:, 1])
+    j = np.argmin(d, axis=0)
+    assert (d[j, np.arange(len(STARS))] < 1.0).all()
+    halo_flag = (t["flags"].to_numpy()[j] & F.HALO) != 0
+    assert halo_flag[:-1].all()
+    # the total fluxes of the stars on the halo: right with the model, wrong without it
+    f_halo = t["flux"].to_numpy()[j][:-1] / STAR_FLUX
+    tm = runs["mesh"].table
+    dm = np.hypot(tm["x"].to_numpy()[:, None] - STARS[:-1, 0], tm["y"].to_numpy()[:, None] - STARS[:-1, 1])
+    f_mesh = tm["flux"].to_numpy()[np.argmin(dm, axis=0)] / STAR_FLUX
+    assert abs(np.median(f_halo) - 1.0) < 0.05, f_halo
+    assert np.median(np.abs(f_mesh - 1.0)) > 0.15, f_mesh
+    assert runs["halo"].info.fwhm_px == pytest.approx(FWHM, rel=0.1)
+    assert (F.describe(int(F.HALO)) == ["HALO"])
+
+
+def test_forced_photometry_takes_the_same_sky() -> None:
+    img, mask = _field(2)
+    det = config_from_dict({"detection": {"halo_sky": True}}).detection
+    kw = {"fwhm_px": FWHM, "apcorr": 1.0, "gain_e_per_adu": 4.0, "saturation_adu": SATURATION,
+          "photometry": PhotometryConfig()}
+    with_halo = forced_aperture(img, mask, STARS[:, 0], STARS[:, 1], detection=det, **kw)
+    mesh = forced_aperture(img, mask, STARS[:, 0], STARS[:, 1], detection=DetectionConfig(), **kw)
+    bad = classical.bad_pixels(img, mask, SATURATION)
+    b, _ = H.background_with_halos(img, bad, det, FWHM)
+    np.testing.assert_allclose(with_halo.flux_aper, _aperture_ratio(img, b.back, bad) * STAR_FLUX
+                               * (1.0 - (1.0 + FWHM**2 / (FWHM / (2.0 * np.sqrt(2.0 ** (1.0 / BETA) - 1.0)))**2)
+                                  ** (1.0 - BETA)), rtol=1e-4)
+    assert (with_halo.flags[:-1] & F.HALO).all()
+    assert not (mesh.flags & F.HALO).any()
+    assert np.median(mesh.flux_aper[:-1] / with_halo.flux_aper[:-1]) > 1.15
+
+
+def test_halo_sky_must_be_a_boolean() -> None:
+    with pytest.raises(ConfigError, match="detection.halo_sky must be true or false"):
+        config_from_dict({"detection": {"halo_sky": "yes"}}).validate()
