@@ -315,7 +315,16 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
                                                  header_apcorr, header_apcorr_fwhm_px, header_apcorr_source)
     total = _with_apcorr_scatter(inp, found, ap, total)
     flags = found.flags | ap.flags
-    flags[halo.on_halo(halo_adu, found.x, found.y, noise)] |= F.HALO
+    lit = halo.on_halo(halo_adu, found.x, found.y, noise)
+    flags[lit] |= F.HALO
+    if lit.any():  # the halo sky's own error on the aperture's scale, in both errors
+        e_sky = halo.sky_model_error(data, bad, found.x[lit], found.y[lit], ap.radius_px, noise, found.fwhm_px,
+                                     found.x, found.y)
+        fe_ap = ap.flux_err.copy()
+        fe_ap[lit] = np.hypot(fe_ap[lit], e_sky)
+        fe = np.asarray(total.flux_err, float).copy()
+        fe[lit] = np.hypot(fe[lit], total.apcorr * e_sky)
+        ap, total = replace(ap, flux_err=fe_ap), replace(total, flux_err=fe)
     ok = (flags & F.PHOTOMETRY_BAD) == 0
     # the concentration test compares two apertures on the same (mesh) sky
     flags[aperture.extended(data, bad, found.x, found.y, flux_mesh, total.snr, ap.radius_px, found.fwhm_px, noise,

@@ -44,7 +44,7 @@ from survey_proc.detect import classical
 from survey_proc.detect.base import nearest_pixel
 from survey_proc.photometry import aperture
 from survey_proc.photometry.background import masked_background
-from survey_proc.photometry.halo import background_with_halos, on_halo
+from survey_proc.photometry.halo import background_with_halos, on_halo, sky_model_error
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,13 @@ def forced_aperture(image: np.ndarray, mask: np.ndarray | None, x: np.ndarray, y
     r_ap = photometry.aperture_fwhm * fwhm_px
     f_ap, f_ap_err, flags = aperture.aperture_measure(data, noise, bad, mask, x, y, r_ap, gain_e_per_adu)
     flags |= F.FORCED
-    flags[on_halo(halo_adu, x, y, noise)] |= F.HALO
+    lit = on_halo(halo_adu, x, y, noise)
+    flags[lit] |= F.HALO
+    if lit.any():  # the halo sky's own error, as the extraction adds it
+        dx, dy = (detections[0], detections[1]) if detections is not None else (x, y)
+        f_ap_err = f_ap_err.copy()
+        f_ap_err[lit] = np.hypot(f_ap_err[lit], sky_model_error(data, bad, x[lit], y[lit], r_ap, noise, fwhm_px,
+                                                                  dx, dy))
     flux = f_ap * apcorr
     flags[~(flux > 0)] |= F.NONPOSITIVE
     iy, ix = nearest_pixel(x, y, image.shape)
