@@ -151,7 +151,7 @@ def test_halo_sky_must_be_a_boolean() -> None:
 def test_the_sky_model_error_is_nil_on_pure_noise_and_covers_a_lopsided_halo(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(11)
     noise_only = rng.normal(0.0, NOISE, (N, N))
-    e = H.sky_model_error(noise_only, np.zeros((N, N), bool), STARS[:, 0], STARS[:, 1], FWHM, NOISE, FWHM,
+    e = H.sky_model_error(noise_only, np.zeros((N, N), bool), STARS[:, 0], STARS[:, 1], FWHM, NOISE,
                           STARS[:, 0], STARS[:, 1])
     n_ap = np.pi * FWHM**2
     assert np.median(e) < 0.3 * NOISE * np.sqrt(n_ap)  # below a third of the aperture's own noise

@@ -318,8 +318,7 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     lit = halo.on_halo(halo_adu, found.x, found.y, noise)
     flags[lit] |= F.HALO
     if lit.any():  # the halo sky's own error on the aperture's scale, in both errors
-        e_sky = halo.sky_model_error(data, bad, found.x[lit], found.y[lit], ap.radius_px, noise, found.fwhm_px,
-                                     found.x, found.y)
+        e_sky = halo.sky_model_error(data, bad, found.x[lit], found.y[lit], ap.radius_px, noise, found.x, found.y)
         fe_ap = ap.flux_err.copy()
         fe_ap[lit] = np.hypot(fe_ap[lit], e_sky)
         fe = np.asarray(total.flux_err, float).copy()

@@ -12,27 +12,33 @@ With ``halo_sky`` the sky is the mesh plus a model of each saturated star's ligh
 
 - a saturated core is a connected region of bad pixels (saturated or masked) whose rim
   holds a pixel at least ``bright_peak_sigma`` x the noise above the mesh (as
-  :mod:`survey_proc.detect.artefacts` defines it). Its centre is the point deepest inside
-  the region (the maximum of the distance transform), so that a bleed trail, thinner than
-  the core, does not pull it along the columns as the region's centroid would;
-- the model is the azimuthal median of the pixels (bad ones left out) at each integer radius
-  about that centre (the profile of
-  :func:`survey_proc.detect.artefacts._polar_model`), from the core out to where it falls
-  below :data:`HALO_SIGMA` x the noise (at least 8 FWHM beyond the core, at most
-  ``bright_max_radius_fwhm`` FWHM and :data:`~survey_proc.detect.artefacts.MAX_RADIUS_PX`),
-  tapered to 0 over its outer quarter (a cosine) so that the sky has no step there. A
-  median over a ring is not moved by the few stars on it;
-- it is measured on the image less the mesh, then the mesh again on the image less the model
-  (the first mesh had taken part of the halo), then the model again: the sky is the second
-  mesh plus the second model.
+  :mod:`survey_proc.detect.artefacts` defines it). Its centre starts at the point deepest
+  inside the region (the maximum of the distance transform: a bleed trail, thinner than the
+  core, does not pull it along the columns as the region's centroid would), then moves until
+  the rings' first angular harmonic vanishes (:func:`_refine_centre`: 0.5 px off, 30 px out
+  on a DECam halo, is +-35 ADU per pixel on either side);
+- the model is the median of the pixels of each 1-px ring about that centre (bad pixels and,
+  after the first pass, the sources found on the halo-subtracted window left out: a star on a
+  ring moves its median), interpolated log-log between the rings' mean radii (a halo is near
+  a power law; a linear interpolation, or a polar resampling, reads its convex profile high),
+  from the core out to where it falls below :data:`HALO_SIGMA` x the noise (at least 8 FWHM
+  beyond the core, at most ``bright_max_radius_fwhm`` FWHM and
+  :data:`~survey_proc.detect.artefacts.MAX_RADIUS_PX`), then a power law fitted to its outer
+  half down to :data:`TAIL_SIGMA` x the noise (at most :data:`TAIL_FACTOR` x further), so
+  that it meets the mesh without a step;
+- mesh and model are estimated in turn (:data:`N_ITER` times after the first): the mesh from
+  the pixels where the model is below :data:`HALO_SIGMA` x the noise (one level, the mesh's
+  lower quartile, when that leaves under a quarter of the window: a cutout that is all halo),
+  the model on the image less that mesh.
 
 Diffraction spikes are not modelled: a running median along each ray (how the artefact
 suppression models them) is moved by the stars on the ray as much as by the spike (it took
 55-80 % of injected stars' aperture light on the DECam cutouts). Detections on a modelled
 halo (model >= :data:`ON_HALO_SIGMA` x the noise at their position) are flagged ``HALO``: their
-sky rests on the model, and they measure neither the block's FWHM nor its aperture
-correction (a spike's residual pieces, narrow across, would take the FWHM down to 2.6 px
-where the stars' is 4.5).
+sky rests on the model, they measure neither the block's FWHM nor its aperture correction
+(a spike's residual pieces, narrow across, would take the FWHM down to 2.6 px where the
+stars' is 4.5), and their errors carry the model's own error on the aperture's scale
+(:func:`sky_model_error`: what spikes and lopsided halos leave).
 
 Written here rather than with photutils: photutils has no bright-star halo model (its
 ``Background2D`` is the mesh estimator sep also implements); survey pipelines model the
@@ -211,8 +217,8 @@ def saturated_cores(data: np.ndarray, bad: np.ndarray, noise_adu: float, cfg: De
     return [(x, y, r) for x, y, r, _ in out]
 
 
-def halo_model(data: np.ndarray, bad: np.ndarray, noise_adu: float, fwhm_px: float, cfg: DetectionConfig
-               ) -> tuple[np.ndarray, int]:
+def halo_model(data: np.ndarray, bad: np.ndarray, noise_adu: float, fwhm_px: float, cfg: DetectionConfig,
+               ignore: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """The light of the window's saturated stars left in ``data`` (ADU per pixel) and how many were modelled.
 
     Parameters
@@ -227,6 +233,8 @@ def halo_model(data: np.ndarray, bad: np.ndarray, noise_adu: float, fwhm_px: flo
         The PSF's FWHM (px): sets how far out the model starts to be followed.
     cfg
         ``bright_peak_sigma`` and ``bright_max_radius_fwhm`` (see the module docstring).
+    ignore
+        Pixels left out of the ring medians only (the sources on the halo), or None.
 
     Returns
     -------
@@ -237,18 +245,19 @@ def halo_model(data: np.ndarray, bad: np.ndarray, noise_adu: float, fwhm_px: flo
     total = np.zeros(data.shape)
     n_model = 0
     fwhm = max(float(fwhm_px), 1.0)
+    skip = bad if ignore is None else bad | ignore
     for sx, sy, r_sat in saturated_cores(data, bad, noise_adu, cfg):
         rest = data - total
         if not artefacts._has_halo(rest, bad, sx, sy, r_sat + max(3.0 * fwhm, 4.0), HALO_SIGMA * noise_adu):
             continue  # its light is below the noise 3 FWHM out: the mesh holds it
         r_cap = int(np.ceil(r_sat + min(cfg.bright_max_radius_fwhm * fwhm, artefacts.MAX_RADIUS_PX)))
         r_max = min(r_cap, int(np.ceil(r_sat + 8.0 * fwhm)) + 2)
-        sx, sy = _refine_centre(rest, bad, sx, sy, r_sat + 1.0, r_sat + 4.0 * fwhm)
+        sx, sy = _refine_centre(rest, skip, sx, sy, r_sat + 1.0, r_sat + 4.0 * fwhm)
         while True:
             x0, x1 = max(0, int(sx) - r_max), min(nx, int(sx) + r_max + 2)
             y0, y1 = max(0, int(sy) - r_max), min(ny, int(sy) + r_max + 2)
             cut = rest[y0:y1, x0:x1].astype(np.float64)
-            ok = ~bad[y0:y1, x0:x1]
+            ok = ~skip[y0:y1, x0:x1]
             yy, xx = np.mgrid[y0:y1, x0:x1]
             pr = np.hypot(xx - sx, yy - sy)
             r_mean, prof = _ring_profile(cut, ok, pr, r_max)
@@ -273,6 +282,25 @@ def halo_model(data: np.ndarray, bad: np.ndarray, noise_adu: float, fwhm_px: flo
             total[u0:u1, t0:t1] += np.where((tr > r_max) & (tr <= r_tail), tail, 0.0)
         n_model += 1
     return total, n_model
+
+
+def _sources(res: np.ndarray, bad: np.ndarray, noise_adu: float, fwhm_px: float) -> np.ndarray:
+    """The pixels of the sources on a halo-subtracted window (sep's segments at 3 sigma, grown by 1 px).
+
+    Left out of the ring medians: a bright star on a ring moves its median (by 1-2 % of the star's
+    aperture flux on the test field), and spikes move it too. Not within 2 FWHM of a bad region
+    (a saturated core's rim is the halo itself).
+    """
+    import sep
+
+    data = np.ascontiguousarray(np.where(bad, 0.0, res), dtype=np.float32)
+    try:
+        _, seg = sep.extract(data, 3.0, err=float(noise_adu), mask=bad, minarea=5, segmentation_map=True)
+    except Exception:  # sep's buffers (a window of a plate core): no masking rather than no halo
+        return np.zeros(bad.shape, bool)
+    src = ndimage.binary_dilation(seg > 0, iterations=1)
+    near_bad = ndimage.binary_dilation(bad, iterations=max(1, int(np.ceil(2.0 * fwhm_px))))
+    return src & ~near_bad
 
 
 def background_with_halos(image: np.ndarray, bad: np.ndarray, cfg: DetectionConfig, fwhm_px: float
@@ -308,7 +336,9 @@ def background_with_halos(image: np.ndarray, bad: np.ndarray, cfg: DetectionConf
                                       rms=b0.rms, global_rms=b0.global_rms)
         else:
             b1 = classical.estimate_background(np.where(bad, image, image - h2).astype(np.float32), lit, cfg)
-        h2, _ = halo_model(np.where(bad, 0.0, image - b1.back), bad, b0.global_rms, fwhm_px, cfg)
+        rest = np.where(bad, 0.0, image - b1.back)
+        h2, _ = halo_model(rest, bad, b0.global_rms, fwhm_px, cfg,
+                           _sources(rest - h2, bad, b0.global_rms, fwhm_px))
     h2 = h2.astype(np.float32)
     return classical.Background(back=(b1.back + h2).astype(np.float32), rms=b0.rms, global_rms=b0.global_rms), h2
 
@@ -325,12 +355,12 @@ def on_halo(halo_adu: np.ndarray | None, x: np.ndarray, y: np.ndarray, noise_adu
 
 
 def sky_model_error(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, r_ap_px: float,
-                    noise_adu: float, fwhm_px: float, det_x: np.ndarray, det_y: np.ndarray) -> np.ndarray:
+                    noise_adu: float, det_x: np.ndarray, det_y: np.ndarray) -> np.ndarray:
     """The error of the halo sky in an aperture sum at each position (ADU): what the model leaves on that scale.
 
-    The residual (``data``, the window less its sky, detections masked out to ``max(2 FWHM,
-    r_ap + 1)``) is averaged over an aperture-sized disc at every pixel; around each position,
-    in an annulus of 3-6 aperture radii, the robust size of those averages about zero
+    The residual (``data``, the window less its sky, detections masked out to ``r_ap + 1``:
+    their cores, not the spikes' long pieces) is averaged over an aperture-sized disc at every
+    pixel; around each position, in an annulus of 3-6 aperture radii, the robust size of those averages about zero
     (1.4826 x the median of their absolute values: a local offset of the model counts, as it
     would in the aperture) less the white noise of such an average (``noise / sqrt(N_ap)``)
     is the model's error per pixel on the aperture's scale; times the aperture's area, the
@@ -349,8 +379,6 @@ def sky_model_error(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndar
         The aperture radius (px).
     noise_adu
         The window's background noise (ADU per pixel).
-    fwhm_px
-        The PSF's FWHM (px): the detections' mask radius.
     det_x, det_y
         All the window's detections (px): masked.
 
@@ -369,7 +397,7 @@ def sky_model_error(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndar
     r_ap = max(float(r_ap_px), 0.5)
     ny, nx = data.shape
     good = ~bad.copy()
-    r_mask = max(2.0 * fwhm_px, r_ap + 1.0)
+    r_mask = r_ap + 1.0
     rm = int(np.ceil(r_mask))
     oy, ox = np.mgrid[-rm:rm + 1, -rm:rm + 1]
     disc_mask = oy**2 + ox**2 <= r_mask**2
