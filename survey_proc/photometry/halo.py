@@ -201,18 +201,28 @@ def saturated_cores(data: np.ndarray, bad: np.ndarray, noise_adu: float, cfg: De
     """
     if not bad.any():
         return []
-    lab, n = ndimage.label(bad, structure=np.ones((3, 3)))
-    rim = ndimage.binary_dilation(bad, iterations=2) & ~bad
-    rim_lab = np.where(rim, ndimage.grey_dilation(lab, size=5), 0)
-    idx = np.arange(1, n + 1)
-    area = np.asarray(ndimage.sum(np.ones_like(lab), lab, idx))
-    rim_max = np.asarray(ndimage.maximum(np.where(rim, data, -np.inf), rim_lab, idx))
-    edt = ndimage.distance_transform_edt(np.pad(bad, 1))[1:-1, 1:-1]
-    deep = np.asarray(ndimage.maximum(edt, lab, idx))
+    lab, _ = ndimage.label(bad, structure=np.ones((3, 3)))
+    level = cfg.bright_peak_sigma * noise_adu
+    ny, nx = bad.shape
     out = []
-    for k in np.flatnonzero((area >= 3) & np.isfinite(rim_max) & (rim_max >= cfg.bright_peak_sigma * noise_adu)):
-        yy, xx = np.nonzero((lab == k + 1) & (edt >= deep[k] - 0.5))
-        out.append((float(xx.mean()), float(yy.mean()), float(deep[k]), float(area[k])))
+    for k, sl in enumerate(ndimage.find_objects(lab)):
+        if sl is None:
+            continue
+        # the region's box grown by its rim (2 px) and one more for the distance transform
+        y0, y1 = max(0, sl[0].start - 3), min(ny, sl[0].stop + 3)
+        x0, x1 = max(0, sl[1].start - 3), min(nx, sl[1].stop + 3)
+        region = lab[y0:y1, x0:x1] == k + 1
+        area = int(region.sum())
+        if area < 3:
+            continue
+        rim = ndimage.binary_dilation(region, iterations=2) & ~bad[y0:y1, x0:x1]
+        vals = data[y0:y1, x0:x1][rim]
+        if not vals.size or not np.nanmax(vals) >= level:
+            continue
+        edt = ndimage.distance_transform_edt(np.pad(bad[y0:y1, x0:x1], 1))[1:-1, 1:-1]
+        deep = float(edt[region].max())
+        yy, xx = np.nonzero(region & (edt >= deep - 0.5))
+        out.append((float(xx.mean() + x0), float(yy.mean() + y0), deep, float(area)))
     out.sort(key=lambda s: -s[3])
     return [(x, y, r) for x, y, r, _ in out]
 
@@ -243,11 +253,11 @@ def halo_model(data: np.ndarray, bad: np.ndarray, noise_adu: float, fwhm_px: flo
     """
     ny, nx = data.shape
     total = np.zeros(data.shape)
+    rest = np.array(data, np.float64)  # data less the stars modelled so far
     n_model = 0
     fwhm = max(float(fwhm_px), 1.0)
     skip = bad if ignore is None else bad | ignore
     for sx, sy, r_sat in saturated_cores(data, bad, noise_adu, cfg):
-        rest = data - total
         if not artefacts._has_halo(rest, bad, sx, sy, r_sat + max(3.0 * fwhm, 4.0), HALO_SIGMA * noise_adu):
             continue  # its light is below the noise 3 FWHM out: the mesh holds it
         r_cap = int(np.ceil(r_sat + min(cfg.bright_max_radius_fwhm * fwhm, artefacts.MAX_RADIUS_PX)))
@@ -267,7 +277,9 @@ def halo_model(data: np.ndarray, bad: np.ndarray, noise_adu: float, fwhm_px: flo
         if len(prof) < 2:
             continue
         model = _interp_profile(pr, r_mean, prof)
-        total[y0:y1, x0:x1] += np.where(pr <= r_max, model, 0.0)
+        add = np.where(pr <= r_max, model, 0.0)
+        total[y0:y1, x0:x1] += add
+        rest[y0:y1, x0:x1] -= add
         # beyond r_max a power law matched to the profile's outer half, until it is below TAIL_SIGMA x the noise
         amp, slope = _power_tail(r_mean, prof, max(r_sat + 2.0 * fwhm, 0.5 * r_max))
         if amp > 0 and prof[-1] > TAIL_SIGMA * noise_adu:
@@ -279,7 +291,9 @@ def halo_model(data: np.ndarray, bad: np.ndarray, noise_adu: float, fwhm_px: flo
             tr = np.hypot(tx - sx, ty - sy)
             with np.errstate(divide="ignore"):
                 tail = prof[-1] * (np.maximum(tr, r_end) / r_end) ** (-slope)
-            total[u0:u1, t0:t1] += np.where((tr > r_max) & (tr <= r_tail), tail, 0.0)
+            add = np.where((tr > r_max) & (tr <= r_tail), tail, 0.0)
+            total[u0:u1, t0:t1] += add
+            rest[u0:u1, t0:t1] -= add
         n_model += 1
     return total, n_model
 
