@@ -65,8 +65,8 @@ class DetectionConfig:
     suppress_artefacts: bool = False  # true: detect/artefacts.py filters sep's detections (measured: not the default)
     bright_peak_sigma: float = 50.0  # a bright star: peak >= this x the noise (or a saturated core so bordered)
     # true: the sky includes each saturated star's ring-median halo (photometry/halo.py); detections on it: HALO.
-    # The default by the real images (DECam injections 1.42 -> 0.99) and held-out surveys (RESULTS.md, issue 21)
-    halo_sky: bool = True
+    # Not the default: DECam injections 1.42 -> 0.99, but the spikes' pieces become detections (RESULTS.md, issue 21)
+    halo_sky: bool = False
     bright_max_radius_fwhm: float = 15.0  # a bright star's light is modelled out to this (x FWHM, <= 120 px) + its core
     artefact_ksigma: float = 5.0  # a detection on modelled light is kept when its matched-filter excess is >= this
     extended_smooth_frac: float = 0.5  # a parent is extended when its 3-FWHM median-filtered light holds this share
