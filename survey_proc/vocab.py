@@ -39,7 +39,7 @@ ZP_FEW = 1 << 12  # the epoch's zero point rests on fewer than calibration.min_s
 ZP_RELATIVE = 1 << 13  # no absolute calibration for this field and band: mag = relative mag + nominal zero point
 EXTENDED = 1 << 14  # more extended than the PSF (concentration test): a galaxy, a nebula knot, an unresolved blend
 PSF_FIT = 1 << 15  # photometry.psf_model = "epsf": the PSF fit failed here, the detector's flux is kept
-HALO = 1 << 16  # detection.halo_sky: on a saturated star's modelled halo (>= 1 sigma per pixel); its sky rests on it
+HALO = 1 << 16  # detection.halo_sky: on a saturated star's modelled halo (>= 0.1 sigma per pixel); its sky rests on it
 
 NAMES: dict[int, str] = {
     SATURATED: "SATURATED", MASKED: "MASKED", COSMIC: "COSMIC", BLENDED: "BLENDED", EDGE: "EDGE",
