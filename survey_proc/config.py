@@ -67,6 +67,9 @@ class DetectionConfig:
     # true: the sky includes each saturated star's ring-median halo (photometry/halo.py); detections on it: HALO.
     # Not the default: DECam injections 1.42 -> 0.99, but the spikes' pieces become detections (RESULTS.md, issue 21)
     halo_sky: bool = False
+    # with halo_sky, whether sep also thresholds the halo-subtracted image (true), or the image less the mesh sky alone
+    # (false: the detections of halo_sky = false, their centroids, FWHM and photometry on the halo-subtracted image)
+    halo_detect: bool = True
     bright_max_radius_fwhm: float = 15.0  # a bright star's light is modelled out to this (x FWHM, <= 120 px) + its core
     artefact_ksigma: float = 5.0  # a detection on modelled light is kept when its matched-filter excess is >= this
     extended_smooth_frac: float = 0.5  # a parent is extended when its 3-FWHM median-filtered light holds this share
@@ -320,6 +323,9 @@ class RunConfig:
         if self.photometry.background not in ("masked", "mesh"):
             raise ConfigError(f"photometry.background must be 'masked' (the mesh background again with the detections "
                               f"masked) or 'mesh' (the detection's), got {self.photometry.background!r}")
+        if not isinstance(self.detection.halo_detect, bool):
+            raise ConfigError(f"detection.halo_detect must be true or false (false: sep thresholds the image less the "
+                              f"mesh sky alone), got {self.detection.halo_detect!r}")
         if not isinstance(self.detection.halo_sky, bool):
             raise ConfigError(f"detection.halo_sky must be true or false (true: each saturated star's halo modelled "
                               f"in the sky), got {self.detection.halo_sky!r}")

@@ -173,3 +173,27 @@ def test_the_sky_model_error_is_nil_on_pure_noise_and_covers_a_lopsided_halo(mon
         j = np.argmin(d, axis=0)
         z += list((t["flux"].to_numpy()[j] - STAR_FLUX) / t["flux_err"].to_numpy()[j])
     assert 0.5 < float(np.std(z)) < 1.6, z
+
+
+def test_with_halo_detect_off_the_detections_are_the_mesh_skys_and_the_fluxes_the_halo_skys() -> None:
+    img, mask = _field(1)
+    tiles = tile_grid(N, N, 128, 16)
+    runs = {}
+    for name, over in (("mesh", {}), ("halo", {"halo_sky": True}), ("thr", {"halo_sky": True, "halo_detect": False})):
+        c = config_from_dict({"detector": "sep", "detection": over})
+        runs[name] = extract_block(img, mask, (0, 0), tiles, 4.0, SATURATION, c, make_detector(c),
+                                   header_fwhm_px=FWHM).table
+    np.testing.assert_array_equal(runs["thr"]["x_iso"].to_numpy(), runs["mesh"]["x_iso"].to_numpy())
+    np.testing.assert_array_equal(runs["thr"]["npix"].to_numpy(), runs["mesh"]["npix"].to_numpy())
+    t = runs["thr"]
+    d = np.hypot(t["x"].to_numpy()[:, None] - STARS[:-1, 0], t["y"].to_numpy()[:, None] - STARS[:-1, 1])
+    j = np.argmin(d, axis=0)
+    ok = d[j, np.arange(len(STARS) - 1)] < 1.0
+    assert ok.sum() >= 2  # (the mesh sky finds fewer of them: its detections are kept)
+    assert abs(np.median(t["flux"].to_numpy()[j][ok] / STAR_FLUX) - 1.0) < 0.05
+    assert ((t["flags"].to_numpy()[j][ok] & F.HALO) != 0).all()
+
+
+def test_halo_detect_must_be_a_boolean() -> None:
+    with pytest.raises(ConfigError, match=r"detection\.halo_detect must be true or false"):
+        config_from_dict({"detection": {"halo_detect": 1}}).validate()

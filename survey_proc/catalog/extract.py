@@ -262,9 +262,12 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
         fwhm_fallback = f"header {header_fwhm_source or 'FWHM'}".strip()
     oy, ox = origin_yx
     bad = classical.bad_pixels(image, mask, saturation_adu)
-    halo_adu = None
+    halo_adu = detect_data = None
     if cfg.detection.halo_sky:  # the saturated stars' halos in the sky (photometry/halo.py)
         bkg, halo_adu = halo.background_with_halos(image, bad, cfg.detection, cfg.photometry.fwhm_default_px)
+        if not cfg.detection.halo_detect and halo_adu.any():
+            mesh = classical.estimate_background(image, bad, cfg.detection)
+            detect_data = np.ascontiguousarray(np.where(bad, 0.0, image - mesh.back), dtype=np.float32)
     else:
         bkg = classical.estimate_background(image, bad, cfg.detection)
     data = np.ascontiguousarray(np.where(bad, 0.0, image - bkg.back), dtype=np.float32)
@@ -280,7 +283,7 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     want_window = bpnn is not None or keep_window or use_epsf
     inp = DetectorInput(image=image, mask=mask, data=data, bad=bad, bkg_adu=bkg.back, noise_adu=noise,
                         gain_e_per_adu=gain_e_per_adu, origin_yx=origin_yx, cfg=cfg, owner=owner,
-                        want_neighbours=want_window, halo_adu=halo_adu)
+                        want_neighbours=want_window, halo_adu=halo_adu, detect_data=detect_data)
     found = detector.detect(inp)
     # the domain check (survey_proc.detect.domain): a learned model outside its training seeing is not trusted
     actions: list[str] = []

@@ -69,6 +69,10 @@ class DetectorInput:
     halo_adu
         The saturated stars' modelled halos included in ``bkg_adu`` (``detection.halo_sky``,
         :mod:`survey_proc.photometry.halo`; ADU per pixel), or None.
+    detect_data
+        The image sep thresholds when it is not ``data`` (``halo_sky`` with ``halo_detect =
+        false``: the window less the mesh sky alone, so the detections are those without the
+        halo model), or None. Centroids, FWHM and photometry stay on ``data``.
     """
 
     image: np.ndarray
@@ -83,6 +87,7 @@ class DetectorInput:
     owner: Owner
     want_neighbours: bool = False
     halo_adu: np.ndarray | None = None
+    detect_data: np.ndarray | None = None
 
 
 @dataclass

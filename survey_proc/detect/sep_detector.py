@@ -61,11 +61,12 @@ class SepDetector:
         """
         cfg, pcfg = inp.cfg, inp.cfg.photometry
         oy, ox = inp.origin_yx
+        thresholded = inp.data if inp.detect_data is None else inp.detect_data  # (halo_detect = false: mesh only)
         if cfg.detection.suppress_artefacts:
             objs, segmap, fallback = classical.extract_segmap(inp.data, inp.bad, inp.noise_adu, cfg.detection)
             objs = self._suppress(inp, objs, segmap)
         else:
-            objs, fallback = classical.extract(inp.data, inp.bad, inp.noise_adu, cfg.detection)
+            objs, fallback = classical.extract(thresholded, inp.bad, inp.noise_adu, cfg.detection)
         tile, keep = inp.owner(objs["x"], objs["y"])
         o = objs[keep]
         if len(o) == 0:
