@@ -65,11 +65,11 @@ class DetectionConfig:
     suppress_artefacts: bool = False  # true: detect/artefacts.py filters sep's detections (measured: not the default)
     bright_peak_sigma: float = 50.0  # a bright star: peak >= this x the noise (or a saturated core so bordered)
     # true: the sky includes each saturated star's ring-median halo (photometry/halo.py); detections on it: HALO.
-    # Not the default: DECam injections 1.42 -> 0.99, but the spikes' pieces become detections (RESULTS.md, issue 21)
-    halo_sky: bool = False
+    # The default with halo_detect = false (RESULTS.md, issue 21): DECam injections 1.42 -> 1.05, the same detections
+    halo_sky: bool = True
     # with halo_sky, whether sep also thresholds the halo-subtracted image (true), or the image less the mesh sky alone
     # (false: the detections of halo_sky = false, their centroids, FWHM and photometry on the halo-subtracted image)
-    halo_detect: bool = True
+    halo_detect: bool = False
     bright_max_radius_fwhm: float = 15.0  # a bright star's light is modelled out to this (x FWHM, <= 120 px) + its core
     artefact_ksigma: float = 5.0  # a detection on modelled light is kept when its matched-filter excess is >= this
     extended_smooth_frac: float = 0.5  # a parent is extended when its 3-FWHM median-filtered light holds this share

@@ -63,7 +63,7 @@ class SepDetector:
         oy, ox = inp.origin_yx
         thresholded = inp.data if inp.detect_data is None else inp.detect_data  # (halo_detect = false: mesh only)
         if cfg.detection.suppress_artefacts:
-            objs, segmap, fallback = classical.extract_segmap(inp.data, inp.bad, inp.noise_adu, cfg.detection)
+            objs, segmap, fallback = classical.extract_segmap(thresholded, inp.bad, inp.noise_adu, cfg.detection)
             objs = self._suppress(inp, objs, segmap)
         else:
             objs, fallback = classical.extract(thresholded, inp.bad, inp.noise_adu, cfg.detection)
@@ -117,16 +117,18 @@ class SepDetector:
         """The window's detections less the artefacts of bright stars and extended sources (:mod:`.artefacts`).
 
         The FWHM the tests scale with is measured on all the window's detections, as
-        :meth:`detect` measures it on the owned ones.
+        :meth:`detect` measures it on the owned ones. They judge the image sep thresholded
+        (``detect_data`` where given: the detections' own pixels).
         """
         if len(objs) == 0 or segmap is None:
             return objs
+        data = inp.data if inp.detect_data is None else inp.detect_data
         snr_iso = objs["flux"] / np.sqrt(objs["npix"] * inp.noise_adu**2
                                          + np.clip(objs["flux"], 0, None) / inp.gain_e_per_adu)
         clean = (objs["flag"] & sep.OBJ_TRUNC) == 0
-        fwhm, _ = aperture.estimate_fwhm(inp.data, inp.bad, np.asarray(objs["x"], float),
+        fwhm, _ = aperture.estimate_fwhm(data, inp.bad, np.asarray(objs["x"], float),
                                          np.asarray(objs["y"], float), snr_iso, clean, inp.cfg.photometry)
-        res = artefacts.suppress(inp.data, inp.bad, inp.noise_adu, objs, segmap, fwhm, inp.cfg.detection)
+        res = artefacts.suppress(data, inp.bad, inp.noise_adu, objs, segmap, fwhm, inp.cfg.detection)
         return objs[res.keep]
 
     @staticmethod
