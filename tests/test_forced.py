@@ -316,3 +316,52 @@ def test_forced_fluxes_follow_the_detections_scale(field_run, tmp_path):
     assert a.attrs["n_anchors"] >= 20 and abs(a.attrs["flux_scale"] - 1) < 0.02
     assert b.attrs["flux_scale"] == pytest.approx(1.1 * a.attrs["flux_scale"], rel=1e-6)
     assert np.allclose(b["flux"], 1.1 * a["flux"]) and np.allclose(b["flux_err"], 1.1 * a["flux_err"])
+
+
+def test_forced_photometry_renders_the_halos_the_epochs_extraction_kept(field_run):
+    """With ``detection.halo_sky`` the epoch's record carries its saturated stars' halos (image frame); the forced
+    photometry takes them as its sky on whatever window it reads, and flags the points on them ``HALO``."""
+    from dataclasses import replace
+
+    from survey_proc import store as st
+    from survey_proc.catalog.crossmatch import region_grid
+    from survey_proc.photometry.halo import HaloProfile, render_halos
+    from survey_proc.stages.extract import read_epoch
+    from survey_proc.stages.forced import measure_epoch
+    from survey_proc.stages.records import EpochRecord
+
+    out, store, cfg = field_run["out"], field_run["store"], field_run["cfg"]
+    cfg = replace(cfg, detection=replace(cfg.detection, halo_sky=True))
+    erec, _ = read_epoch(str(out), "F000", 3, columns=["x"])
+    objects = _objects(out)
+    objs = objects[objects["region"] == 3]
+    _, ny, nx = st.image_shape(store, "F000")
+    region = region_grid(ny, nx, 192)[3]  # its window does not start at (0, 0)
+    attrs = st.field_attrs(store, "F000")
+    # a made-up halo (40 sigma at 3 px, falling as r^-2 out to 40 px) in the middle of region 3
+    r = np.arange(1.0, 41.0)
+    halo = HaloProfile(288.0, 288.0, 40.0, r, 40.0 * erec.rms_adu * (3.0 / r) ** 2)
+    rec = erec.with_(halos=[halo.to_dict()])
+    assert EpochRecord.from_dict(rec.to_dict()).halos == [halo.to_dict()]  # kept in the footer as it is
+    assert "halos" not in erec.to_dict()  # (omitted without the halo sky)
+    ep = {"epoch": 3, "mjd": erec.mjd, "band": erec.band, "fwhm_px": erec.fwhm_px, "apcorr": erec.apcorr,
+          "zp": erec.zp.to_dict()}
+    args = (objs, set(), (ny, nx), float(attrs["gain_e_per_adu"]), float(attrs.get("saturation_adu", np.inf)), cfg)
+    with_halo = measure_epoch(str(store), str(out), "F000", region, {**ep, "halos": rec.halos}, *args)
+    without = measure_epoch(str(store), str(out), "F000", region, {**ep, "halos": []}, *args)
+    assert len(with_halo) == len(without) == len(objs)
+    level = render_halos([halo], (ny, nx))
+    # the objects' positions on this epoch, as the stage mapped them (the frame map: near the reference frame's)
+    xe, ye = with_halo.attrs["frame"](objs["x"].to_numpy(float), objs["y"].to_numpy(float))
+    on = level[np.rint(ye).astype(int), np.rint(xe).astype(int)] >= 0.1 * erec.rms_adu
+    assert 3 < on.sum() < len(objs) - 100
+    lit = (with_halo["flags"].to_numpy() & F.HALO) != 0
+    np.testing.assert_array_equal(lit, on)
+    assert not (without["flags"].to_numpy() & F.HALO).any()
+    # the halo's light is taken out of the apertures there (it is not in the pixels: the fluxes drop), not elsewhere
+    near = on & (np.hypot(xe - 288.0, ye - 288.0) < 15.0)
+    assert near.sum() >= 1
+    assert (with_halo["flux"].to_numpy()[near] < without["flux"].to_numpy()[near] - 5 * erec.rms_adu).all()
+    far = np.hypot(xe - 288.0, ye - 288.0) > 80.0
+    d = with_halo["flux"].to_numpy()[far] - without["flux"].to_numpy()[far]
+    assert np.median(np.abs(d)) < 0.1 * np.median(without["flux_err"].to_numpy()[far])

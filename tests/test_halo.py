@@ -201,3 +201,49 @@ def test_with_halo_detect_off_the_detections_are_the_mesh_skys_and_the_fluxes_th
 def test_halo_detect_must_be_a_boolean() -> None:
     with pytest.raises(ConfigError, match=r"detection\.halo_detect must be true or false"):
         config_from_dict({"detection": {"halo_detect": 1}}).validate()
+
+
+def test_the_fitted_halos_render_again_from_their_profiles_on_any_window() -> None:
+    img, mask = _field(0)
+    bad = classical.bad_pixels(img, mask, SATURATION)
+    fit = H.fit_halo_sky(img, bad, DetectionConfig(), FWHM)
+    assert len(fit.profiles) == 1
+    again = H.render_halos(fit.profiles, img.shape)
+    np.testing.assert_allclose(again, fit.halo_adu, rtol=1e-5, atol=1e-4)
+    assert fit.halo_adu[int(CORE_XY[1]) + 30, int(CORE_XY[0])] > 3.0 * NOISE  # a halo, not zeros
+    # kept as JSON (an epoch's record) in the image frame, rendered on a window of it at its origin
+    kept = [H.HaloProfile.from_dict(p.shifted(1000.0, 2000.0).to_dict()) for p in fit.profiles]
+    win = H.render_halos(kept, (80, 70), (2000 + 60, 1000 + 90))
+    np.testing.assert_allclose(win, fit.halo_adu[60:140, 90:160], rtol=1e-4, atol=1e-3)
+    # and the sky from them is the fit's, less a mesh estimated on this window only
+    b, h = H.sky_from_profiles(img, bad, DetectionConfig(), fit.profiles)
+    np.testing.assert_allclose(h, fit.halo_adu, rtol=1e-5, atol=1e-4)
+    assert np.median(np.abs(b.back - fit.background.back)[~bad]) < 0.1 * NOISE
+
+
+def test_a_block_keeps_only_the_halos_it_owns_and_the_forced_photometry_renders_them() -> None:
+    img, mask = _field(2)
+    c = config_from_dict({"detector": "sep", "detection": {"halo_sky": True}})
+    tiles = tile_grid(N, N, 128, 16)  # the star (101, 99) lies in tile 0's core (x, y < 128)
+    whole = extract_block(img, mask, (0, 0), tiles, 4.0, SATURATION, c, make_detector(c), header_fwhm_px=FWHM)
+    assert whole.info.halos is not None and len(whole.info.halos) == 1
+    assert whole.info.halos[0]["x_px"] == pytest.approx(CORE_XY[0], abs=1.0)
+    # a block of the other tiles, whose window holds the star too: it fits the halo but does not keep it
+    others = [t for t in tiles if t.index != 0]
+    rest = extract_block(img, mask, (0, 0), others, 4.0, SATURATION, c, make_detector(c), header_fwhm_px=FWHM)
+    assert rest.info.halos == []
+    off = extract_block(img, mask, (0, 0), tiles, 4.0, SATURATION, RunConfig(), make_detector(RunConfig()),
+                        header_fwhm_px=FWHM)
+    assert off.info.halos is None
+    # forced photometry with the kept halos measures what it measures fitting them again
+    kw = {"fwhm_px": FWHM, "apcorr": 1.0, "gain_e_per_adu": 4.0, "saturation_adu": SATURATION,
+          "photometry": PhotometryConfig(), "detection": c.detection}
+    kept = [H.HaloProfile.from_dict(h) for h in whole.info.halos]
+    fitted = forced_aperture(img, mask, STARS[:, 0], STARS[:, 1], **kw)
+    rendered = forced_aperture(img[8:, 5:], mask[8:, 5:], STARS[:, 0] - 5, STARS[:, 1] - 8, halos=kept,
+                               origin_yx=(8, 5), **kw)
+    np.testing.assert_allclose(rendered.flux_aper, fitted.flux_aper, rtol=0.01)
+    np.testing.assert_array_equal(rendered.flags & F.HALO, fitted.flags & F.HALO)
+    # no halos kept (an epoch without saturated stars): the plain mesh sky, no HALO flags
+    none = forced_aperture(img, mask, STARS[:, 0], STARS[:, 1], halos=[], **kw)
+    assert not (none.flags & F.HALO).any()

@@ -117,6 +117,9 @@ class BlockInfo:
     # with photometry.psf_model = "epsf": the PSF fit's psf ("epsf"/"moffat"), n_psf_stars, model_error_frac
     # (the profile error in its flux_err) and why_moffat; None without the PSF fit
     psf_fit: dict[str, Any] | None = None
+    # with detection.halo_sky: the halos of the saturated stars whose centres the block owns
+    # (:meth:`survey_proc.photometry.halo.HaloProfile.to_dict`, image frame); None without the halo sky
+    halos: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict:
         """The fields as a dict (what a block task returns to the epoch task)."""
@@ -263,11 +266,16 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     oy, ox = origin_yx
     bad = classical.bad_pixels(image, mask, saturation_adu)
     halo_adu = detect_data = None
+    halos: list[dict[str, Any]] | None = None
     if cfg.detection.halo_sky:  # the saturated stars' halos in the sky (photometry/halo.py)
-        bkg, halo_adu = halo.background_with_halos(image, bad, cfg.detection, cfg.photometry.fwhm_default_px)
+        fit = halo.fit_halo_sky(image, bad, cfg.detection, cfg.photometry.fwhm_default_px)
+        bkg, halo_adu = fit.background, fit.halo_adu
         if not cfg.detection.halo_detect and halo_adu.any():
-            mesh = classical.estimate_background(image, bad, cfg.detection)
-            detect_data = np.ascontiguousarray(np.where(bad, 0.0, image - mesh.back), dtype=np.float32)
+            detect_data = np.ascontiguousarray(np.where(bad, 0.0, image - fit.mesh.back), dtype=np.float32)
+        # the block's own halos (centre in its tiles' cores), image frame: the forced photometry renders them
+        cx, cy = np.array([p.x_px for p in fit.profiles]), np.array([p.y_px for p in fit.profiles])
+        owned = _owner(cx + ox, cy + oy, tiles, 0.0)[1] if fit.profiles else np.zeros(0, bool)
+        halos = [p.shifted(ox, oy).to_dict() for p, own in zip(fit.profiles, owned, strict=True) if own]
     else:
         bkg = classical.estimate_background(image, bad, cfg.detection)
     data = np.ascontiguousarray(np.where(bad, 0.0, image - bkg.back), dtype=np.float32)
@@ -299,7 +307,8 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     info_common: dict[str, Any] = {"bkg_adu": float(np.median(bkg.back)), "rms_adu": noise, "bad_px": int(bad.sum()),
                                    "fallback": found.fallback or None, **pixel_census(image, bad, saturation_adu),
                                    "domain": "; ".join(actions) or None,
-                                   "fwhm_source": FWHM_MEASURED if found.n_fwhm > 0 else fwhm_fallback}
+                                   "fwhm_source": FWHM_MEASURED if found.n_fwhm > 0 else fwhm_fallback,
+                                   "halos": halos}
     no_window = np.zeros(0, np.int64)
     if len(found) and cfg.photometry.background == "masked":  # the stars' light out of the photometry's sky
         bkg = masked_background(image, bad, found.x, found.y, found.peak_adu, noise, found.fwhm_px, cfg.detection)

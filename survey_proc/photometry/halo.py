@@ -26,10 +26,17 @@ With ``halo_sky`` the sky is the mesh plus a model of each saturated star's ligh
   :data:`~survey_proc.detect.artefacts.MAX_RADIUS_PX`), then a power law fitted to its outer
   half down to :data:`TAIL_SIGMA` x the noise (at most :data:`TAIL_FACTOR` x further), so
   that it meets the mesh without a step;
-- mesh and model are estimated in turn (:data:`N_ITER` times after the first): the mesh from
+- mesh and model are estimated in turn until the mesh moves by less than
+  :data:`CONVERGED_SIGMA` x the noise (at most :data:`N_ITER_MAX` times after the first; 6-8
+  on the test field, whose sky far out was 1.4 ADU = 0.23 sigma high after two): the mesh from
   the pixels where the model is below :data:`HALO_SIGMA` x the noise (one level, the mesh's
   lower quartile, when that leaves under a quarter of the window: a cutout that is all halo),
-  the model on the image less that mesh.
+  the model on the image less that mesh. The last step is a mesh, so that the sky is a
+  function of the halos alone (:func:`sky_from_profiles`).
+
+The halos are kept as profiles (:class:`HaloProfile`, in an epoch's record): the forced
+photometry renders them on its own windows instead of fitting them again (it measured every
+epoch's window again: ``make run``'s forced photometry took 10x longer with the halo sky).
 
 Diffraction spikes are not modelled: a running median along each ray (how the artefact
 suppression models them) is moved by the stars on the ray as much as by the spike (it took
@@ -48,6 +55,9 @@ bright Gaia star; SDSS and HSC mask them).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 from scipy import ndimage
 
@@ -56,8 +66,10 @@ from survey_proc.detect import artefacts, classical
 
 #: the model is followed outwards while its edge is at least this x the noise (as the artefact suppression)
 HALO_SIGMA = artefacts.HALO_SIGMA
-#: sky (mesh) and halo model estimated in turn this many times after the first
-N_ITER = 2
+#: sky (mesh) and halo model are estimated in turn until the sky moves by less than this x the noise ...
+CONVERGED_SIGMA = 0.05
+#: ... or this many times after the first
+N_ITER_MAX = 12
 #: the halo's power-law tail beyond the profile is followed down to this x the noise ...
 TAIL_SIGMA = 0.1
 #: ... and at most this x the profile's radius
@@ -66,6 +78,97 @@ TAIL_FACTOR = 4.0
 MIN_TAIL_SLOPE = 1.0
 #: a detection where the modelled halo is at least this x the noise per pixel is flagged HALO
 ON_HALO_SIGMA = 0.1
+#: the sources left out of the ring medians are searched this far around the modelled halos (px)
+SOURCES_MARGIN_PX = 16
+
+
+@dataclass(frozen=True)
+class HaloProfile:
+    """One saturated star's modelled light: a radial profile about a centre, then a power-law tail.
+
+    Attributes
+    ----------
+    x_px, y_px
+        The centre (px, in the frame of the image it is rendered on).
+    r_max_px
+        The profile is used out to this radius (px) ...
+    r_mean_px, prof_adu
+        ... interpolated (:func:`_interp_profile`) between these rings' mean radii (px) and
+        their medians (ADU per pixel);
+    tail_slope, r_tail_px
+        beyond it, ``prof_adu[-1] (r / r_mean_px[-1])^-tail_slope`` out to ``r_tail_px`` (px;
+        no tail when ``r_tail_px <= r_max_px``).
+    """
+
+    x_px: float
+    y_px: float
+    r_max_px: float
+    r_mean_px: np.ndarray
+    prof_adu: np.ndarray
+    tail_slope: float = 0.0
+    r_tail_px: float = 0.0
+
+    def shifted(self, dx_px: float, dy_px: float) -> HaloProfile:
+        """The same profile with its centre moved by ``(dx_px, dy_px)`` (another frame's origin)."""
+        return HaloProfile(self.x_px + dx_px, self.y_px + dy_px, self.r_max_px, self.r_mean_px, self.prof_adu,
+                           self.tail_slope, self.r_tail_px)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (what an epoch's record keeps; radii to 1e-4 px, values to 7 significant digits)."""
+        return {"x_px": float(self.x_px), "y_px": float(self.y_px), "r_max_px": float(self.r_max_px),
+                "r_mean_px": [round(float(v), 4) for v in self.r_mean_px],
+                "prof_adu": [float(f"{v:.7g}") for v in self.prof_adu],
+                "tail_slope": float(self.tail_slope), "r_tail_px": float(self.r_tail_px)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HaloProfile:
+        """The inverse of :meth:`to_dict`."""
+        return cls(float(d["x_px"]), float(d["y_px"]), float(d["r_max_px"]), np.asarray(d["r_mean_px"], float),
+                   np.asarray(d["prof_adu"], float), float(d.get("tail_slope", 0.0)), float(d.get("r_tail_px", 0.0)))
+
+    def render_into(self, out: np.ndarray, origin_yx: tuple[int, int] = (0, 0)) -> None:
+        """Add the modelled light (ADU per pixel) to ``out``, whose first pixel is ``origin_yx`` of this frame."""
+        ny, nx = out.shape
+        sx, sy = self.x_px - origin_yx[1], self.y_px - origin_yx[0]
+        r_out = max(self.r_max_px, self.r_tail_px)
+        x0, x1 = max(0, int(np.floor(sx - r_out))), min(nx, int(np.ceil(sx + r_out)) + 1)
+        y0, y1 = max(0, int(np.floor(sy - r_out))), min(ny, int(np.ceil(sy + r_out)) + 1)
+        if x0 >= x1 or y0 >= y1 or len(self.prof_adu) < 2:
+            return
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        pr = np.hypot(xx - sx, yy - sy)
+        inner = pr <= self.r_max_px
+        add = np.zeros(pr.shape)
+        add[inner] = _interp_profile(pr[inner], self.r_mean_px, self.prof_adu)
+        if self.r_tail_px > self.r_max_px and self.tail_slope > 0:
+            r_end = float(self.r_mean_px[-1])
+            tail = (pr > self.r_max_px) & (pr <= self.r_tail_px)
+            add[tail] = self.prof_adu[-1] * (np.maximum(pr[tail], r_end) / r_end) ** (-self.tail_slope)
+        out[y0:y1, x0:x1] += add
+
+
+def render_halos(profiles: list[HaloProfile], shape: tuple[int, int], origin_yx: tuple[int, int] = (0, 0)
+                 ) -> np.ndarray:
+    """The modelled light of ``profiles`` (ADU per pixel, float64) on a window of ``shape`` at ``origin_yx``.
+
+    Parameters
+    ----------
+    profiles
+        The stars' profiles (centres in the frame ``origin_yx`` refers to).
+    shape
+        ``(ny, nx)`` of the window (px).
+    origin_yx
+        The frame's pixel index of the window's first row and column.
+
+    Returns
+    -------
+    ndarray
+        The sum of the profiles (0 away from them).
+    """
+    out = np.zeros(shape)
+    for p in profiles:
+        p.render_into(out, origin_yx)
+    return out
 
 
 def _dipole_coefs(res: np.ndarray, ok: np.ndarray, dx: np.ndarray, dy: np.ndarray, pr: np.ndarray, r_max: int,
@@ -201,35 +304,43 @@ def saturated_cores(data: np.ndarray, bad: np.ndarray, noise_adu: float, cfg: De
     """
     if not bad.any():
         return []
-    lab, _ = ndimage.label(bad, structure=np.ones((3, 3)))
-    level = cfg.bright_peak_sigma * noise_adu
+    lab, n_lab = ndimage.label(bad, structure=np.ones((3, 3)))
+    # each region's rim is the good pixels within 2 px (city-block) of it: its brightest pixel is the brightest good
+    # pixel within 2 px of any of the region's pixels
     ny, nx = bad.shape
+    by, bx = np.nonzero(bad)
+    good_val = np.where(bad, -np.inf, np.asarray(data, float))
+    peak = np.full(n_lab + 1, -np.inf)
+    lab_b = lab[by, bx]
+    for dy in range(-2, 3):
+        for dx in range(-2 + abs(dy), 3 - abs(dy)):
+            yy, xx = by + dy, bx + dx
+            inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+            np.maximum.at(peak, lab_b[inside], good_val[yy[inside], xx[inside]])
+    peak = peak[1:]
+    area = np.bincount(lab.ravel(), minlength=n_lab + 1)[1:]
+    level = cfg.bright_peak_sigma * noise_adu
     out = []
-    for k, sl in enumerate(ndimage.find_objects(lab)):
+    objects = ndimage.find_objects(lab)
+    for k in np.flatnonzero((area >= 3) & (peak >= level)):
+        sl = objects[k]
         if sl is None:
             continue
-        # the region's box grown by its rim (2 px) and one more for the distance transform
-        y0, y1 = max(0, sl[0].start - 3), min(ny, sl[0].stop + 3)
+        y0, y1 = max(0, sl[0].start - 3), min(ny, sl[0].stop + 3)  # as far as the rim and one more
         x0, x1 = max(0, sl[1].start - 3), min(nx, sl[1].stop + 3)
         region = lab[y0:y1, x0:x1] == k + 1
-        area = int(region.sum())
-        if area < 3:
-            continue
-        rim = ndimage.binary_dilation(region, iterations=2) & ~bad[y0:y1, x0:x1]
-        vals = data[y0:y1, x0:x1][rim]
-        if not vals.size or not np.nanmax(vals) >= level:
-            continue
         edt = ndimage.distance_transform_edt(np.pad(bad[y0:y1, x0:x1], 1))[1:-1, 1:-1]
         deep = float(edt[region].max())
         yy, xx = np.nonzero(region & (edt >= deep - 0.5))
-        out.append((float(xx.mean() + x0), float(yy.mean() + y0), deep, float(area)))
+        out.append((float(xx.mean() + x0), float(yy.mean() + y0), deep, float(area[k])))
     out.sort(key=lambda s: -s[3])
     return [(x, y, r) for x, y, r, _ in out]
 
 
 def halo_model(data: np.ndarray, bad: np.ndarray, noise_adu: float, fwhm_px: float, cfg: DetectionConfig,
-               ignore: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """The light of the window's saturated stars left in ``data`` (ADU per pixel) and how many were modelled.
+               ignore: np.ndarray | None = None, cores: list[tuple[float, float, float]] | None = None
+               ) -> tuple[np.ndarray, list[HaloProfile]]:
+    """The light of the window's saturated stars left in ``data`` (ADU per pixel) and their profiles.
 
     Parameters
     ----------
@@ -245,19 +356,22 @@ def halo_model(data: np.ndarray, bad: np.ndarray, noise_adu: float, fwhm_px: flo
         ``bright_peak_sigma`` and ``bright_max_radius_fwhm`` (see the module docstring).
     ignore
         Pixels left out of the ring medians only (the sources on the halo), or None.
+    cores
+        The window's saturated cores (:func:`saturated_cores`); None: found in ``data``.
 
     Returns
     -------
-    model, n_stars
-        The modelled light (0 away from saturated stars) and the number of stars modelled.
+    model, profiles
+        The modelled light (0 away from saturated stars) and one :class:`HaloProfile` per star
+        modelled (window frame; ``model`` is :func:`render_halos` of them).
     """
     ny, nx = data.shape
     total = np.zeros(data.shape)
     rest = np.array(data, np.float64)  # data less the stars modelled so far
-    n_model = 0
+    profiles: list[HaloProfile] = []
     fwhm = max(float(fwhm_px), 1.0)
     skip = bad if ignore is None else bad | ignore
-    for sx, sy, r_sat in saturated_cores(data, bad, noise_adu, cfg):
+    for sx, sy, r_sat in (saturated_cores(data, bad, noise_adu, cfg) if cores is None else cores):
         if not artefacts._has_halo(rest, bad, sx, sy, r_sat + max(3.0 * fwhm, 4.0), HALO_SIGMA * noise_adu):
             continue  # its light is below the noise 3 FWHM out: the mesh holds it
         r_cap = int(np.ceil(r_sat + min(cfg.bright_max_radius_fwhm * fwhm, artefacts.MAX_RADIUS_PX)))
@@ -276,50 +390,79 @@ def halo_model(data: np.ndarray, bad: np.ndarray, noise_adu: float, fwhm_px: flo
             r_max = min(r_cap, 2 * r_max)  # still above the floor at the edge: look further
         if len(prof) < 2:
             continue
-        model = _interp_profile(pr, r_mean, prof)
-        add = np.where(pr <= r_max, model, 0.0)
-        total[y0:y1, x0:x1] += add
-        rest[y0:y1, x0:x1] -= add
         # beyond r_max a power law matched to the profile's outer half, until it is below TAIL_SIGMA x the noise
         amp, slope = _power_tail(r_mean, prof, max(r_sat + 2.0 * fwhm, 0.5 * r_max))
+        r_tail = 0.0
         if amp > 0 and prof[-1] > TAIL_SIGMA * noise_adu:
             r_end = float(r_mean[-1])
             r_tail = min(r_end * (prof[-1] / (TAIL_SIGMA * noise_adu)) ** (1.0 / slope), TAIL_FACTOR * r_end)
-            t0, t1 = max(0, int(sx - r_tail)), min(nx, int(np.ceil(sx + r_tail)) + 1)
-            u0, u1 = max(0, int(sy - r_tail)), min(ny, int(np.ceil(sy + r_tail)) + 1)
-            ty, tx = np.mgrid[u0:u1, t0:t1]
-            tr = np.hypot(tx - sx, ty - sy)
-            with np.errstate(divide="ignore"):
-                tail = prof[-1] * (np.maximum(tr, r_end) / r_end) ** (-slope)
-            add = np.where((tr > r_max) & (tr <= r_tail), tail, 0.0)
-            total[u0:u1, t0:t1] += add
-            rest[u0:u1, t0:t1] -= add
-        n_model += 1
-    return total, n_model
+        p = HaloProfile(float(sx), float(sy), float(r_max), r_mean, prof, slope if r_tail > r_max else 0.0,
+                        r_tail if r_tail > r_max else 0.0)
+        one = np.zeros(data.shape)
+        p.render_into(one)
+        total += one
+        rest -= one
+        profiles.append(p)
+    return total, profiles
 
 
-def _sources(res: np.ndarray, bad: np.ndarray, noise_adu: float, fwhm_px: float) -> np.ndarray:
+def _sources(res: np.ndarray, bad: np.ndarray, noise_adu: float, fwhm_px: float, near_px: np.ndarray | None = None
+             ) -> np.ndarray:
     """The pixels of the sources on a halo-subtracted window (sep's segments at 3 sigma, grown by 1 px).
 
     Left out of the ring medians: a bright star on a ring moves its median (by 1-2 % of the star's
     aperture flux on the test field), and spikes move it too. Not within 2 FWHM of a bad region
-    (a saturated core's rim is the halo itself).
+    (a saturated core's rim is the halo itself). ``near_px``: where they matter (the modelled
+    halos); sep searches only the box around it, grown by :data:`SOURCES_MARGIN_PX` (None: all).
     """
     import sep
 
-    data = np.ascontiguousarray(np.where(bad, 0.0, res), dtype=np.float32)
+    out = np.zeros(bad.shape, bool)
+    y0, y1, x0, x1 = 0, bad.shape[0], 0, bad.shape[1]
+    if near_px is not None:
+        rows, cols = np.flatnonzero(near_px.any(axis=1)), np.flatnonzero(near_px.any(axis=0))
+        if not len(rows):
+            return out
+        m = SOURCES_MARGIN_PX
+        y0, y1 = max(0, rows[0] - m), min(bad.shape[0], rows[-1] + m + 1)
+        x0, x1 = max(0, cols[0] - m), min(bad.shape[1], cols[-1] + m + 1)
+    b = np.ascontiguousarray(bad[y0:y1, x0:x1])
+    data = np.ascontiguousarray(np.where(b, 0.0, res[y0:y1, x0:x1]), dtype=np.float32)
     try:
-        _, seg = sep.extract(data, 3.0, err=float(noise_adu), mask=bad, minarea=5, segmentation_map=True)
+        _, seg = sep.extract(data, 3.0, err=float(noise_adu), mask=b, minarea=5, segmentation_map=True)
     except Exception:  # sep's buffers (a window of a plate core): no masking rather than no halo
-        return np.zeros(bad.shape, bool)
+        return out
     src = ndimage.binary_dilation(seg > 0, iterations=1)
-    near_bad = ndimage.binary_dilation(bad, iterations=max(1, int(np.ceil(2.0 * fwhm_px))))
-    return src & ~near_bad
+    near_bad = ndimage.binary_dilation(b, iterations=max(1, int(np.ceil(2.0 * fwhm_px))))
+    out[y0:y1, x0:x1] = src & ~near_bad
+    return out
 
 
-def background_with_halos(image: np.ndarray, bad: np.ndarray, cfg: DetectionConfig, fwhm_px: float
-                          ) -> tuple[classical.Background, np.ndarray]:
-    """The mesh background plus the saturated stars' halos (see the module docstring).
+@dataclass(frozen=True)
+class HaloSky:
+    """A window's sky with its saturated stars' halos (:func:`fit_halo_sky`).
+
+    Attributes
+    ----------
+    background
+        ``back`` is the mesh (estimated beyond the halos) plus the halos; ``rms`` and
+        ``global_rms`` are the plain mesh's.
+    halo_adu
+        The halos alone (ADU per pixel, float32; all 0 without a modelled star).
+    mesh
+        The plain mesh background of the window (the halos in it).
+    profiles
+        The stars' profiles (window frame).
+    """
+
+    background: classical.Background
+    halo_adu: np.ndarray
+    mesh: classical.Background
+    profiles: list[HaloProfile]
+
+
+def fit_halo_sky(image: np.ndarray, bad: np.ndarray, cfg: DetectionConfig, fwhm_px: float) -> HaloSky:
+    """The mesh background plus the saturated stars' halos, fitted (see the module docstring).
 
     Parameters
     ----------
@@ -334,27 +477,98 @@ def background_with_halos(image: np.ndarray, bad: np.ndarray, cfg: DetectionConf
 
     Returns
     -------
-    background, halo
-        The background (``back`` includes the halo model; ``rms`` and ``global_rms`` are
-        the mesh's) and the halo model alone (ADU per pixel; all 0 without saturated stars).
+    HaloSky
+        The sky, the halos and their profiles.
     """
     b0 = classical.estimate_background(image, bad, cfg)
-    h1, n = halo_model(np.where(bad, 0.0, image - b0.back), bad, b0.global_rms, fwhm_px, cfg)
-    if n == 0:
-        return b0, np.zeros(image.shape, np.float32)
+    cores = saturated_cores(np.where(bad, 0.0, image - b0.back), bad, b0.global_rms, cfg)
+    if not cores:
+        return HaloSky(b0, np.zeros(image.shape, np.float32), b0, [])
+    h1, profiles = halo_model(np.where(bad, 0.0, image - b0.back), bad, b0.global_rms, fwhm_px, cfg, cores=cores)
+    if not profiles:
+        return HaloSky(b0, np.zeros(image.shape, np.float32), b0, [])
     h2 = h1
-    for _ in range(N_ITER):
-        lit = bad | (np.abs(h2) >= HALO_SIGMA * b0.global_rms)  # the mesh from the sky beyond the halo
-        if lit.mean() > 0.75:  # (almost) all halo: one sky level, that of the faintest quarter of the mesh
-            b1 = classical.Background(back=np.full(image.shape, float(np.percentile(b0.back, 25)), np.float32),
-                                      rms=b0.rms, global_rms=b0.global_rms)
-        else:
-            b1 = classical.estimate_background(np.where(bad, image, image - h2).astype(np.float32), lit, cfg)
+    b_prev = None
+    for _ in range(N_ITER_MAX):
+        b1 = sky_beyond_halos(image, bad, cfg, h2, b0)
+        if b_prev is not None and np.max(np.abs(b1.back - b_prev.back)) < CONVERGED_SIGMA * b0.global_rms:
+            break  # the sky beyond the halos no longer moves: b1 is the last model's
         rest = np.where(bad, 0.0, image - b1.back)
-        h2, _ = halo_model(rest, bad, b0.global_rms, fwhm_px, cfg,
-                           _sources(rest - h2, bad, b0.global_rms, fwhm_px))
+        h2, profiles = halo_model(rest, bad, b0.global_rms, fwhm_px, cfg,
+                                  _sources(rest - h2, bad, b0.global_rms, fwhm_px, h2 != 0), cores=cores)
+        b_prev = b1
+    else:
+        b1 = sky_beyond_halos(image, bad, cfg, h2, b0)
     h2 = h2.astype(np.float32)
-    return classical.Background(back=(b1.back + h2).astype(np.float32), rms=b0.rms, global_rms=b0.global_rms), h2
+    sky = classical.Background(back=(b1.back + h2).astype(np.float32), rms=b0.rms, global_rms=b0.global_rms)
+    return HaloSky(sky, h2, b0, profiles)
+
+
+def sky_beyond_halos(image: np.ndarray, bad: np.ndarray, cfg: DetectionConfig, halo_adu: np.ndarray,
+                     mesh: classical.Background) -> classical.Background:
+    """The mesh background from the pixels beyond the halos (the halos not included in ``back``).
+
+    Parameters
+    ----------
+    image, bad
+        The window's pixels (ADU) and the pixels not to use.
+    cfg
+        Detection settings (mesh and filter).
+    halo_adu
+        The halos (ADU per pixel): pixels where they reach :data:`HALO_SIGMA` x the noise are
+        left out, the rest has them subtracted.
+    mesh
+        The window's plain mesh background (its ``global_rms`` sets the level; a window that
+        is (almost) all halo takes the lower quartile of its mesh as one sky level).
+
+    Returns
+    -------
+    Background
+        The sky without the halos.
+    """
+    lit = bad | (np.abs(halo_adu) >= HALO_SIGMA * mesh.global_rms)
+    if lit.mean() > 0.75:  # (almost) all halo: one sky level, that of the faintest quarter of the mesh
+        return classical.Background(back=np.full(image.shape, float(np.percentile(mesh.back, 25)), np.float32),
+                                    rms=mesh.rms, global_rms=mesh.global_rms)
+    return classical.estimate_background(np.where(bad, image, image - halo_adu).astype(np.float32), lit, cfg)
+
+
+def background_with_halos(image: np.ndarray, bad: np.ndarray, cfg: DetectionConfig, fwhm_px: float
+                          ) -> tuple[classical.Background, np.ndarray]:
+    """The mesh background plus the saturated stars' halos: :func:`fit_halo_sky`'s ``background, halo_adu``."""
+    fit = fit_halo_sky(image, bad, cfg, fwhm_px)
+    return fit.background, fit.halo_adu
+
+
+def sky_from_profiles(image: np.ndarray, bad: np.ndarray, cfg: DetectionConfig, profiles: list[HaloProfile],
+                      origin_yx: tuple[int, int] = (0, 0)) -> tuple[classical.Background, np.ndarray]:
+    """The halo sky of a window from halos already fitted (an epoch's, kept by its extraction).
+
+    The halos are rendered (:func:`render_halos`), the mesh is estimated beyond them
+    (:func:`sky_beyond_halos`), as the fit's last step does; no fitting.
+
+    Parameters
+    ----------
+    image, bad
+        The window's pixels (ADU) and the pixels not to use.
+    cfg
+        Detection settings (mesh and filter).
+    profiles
+        The halos' profiles in the frame ``origin_yx`` refers to (the image's).
+    origin_yx
+        That frame's pixel index of the window's first row and column.
+
+    Returns
+    -------
+    background, halo
+        As :func:`background_with_halos`.
+    """
+    b0 = classical.estimate_background(image, bad, cfg)
+    h = render_halos(profiles, image.shape, origin_yx).astype(np.float32)
+    if not h.any():
+        return b0, h
+    b1 = sky_beyond_halos(image, bad, cfg, h, b0)
+    return classical.Background(back=(b1.back + h).astype(np.float32), rms=b0.rms, global_rms=b0.global_rms), h
 
 
 def on_halo(halo_adu: np.ndarray | None, x: np.ndarray, y: np.ndarray, noise_adu: float) -> np.ndarray:
@@ -432,17 +646,20 @@ def sky_model_error(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndar
     floor2 = noise_adu**2 / n_ap
     r_in, r_out = 3.0 * r_ap, 6.0 * r_ap
     ro = int(np.ceil(r_out))
-    for k in range(len(x)):
-        cx, cy = int(np.rint(x[k])), int(np.rint(y[k]))
-        y0, y1, x0, x1 = max(0, cy - ro), min(ny, cy + ro + 1), max(0, cx - ro), min(nx, cx + ro + 1)
-        if y0 >= y1 or x0 >= x1:
-            continue
-        yy, xx = np.mgrid[y0:y1, x0:x1]
-        d = np.hypot(xx - x[k], yy - y[k])
-        v = avg[y0:y1, x0:x1][(d >= r_in) & (d <= r_out)]
-        v = v[np.isfinite(v)]
-        if v.size < 8:
-            continue
-        s2 = (1.4826 * float(np.median(np.abs(v)))) ** 2
-        out[k] = n_ap * np.sqrt(max(s2 - floor2, 0.0))
+    oy, ox = (o.ravel() for o in np.mgrid[-ro:ro + 1, -ro:ro + 1])
+    cx, cy = np.rint(x).astype(int), np.rint(y).astype(int)
+    for s0 in range(0, len(x), 256):  # all positions at once, in chunks: (positions, annulus pixels)
+        sl = slice(s0, s0 + 256)
+        px, py = cx[sl, None] + ox, cy[sl, None] + oy
+        d = np.hypot(px - x[sl, None], py - y[sl, None])
+        inside = (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
+        v = np.full(d.shape, np.nan)
+        v[inside] = avg[py[inside], px[inside]]
+        v[~((d >= r_in) & (d <= r_out))] = np.nan
+        n = np.sum(np.isfinite(v), axis=1)
+        srt = np.sort(np.abs(v), axis=1)  # NaN last: each row's median of its n finite values
+        lo = np.take_along_axis(srt, np.maximum((n - 1) // 2, 0)[:, None], axis=1)[:, 0]
+        hi = np.take_along_axis(srt, np.maximum(n // 2, 0)[:, None], axis=1)[:, 0]
+        s2 = (1.4826 * 0.5 * (lo + hi)) ** 2
+        out[sl] = np.where(n >= 8, n_ap * np.sqrt(np.maximum(np.nan_to_num(s2) - floor2, 0.0)), 0.0)
     return out

@@ -192,7 +192,8 @@ def finalize_epoch_task(job: EpochJob, blocks: list[tuple[pd.DataFrame, dict[str
         queue_to_done_s=time.time() - job.t_submit, finalize_s=time.perf_counter() - t0,
         read_s=float(sum(b[1].get("read_s", 0.0) for b in blocks)),
         extract_s=float(sum(b[1].get("task_s", 0.0) for b in blocks)),
-        extra={"fwhm_source": epoch_fwhm_source(infos, meta)})
+        extra={"fwhm_source": epoch_fwhm_source(infos, meta)},
+        halos=None if all(i.halos is None for i in infos) else [h for i in infos for h in (i.halos or [])])
     write_parquet_atomic(src, SOURCES, SOURCES_UNIT.path(job.out, field=field, epoch=epoch), record.to_dict())
     return record
 

@@ -63,6 +63,7 @@ from survey_proc.catalog.schema import CLASSIFY_COLUMNS, LIGHTCURVES, objects_sc
 from survey_proc.errors import SurveyProcError
 from survey_proc.outputs import write_parquet_atomic
 from survey_proc.photometry.forced import forced_aperture
+from survey_proc.photometry.halo import HaloProfile
 from survey_proc.stages.base import OutputUnit, Stage, StageContext, Submission, task_config, worker_task
 from survey_proc.stages.crossmatch import LIGHTCURVES_UNIT, OBJECTS_UNIT
 from survey_proc.stages.extract import SOURCES_UNIT
@@ -141,7 +142,8 @@ def measure_epoch(store_path: str, out: str, field: str, region: xm.Region, epoc
     store_path, out, field, region
         Where to read pixels and sources.
     epoch
-        ``epoch, mjd, band, fwhm_px, apcorr, zp`` (a :meth:`ZeroPoint.to_dict`) of the epoch.
+        ``epoch, mjd, band, fwhm_px, apcorr, zp`` (a :meth:`ZeroPoint.to_dict`) of the epoch, and
+        ``halos`` (its record's: the saturated stars' halos its extraction fitted, or None).
     objects
         The region's objects (``object_id, x, y`` in the reference frame).
     detected
@@ -198,7 +200,9 @@ def measure_epoch(store_path: str, out: str, field: str, region: xm.Region, epoc
                           neighbours=((sx[near], sy[near], src["flux"].to_numpy(float)[near])
                                       if cfg.forced.subtract_neighbours else None),
                           neighbour_exclude_px=cfg.forced.neighbour_exclude_fwhm * fwhm,
-                          neighbour_beta=cfg.forced.neighbour_beta)
+                          neighbour_beta=cfg.forced.neighbour_beta,
+                          halos=(None if epoch.get("halos") is None
+                                 else [HaloProfile.from_dict(h) for h in epoch["halos"]]), origin_yx=(y0, x0))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = src["flux"].to_numpy(float)[i_anchor] / res.flux[n_want:]
     ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
@@ -366,7 +370,7 @@ class ForcedStage(Stage):
         for p in ctx.plans:
             recs = [r for r in state.field_records(p).values() if r.calibrated]
             epochs = [{"epoch": int(r.epoch), "mjd": float(r.mjd), "band": r.band, "fwhm_px": float(r.fwhm_px),
-                       "apcorr": float(r.apcorr), "zp": r.zp.to_dict()} for r in recs]
+                       "apcorr": float(r.apcorr), "zp": r.zp.to_dict(), "halos": r.halos} for r in recs]
             for reg in p.regions:
                 xrec = state.regions.get((p.field, reg.index))
                 if xrec is None:

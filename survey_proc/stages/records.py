@@ -45,6 +45,10 @@ class EpochRecord:
     domain
         What the domain check did (:mod:`survey_proc.detect.domain`; None: the models ran
         inside their training range).
+    halos
+        With ``detection.halo_sky``: the saturated stars' modelled halos
+        (:meth:`survey_proc.photometry.halo.HaloProfile.to_dict`, image frame), which the forced
+        photometry renders instead of fitting them again; None without the halo sky (omitted).
     apcorr_source, registration, wcs_refinement
         Set by later stages: the aperture correction's origin, the registration's solution,
         the outcome of refining a rough WCS. None when not applicable (omitted from the footer).
@@ -76,6 +80,7 @@ class EpochRecord:
     wcs_refinement: str | None = None
     band: str = ""
     domain: str | None = None
+    halos: list[dict[str, Any]] | None = None
     unit: str = "sources"
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # keys of another version, kept as is
 
@@ -118,7 +123,7 @@ class EpochRecord:
         """The footer form: plain JSON types, optional keys omitted when None."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("zp", "extra")}
         d["zp"] = self.zp.to_dict()
-        for k in ("apcorr_source", "registration", "wcs_refinement", "domain"):
+        for k in ("apcorr_source", "registration", "wcs_refinement", "domain", "halos"):
             if d[k] is None:
                 del d[k]
         return {**self.extra, **d}
