@@ -115,8 +115,9 @@ from survey_proc.vocab import EXTENDED, MASK_BAD
 REAL = Path(__file__).resolve().parents[1].parent / "shared/data/real"
 PLOTS = Path(__file__).parent / "plots"
 DETECTORS = ("sep", "sep_suppressed", "sep_epsf", "sep_bpnn", "pnet", "pnet_raw", "dao")
-#: rows run only when asked for (``--detectors``): the halo sky, and the same with sep thresholding the mesh-only image
-EXTRA_ROWS = ("sep_halo", "sep_halo_thr")
+#: rows run only when asked for (``--detectors``): the mesh sky alone (``halo_sky = false``), the halo sky thresholded
+#: too (``halo_detect = true``), and the halo sky with sep thresholding the image less the mesh alone
+EXTRA_ROWS = ("sep_mesh", "sep_halo", "sep_halo_thr")
 SETS = ("sdss", "2mass", "m67", "horsehead", "spitzer", "decam")
 #: log-spaced injection S/N bins (optimal PSF-fit S/N)
 SNR_BINS = ((5.0, 10.0), (10.0, 20.0), (20.0, 50.0), (50.0, 100.0), (100.0, 300.0))
@@ -336,10 +337,13 @@ class Runner:
         epsf = replace(base, detector="sep")
         epsf = replace(epsf, photometry=replace(epsf.photometry, psf_model="epsf"))
         halo = replace(base, detector="sep")
-        halo = replace(halo, detection=replace(halo.detection, halo_sky=True))
+        halo = replace(halo, detection=replace(halo.detection, halo_sky=True, halo_detect=True))
         halo_thr = replace(halo, detection=replace(halo.detection, halo_detect=False))
+        mesh = replace(base, detector="sep")
+        mesh = replace(mesh, detection=replace(mesh.detection, halo_sky=False))
         self.cfg = {"sep": replace(base, detector="sep"), "sep_suppressed": supp, "sep_epsf": epsf,
-                    "sep_halo": halo, "sep_halo_thr": halo_thr, "pnet": replace(base, detector="pnet")}
+                    "sep_mesh": mesh, "sep_halo": halo, "sep_halo_thr": halo_thr,
+                    "pnet": replace(base, detector="pnet")}
         self.sep = make_detector(self.cfg["sep"])
         self.pnet = None
         self.bpnn = model_registry.load("bpnn", device="cpu") if "sep_bpnn" in detectors else None
@@ -376,7 +380,7 @@ class Runner:
         out["sep"] = block(self.sep, self.cfg["sep"])
         if "sep_suppressed" in self.detectors:
             out["sep_suppressed"] = block(self.sep, self.cfg["sep_suppressed"])
-        for row in ("sep_halo", "sep_halo_thr"):  # the saturated stars' halos in the sky (detection.halo_sky)
+        for row in EXTRA_ROWS:  # the saturated stars' halos in the sky or not (detection.halo_sky)
             if row in self.detectors:
                 out[row] = block(self.sep, self.cfg[row])
         if "sep_epsf" in self.detectors:  # sep's detections, fluxes from the PSF fit on the block's empirical PSF
@@ -851,7 +855,7 @@ def gallery(rs: RealSet, frame: Frame, found: dict[str, Found], art: dict[str, A
     fig, axes = plt.subplots(len(centres), len(found), figsize=(3.2 * len(found), 3.35 * len(centres)),
                              squeeze=False)
     colours = {"sep": "#0000ff", "sep_suppressed": "#00a0ff", "sep_epsf": "#000080", "sep_bpnn": "#8000ff",
-               "sep_halo": "#00ffa0", "sep_halo_thr": "#008060",
+               "sep_halo": "#00ffa0", "sep_halo_thr": "#008060", "sep_mesh": "#a0a0a0",
                "pnet": "#ff0000",
                "pnet_raw": "#ff00ff",
                "dao": "#00b000"}

@@ -101,3 +101,20 @@ def test_sep_fits_the_window_only_when_asked(border_survey, monkeypatch):
     assert len(res.table) == len(border_survey["stars"]) and res.window is None
     with pytest.raises(AssertionError, match="PSF fit ran"):
         extract_block(image, mask, (0, 0), tiles, 1.5, 60000.0, SEP, make_detector(SEP), keep_window=True)
+
+
+def test_seps_pixel_stack_is_no_larger_than_the_image_and_never_overflows_at_that_size():
+    """sep allocates its whole pixel stack on every call (57 ms for the 3M default); an image cannot hold more
+    pixels above the threshold than it has, so the stack is capped at that and still never overflows."""
+    import sep
+
+    rng = np.random.default_rng(3)
+    data = np.ascontiguousarray(50.0 + rng.normal(0.0, 1.0, (200, 150)), dtype=np.float32)  # every pixel a source
+    bad = np.zeros(data.shape, bool)
+    cfg = DetectionConfig()
+    objs, fallback = classical.extract(data, bad, 1.0, cfg)
+    assert fallback is None and len(objs) >= 1
+    assert sep.get_extract_pixstack() == classical.pixstack_for(data) == data.size + 16 < cfg.pixstack
+    # a smaller configured stack is kept
+    _, fallback = classical.extract(data - 50.0, bad, 1.0, DetectionConfig(pixstack=1000))
+    assert fallback is None and sep.get_extract_pixstack() == 1000
