@@ -57,7 +57,10 @@ Figures (``real.json``, tables in ``real.md``):
   20-300, the median flux ratio and the std of ``z = (flux - injected) / flux_err`` (the
   table's ``flux_err``, which for sep holds the aperture correction's scatter that ``snr``
   leaves out; DAOStarFinder: ``flux / snr``; raw and 5-sigma clipped), issue 21's
-  real-image criteria;
+  real-image criteria. Injections whose 3 x 3 core reaches the frame's saturation level
+  (:func:`saturated_injections`; 2MASS and the plates at high S/N) are saturated stars: they
+  count for recall, but not in the flux ratios and z (``n_saturated``; the pooled figures
+  with them are kept as ``*_all``, the definition before they were set apart);
 - **repeatability** across the frames of a field (SDSS g/r/i, 2MASS J/H/K, the DECam
   epochs): each detection mapped through the WCS into every other frame (positions > 5 px
   inside it): the share with a detection of the other frame within ``max(FWHM_a, FWHM_b,
@@ -573,6 +576,24 @@ def inject(image: np.ndarray, psf: np.ndarray, xy: np.ndarray, flux: np.ndarray,
     return out.astype(np.float32)
 
 
+def saturated_injections(image: np.ndarray, xy: np.ndarray, saturation: float) -> np.ndarray:
+    """Whether each injected star's 3 x 3 core reaches ``saturation`` in the injected ``image`` (False without one).
+
+    Such a star is saturated: the pipeline takes those pixels out (``SATURATED``), as a real
+    one's, and its flux is no measure of the photometry (2MASS: the injections of S/N 100-300 in
+    the undersampled frames peak above the 2997 ADU level and read 0.65-0.85).
+    """
+    out = np.zeros(len(xy), bool)
+    if not np.isfinite(saturation):
+        return out
+    ny, nx = image.shape
+    for k, (x, y) in enumerate(xy):
+        ix, iy = int(np.rint(x)), int(np.rint(y))
+        core = image[max(0, iy - 1):min(ny, iy + 2), max(0, ix - 1):min(nx, ix + 2)]
+        out[k] = bool(core.size and np.nanmax(core) >= saturation)
+    return out
+
+
 def injection_recovery(frame: Frame, runner: Runner, base: dict[str, Found], rounds: int, per_bin: int,
                        seed: int = SEED) -> dict[str, Any]:
     """Injection-recovery figures of one frame per detector (see the module docstring)."""
@@ -601,6 +622,7 @@ def injection_recovery(frame: Frame, runner: Runner, base: dict[str, Found], rou
         snr = np.exp(rng.uniform(np.log(lo), np.log(hi)))
         flux = flux_for_snr(snr, sigma, frame.gain, n_eff)
         img = inject(frame.image, psf, xy, flux, frame.gain, rng)
+        sat = saturated_injections(img, xy, frame.saturation)
         found = runner.run(frame, img, fwhm_px=fwhm, exact=False)
         for det, fd in found.items():
             tree = cKDTree(np.c_[fd.x, fd.y]) if len(fd) else None
@@ -615,7 +637,7 @@ def injection_recovery(frame: Frame, runner: Runner, base: dict[str, Found], rou
                         z = (fd.flux[j] - flux[k]) / err
                 chance = base_trees[det] is not None and bool(base_trees[det].query_ball_point(xy[k], radius))
                 rows.append({"detector": det, "bin": int(b[k]), "snr": snr[k], "recovered": rec, "ratio": ratio,
-                             "z": z, "chance": chance})
+                             "z": z, "chance": chance, "saturated": bool(sat[k])})
     df = pd.DataFrame(rows)
     res: dict[str, Any] = {"psf": how, "fwhm_px": fwhm, "n_eff_px": n_eff, "sigma": sigma, "match_radius_px": radius,
                            "per_detector": {}}
@@ -623,14 +645,19 @@ def injection_recovery(frame: Frame, runner: Runner, base: dict[str, Found], rou
         bins = []
         for i, (lo_, hi_) in enumerate(SNR_BINS):
             s = df[(df["detector"] == det) & (df["bin"] == i)] if len(df) else df
-            r = s["ratio"].dropna() if len(s) else pd.Series(dtype=float)
-            zb = s["z"].dropna() if len(s) else pd.Series(dtype=float)
+            # the photometry of injections that reached the saturation level is a saturated star's: apart
+            u = s[~s["saturated"]] if len(s) else s
+            r = u["ratio"].dropna() if len(u) else pd.Series(dtype=float)
+            zb = u["z"].dropna() if len(u) else pd.Series(dtype=float)
             bins.append({"snr_lo": lo_, "snr_hi": hi_, "n": len(s),
+                         "n_saturated": int(s["saturated"].sum()) if len(s) else 0,
                          "recall": float(s["recovered"].mean()) if len(s) else None,
                          "chance": float(s["chance"].mean()) if len(s) else None,
                          "flux_ratio_median": float(r.median()) if len(r) else None,
                          "z_std": float(zb.std(ddof=0)) if len(zb) > 1 else None, "z": [float(v) for v in zb],
-                         "ratios": [float(v) for v in r]})
+                         "ratios": [float(v) for v in r],
+                         "z_all": [float(v) for v in (s["z"].dropna() if len(s) else [])],
+                         "ratios_all": [float(v) for v in (s["ratio"].dropna() if len(s) else [])]})
         res["per_detector"][det] = bins
     return res
 
@@ -960,13 +987,20 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
                 bins.append({"snr_lo": SNR_BINS[i][0], "snr_hi": SNR_BINS[i][1], "n": n,
                              "recall": rec / n if n else None, "chance": ch / n if n else None,
                              "flux_ratio_median": float(np.median(ratios)) if ratios else None,
+                             "n_saturated": sum(b.get("n_saturated", 0) for b in inj),
                              "z": [v for b in inj for v in b.get("z", [])],
-                             "ratios": [v for b in inj for v in b.get("ratios", [])]})
-            # injected stars of S/N 20-300 pooled over the frames: the median flux ratio and the z std
+                             "ratios": [v for b in inj for v in b.get("ratios", [])],
+                             "z_all": [v for b in inj for v in b.get("z_all", b.get("z", []))],
+                             "ratios_all": [v for b in inj for v in b.get("ratios_all", b.get("ratios", []))]})
+            # injected stars of S/N 20-300 pooled over the frames: the median flux ratio and the z std (without the
+            # saturated injections; "_all": with them, the definition before they were set apart)
             zs = np.array([v for b in bins[2:] for v in b.pop("z")])
             rr = np.array([v for b in bins[2:] for v in b.pop("ratios")])
+            zs_all = np.array([v for b in bins[2:] for v in b.pop("z_all")])
+            rr_all = np.array([v for b in bins[2:] for v in b.pop("ratios_all")])
+            n_sat = sum(b["n_saturated"] for b in bins[2:])
             for b in bins[:2]:
-                b.pop("z"), b.pop("ratios")
+                b.pop("z"), b.pop("ratios"), b.pop("z_all"), b.pop("ratios_all")
 
             def avg(key: str, frames: list[dict[str, Any]] = rs["frames"], det: str = det) -> float | None:
                 v = [fr["artefacts"]["per_detector"][det][key] for fr in frames
@@ -980,6 +1014,9 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
                         "flux_ratio_pooled_s20": float(np.median(rr)) if len(rr) else None,
                         "z_std_s20": float(np.std(zs)) if len(zs) > 1 else None,
                         "z_std_clipped_s20": _clipped_std(zs),
+                        "n_saturated_s20": n_sat,
+                        "flux_ratio_pooled_s20_all": float(np.median(rr_all)) if len(rr_all) else None,
+                        "z_std_s20_all": float(np.std(zs_all)) if len(zs_all) > 1 else None,
                         "extra_per_star_r4": avg("extra_per_star_r4"),
                         "excess_per_star_r4": avg("excess_per_star_r4"),
                         "extra_per_star_rext": avg("extra_per_star_rext"),
@@ -1018,15 +1055,18 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [f"# Real-data detector benchmark\n\n`{res['command']}` ({res['seconds']:.0f} s)\n"]
     hdr = " | ".join(f"S/N {lo:g}-{hi:g}" for lo, hi in SNR_BINS)
     lines += ["## Injection-recovery: recall (chance) per S/N bin, median flux ratio\n",
-              f"| set | detector | {hdr} | flux ratio S/N 20-300 | pooled flux ratio | z std (5σ-clipped) |",
-              "|---|---|" + "---|" * (len(SNR_BINS) + 3)]
+              f"| set | detector | {hdr} | flux ratio S/N 20-300 | pooled flux ratio | z std (5σ-clipped) | "
+              "saturated injections S/N 20-300: n (pooled ratio, z std with them) |",
+              "|---|---|" + "---|" * (len(SNR_BINS) + 4)]
     for name, per in s.items():
         for det, d in per.items():
             cells = [f"{_f(b['recall'])} ({_f(b['chance'])})" for b in d["recall_bins"]]
             fr = [b["flux_ratio_median"] for b in d["recall_bins"][2:] if b["flux_ratio_median"] is not None]
             lines.append(f"| {name} | {det} | " + " | ".join(cells) + f" | {_f(np.median(fr) if fr else None)} | "
                          f"{_f(d.get('flux_ratio_pooled_s20'), '.3f')} | {_f(d.get('z_std_s20'))} "
-                         f"({_f(d.get('z_std_clipped_s20'))}) |")
+                         f"({_f(d.get('z_std_clipped_s20'))}) | {d.get('n_saturated_s20', 0)}"
+                         + (f" ({_f(d.get('flux_ratio_pooled_s20_all'), '.3f')}, {_f(d.get('z_std_s20_all'))})"
+                            if d.get("n_saturated_s20") else "") + " |")
     lines += ["\nn per bin: " + "; ".join(f"{n}: {per['sep']['recall_bins'][0]['n']}" for n, per in s.items()),
               "\n## Detections, FWHM, domain, repeatability, artefacts\n",
               "| set | detector | detections per frame | FWHM (px) | domain | repeatability (chance) | "

@@ -64,10 +64,10 @@ class DetectionConfig:
     # artefact suppression (survey_proc/detect/artefacts.py): halos/spikes of bright stars, shattered galaxies
     suppress_artefacts: bool = False  # true: detect/artefacts.py filters sep's detections (measured: not the default)
     bright_peak_sigma: float = 50.0  # a bright star: peak >= this x the noise (or a saturated core so bordered)
-    # true: the sky includes each saturated star's ring-median halo (photometry/halo.py); detections on it: HALO.
-    # Not the default: with halo_detect = false it wins DECam (1.42 -> 1.05, the same detections) but forced
-    # photometry took 44 -> 434 s in `make run` (RESULTS.md, issue 21); the cost has to come down first
-    halo_sky: bool = False
+    # true (default): the sky includes each saturated star's ring-median halo (photometry/halo.py); detections on it
+    # are flagged HALO. With halo_detect = false it wins DECam (1.42 -> 1.05, the same detections); fitted once per
+    # epoch and rendered by the forced photometry (RESULTS.md, issue 21)
+    halo_sky: bool = True
     # with halo_sky, whether sep also thresholds the halo-subtracted image (true), or the image less the mesh sky alone
     # (false: the detections of halo_sky = false, their centroids, FWHM and photometry on the halo-subtracted image)
     halo_detect: bool = False

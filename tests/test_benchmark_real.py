@@ -91,3 +91,14 @@ def test_quick_repeatability_above_chance(quick: dict[str, Any]) -> None:
         assert r["n"] > 100
         assert r["share"] > r["chance"] + 0.3, det
     assert rep["sep"]["share"] >= 0.7
+
+
+def test_an_injection_that_reaches_the_saturation_level_is_set_apart() -> None:
+    import numpy as np
+
+    img = np.full((40, 40), 100.0, np.float32)
+    img[10, 10] = 2990.0  # a core just under the level
+    img[30, 21] = 3000.0  # one pixel off the centre, at the level
+    xy = np.array([[10.2, 9.8], [20.4, 30.0], [5.0, 30.0]])
+    np.testing.assert_array_equal(real.saturated_injections(img, xy, 2997.16), [False, True, False])
+    assert not real.saturated_injections(img, xy, float("inf")).any()  # no saturation level: none
