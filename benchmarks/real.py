@@ -119,8 +119,9 @@ REAL = Path(__file__).resolve().parents[1].parent / "shared/data/real"
 PLOTS = Path(__file__).parent / "plots"
 DETECTORS = ("sep", "sep_suppressed", "sep_epsf", "sep_bpnn", "pnet", "pnet_raw", "dao")
 #: rows run only when asked for (``--detectors``): the mesh sky alone (``halo_sky = false``), the halo sky thresholded
-#: too (``halo_detect = true``), and the halo sky with sep thresholding the image less the mesh alone
-EXTRA_ROWS = ("sep_mesh", "sep_halo", "sep_halo_thr")
+#: too (``halo_detect = true``), the halo sky with sep thresholding the image less the mesh alone, and the halo sky
+#: without its diffraction spikes (``halo_spikes = false``)
+EXTRA_ROWS = ("sep_mesh", "sep_halo", "sep_halo_thr", "sep_nospikes")
 SETS = ("sdss", "2mass", "m67", "horsehead", "spitzer", "decam")
 #: log-spaced injection S/N bins (optimal PSF-fit S/N)
 SNR_BINS = ((5.0, 10.0), (10.0, 20.0), (20.0, 50.0), (50.0, 100.0), (100.0, 300.0))
@@ -344,8 +345,10 @@ class Runner:
         halo_thr = replace(halo, detection=replace(halo.detection, halo_detect=False))
         mesh = replace(base, detector="sep")
         mesh = replace(mesh, detection=replace(mesh.detection, halo_sky=False))
+        nospikes = replace(base, detector="sep")
+        nospikes = replace(nospikes, detection=replace(nospikes.detection, halo_sky=True, halo_spikes=False))
         self.cfg = {"sep": replace(base, detector="sep"), "sep_suppressed": supp, "sep_epsf": epsf,
-                    "sep_mesh": mesh, "sep_halo": halo, "sep_halo_thr": halo_thr,
+                    "sep_mesh": mesh, "sep_halo": halo, "sep_halo_thr": halo_thr, "sep_nospikes": nospikes,
                     "pnet": replace(base, detector="pnet")}
         self.sep = make_detector(self.cfg["sep"])
         self.pnet = None
@@ -882,7 +885,7 @@ def gallery(rs: RealSet, frame: Frame, found: dict[str, Found], art: dict[str, A
     fig, axes = plt.subplots(len(centres), len(found), figsize=(3.2 * len(found), 3.35 * len(centres)),
                              squeeze=False)
     colours = {"sep": "#0000ff", "sep_suppressed": "#00a0ff", "sep_epsf": "#000080", "sep_bpnn": "#8000ff",
-               "sep_halo": "#00ffa0", "sep_halo_thr": "#008060", "sep_mesh": "#a0a0a0",
+               "sep_halo": "#00ffa0", "sep_halo_thr": "#008060", "sep_mesh": "#a0a0a0", "sep_nospikes": "#60c0a0",
                "pnet": "#ff0000",
                "pnet_raw": "#ff00ff",
                "dao": "#00b000"}

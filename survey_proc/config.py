@@ -71,6 +71,8 @@ class DetectionConfig:
     # with halo_sky, whether sep also thresholds the halo-subtracted image (true), or the image less the mesh sky alone
     # (false: the detections of halo_sky = false, their centroids, FWHM and photometry on the halo-subtracted image)
     halo_detect: bool = False
+    # with halo_sky, whether the saturated stars' diffraction spikes are modelled too (photometry/halo.py: Spikes)
+    halo_spikes: bool = True
     bright_max_radius_fwhm: float = 15.0  # a bright star's light is modelled out to this (x FWHM, <= 120 px) + its core
     artefact_ksigma: float = 5.0  # a detection on modelled light is kept when its matched-filter excess is >= this
     extended_smooth_frac: float = 0.5  # a parent is extended when its 3-FWHM median-filtered light holds this share
@@ -327,6 +329,9 @@ class RunConfig:
         if not isinstance(self.detection.halo_detect, bool):
             raise ConfigError(f"detection.halo_detect must be true or false (false: sep thresholds the image less the "
                               f"mesh sky alone), got {self.detection.halo_detect!r}")
+        if not isinstance(self.detection.halo_spikes, bool):
+            raise ConfigError(f"detection.halo_spikes must be true or false (true: the saturated stars' diffraction "
+                              f"spikes are modelled in the halo sky), got {self.detection.halo_spikes!r}")
         if not isinstance(self.detection.halo_sky, bool):
             raise ConfigError(f"detection.halo_sky must be true or false (true: each saturated star's halo modelled "
                               f"in the sky), got {self.detection.halo_sky!r}")

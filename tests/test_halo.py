@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -233,8 +234,8 @@ def test_a_block_keeps_only_the_halos_it_owns_and_the_forced_photometry_renders_
     others = [t for t in tiles if t.index != 0]
     rest = extract_block(img, mask, (0, 0), others, 4.0, SATURATION, c, make_detector(c), header_fwhm_px=FWHM)
     assert rest.info.halos == []
-    off = extract_block(img, mask, (0, 0), tiles, 4.0, SATURATION, RunConfig(), make_detector(RunConfig()),
-                        header_fwhm_px=FWHM)
+    mesh = config_from_dict({"detector": "sep", "detection": {"halo_sky": False}})
+    off = extract_block(img, mask, (0, 0), tiles, 4.0, SATURATION, mesh, make_detector(mesh), header_fwhm_px=FWHM)
     assert off.info.halos is None
     # forced photometry with the kept halos measures what it measures fitting them again
     kw = {"fwhm_px": FWHM, "apcorr": 1.0, "gain_e_per_adu": 4.0, "saturation_adu": SATURATION,
@@ -248,3 +249,72 @@ def test_a_block_keeps_only_the_halos_it_owns_and_the_forced_photometry_renders_
     # no halos kept (an epoch without saturated stars): the plain mesh sky, no HALO flags
     none = forced_aperture(img, mask, STARS[:, 0], STARS[:, 1], halos=[], **kw)
     assert not (none.flags & F.HALO).any()
+
+
+def _spiky_field(seed: int, spike_peak: float = 400.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_field` plus four diffraction spikes (2-px wide, falling as r^-1.5) along the diagonals; and the
+    spikes alone. Stars 0-3 sit on them."""
+    img, mask = _field(seed)
+    dx, dy = XX - CORE_XY[0], YY - CORE_XY[1]
+    r = np.hypot(dx, dy)
+    spikes = np.zeros_like(XX)
+    for ang in (45.0, 135.0, 225.0, 315.0):
+        ux, uy = np.cos(np.radians(ang)), np.sin(np.radians(ang))
+        along = dx * ux + dy * uy
+        across = -dx * uy + dy * ux
+        spikes += np.where(along > 5, spike_peak * (np.maximum(along, 5) / 10.0) ** -1.5
+                           * np.exp(-0.5 * (across / 1.0) ** 2), 0.0)
+    spikes[r < 5] = 0.0
+    out = np.minimum(img + spikes, SATURATION).astype(np.float32)
+    return out, mask, spikes
+
+
+SPIKE_STARS = np.array([[CORE_XY[0] + 30 * np.cos(np.radians(a)), CORE_XY[1] + 30 * np.sin(np.radians(a))]
+                        for a in (45.0, 135.0, 225.0, 315.0)])
+
+
+def test_the_spikes_are_modelled_without_eating_the_stars_on_them() -> None:
+    ratios = {}
+    for spikes_on in (False, True):
+        r = []
+        for seed in range(3):
+            img, mask, _ = _spiky_field(seed)
+            rng = np.random.default_rng(100 + seed)
+            star_img = np.zeros_like(XX)
+            for x, y in SPIKE_STARS:
+                star_img += _moffat(x, y, STAR_FLUX)
+            img = (img + star_img + rng.normal(0, 0.0, img.shape)).astype(np.float32)
+            bad = classical.bad_pixels(img, mask, SATURATION)
+            cfg = DetectionConfig(halo_spikes=spikes_on)
+            fit = H.fit_halo_sky(img, bad, cfg, FWHM)
+            data = np.ascontiguousarray(np.where(bad, 0.0, img - fit.background.back), dtype=np.float32)
+            f, _, _ = A.aperture_measure(data, NOISE, bad, None, SPIKE_STARS[:, 0], SPIKE_STARS[:, 1], FWHM, 1e9)
+            alpha = FWHM / (2.0 * np.sqrt(2.0 ** (1.0 / BETA) - 1.0))
+            r += list(f / (STAR_FLUX * (1.0 - (1.0 + FWHM**2 / alpha**2) ** (1.0 - BETA))))
+            if spikes_on:
+                assert any(p.spikes is not None for p in fit.profiles)
+                # what the model holds along a spike, between the stars: most of the spike's light
+                _, _, spk = _spiky_field(seed)
+                on = (spk > 3 * NOISE) & ~bad
+                held = fit.halo_adu[on] - H.render_halos([replace(p, spikes=None) for p in fit.profiles],
+                                                         img.shape)[on]
+                assert 0.5 < np.median(held / spk[on]) < 1.3
+        ratios[spikes_on] = np.median(r)
+    assert ratios[False] > 1.15  # the spikes' light in the apertures of the stars on them
+    assert abs(ratios[True] - 1.0) < 0.06, ratios  # taken out, and the stars themselves left in
+
+
+def test_the_spikes_are_kept_with_the_profile_and_render_again() -> None:
+    img, mask, _ = _spiky_field(0)
+    bad = classical.bad_pixels(img, mask, SATURATION)
+    fit = H.fit_halo_sky(img, bad, DetectionConfig(), FWHM)
+    assert fit.profiles[0].spikes is not None
+    kept = [H.HaloProfile.from_dict(p.to_dict()) for p in fit.profiles]
+    np.testing.assert_allclose(H.render_halos(kept, img.shape), fit.halo_adu, rtol=1e-4, atol=1e-3)
+    b, _ = H.sky_from_profiles(img, bad, DetectionConfig(), kept)
+    np.testing.assert_allclose(b.back, fit.background.back, rtol=1e-4, atol=1e-2)
+
+
+def test_halo_spikes_must_be_a_boolean() -> None:
+    with pytest.raises(ConfigError, match=r"detection\.halo_spikes must be true or false"):
+        config_from_dict({"detection": {"halo_spikes": "no"}}).validate()

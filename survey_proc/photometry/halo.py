@@ -55,7 +55,7 @@ bright Gaia star; SDSS and HSC mask them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -82,6 +82,15 @@ ON_HALO_SIGMA = 0.1
 SOURCES_MARGIN_PX = 16
 #: ... in the first this many passes (then kept: the halo-subtracted image no longer changes much)
 SOURCES_PASSES = 2
+#: diffraction spikes (:class:`Spikes`): rays per turn, log-spaced radii, and the excess over the angles' median
+#: (x their robust spread) a ray's median about a radius needs to be a spike
+SPIKE_N_THETA = 360
+SPIKE_SEGMENTS = 12
+SPIKE_SIGMA = 3.0
+#: a source segment this many times longer than wide is a spike's piece, not a star: kept in the spikes' medians
+ELONGATED_RATIO = 3.0
+#: the spikes are fitted this many times, the sources found again on the image less the last fit's spikes
+SPIKE_PASSES = 2
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,8 @@ class HaloProfile:
     tail_slope, r_tail_px
         beyond it, ``prof_adu[-1] (r / r_mean_px[-1])^-tail_slope`` out to ``r_tail_px`` (px;
         no tail when ``r_tail_px <= r_max_px``).
+    spikes
+        The diffraction spikes on top (:class:`Spikes`), or None.
     """
 
     x_px: float
@@ -109,24 +120,28 @@ class HaloProfile:
     prof_adu: np.ndarray
     tail_slope: float = 0.0
     r_tail_px: float = 0.0
+    spikes: Spikes | None = None
 
     def shifted(self, dx_px: float, dy_px: float) -> HaloProfile:
         """The same profile with its centre moved by ``(dx_px, dy_px)`` (another frame's origin)."""
-        return HaloProfile(self.x_px + dx_px, self.y_px + dy_px, self.r_max_px, self.r_mean_px, self.prof_adu,
-                           self.tail_slope, self.r_tail_px)
+        return replace(self, x_px=self.x_px + dx_px, y_px=self.y_px + dy_px)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (what an epoch's record keeps; radii to 1e-4 px, values to 7 significant digits)."""
-        return {"x_px": float(self.x_px), "y_px": float(self.y_px), "r_max_px": float(self.r_max_px),
-                "r_mean_px": [round(float(v), 4) for v in self.r_mean_px],
-                "prof_adu": [float(f"{v:.7g}") for v in self.prof_adu],
-                "tail_slope": float(self.tail_slope), "r_tail_px": float(self.r_tail_px)}
+        d = {"x_px": float(self.x_px), "y_px": float(self.y_px), "r_max_px": float(self.r_max_px),
+             "r_mean_px": [round(float(v), 4) for v in self.r_mean_px],
+             "prof_adu": [float(f"{v:.7g}") for v in self.prof_adu],
+             "tail_slope": float(self.tail_slope), "r_tail_px": float(self.r_tail_px)}
+        if self.spikes is not None:
+            d["spikes"] = self.spikes.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HaloProfile:
         """The inverse of :meth:`to_dict`."""
         return cls(float(d["x_px"]), float(d["y_px"]), float(d["r_max_px"]), np.asarray(d["r_mean_px"], float),
-                   np.asarray(d["prof_adu"], float), float(d.get("tail_slope", 0.0)), float(d.get("r_tail_px", 0.0)))
+                   np.asarray(d["prof_adu"], float), float(d.get("tail_slope", 0.0)), float(d.get("r_tail_px", 0.0)),
+                   Spikes.from_dict(d["spikes"]) if d.get("spikes") else None)
 
     def render_into(self, out: np.ndarray, origin_yx: tuple[int, int] = (0, 0)) -> None:
         """Add the modelled light (ADU per pixel) to ``out``, whose first pixel is ``origin_yx`` of this frame."""
@@ -147,6 +162,111 @@ class HaloProfile:
             tail = (pr > self.r_max_px) & (pr <= self.r_tail_px)
             add[tail] = self.prof_adu[-1] * (np.maximum(pr[tail], r_end) / r_end) ** (-self.tail_slope)
         out[y0:y1, x0:x1] += add
+        if self.spikes is not None:
+            self.spikes.render_into(out, sx, sy)
+
+
+@dataclass(frozen=True)
+class Spikes:
+    """A saturated star's diffraction spikes: what its halo's residual holds along a few directions.
+
+    The residual (image less mesh and ring-median halo) is sampled on rays every
+    ``360 / N_THETA`` degrees from ``r0_px`` to ``r1_px``, with the compact sources (stars)
+    left out: sep's segments at 3 sigma that are not long and thin (:data:`ELONGATED_RATIO`;
+    a spike's own pieces stay in), found again on the residual less the first fit's spikes
+    (:data:`SPIKE_PASSES`: a star on a spike is one segment with it until the spike is
+    gone). Per ray, the median in a window about each of :data:`SPIKE_SEGMENTS` log-spaced
+    radii (one grid step either side); where it stands :data:`SPIKE_SIGMA` x the spread over
+    the angles above their median, that excess is the spike (and one ray either side). A
+    running median along the ray without the stars left out took 55-80 % of injected stars'
+    light. Between the radii the values are interpolated log-log (linearly where one is not
+    positive), and continued beyond the ends with the end pair's power law when it falls
+    outwards (else kept constant).
+
+    Attributes
+    ----------
+    r0_px, r1_px
+        The radii the spikes are modelled over (px from the star's centre).
+    seg_px
+        The radii the levels are given at (px).
+    adu
+        ``(N_THETA, len(seg_px))``: the spikes' level per ray and radius (ADU per pixel; 0: none).
+    """
+
+    r0_px: float
+    r1_px: float
+    seg_px: np.ndarray
+    adu: np.ndarray
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the non-zero levels only, as ``[ray, segment, value]``."""
+        ii, kk = np.nonzero(self.adu)
+        return {"r0_px": float(self.r0_px), "r1_px": float(self.r1_px),
+                "seg_px": [round(float(v), 4) for v in self.seg_px], "n_theta": int(self.adu.shape[0]),
+                "levels": [[int(i), int(k), float(f"{self.adu[i, k]:.7g}")] for i, k in zip(ii, kk, strict=True)]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Spikes:
+        """The inverse of :meth:`to_dict`."""
+        seg = np.asarray(d["seg_px"], float)
+        adu = np.zeros((int(d["n_theta"]), len(seg)))
+        for i, k, v in d["levels"]:
+            adu[int(i), int(k)] = float(v)
+        return cls(float(d["r0_px"]), float(d["r1_px"]), seg, adu)
+
+    def render_into(self, out: np.ndarray, sx: float, sy: float) -> None:
+        """Add the spikes (ADU per pixel) to ``out``, about the centre ``(sx, sy)`` in its frame (px)."""
+        ny, nx = out.shape
+        r1 = self.r1_px
+        x0, x1 = max(0, int(np.floor(sx - r1))), min(nx, int(np.ceil(sx + r1)) + 1)
+        y0, y1 = max(0, int(np.floor(sy - r1))), min(ny, int(np.ceil(sy + r1)) + 1)
+        if x0 >= x1 or y0 >= y1 or not self.adu.any():
+            return
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        pr = np.hypot(xx - sx, yy - sy)
+        inside = (pr >= self.r0_px) & (pr <= r1)
+        if not inside.any():
+            return
+        n_th = self.adu.shape[0]
+        ang = (np.degrees(np.arctan2(yy[inside] - sy, xx[inside] - sx)) % 360.0) * n_th / 360.0
+        i0 = np.floor(ang).astype(int) % n_th
+        w = ang - np.floor(ang)
+        val = np.zeros(int(inside.sum()))
+        for i, wt in ((i0, 1.0 - w), ((i0 + 1) % n_th, w)):
+            rows = self.adu[i]  # (pixels, segments)
+            val += wt * _interp_segments(pr[inside], self.seg_px, rows)
+        add = np.zeros(pr.shape)
+        add[inside] = val
+        out[y0:y1, x0:x1] += add
+
+
+def _interp_segments(r: np.ndarray, seg: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Each pixel's level at radius ``r`` from its ray's values ``rows`` (pixels x segments) at radii ``seg``.
+
+    Log-log between the neighbouring segments where both are positive, linear otherwise;
+    beyond the ends the end pair's power law when it falls outwards, else the end value.
+    """
+    n = len(seg)
+    if n == 1:
+        return rows[:, 0].copy()
+    lr = np.log(np.maximum(r, 1e-6))
+    ls = np.log(seg)
+    j = np.clip(np.searchsorted(seg, r) - 1, 0, n - 2)  # the pair [j, j + 1] (the end pair beyond the ends)
+    a, b = rows[np.arange(len(r)), j], rows[np.arange(len(r)), j + 1]
+    t = (lr - ls[j]) / (ls[j + 1] - ls[j])
+    pos = (a > 0) & (b > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        loglin = np.exp(np.log(np.where(pos, a, 1.0)) * (1 - t) + np.log(np.where(pos, b, 1.0)) * t)
+    lin = a * (1 - t) + b * t
+    v = np.where(pos, loglin, lin)
+    # beyond the ends: the power law only when it falls outwards (t < 0 inwards: rises; t > 1 outwards: falls)
+    below, above = t < 0, t > 1
+    falls = pos & (b < a)
+    v = np.where(below & ~falls, a, v)
+    v = np.where(above & ~falls, b, v)
+    v = np.where(below & ~pos, a, v)
+    v = np.where(above & ~pos, b, v)
+    return np.asarray(v)
 
 
 def render_halos(profiles: list[HaloProfile], shape: tuple[int, int], origin_yx: tuple[int, int] = (0, 0)
@@ -409,7 +529,7 @@ def halo_model(data: np.ndarray, bad: np.ndarray, noise_adu: float, fwhm_px: flo
 
 
 def _sources(res: np.ndarray, bad: np.ndarray, noise_adu: float, fwhm_px: float,
-             profiles: list[HaloProfile] | None = None) -> np.ndarray:
+             profiles: list[HaloProfile] | None = None, compact_only: bool = False) -> np.ndarray:
     """The pixels of the sources on a halo-subtracted window (sep's segments at 3 sigma, grown by 1 px).
 
     Left out of the ring medians: a bright star on a ring moves its median (by 1-2 % of the star's
@@ -429,11 +549,12 @@ def _sources(res: np.ndarray, bad: np.ndarray, noise_adu: float, fwhm_px: float,
                  for p in profiles]
     for y0, y1, x0, x1 in boxes:
         if y1 > y0 and x1 > x0:
-            out[y0:y1, x0:x1] |= _sources_in(res[y0:y1, x0:x1], bad[y0:y1, x0:x1], noise_adu, fwhm_px)
+            out[y0:y1, x0:x1] |= _sources_in(res[y0:y1, x0:x1], bad[y0:y1, x0:x1], noise_adu, fwhm_px, compact_only)
     return out
 
 
-def _sources_in(res: np.ndarray, bad: np.ndarray, noise_adu: float, fwhm_px: float) -> np.ndarray:
+def _sources_in(res: np.ndarray, bad: np.ndarray, noise_adu: float, fwhm_px: float, compact_only: bool = False
+                ) -> np.ndarray:
     """:func:`_sources` on one box.
 
     sep without deblending (``deblend_nthresh = 1``): only the segments' pixels matter here, and
@@ -452,9 +573,86 @@ def _sources_in(res: np.ndarray, bad: np.ndarray, noise_adu: float, fwhm_px: flo
         return np.zeros(b.shape, bool)
     finally:
         sep.set_extract_pixstack(prev)
+    if compact_only:
+        seg = np.where(np.isin(seg, _elongated(seg)), 0, seg)
     src = ndimage.binary_dilation(seg > 0, iterations=1)
     near_bad = ndimage.binary_dilation(b, iterations=max(1, int(np.ceil(2.0 * fwhm_px))))
     return np.asarray(src & ~near_bad)
+
+
+def _elongated(seg: np.ndarray) -> np.ndarray:
+    """The labels of ``seg`` whose pixels lie along a line (axis ratio >= :data:`ELONGATED_RATIO`, 10+ px): a spike."""
+    n = int(seg.max())
+    if n == 0:
+        return np.zeros(0, int)
+    idx = np.arange(1, n + 1)
+    yy, xx = np.indices(seg.shape)
+    cnt = np.asarray(ndimage.sum(np.ones(seg.shape), seg, idx))
+    mx, my = (np.asarray(ndimage.mean(a, seg, idx)) for a in (xx, yy))
+    sxx = np.asarray(ndimage.mean(xx.astype(float) ** 2, seg, idx)) - mx**2
+    syy = np.asarray(ndimage.mean(yy.astype(float) ** 2, seg, idx)) - my**2
+    sxy = np.asarray(ndimage.mean(xx.astype(float) * yy, seg, idx)) - mx * my
+    half_tr, det = 0.5 * (sxx + syy), sxx * syy - sxy**2
+    disc = np.sqrt(np.maximum(half_tr**2 - det, 0.0))
+    lam1, lam2 = half_tr + disc, np.maximum(half_tr - disc, 1.0 / 12.0)  # (a 1-px wide line: 1/12)
+    return idx[(cnt >= 10) & (lam1 >= ELONGATED_RATIO**2 * lam2)]
+
+
+def fit_spikes(res: np.ndarray, skip: np.ndarray, prof: HaloProfile, fwhm_px: float) -> Spikes | None:
+    """The diffraction spikes of one star in the residual of its halo (see :class:`Spikes`).
+
+    Parameters
+    ----------
+    res
+        The window less its sky and halos (ADU).
+    skip
+        Pixels not to use (bad ones, and the sources on the halo).
+    prof
+        The star's halo (window frame): the spikes are modelled from ``2 FWHM`` beyond its
+        first ring out to the halo's reach.
+    fwhm_px
+        The PSF's FWHM (px).
+
+    Returns
+    -------
+    Spikes or None
+        None when no ray stands out, or the halo is too small.
+    """
+    r0 = float(prof.r_mean_px[0]) + 2.0 * max(float(fwhm_px), 1.0)
+    r1 = max(prof.r_max_px, prof.r_tail_px)
+    if r1 < 1.5 * r0 or r1 - r0 < 8.0:
+        return None
+    r = np.arange(r0, r1 + 0.5, 1.0)
+    th = np.deg2rad(np.arange(SPIKE_N_THETA) * 360.0 / SPIKE_N_THETA)
+    rr, tt = np.meshgrid(r, th)  # (rays, radii)
+    src = np.where(skip, np.nan, res)
+    v = ndimage.map_coordinates(src, [prof.y_px + rr * np.sin(tt), prof.x_px + rr * np.cos(tt)], order=1,
+                                mode="constant", cval=np.nan)
+    # overlapping windows about log-spaced radii, each reaching one grid step either side
+    centres = np.geomspace(r0, r1, SPIKE_SEGMENTS)
+    step = (r1 / r0) ** (1.0 / (SPIKE_SEGMENTS - 1))
+    level = np.zeros((SPIKE_N_THETA, SPIKE_SEGMENTS))
+    for k, c in enumerate(centres):
+        cols = v[:, (r >= c / step) & (r <= c * step)]
+        n_ok = np.sum(np.isfinite(cols), axis=1)
+        med = np.full(SPIKE_N_THETA, np.nan)
+        some = n_ok >= 3
+        if some.sum() < SPIKE_N_THETA // 4:
+            continue
+        srt = np.sort(cols[some], axis=1)  # NaN last: each ray's median of its finite samples
+        n = n_ok[some]
+        lo = np.take_along_axis(srt, ((n - 1) // 2)[:, None], axis=1)[:, 0]
+        hi = np.take_along_axis(srt, (n // 2)[:, None], axis=1)[:, 0]
+        med[some] = 0.5 * (lo + hi)
+        ok = np.isfinite(med)
+        base = float(np.median(med[ok]))
+        spread = 1.4826 * float(np.median(np.abs(med[ok] - base)))
+        hot = ok & (med - base > SPIKE_SIGMA * max(spread, 1e-12))
+        hot = (hot | np.roll(hot, 1) | np.roll(hot, -1)) & ok  # and one ray either side (the turn wraps)
+        level[hot, k] = np.maximum(med[hot] - base, 0.0)
+    if not level.any():
+        return None
+    return Spikes(r0, float(r1), centres, level)
 
 
 @dataclass(frozen=True)
@@ -520,6 +718,24 @@ def fit_halo_sky(image: np.ndarray, bad: np.ndarray, cfg: DetectionConfig, fwhm_
         b_prev = b1
     else:
         b1 = sky_beyond_halos(image, bad, cfg, h2, b0)
+    if cfg.halo_spikes:  # the spikes in what the halos leave, then the mesh beyond both (the sky a function of them)
+        res = np.where(bad, 0.0, image - b1.back - h2)
+        # the compact sources left out (stars); a spike's own segments (long and thin) are what is modelled. A star
+        # on a spike is one segment with it: found again once the first spikes are subtracted, and left out
+        spk = np.zeros(image.shape)
+        with_spikes = list(profiles)
+        for _ in range(SPIKE_PASSES):
+            stars = _sources(res - spk, bad, b0.global_rms, fwhm_px, profiles, compact_only=True)
+            skip = bad | stars
+            with_spikes = []
+            for p in profiles:
+                sp = fit_spikes(res, skip, p, fwhm_px)
+                with_spikes.append(p if sp is None else replace(p, spikes=sp))
+            spk = render_halos(with_spikes, image.shape) - h2
+        if any(p.spikes is not None for p in with_spikes):
+            profiles = with_spikes
+            h2 = render_halos(profiles, image.shape)
+            b1 = sky_beyond_halos(image, bad, cfg, h2, b0)
     h2 = h2.astype(np.float32)
     sky = classical.Background(back=(b1.back + h2).astype(np.float32), rms=b0.rms, global_rms=b0.global_rms)
     return HaloSky(sky, h2, b0, profiles)
