@@ -71,7 +71,8 @@ class DetectionConfig:
     # with halo_sky, whether sep also thresholds the halo-subtracted image (true), or the image less the mesh sky alone
     # (false: the detections of halo_sky = false, their centroids, FWHM and photometry on the halo-subtracted image)
     halo_detect: bool = False
-    # with halo_sky, whether the saturated stars' diffraction spikes are modelled too (photometry/halo.py: Spikes)
+    # with halo_sky, whether the saturated stars' diffraction spikes are modelled too (photometry/halo.py: Spikes;
+    # DECam shared injections 1.045 -> 0.999, RESULTS.md issue 21)
     halo_spikes: bool = True
     bright_max_radius_fwhm: float = 15.0  # a bright star's light is modelled out to this (x FWHM, <= 120 px) + its core
     artefact_ksigma: float = 5.0  # a detection on modelled light is kept when its matched-filter excess is >= this

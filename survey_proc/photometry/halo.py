@@ -38,9 +38,12 @@ The halos are kept as profiles (:class:`HaloProfile`, in an epoch's record): the
 photometry renders them on its own windows instead of fitting them again (it measured every
 epoch's window again: ``make run``'s forced photometry took 10x longer with the halo sky).
 
-Diffraction spikes are not modelled: a running median along each ray (how the artefact
+Diffraction spikes (``detection.halo_spikes``, on by default) are modelled on top, in what the
+halo leaves (:class:`Spikes`, :func:`fit_spikes`): per ray, medians over windows of radius with
+the stars left out. A running median along each ray with the stars in it (how the artefact
 suppression models them) is moved by the stars on the ray as much as by the spike (it took
-55-80 % of injected stars' aperture light on the DECam cutouts). Detections on a modelled
+55-80 % of injected stars' aperture light on the DECam cutouts). Measured on the DECam
+cutouts' shared injections: 1.045 -> 0.999 against the halo alone. Detections on a modelled
 halo (model >= :data:`ON_HALO_SIGMA` x the noise at their position) are flagged ``HALO``: their
 sky rests on the model, they measure neither the block's FWHM nor its aperture correction
 (a spike's residual pieces, narrow across, would take the FWHM down to 2.6 px where the
