@@ -152,6 +152,8 @@ def test_the_default_is_the_benchmarks_verdict() -> None:
     # halos the extraction kept instead of fitting every window again (fifteenth session)
     assert RunConfig().detection.halo_sky is True
     assert RunConfig().detection.halo_detect is False
+    # the spikes: DECam shared injections 1.045 (halo alone) -> 0.999, 2MASS 0.977 -> 0.976, z std unchanged
+    assert RunConfig().detection.halo_spikes is True
 
 
 def test_halo_sky_must_be_a_boolean() -> None:
