@@ -66,6 +66,7 @@ from scipy import ndimage
 
 from survey_proc.config import DetectionConfig
 from survey_proc.detect import artefacts, classical
+from survey_proc.lightcurves.nanmedian import nanmedian_rows
 
 #: the model is followed outwards while its edge is at least this x the noise (as the artefact suppression)
 HALO_SIGMA = artefacts.HALO_SIGMA
@@ -267,8 +268,6 @@ def _interp_segments(r: np.ndarray, seg: np.ndarray, rows: np.ndarray) -> np.nda
     falls = pos & (b < a)
     v = np.where(below & ~falls, a, v)
     v = np.where(above & ~falls, b, v)
-    v = np.where(below & ~pos, a, v)
-    v = np.where(above & ~pos, b, v)
     return np.asarray(v)
 
 
@@ -642,11 +641,7 @@ def fit_spikes(res: np.ndarray, skip: np.ndarray, prof: HaloProfile, fwhm_px: fl
         some = n_ok >= 3
         if some.sum() < SPIKE_N_THETA // 4:
             continue
-        srt = np.sort(cols[some], axis=1)  # NaN last: each ray's median of its finite samples
-        n = n_ok[some]
-        lo = np.take_along_axis(srt, ((n - 1) // 2)[:, None], axis=1)[:, 0]
-        hi = np.take_along_axis(srt, (n // 2)[:, None], axis=1)[:, 0]
-        med[some] = 0.5 * (lo + hi)
+        med[some] = nanmedian_rows(cols[some])
         ok = np.isfinite(med)
         base = float(np.median(med[ok]))
         spread = 1.4826 * float(np.median(np.abs(med[ok] - base)))
@@ -910,9 +905,6 @@ def sky_model_error(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndar
         v[inside] = avg[py[inside], px[inside]]
         v[~((d >= r_in) & (d <= r_out))] = np.nan
         n = np.sum(np.isfinite(v), axis=1)
-        srt = np.sort(np.abs(v), axis=1)  # NaN last: each row's median of its n finite values
-        lo = np.take_along_axis(srt, np.maximum((n - 1) // 2, 0)[:, None], axis=1)[:, 0]
-        hi = np.take_along_axis(srt, np.maximum(n // 2, 0)[:, None], axis=1)[:, 0]
-        s2 = (1.4826 * 0.5 * (lo + hi)) ** 2
+        s2 = (1.4826 * nanmedian_rows(np.abs(v))) ** 2
         out[sl] = np.where(n >= 8, n_ap * np.sqrt(np.maximum(np.nan_to_num(s2) - floor2, 0.0)), 0.0)
     return out
