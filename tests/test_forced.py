@@ -365,3 +365,45 @@ def test_forced_photometry_renders_the_halos_the_epochs_extraction_kept(field_ru
     far = np.hypot(xe - 288.0, ye - 288.0) > 80.0
     d = with_halo["flux"].to_numpy()[far] - without["flux"].to_numpy()[far]
     assert np.median(np.abs(d)) < 0.1 * np.median(without["flux_err"].to_numpy()[far])
+
+
+def test_forced_photometry_reads_the_halos_from_the_epochs_sources_footer(field_run, tmp_path):
+    """The stage sends no halos to its tasks: each reads the epoch's own (its sources footer's record) with the
+    sources it reads anyway; a halo written there is the one rendered, as when it is passed in."""
+    import shutil
+    from dataclasses import replace
+
+    from survey_proc import store as st
+    from survey_proc.catalog.crossmatch import region_grid
+    from survey_proc.catalog.schema import SOURCES
+    from survey_proc.outputs import read_meta, write_parquet_atomic
+    from survey_proc.photometry.halo import HaloProfile
+    from survey_proc.stages.extract import read_epoch
+    from survey_proc.stages.forced import measure_epoch
+
+    out, store, cfg = field_run["out"], field_run["store"], field_run["cfg"]
+    cfg = replace(cfg, detection=replace(cfg.detection, halo_sky=True))
+    erec, _ = read_epoch(str(out), "F000", 3, columns=["x"])
+    r = np.arange(1.0, 41.0)
+    halo = HaloProfile(288.0, 288.0, 40.0, r, 40.0 * erec.rms_adu * (3.0 / r) ** 2).to_dict()
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    src_path = OutputLayout(copy).sources("F000", 3)
+    meta = read_meta(src_path)
+    assert meta is not None
+    write_parquet_atomic(pq.read_table(src_path).to_pandas(), SOURCES, src_path, {**meta, "halos": [halo]})
+    objects = _objects(out)
+    objs = objects[objects["region"] == 3]
+    _, ny, nx = st.image_shape(store, "F000")
+    region = region_grid(ny, nx, 192)[3]
+    attrs = st.field_attrs(store, "F000")
+    ep = {"epoch": 3, "mjd": erec.mjd, "band": erec.band, "fwhm_px": erec.fwhm_px, "apcorr": erec.apcorr,
+          "zp": erec.zp.to_dict()}
+    args = (objs, set(), (ny, nx), float(attrs["gain_e_per_adu"]), float(attrs.get("saturation_adu", np.inf)), cfg)
+    from_footer = measure_epoch(str(store), str(copy), "F000", region, ep, *args)
+    passed = measure_epoch(str(store), str(out), "F000", region, {**ep, "halos": [halo]}, *args)
+    none = measure_epoch(str(store), str(out), "F000", region, {**ep, "halos": []}, *args)
+    assert (from_footer["flags"].to_numpy() & F.HALO).sum() > 3
+    np.testing.assert_array_equal(from_footer["flux"].to_numpy(), passed["flux"].to_numpy())
+    np.testing.assert_array_equal(from_footer["flags"].to_numpy(), passed["flags"].to_numpy())
+    assert not np.array_equal(from_footer["flux"].to_numpy(), none["flux"].to_numpy())

@@ -42,6 +42,7 @@ only removes forced points a previous run left.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -61,7 +62,7 @@ from survey_proc.catalog.frame_map import (
 )
 from survey_proc.catalog.schema import CLASSIFY_COLUMNS, LIGHTCURVES, objects_schema
 from survey_proc.errors import SurveyProcError
-from survey_proc.outputs import write_parquet_atomic
+from survey_proc.outputs import META_KEY, write_parquet_atomic
 from survey_proc.photometry.forced import forced_aperture
 from survey_proc.photometry.halo import HaloProfile
 from survey_proc.stages.base import OutputUnit, Stage, StageContext, Submission, task_config, worker_task
@@ -82,9 +83,18 @@ FRAMES_UNIT = OutputUnit("calibration/field={field}/frames/region={region}.parqu
 def _epoch_frame(out: str, field: str, epoch: int, region: xm.Region, fc: Any) -> tuple[Any, pd.DataFrame]:
     """The map from the reference frame onto ``epoch``, and the epoch's sources (:data:`FRAME_COLUMNS`).
 
-    The map is fitted on the clean stars near ``region`` (on all of the epoch's when too few).
+    The map is fitted on the clean stars near ``region`` (on all of the epoch's when too few). The sources'
+    ``attrs["halos"]`` holds the halos its extraction kept (the footer record's ``halos``, image frame; None
+    without the halo sky): each task reads them with the sources it reads anyway, so the stage does not send every
+    epoch's halos to every region.
     """
-    src = storage.read_table(SOURCES_UNIT.path(out, field=field, epoch=epoch), columns=FRAME_COLUMNS).to_pandas()
+    table = storage.read_table(SOURCES_UNIT.path(out, field=field, epoch=epoch), columns=FRAME_COLUMNS)
+    src = table.to_pandas()
+    try:
+        meta = json.loads((table.schema.metadata or {})[META_KEY])
+    except (KeyError, ValueError):  # no record: as without the halo sky (the window's halos are fitted)
+        meta = {}
+    src.attrs["halos"] = meta.get("halos")
     clean = ((src["flags"].to_numpy() & F.PHOTOMETRY_BAD) == 0) & (src["snr"].to_numpy() >= fc.frame_snr_min)
     m = fc.frame_margin_px
     xr, yr = src["x_ref"].to_numpy(float), src["y_ref"].to_numpy(float)
@@ -142,8 +152,9 @@ def measure_epoch(store_path: str, out: str, field: str, region: xm.Region, epoc
     store_path, out, field, region
         Where to read pixels and sources.
     epoch
-        ``epoch, mjd, band, fwhm_px, apcorr, zp`` (a :meth:`ZeroPoint.to_dict`) of the epoch, and
-        ``halos`` (its record's: the saturated stars' halos its extraction fitted, or None).
+        ``epoch, mjd, band, fwhm_px, apcorr, zp`` (a :meth:`ZeroPoint.to_dict`) of the epoch; optionally
+        ``halos`` (profiles' dicts, or None to fit the window's own), in place of those the epoch's sources
+        footer holds (the saturated stars' halos its extraction fitted; the stage's way).
     objects
         The region's objects (``object_id, x, y`` in the reference frame).
     detected
@@ -179,6 +190,7 @@ def measure_epoch(store_path: str, out: str, field: str, region: xm.Region, epoc
         empty.attrs["frame"] = fmap
         return empty
     fwhm = float(epoch["fwhm_px"])
+    halos = epoch["halos"] if "halos" in epoch else src.attrs.get("halos")
     pad = max(2.0 * cfg.detection.bkg_mesh_px, cfg.photometry.aperture_fwhm * fwhm + 4.0)
     # the window spans every object of the region (not only the undetected ones): the background mesh sees the
     # same surroundings epoch after epoch, whichever objects were missed
@@ -201,8 +213,8 @@ def measure_epoch(store_path: str, out: str, field: str, region: xm.Region, epoc
                                       if cfg.forced.subtract_neighbours else None),
                           neighbour_exclude_px=cfg.forced.neighbour_exclude_fwhm * fwhm,
                           neighbour_beta=cfg.forced.neighbour_beta,
-                          halos=(None if epoch.get("halos") is None
-                                 else [HaloProfile.from_dict(h) for h in epoch["halos"]]), origin_yx=(y0, x0))
+                          halos=None if halos is None else [HaloProfile.from_dict(h) for h in halos],
+                          origin_yx=(y0, x0))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = src["flux"].to_numpy(float)[i_anchor] / res.flux[n_want:]
     ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
@@ -370,7 +382,7 @@ class ForcedStage(Stage):
         for p in ctx.plans:
             recs = [r for r in state.field_records(p).values() if r.calibrated]
             epochs = [{"epoch": int(r.epoch), "mjd": float(r.mjd), "band": r.band, "fwhm_px": float(r.fwhm_px),
-                       "apcorr": float(r.apcorr), "zp": r.zp.to_dict(), "halos": r.halos} for r in recs]
+                       "apcorr": float(r.apcorr), "zp": r.zp.to_dict()} for r in recs]
             for reg in p.regions:
                 xrec = state.regions.get((p.field, reg.index))
                 if xrec is None:
