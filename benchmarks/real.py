@@ -41,10 +41,17 @@ Moffat(3) model's (issue 21); ``apcorr_source`` per frame says which it used.
 Figures (``real.json``, tables in ``real.md``):
 
 - **injection-recovery**: point sources with the frame's PSF injected into the real frame
-  (DECam: its PSFEx model's constant term; else an empirical PSF: the median of >= 5
-  bright (S/N 50-5000), unsaturated sep stars' stamps with no neighbour brighter than 5 %
-  within 3 FWHM, each recentred by a cubic-spline shift and normalised; else a Moffat (beta
-  3) of the measured FWHM; ``psf`` says which), with Poisson noise at the frame's gain, at S/N
+  (DECam: its PSFEx model's constant term, cubic-spline shifted; else, by default
+  (``--inject-psf epsf``, issue 21), the frame's empirical PSF
+  (:func:`survey_proc.photometry.epsf.build_epsf` on sep's detections, constant over the
+  frame) evaluated at each star's sub-pixel phase, unless it fails the checks of
+  :func:`epsf_injection_psf`; else (and with ``--inject-psf stack``, the definition before
+  the sixteenth session) the median of >= 5 bright (S/N 50-5000), unsaturated sep stars'
+  stamps with no neighbour brighter than 5 % within 3 FWHM, each recentred by a cubic-spline
+  shift and normalised, itself cubic-spline shifted to each star (on an undersampled frame
+  both shifts widen the star: SDSS r 1.38 px against its stars' 1.19); else a Moffat (beta 3)
+  of the measured FWHM; ``psf`` says which; every stamp ``2 ceil(4 FWHM) + 3`` px wide,
+  summing to the injected flux), with Poisson noise at the frame's gain, at S/N
   5-300 in log-spaced bins (:data:`SNR_BINS`; S/N of an optimal PSF fit,
   ``F / sqrt(F / g + sigma^2 N_eff)``, ``N_eff = 1 / sum(psf^2)``). Positions avoid edges,
   existing detections (1.5 FWHM of any sep detection, 5 FWHM of S/N > 50 ones, saturated
@@ -124,6 +131,10 @@ DETECTORS = ("sep", "sep_suppressed", "sep_epsf", "sep_bpnn", "pnet", "pnet_raw"
 EXTRA_ROWS = ("sep_mesh", "sep_halo", "sep_halo_thr", "sep_nospikes")
 SETS = ("sdss", "2mass", "m67", "horsehead", "spitzer", "decam")
 #: log-spaced injection S/N bins (optimal PSF-fit S/N)
+#: what the injected stars are made of (``--inject-psf``): the frame's empirical PSF at each star's own sub-pixel
+#: phase (issue 21: the ePSF feeds the real-data benchmark's injections), or the stack of its stars' stamps,
+#: cubic-spline shifted (the definition before the sixteenth session, kept for the strict figures)
+INJECT_PSFS = ("epsf", "stack")
 SNR_BINS = ((5.0, 10.0), (10.0, 20.0), (20.0, 50.0), (50.0, 100.0), (100.0, 300.0))
 DAO_THRESH_SIGMA = 5.0
 SEED = 20
@@ -528,6 +539,96 @@ def empirical_psf(frame: Frame, sep_found: Found, fwhm_px: float, half: int, n_m
     return moffat_psf(fwhm_px, half), f"Moffat beta 3, FWHM {fwhm_px:.2f} px ({len(stamps)} isolated stars)"
 
 
+def epsf_injection_psf(frame: Frame, sep_found: Found, fwhm_px: float, max_fwhm_mismatch: float = 0.3,
+                       max_unseen: float = 0.015, max_chi2: float = 1.5) -> tuple[Any, str]:
+    """The frame's empirical PSF (:func:`survey_proc.photometry.epsf.build_epsf`, constant over the frame) for the
+    injections, and how it was made; ``(None, why)`` when it cannot be built or is unlike the frame's stars.
+
+    It is built from the same sep detections as the pipeline's (extended sources not used as PSF stars), and
+    refused
+    - as the pipeline's PSF photometry refuses it, when its FWHM differs from the measured one by more than
+      ``max_fwhm_mismatch`` (a photographic plate's few isolated stars);
+    - when its analytic wing still puts more than the builder's own ``max_unseen`` of the light beyond the stamps
+      after the builder's refits (``meta["light_beyond_stamp"]``): the builder's sign of a sky error taken as a
+      wing. SDSS i: 4.2 %, the wing at its bounds (beta 1.9), 17 % of the light beyond 4 FWHM where the stars' own
+      stack holds 1.6 %;
+    - when it does not describe the stars it was built from to their noise: the median chi^2 per pixel of its fit
+      to them (``meta["median_chi2_per_px"]``) above ``max_chi2`` (SDSS g/r 1.01-1.02 and the Horsehead plate 1.06
+      pass; SDSS i 2.2, the crowded 2MASS frames 4.7-9.7 and Spitzer 38 do not). Injected stars must look like the
+      frame's: where the model is not its stars, the stars' own stack is the better likeness.
+    """
+    from survey_proc.photometry.epsf import build_epsf
+
+    bad = _bad_map(frame)
+    bkg = classical.estimate_background(frame.image, bad, RunConfig().detection)
+    point = None if sep_found.flags is None else (sep_found.flags & EXTENDED) == 0
+    sat = frame.saturation if np.isfinite(frame.saturation) else None
+    gain = frame.gain if np.isfinite(frame.gain) else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            epsf = build_epsf(np.nan_to_num(frame.image), bad, bkg.back, bkg.global_rms, sep_found.x, sep_found.y,
+                              sep_found.flux, fwhm_px, sat, gain_e_per_adu=gain, order=0, psf_candidate=point)
+    except ValueError as exc:
+        return None, f"no empirical PSF ({exc})"
+    fw = float(epsf.fwhm_px)
+    if not abs(fw / fwhm_px - 1.0) <= max_fwhm_mismatch:
+        return None, f"no empirical PSF (its FWHM {fw:.2f} px against {fwhm_px:.2f} px measured)"
+    unseen = float(epsf.meta.get("light_beyond_stamp", 0.0))
+    if not unseen <= max_unseen:
+        return None, f"no empirical PSF (its wing puts {unseen:.3f} of the light beyond the stamps)"
+    chi2 = float(epsf.meta.get("median_chi2_per_px", np.nan))
+    if not chi2 <= max_chi2:
+        return None, f"no empirical PSF (its stars' median chi2 per pixel {chi2:.2f} > {max_chi2})"
+    return epsf, f"empirical PSF ({int(epsf.meta.get('n_used', 0))} stars, FWHM {fw:.2f} px)"
+
+
+class InjectionPSF:
+    """What the injected stars look like: a stamp (sum 1, ``2 half + 1`` px) for each sub-pixel position.
+
+    ``epsf`` (an :class:`~survey_proc.photometry.epsf.EmpiricalPSF`): its pixel-integrated model evaluated at the
+    star's own sub-pixel phase (no resampling); else ``stamp`` shifted by a cubic spline (:func:`inject`'s former
+    behaviour, which on an undersampled stamp widens the star: SDSS r 1.38 px against the stars' 1.19).
+    """
+
+    def __init__(self, stamp: np.ndarray, how: str, epsf: Any = None):
+        self.stamp = stamp
+        self.half = stamp.shape[0] // 2
+        self.how = how
+        self.epsf = epsf
+
+    def at(self, x: float, y: float) -> np.ndarray:
+        """The normalised stamp of a star at ``(x, y)`` (px), centred on pixel ``(rint(x), rint(y))``."""
+        ix, iy = int(np.rint(x)), int(np.rint(y))
+        if self.epsf is not None:
+            p = np.clip(self.epsf.stamp(self.half, x - ix, y - iy), 0, None)
+        else:
+            p = np.clip(ndimage.shift(self.stamp, (y - iy, x - ix), order=3, mode="constant"), 0, None)
+        return p / p.sum()
+
+    @property
+    def n_eff(self) -> float:
+        """The effective number of pixels ``1 / sum(psf^2)`` of a star centred on a pixel."""
+        return 1.0 / float(np.sum(self.at(0.0, 0.0) ** 2))
+
+
+def injection_psf(frame: Frame, sep_found: Found, fwhm_px: float, half: int, kind: str = "epsf") -> InjectionPSF:
+    """The injections' PSF (``kind``, :data:`INJECT_PSFS`; see the module docstring).
+
+    A frame that brings a PSF model (DECam's PSFEx) uses it whatever ``kind``. ``"epsf"`` falls back to the
+    stack (:func:`empirical_psf`) when no empirical PSF can be built, saying so in ``how``.
+    """
+    if kind not in INJECT_PSFS:
+        raise ValueError(f"unknown injection PSF {kind!r}; use one of {', '.join(INJECT_PSFS)}")
+    stamp, how = empirical_psf(frame, sep_found, fwhm_px, half)
+    if kind == "stack" or frame.psf is not None:
+        return InjectionPSF(stamp, how)
+    epsf, why = epsf_injection_psf(frame, sep_found, fwhm_px)
+    if epsf is None:
+        return InjectionPSF(stamp, f"{how}; {why}")
+    return InjectionPSF(stamp, why, epsf)
+
+
 def flux_for_snr(snr: np.ndarray, sigma: float, gain: float, n_eff: float) -> np.ndarray:
     """Total flux (pixel units) whose optimal PSF-fit S/N is ``snr``: solves ``F = S sqrt(F/g + sigma^2 N_eff)``."""
     s2 = np.asarray(snr, float) ** 2
@@ -565,15 +666,16 @@ def choose_positions(frame: Frame, sep_found: Found, fwhm: float, half: int, n: 
     return np.asarray(chosen[n_avoid:], float).reshape(-1, 2)
 
 
-def inject(image: np.ndarray, psf: np.ndarray, xy: np.ndarray, flux: np.ndarray, gain: float,
+def inject(image: np.ndarray, psf: np.ndarray | InjectionPSF, xy: np.ndarray, flux: np.ndarray, gain: float,
            rng: np.random.Generator) -> np.ndarray:
-    """``image`` plus the PSF (cubic-spline shifted to each sub-pixel position) times ``flux``, with Poisson noise."""
+    """``image`` plus the PSF at each sub-pixel position (:meth:`InjectionPSF.at`; a bare stamp is cubic-spline
+    shifted) times ``flux``, with Poisson noise."""
     out = np.array(image, np.float64, copy=True)
-    half = psf.shape[0] // 2
+    ipsf = psf if isinstance(psf, InjectionPSF) else InjectionPSF(np.asarray(psf, float), "stamp")
+    half = ipsf.half
     for (x, y), f in zip(xy, flux, strict=True):
         ix, iy = int(np.rint(x)), int(np.rint(y))
-        p = np.clip(ndimage.shift(psf, (y - iy, x - ix), order=3, mode="constant"), 0, None)
-        p *= f / p.sum()
+        p = ipsf.at(x, y) * f
         noisy = rng.poisson(np.clip(p * gain, 0, None)) / gain if np.isfinite(gain) else p
         out[iy - half:iy + half + 1, ix - half:ix + half + 1] += noisy
     return out.astype(np.float32)
@@ -598,13 +700,13 @@ def saturated_injections(image: np.ndarray, xy: np.ndarray, saturation: float) -
 
 
 def injection_recovery(frame: Frame, runner: Runner, base: dict[str, Found], rounds: int, per_bin: int,
-                       seed: int = SEED) -> dict[str, Any]:
+                       seed: int = SEED, inject_psf: str = "epsf") -> dict[str, Any]:
     """Injection-recovery figures of one frame per detector (see the module docstring)."""
     ref = _reference(base)
     fwhm = frame_fwhm(frame, ref)
     half = int(np.ceil(4.0 * fwhm)) + 1
-    psf, how = empirical_psf(frame, ref, fwhm, half)
-    n_eff = 1.0 / float(np.sum(psf**2))
+    psf = injection_psf(frame, ref, fwhm, half, inject_psf)
+    how, n_eff = psf.how, psf.n_eff
     bad = _bad_map(frame)
     sigma = classical.estimate_background(frame.image, bad, RunConfig().detection).global_rms
     rng = np.random.default_rng(seed)
@@ -928,14 +1030,16 @@ def gallery(rs: RealSet, frame: Frame, found: dict[str, Found], art: dict[str, A
 
 
 # ------------------------------------------------------------------------------------------------------------ main
-def benchmark_set(rs: RealSet, runner: Runner, rounds: int, per_bin: int, plot_dir: Path | None) -> dict[str, Any]:
+def benchmark_set(rs: RealSet, runner: Runner, rounds: int, per_bin: int, plot_dir: Path | None,
+                  inject_psf: str = "epsf") -> dict[str, Any]:
     """Every figure of one real set (see the module docstring)."""
     t0 = time.perf_counter()
     base = [runner.run(f, fwhm_px=f.psf_fwhm) for f in rs.frames]
     frames_out = []
     for i, (f, b) in enumerate(zip(rs.frames, base, strict=True)):
         fwhm = frame_fwhm(f, _reference(b))
-        inj = injection_recovery(f, runner, b, rounds, per_bin) if rs.inject is None or i in rs.inject else None
+        inj = (injection_recovery(f, runner, b, rounds, per_bin, inject_psf=inject_psf)
+               if rs.inject is None or i in rs.inject else None)
         art = artefacts(f, b, fwhm)
         fr: dict[str, Any] = {
             "frame": f.name, "shape": list(f.image.shape), "gain": f.gain, "saturation": f.saturation,
@@ -1112,7 +1216,8 @@ def markdown(res: dict[str, Any]) -> str:
 
 def run(sets: list[str] | None = None, out: Path | None = None, quick: bool = False, rounds: int | None = None,
         per_bin: int | None = None, plot_dir: Path | None = None, root: Path = REAL,
-        detectors: tuple[str, ...] = DETECTORS, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        detectors: tuple[str, ...] = DETECTORS, overrides: dict[str, Any] | None = None,
+        inject_psf: str = "epsf") -> dict[str, Any]:
     """The benchmark; returns the result dict (``sets``, ``summary``, ``command``, ``seconds``) and writes OUT.
 
     Parameters
@@ -1131,6 +1236,10 @@ def run(sets: list[str] | None = None, out: Path | None = None, quick: bool = Fa
         The real-data folder.
     detectors
         The rows (:data:`DETECTORS`; ``sep`` is always run: it chooses the injections).
+    overrides
+        Run-configuration overrides for every row (``{section: {key: value}}``).
+    inject_psf
+        What the injected stars are made of (:data:`INJECT_PSFS`).
     """
     import torch
 
@@ -1139,6 +1248,8 @@ def run(sets: list[str] | None = None, out: Path | None = None, quick: bool = Fa
     rounds = rounds or (2 if quick else 3)
     per_bin = per_bin or (6 if quick else 8)
     unknown = sorted(set(detectors) - set(DETECTORS) - set(EXTRA_ROWS))
+    if inject_psf not in INJECT_PSFS:
+        raise ValueError(f"unknown injection PSF {inject_psf!r}; use one of {', '.join(INJECT_PSFS)}")
     if unknown:
         raise ValueError(f"unknown detector rows {unknown}; the rows are {', '.join(DETECTORS + EXTRA_ROWS)}")
     detectors = tuple(d for d in DETECTORS + EXTRA_ROWS if d in detectors or d == "sep")
@@ -1147,15 +1258,18 @@ def run(sets: list[str] | None = None, out: Path | None = None, quick: bool = Fa
     results = []
     for rs in todo:
         print(f"[real] {rs.name}: {len(rs.frames)} frame(s)", flush=True)
-        results.append(benchmark_set(rs, runner, rounds, per_bin, plot_dir))
+        results.append(benchmark_set(rs, runner, rounds, per_bin, plot_dir, inject_psf))
         print(f"[real] {rs.name}: {results[-1]['seconds']:.0f} s", flush=True)
     cmd = "python -m benchmarks.real" + (" --quick" if quick else "") + (f" --sets {','.join(sets)}" if sets and not
                                                                          quick else "")
     if detectors != DETECTORS:
         cmd += f" --detectors {','.join(detectors)}"
+    if inject_psf != "epsf":
+        cmd += f" --inject-psf {inject_psf}"
     for sec, kv in (overrides or {}).items():
         cmd += "".join(f" --set {sec}.{k}={v}" for k, v in kv.items()) if isinstance(kv, dict) else f" --set {sec}={kv}"
-    res: dict[str, Any] = {"command": cmd, "rounds": rounds, "per_bin": per_bin, "seed": SEED, "sets": results}
+    res: dict[str, Any] = {"command": cmd, "rounds": rounds, "per_bin": per_bin, "seed": SEED, "inject_psf": inject_psf,
+                           "sets": results}
     res["summary"] = summary(res)
     res["seconds"] = time.perf_counter() - t0
     if out is not None:
@@ -1174,6 +1288,8 @@ def main() -> None:
     ap.add_argument("--per-bin", type=int)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--detectors", default=",".join(DETECTORS), help="rows to run (sep always)")
+    ap.add_argument("--inject-psf", default="epsf", choices=INJECT_PSFS,
+                    help="the injected stars: the frame's empirical PSF (default) or its stars' shifted stack")
     ap.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", dest="sets_cfg",
                     help="a run-configuration override for every row (repeatable), e.g. photometry.local_sky=annulus "
                          "(with forced.enabled=false)")
@@ -1184,7 +1300,7 @@ def main() -> None:
     out = Path(a.out)
     plot_dir = out if a.quick or a.detectors != ",".join(DETECTORS) else PLOTS  # the committed gallery: all rows
     res = run(a.sets.split(","), out, a.quick, a.rounds, a.per_bin, plot_dir, detectors=tuple(a.detectors.split(",")),
-              overrides=overrides)
+              overrides=overrides, inject_psf=a.inject_psf)
     print(markdown(res))
 
 

@@ -102,3 +102,80 @@ def test_an_injection_that_reaches_the_saturation_level_is_set_apart() -> None:
     xy = np.array([[10.2, 9.8], [20.4, 30.0], [5.0, 30.0]])
     np.testing.assert_array_equal(real.saturated_injections(img, xy, 2997.16), [False, True, False])
     assert not real.saturated_injections(img, xy, float("inf")).any()  # no saturation level: none
+
+
+def _moffat_frame(fwhm_px: float = 1.3, beta: float = 3.0, n: int = 80, seed: int = 3) -> tuple[Any, Any, Any]:
+    """An undersampled field of pixel-integrated Moffat stars with sky noise; sep-like detections from the truth."""
+    import numpy as np
+
+    from survey_proc.photometry.epsf import moffat_pixel_gl
+
+    rng = np.random.default_rng(seed)
+    alpha = fwhm_px / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    size, sky, noise, half = 400, 100.0, 3.0, 8
+    img = np.full((size, size), sky) + rng.normal(0, noise, (size, size))
+    g = np.linspace(20, size - 21, int(np.ceil(np.sqrt(n))))
+    xs, ys = (v.ravel()[:n] + rng.uniform(-0.5, 0.5, n) for v in np.meshgrid(g, g))
+    flux = 10 ** rng.uniform(4.0, 5.0, n)
+    j = np.arange(-half, half + 1, dtype=float)
+    for x, y, f in zip(xs, ys, flux, strict=True):
+        ix, iy = int(np.rint(x)), int(np.rint(y))
+        p, _, _ = moffat_pixel_gl(j[None, :] - (x - ix), j[:, None] - (y - iy), alpha, beta)
+        img[iy - half:iy + half + 1, ix - half:ix + half + 1] += f * p
+    frame = real.Frame("moffat", img.astype(np.float32), None, float("inf"), float("inf"), None)
+    found = real.Found(xs, ys, flux, flux / noise / 3.0, flags=np.zeros(n, np.int64))
+    return frame, found, (alpha, beta)
+
+
+def test_the_epsf_injections_keep_an_undersampled_stars_shape_where_the_shifted_stack_widens_it() -> None:
+    """``--inject-psf epsf`` (the default) evaluates the frame's empirical PSF at each star's own sub-pixel phase;
+    the stack of cubic-spline-shifted stamps, shifted again to each star, is wider than the frame's stars."""
+    import numpy as np
+
+    from survey_proc.photometry.epsf import moffat_pixel_gl
+
+    frame, found, (alpha, beta) = _moffat_frame()
+    half = 7
+    ep = real.injection_psf(frame, found, 1.3, half, "epsf")
+    st = real.injection_psf(frame, found, 1.3, half, "stack")
+    assert ep.epsf is not None and ep.how.startswith("empirical PSF (")
+    assert st.epsf is None and st.how.startswith("empirical (")
+    j = np.arange(-half, half + 1, dtype=float)
+    err_ep, err_st = [], []
+    for dx, dy in ((0.0, 0.0), (0.5, 0.0), (0.3, -0.4), (-0.5, 0.5)):
+        true, _, _ = moffat_pixel_gl(j[None, :] - dx, j[:, None] - dy, alpha, beta)
+        true = true / true.sum()
+        err_ep.append(np.abs(ep.at(100.0 + dx, 50.0 + dy) - true).max() / true.max())
+        err_st.append(np.abs(st.at(100.0 + dx, 50.0 + dy) - true).max() / true.max())
+        assert ep.at(100.0 + dx, 50.0 + dy).sum() == pytest.approx(1.0)
+    assert max(err_ep) < 0.005  # within 0.5 % of the peak at every phase (measured 0.06 %)
+    assert max(err_st) > 0.05  # the shifted stack is not (3-12 % of the peak)
+    assert ep.n_eff < st.n_eff  # a narrower star: fewer effective pixels
+    with pytest.raises(ValueError, match="unknown injection PSF 'psfex'"):
+        real.injection_psf(frame, found, 1.3, half, "psfex")
+
+
+def test_an_epsf_that_is_unlike_the_frames_stars_is_not_injected() -> None:
+    """The ePSF is refused (the stack is used, and ``how`` says why) when its FWHM is far from the frame's."""
+    frame, found, _ = _moffat_frame()
+    ip = real.injection_psf(frame, found, 2.5, 9, "epsf")  # told 2.5 px; the stars are 1.3 px
+    assert ip.epsf is None
+    assert "no empirical PSF (its FWHM" in ip.how and "against 2.50 px measured" in ip.how
+
+
+def test_an_epsf_that_does_not_describe_its_stars_is_not_injected() -> None:
+    """Stars of two widths: no single PSF fits them to their noise (median chi^2 per pixel > 1.5), so the stack is
+    injected instead, and ``how`` says why; one width: the ePSF fits to the noise and is injected."""
+    import numpy as np
+
+    frame, found, _ = _moffat_frame()
+    wide, wide_found, _ = _moffat_frame(fwhm_px=2.2, seed=4)
+    mixed = real.Frame("mixed", frame.image.copy(), None, float("inf"), float("inf"), None)
+    mixed.image[:, 200:] = wide.image[:, 200:]  # the left half's stars 1.3 px, the right half's 2.2 px
+    a, b = found.x < 200, wide_found.x >= 200
+    f2 = real.Found(*(np.r_[getattr(found, k)[a], getattr(wide_found, k)[b]] for k in ("x", "y", "flux", "snr")),
+                    flags=np.zeros(int(a.sum() + b.sum()), np.int64))
+    ip = real.injection_psf(mixed, f2, 1.6, 7, "epsf")
+    assert ip.epsf is None and "median chi2 per pixel" in ip.how
+    ok, why = real.epsf_injection_psf(frame, found, 1.3)
+    assert ok is not None and ok.meta["median_chi2_per_px"] < 1.2, why
