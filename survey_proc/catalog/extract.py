@@ -267,6 +267,7 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     bad = classical.bad_pixels(image, mask, saturation_adu)
     halo_adu = detect_data = None
     halos: list[dict[str, Any]] | None = None
+    halo_centres = None
     if cfg.detection.halo_sky:  # the saturated stars' halos in the sky (photometry/halo.py)
         fit = halo.fit_halo_sky(image, bad, cfg.detection, cfg.photometry.fwhm_default_px)
         bkg, halo_adu = fit.background, fit.halo_adu
@@ -274,6 +275,7 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
             detect_data = np.ascontiguousarray(np.where(bad, 0.0, image - fit.mesh.back), dtype=np.float32)
         # the block's own halos (centre in its tiles' cores), image frame: the forced photometry renders them
         cx, cy = np.array([p.x_px for p in fit.profiles]), np.array([p.y_px for p in fit.profiles])
+        halo_centres = np.c_[cx, cy]
         owned = _owner(cx + ox, cy + oy, tiles, 0.0)[1] if fit.profiles else np.zeros(0, bool)
         halos = [p.shifted(ox, oy).to_dict() for p, own in zip(fit.profiles, owned, strict=True) if own]
     else:
@@ -330,7 +332,8 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     lit = halo.on_halo(halo_adu, found.x, found.y, noise)
     flags[lit] |= F.HALO
     if lit.any():  # the halo sky's own error on the aperture's scale, in both errors
-        e_sky = halo.sky_model_error(data, bad, found.x[lit], found.y[lit], ap.radius_px, noise, found.x, found.y)
+        e_sky = halo.sky_model_error(data, bad, found.x[lit], found.y[lit], ap.radius_px, noise, found.x, found.y,
+                                     halo_centres)
         fe_ap = ap.flux_err.copy()
         fe_ap[lit] = np.hypot(fe_ap[lit], e_sky)
         fe = np.asarray(total.flux_err, float).copy()

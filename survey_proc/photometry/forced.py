@@ -152,7 +152,10 @@ def forced_aperture(image: np.ndarray, mask: np.ndarray | None, x: np.ndarray, y
     if lit.any():  # the halo sky's own error, as the extraction adds it
         dx, dy = (detections[0], detections[1]) if detections is not None else (x, y)
         f_ap_err = f_ap_err.copy()
-        f_ap_err[lit] = np.hypot(f_ap_err[lit], sky_model_error(data, bad, x[lit], y[lit], r_ap, noise, dx, dy))
+        centres = (None if not (detection.halo_sky and halos)
+                   else np.array([(p.x_px - origin_yx[1], p.y_px - origin_yx[0]) for p in halos]))
+        f_ap_err[lit] = np.hypot(f_ap_err[lit], sky_model_error(data, bad, x[lit], y[lit], r_ap, noise, dx, dy,
+                                                                centres))
     flux = f_ap * apcorr
     flags[~(flux > 0)] |= F.NONPOSITIVE
     iy, ix = nearest_pixel(x, y, image.shape)
