@@ -75,3 +75,36 @@ def test_extended_sources_are_told_from_stars_by_their_concentration():
     f2, e2, _ = aperture_flux(data, noise, bad, x2, y2, fwhm, 1.0)
     ext2 = extended(data, bad, x2, y2, f2, f2 / e2, fwhm, fwhm, noise, np.ones(len(x2), bool))
     assert not ext2[1] and not ext2[-1]
+
+
+def test_a_masked_pixel_in_the_window_does_not_throw_the_windowed_centroid_away():
+    """sep notes a masked pixel in the window (``APER_HASMASKED``) and leaves it out; the centroid is still
+    the better position (the isophotal one is kept only where it fails or moves > 1 px)."""
+    import sep
+
+    from survey_proc.photometry.aperture import windowed_centroids
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:64, 0:64].astype(float)
+    sigma = 1.9 / 2.3548
+    xs, ys = 10.0 + rng.uniform(-0.5, 0.5, 6) + 8.0 * np.arange(6), 32.0 + rng.uniform(-0.5, 0.5, 6)
+    img = sum(5000.0 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2)) for x, y in zip(xs, ys, strict=True))
+    data = (img + rng.normal(0, 5.0, img.shape)).astype(np.float32)
+    bad = np.zeros(img.shape, bool)
+    bad[np.rint(ys).astype(int) + 2, np.rint(xs).astype(int) + 2] = True  # a masked pixel 2.2-3.6 px away
+    x0, y0 = xs + 0.4, ys - 0.4  # rough detection positions
+    _, _, flag = sep.winpos(data, x0, y0, np.full(6, sigma), mask=bad, subpix=5)
+    assert (flag & sep.APER_HASMASKED).all()
+    xc, yc, failed = windowed_centroids(data, bad, x0, y0, 1.9, 5)
+    assert not failed.any()
+    err = np.hypot(xc - xs, yc - ys)  # the windowed centroids (the rough positions are 0.57 px off)
+    assert err.max() < 0.15 and np.median(err) < 0.05, err
+    x1 = x0.copy()
+    x1[1] += 1.2  # a detection 1.6 px off its star: the windowed centroid moves > 1 px, the input is kept, flagged
+    xf, _, ff = windowed_centroids(data, bad, x1, y0, 1.9, 5)
+    assert ff[1] and xf[1] == x1[1]
+    assert not ff[[0, 2, 3, 4, 5]].any()
+    core = np.zeros(img.shape, bool)
+    core[np.rint(ys).astype(int), np.rint(xs).astype(int)] = True  # each star's own peak masked (saturated)
+    _, _, fc = windowed_centroids(data, core, x0, y0, 1.9, 5)
+    assert fc.all()  # the centroid of the wings alone is not trusted: the input kept, flagged
