@@ -349,7 +349,10 @@ def test_forced_photometry_renders_the_halos_the_epochs_extraction_kept(field_ru
     args = (objs, set(), (ny, nx), float(attrs["gain_e_per_adu"]), float(attrs.get("saturation_adu", np.inf)), cfg)
     with_halo = measure_epoch(str(store), str(out), "F000", region, {**ep, "halos": rec.halos}, *args)
     without = measure_epoch(str(store), str(out), "F000", region, {**ep, "halos": []}, *args)
-    assert len(with_halo) == len(without) == len(objs)
+    # every object of the region in this epoch's frame (one at the image's edge may map just outside it)
+    assert len(with_halo) == len(without) >= len(objs) - 2
+    objs = objs[objs["object_id"].isin(with_halo["object_id"])]  # (the rows come in the objects' order)
+    np.testing.assert_array_equal(objs["object_id"].to_numpy(), with_halo["object_id"].to_numpy())
     level = render_halos([halo], (ny, nx))
     # the objects' positions on this epoch, as the stage mapped them (the frame map: near the reference frame's)
     xe, ye = with_halo.attrs["frame"](objs["x"].to_numpy(float), objs["y"].to_numpy(float))
