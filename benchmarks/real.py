@@ -591,10 +591,12 @@ class InjectionPSF:
     behaviour, which on an undersampled stamp widens the star: SDSS r 1.38 px against the stars' 1.19).
     """
 
-    def __init__(self, stamp: np.ndarray, how: str, epsf: Any = None):
-        self.stamp = stamp
-        self.half = stamp.shape[0] // 2
+    def __init__(self, half: int, how: str, stamp: np.ndarray | None = None, epsf: Any = None):
+        if (stamp is None) == (epsf is None):
+            raise ValueError("an injection PSF is either a stamp or an empirical PSF")
+        self.half = half
         self.how = how
+        self.stamp = stamp
         self.epsf = epsf
 
     def at(self, x: float, y: float) -> np.ndarray:
@@ -603,6 +605,7 @@ class InjectionPSF:
         if self.epsf is not None:
             p = np.clip(self.epsf.stamp(self.half, x - ix, y - iy), 0, None)
         else:
+            assert self.stamp is not None
             p = np.clip(ndimage.shift(self.stamp, (y - iy, x - ix), order=3, mode="constant"), 0, None)
         return p / p.sum()
 
@@ -620,13 +623,13 @@ def injection_psf(frame: Frame, sep_found: Found, fwhm_px: float, half: int, kin
     """
     if kind not in INJECT_PSFS:
         raise ValueError(f"unknown injection PSF {kind!r}; use one of {', '.join(INJECT_PSFS)}")
-    stamp, how = empirical_psf(frame, sep_found, fwhm_px, half)
-    if kind == "stack" or frame.psf is not None:
-        return InjectionPSF(stamp, how)
-    epsf, why = epsf_injection_psf(frame, sep_found, fwhm_px)
-    if epsf is None:
-        return InjectionPSF(stamp, f"{how}; {why}")
-    return InjectionPSF(stamp, why, epsf)
+    why = ""
+    if kind == "epsf" and frame.psf is None:
+        epsf, why = epsf_injection_psf(frame, sep_found, fwhm_px)
+        if epsf is not None:
+            return InjectionPSF(half, why, epsf=epsf)
+    stamp, how = empirical_psf(frame, sep_found, fwhm_px, half)  # (the stack, or the frame's own PSF model)
+    return InjectionPSF(half, f"{how}; {why}" if why else how, stamp=stamp)
 
 
 def flux_for_snr(snr: np.ndarray, sigma: float, gain: float, n_eff: float) -> np.ndarray:
@@ -666,16 +669,15 @@ def choose_positions(frame: Frame, sep_found: Found, fwhm: float, half: int, n: 
     return np.asarray(chosen[n_avoid:], float).reshape(-1, 2)
 
 
-def inject(image: np.ndarray, psf: np.ndarray | InjectionPSF, xy: np.ndarray, flux: np.ndarray, gain: float,
+def inject(image: np.ndarray, psf: InjectionPSF, xy: np.ndarray, flux: np.ndarray, gain: float,
            rng: np.random.Generator) -> np.ndarray:
-    """``image`` plus the PSF at each sub-pixel position (:meth:`InjectionPSF.at`; a bare stamp is cubic-spline
-    shifted) times ``flux``, with Poisson noise."""
+    """``image`` plus the PSF at each sub-pixel position (:meth:`InjectionPSF.at`) times ``flux``, with Poisson
+    noise."""
     out = np.array(image, np.float64, copy=True)
-    ipsf = psf if isinstance(psf, InjectionPSF) else InjectionPSF(np.asarray(psf, float), "stamp")
-    half = ipsf.half
+    half = psf.half
     for (x, y), f in zip(xy, flux, strict=True):
         ix, iy = int(np.rint(x)), int(np.rint(y))
-        p = ipsf.at(x, y) * f
+        p = psf.at(x, y) * f
         noisy = rng.poisson(np.clip(p * gain, 0, None)) / gain if np.isfinite(gain) else p
         out[iy - half:iy + half + 1, ix - half:ix + half + 1] += noisy
     return out.astype(np.float32)

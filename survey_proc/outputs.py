@@ -162,12 +162,22 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def meta_from(metadata: dict[bytes, bytes] | None) -> dict[str, Any] | None:
+    """The ``survey_proc`` record in Parquet key-value metadata; None when it has none or it is not JSON.
+
+    ``metadata``: a footer's, or a table's schema's as read (no second read of the file).
+    """
+    try:
+        return json.loads((metadata or {})[META_KEY])
+    except (KeyError, ValueError):
+        return None
+
+
 def read_meta(path: Location) -> dict[str, Any] | None:
     """The ``survey_proc`` record in a unit's footer; None when the file is missing or unreadable."""
     try:
-        md = storage.read_metadata(path).metadata or {}
-        return json.loads(md[META_KEY])
-    except (OSError, KeyError, ValueError, pa.ArrowException):
+        return meta_from(storage.read_metadata(path).metadata)
+    except (OSError, pa.ArrowException):
         return None
 
 

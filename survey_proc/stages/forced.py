@@ -42,7 +42,6 @@ only removes forced points a previous run left.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -62,7 +61,7 @@ from survey_proc.catalog.frame_map import (
 )
 from survey_proc.catalog.schema import CLASSIFY_COLUMNS, LIGHTCURVES, objects_schema
 from survey_proc.errors import SurveyProcError
-from survey_proc.outputs import META_KEY, write_parquet_atomic
+from survey_proc.outputs import meta_from, write_parquet_atomic
 from survey_proc.photometry.forced import forced_aperture
 from survey_proc.photometry.halo import HaloProfile
 from survey_proc.stages.base import OutputUnit, Stage, StageContext, Submission, task_config, worker_task
@@ -90,11 +89,8 @@ def _epoch_frame(out: str, field: str, epoch: int, region: xm.Region, fc: Any) -
     """
     table = storage.read_table(SOURCES_UNIT.path(out, field=field, epoch=epoch), columns=FRAME_COLUMNS)
     src = table.to_pandas()
-    try:
-        meta = json.loads((table.schema.metadata or {})[META_KEY])
-    except (KeyError, ValueError):  # no record: as without the halo sky (the window's halos are fitted)
-        meta = {}
-    src.attrs["halos"] = meta.get("halos")
+    # no record: as without the halo sky (the window's halos are fitted)
+    src.attrs["halos"] = (meta_from(table.schema.metadata) or {}).get("halos")
     clean = ((src["flags"].to_numpy() & F.PHOTOMETRY_BAD) == 0) & (src["snr"].to_numpy() >= fc.frame_snr_min)
     m = fc.frame_margin_px
     xr, yr = src["x_ref"].to_numpy(float), src["y_ref"].to_numpy(float)
