@@ -28,7 +28,7 @@ MASKED = 1 << 1  # the aperture holds a bad pixel (bad column, NaN or inf in the
 COSMIC = 1 << 2  # the aperture holds a pixel flagged as a cosmic-ray hit
 BLENDED = 1 << 3  # deblended from a larger connected region (its isophote touched another source)
 EDGE = 1 << 4  # the object or aperture is truncated by the image edge
-CENTROID = 1 << 5  # the windowed centroid failed or moved > 1 px: the isophotal centre is kept
+CENTROID = 1 << 5  # the windowed centroid failed or moved > 1 px: the isophotal centre kept, bar a move onto a peak
 NONPOSITIVE = 1 << 6  # flux <= 0: magnitudes are NaN
 EXTRACT_FALLBACK = 1 << 7  # the epoch was extracted with relaxed settings after a sep overflow
 ZP_MODEL = 1 << 8  # the epoch's zero point comes from the cross-epoch model (too few reference stars)

@@ -11,7 +11,8 @@ sep), and keeps the detections the block owns at their isophotal centroids. On t
   after a sep overflow, ``EXTRACT_FALLBACK``;
 - measures the window's FWHM on the bright unflagged stars, selected by a rough S/N of
   the isophotal flux (``npix * noise^2 + flux / gain`` variance);
-- moves each to sep's windowed centroid (``CENTROID`` where that fails or moves > 1 px).
+- moves each to sep's windowed centroid (``CENTROID`` where that fails or moves > 1 px; a
+  move onto a brighter peak is kept, flagged: :func:`~survey_proc.photometry.aperture.windowed_centroids`).
 
 :meth:`SepDetector.total_flux` corrects the block's aperture flux to total with the
 aperture correction measured on the block's bright, unflagged, isolated stars
@@ -89,7 +90,8 @@ class SepDetector:
         # (at 1.5 sigma most bright stars touch a neighbour: BLENDED is normal; HALO: the sky rests on a model)
         clean = (flags & (F.EDGE | F.HALO)) == 0
         fwhm, n_fwhm = aperture.estimate_fwhm(inp.data, inp.bad, xw, yw, snr_iso, clean, pcfg)
-        xc, yc, failed = aperture.windowed_centroids(inp.data, inp.bad, xw, yw, fwhm, pcfg.winpos_subpix)
+        xc, yc, failed = aperture.windowed_centroids(inp.data, inp.bad, xw, yw, fwhm, pcfg.winpos_subpix,
+                                                     inp.noise_adu, ((objs["x"] + ox) - ox, (objs["y"] + oy) - oy))
         flags[failed] |= F.CENTROID
         found = Detections(tile=tile[keep], x=xc, y=yc, x_det=o["x"].astype(float), y_det=o["y"].astype(float),
                            flags=flags, npix=npix, peak_adu=o["peak"].astype(float), fwhm_px=fwhm, n_fwhm=n_fwhm,

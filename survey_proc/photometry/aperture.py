@@ -73,6 +73,8 @@ from survey_proc.vocab import MASK_COSMIC, MASK_SATURATED
 MIN_STARS_FOR_FWHM = 5
 GROWTH_CORE_FWHM = 2.0  # apcorr_method "growth": the summed core's radius (x FWHM); rings beyond it
 FWHM_SNR_STEPS = (20.0, 10.0)  # lower S/N floors tried in turn when too few stars reach apcorr_snr_min
+WINDOW_MOVE_MAX_FWHM = 1.5  # a windowed centroid that moved > 1 px is kept only within this many FWHM ...
+WINDOW_PEAK_NSIGMA = 3.0  # ... and where a 1-FWHM aperture holds this many sigma more light than at the start
 
 
 def _isolated(x: np.ndarray, y: np.ndarray, radius_px: float) -> np.ndarray:
@@ -171,17 +173,30 @@ def estimate_fwhm(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarra
 
 
 def windowed_centroids(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_px: float,
-                       subpix: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       subpix: int, noise_adu: float | np.ndarray,
+                       others_xy: tuple[np.ndarray, np.ndarray] | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sep's windowed centroids (Gaussian window of sigma FWHM / 2.355).
 
-    Returns ``(x, y, failed)``: where the windowed centroid fails or moves more than 1 px
-    from the detection, the input position is kept and ``failed`` is True. sep's notes that the
-    window held a masked pixel (``APER_HASMASKED``: sep leaves it out) or reached the image's edge
-    (``APER_TRUNC``) are not failures: on the held-out dense survey (epoch 1, against the truth,
-    offset removed) such windowed centroids were off by a median 0.058 and 0.088 px at S/N >= 20,
-    the isophotal centres kept in their place by 0.170 and 0.376 px (clean ones: 0.046 against
-    0.124). 16 % of the default survey's detections had one of the two. A masked pixel within
-    1 FWHM of the detection still fails it (its own core masked: a saturated star's).
+    Returns ``(x, y, failed)``. ``failed`` is True where the windowed centroid fails or moves
+    more than 1 px from the detection; there the input position is kept, except for a move
+    onto a peak (below). sep's notes that the window held a masked pixel (``APER_HASMASKED``:
+    sep leaves it out) or reached the image's edge (``APER_TRUNC``) are not failures: on the
+    held-out dense survey (epoch 1, against the truth, offset removed) such windowed centroids
+    were off by a median 0.058 and 0.088 px at S/N >= 20, the isophotal centres kept in their
+    place by 0.170 and 0.376 px (clean ones: 0.046 against 0.124). 16 % of the default survey's
+    detections had one of the two. A masked pixel within 1 FWHM of the detection still fails it
+    (its own core masked: a saturated star's).
+
+    **A move onto a peak.** A move of more than 1 px is mostly an isophote that holds two
+    sources (a star and a faint neighbour or galaxy sep did not split): its isophotal centre
+    lies between them, on neither, and an aperture there measures part of each (SDSS injected
+    stars at 0.47-0.66 of their flux, z -8 to -20). The windowed centroid is kept there
+    (``failed`` still True: the detection is a blend) when it moved at most
+    :data:`WINDOW_MOVE_MAX_FWHM` FWHM, no other detection lies within 1 FWHM of it, and an
+    aperture of 1 FWHM holds :data:`WINDOW_PEAK_NSIGMA` sigma more light there than at the
+    isophotal centre (the window converged on a brighter peak, not a faint source's window
+    wandering on noise: on M67's 8.7 px PSF faint sources' windows walk 13-24 px).
 
     Parameters
     ----------
@@ -195,25 +210,50 @@ def windowed_centroids(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.n
         The block's FWHM (px).
     subpix
         sep's sub-pixel sampling.
+    noise_adu
+        The image's noise (ADU per pixel; a scalar or a map like ``data``).
+    others_xy
+        Every detection of the window (px; the ones in ``x, y`` included, at those
+        positions): a move onto another detection is not kept. None: not checked.
     """
     if len(x) == 0:
         return x.copy(), y.copy(), np.zeros(0, bool)
     sig = np.full(len(x), fwhm_px / 2.3548)
     xw, yw, flag = sep.winpos(data, x, y, sig, mask=bad, subpix=subpix)
-    failed = ((flag & ~(sep.APER_HASMASKED | sep.APER_TRUNC)) != 0) | ~np.isfinite(xw) | ~np.isfinite(yw) \
-        | (np.hypot(xw - x, yw - y) > 1.0)
+    moved = np.hypot(xw - x, yw - y)
+    hard = ((flag & ~(sep.APER_HASMASKED | sep.APER_TRUNC)) != 0) | ~np.isfinite(xw) | ~np.isfinite(yw)
     # a masked pixel within 1 FWHM of the detection is its own core (a saturated star's): the centroid of the wings
     # alone is not trusted there
     r = max(1, int(np.ceil(fwhm_px)))
     oy, ox = np.mgrid[-r:r + 1, -r:r + 1]
     disc = ox**2 + oy**2 <= fwhm_px**2
     ny, nx = bad.shape
-    for i in np.flatnonzero(((flag & sep.APER_HASMASKED) != 0) & ~failed):
+    for i in np.flatnonzero(((flag & sep.APER_HASMASKED) != 0) & ~hard):
         cx, cy = int(np.rint(x[i])), int(np.rint(y[i]))
         y0, y1, x0, x1 = max(0, cy - r), min(ny, cy + r + 1), max(0, cx - r), min(nx, cx + r + 1)
         if y0 < y1 and x0 < x1 and (bad[y0:y1, x0:x1] & disc[y0 - cy + r:y1 - cy + r, x0 - cx + r:x1 - cx + r]).any():
-            failed[i] = True
-    return np.where(failed, x, xw), np.where(failed, y, yw), failed
+            hard[i] = True
+    far = ~hard & (moved > 1.0)
+    failed = hard | far
+    use = ~failed
+    cand = np.flatnonzero(far & (moved <= WINDOW_MOVE_MAX_FWHM * fwhm_px))
+    if others_xy is not None and len(cand):
+        from scipy.spatial import cKDTree
+
+        ox_all, oy_all = np.asarray(others_xy[0], float), np.asarray(others_xy[1], float)
+        tree = cKDTree(np.c_[ox_all, oy_all])
+        keep = [not any(np.hypot(ox_all[j] - x[i], oy_all[j] - y[i]) > 1e-6  # the detection itself is not another
+                        for j in tree.query_ball_point((xw[i], yw[i]), fwhm_px)) for i in cand]
+        cand = cand[np.asarray(keep, bool)]
+    if len(cand):
+        s_new, e_new, _ = sep.sum_circle(data, xw[cand], yw[cand], fwhm_px, err=noise_adu, mask=bad, subpix=5)
+        s_old, e_old, _ = sep.sum_circle(data, x[cand], y[cand], fwhm_px, err=noise_adu, mask=bad, subpix=5)
+        # the two apertures share pixels: the difference's noise is that of the pixels in one only
+        a, d = fwhm_px, moved[cand]
+        lens = 2 * a**2 * np.arccos(np.clip(d / (2 * a), 0, 1)) - 0.5 * d * np.sqrt(np.clip(4 * a**2 - d**2, 0, None))
+        e_diff = np.hypot(e_new, e_old) * np.sqrt(np.clip(1 - lens / (np.pi * a**2), 0, 1))
+        use[cand[s_new - s_old > WINDOW_PEAK_NSIGMA * e_diff]] = True
+    return np.where(use, xw, x), np.where(use, yw, y), failed
 
 
 def mask_bits_in_aperture(bitmask: np.ndarray | None, bad: np.ndarray, x: np.ndarray, y: np.ndarray,
