@@ -47,7 +47,8 @@ def test_the_moffat_aperture_correction_is_the_default_without_stars():
     assert moffat_apcorr(2.0, 2.0) == 1.0
     data = np.zeros((50, 50))
     one = np.ones(1)
-    apc, n = aperture_correction(data, data > 0, 25 * one, 25 * one, one, 100 * one, one > 0, 3.0, PhotometryConfig())
+    apc, n, _ = aperture_correction(data, data > 0, 25 * one, 25 * one, one, 100 * one, one > 0, 3.0,
+                                    PhotometryConfig())
     assert (apc, n) == (pytest.approx(1.3123, abs=2e-4), 0)
 
 
@@ -133,3 +134,43 @@ def test_a_windowed_centroid_that_moves_onto_a_brighter_peak_is_kept_and_flagged
     assert 3.3 > WINDOW_MOVE_MAX_FWHM * fwhm
     xf, yf, ff = windowed_centroids(img, bad, np.array([faint[0]]), np.array([faint[1]]), fwhm, 5, 5.0)
     assert ff[0] and xf[0] == faint[0] and yf[0] == faint[1]
+
+
+def test_an_aperture_correction_that_is_no_measurement_is_refused():
+    """Below 1 (less light within 4 FWHM than within 1: the sky under the stars is wrong, as on a nebula)
+    or known to worse than 10 %: the model's value, n_stars 0 and the reason."""
+    from survey_proc.config import PhotometryConfig
+    from survey_proc.photometry.aperture import APCORR_MAX_REL_ERROR, apcorr_refusal, aperture_correction, model_apcorr
+
+    assert apcorr_refusal(np.array([1.30, 1.31, 1.29, 1.32, 1.30])) == ""
+    assert apcorr_refusal(np.array([0.213, 0.083, 0.242, -0.988, 2.64])) == \
+        "measured 0.213 on 5 stars refused: below 1"  # the Horsehead's 5 stars on its nebula
+    wide = np.array([1.0, 1.3, 1.9, 2.6, 1.1])
+    assert 1.2533 * 1.4826 * np.median(np.abs(wide - 1.3)) / np.sqrt(5) / 1.3 > APCORR_MAX_REL_ERROR
+    assert apcorr_refusal(wide) == "measured 1.300 on 5 stars refused: its standard error 19.2% exceeds 10%"
+
+    # ten Gaussian stars, each sitting in a hole of the sky 2-4 FWHM out (a sky over-subtracted around them)
+    rng = np.random.default_rng(0)
+    fwhm = 3.0
+    sigma = fwhm / 2.3548
+    yy, xx = np.mgrid[0:200, 0:200].astype(float)
+    xs, ys = 30.0 + 35.0 * (np.arange(10) % 5), 50.0 + 90.0 * (np.arange(10) // 5)
+    img = np.zeros(xx.shape)
+    for x, y in zip(xs, ys, strict=True):
+        r2 = (xx - x) ** 2 + (yy - y) ** 2
+        img += 3000.0 * np.exp(-r2 / (2 * sigma**2)) / (2 * np.pi * sigma**2)
+        img -= 20.0 * ((r2 > (2 * fwhm) ** 2) & (r2 < (4 * fwhm) ** 2))
+    img += rng.normal(0, 0.5, img.shape)
+    cfg = PhotometryConfig()
+    from survey_proc.photometry.aperture import aperture_flux
+
+    f, fe = aperture_flux(img, 0.5, np.zeros(img.shape, bool), xs, ys, cfg.aperture_fwhm * fwhm, np.inf)[:2]
+    ok = np.ones(10, bool)
+    apc, n, why = aperture_correction(img, np.zeros(img.shape, bool), xs, ys, f, f / fe, ok, fwhm, cfg)
+    assert (apc, n) == (model_apcorr(cfg), 0)
+    assert why.startswith("measured ") and why.endswith("stars refused: below 1")
+    # the same stars on a flat sky: measured (a Gaussian has 6 % of its light beyond 1 FWHM)
+    clean = img - np.where(img < -10, -20.0, 0.0)
+    f, fe = aperture_flux(clean, 0.5, np.zeros(img.shape, bool), xs, ys, cfg.aperture_fwhm * fwhm, np.inf)[:2]
+    apc, n, why = aperture_correction(clean, np.zeros(img.shape, bool), xs, ys, f, f / fe, ok, fwhm, cfg)
+    assert n == 10 and why == "" and apc == pytest.approx(1 / (1 - np.exp(-2.3548**2 / 2)), rel=0.02)  # (pixels)

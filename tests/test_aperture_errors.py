@@ -47,7 +47,7 @@ def _measure(img: np.ndarray, x: np.ndarray, y: np.ndarray):
     fwhm = 2.5
     fap, fe, flags = A.aperture_measure(img, NOISE, bad, None, x, y, cfg.aperture_fwhm * fwhm, np.inf)
     ok = flags == 0
-    apcorr, _ = A.aperture_correction(img, bad, x, y, fap, fap / fe, ok, fwhm, cfg)
+    apcorr, _, _ = A.aperture_correction(img, bad, x, y, fap, fap / fe, ok, fwhm, cfg)
     s_rel, n_s = A.aperture_correction_scatter(img, bad, x, y, fap, fe, ok, fwhm, NOISE, np.inf, cfg)
     return fap * apcorr, fe * apcorr, s_rel, n_s, fap / fe
 

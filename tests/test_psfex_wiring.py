@@ -178,6 +178,27 @@ def test_a_block_with_enough_stars_measures_its_own(grid_survey):
     assert stored.table.equals(plain.table)  # the stored correction is only a fallback
 
 
+def test_a_refused_measurement_falls_back_and_says_why(grid_survey, monkeypatch):
+    """A block whose measured correction is refused (:func:`apcorr_refusal`) takes the stored PSFEx one or the
+    model's, and its source says why the measurement was not used."""
+    import survey_proc.photometry.aperture as A
+
+    img = store.open_field(grid_survey["store"], "F000")["image"].values[0]
+    cfg = RunConfig(detector="sep")
+    tiles = tile_grid(*img.shape, cfg.tile_px, cfg.halo_px)
+    det = make_detector(cfg)
+    plain = extract_block(img, None, (0, 0), tiles, 1.0, np.inf, cfg, det)
+    why = "measured 0.213 on 5 stars refused: below 1"
+    monkeypatch.setattr(A, "aperture_correction", lambda *a, **k: (A.model_apcorr(cfg.photometry), 0, why))
+    refused = extract_block(img, None, (0, 0), tiles, 1.0, np.inf, cfg, det)
+    assert refused.info.n_apcorr_stars == 0 and refused.info.apcorr == pytest.approx(model_apcorr(cfg.photometry))
+    assert refused.info.apcorr_source == f"{APCORR_MOFFAT} ({why})"
+    stored = extract_block(img, None, (0, 0), tiles, 1.0, np.inf, cfg, det, header_apcorr=1.25,
+                           header_apcorr_fwhm_px=plain.info.fwhm_px, header_apcorr_source="x")
+    assert stored.info.apcorr == 1.25 and stored.info.apcorr_source == f"psfex x ({why})"
+    assert np.allclose(stored.table["flux"], stored.table["flux_aper"] * 1.25)
+
+
 def test_the_epoch_record_says_where_its_apcorr_came_from():
     from survey_proc.catalog.extract import BlockInfo
 

@@ -472,7 +472,8 @@ def _with_fallback_apcorr(inp: DetectorInput, found: Detections, ap: Aperture, t
     """The detector's total flux, with the epoch's stored (PSFEx) correction where the block measured none.
 
     Applies to an aperture-based total flux (``flux = flux_aper x apcorr``, sep) whose
-    correction is the Moffat model's because too few stars measured one (``n_apcorr`` 0):
+    correction is the Moffat model's because too few stars measured one or its measurement was refused
+    (``n_apcorr`` 0):
     the flux and its error are rescaled to the correction
     :func:`~survey_proc.photometry.aperture.fallback_apcorr` returns. Also returns the
     correction's source (:attr:`BlockInfo.apcorr_source`; "" for a detector's own total flux).
@@ -483,6 +484,8 @@ def _with_fallback_apcorr(inp: DetectorInput, found: Detections, ap: Aperture, t
         return total, aperture.APCORR_MEASURED
     apcorr, source = aperture.fallback_apcorr(inp.cfg.photometry, found.fwhm_px, stored, stored_fwhm_px,
                                               stored_source)
+    if total.apcorr_refused:
+        source = f"{source} ({total.apcorr_refused})"
     if apcorr == total.apcorr:
         return total, source
     return replace(total, flux=ap.flux * apcorr, flux_err=ap.flux_err * apcorr, apcorr=apcorr), source

@@ -206,6 +206,8 @@ class TotalFlux:
     apcorr, n_apcorr
         Aperture-to-total flux ratio applied (1 when the fluxes are total already) and
         the number of stars it was measured on.
+    apcorr_refused
+        Why the block's measured correction was refused ("" if none was).
     """
 
     flux: np.ndarray
@@ -213,6 +215,7 @@ class TotalFlux:
     snr: np.ndarray
     apcorr: float
     n_apcorr: int
+    apcorr_refused: str = ""
 
 
 @runtime_checkable

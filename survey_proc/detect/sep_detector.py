@@ -109,10 +109,10 @@ class SepDetector:
         with np.errstate(divide="ignore", invalid="ignore"):
             snr = np.where(ap.flux_err > 0, ap.flux / ap.flux_err, 0.0)
         ok = ((found.flags | ap.flags) & (F.PHOTOMETRY_BAD | F.CENTROID | F.HALO)) == 0
-        apcorr, n_ap = aperture.aperture_correction(inp.data, inp.bad, found.x, found.y, ap.flux, snr, ok,
-                                                    found.fwhm_px, inp.cfg.photometry)
+        apcorr, n_ap, refused = aperture.aperture_correction(inp.data, inp.bad, found.x, found.y, ap.flux, snr, ok,
+                                                             found.fwhm_px, inp.cfg.photometry)
         return TotalFlux(flux=ap.flux * apcorr, flux_err=ap.flux_err * apcorr, snr=snr, apcorr=apcorr,
-                         n_apcorr=n_ap)
+                         n_apcorr=n_ap, apcorr_refused=refused)
 
     @staticmethod
     def _suppress(inp: DetectorInput, objs: np.ndarray, segmap: np.ndarray | None) -> np.ndarray:

@@ -551,6 +551,7 @@ def model_apcorr(cfg: PhotometryConfig) -> float:
 
 #: relative difference between a block's FWHM and the FWHM a stored (PSFEx) correction was computed at beyond
 #: which the stored one is not used (its radii would be another FWHM's: ~0.4 % of apcorr per 1 % of FWHM)
+APCORR_MAX_REL_ERROR = 0.1  # a measured aperture correction less certain than this (relative) is refused
 STORED_APCORR_FWHM_RTOL = 0.01
 #: the photometry settings whose radii a stored correction must share (:func:`stored_apcorr_config`)
 _RADII_FIELDS = ("aperture_fwhm", "apcorr_fwhm", "local_sky", "local_sky_inner_fwhm", "local_sky_outer_fwhm")
@@ -611,8 +612,9 @@ def fallback_apcorr(cfg: PhotometryConfig, fwhm_px: float, stored: float | None 
 
 
 def aperture_correction(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, flux_ap: np.ndarray,
-                        snr: np.ndarray, ok: np.ndarray, fwhm_px: float, cfg: PhotometryConfig) -> tuple[float, int]:
-    """Median ratio of the flux within ``apcorr_fwhm x FWHM`` to the aperture flux; ``(apcorr, n_stars)``.
+                        snr: np.ndarray, ok: np.ndarray, fwhm_px: float, cfg: PhotometryConfig
+                        ) -> tuple[float, int, str]:
+    """Median ratio of the flux within ``apcorr_fwhm x FWHM`` to the aperture flux; ``(apcorr, n_stars, refused)``.
 
     Uses the 300 brightest unflagged stars (S/N >= ``apcorr_snr_min``, or 0.4 of it when
     fewer than 5 qualify) with no detected neighbour brighter than 2 % of them within the
@@ -621,6 +623,11 @@ def aperture_correction(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.
     (:func:`moffat_apcorr`, a Moffat of beta 3: 1.312 for apertures of 1 and 4 FWHM; it
     used to be 1, i.e. 0.3 mag of the flux missing) with n_stars = 0, and the calibration
     stage replaces it by the field's apcorr(FWHM) relation when other epochs measured it.
+
+    A median that is no measurement is refused, the model's value returned with n_stars = 0
+    and ``refused`` saying why (:func:`apcorr_refusal`): below 1 (less light within the large
+    radius than within the aperture: the sky under the stars is wrong, as on a nebula, where 5
+    stars gave 0.21), or known to no better than :data:`APCORR_MAX_REL_ERROR`.
 
     With ``cfg.apcorr_method = "growth"`` the same stars' flux within
     ``apcorr_growth_fwhm x FWHM`` is :func:`survey_proc.photometry.growth.outer_flux`'s: a
@@ -649,19 +656,41 @@ def aperture_correction(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.
 
     Returns
     -------
-    apcorr, n_stars
-        The correction factor (total / aperture flux) and the stars that measured it.
+    apcorr, n_stars, refused
+        The correction factor (total / aperture flux), the stars that measured it (0: the
+        model's value) and why a measured one was refused ("" if none was).
     """
     idx, fb = _apcorr_stars(data, bad, x, y, flux_ap, snr, ok, fwhm_px, cfg)
     if idx is None or len(idx) < MIN_STARS_FOR_FWHM:  # (it returned 1.0 when the large apertures were flagged)
-        return model_apcorr(cfg), 0
+        return model_apcorr(cfg), 0, ""
     if cfg.apcorr_method == "growth":  # the outer light split into wing and sky; the sum where undetermined
         outer = growth.outer_flux(data, bad, x[idx], y[idx], flux_ap[idx], GROWTH_CORE_FWHM * fwhm_px,
                                   cfg.apcorr_growth_fwhm * fwhm_px)
         if outer is not None:
             idx, fb = idx[outer.good], outer.flux
     ratio = fb / flux_ap[idx]
-    return float(np.median(ratio)), len(idx)
+    refused = apcorr_refusal(ratio)
+    if refused:
+        return model_apcorr(cfg), 0, refused
+    return float(np.median(ratio)), len(idx), ""
+
+
+def apcorr_refusal(ratio: np.ndarray) -> str:
+    """Why the median of the stars' total / aperture flux ``ratio`` is no aperture correction ("" if it is one).
+
+    Refused when the median is below 1 (no point source has less light within a large radius
+    than within a smaller one: the sky under the stars is wrong) or when its standard error,
+    1.2533 x NMAD / sqrt(n), exceeds :data:`APCORR_MAX_REL_ERROR` of it (on the real images'
+    frames it is 0.3-1.1 %; 2MASS K's 41 crowded stars 5.7 %).
+    """
+    med = float(np.median(ratio))
+    if not med >= 1.0:
+        return f"measured {med:.3f} on {len(ratio)} stars refused: below 1"
+    rel = 1.2533 * 1.4826 * float(np.median(np.abs(ratio - med))) / np.sqrt(len(ratio)) / med
+    if rel > APCORR_MAX_REL_ERROR:
+        return (f"measured {med:.3f} on {len(ratio)} stars refused: its standard error {rel:.1%} exceeds "
+                f"{APCORR_MAX_REL_ERROR:.0%}")
+    return ""
 
 
 def _apcorr_stars(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, flux_ap: np.ndarray,
