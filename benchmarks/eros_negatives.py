@@ -1,7 +1,7 @@
 """Constant and random-walk objects at real EROS-1 test-split cadences through the classify path (issue 22).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/eros_negatives.py [--sparse-weights W] [--thin 0.4]
-        [--n-stars 300] [--seed 2024] [--json F]
+        [--n-stars 300] [--seed 2024] [--drw-rms-max 0.5] [--json F]
 
 The EROS-1 test split has no constant or non-periodic stars, so the false positives of the
 sparse route at its cadences are measured on synthetic ones: for each of the first
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-stars", type=int, default=300)
     ap.add_argument("--seed", type=int, default=2024)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--drw-rms-max", type=float, default=0.5,
+                    help="the random walks' largest rms (mag; 0.5, the definition the figures have used)")
     a = ap.parse_args(argv)
     cnn = model_registry.load("classifier", device="cpu")
     sparse = model_registry.load("classifier_sparse", a.sparse_weights or None, device="cpu")
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         for kind in ("constant", "non_periodic"):
             parts, start = [], 0
-            for b, (t, m, e) in _negative(rng, bands, kind).items():
+            for b, (t, m, e) in _negative(rng, bands, kind, a.drw_rms_max).items():
                 parts.append(pd.DataFrame({"object_id": 0, "epoch": start + np.arange(len(t)), "mjd": t, "mag": m,
                                            "mag_err": e, "flags": 0, "band": b}))
                 start += len(t)
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     d = pd.DataFrame(rows)
     done = d["var_class"].notna()
     out = {"sparse_weights": str(sparse.path), "thin": a.thin, "n_stars": a.n_stars, "seed": a.seed,
+           "drw_rms_max": a.drw_rms_max,
            "wall_s": round(time.time() - t0, 1),
            **{kind: {"classified": int((done & (d["kind"] == kind)).sum()),
                      "called_periodic": int((d["var_class"].isin(PERIODIC_CLASSES) & (d["kind"] == kind)).sum()),

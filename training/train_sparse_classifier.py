@@ -12,7 +12,7 @@ Data (:mod:`survey_proc.lightcurves.sparse_classifier` says why this model exist
   both bands at the star's real times and quoted errors: (a) a ``constant`` star: Gaussian
   noise of the quoted errors times a factor in [0.9, 1.5] (real errors are often
   underestimated), 2 % of the points 3-8 sigma outliers; (b) a ``non_periodic`` object: one
-  damped random walk (quasar-like; tau 10-1000 d log-uniform, rms 0.05-0.5 mag) or linear
+  damped random walk (quasar-like; tau 10-1000 d log-uniform, rms 0.05-0.5 mag, ``--drw-rms-max``) or linear
   trend with a zero-point jump (0.05-0.5 mag) seen in both bands (amplitude 0.7-1.4x per
   band), plus the noise of (a).
 - **Two views of each curve** (:mod:`survey_proc.lightcurves.sparse_classifier`, "Two views of
@@ -113,19 +113,20 @@ def _row(f: dict[str, tuple[np.ndarray, float, float, float]]) -> dict:
             "x_u": u[0], "period_u": u[1], "fap_u": u[2], "fap_h_u": u[3]}
 
 
-def _negative(rng: np.random.Generator, bands: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], kind: str
-              ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _negative(rng: np.random.Generator, bands: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], kind: str,
+              drw_rms_max: float = 0.5) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """A constant or non-periodic object at the real times and quoted errors (mag) of each band of ``bands``.
 
-    Non-periodic: one damped random walk (or trend with a zero-point jump) seen in every band,
-    its amplitude scaled by 0.7-1.4 per band (a quasar's variability is larger in the blue).
+    Non-periodic: one damped random walk (rms 0.05 to ``drw_rms_max`` mag; or a trend with a
+    zero-point jump) seen in every band, its amplitude scaled by 0.7-1.4 per band (a quasar's
+    variability is larger in the blue). The random draws do not depend on ``drw_rms_max``.
     """
     t_all = np.unique(np.concatenate([v[0] for v in bands.values()]))
     signal = np.zeros(len(t_all))
     if kind != "constant":
         if rng.random() < 0.6:  # damped random walk (Ornstein-Uhlenbeck), exact update over irregular steps
             tau = 10 ** rng.uniform(1, 3)
-            sig = rng.uniform(0.05, 0.5)
+            sig = 0.05 + rng.uniform(0.0, 1.0) * (drw_rms_max - 0.05)
             signal[0] = rng.normal(0, sig)
             for i in range(1, len(t_all)):
                 a = np.exp(-(t_all[i] - t_all[i - 1]) / tau)
@@ -156,13 +157,13 @@ def _star_rows(args: tuple) -> list[dict]:
     at the star's own times and errors (each band a curve); each curve twice: its period searched jointly with
     the star's other band (``mode`` "joint", what the classify stage does with a multi-band object) and alone
     ("alone", a single-band object)."""
-    sid, row, typ, seed, joint, thin = args
+    sid, row, typ, seed, joint, thin, drw_rms_max = args
     rng = np.random.default_rng(seed)
     bands = {b: _band(row, b) for b in "rb"}
     bands = {b: v for b, v in bands.items() if len(v[0]) >= 20}
     objects = [("eclipsing_binary" if typ == 1 else "pulsator", typ, bands)]
     if bands:
-        objects += [(kind, 0, _negative(rng, bands, kind)) for kind in ("constant", "non_periodic")]
+        objects += [(kind, 0, _negative(rng, bands, kind, drw_rms_max)) for kind in ("constant", "non_periodic")]
     rows = []
     for label, typ_, obj in objects:
         for mode in ("joint", "alone") if joint else ("alone",):
@@ -183,7 +184,8 @@ def _star_rows(args: tuple) -> list[dict]:
     return rows
 
 
-def build(cache: Path, workers: int, joint: bool = True, thin: bool = True) -> pd.DataFrame:
+def build(cache: Path, workers: int, joint: bool = True, thin: bool = True, drw_rms_max: float = 0.5
+          ) -> pd.DataFrame:
     """The feature table of every training curve (cached in ``cache``)."""
     if cache.is_file():
         z = np.load(cache, allow_pickle=False)
@@ -192,7 +194,8 @@ def build(cache: Path, workers: int, joint: bool = True, thin: bool = True) -> p
         return meta
     lab = pd.read_csv(EROS / "train.csv", index_col=0)
     cur = pd.read_csv(EROS / "train_varlength_features.csv.gz", index_col=0)
-    jobs = [(sid, cur.loc[sid], int(lab.loc[sid, "type"]), k, joint, thin) for k, sid in enumerate(lab.index)]
+    jobs = [(sid, cur.loc[sid], int(lab.loc[sid, "type"]), k, joint, thin, drw_rms_max)
+            for k, sid in enumerate(lab.index)]
     t0 = time.time()
     with Pool(workers) as pool:
         rows = [r for part in pool.imap(_star_rows, jobs, chunksize=16) for r in part]
@@ -260,9 +263,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--per-band", action="store_true",
                     help="search each band's period alone (the default searches an object's bands jointly)")
     ap.add_argument("--no-thinned", action="store_true", help="no thinned copies (20-60 %% of the points)")
+    ap.add_argument("--drw-rms-max", type=float, default=0.5,
+                    help="the random-walk negatives' largest rms (mag; drawn uniformly from 0.05)")
     a = ap.parse_args(argv)
     t0 = time.time()
-    meta = build(Path(a.cache), a.workers, joint=not a.per_band, thin=not a.no_thinned)
+    meta = build(Path(a.cache), a.workers, joint=not a.per_band, thin=not a.no_thinned, drw_rms_max=a.drw_rms_max)
     data_s = time.time() - t0
     # the two views' features side by side (survey_proc.lightcurves.sparse_classifier, "Two views of a curve")
     x = np.concatenate([np.stack(meta["x"].to_numpy()), np.stack(meta["x_u"].to_numpy())], 1).astype(np.float32)
@@ -345,6 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         "data": {"generator": "training/train_sparse_classifier.py", "periodic": "EROS-1 train split, both bands",
                  "negatives": "constant and random-walk/trend objects at the EROS train stars' own times and errors "
                               "(both bands; one random walk or trend per object, its amplitude 0.7-1.4x per band)",
+                 "drw_rms_mag": [0.05, a.drw_rms_max],
                  "search": ("each band's period searched alone" if a.per_band else
                             "each curve searched jointly with the star's other band and alone")
                            + ("; and thinned to 20-60 % of its points" if not a.no_thinned else ""),
