@@ -76,6 +76,12 @@ class DetectionConfig:
     halo_spikes: bool = True
     bright_max_radius_fwhm: float = 15.0  # a bright star's light is modelled out to this (x FWHM, <= 120 px) + its core
     artefact_ksigma: float = 5.0  # a detection on modelled light is kept when its matched-filter excess is >= this
+    # a second sep pass on the image less a Moffat model of the first pass' detections finds neighbours hidden in a
+    # brighter star's isophote (detect/hidden.py); with the model's own error per pixel and two cuts on what it keeps
+    residual_detect: bool = False
+    residual_model_error: float = 0.1  # the model's error per pixel, a fraction of the model (DAOPHOT's profile error)
+    residual_min_sep_fwhm: float = 0.7  # a residual source this close (x FWHM) to a first-pass one is its core's
+    residual_min_snr: float = 5.0  # ... and one with a lower aperture S/N on the residual is not kept
     extended_smooth_frac: float = 0.5  # a parent is extended when its 3-FWHM median-filtered light holds this share
 
 
@@ -84,6 +90,8 @@ class PhotometryConfig:
     """Aperture photometry settings (radii scale with the measured FWHM of each block)."""
 
     aperture_fwhm: float = 1.0  # aperture radius in units of the FWHM
+    # the window's other detections' Moffat models out of each aperture (photometry/neighbours.py)
+    subtract_neighbours: bool = False
     apcorr_fwhm: float = 4.0  # radius for the aperture correction to total flux (x FWHM; 99.7 % of a Moffat(3))
     apcorr_snr_min: float = 50.0  # stars used for the aperture correction and the FWHM
     # the light within apcorr_fwhm: "sum" (the pixels' sum) or "growth" (a 2-FWHM core plus ring medians, the
@@ -327,6 +335,10 @@ class RunConfig:
         if self.photometry.background not in ("masked", "mesh"):
             raise ConfigError(f"photometry.background must be 'masked' (the mesh background again with the detections "
                               f"masked) or 'mesh' (the detection's), got {self.photometry.background!r}")
+        d = self.detection
+        if not (d.residual_model_error >= 0 and d.residual_min_sep_fwhm >= 0 and d.residual_min_snr >= 0):
+            raise ConfigError(f"detection.residual_model_error, residual_min_sep_fwhm and residual_min_snr must be "
+                              f">= 0, got {d.residual_model_error}, {d.residual_min_sep_fwhm}, {d.residual_min_snr}")
         if not isinstance(self.detection.halo_detect, bool):
             raise ConfigError(f"detection.halo_detect must be true or false (false: sep thresholds the image less the "
                               f"mesh sky alone), got {self.detection.halo_detect!r}")

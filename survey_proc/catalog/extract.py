@@ -73,6 +73,7 @@ from survey_proc.detect.registry import make_detector
 from survey_proc.photometry import aperture, halo
 from survey_proc.photometry.background import masked_background
 from survey_proc.photometry.measure import Window, bpnn_photometry
+from survey_proc.photometry.neighbours import neighbour_light
 from survey_proc.tiling import Tile
 
 if TYPE_CHECKING:
@@ -293,7 +294,8 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     want_window = bpnn is not None or keep_window or use_epsf
     inp = DetectorInput(image=image, mask=mask, data=data, bad=bad, bkg_adu=bkg.back, noise_adu=noise,
                         gain_e_per_adu=gain_e_per_adu, origin_yx=origin_yx, cfg=cfg, owner=owner,
-                        want_neighbours=want_window, halo_adu=halo_adu, detect_data=detect_data)
+                        want_neighbours=want_window or cfg.photometry.subtract_neighbours, halo_adu=halo_adu,
+                        detect_data=detect_data)
     found = detector.detect(inp)
     # the domain check (survey_proc.detect.domain): a learned model outside its training seeing is not trusted
     actions: list[str] = []
@@ -458,6 +460,12 @@ def _aperture(inp: DetectorInput, found: Detections) -> tuple[Aperture, np.ndarr
     f_ap, f_ap_err, flags = aperture.aperture_measure(inp.data, inp.noise_adu, inp.bad, inp.mask, found.x, found.y,
                                                       r_ap, inp.gain_e_per_adu)
     f_mesh = f_ap
+    nb = found.neighbours
+    if pcfg.subtract_neighbours and nb is not None and len(nb.x) > 1:  # the other detections' light out of it
+        light = neighbour_light(inp.data.shape, found.x, found.y, r_ap, nb.x, nb.y, nb.flux_fit, nb.targets,
+                                found.fwhm_px, inp.cfg.bpnn.psf_beta, inp.cfg.detection.residual_model_error)
+        f_ap = f_ap - light.flux_adu
+        f_ap_err = np.hypot(f_ap_err, light.err_adu)
     if pcfg.local_sky == "annulus":
         f_ap, f_ap_err = aperture.with_local_sky(inp.data, inp.bad, found.x, found.y, r_ap, f_ap, f_ap_err,
                                                  inp.noise_adu, pcfg.local_sky_inner_fwhm * found.fwhm_px,

@@ -33,7 +33,7 @@ import numpy as np
 import sep
 
 from survey_proc import vocab as F
-from survey_proc.detect import artefacts, classical
+from survey_proc.detect import artefacts, classical, hidden
 from survey_proc.detect.base import Aperture, Detections, DetectorInput, Neighbours, TotalFlux
 from survey_proc.photometry import aperture, halo
 from survey_proc.photometry.psffit import refine_positions
@@ -93,12 +93,47 @@ class SepDetector:
         xc, yc, failed = aperture.windowed_centroids(inp.data, inp.bad, xw, yw, fwhm, pcfg.winpos_subpix,
                                                      inp.noise_adu, ((objs["x"] + ox) - ox, (objs["y"] + oy) - oy))
         flags[failed] |= F.CENTROID
-        found = Detections(tile=tile[keep], x=xc, y=yc, x_det=o["x"].astype(float), y_det=o["y"].astype(float),
-                           flags=flags, npix=npix, peak_adu=o["peak"].astype(float), fwhm_px=fwhm, n_fwhm=n_fwhm,
+        tile_k, x_det, y_det = tile[keep], o["x"].astype(float), o["y"].astype(float)
+        peak = o["peak"].astype(float)
+        if cfg.detection.residual_detect:
+            objs, keep, more = self._hidden(inp, thresholded, objs, keep, xc, yc, fwhm)
+            tile_k = np.r_[tile_k, more["tile"]]
+            xc, yc = np.r_[xc, more["x"]], np.r_[yc, more["y"]]
+            x_det, y_det = np.r_[x_det, more["x_det"]], np.r_[y_det, more["y_det"]]
+            flags = np.r_[flags, more["flags"]].astype(np.int32)
+            npix, peak = np.r_[npix, more["npix"]].astype(np.int32), np.r_[peak, more["peak"]]
+        found = Detections(tile=tile_k, x=xc, y=yc, x_det=x_det, y_det=y_det,
+                           flags=flags, npix=npix, peak_adu=peak, fwhm_px=fwhm, n_fwhm=n_fwhm,
                            fallback=fallback)
         if inp.want_neighbours:
             found.neighbours = self._neighbours(inp, objs, np.flatnonzero(keep), found)
         return found
+
+    @staticmethod
+    def _hidden(inp: DetectorInput, thresholded: np.ndarray, objs: np.ndarray, keep: np.ndarray, xc: np.ndarray,
+                yc: np.ndarray, fwhm: float) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """The residual pass (:mod:`.hidden`).
+
+        Returns the window's objects and owned mask with the new sources appended, and the
+        owned new sources' columns (flagged ``BLENDED``, at the joint fit's positions).
+        """
+        x_all, y_all = np.asarray(objs["x"], float).copy(), np.asarray(objs["y"], float).copy()
+        x_all[keep], y_all[keep] = xc, yc
+        found = hidden.find_hidden(thresholded, inp.bad, inp.noise_adu, inp.gain_e_per_adu, x_all, y_all,
+                                   np.asarray(objs["flux"], float), fwhm, inp.cfg.detection,
+                                   beta=inp.cfg.bpnn.psf_beta)
+        new = found.objs.copy()
+        new["x"], new["y"] = found.x, found.y  # the joint fit's positions
+        tile, own = inp.owner(new["x"], new["y"]) if len(new) else (np.zeros(0, np.int32), np.zeros(0, bool))
+        n = new[own]
+        x, y = np.asarray(n["x"], float), np.asarray(n["y"], float)
+        flags = np.full(len(n), F.BLENDED, np.int32)
+        flags[(n["flag"] & sep.OBJ_TRUNC) != 0] |= F.EDGE
+        flags[halo.on_halo(inp.halo_adu, x, y, inp.noise_adu)] |= F.HALO
+        more = {"tile": tile[own], "x": x, "y": y, "x_det": found.objs["x"][own].astype(float),
+                "y_det": found.objs["y"][own].astype(float), "flags": flags, "npix": n["npix"],
+                "peak": n["peak"].astype(float)}
+        return np.concatenate([objs, new]), np.r_[keep, own], more
 
     def total_flux(self, inp: DetectorInput, found: Detections, ap: Aperture) -> TotalFlux:
         """The aperture flux corrected to total (ADU) and the aperture flux's S/N.
