@@ -34,11 +34,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import sep
 from scipy.spatial import cKDTree
 
 from survey_proc.config import DetectionConfig
 from survey_proc.detect import classical
+from survey_proc.photometry.aperture import aperture_flux
 from survey_proc.photometry.psffit import moffat_alpha, refine_positions, render
 
 MODEL_RADIUS_FWHM = 4.0  # each detection's model is rendered out to this radius (x FWHM)
@@ -102,9 +102,7 @@ def find_hidden(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_
         return Hidden(objs[:0], residual, err, np.zeros(0), np.zeros(0))
     d, _ = cKDTree(np.c_[x, y]).query(np.c_[objs["x"], objs["y"]])
     far = d >= cfg.residual_min_sep_fwhm * fwhm_px
-    r_ap = max(1.0, fwhm_px)
-    f, fe, _ = sep.sum_circle(residual, objs["x"], objs["y"], r_ap, err=err, mask=bad, gain=gain_e_per_adu,
-                              subpix=5)
+    f, fe, _ = aperture_flux(residual, err, bad, objs["x"], objs["y"], max(1.0, fwhm_px), gain_e_per_adu)
     with np.errstate(divide="ignore", invalid="ignore"):
         snr = np.where(fe > 0, f / fe, 0.0)
     cand = np.flatnonzero(far & (snr >= cfg.residual_min_snr))

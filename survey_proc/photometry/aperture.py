@@ -238,8 +238,6 @@ def windowed_centroids(data: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.n
     use = ~failed
     cand = np.flatnonzero(far & (moved <= WINDOW_MOVE_MAX_FWHM * fwhm_px))
     if others_xy is not None and len(cand):
-        from scipy.spatial import cKDTree
-
         ox_all, oy_all = np.asarray(others_xy[0], float), np.asarray(others_xy[1], float)
         tree = cKDTree(np.c_[ox_all, oy_all])
         keep = [not any(np.hypot(ox_all[j] - x[i], oy_all[j] - y[i]) > 1e-6  # the detection itself is not another
@@ -549,9 +547,9 @@ def model_apcorr(cfg: PhotometryConfig) -> float:
     return float(e_big / e_ap)
 
 
+APCORR_MAX_REL_ERROR = 0.1  # a measured aperture correction less certain than this (relative) is refused
 #: relative difference between a block's FWHM and the FWHM a stored (PSFEx) correction was computed at beyond
 #: which the stored one is not used (its radii would be another FWHM's: ~0.4 % of apcorr per 1 % of FWHM)
-APCORR_MAX_REL_ERROR = 0.1  # a measured aperture correction less certain than this (relative) is refused
 STORED_APCORR_FWHM_RTOL = 0.01
 #: the photometry settings whose radii a stored correction must share (:func:`stored_apcorr_config`)
 _RADII_FIELDS = ("aperture_fwhm", "apcorr_fwhm", "local_sky", "local_sky_inner_fwhm", "local_sky_outer_fwhm")
