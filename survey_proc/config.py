@@ -82,6 +82,12 @@ class DetectionConfig:
     residual_model_error: float = 0.1  # the model's error per pixel, a fraction of the model (DAOPHOT's profile error)
     residual_min_sep_fwhm: float = 0.7  # a residual source this close (x FWHM) to a first-pass one is its core's
     residual_min_snr: float = 5.0  # ... and one with a lower aperture S/N on the residual is not kept
+    # the residual's PSF: "moffat" (the Moffat of the window's FWHM, residual_model_error fixed) or "epsf" (the
+    # window's empirical PSF, its profile error measured on the bright point stars; the pass is skipped where that
+    # error exceeds residual_max_model_error: a PSF the window's stars do not follow leaves its cores as detections)
+    residual_psf: str = "moffat"
+    residual_max_model_error: float = 0.2
+    residual_max_chi2: float = 2.0  # "epsf": a candidate is kept where the joint model fits its pair to this chi2/px
     extended_smooth_frac: float = 0.5  # a parent is extended when its 3-FWHM median-filtered light holds this share
 
 
@@ -336,9 +342,15 @@ class RunConfig:
             raise ConfigError(f"photometry.background must be 'masked' (the mesh background again with the detections "
                               f"masked) or 'mesh' (the detection's), got {self.photometry.background!r}")
         d = self.detection
-        if not (d.residual_model_error >= 0 and d.residual_min_sep_fwhm >= 0 and d.residual_min_snr >= 0):
-            raise ConfigError(f"detection.residual_model_error, residual_min_sep_fwhm and residual_min_snr must be "
-                              f">= 0, got {d.residual_model_error}, {d.residual_min_sep_fwhm}, {d.residual_min_snr}")
+        if d.residual_psf not in ("moffat", "epsf"):
+            raise ConfigError(f"detection.residual_psf must be 'moffat' (the Moffat of the window's FWHM) or 'epsf' "
+                              f"(the window's empirical PSF), got {d.residual_psf!r}")
+        if not (d.residual_model_error >= 0 and d.residual_min_sep_fwhm >= 0 and d.residual_min_snr >= 0
+                and d.residual_max_model_error >= 0 and d.residual_max_chi2 >= 0):
+            raise ConfigError(f"detection.residual_model_error, residual_min_sep_fwhm, residual_min_snr, "
+                              f"residual_max_model_error and residual_max_chi2 must be >= 0, got "
+                              f"{d.residual_model_error}, {d.residual_min_sep_fwhm}, {d.residual_min_snr}, "
+                              f"{d.residual_max_model_error}, {d.residual_max_chi2}")
         if not isinstance(self.detection.halo_detect, bool):
             raise ConfigError(f"detection.halo_detect must be true or false (false: sep thresholds the image less the "
                               f"mesh sky alone), got {self.detection.halo_detect!r}")

@@ -11,7 +11,7 @@ import sep
 from survey_proc.catalog.extract import extract_block
 from survey_proc.config import DetectionConfig, RunConfig, load_config
 from survey_proc.detect import classical
-from survey_proc.detect.hidden import find_hidden
+from survey_proc.detect.hidden import find_hidden, residual_psf
 from survey_proc.detect.registry import make_detector
 from survey_proc.errors import ConfigError
 from survey_proc.photometry.neighbours import neighbour_light
@@ -94,7 +94,62 @@ def test_the_options_through_extract_block_find_the_neighbour_and_take_its_light
 
 
 def test_residual_settings_are_checked():
-    with pytest.raises(ConfigError, match=r"detection\.residual_model_error, residual_min_sep_fwhm and "
-                                          r"residual_min_snr must be >= 0"):
+    with pytest.raises(ConfigError, match=r"detection\.residual_model_error, residual_min_sep_fwhm, residual_min_snr, "
+                                          r"residual_max_model_error and residual_max_chi2 must be >= 0"):
         load_config(None, {"detection": {"residual_min_snr": -1}})
+    with pytest.raises(ConfigError, match=r"detection\.residual_psf must be 'moffat' .* or 'epsf'"):
+        load_config(None, {"detection": {"residual_psf": "gauss"}})
     assert not RunConfig().detection.residual_detect and not RunConfig().photometry.subtract_neighbours
+
+
+def _grid_field(fwhms=None, seed=8, pair=(40000.0, 10000.0)):
+    """Bright lone stars on a grid (for the empirical PSF) and a hidden pair at (100.2, 100.3) / (102.4, 100.5)."""
+    g = np.arange(20.3, 180, 32.0)
+    xs, ys = (v.ravel() for v in np.meshgrid(g, g + 0.4))
+    keep = np.hypot(xs - 100, ys - 100) > 12
+    xs, ys = xs[keep], ys[keep]
+    shape = (196, 196)
+    img = np.zeros(shape)
+    fw = np.full(len(xs), FWHM) if fwhms is None else np.asarray(fwhms, float)
+    for w in np.unique(fw):
+        s = fw == w
+        img += render(shape, xs[s], ys[s], np.full(s.sum(), 30000.0), moffat_alpha(w, 3.0), 3.0, 20)
+    img += render(shape, np.array([100.2, 102.4]), np.array([100.3, 100.5]), np.array(pair, float),
+                  moffat_alpha(FWHM, 3.0), 3.0, 20)
+    return (img + np.random.default_rng(seed).normal(0, NOISE, shape)).astype(np.float32), xs, ys
+
+
+def test_the_empirical_psf_residual_finds_the_neighbour_with_a_measured_model_error():
+    data, xs, ys = _grid_field(pair=(8000.0, 2500.0))
+    bad = np.zeros(data.shape, bool)
+    cfg = replace(DetectionConfig(), residual_psf="epsf")
+    x, y = np.r_[xs, 100.6], np.r_[ys, 100.35]  # the pair as sep sees it: one detection between the two
+    f = np.r_[np.full(len(xs), 30000.0), 50000.0]
+    model = residual_psf(data + 100.0, bad, data, np.full(data.shape, 100.0), NOISE, GAIN, x, y, f, FWHM, cfg)
+    assert model.kind == "epsf" and not model.skip
+    assert 0.0 <= model.model_error < 0.05  # the stars are what the ePSF was built from: it describes them
+    assert model.check_fit
+    found = find_hidden(data, bad, NOISE, GAIN, x, y, f, FWHM, cfg, model=model)
+    assert len(found.objs) == 1
+    assert np.hypot(found.x[0] - 102.4, found.y[0] - 100.5) < 0.6
+
+
+def test_the_residual_pass_is_skipped_where_no_psf_describes_the_stars():
+    # every star elongated (two halves 1 px apart), half along x and half along y: no one PSF describes them all
+    data, xs, ys = _grid_field(pair=(0.0, 0.0))
+    along_x = np.arange(len(xs)) % 2 == 0
+    dx, dy = np.where(along_x, 0.5, 0.0), np.where(along_x, 0.0, 0.5)
+    shape = data.shape
+    data = data - render(shape, xs, ys, np.full(len(xs), 30000.0), moffat_alpha(FWHM, 3.0), 3.0, 20)
+    data = (data + render(shape, np.r_[xs - dx, xs + dx], np.r_[ys - dy, ys + dy], np.full(2 * len(xs), 15000.0),
+                          moffat_alpha(FWHM, 3.0), 3.0, 20)).astype(np.float32)
+    bad = np.zeros(shape, bool)
+    cfg = replace(DetectionConfig(), residual_psf="epsf", residual_max_model_error=0.03)  # measured here: ~0.06
+    f = np.full(len(xs), 30000.0)
+    model = residual_psf(data + 100.0, bad, data, np.full(shape, 100.0), NOISE, GAIN, xs, ys, f, FWHM, cfg)
+    assert model.skip and model.model_error > cfg.residual_max_model_error
+    assert model.why is not None and "no residual pass" in model.why
+    # the Moffat mode keeps the fixed error and never skips
+    moffat = residual_psf(data + 100.0, bad, data, np.full(shape, 100.0), NOISE, GAIN, xs, ys, f, FWHM,
+                          DetectionConfig())
+    assert moffat.kind == "moffat" and not moffat.skip and moffat.model_error == DetectionConfig().residual_model_error

@@ -23,6 +23,16 @@ has that S/N and it still lies that far from every fitted first-pass star. Witho
 refit a merged pair's isophotal centre, between the two stars, leaves a ghost on the
 brighter star's far side.
 
+With ``residual_psf = "epsf"`` the model is the window's empirical PSF
+(:func:`~survey_proc.photometry.epsf.build_epsf`, built from the first pass's bright isolated
+point sources) and the model error is measured, not assumed: the 75th percentile over the
+window's bright (S/N >= 50) point stars of each star's excess residual within 1.5 FWHM
+(:func:`profile_errors`). Measured (session 19, scratch): the Moffat(3) of the measured FWHM
+misses SDSS's undersampled stars by 0.50-0.54 of the model per pixel (median star; 0.17 on the
+dense simulation), the ePSF by 0.00-0.01 (quartile 0.07); so the fixed 10 % error of the Moffat
+left the real stars' cores as detections. Where even the chosen PSF's error exceeds
+``residual_max_model_error`` (2MASS's crowded, resampled frames: 0.7-0.9) the pass is skipped.
+
 Written here rather than taken from photutils (``IterativePSFPhotometry`` does the same
 loop) because that needs a fitted PSF model and runs star by star in Python: 4-13x the
 pipeline's cost on these fields (issue 21), where this costs one linear fit and one sep
@@ -38,10 +48,147 @@ from scipy.spatial import cKDTree
 
 from survey_proc.config import DetectionConfig
 from survey_proc.detect import classical
+from survey_proc.photometry import aperture
 from survey_proc.photometry.aperture import aperture_flux
-from survey_proc.photometry.psffit import moffat_alpha, refine_positions, render
+from survey_proc.photometry.psffit import MoffatPSF, _stamps, as_pixel_psf, refine_positions, render_psf
 
 MODEL_RADIUS_FWHM = 4.0  # each detection's model is rendered out to this radius (x FWHM)
+PAIR_ITER = 8  # "epsf": Gauss-Newton passes of each pair's refit (0.25 px steps: a candidate starts ~0.7 px off)
+PROFILE_SNR_MIN = 50.0  # the stars that measure the profile error: fit S/N at least this ...
+PROFILE_QUANTILE = 75.0  # ... and the error is this percentile of theirs
+PROFILE_MIN_STARS = 3  # fewer such stars: the configured residual_model_error
+MAX_FWHM_MISMATCH = 0.3  # an empirical PSF this far (fraction) from the window's FWHM is not used (psfphot's rule)
+
+
+@dataclass(frozen=True)
+class ResidualPSF:
+    """The PSF the residual pass subtracts, its error per pixel (fraction of the model), and why.
+
+    ``kind`` is ``"epsf"`` or ``"moffat"``; ``skip`` is True when the model describes the
+    window's stars too badly for a residual pass (``why`` says so, as it says why the
+    empirical PSF was not used).
+    """
+
+    psf: object
+    model_error: float
+    kind: str
+    n_stars: int
+    skip: bool = False
+    why: str | None = None
+    check_fit: bool = False  # keep a candidate only where the joint model describes its pair (residual_max_chi2)
+
+
+def profile_errors(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_adu: float, x: np.ndarray,
+                   y: np.ndarray, flux_adu: np.ndarray, psf: object, fwhm_px: float, sel: np.ndarray) -> np.ndarray:
+    """Each selected star's residual beyond its noise, as a fraction of its model per pixel.
+
+    Within 1.5 FWHM of each star of ``sel`` (indices), with every star's model subtracted:
+    ``sqrt(max(0, sum(r^2 - var) / sum(model^2)))``, ``var`` the sky, read and the model's
+    Poisson noise (ADU^2). Per star, where
+    :func:`~survey_proc.photometry.psfphot.model_error_fraction` pools the stars (and so is
+    led by the worst: a galaxy or a saturated core).
+    """
+    p = as_pixel_psf(psf)
+    model = render_psf(data.shape, x, y, flux_adu, p, max(3, int(np.ceil(3.0 * fwhm_px))))
+    py, px, inside = _stamps(x[sel], y[sel], max(2, int(np.ceil(1.5 * fwhm_px))), data.shape)
+    use = inside & ~bad[py, px]
+    m = model[py, px]
+    r = data[py, px] - m
+    var = noise_adu**2 + np.clip(m, 0, None) / gain_e_per_adu
+    excess = np.where(use, r * r - var, 0.0).sum(axis=(1, 2))
+    norm = np.maximum(np.where(use, m * m, 0.0).sum(axis=(1, 2)), 1e-30)
+    return np.sqrt(np.clip(excess / norm, 0.0, None))
+
+
+def pair_chi2(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_adu: float, x: np.ndarray,
+              y: np.ndarray, flux_adu: np.ndarray, psf: object, fwhm_px: float, model_error: float,
+              xa: np.ndarray, ya: np.ndarray, xb: np.ndarray, yb: np.ndarray) -> np.ndarray:
+    """Chi^2 per pixel of the window's model around each pair (``xa, ya``)-(``xb, yb``) (px).
+
+    The model is every star at ``(x, y)`` with ``flux_adu``; the variance per pixel is the
+    sky and read noise, the model's Poisson noise and ``(model_error x model)^2``. Each pair's
+    pixels lie within ``d / 2 + 1.5 FWHM`` of its midpoint (``d`` its separation). Two PSFs
+    describe a real pair to its noise (~1); a galaxy or a core the PSF misses stays above it.
+    """
+    light = render_psf(data.shape, x, y, flux_adu, as_pixel_psf(psf), max(3, int(np.ceil(MODEL_RADIUS_FWHM * fwhm_px))))
+    var = noise_adu**2 + np.clip(light, 0.0, None) / gain_e_per_adu + (model_error * light) ** 2
+    z2 = (data - light) ** 2 / var
+    xm, ym = 0.5 * (xa + xb), 0.5 * (ya + yb)
+    rad = 0.5 * np.hypot(xa - xb, ya - yb) + 1.5 * fwhm_px
+    out = np.full(len(xa), np.inf)
+    half = int(np.ceil(rad.max())) if len(rad) else 0
+    py, px, inside = _stamps(xm, ym, half, data.shape)
+    r2 = (px - xm[:, None, None]) ** 2 + (py - ym[:, None, None]) ** 2
+    use = inside & ~bad[py, px] & (r2 <= rad[:, None, None] ** 2)
+    n = use.sum(axis=(1, 2))
+    s = np.where(use, z2[py, px], 0.0).sum(axis=(1, 2))
+    out[n > 0] = s[n > 0] / n[n > 0]
+    return out
+
+
+def residual_psf(image: np.ndarray, bad: np.ndarray, data: np.ndarray, background_adu: np.ndarray,
+                 noise_adu: float, gain_e_per_adu: float, x: np.ndarray, y: np.ndarray, flux_adu: np.ndarray,
+                 fwhm_px: float, cfg: DetectionConfig, beta: float = 3.0) -> ResidualPSF:
+    """The residual pass's PSF model and error for a window (``detection.residual_psf``; module docstring).
+
+    Parameters
+    ----------
+    image, bad, data, background_adu
+        The window's raw pixels (ADU), unusable pixels, background-subtracted pixels and
+        background (ADU).
+    noise_adu, gain_e_per_adu
+        Background noise per pixel (ADU) and gain (e-/ADU).
+    x, y, flux_adu
+        Every first-pass detection (px, window frame) and a first flux (ADU).
+    fwhm_px, beta
+        The window's FWHM (px) and the Moffat index of the fallback.
+    cfg
+        ``residual_psf``, ``residual_model_error`` and ``residual_max_model_error``.
+
+    Returns
+    -------
+    ResidualPSF
+    """
+    from survey_proc.photometry.epsf import build_epsf
+
+    moffat = MoffatPSF(fwhm_px, beta)
+    if cfg.residual_psf == "moffat":
+        return ResidualPSF(moffat, cfg.residual_model_error, "moffat", 0)
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    f0 = np.clip(np.asarray(flux_adu, float), 1e-3, None)
+    r_ap = max(1.0, fwhm_px)
+    f_ap, fe_ap, fl = aperture.aperture_measure(data, noise_adu, bad, None, x, y, r_ap, gain_e_per_adu)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr_ap = np.where(fe_ap > 0, f_ap / fe_ap, 0.0)
+    point = ~aperture.extended(data, bad, x, y, f_ap, snr_ap, r_ap, fwhm_px, noise_adu, (fl == 0) & (f_ap > 0))
+    psf: object = moffat
+    kind, n_stars, why = "moffat", 0, None
+    try:
+        epsf = build_epsf(image, bad, background_adu, noise_adu, x, y, f0, fwhm_px, None,
+                          gain_e_per_adu=gain_e_per_adu, order=0, psf_candidate=point)
+        if abs(float(epsf.fwhm_px) / fwhm_px - 1.0) <= MAX_FWHM_MISMATCH:
+            psf, kind, n_stars = epsf, "epsf", int(epsf.meta.get("n_used", 0))
+        else:
+            why = (f"the empirical PSF's FWHM {float(epsf.fwhm_px):.2f} px differs from the window's {fwhm_px:.2f} px "
+                   f"by more than {MAX_FWHM_MISMATCH:.0%}")
+    except ValueError as exc:  # too few usable stars
+        why = str(exc)
+    fit = refine_positions(data, bad, noise_adu, gain_e_per_adu, x, y, f0, fwhm_px, n_iter=1, psf=psf,
+                           flux_errors=True)
+    fe = fit.flux_err if fit.flux_err is not None else np.full(len(x), np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bright = fit.ok & point & np.isfinite(fe) & (fe > 0) & (fit.flux / fe >= PROFILE_SNR_MIN)
+    sel = np.flatnonzero(bright)
+    if len(sel) < PROFILE_MIN_STARS:
+        return ResidualPSF(psf, cfg.residual_model_error, kind, n_stars, why=why, check_fit=True)
+    err = float(np.percentile(profile_errors(data, bad, noise_adu, gain_e_per_adu, fit.x, fit.y, fit.flux, psf,
+                                             fwhm_px, sel), PROFILE_QUANTILE))
+    if err > cfg.residual_max_model_error:
+        return ResidualPSF(psf, err, kind, n_stars, skip=True,
+                           why=(f"the {kind} PSF's profile error {err:.3f} (the {PROFILE_QUANTILE:.0f}th percentile of "
+                                f"{len(sel)} bright stars) exceeds residual_max_model_error "
+                                f"{cfg.residual_max_model_error:g}: no residual pass"), check_fit=True)
+    return ResidualPSF(psf, err, kind, n_stars, why=why, check_fit=True)
 
 
 @dataclass(frozen=True)
@@ -61,9 +208,9 @@ class Hidden:
 
 
 def find_hidden(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_adu: float, x: np.ndarray,
-                y: np.ndarray, flux_adu: np.ndarray, fwhm_px: float, cfg: DetectionConfig, beta: float = 3.0
-                ) -> Hidden:
-    """Sources in ``data`` less a Moffat model of the detections at ``(x, y)`` (see the module docstring).
+                y: np.ndarray, flux_adu: np.ndarray, fwhm_px: float, cfg: DetectionConfig, beta: float = 3.0,
+                model: ResidualPSF | None = None) -> Hidden:
+    """Sources in ``data`` less a PSF model of the detections at ``(x, y)`` (see the module docstring).
 
     Parameters
     ----------
@@ -79,6 +226,9 @@ def find_hidden(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_
     cfg
         ``residual_model_error``, ``residual_min_sep_fwhm``, ``residual_min_snr`` and sep's
         extraction settings.
+    model
+        The PSF and its error (:func:`residual_psf`); None: the Moffat of ``fwhm_px`` and
+        ``beta`` with ``residual_model_error``.
 
     Returns
     -------
@@ -89,36 +239,56 @@ def find_hidden(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_
     """
     x = np.asarray(x, float)
     y = np.asarray(y, float)
-    model = np.zeros(data.shape)
+    if model is None:
+        model = ResidualPSF(MoffatPSF(fwhm_px, beta), cfg.residual_model_error, "moffat", 0)
+    psf = model.psf
+    light = np.zeros(data.shape)
     if len(x):
         fit = refine_positions(data, bad, noise_adu, gain_e_per_adu, x, y, np.asarray(flux_adu, float), fwhm_px,
-                               n_iter=0, beta=beta)
-        model = render(data.shape, x, y, np.clip(fit.flux, 0.0, None), moffat_alpha(fwhm_px, beta), beta,
-                       max(3, int(np.ceil(MODEL_RADIUS_FWHM * fwhm_px))))
-    residual = np.ascontiguousarray(np.where(bad, 0.0, data - model), dtype=np.float32)
-    err = np.ascontiguousarray(np.hypot(noise_adu, cfg.residual_model_error * model), dtype=np.float32)
+                               n_iter=0, beta=beta, psf=psf)
+        light = render_psf(data.shape, x, y, np.clip(fit.flux, 0.0, None), as_pixel_psf(psf),
+                           max(3, int(np.ceil(MODEL_RADIUS_FWHM * fwhm_px))))
+    residual = np.ascontiguousarray(np.where(bad, 0.0, data - light), dtype=np.float32)
+    err = np.ascontiguousarray(np.hypot(noise_adu, model.model_error * light), dtype=np.float32)
     objs, _ = classical.extract(residual, bad, err, cfg)
     if len(objs) == 0 or len(x) == 0:
         return Hidden(objs[:0], residual, err, np.zeros(0), np.zeros(0))
-    d, _ = cKDTree(np.c_[x, y]).query(np.c_[objs["x"], objs["y"]])
+    d, near = cKDTree(np.c_[x, y]).query(np.c_[objs["x"], objs["y"]])
     far = d >= cfg.residual_min_sep_fwhm * fwhm_px
     f, fe, _ = aperture_flux(residual, err, bad, objs["x"], objs["y"], max(1.0, fwhm_px), gain_e_per_adu)
     with np.errstate(divide="ignore", invalid="ignore"):
         snr = np.where(fe > 0, f / fe, 0.0)
     cand = np.flatnonzero(far & (snr >= cfg.residual_min_snr))
+    if model.check_fit and len(cand):
+        # one candidate per first-pass star, its strongest: a merged pair's isophotal centre lies between the two
+        # stars and leaves residuals on both sides; with both in the refit, the ghost keeps part of the light
+        order = cand[np.argsort(-snr[cand], kind="stable")]
+        _, first = np.unique(near[order], return_index=True)
+        cand = np.sort(order[first])
     if len(cand) == 0:
         return Hidden(objs[cand], residual, err, np.zeros(0), np.zeros(0))
     # all together again, positions free: a candidate that was only the first model's error (a merged pair's
     # isophotal centre between the two leaves a ghost on the brighter star's far side) loses its flux to its star
     n0 = len(x)
     xs, ys = np.r_[x, objs["x"][cand]], np.r_[y, objs["y"][cand]]
-    ref = refine_positions(data, bad, noise_adu, gain_e_per_adu, xs, ys,
-                           np.r_[np.clip(fit.flux, 1.0, None), np.clip(f[cand], 1.0, None)], fwhm_px, n_iter=2,
-                           beta=beta, flux_errors=True)
+    f_start = np.r_[np.clip(fit.flux, 1.0, None), np.clip(f[cand], 1.0, None)]
+    if model.check_fit:  # the candidates and their first-pass stars only (the rest held), to convergence
+        move = np.zeros(len(xs), bool)
+        move[n0:] = True
+        move[near[cand]] = True
+        ref = refine_positions(data, bad, noise_adu, gain_e_per_adu, xs, ys, f_start, fwhm_px, fit=move,
+                               n_iter=PAIR_ITER, beta=beta, psf=psf, flux_errors=True)
+    else:
+        ref = refine_positions(data, bad, noise_adu, gain_e_per_adu, xs, ys, f_start, fwhm_px, n_iter=2, beta=beta,
+                               psf=psf, flux_errors=True)
     fn = ref.flux[n0:]
     en = ref.flux_err[n0:] if ref.flux_err is not None else np.full(len(fn), np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
         ok = ref.ok[n0:] & np.isfinite(en) & (en > 0) & (fn / en >= cfg.residual_min_snr)
-    d_ref, _ = cKDTree(np.c_[ref.x[:n0], ref.y[:n0]]).query(np.c_[ref.x[n0:], ref.y[n0:]])
+    d_ref, j_ref = cKDTree(np.c_[ref.x[:n0], ref.y[:n0]]).query(np.c_[ref.x[n0:], ref.y[n0:]])
     ok &= d_ref >= cfg.residual_min_sep_fwhm * fwhm_px
+    if model.check_fit and ok.any():
+        chi2 = pair_chi2(data, bad, noise_adu, gain_e_per_adu, ref.x, ref.y, np.clip(ref.flux, 0.0, None), psf,
+                         fwhm_px, model.model_error, ref.x[n0:], ref.y[n0:], ref.x[j_ref], ref.y[j_ref])
+        ok &= chi2 <= cfg.residual_max_chi2
     return Hidden(objs[cand[ok]], residual, err, ref.x[n0:][ok], ref.y[n0:][ok])

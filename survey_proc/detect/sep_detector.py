@@ -119,9 +119,15 @@ class SepDetector:
         """
         x_all, y_all = np.asarray(objs["x"], float).copy(), np.asarray(objs["y"], float).copy()
         x_all[keep], y_all[keep] = xc, yc
+        flux0 = np.asarray(objs["flux"], float)
+        model = hidden.residual_psf(inp.image, inp.bad, inp.data, inp.bkg_adu, inp.noise_adu, inp.gain_e_per_adu,
+                                    x_all, y_all, flux0, fwhm, inp.cfg.detection, beta=inp.cfg.bpnn.psf_beta)
+        if model.skip:  # the window's stars do not follow any PSF model well enough for a residual
+            return objs, keep, {"tile": np.zeros(0, np.int32), "x": np.zeros(0), "y": np.zeros(0),
+                                "x_det": np.zeros(0), "y_det": np.zeros(0), "flags": np.zeros(0, np.int32),
+                                "npix": np.zeros(0, np.int32), "peak": np.zeros(0)}
         found = hidden.find_hidden(thresholded, inp.bad, inp.noise_adu, inp.gain_e_per_adu, x_all, y_all,
-                                   np.asarray(objs["flux"], float), fwhm, inp.cfg.detection,
-                                   beta=inp.cfg.bpnn.psf_beta)
+                                   flux0, fwhm, inp.cfg.detection, beta=inp.cfg.bpnn.psf_beta, model=model)
         new = found.objs.copy()
         new["x"], new["y"] = found.x, found.y  # the joint fit's positions
         tile, own = inp.owner(new["x"], new["y"]) if len(new) else (np.zeros(0, np.int32), np.zeros(0, bool))
