@@ -88,6 +88,10 @@ class DetectionConfig:
     residual_psf: str = "moffat"
     residual_max_model_error: float = 0.2
     residual_max_chi2: float = 2.0  # "epsf": a candidate is kept where the joint model fits its pair to this chi2/px
+    # "epsf": the photometry of both members of a kept pair (photometry/pairs.py), the first-pass star moved to its
+    # place in the pair's fit: "subtract" (each aperture less the other member's fitted model), "psf_fit" (the
+    # pair's PSF fluxes on the block's total-flux scale) or "aperture" (plain apertures, positions unchanged)
+    residual_pair_photometry: str = "subtract"
     extended_smooth_frac: float = 0.5  # a parent is extended when its 3-FWHM median-filtered light holds this share
 
 
@@ -351,6 +355,10 @@ class RunConfig:
                               f"residual_max_model_error and residual_max_chi2 must be >= 0, got "
                               f"{d.residual_model_error}, {d.residual_min_sep_fwhm}, {d.residual_min_snr}, "
                               f"{d.residual_max_model_error}, {d.residual_max_chi2}")
+        if d.residual_pair_photometry not in ("subtract", "psf_fit", "aperture"):
+            raise ConfigError(f"detection.residual_pair_photometry must be 'subtract' (apertures less the other "
+                              f"member's model), 'psf_fit' (the pair's PSF fluxes) or 'aperture', got "
+                              f"{d.residual_pair_photometry!r}")
         if not isinstance(self.detection.halo_detect, bool):
             raise ConfigError(f"detection.halo_detect must be true or false (false: sep thresholds the image less the "
                               f"mesh sky alone), got {self.detection.halo_detect!r}")

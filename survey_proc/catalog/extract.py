@@ -74,6 +74,7 @@ from survey_proc.photometry import aperture, halo
 from survey_proc.photometry.background import masked_background
 from survey_proc.photometry.measure import Window, bpnn_photometry
 from survey_proc.photometry.neighbours import neighbour_light
+from survey_proc.photometry.pairs import with_pair_fluxes
 from survey_proc.tiling import Tile
 
 if TYPE_CHECKING:
@@ -330,6 +331,9 @@ def extract_block(image: np.ndarray, mask: np.ndarray | None, origin_yx: tuple[i
     total, apcorr_source = _with_fallback_apcorr(inp, found, ap, detector.total_flux(inp, found, ap),
                                                  header_apcorr, header_apcorr_fwhm_px, header_apcorr_source)
     total = _with_apcorr_scatter(inp, found, ap, total)
+    if found.pairs is not None and inp.cfg.detection.residual_pair_photometry == "psf_fit":  # the pairs' PSF fluxes
+        allowed = ((found.flags | ap.flags) & (F.PHOTOMETRY_BAD | F.CENTROID | F.HALO)) == 0
+        total, _ = with_pair_fluxes(total, found.pairs, allowed, cfg.photometry.apcorr_snr_min)
     flags = found.flags | ap.flags
     lit = halo.on_halo(halo_adu, found.x, found.y, noise)
     flags[lit] |= F.HALO
@@ -466,6 +470,9 @@ def _aperture(inp: DetectorInput, found: Detections) -> tuple[Aperture, np.ndarr
                                 found.fwhm_px, inp.cfg.bpnn.psf_beta, inp.cfg.detection.residual_model_error)
         f_ap = f_ap - light.flux_adu
         f_ap_err = np.hypot(f_ap_err, light.err_adu)
+    if found.pairs is not None and inp.cfg.detection.residual_pair_photometry == "subtract":
+        f_ap = f_ap - found.pairs.light_adu  # a resolved pair's other member out of each aperture
+        f_ap_err = np.hypot(f_ap_err, found.pairs.light_err_adu)
     if pcfg.local_sky == "annulus":
         f_ap, f_ap_err = aperture.with_local_sky(inp.data, inp.bad, found.x, found.y, r_ap, f_ap, f_ap_err,
                                                  inp.noise_adu, pcfg.local_sky_inner_fwhm * found.fwhm_px,

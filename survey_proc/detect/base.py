@@ -111,6 +111,30 @@ class Neighbours:
 
 
 @dataclass
+class PairPhotometry:
+    """PSF fluxes of close pairs that one aperture cannot measure apart (one entry per row).
+
+    Attributes
+    ----------
+    flux_adu, flux_err_adu
+        The pair's joint PSF fit (ADU) for each member of a pair the detector resolved
+        (:mod:`survey_proc.detect.hidden`), NaN for every other row.
+    psf_flux_adu
+        Each row's PSF flux from one linear fit of the window (ADU; NaN where none): it
+        scales the pairs' PSF fluxes to the block's total-flux scale.
+    light_adu, light_err_adu
+        The other member's modelled light inside each member's photometric aperture and its
+        error (ADU; 0 for every other row).
+    """
+
+    flux_adu: np.ndarray
+    flux_err_adu: np.ndarray
+    psf_flux_adu: np.ndarray
+    light_adu: np.ndarray
+    light_err_adu: np.ndarray
+
+
+@dataclass
 class Detections:
     """The sources a detector keeps in one window, one entry per row (window frame).
 
@@ -140,6 +164,9 @@ class Detections:
         The relaxed setting the detector had to fall back to, or None.
     neighbours
         Every detection of the window (with :attr:`DetectorInput.want_neighbours`), else None.
+    pairs
+        The PSF photometry of the close pairs the detector resolved, or None
+        (``detection.residual_psf = "epsf"``).
     """
 
     tile: np.ndarray
@@ -158,6 +185,7 @@ class Detections:
     confidence: np.ndarray | None = None
     fallback: str | None = None
     neighbours: Neighbours | None = field(default=None, repr=False)
+    pairs: PairPhotometry | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.x)

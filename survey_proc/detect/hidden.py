@@ -44,6 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import sep
 from scipy.spatial import cKDTree
 
 from survey_proc.config import DetectionConfig
@@ -53,6 +54,10 @@ from survey_proc.photometry.aperture import aperture_flux
 from survey_proc.photometry.psffit import MoffatPSF, _stamps, as_pixel_psf, refine_positions, render_psf
 
 MODEL_RADIUS_FWHM = 4.0  # each detection's model is rendered out to this radius (x FWHM)
+PAIR_ROUNDS = 2  # "epsf": a first-pass star's candidates tried one at a time, at most this many
+# a pair's stars may move this far (x FWHM) in its refit: the residual's peak of a neighbour sits up to ~1 FWHM
+# off where the first pass's centre, between the two, was subtracted (0.75 px, the default, lost bright pairs)
+PAIR_MAX_SHIFT_FWHM = 1.0
 PAIR_ITER = 8  # "epsf": Gauss-Newton passes of each pair's refit (0.25 px steps: a candidate starts ~0.7 px off)
 PROFILE_SNR_MIN = 50.0  # the stars that measure the profile error: fit S/N at least this ...
 PROFILE_QUANTILE = 75.0  # ... and the error is this percentile of theirs
@@ -205,6 +210,55 @@ class Hidden:
     noise_adu: np.ndarray
     x: np.ndarray
     y: np.ndarray
+    pairs: PairFit | None = None
+
+
+@dataclass(frozen=True)
+class PairFit:
+    """The photometry of the kept sources' pairs from their joint fit (``residual_psf = "epsf"`` only).
+
+    Per kept source (like :attr:`Hidden.x`): its PSF flux and error (ADU), its first-pass star
+    (``parent``, an index into the first pass) and that star's position (px) and PSF flux and
+    error (ADU) in the same fit: both refitted to convergence with the rest of the window held,
+    the fluxes then once more with the measured profile error in the weights and the errors
+    from the Fisher information (positions and a local sky free). ``first_flux_adu`` is every
+    first-pass star's flux from the linear fit at its first-pass position (ADU), which puts
+    the PSF fluxes on the aperture photometry's total-flux scale
+    (:func:`survey_proc.photometry.pairs.with_pair_fluxes`).
+    """
+
+    flux_adu: np.ndarray
+    flux_err_adu: np.ndarray
+    parent: np.ndarray
+    parent_x: np.ndarray
+    parent_y: np.ndarray
+    parent_flux_adu: np.ndarray
+    parent_flux_err_adu: np.ndarray
+    first_flux_adu: np.ndarray
+    psf: object = None
+    model_error: float = 0.0
+
+    def light_in_apertures(self, shape: tuple[int, int], new_x: np.ndarray, new_y: np.ndarray, r_ap_px: float,
+                           fwhm_px: float) -> tuple[np.ndarray, np.ndarray]:
+        """The other member's modelled light in each member's aperture (ADU): (parents', new sources').
+
+        Each kept source's model (its PSF flux, at ``new_x, new_y``) summed in its first-pass
+        star's aperture (at ``parent_x, parent_y``), and the first-pass stars' models in the new
+        sources' apertures; radius ``r_ap_px``, sep's exact circle (``subpix=5``) on the
+        rendered models. Its error is :attr:`model_error` times it.
+        """
+        p = as_pixel_psf(self.psf)
+        radius = max(3, int(np.ceil(MODEL_RADIUS_FWHM * fwhm_px)))
+        f_new = np.nan_to_num(np.clip(self.flux_adu, 0.0, None))
+        f_par = np.nan_to_num(np.clip(self.parent_flux_adu, 0.0, None))
+        if len(f_new) == 0:
+            return np.zeros(0), np.zeros(0)
+        m_new = np.ascontiguousarray(render_psf(shape, new_x, new_y, f_new, p, radius), dtype=np.float64)
+        m_par = np.ascontiguousarray(render_psf(shape, self.parent_x, self.parent_y, f_par, p, radius),
+                                     dtype=np.float64)
+        on_parents = sep.sum_circle(m_new, self.parent_x, self.parent_y, r_ap_px, subpix=5)[0]
+        on_new = sep.sum_circle(m_par, np.asarray(new_x, float), np.asarray(new_y, float), r_ap_px, subpix=5)[0]
+        return np.asarray(on_parents, float), np.asarray(on_new, float)
 
 
 def find_hidden(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_adu: float, x: np.ndarray,
@@ -259,12 +313,9 @@ def find_hidden(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_
     with np.errstate(divide="ignore", invalid="ignore"):
         snr = np.where(fe > 0, f / fe, 0.0)
     cand = np.flatnonzero(far & (snr >= cfg.residual_min_snr))
-    if model.check_fit and len(cand):
-        # one candidate per first-pass star, its strongest: a merged pair's isophotal centre lies between the two
-        # stars and leaves residuals on both sides; with both in the refit, the ghost keeps part of the light
-        order = cand[np.argsort(-snr[cand], kind="stable")]
-        _, first = np.unique(near[order], return_index=True)
-        cand = np.sort(order[first])
+    if model.check_fit:
+        return _pairs_in_rounds(data, bad, noise_adu, gain_e_per_adu, x, y, fit.flux, fwhm_px, cfg, model, objs,
+                                residual, err, cand, near, f, snr)
     if len(cand) == 0:
         return Hidden(objs[cand], residual, err, np.zeros(0), np.zeros(0))
     # all together again, positions free: a candidate that was only the first model's error (a merged pair's
@@ -272,23 +323,113 @@ def find_hidden(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_
     n0 = len(x)
     xs, ys = np.r_[x, objs["x"][cand]], np.r_[y, objs["y"][cand]]
     f_start = np.r_[np.clip(fit.flux, 1.0, None), np.clip(f[cand], 1.0, None)]
-    if model.check_fit:  # the candidates and their first-pass stars only (the rest held), to convergence
-        move = np.zeros(len(xs), bool)
-        move[n0:] = True
-        move[near[cand]] = True
-        ref = refine_positions(data, bad, noise_adu, gain_e_per_adu, xs, ys, f_start, fwhm_px, fit=move,
-                               n_iter=PAIR_ITER, beta=beta, psf=psf, flux_errors=True)
-    else:
-        ref = refine_positions(data, bad, noise_adu, gain_e_per_adu, xs, ys, f_start, fwhm_px, n_iter=2, beta=beta,
-                               psf=psf, flux_errors=True)
+    ref = refine_positions(data, bad, noise_adu, gain_e_per_adu, xs, ys, f_start, fwhm_px, n_iter=2, beta=beta,
+                           psf=psf, flux_errors=True)
     fn = ref.flux[n0:]
     en = ref.flux_err[n0:] if ref.flux_err is not None else np.full(len(fn), np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
         ok = ref.ok[n0:] & np.isfinite(en) & (en > 0) & (fn / en >= cfg.residual_min_snr)
-    d_ref, j_ref = cKDTree(np.c_[ref.x[:n0], ref.y[:n0]]).query(np.c_[ref.x[n0:], ref.y[n0:]])
+    d_ref, _ = cKDTree(np.c_[ref.x[:n0], ref.y[:n0]]).query(np.c_[ref.x[n0:], ref.y[n0:]])
     ok &= d_ref >= cfg.residual_min_sep_fwhm * fwhm_px
-    if model.check_fit and ok.any():
-        chi2 = pair_chi2(data, bad, noise_adu, gain_e_per_adu, ref.x, ref.y, np.clip(ref.flux, 0.0, None), psf,
-                         fwhm_px, model.model_error, ref.x[n0:], ref.y[n0:], ref.x[j_ref], ref.y[j_ref])
-        ok &= chi2 <= cfg.residual_max_chi2
     return Hidden(objs[cand[ok]], residual, err, ref.x[n0:][ok], ref.y[n0:][ok])
+
+
+def _pairs_in_rounds(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_adu: float, x: np.ndarray,
+                     y: np.ndarray, first_flux: np.ndarray, fwhm_px: float, cfg: DetectionConfig,
+                     model: ResidualPSF, objs: np.ndarray, residual: np.ndarray, err: np.ndarray, cand: np.ndarray,
+                     near: np.ndarray, f_cand: np.ndarray, snr: np.ndarray) -> Hidden:
+    """``residual_psf = "epsf"``: each first-pass star with its strongest untried candidate, for ``PAIR_ROUNDS`` rounds.
+
+    Per round, one candidate per first-pass star (its strongest not yet tried), each pair
+    refitted alone to convergence with the rest of the window held; a candidate is kept where
+    its flux has ``residual_min_snr``, it stays ``residual_min_sep_fwhm`` from every first-pass
+    star and the pair's chi^2 per pixel is at most ``residual_max_chi2``. A merged pair's
+    first-pass centre lies between the two stars and leaves residuals on both sides; the
+    brighter star's side (a ghost) is often the stronger, and with both in one refit the
+    ghost keeps part of the light: so one at a time, and where the ghost was tried and lost
+    its flux to its star, the next round tries the real neighbour.
+    """
+    n0 = len(x)
+    psf = model.psf
+    order = cand[np.argsort(-snr[cand], kind="stable")]
+    tried = np.zeros(len(objs), bool)
+    done = np.zeros(n0, bool)  # first-pass stars that have a kept neighbour
+    kept: list[int] = []
+    new_x: list[float] = []
+    new_y: list[float] = []
+    new_f: list[float] = []
+    par_x, par_y, par_f = x.copy(), y.copy(), np.clip(np.asarray(first_flux, float), 1.0, None)
+    for _ in range(PAIR_ROUNDS):
+        todo = order[~tried[order] & ~done[near[order]]]
+        if len(todo) == 0:
+            break
+        _, first = np.unique(near[todo], return_index=True)
+        c = np.sort(todo[first])
+        tried[c] = True
+        # the first pass as it stands (the parents of earlier rounds' pairs refitted) with the kept sources so far
+        xs = np.r_[par_x, new_x, objs["x"][c]]
+        ys = np.r_[par_y, new_y, objs["y"][c]]
+        f_start = np.r_[par_f, new_f, np.clip(f_cand[c], 1.0, None)]
+        n_fixed = n0 + len(kept)
+        move = np.zeros(len(xs), bool)
+        move[n_fixed:] = True
+        move[near[c]] = True
+        ref = refine_positions(data, bad, noise_adu, gain_e_per_adu, xs, ys, f_start, fwhm_px, fit=move,
+                               n_iter=PAIR_ITER, psf=psf, flux_errors=True,
+                               max_shift_px=max(PAIR_MAX_SHIFT_FWHM * fwhm_px, 0.75))
+        fn = ref.flux[n_fixed:]
+        en = ref.flux_err[n_fixed:] if ref.flux_err is not None else np.full(len(fn), np.nan)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ok = ref.ok[n_fixed:] & np.isfinite(en) & (en > 0) & (fn / en >= cfg.residual_min_snr)
+        d_ref, j_ref = cKDTree(np.c_[ref.x[:n0], ref.y[:n0]]).query(np.c_[ref.x[n_fixed:], ref.y[n_fixed:]])
+        ok &= d_ref >= cfg.residual_min_sep_fwhm * fwhm_px
+        if ok.any():
+            chi2 = pair_chi2(data, bad, noise_adu, gain_e_per_adu, ref.x,
+                             ref.y, np.clip(ref.flux, 0.0, None), psf, fwhm_px, model.model_error,
+                             ref.x[n_fixed:], ref.y[n_fixed:], ref.x[j_ref], ref.y[j_ref])
+            ok &= chi2 <= cfg.residual_max_chi2
+        for k in np.flatnonzero(ok):
+            p = near[c[k]]
+            kept.append(int(c[k]))
+            new_x.append(float(ref.x[n_fixed + k]))
+            new_y.append(float(ref.y[n_fixed + k]))
+            new_f.append(float(max(ref.flux[n_fixed + k], 1.0)))
+            par_x[p], par_y[p], par_f[p] = ref.x[p], ref.y[p], max(float(ref.flux[p]), 1.0)
+            done[p] = True
+    idx = np.asarray(kept, np.int64)
+    nx, ny = np.asarray(new_x, float), np.asarray(new_y, float)
+    if len(idx) == 0:
+        return Hidden(objs[idx], residual, err, nx, ny)
+    pairs = _pair_fit(data, bad, noise_adu, gain_e_per_adu, fwhm_px, x, y, first_flux, par_x, par_y, par_f,
+                      nx, ny, np.asarray(new_f, float), near[idx], model)
+    return Hidden(objs[idx], residual, err, nx, ny, pairs)
+
+
+def _pair_fit(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_adu: float, fwhm_px: float,
+              x: np.ndarray, y: np.ndarray, first_flux: np.ndarray, par_x: np.ndarray, par_y: np.ndarray,
+              par_f: np.ndarray, new_x: np.ndarray, new_y: np.ndarray, new_f: np.ndarray, parent: np.ndarray,
+              model: ResidualPSF) -> PairFit:
+    """The kept pairs' fluxes and errors (:class:`PairFit`) at their converged positions.
+
+    The window's model holds the first pass (``par_x, par_y, par_f``: the kept sources' parents
+    at their refitted positions) and the kept sources (``new_x, new_y, new_f``); the pairs'
+    fluxes are fitted once more at those positions with ``model.model_error`` in the weights,
+    so that their errors include the PSF's profile error as well as the noise.
+    """
+    n0 = len(x)
+    xs, ys = np.r_[par_x, new_x], np.r_[par_y, new_y]
+    f0 = np.r_[par_f, np.clip(new_f, 1.0, None)]
+    move = np.zeros(len(xs), bool)
+    move[n0:] = True
+    move[parent] = True
+    e = refine_positions(data, bad, noise_adu, gain_e_per_adu, xs, ys, f0, fwhm_px, fit=move, n_iter=0,
+                         psf=model.psf, flux_errors=True, model_error_frac=model.model_error)
+    fe = e.flux_err if e.flux_err is not None else np.full(len(xs), np.nan)
+    bad_fit = ~e.ok
+    flux, flux_err = e.flux.copy(), fe.copy()
+    flux[bad_fit], flux_err[bad_fit] = np.nan, np.nan
+    px_, py_ = par_x, par_y
+    return PairFit(flux_adu=flux[n0:], flux_err_adu=flux_err[n0:], parent=np.asarray(parent, np.int64),
+                   parent_x=px_[parent], parent_y=py_[parent], parent_flux_adu=flux[parent],
+                   parent_flux_err_adu=flux_err[parent], first_flux_adu=np.asarray(first_flux, float).copy(),
+                   psf=model.psf, model_error=float(model.model_error))

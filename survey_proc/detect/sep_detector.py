@@ -27,14 +27,14 @@ when :attr:`~survey_proc.detect.base.DetectorInput.want_neighbours` asks for it.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import sep
 
 from survey_proc import vocab as F
 from survey_proc.detect import artefacts, classical, hidden
-from survey_proc.detect.base import Aperture, Detections, DetectorInput, Neighbours, TotalFlux
+from survey_proc.detect.base import Aperture, Detections, DetectorInput, Neighbours, PairPhotometry, TotalFlux
 from survey_proc.photometry import aperture, halo
 from survey_proc.photometry.psffit import refine_positions
 
@@ -95,8 +95,14 @@ class SepDetector:
         flags[failed] |= F.CENTROID
         tile_k, x_det, y_det = tile[keep], o["x"].astype(float), o["y"].astype(float)
         peak = o["peak"].astype(float)
+        pairs = None
         if cfg.detection.residual_detect:
+            keep_before = keep
             objs, keep, more = self._hidden(inp, thresholded, objs, keep, xc, yc, fwhm)
+            if "pairs" in more and cfg.detection.residual_pair_photometry != "aperture":
+                pairs, xc, yc = self._pair_rows(more["pairs"], keep_before, xc, yc, more["own_index"],
+                                                more["new_xy"], thresholded.shape,
+                                                pcfg.aperture_fwhm * fwhm, fwhm)
             tile_k = np.r_[tile_k, more["tile"]]
             xc, yc = np.r_[xc, more["x"]], np.r_[yc, more["y"]]
             x_det, y_det = np.r_[x_det, more["x_det"]], np.r_[y_det, more["y_det"]]
@@ -104,14 +110,14 @@ class SepDetector:
             npix, peak = np.r_[npix, more["npix"]].astype(np.int32), np.r_[peak, more["peak"]]
         found = Detections(tile=tile_k, x=xc, y=yc, x_det=x_det, y_det=y_det,
                            flags=flags, npix=npix, peak_adu=peak, fwhm_px=fwhm, n_fwhm=n_fwhm,
-                           fallback=fallback)
+                           fallback=fallback, pairs=pairs)
         if inp.want_neighbours:
             found.neighbours = self._neighbours(inp, objs, np.flatnonzero(keep), found)
         return found
 
     @staticmethod
     def _hidden(inp: DetectorInput, thresholded: np.ndarray, objs: np.ndarray, keep: np.ndarray, xc: np.ndarray,
-                yc: np.ndarray, fwhm: float) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+                yc: np.ndarray, fwhm: float) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """The residual pass (:mod:`.hidden`).
 
         Returns the window's objects and owned mask with the new sources appended, and the
@@ -136,10 +142,39 @@ class SepDetector:
         flags = np.full(len(n), F.BLENDED, np.int32)
         flags[(n["flag"] & sep.OBJ_TRUNC) != 0] |= F.EDGE
         flags[halo.on_halo(inp.halo_adu, x, y, inp.noise_adu)] |= F.HALO
-        more = {"tile": tile[own], "x": x, "y": y, "x_det": found.objs["x"][own].astype(float),
-                "y_det": found.objs["y"][own].astype(float), "flags": flags, "npix": n["npix"],
-                "peak": n["peak"].astype(float)}
+        more: dict[str, Any] = {"tile": tile[own], "x": x, "y": y, "x_det": found.objs["x"][own].astype(float),
+                                "y_det": found.objs["y"][own].astype(float), "flags": flags, "npix": n["npix"],
+                                "peak": n["peak"].astype(float)}
+        if found.pairs is not None:
+            more["pairs"], more["own_index"] = found.pairs, np.flatnonzero(own)
+            more["new_xy"] = (np.asarray(found.x, float), np.asarray(found.y, float))
         return np.concatenate([objs, new]), np.r_[keep, own], more
+
+    @staticmethod
+    def _pair_rows(pf: hidden.PairFit, keep: np.ndarray, xc: np.ndarray, yc: np.ndarray, own_new: np.ndarray,
+                   new_xy: tuple[np.ndarray, np.ndarray], shape: tuple[int, int], r_ap_px: float, fwhm_px: float
+                   ) -> tuple[PairPhotometry, np.ndarray, np.ndarray]:
+        """The pairs' photometry per row (first-pass rows, then the owned new ones) and the moved positions.
+
+        A first-pass star of a kept pair moves to its position in the pair's fit: its windowed
+        centroid was pulled towards the neighbour it hid.
+        """
+        rows = np.full(len(keep), -1, np.int64)  # window object -> owned first-pass row
+        rows[np.flatnonzero(keep)] = np.arange(int(keep.sum()))
+        n_first, n_new = len(xc), len(own_new)
+        flux, err = np.full(n_first + n_new, np.nan), np.full(n_first + n_new, np.nan)
+        flux[n_first:], err[n_first:] = pf.flux_adu[own_new], pf.flux_err_adu[own_new]
+        psf_flux = np.r_[pf.first_flux_adu[np.flatnonzero(keep)], np.full(n_new, np.nan)]
+        r = rows[pf.parent]
+        mine = (r >= 0) & np.isfinite(pf.parent_flux_adu)
+        flux[r[mine]], err[r[mine]] = pf.parent_flux_adu[mine], pf.parent_flux_err_adu[mine]
+        xc, yc = xc.copy(), yc.copy()
+        xc[r[mine]], yc[r[mine]] = pf.parent_x[mine], pf.parent_y[mine]
+        on_parents, on_new = pf.light_in_apertures(shape, new_xy[0], new_xy[1], r_ap_px, fwhm_px)
+        light = np.zeros(n_first + n_new)
+        light[n_first:] = on_new[own_new]
+        np.add.at(light, r[mine], on_parents[mine])  # (one new source per first-pass star: no repeats)
+        return PairPhotometry(flux, err, psf_flux, light, pf.model_error * light), xc, yc
 
     def total_flux(self, inp: DetectorInput, found: Detections, ap: Aperture) -> TotalFlux:
         """The aperture flux corrected to total (ADU) and the aperture flux's S/N.
