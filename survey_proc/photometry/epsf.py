@@ -59,6 +59,7 @@ both against the simulator's true PSF (the figures are in its output and the iss
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,9 +75,14 @@ _MAX_ORDER = 2
 
 
 # ---------------------------------------------------------------------------------------------- analytic part
+@functools.lru_cache(maxsize=16)
 def _gl(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Legendre nodes and weights on [-0.5, 0.5] (cached: half the cost of a build was ``leggauss``)."""
     t, w = np.polynomial.legendre.leggauss(n)
-    return 0.5 * t, 0.5 * w
+    t, w = 0.5 * t, 0.5 * w
+    t.flags.writeable = False
+    w.flags.writeable = False
+    return t, w
 
 
 def moffat_pixel_gl(du: np.ndarray, dv: np.ndarray, alpha: float, beta: float, n_gl: int = 4,
