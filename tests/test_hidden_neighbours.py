@@ -153,3 +153,23 @@ def test_the_residual_pass_is_skipped_where_no_psf_describes_the_stars():
     moffat = residual_psf(data + 100.0, bad, data, np.full(shape, 100.0), NOISE, GAIN, xs, ys, f, FWHM,
                           DetectionConfig())
     assert moffat.kind == "moffat" and not moffat.skip and moffat.model_error == DetectionConfig().residual_model_error
+
+
+def test_refine_positions_with_the_held_stars_as_fixed_light_is_the_same_fit():
+    from survey_proc.photometry.psffit import MoffatPSF, as_pixel_psf, refine_positions, render_psf
+
+    data, xs, ys = _grid_field(pair=(40000.0, 10000.0))
+    bad = np.zeros(data.shape, bool)
+    x, y = np.r_[xs, 100.4, 103.2], np.r_[ys, 100.3, 100.6]
+    f = np.r_[np.full(len(xs), 30000.0), 45000.0, 6000.0]
+    move = np.zeros(len(x), bool)
+    move[-2:] = True
+    full = refine_positions(data, bad, NOISE, GAIN, x, y, f, FWHM, fit=move, n_iter=5, flux_errors=True)
+    rmod = max(max(2, int(np.ceil(1.5 * FWHM))) + 1, int(np.ceil(3.0 * FWHM)))
+    fixed = render_psf(data.shape, x[~move], y[~move], f[~move], as_pixel_psf(MoffatPSF(FWHM, 3.0)), rmod)
+    part = refine_positions(data, bad, NOISE, GAIN, x[move], y[move], f[move], FWHM, n_iter=5, flux_errors=True,
+                            fixed_light=fixed)
+    np.testing.assert_allclose(part.x, full.x[move], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(part.flux, full.flux[move], rtol=1e-9)
+    np.testing.assert_allclose(part.flux_err, full.flux_err[move], rtol=1e-9)
+    assert np.hypot(part.x[1] - 102.4, part.y[1] - 100.5) < 0.3  # and it found the neighbour's place

@@ -76,9 +76,9 @@ def _block(cfg, data):
     return extract_block(data + 100.0, None, (0, 0), tiles, GAIN, 1e9, cfg, make_detector(cfg)).table
 
 
-@pytest.mark.parametrize("mode", ["subtract", "psf_fit"])
-def test_a_resolved_pair_reads_close_to_its_true_fluxes_on_the_lone_stars_scale(mode):
-    data, xs, ys, fl = _field()
+@pytest.mark.parametrize(("mode", "seed"), [("subtract", 8), ("subtract", 3), ("psf_fit", 8)])
+def test_a_resolved_pair_reads_its_true_fluxes_on_the_lone_stars_scale(mode, seed):
+    data, xs, ys, fl = _field(seed)
     base = load_config(None, {"detection": {"residual_detect": True, "residual_psf": "epsf"}})
     assert base.detection.residual_pair_photometry == "subtract"  # the default with the empirical-PSF pass
     fitted = _block(replace(base, detection=replace(base.detection, residual_pair_photometry=mode)), data)
@@ -96,10 +96,10 @@ def test_a_resolved_pair_reads_close_to_its_true_fluxes_on_the_lone_stars_scale(
     bright, faint = len(xs) - 2, len(xs) - 1
     # the apertures hold each other's light: the faint one reads 2.7x its flux, the bright one 13 % high
     assert ratio(apert, faint) / lone > 2.0 and ratio(apert, bright) / lone > 1.08
-    # from the pair's fit: within 4 % (bright) and 15 % (faint; measured 12 % low: the fit gives some of its
-    # light to the bright one) of the lone stars' scale
-    assert ratio(fitted, bright) / lone == pytest.approx(1.0, abs=0.04)
-    assert ratio(fitted, faint) / lone == pytest.approx(1.0, abs=0.15)
+    # from the pair's fit: within 2 % (bright; its error 0.6 %) and 6 % (faint; 2 %) of the lone stars' scale
+    # (with 8 Jacobi passes instead of PAIR_ITER the faint one read 11-14 % low)
+    assert ratio(fitted, bright) / lone == pytest.approx(1.0, abs=0.02)
+    assert ratio(fitted, faint) / lone == pytest.approx(1.0, abs=0.06)
     # the bright star moved to its place in the pair's fit (its windowed centroid leaned towards the neighbour)
     assert row(fitted, bright)[1] < 0.1 < row(apert, bright)[1]
 

@@ -291,7 +291,8 @@ def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
                      x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm_px: float, *, fit: np.ndarray | None = None,
                      beta: float = 3.0, n_iter: int = 2, fit_radius_fwhm: float = 1.5,
                      model_radius_fwhm: float = 3.0, max_step_px: float = 0.25, max_shift_px: float = 0.75,
-                     psf: Any = None, flux_errors: bool = False, model_error_frac: float = 0.0) -> RefineResult:
+                     psf: Any = None, flux_errors: bool = False, model_error_frac: float = 0.0,
+                     fixed_light: np.ndarray | None = None) -> RefineResult:
     """Refine the positions of all stars of a window together (see the module docstring).
 
     Parameters
@@ -317,6 +318,11 @@ def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
         The PSF model's own error per pixel as a fraction of the model (DAOPHOT's profile
         error): adds ``(model_error_frac * model)^2`` to each pixel's variance in the weights
         and hence in ``flux_err``.
+    fixed_light
+        The modelled light of sources that are not in ``x, y`` (ADU per pixel, the window's
+        shape; None: none): added to the model, so that it is subtracted from the stars' stamps
+        and its Poisson noise weighs them, as if those sources were passed and held. A few stars
+        refitted among many held ones then cost only their own rendering per pass.
 
     Returns
     -------
@@ -341,6 +347,8 @@ def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
         flux_only = it == 0  # first a linear (flux, sky) step at the detector's positions
         final = it == n_iter + 1  # no step: the Fisher information at the final estimates
         model = render_psf(data.shape, xc, yc, f, model_psf, rmod)
+        if fixed_light is not None:
+            model = model + fixed_light
         if m == 0:
             break
         xs, ys, fs = xc[idx], yc[idx], f[idx]
