@@ -32,6 +32,11 @@ misses SDSS's undersampled stars by 0.50-0.54 of the model per pixel (median sta
 dense simulation), the ePSF by 0.00-0.01 (quartile 0.07); so the fixed 10 % error of the Moffat
 left the real stars' cores as detections. Where even the chosen PSF's error exceeds
 ``residual_max_model_error`` (2MASS's crowded, resampled frames: 0.7-0.9) the pass is skipped.
+In that mode (:func:`_pairs_in_rounds`) each first-pass star's candidates are tried one per
+round (its strongest first, ``PAIR_ROUNDS`` rounds), each pair refitted to convergence with the
+rest of the window held, and a kept pair's photometry (:class:`PairFit`: both members' fluxes
+with the profile error in their weights, and each member's model in the other's aperture) goes
+to the block (``residual_pair_photometry``, :mod:`survey_proc.photometry.pairs`).
 
 Written here rather than taken from photutils (``IterativePSFPhotometry`` does the same
 loop) because that needs a fitted PSF model and runs star by star in Python: 4-13x the
