@@ -108,3 +108,27 @@ def test_the_pair_photometry_setting_is_checked():
     with pytest.raises(ConfigError, match=r"detection\.residual_pair_photometry must be 'subtract' .*, 'psf_fit' .* "
                                           r"or 'aperture', got 'yes'"):
         load_config(None, {"detection": {"residual_pair_photometry": "yes"}})
+
+
+def test_each_members_model_is_measured_in_the_others_aperture():
+    import sep
+
+    from survey_proc.detect.hidden import PairFit
+    from survey_proc.photometry.psffit import MoffatPSF, as_pixel_psf, render_psf
+
+    psf = MoffatPSF(FWHM, 3.0)
+    pf = PairFit(flux_adu=np.array([3000.0, np.nan]), flux_err_adu=np.array([30.0, np.nan]),
+                 parent=np.array([4, 9]), parent_x=np.array([40.2, 70.0]), parent_y=np.array([50.1, 20.0]),
+                 parent_flux_adu=np.array([12000.0, 5000.0]), parent_flux_err_adu=np.array([50.0, 40.0]),
+                 first_flux_adu=np.zeros(10), psf=psf, model_error=0.05)
+    new_x, new_y = np.array([42.5, 72.0]), np.array([50.3, 20.5])
+    on_parents, on_new = pf.light_in_apertures((96, 96), new_x, new_y, 2.0, FWHM)
+    radius = max(3, int(np.ceil(4.0 * FWHM)))
+    m_new = render_psf((96, 96), new_x[:1], new_y[:1], np.array([3000.0]), as_pixel_psf(psf), radius)
+    m_par = render_psf((96, 96), pf.parent_x[:1], pf.parent_y[:1], np.array([12000.0]), as_pixel_psf(psf), radius)
+    expect_parent = sep.sum_circle(np.ascontiguousarray(m_new), pf.parent_x[:1], pf.parent_y[:1], 2.0, subpix=5)[0][0]
+    expect_new = sep.sum_circle(np.ascontiguousarray(m_par), new_x[:1], new_y[:1], 2.0, subpix=5)[0][0]
+    assert on_parents[0] == pytest.approx(expect_parent, rel=1e-9) and on_parents[0] > 0.1 * 3000
+    assert on_new[0] == pytest.approx(expect_new, rel=1e-9) and on_new[0] > 0.1 * 12000
+    # a failed fit (NaN flux) puts no light anywhere; the second pair's parent still lights its new source
+    assert on_parents[1] == pytest.approx(0.0, abs=1e-9) and on_new[1] > 0
