@@ -67,6 +67,8 @@ PAIR_MAX_SHIFT_FWHM = 1.0
 PAIR_ITER = 40
 PROFILE_SNR_MIN = 50.0  # the stars that measure the profile error: fit S/N at least this ...
 PROFILE_QUANTILE = 75.0  # ... and the error is this percentile of theirs
+# the wing's error is measured in this ring (x FWHM) of the same stars; its light beyond the inner radius gets it
+WING_FWHM = (1.5, 3.0)
 PROFILE_MIN_STARS = 3  # fewer such stars: the configured residual_model_error
 MAX_FWHM_MISMATCH = 0.3  # an empirical PSF this far (fraction) from the window's FWHM is not used (psfphot's rule)
 
@@ -87,22 +89,29 @@ class ResidualPSF:
     skip: bool = False
     why: str | None = None
     check_fit: bool = False  # keep a candidate only where the joint model describes its pair (residual_max_chi2)
+    wing_error: float = 0.0  # "epsf": the model's error beyond WING_FWHM[0] FWHM of a star (fraction of the model)
 
 
 def profile_errors(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_adu: float, x: np.ndarray,
-                   y: np.ndarray, flux_adu: np.ndarray, psf: object, fwhm_px: float, sel: np.ndarray) -> np.ndarray:
+                   y: np.ndarray, flux_adu: np.ndarray, psf: object, fwhm_px: float, sel: np.ndarray,
+                   ring_fwhm: tuple[float, float] | None = None) -> np.ndarray:
     """Each selected star's residual beyond its noise, as a fraction of its model per pixel.
 
-    Within 1.5 FWHM of each star of ``sel`` (indices), with every star's model subtracted:
+    Within 1.5 FWHM of each star of ``sel`` (indices; with ``ring_fwhm = (r0, r1)`` in the ring
+    from r0 to r1 FWHM instead: the wing), with every star's model subtracted:
     ``sqrt(max(0, sum(r^2 - var) / sum(model^2)))``, ``var`` the sky, read and the model's
     Poisson noise (ADU^2). Per star, where
     :func:`~survey_proc.photometry.psfphot.model_error_fraction` pools the stars (and so is
     led by the worst: a galaxy or a saturated core).
     """
     p = as_pixel_psf(psf)
-    model = render_psf(data.shape, x, y, flux_adu, p, max(3, int(np.ceil(3.0 * fwhm_px))))
-    py, px, inside = _stamps(x[sel], y[sel], max(2, int(np.ceil(1.5 * fwhm_px))), data.shape)
+    r1 = 1.5 if ring_fwhm is None else ring_fwhm[1]
+    model = render_psf(data.shape, x, y, flux_adu, p, max(3, int(np.ceil(max(3.0, r1 + 1.0) * fwhm_px))))
+    py, px, inside = _stamps(x[sel], y[sel], max(2, int(np.ceil(r1 * fwhm_px))), data.shape)
     use = inside & ~bad[py, px]
+    if ring_fwhm is not None:
+        rr = np.hypot(px - x[sel][:, None, None], py - y[sel][:, None, None])
+        use &= (rr >= ring_fwhm[0] * fwhm_px) & (rr <= ring_fwhm[1] * fwhm_px)
     m = model[py, px]
     r = data[py, px] - m
     var = noise_adu**2 + np.clip(m, 0, None) / gain_e_per_adu
@@ -199,7 +208,9 @@ def residual_psf(image: np.ndarray, bad: np.ndarray, data: np.ndarray, backgroun
                            why=(f"the {kind} PSF's profile error {err:.3f} (the {PROFILE_QUANTILE:.0f}th percentile of "
                                 f"{len(sel)} bright stars) exceeds residual_max_model_error "
                                 f"{cfg.residual_max_model_error:g}: no residual pass"), check_fit=True)
-    return ResidualPSF(psf, err, kind, n_stars, why=why, check_fit=True)
+    wing = float(np.percentile(profile_errors(data, bad, noise_adu, gain_e_per_adu, fit.x, fit.y, fit.flux, psf,
+                                              fwhm_px, sel, ring_fwhm=WING_FWHM), PROFILE_QUANTILE))
+    return ResidualPSF(psf, err, kind, n_stars, why=why, check_fit=True, wing_error=wing)
 
 
 @dataclass(frozen=True)
@@ -387,6 +398,11 @@ def _pairs_in_rounds(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
             ok = ref.ok[n_fixed:] & np.isfinite(en) & (en > 0) & (fn / en >= cfg.residual_min_snr)
         d_ref, j_ref = cKDTree(np.c_[ref.x[:n0], ref.y[:n0]]).query(np.c_[ref.x[n_fixed:], ref.y[n_fixed:]])
         ok &= d_ref >= cfg.residual_min_sep_fwhm * fwhm_px
+        if ok.any():  # the same S/N with the model's own error (core and wing) at the candidate in its variance
+            e_mod = model_flux_error(data.shape, noise_adu, gain_e_per_adu, ref.x, ref.y, np.clip(ref.flux, 0.0, None),
+                                     psf, fwhm_px, model.model_error, model.wing_error, n_fixed + np.flatnonzero(ok))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ok[ok] &= fn[ok] / np.hypot(en[ok], e_mod) >= cfg.residual_min_snr
         if ok.any():
             chi2 = pair_chi2(data, bad, noise_adu, gain_e_per_adu, ref.x,
                              ref.y, np.clip(ref.flux, 0.0, None), psf, fwhm_px, model.model_error,
@@ -407,6 +423,56 @@ def _pairs_in_rounds(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
     pairs = _pair_fit(data, bad, noise_adu, gain_e_per_adu, fwhm_px, x, y, first_flux, par_x, par_y, par_f,
                       nx, ny, np.asarray(new_f, float), near[idx], model)
     return Hidden(objs[idx], residual, err, nx, ny, pairs)
+
+
+@dataclass(frozen=True)
+class _RingPSF:
+    """A PSF's profile beyond ``r0_px`` of the star only (its wing), or within it only (its core)."""
+
+    psf: object
+    r0_px: float
+    wing: bool
+
+    def profile(self, du: np.ndarray, dv: np.ndarray) -> np.ndarray:
+        out = as_pixel_psf(self.psf).profile(du, dv)
+        far = np.hypot(du, dv) >= self.r0_px
+        return np.where(far if self.wing else ~far, out, 0.0)
+
+    def pixel_grad(self, du: np.ndarray, dv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        raise NotImplementedError("a ring of a PSF is only rendered")  # pragma: no cover
+
+
+def model_flux_error(shape: tuple[int, int], noise_adu: float, gain_e_per_adu: float, x: np.ndarray, y: np.ndarray,
+                     flux_adu: np.ndarray, psf: object, fwhm_px: float, core_error: float, wing_error: float,
+                     idx: np.ndarray) -> np.ndarray:
+    """The error (ADU) that the other stars' model errors put into a PSF fit's flux of each star of ``idx``.
+
+    The model of every other star carries ``core_error`` (a fraction of its light) within
+    ``WING_FWHM[0]`` FWHM of that star and ``wing_error`` beyond; at the star's PSF ``p`` with
+    the fit's weights ``1/V`` (sky, read and Poisson noise), the flux's extra variance is
+    ``sum((p/V)^2 Vm) / (sum(p^2/V))^2`` with ``Vm`` the model-error variance per pixel. A
+    source that is only the mismatch of its neighbours' wings has no S/N once this is counted.
+    """
+    p = as_pixel_psf(psf)
+    radius = max(3, int(np.ceil(MODEL_RADIUS_FWHM * fwhm_px)))
+    r0 = WING_FWHM[0] * fwhm_px
+    light = render_psf(shape, x, y, flux_adu, p, radius)
+    core = render_psf(shape, x, y, flux_adu, _RingPSF(psf, r0, False), radius)
+    wing = render_psf(shape, x, y, flux_adu, _RingPSF(psf, r0, True), radius)
+    rfit = max(2, int(np.ceil(1.5 * fwhm_px)))
+    py, px, inside = _stamps(x[idx], y[idx], rfit, shape)
+    du, dv = px - x[idx][:, None, None], py - y[idx][:, None, None]
+    own = p.profile(du, dv)
+    own_f = flux_adu[idx][:, None, None] * own
+    own_core = np.where(np.hypot(du, dv) < r0, own_f, 0.0)
+    # the others' light only: the star's own model error is its own profile's, not a neighbour's
+    vm = (core_error * np.clip(core[py, px] - own_core, 0, None)) ** 2 + \
+        (wing_error * np.clip(wing[py, px] - (own_f - own_core), 0, None)) ** 2
+    v0 = noise_adu**2 + np.clip(light[py, px], 0, None) / gain_e_per_adu
+    w = np.where(inside, own / v0, 0.0)
+    num = (w * w * vm).sum(axis=(1, 2))
+    den = np.maximum((w * own).sum(axis=(1, 2)), 1e-30) ** 2
+    return np.sqrt(num / den)
 
 
 def _refit_movers(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_adu: float, x: np.ndarray,
