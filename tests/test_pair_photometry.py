@@ -132,3 +132,29 @@ def test_each_members_model_is_measured_in_the_others_aperture():
     assert on_new[0] == pytest.approx(expect_new, rel=1e-9) and on_new[0] > 0.1 * 12000
     # a failed fit (NaN flux) puts no light anywhere; the second pair's parent still lights its new source
     assert on_parents[1] == pytest.approx(0.0, abs=1e-9) and on_new[1] > 0
+
+
+def test_the_model_error_a_candidate_inherits_from_its_neighbours_wings():
+    from survey_proc.detect.hidden import WING_FWHM, model_flux_error
+    from survey_proc.photometry.psffit import MoffatPSF, render_psf
+
+    psf = MoffatPSF(FWHM, 3.0)
+    shape = (64, 64)
+    x, y = np.array([30.2, 34.7]), np.array([30.1, 30.3])  # a bright star and a faint source 2.25 FWHM away
+    f = np.array([40000.0, 300.0])
+    err = model_flux_error(shape, NOISE, GAIN, x, y, f, psf, FWHM, 0.02, 0.1, np.array([1]))
+    # by hand: the star's light split at WING_FWHM[0] FWHM into core and wing, the source's PSF as the weights
+    radius = int(np.ceil(4.0 * FWHM))
+    yy, xx = np.mgrid[:64, :64]
+    star = render_psf(shape, x[:1], y[:1], f[:1], psf, radius)
+    is_wing = np.hypot(xx - x[0], yy - y[0]) >= WING_FWHM[0] * FWHM
+    light = render_psf(shape, x, y, f, psf, radius)
+    own = render_psf(shape, x[1:], y[1:], np.ones(1), psf, radius)
+    near = (np.abs(xx - round(x[1])) <= 3) & (np.abs(yy - round(y[1])) <= 3)  # the fit's 1.5-FWHM stamp
+    v0 = NOISE**2 + light / GAIN
+    vm = (0.02 * np.where(is_wing, 0, star)) ** 2 + (0.1 * np.where(is_wing, star, 0)) ** 2
+    w = np.where(near, own / v0, 0)
+    expect = np.sqrt((w * w * vm).sum()) / (w * own).sum()
+    assert err[0] == pytest.approx(expect, rel=1e-6)
+    # the wing's error is what matters 2.25 FWHM away: without it the error is several times smaller
+    assert err[0] > 3 * model_flux_error(shape, NOISE, GAIN, x, y, f, psf, FWHM, 0.02, 0.0, np.array([1]))[0]

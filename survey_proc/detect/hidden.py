@@ -461,7 +461,7 @@ def model_flux_error(shape: tuple[int, int], noise_adu: float, gain_e_per_adu: f
     wing = render_psf(shape, x, y, flux_adu, _RingPSF(psf, r0, True), radius)
     rfit = max(2, int(np.ceil(1.5 * fwhm_px)))
     py, px, inside = _stamps(x[idx], y[idx], rfit, shape)
-    du, dv = px - x[idx][:, None, None], py - y[idx][:, None, None]
+    du, dv = (np.array(a, float) for a in np.broadcast_arrays(px - x[idx][:, None, None], py - y[idx][:, None, None]))
     own = p.profile(du, dv)
     own_f = flux_adu[idx][:, None, None] * own
     own_core = np.where(np.hypot(du, dv) < r0, own_f, 0.0)
