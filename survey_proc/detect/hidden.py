@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import sep
+from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from survey_proc.config import DetectionConfig
@@ -368,6 +369,19 @@ def _pairs_in_rounds(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
     """
     n0 = len(x)
     psf = model.psf
+    if bad.any() and len(cand):  # a masked pixel in the candidate's or its star's core: its residual is the mask's
+        r_px = max(1, int(np.ceil(fwhm_px)))
+        yy, xx = np.mgrid[-r_px:r_px + 1, -r_px:r_px + 1]
+        near_bad = ndimage.binary_dilation(bad, structure=(xx * xx + yy * yy) <= r_px * r_px)
+        ny, nx = bad.shape
+
+        def masked_at(xv: np.ndarray, yv: np.ndarray) -> np.ndarray:
+            ix = np.clip(np.floor(xv + 0.5).astype(np.int64), 0, nx - 1)
+            iy = np.clip(np.floor(yv + 0.5).astype(np.int64), 0, ny - 1)
+            return near_bad[iy, ix]
+
+        cand = cand[~masked_at(np.asarray(objs["x"][cand], float), np.asarray(objs["y"][cand], float))
+                    & ~masked_at(x[near[cand]], y[near[cand]])]
     order = cand[np.argsort(-snr[cand], kind="stable")]
     tried = np.zeros(len(objs), bool)
     done = np.zeros(n0, bool)  # first-pass stars that have a kept neighbour
