@@ -152,9 +152,28 @@ def test_the_model_error_a_candidate_inherits_from_its_neighbours_wings():
     own = render_psf(shape, x[1:], y[1:], np.ones(1), psf, radius)
     near = (np.abs(xx - round(x[1])) <= 3) & (np.abs(yy - round(y[1])) <= 3)  # the fit's 1.5-FWHM stamp
     v0 = NOISE**2 + light / GAIN
-    vm = (0.02 * np.where(is_wing, 0, star)) ** 2 + (0.1 * np.where(is_wing, star, 0)) ** 2
     w = np.where(near, own / v0, 0)
-    expect = np.sqrt((w * w * vm).sum()) / (w * own).sum()
+    expect = np.hypot(0.02 * (w * np.where(is_wing, 0, star)).sum(), 0.1 * (w * np.where(is_wing, star, 0)).sum())
+    expect /= (w * own).sum()
     assert err[0] == pytest.approx(expect, rel=1e-6)
     # the wing's error is what matters 2.25 FWHM away: without it the error is several times smaller
     assert err[0] > 3 * model_flux_error(shape, NOISE, GAIN, x, y, f, psf, FWHM, 0.02, 0.0, np.array([1]))[0]
+
+
+def test_companions_that_share_one_offset_from_their_stars_are_a_psf_feature():
+    from survey_proc.detect.hidden import shared_offsets
+
+    rng = np.random.default_rng(5)
+    n_real = 200  # isotropic companions, 0.7-3 FWHM away, flux ratios 0.05-0.6
+    r = rng.uniform(0.7, 3.0, n_real)
+    a = rng.uniform(0, 2 * np.pi, n_real)
+    ratio = np.exp(rng.uniform(np.log(0.05), np.log(0.6), n_real))
+    n_feat = 6  # a lobe the PSF lacks: 2.5 FWHM to the right of every bright star, 1 % of its light
+    dx = np.r_[r * np.cos(a), 2.5 + rng.normal(0, 0.05, n_feat)]
+    dy = np.r_[r * np.sin(a), 0.5 + rng.normal(0, 0.05, n_feat)]
+    fr = np.r_[ratio, 0.01 * np.exp(rng.normal(0, 0.1, n_feat))]
+    shared = shared_offsets(dx, dy, fr)
+    assert shared[n_real:].all()
+    assert shared[:n_real].sum() <= 2  # chance clusters among 200 isotropic companions: at most a couple
+    # two alike are no evidence (SHARED_MIN): they stay
+    assert not shared_offsets(np.array([2.5, 2.52, -1.0]), np.array([0.5, 0.5, 1.0]), np.array([0.01, 0.01, 0.3])).any()

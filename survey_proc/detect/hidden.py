@@ -70,6 +70,11 @@ PROFILE_SNR_MIN = 50.0  # the stars that measure the profile error: fit S/N at l
 PROFILE_QUANTILE = 75.0  # ... and the error is this percentile of theirs
 # the wing's error is measured in this ring (x FWHM) of the same stars; its light beyond the inner radius gets it
 WING_FWHM = (1.5, 3.0)
+# companions at one offset (within SHARED_TOL_FWHM) and ratio (within a factor SHARED_RATIO) from SHARED_MIN + 1 or
+# more stars, beyond chance, are a PSF feature (shared_offsets)
+SHARED_TOL_FWHM = 0.3
+SHARED_RATIO = 2.0
+SHARED_MIN = 2
 PROFILE_MIN_STARS = 3  # fewer such stars: the configured residual_model_error
 MAX_FWHM_MISMATCH = 0.3  # an empirical PSF this far (fraction) from the window's FWHM is not used (psfphot's rule)
 
@@ -432,6 +437,16 @@ def _pairs_in_rounds(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
             done[p] = True
     idx = np.asarray(kept, np.int64)
     nx, ny = np.asarray(new_x, float), np.asarray(new_y, float)
+    if len(idx) >= SHARED_MIN + 1:  # a feature of the PSF sits at one offset from every bright star: not a companion
+        parent = near[idx]
+        shared = shared_offsets((nx - par_x[parent]) / fwhm_px, (ny - par_y[parent]) / fwhm_px,
+                                np.asarray(new_f, float) / par_f[parent])
+        if shared.any():
+            p = parent[shared]
+            par_x[p], par_y[p] = x[p], y[p]
+            par_f[p] = np.clip(np.asarray(first_flux, float)[p], 1.0, None)
+            idx, nx, ny = idx[~shared], nx[~shared], ny[~shared]
+            new_f = [v for v, s_ in zip(new_f, shared, strict=True) if not s_]
     if len(idx) == 0:
         return Hidden(objs[idx], residual, err, nx, ny)
     pairs = _pair_fit(data, bad, noise_adu, gain_e_per_adu, fwhm_px, x, y, first_flux, par_x, par_y, par_f,
@@ -462,10 +477,12 @@ def model_flux_error(shape: tuple[int, int], noise_adu: float, gain_e_per_adu: f
     """The error (ADU) that the other stars' model errors put into a PSF fit's flux of each star of ``idx``.
 
     The model of every other star carries ``core_error`` (a fraction of its light) within
-    ``WING_FWHM[0]`` FWHM of that star and ``wing_error`` beyond; at the star's PSF ``p`` with
-    the fit's weights ``1/V`` (sky, read and Poisson noise), the flux's extra variance is
-    ``sum((p/V)^2 Vm) / (sum(p^2/V))^2`` with ``Vm`` the model-error variance per pixel. A
-    source that is only the mismatch of its neighbours' wings has no S/N once this is counted.
+    ``WING_FWHM[0]`` FWHM of that star and ``wing_error`` beyond. A PSF's mismatch is smooth,
+    of one sign over a star's footprint, so with the fit's weights ``w = p/V`` (``p`` the star's
+    PSF, ``V`` sky, read and Poisson noise) it shifts the flux by ``e sum(w L) / sum(w p)``
+    (``L`` the others' core or wing light), the two parts in quadrature. A source that is only
+    the mismatch of its neighbours' wings has no S/N once this is counted (a sum of independent
+    per-pixel errors, sqrt(n_px) smaller, kept such sources between two bright stars).
     """
     p = as_pixel_psf(psf)
     radius = max(3, int(np.ceil(MODEL_RADIUS_FWHM * fwhm_px)))
@@ -480,13 +497,52 @@ def model_flux_error(shape: tuple[int, int], noise_adu: float, gain_e_per_adu: f
     own_f = flux_adu[idx][:, None, None] * own
     own_core = np.where(np.hypot(du, dv) < r0, own_f, 0.0)
     # the others' light only: the star's own model error is its own profile's, not a neighbour's
-    vm = (core_error * np.clip(core[py, px] - own_core, 0, None)) ** 2 + \
-        (wing_error * np.clip(wing[py, px] - (own_f - own_core), 0, None)) ** 2
+    l_core = np.clip(core[py, px] - own_core, 0, None)
+    l_wing = np.clip(wing[py, px] - (own_f - own_core), 0, None)
     v0 = noise_adu**2 + np.clip(light[py, px], 0, None) / gain_e_per_adu
     w = np.where(inside, own / v0, 0.0)
-    num = (w * w * vm).sum(axis=(1, 2))
-    den = np.maximum((w * own).sum(axis=(1, 2)), 1e-30) ** 2
-    return np.sqrt(num / den)
+    den = np.maximum((w * own).sum(axis=(1, 2)), 1e-30)
+    # a PSF's mismatch is smooth: over one star's footprint it has one sign, so it enters the flux coherently
+    e_core = core_error * (w * l_core).sum(axis=(1, 2)) / den
+    e_wing = wing_error * (w * l_wing).sum(axis=(1, 2)) / den
+    return np.hypot(e_core, e_wing)
+
+
+def shared_offsets(dx_fwhm: np.ndarray, dy_fwhm: np.ndarray, flux_ratio: np.ndarray) -> np.ndarray:
+    """The companions that share their offset from their star with more others than chance allows (a PSF feature).
+
+    A companion is isotropic about its star: among the ``m`` others at the same separation
+    (within ``SHARED_TOL_FWHM``) and a similar flux ratio (within a factor ``SHARED_RATIO``),
+    about ``m tol / (pi r)`` lie within ``tol`` of its offset by chance. A ghost, a spike or
+    a lobe the PSF model lacks puts one at the same offset and ratio beside every bright star.
+    True where at least ``SHARED_MIN`` others share the offset and that exceeds the chance
+    count by 3 sigma + 1.
+
+    Parameters
+    ----------
+    dx_fwhm, dy_fwhm
+        Each companion's offset from its star (FWHM).
+    flux_ratio
+        Its flux over its star's.
+
+    Returns
+    -------
+    ndarray of bool
+    """
+    n = len(dx_fwhm)
+    out = np.zeros(n, bool)
+    if n <= SHARED_MIN:
+        return out
+    r = np.hypot(dx_fwhm, dy_fwhm)
+    lr = np.log(np.clip(flux_ratio, 1e-6, None))
+    similar = (np.abs(r[:, None] - r[None, :]) <= SHARED_TOL_FWHM) & \
+        (np.abs(lr[:, None] - lr[None, :]) <= np.log(SHARED_RATIO))
+    np.fill_diagonal(similar, False)
+    close = similar & (np.hypot(dx_fwhm[:, None] - dx_fwhm[None, :], dy_fwhm[:, None] - dy_fwhm[None, :])
+                       <= SHARED_TOL_FWHM)
+    count = close.sum(axis=1)
+    chance = similar.sum(axis=1) * np.minimum(1.0, SHARED_TOL_FWHM / (np.pi * np.maximum(r, 1e-6)))
+    return (count >= SHARED_MIN) & (count > chance + 3.0 * np.sqrt(chance) + 1.0)
 
 
 def _refit_movers(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_adu: float, x: np.ndarray,
