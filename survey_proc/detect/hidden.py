@@ -336,11 +336,6 @@ def find_hidden(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_
     with np.errstate(divide="ignore", invalid="ignore"):
         snr = np.where(fe > 0, f / fe, 0.0)
     cand = np.flatnonzero(far & (snr >= cfg.residual_min_snr))
-    if model.check_fit and len(cand):  # hidden: inside the first pass's light (its isophote level); elsewhere the
-        # first pass saw the pixels and found no source, and a free fit on the residual would find noise peaks
-        ix = np.clip(np.floor(np.asarray(objs["x"][cand], float) + 0.5).astype(np.int64), 0, data.shape[1] - 1)
-        iy = np.clip(np.floor(np.asarray(objs["y"][cand], float) + 0.5).astype(np.int64), 0, data.shape[0] - 1)
-        cand = cand[light[iy, ix] >= cfg.thresh_sigma * noise_adu]
     if model.check_fit:
         return _pairs_in_rounds(data, bad, noise_adu, gain_e_per_adu, x, y, fit.flux, fwhm_px, cfg, model, objs,
                                 residual, err, cand, near, f, snr)
