@@ -36,7 +36,12 @@ In that mode (:func:`_pairs_in_rounds`) each first-pass star's candidates are tr
 round (its strongest first, ``PAIR_ROUNDS`` rounds), each pair refitted to convergence with the
 rest of the window held, and a kept pair's photometry (:class:`PairFit`: both members' fluxes
 with the profile error in their weights, and each member's model in the other's aperture) goes
-to the block (``residual_pair_photometry``, :mod:`survey_proc.photometry.pairs`).
+to the block (``residual_pair_photometry``, :mod:`survey_proc.photometry.pairs`). Guards against
+features of the PSF taken for companions: a candidate's S/N counts the error its neighbours'
+model puts into its flux (:func:`model_flux_error`, with the wing's error measured in a
+``WING_FWHM`` ring of the bright stars), companions sharing one offset and flux ratio from
+several stars beyond chance are dropped (:func:`shared_offsets`), and none is kept next to a
+masked pixel.
 
 Written here rather than taken from photutils (``IterativePSFPhotometry`` does the same
 loop) because that needs a fitted PSF model and runs star by star in Python: 4-13x the
