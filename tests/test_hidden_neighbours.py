@@ -156,7 +156,7 @@ def test_the_residual_pass_is_skipped_where_no_psf_describes_the_stars():
 
 
 def test_refine_positions_with_the_held_stars_as_fixed_light_is_the_same_fit():
-    from survey_proc.photometry.psffit import MoffatPSF, as_pixel_psf, refine_positions, render_psf
+    from survey_proc.photometry.psffit import MoffatPSF, as_pixel_psf, fit_radii_px, refine_positions, render_psf
 
     data, xs, ys = _grid_field(pair=(40000.0, 10000.0))
     bad = np.zeros(data.shape, bool)
@@ -165,7 +165,7 @@ def test_refine_positions_with_the_held_stars_as_fixed_light_is_the_same_fit():
     move = np.zeros(len(x), bool)
     move[-2:] = True
     full = refine_positions(data, bad, NOISE, GAIN, x, y, f, FWHM, fit=move, n_iter=5, flux_errors=True)
-    rmod = max(max(2, int(np.ceil(1.5 * FWHM))) + 1, int(np.ceil(3.0 * FWHM)))
+    _, rmod = fit_radii_px(FWHM)
     fixed = render_psf(data.shape, x[~move], y[~move], f[~move], as_pixel_psf(MoffatPSF(FWHM, 3.0)), rmod)
     part = refine_positions(data, bad, NOISE, GAIN, x[move], y[move], f[move], FWHM, n_iter=5, flux_errors=True,
                             fixed_light=fixed)

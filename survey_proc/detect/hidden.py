@@ -62,7 +62,15 @@ from survey_proc.config import DetectionConfig
 from survey_proc.detect import classical
 from survey_proc.photometry import aperture
 from survey_proc.photometry.aperture import aperture_flux
-from survey_proc.photometry.psffit import MoffatPSF, RefineResult, _stamps, as_pixel_psf, refine_positions, render_psf
+from survey_proc.photometry.psffit import (
+    MoffatPSF,
+    RefineResult,
+    _stamps,
+    as_pixel_psf,
+    fit_radii_px,
+    refine_positions,
+    render_psf,
+)
 
 MODEL_RADIUS_FWHM = 4.0  # each detection's model is rendered out to this radius (x FWHM)
 PAIR_ROUNDS = 2  # "epsf": a first-pass star's candidates tried one at a time, at most this many
@@ -353,13 +361,24 @@ def find_hidden(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_
     f_start = np.r_[np.clip(fit.flux, 1.0, None), np.clip(f[cand], 1.0, None)]
     ref = refine_positions(data, bad, noise_adu, gain_e_per_adu, xs, ys, f_start, fwhm_px, n_iter=2, beta=beta,
                            psf=psf, flux_errors=True)
-    fn = ref.flux[n0:]
-    en = ref.flux_err[n0:] if ref.flux_err is not None else np.full(len(fn), np.nan)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ok = ref.ok[n0:] & np.isfinite(en) & (en > 0) & (fn / en >= cfg.residual_min_snr)
-    d_ref, _ = cKDTree(np.c_[ref.x[:n0], ref.y[:n0]]).query(np.c_[ref.x[n0:], ref.y[n0:]])
-    ok &= d_ref >= cfg.residual_min_sep_fwhm * fwhm_px
+    ok, _, _, _ = _refit_survivors(ref, n0, n0, cfg, fwhm_px)
     return Hidden(objs[cand[ok]], residual, err, ref.x[n0:][ok], ref.y[n0:][ok])
+
+
+def _refit_survivors(ref: RefineResult, n0: int, n_fixed: int, cfg: DetectionConfig, fwhm_px: float
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Which refitted candidates (``ref``'s entries from ``n_fixed`` on) still have a source's S/N and distance.
+
+    A candidate survives where its fit succeeded, its flux has ``residual_min_snr`` and it lies
+    ``residual_min_sep_fwhm`` FWHM from every first-pass star (``ref``'s first ``n0``). Returns the
+    mask, each candidate's nearest first-pass star, and the candidates' fluxes and errors (ADU).
+    """
+    fn = ref.flux[n_fixed:]
+    en = ref.flux_err[n_fixed:] if ref.flux_err is not None else np.full(len(fn), np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ok = ref.ok[n_fixed:] & np.isfinite(en) & (en > 0) & (fn / en >= cfg.residual_min_snr)
+    d_ref, j_ref = cKDTree(np.c_[ref.x[:n0], ref.y[:n0]]).query(np.c_[ref.x[n_fixed:], ref.y[n_fixed:]])
+    return ok & (d_ref >= cfg.residual_min_sep_fwhm * fwhm_px), j_ref, fn, en
 
 
 def _pairs_in_rounds(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_adu: float, x: np.ndarray,
@@ -416,12 +435,7 @@ def _pairs_in_rounds(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
         move[n_fixed:] = True
         move[near[c]] = True
         ref = _refit_movers(data, bad, noise_adu, gain_e_per_adu, xs, ys, f_start, fwhm_px, move, psf)
-        fn = ref.flux[n_fixed:]
-        en = ref.flux_err[n_fixed:] if ref.flux_err is not None else np.full(len(fn), np.nan)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ok = ref.ok[n_fixed:] & np.isfinite(en) & (en > 0) & (fn / en >= cfg.residual_min_snr)
-        d_ref, j_ref = cKDTree(np.c_[ref.x[:n0], ref.y[:n0]]).query(np.c_[ref.x[n_fixed:], ref.y[n_fixed:]])
-        ok &= d_ref >= cfg.residual_min_sep_fwhm * fwhm_px
+        ok, j_ref, fn, en = _refit_survivors(ref, n0, n_fixed, cfg, fwhm_px)
         if ok.any():  # the same S/N with the model's own error (core and wing) at the candidate in its variance
             e_mod = model_flux_error(data.shape, noise_adu, gain_e_per_adu, ref.x, ref.y, np.clip(ref.flux, 0.0, None),
                                      psf, fwhm_px, model.model_error, model.wing_error, n_fixed + np.flatnonzero(ok))
@@ -492,10 +506,10 @@ def model_flux_error(shape: tuple[int, int], noise_adu: float, gain_e_per_adu: f
     p = as_pixel_psf(psf)
     radius = max(3, int(np.ceil(MODEL_RADIUS_FWHM * fwhm_px)))
     r0 = WING_FWHM[0] * fwhm_px
-    light = render_psf(shape, x, y, flux_adu, p, radius)
     core = render_psf(shape, x, y, flux_adu, _RingPSF(psf, r0, False), radius)
     wing = render_psf(shape, x, y, flux_adu, _RingPSF(psf, r0, True), radius)
-    rfit = max(2, int(np.ceil(1.5 * fwhm_px)))
+    light = core + wing  # the two rings split each star's profile
+    rfit, _ = fit_radii_px(fwhm_px)
     py, px, inside = _stamps(x[idx], y[idx], rfit, shape)
     du, dv = (np.array(a, float) for a in np.broadcast_arrays(px - x[idx][:, None, None], py - y[idx][:, None, None]))
     own = p.profile(du, dv)
@@ -559,7 +573,7 @@ def _refit_movers(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_pe
     at the cost of the movers alone per pass. Returns the result for every star (the held
     ones where they were, ``ok``).
     """
-    rmod = max(max(2, int(np.ceil(1.5 * fwhm_px))) + 1, int(np.ceil(3.0 * fwhm_px)))  # refine_positions' own
+    _, rmod = fit_radii_px(fwhm_px)  # refine_positions' own
     held = ~move
     fixed = render_psf(data.shape, x[held], y[held], flux[held], as_pixel_psf(psf), rmod)
     r = refine_positions(data, bad, noise_adu, gain_e_per_adu, x[move], y[move], flux[move], fwhm_px,

@@ -287,6 +287,12 @@ def _moffat_profile(du: np.ndarray, dv: np.ndarray, alpha: float, beta: float) -
     return prof
 
 
+def fit_radii_px(fwhm_px: float, fit_radius_fwhm: float = 1.5, model_radius_fwhm: float = 3.0) -> tuple[int, int]:
+    """:func:`refine_positions`' stamp half-size and model rendering radius (px) for a FWHM (px)."""
+    rfit = max(2, int(np.ceil(fit_radius_fwhm * fwhm_px)))
+    return rfit, max(rfit + 1, int(np.ceil(model_radius_fwhm * fwhm_px)))
+
+
 def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_adu: float,
                      x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm_px: float, *, fit: np.ndarray | None = None,
                      beta: float = 3.0, n_iter: int = 2, fit_radius_fwhm: float = 1.5,
@@ -340,8 +346,7 @@ def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
     idx = np.flatnonzero(np.ones(n, bool) if fit is None else fit)
     m = len(idx)
     model_psf = MoffatPSF(fwhm_px, beta) if psf is None else as_pixel_psf(psf)
-    rfit = max(2, int(np.ceil(fit_radius_fwhm * fwhm_px)))
-    rmod = max(rfit + 1, int(np.ceil(model_radius_fwhm * fwhm_px)))
+    rfit, rmod = fit_radii_px(fwhm_px, fit_radius_fwhm, model_radius_fwhm)
     good = ~bad
     for it in range(n_iter + 1 + int(flux_errors)):
         flux_only = it == 0  # first a linear (flux, sky) step at the detector's positions
