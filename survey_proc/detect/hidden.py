@@ -32,16 +32,16 @@ misses SDSS's undersampled stars by 0.50-0.54 of the model per pixel (median sta
 dense simulation), the ePSF by 0.00-0.01 (quartile 0.07); so the fixed 10 % error of the Moffat
 left the real stars' cores as detections. Where even the chosen PSF's error exceeds
 ``residual_max_model_error`` (2MASS's crowded, resampled frames: 0.7-0.9) the pass is skipped.
-In that mode (:func:`_pairs_in_rounds`) each first-pass star's candidates are tried one per
-round (its strongest first, ``PAIR_ROUNDS`` rounds), each pair refitted to convergence with the
-rest of the window held, and a kept pair's photometry (:class:`PairFit`: both members' fluxes
-with the profile error in their weights, and each member's model in the other's aperture) goes
-to the block (``residual_pair_photometry``, :mod:`survey_proc.photometry.pairs`). Guards against
-features of the PSF taken for companions: a candidate's S/N counts the error its neighbours'
-model puts into its flux (:func:`model_flux_error`, with the wing's error measured in a
-``WING_FWHM`` ring of the bright stars), companions sharing one offset and flux ratio from
-several stars beyond chance are dropped (:func:`shared_offsets`), and none is kept next to a
-masked pixel.
+In that mode (:func:`_pairs_in_rounds`) each first-pass star's candidates are tried one per round
+(its strongest first, ``PAIR_ROUNDS`` rounds), each pair refitted to convergence with the rest of
+the window held (one joint Gauss-Newton system per pair), and a kept pair's photometry
+(:class:`PairFit`: both members' fluxes with the profile error in their weights, and each member's
+model in the other's aperture) goes to the block (``residual_pair_photometry``,
+:mod:`survey_proc.photometry.pairs`). Guards against features of the PSF taken for companions: a
+candidate's S/N counts the error its neighbours' model puts into its flux (:func:`model_flux_error`,
+with the wing's error measured in a ``WING_FWHM`` ring of the bright stars), companions sharing one
+offset and flux ratio from several stars beyond chance are dropped (:func:`shared_offsets`), and
+none is kept next to a masked pixel.
 
 Written here rather than taken from photutils (``IterativePSFPhotometry`` does the same
 loop) because that needs a fitted PSF model and runs star by star in Python: 4-13x the
@@ -62,6 +62,7 @@ from survey_proc.config import DetectionConfig
 from survey_proc.detect import classical
 from survey_proc.photometry import aperture
 from survey_proc.photometry.aperture import aperture_flux
+from survey_proc.photometry.pairrefine import refine_pairs
 from survey_proc.photometry.psffit import (
     MoffatPSF,
     RefineResult,
@@ -77,8 +78,9 @@ PAIR_ROUNDS = 2  # "epsf": a first-pass star's candidates tried one at a time, a
 # a pair's stars may move this far (x FWHM) in its refit: the residual's peak of a neighbour sits up to ~1 FWHM
 # off where the first pass's centre, between the two, was subtracted (0.75 px, the default, lost bright pairs)
 PAIR_MAX_SHIFT_FWHM = 1.0
-# "epsf": Jacobi passes of a pair's refit; 8 had not converged (a 4:1 pair 1.1 FWHM apart: the faint one 11-14 % low)
-PAIR_ITER = 40
+# "epsf": Gauss-Newton steps at most of a pair's joint refit (photometry/pairrefine.py; it stops when converged). The
+# Jacobi passes it replaced needed ~40 (8 left a 4:1 pair 1.1 FWHM apart's faint member 11-14 % low)
+PAIR_ITER = 30
 PROFILE_SNR_MIN = 50.0  # the stars that measure the profile error: fit S/N at least this ...
 PROFILE_QUANTILE = 75.0  # ... and the error is this percentile of theirs
 # the wing's error is measured in this ring (x FWHM) of the same stars; its light beyond the inner radius gets it
@@ -431,10 +433,8 @@ def _pairs_in_rounds(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
         ys = np.r_[par_y, new_y, objs["y"][c]]
         f_start = np.r_[par_f, new_f, np.clip(f_cand[c], 1.0, None)]
         n_fixed = n0 + len(kept)
-        move = np.zeros(len(xs), bool)
-        move[n_fixed:] = True
-        move[near[c]] = True
-        ref = _refit_movers(data, bad, noise_adu, gain_e_per_adu, xs, ys, f_start, fwhm_px, move, psf)
+        ref = _refit_movers(data, bad, noise_adu, gain_e_per_adu, xs, ys, f_start, fwhm_px, near[c],
+                            n_fixed + np.arange(len(c)), psf)
         ok, j_ref, fn, en = _refit_survivors(ref, n0, n_fixed, cfg, fwhm_px)
         if ok.any():  # the same S/N with the model's own error (core and wing) at the candidate in its variance
             e_mod = model_flux_error(data.shape, noise_adu, gain_e_per_adu, ref.x, ref.y, np.clip(ref.flux, 0.0, None),
@@ -565,20 +565,25 @@ def shared_offsets(dx_fwhm: np.ndarray, dy_fwhm: np.ndarray, flux_ratio: np.ndar
 
 
 def _refit_movers(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_adu: float, x: np.ndarray,
-                  y: np.ndarray, flux: np.ndarray, fwhm_px: float, move: np.ndarray, psf: object) -> RefineResult:
-    """The stars of ``move`` refitted to convergence (``PAIR_ITER`` passes), every other star held.
+                  y: np.ndarray, flux: np.ndarray, fwhm_px: float, first: np.ndarray, second: np.ndarray,
+                  psf: object) -> RefineResult:
+    """The pairs ``(first[i], second[i])`` refitted jointly to convergence, every other star held.
 
-    The held stars' light is rendered once (with the radius :func:`refine_positions` models
-    with) and passed as ``fixed_light``: the same fit as passing them all with ``fit=move``,
-    at the cost of the movers alone per pass. Returns the result for every star (the held
-    ones where they were, ``ok``).
+    The held stars' light is rendered once (with the radius the fitters model with) and passed
+    as ``fixed_light``; each pair is one Gauss-Newton system (:func:`refine_pairs`: the Jacobi
+    passes of ``refine_positions`` needed ~40 to converge for a pair a FWHM apart). Returns the
+    result for every star (the held ones where they were, ``ok``).
     """
-    _, rmod = fit_radii_px(fwhm_px)  # refine_positions' own
+    _, rmod = fit_radii_px(fwhm_px)  # the fitters' own
+    move = np.zeros(len(x), bool)
+    move[first] = True
+    move[second] = True
     held = ~move
     fixed = render_psf(data.shape, x[held], y[held], flux[held], as_pixel_psf(psf), rmod)
-    r = refine_positions(data, bad, noise_adu, gain_e_per_adu, x[move], y[move], flux[move], fwhm_px,
-                         n_iter=PAIR_ITER, psf=psf, flux_errors=True,
-                         max_shift_px=max(PAIR_MAX_SHIFT_FWHM * fwhm_px, 0.75), fixed_light=fixed)
+    pos = np.cumsum(move) - 1  # index among the movers
+    r = refine_pairs(data, bad, noise_adu, gain_e_per_adu, x[move], y[move], flux[move], fwhm_px, pos[first],
+                     pos[second], n_iter=PAIR_ITER, psf=psf, flux_errors=True,
+                     max_shift_px=max(PAIR_MAX_SHIFT_FWHM * fwhm_px, 0.75), fixed_light=fixed)
     xo, yo, fo = x.astype(float).copy(), y.astype(float).copy(), flux.astype(float).copy()
     ok, fe = np.ones(len(x), bool), np.full(len(x), np.nan)
     xo[move], yo[move], fo[move], ok[move] = r.x, r.y, r.flux, r.ok

@@ -287,6 +287,25 @@ def _moffat_profile(du: np.ndarray, dv: np.ndarray, alpha: float, beta: float) -
     return prof
 
 
+def damped(a: np.ndarray) -> np.ndarray:
+    """Normal matrices ``(N, K, K)`` with a tiny ridge on each diagonal element, relative to that element.
+
+    The parameters' scales differ by many orders (a flux column is the PSF, of order 0.1 per
+    pixel; a position column is the flux times its gradient, of order 10^4 for a bright star):
+    a ridge of 1e-9 of the *trace* (what this was until the twenty-first session) was several
+    times the flux's own diagonal for stars above ~10^4 ADU, which damped every flux step and
+    shrank the Fisher flux error (measured: a 40000 ADU star's error 0.60 x its scatter, a
+    200000 ADU star's 0.05 x, its flux 0.15 % low after 3 steps). A ridge of ``1e-9`` of each
+    diagonal element (plus ``1e-15`` of the trace, so an empty column stays solvable with a zero
+    step) keeps the solve regular without changing it.
+    """
+    d = np.einsum("nii->ni", a)
+    out = a.copy()
+    idx = np.arange(a.shape[-1])
+    out[:, idx, idx] += 1e-9 * d + 1e-15 * d.sum(axis=1, keepdims=True)
+    return out
+
+
 def fit_radii_px(fwhm_px: float, fit_radius_fwhm: float = 1.5, model_radius_fwhm: float = 3.0) -> tuple[int, int]:
     """:func:`refine_positions`' stamp half-size and model rendering radius (px) for a FWHM (px)."""
     rfit = max(2, int(np.ceil(fit_radius_fwhm * fwhm_px)))
@@ -375,7 +394,7 @@ def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
         wv = w.reshape(m, 1, -1)
         a = np.einsum("nis,njs->nij", cols * wv, cols)
         b = np.einsum("nis,ns->ni", cols * wv, resid.reshape(m, -1))
-        a += np.eye(k_par)[None] * 1e-9 * np.trace(a, axis1=1, axis2=2)[:, None, None]
+        a = damped(a)
         if final:
             with np.errstate(invalid="ignore"):
                 cov = np.linalg.pinv(a)
