@@ -97,7 +97,7 @@ def test_a_resolved_pair_reads_its_true_fluxes_on_the_lone_stars_scale(mode, see
     # the apertures hold each other's light: the faint one reads 2.7x its flux, the bright one 13 % high
     assert ratio(apert, faint) / lone > 2.0 and ratio(apert, bright) / lone > 1.08
     # from the pair's fit: within 2 % (bright; its error 0.6 %) and 6 % (faint; 2 %) of the lone stars' scale
-    # (with 8 Jacobi passes instead of PAIR_ITER the faint one read 11-14 % low)
+    # (with 8 Jacobi passes and the old trace-scaled ridge, instead of the joint refit, the faint one read 11-14 % low)
     assert ratio(fitted, bright) / lone == pytest.approx(1.0, abs=0.02)
     assert ratio(fitted, faint) / lone == pytest.approx(1.0, abs=0.06)
     # the bright star moved to its place in the pair's fit (its windowed centroid leaned towards the neighbour)
