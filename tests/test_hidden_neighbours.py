@@ -173,3 +173,17 @@ def test_refine_positions_with_the_held_stars_as_fixed_light_is_the_same_fit():
     np.testing.assert_allclose(part.flux, full.flux[move], rtol=1e-9)
     np.testing.assert_allclose(part.flux_err, full.flux_err[move], rtol=1e-9)
     assert np.hypot(part.x[1] - 102.4, part.y[1] - 100.5) < 0.3  # and it found the neighbour's place
+
+
+def test_only_the_stars_whose_model_reaches_the_query_squares_are_rendered():
+    from survey_proc.detect.hidden import _reaching
+
+    rng = np.random.default_rng(5)
+    x, y = rng.uniform(0, 300, 2000), rng.uniform(0, 300, 2000)
+    xq, yq = rng.uniform(0, 300, 15), rng.uniform(0, 300, 15)
+    got = _reaching(x, y, xq, yq, 9)
+    rx, ry = np.floor(x + 0.5), np.floor(y + 0.5)
+    cheb = np.maximum(np.abs(rx[:, None] - np.floor(xq + 0.5)), np.abs(ry[:, None] - np.floor(yq + 0.5))).min(axis=1)
+    np.testing.assert_array_equal(got, np.flatnonzero(cheb <= 10))  # every star within reach + 1 px, no other
+    assert 0 < len(got) < len(x)
+    assert len(_reaching(x, y, xq[:0], yq[:0], 9)) == 0

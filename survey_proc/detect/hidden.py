@@ -143,6 +143,22 @@ def profile_errors(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_p
     return np.sqrt(np.clip(excess / norm, 0.0, None))
 
 
+def _reaching(x: np.ndarray, y: np.ndarray, xq: np.ndarray, yq: np.ndarray, reach_px: int) -> np.ndarray:
+    """Indices of the stars ``(x, y)`` whose rounded centre lies within ``reach_px`` + 1 px of a query's, per axis.
+
+    A star rendered in a square of half-size ``r`` around its rounded centre reaches a query's
+    square of half-size ``h`` only if the centres are within ``r + h`` px on both axes; rendering
+    only these stars gives the same pixels there (each pixel's sum holds the same terms in the
+    same order).
+    """
+    if len(xq) == 0 or len(x) == 0:
+        return np.zeros(0, np.int64)
+    tree = cKDTree(np.c_[np.floor(np.asarray(x, float) + 0.5), np.floor(np.asarray(y, float) + 0.5)])
+    hits = tree.query_ball_point(np.c_[np.floor(np.asarray(xq, float) + 0.5), np.floor(np.asarray(yq, float) + 0.5)],
+                                 reach_px + 1.0, p=np.inf)
+    return np.unique(np.concatenate([np.asarray(h, np.int64) for h in hits] + [np.zeros(0, np.int64)]))
+
+
 def pair_chi2(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_adu: float, x: np.ndarray,
               y: np.ndarray, flux_adu: np.ndarray, psf: object, fwhm_px: float, model_error: float,
               xa: np.ndarray, ya: np.ndarray, xb: np.ndarray, yb: np.ndarray) -> np.ndarray:
@@ -153,13 +169,15 @@ def pair_chi2(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per_ad
     pixels lie within ``d / 2 + 1.5 FWHM`` of its midpoint (``d`` its separation). Two PSFs
     describe a real pair to its noise (~1); a galaxy or a core the PSF misses stays above it.
     """
-    light = render_psf(data.shape, x, y, flux_adu, as_pixel_psf(psf), max(3, int(np.ceil(MODEL_RADIUS_FWHM * fwhm_px))))
-    var = noise_adu**2 + np.clip(light, 0.0, None) / gain_e_per_adu + (model_error * light) ** 2
-    z2 = (data - light) ** 2 / var
     xm, ym = 0.5 * (xa + xb), 0.5 * (ya + yb)
     rad = 0.5 * np.hypot(xa - xb, ya - yb) + 1.5 * fwhm_px
     out = np.full(len(xa), np.inf)
     half = int(np.ceil(rad.max())) if len(rad) else 0
+    radius = max(3, int(np.ceil(MODEL_RADIUS_FWHM * fwhm_px)))
+    near = _reaching(x, y, xm, ym, radius + half)  # the stars whose model reaches the pairs' pixels
+    light = render_psf(data.shape, x[near], y[near], flux_adu[near], as_pixel_psf(psf), radius)
+    var = noise_adu**2 + np.clip(light, 0.0, None) / gain_e_per_adu + (model_error * light) ** 2
+    z2 = (data - light) ** 2 / var
     py, px, inside = _stamps(xm, ym, half, data.shape)
     r2 = (px - xm[:, None, None]) ** 2 + (py - ym[:, None, None]) ** 2
     use = inside & ~bad[py, px] & (r2 <= rad[:, None, None] ** 2)
@@ -508,10 +526,11 @@ def model_flux_error(shape: tuple[int, int], noise_adu: float, gain_e_per_adu: f
     p = as_pixel_psf(psf)
     radius = max(3, int(np.ceil(MODEL_RADIUS_FWHM * fwhm_px)))
     r0 = WING_FWHM[0] * fwhm_px
-    core = render_psf(shape, x, y, flux_adu, _RingPSF(psf, r0, False), radius)
-    wing = render_psf(shape, x, y, flux_adu, _RingPSF(psf, r0, True), radius)
-    light = core + wing  # the two rings split each star's profile
     rfit, _ = fit_radii_px(fwhm_px)
+    near = _reaching(x, y, x[idx], y[idx], radius + rfit)  # the stars whose model reaches the stamps
+    core = render_psf(shape, x[near], y[near], flux_adu[near], _RingPSF(psf, r0, False), radius)
+    wing = render_psf(shape, x[near], y[near], flux_adu[near], _RingPSF(psf, r0, True), radius)
+    light = core + wing  # the two rings split each star's profile
     py, px, inside = _stamps(x[idx], y[idx], rfit, shape)
     du, dv = (np.array(a, float) for a in np.broadcast_arrays(px - x[idx][:, None, None], py - y[idx][:, None, None]))
     own = p.profile(du, dv)
