@@ -139,3 +139,19 @@ def test_pairs_must_be_disjoint_and_complete():
         refine_pairs(img, bad, NOISE, GAIN, x, y, f, FWHM, np.arange(9), np.arange(9, 17), psf=PSF)
     with pytest.raises(ValueError, match="a star is in more than one pair"):
         refine_pairs(img, bad, NOISE, GAIN, x, y, f, FWHM, np.array([0, 1]), np.array([1, 2]), psf=PSF)
+
+
+def test_pairs_at_the_edge_and_over_masked_pixels_are_fitted_on_what_is_left():
+    img, x, y, f = _pairs_image()
+    bad = np.zeros(img.shape, bool)
+    # the first pair cut by the image's left edge, the second with its bright member's core pixel masked
+    cut = 29
+    img, bad = img[:, cut:], bad[:, cut:]
+    xs, ys = x - cut, y.copy()
+    bad[int(np.floor(ys[1] + 0.5)), int(np.floor(xs[1] + 0.5))] = True
+    img = np.where(bad, 0.0, img)
+    r = refine_pairs(img, bad, NOISE, GAIN, xs, ys, f, FWHM, np.arange(9), np.arange(9, 18), psf=PSF, n_iter=30,
+                     flux_errors=True)
+    assert r.ok.all() and np.isfinite(r.flux_err).all()
+    np.testing.assert_allclose(r.flux, f, rtol=1e-6)  # noise-free: the pixels left still hold the truth
+    assert r.flux_err[0] > r.flux_err[2] and r.flux_err[1] > r.flux_err[2]  # fewer pixels, larger errors
