@@ -79,9 +79,8 @@ PAIR_ROUNDS = 2  # "epsf": a first-pass star's candidates tried one at a time, a
 # off where the first pass's centre, between the two, was subtracted (0.75 px, the default, lost bright pairs)
 PAIR_MAX_SHIFT_FWHM = 1.0
 # "epsf": Gauss-Newton steps at most of a pair's joint refit (photometry/pairrefine.py; a converged pair is held).
-# On a dense epoch 10 steps leave 0.7 % in flux at the 99th percentile, 30 none. The Jacobi passes it replaced needed
-# ~40 (8 left a 4:1 pair 1.1 FWHM apart's faint member 11-14 % low), partly because the fitter's ridge (then 1e-9 of
-# the trace, psffit.damped) damped every flux step of a bright star
+# On a dense epoch 10 steps leave 0.7 % in flux at the 99th percentile, 30 none. The Jacobi passes it replaced leave
+# 19 / 4 / 0.6 % after 10 / 20 / 40 passes (against 200; with the fitter's ridge fixed, psffit.damped)
 PAIR_ITER = 30
 PROFILE_SNR_MIN = 50.0  # the stars that measure the profile error: fit S/N at least this ...
 PROFILE_QUANTILE = 75.0  # ... and the error is this percentile of theirs

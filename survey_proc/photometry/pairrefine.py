@@ -3,13 +3,14 @@
 :func:`survey_proc.photometry.psffit.refine_positions` refits every star on its own stamp with
 its neighbours' current models subtracted (Jacobi iterations). For two stars a FWHM apart that
 converges slowly: each member's step takes the other's light as fixed, so the pair's fluxes
-trade light back and forth and approach the solution geometrically (measured on the dense
-held-out survey: after 10 passes the 99th percentile of the flux change still to come was 7 %,
-after 20 passes 0.5 %; the residual pass used 40). Here each pair is one system of
+trade light back and forth and approach the solution geometrically (measured on a dense
+held-out epoch's 1556 pairs against 200 passes: the 99th percentile of the flux change still to
+come is 19 % after 10 passes, 4 % after 20, 0.6 % after 40, what the residual pass used). Here,
+10 steps leave 0.7 % and 30 none. Each pair is one system of
 ``(f1, x1, y1, f2, x2, y2, sky)`` on the union of the two members' fit stamps, so the coupling
 between the two is inside the Newton step and a handful of iterations converge. Pairs are
-coupled to each other (and to the held stars) only through the rendered model, re-rendered
-before each step as in ``refine_positions``.
+coupled to each other (and to the held stars) only through the rendered model, updated where a
+pair moved before each step.
 
 Why not ``refine_positions`` with a block solver: its stamps, normal matrices and steps are one
 star each; a pair's joint system needs both members' derivatives on shared pixels. The pieces it
