@@ -102,9 +102,11 @@ def refine_pairs(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per
     good = ~np.asarray(bad, bool)
     mem = np.stack([first, second], 1)  # (P, 2)
 
-    model = render_psf(data.shape, xc, yc, f, model_psf, rmod)
-    if fixed_light is not None:
-        model = model + fixed_light
+    def rendered() -> np.ndarray:  # every star's model at its current estimates, with the held light
+        out = render_psf(data.shape, xc, yc, f, model_psf, rmod)
+        return out if fixed_light is None else out + fixed_light
+
+    model = rendered()
     active = np.ones(npair, bool)  # pairs still stepping: a converged or failed pair is held where it is
     for it in range(n_iter + 1):
         flux_only = it == 0  # first a linear (fluxes, sky) step at the given positions
@@ -140,10 +142,7 @@ def refine_pairs(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e_per
     ok[mem[moved[mem].any(axis=1)].ravel()] = False  # a pair succeeds or fails as one
     xc[~ok], yc[~ok] = x0[~ok], y0[~ok]
     if flux_errors:  # the Fisher information at the final estimates
-        model = render_psf(data.shape, xc, yc, f, model_psf, rmod)
-        if fixed_light is not None:
-            model = model + fixed_light
-        a, _ = _pair_system(data, good, model, noise_adu, gain_e_per_adu, model_error_frac, model_psf,
+        a, _ = _pair_system(data, good, rendered(), noise_adu, gain_e_per_adu, model_error_frac, model_psf,
                             xc[mem], yc[mem], f[mem], rfit, rmod, False)
         for k in range(2):  # the member's own (flux, x, y, sky) block: its partner held
             blk = np.array([3 * k, 3 * k + 1, 3 * k + 2, 6])
