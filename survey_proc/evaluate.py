@@ -434,6 +434,35 @@ def error_stats(delta: np.ndarray, outlier_nmad: float = 3.0) -> dict[str, float
             "outlier_frac": float(np.mean(np.abs(d - med) > outlier_nmad * s)) if s > 0 else 0.0}
 
 
+def median_abs_error_at_bound(sigma: np.ndarray) -> float:
+    """The median |error| that unbiased Gaussian estimates at the given per-star bounds would give.
+
+    The median of the pooled |Δ| over stars whose errors are N(0, σ_i²): the value ``m`` with
+    ``mean_i erf(m / (σ_i √2)) = 1/2`` (the population median of the mixture of half-normals,
+    so no random draws). With one σ for every star it is 0.6745 σ. Used to state the floor
+    under a "median |Δmag|" criterion: no method reaches below it on those stars.
+
+    Parameters
+    ----------
+    sigma
+        Per-star standard deviations (for instance the Cramér-Rao bound in mag); non-finite
+        or non-positive ones are ignored.
+
+    Returns
+    -------
+    float
+        The median |error|, in the unit of ``sigma`` (NaN if none is usable).
+    """
+    from scipy.optimize import brentq
+    from scipy.special import erf
+
+    s = np.asarray(sigma, float)
+    s = s[np.isfinite(s) & (s > 0)]
+    if len(s) == 0:
+        return float("nan")
+    return float(brentq(lambda m: float(np.mean(erf(m / (s * np.sqrt(2.0))))) - 0.5, 0.0, 10.0 * float(s.max())))
+
+
 def per_bin(values: np.ndarray, key: np.ndarray, edges: np.ndarray, fn) -> list[dict[str, Any]]:
     """Apply ``fn(values[in bin])`` per bin of ``key``; returns one dict per bin with its edges.
 

@@ -37,7 +37,12 @@ def test_accuracy_quick_writes_tables_plots_and_sane_numbers(tmp_path, capsys):
                 "z_width_per_bin.png"):
         assert (base / png).stat().st_size > 10_000
     ph = sep["photometry"]
-    assert ph["middle_range"]["n"] > 50 and 0 < ph["middle_range"]["median_abs_dmag"] < 0.2
+    mid = ph["middle_range"]
+    assert mid["n"] > 50 and 0 < mid["median_abs_dmag"] < 0.2
+    # the floors: no method beats the isolated bound, and the crowded bound is above it
+    assert 0 < mid["median_abs_dmag_at_crlb"] < mid["median_abs_dmag"]
+    assert mid["n_crowded"] > 20 and mid["median_abs_dmag_at_crowded_crlb"] >= mid["median_abs_dmag_at_crlb"] * 0.9
+    assert mid["median_abs_dmag_at_crowded_crlb"] < mid["median_abs_dmag_crowded_sample"]
     assert ph["isolated_snr20"]["n"] > 5 and ph["isolated_snr20"]["rms_over_crlb"] > 0.8
     assert ph["calibration_bins"] and all(b["z_std_clipped5"] > 0 for b in ph["calibration_bins"])
     if "sep+bpnn" in res["methods"]:  # the same detections, BPNN magnitudes with both uncertainties

@@ -73,3 +73,20 @@ def test_crowding_factor_is_one_alone_and_grows_as_a_neighbour_approaches():
     for sep in (6.0, 3.0, 2.0, 1.0):
         factors.append(crowding_factor(np.array([20.0, 20.0 + sep]), y, f, np.array([0]), 2.0, 40.0, 1.5, 5.0)[0])
     assert factors[0] < 1.1 and np.all(np.diff(factors) > 0) and factors[-1] > 3
+
+
+def test_crowding_factors_flux_bound_grows_as_a_neighbour_approaches():
+    """The flux factor: 1 alone, larger as a neighbour closes in; the position factor is crowding_factor's."""
+    from survey_proc.photometry.crlb import crowding_factor, crowding_factors
+
+    y = np.array([20.0, 20.0])
+    f = np.array([5000.0, 5000.0])
+    alone = crowding_factors(np.array([20.0, 40.0]), y, f, np.array([0]), 2.0, 40.0, 1.5, 5.0)
+    assert alone.flux[0] == pytest.approx(1.0, abs=1e-6)
+    flux = []
+    for sep in (6.0, 3.0, 2.0, 1.0):
+        xs = np.array([20.0, 20.0 + sep])
+        c = crowding_factors(xs, y, f, np.array([0]), 2.0, 40.0, 1.5, 5.0)
+        assert c.position_x[0] == crowding_factor(xs, y, f, np.array([0]), 2.0, 40.0, 1.5, 5.0)[0]
+        flux.append(c.flux[0])
+    assert flux[0] < 1.05 and np.all(np.diff(flux) > 0) and flux[-1] > 2

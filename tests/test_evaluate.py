@@ -115,3 +115,13 @@ def test_lightcurve_completeness():
     m = ev.lightcurve_completeness(pd.concat([objs, spurious]), t, mag_limit=30.0, n_epochs=100)
     assert m["completeness"] == pytest.approx(0.5) and m["points_fraction_median"] == 0.5
     assert m["object_purity"] == pytest.approx(len(objs) / (len(objs) + 1))
+
+
+def test_median_abs_error_at_bound():
+    """One σ: 0.6745 σ; a mixture: the median of many draws; nothing usable: NaN."""
+    assert ev.median_abs_error_at_bound(np.full(10, 0.02)) == pytest.approx(0.6745 * 0.02, rel=1e-3)
+    sig = np.r_[np.full(300, 0.002), np.full(700, 0.03)]
+    rng = np.random.default_rng(3)
+    draws = np.abs(rng.standard_normal((400, len(sig))) * sig)
+    assert ev.median_abs_error_at_bound(sig) == pytest.approx(np.median(draws), rel=0.01)
+    assert np.isnan(ev.median_abs_error_at_bound(np.array([np.nan, 0.0])))

@@ -17,7 +17,7 @@ bound for a star at a random position).
 The PSF is any callable ``psf(x0, y0) -> (ny, nx) array`` of pixel fractions:
 :func:`gaussian_psf` here, or :func:`survey_proc.simulate.psf.galsim_psf` for GalSim
 profiles (pixel-integrated; it lives with the simulator so photometry does not import
-GalSim). :func:`crowding_factor` is how much neighbours raise a star's position bound.
+GalSim). :func:`crowding_factors` is how much neighbours raise a star's position and flux bounds.
 """
 
 from __future__ import annotations
@@ -195,32 +195,47 @@ def crlb_curve(psf: PSF, flux_adu: np.ndarray, sky_adu: float, gain_e_per_adu: f
             "sigma_pos_px": np.array([np.sqrt(0.5 * (b.sigma_x_px**2 + b.sigma_y_px**2)) for b in out])}
 
 
-def crowding_factor(x: np.ndarray, y: np.ndarray, flux_adu: np.ndarray, targets: np.ndarray, fwhm_px: float,
-                    sky_adu: float, gain_e_per_adu: float, read_noise_e: float, *, beta: float = 3.0,
-                    window_fwhm: float = 3.0, min_neighbour_snr: float = 1.0) -> np.ndarray:
-    """How much the neighbours raise each target star's position bound: σ_x(crowded) / σ_x(isolated).
+@dataclass(frozen=True)
+class CrowdingFactors:
+    """How much the neighbours raise each target's bounds: crowded / isolated σ (>= 1 up to rounding).
+
+    ``position_x`` is the factor on σ_x, ``flux`` the factor on σ_F; inf where the Fisher
+    matrix is singular (a pair too close to be separated).
+    """
+
+    position_x: np.ndarray
+    flux: np.ndarray
+
+
+def crowding_factors(x: np.ndarray, y: np.ndarray, flux_adu: np.ndarray, targets: np.ndarray, fwhm_px: float,
+                     sky_adu: float, gain_e_per_adu: float, read_noise_e: float, *, beta: float = 3.0,
+                     window_fwhm: float = 3.0, min_neighbour_snr: float = 1.0) -> CrowdingFactors:
+    """How much the neighbours raise each target star's position and flux bounds.
 
     The crowded bound treats every neighbour whose light reaches the target's window (within
     ``window_fwhm`` FWHM of the target, plus 2 FWHM) as a point source of unknown flux and
     position: the Fisher matrix over the window's pixels of (F, x, y) of the target and of
-    each neighbour is inverted, and the target's x variance read off. This is the physical
-    limit for any method on a crowded image, known PSF and sky given. The isolated bound
-    uses the same window, PSF model (a pixel-integrated Moffat of ``fwhm_px`` and ``beta``,
-    :func:`survey_proc.photometry.psffit.moffat_pixel_grad`) and noise, so the ratio is
-    model-consistent; multiply it onto any isolated-star bound. Neighbours fainter than an
-    isolated S/N of ``min_neighbour_snr`` are left out (they carry no information). A pair
-    too close to be separated gives a very large factor (or inf when singular).
+    each neighbour is inverted, and the target's x and F variances read off. This is the
+    physical limit for any method on a crowded image, known PSF and sky given. The isolated
+    bound uses the same window, PSF model (a pixel-integrated Moffat of ``fwhm_px`` and
+    ``beta``, :func:`survey_proc.photometry.psffit.moffat_pixel_grad`) and noise, so the
+    ratios are model-consistent; multiply them onto any isolated-star bound. Neighbours
+    fainter than an isolated S/N of ``min_neighbour_snr`` are left out (they carry no
+    information).
 
     Parameters
     ----------
     x, y, flux_adu
         Every star of the image (px, ADU), true values.
     targets
-        Indices of the stars to compute the factor for.
+        Indices of the stars to compute the factors for.
+    fwhm_px, sky_adu, gain_e_per_adu, read_noise_e
+        The PSF's FWHM (px), the sky (ADU per pixel), the gain (e-/ADU) and read noise (e-).
 
     Returns
     -------
-    ndarray, one factor per target (>= 1 up to rounding).
+    CrowdingFactors
+        One position (x) factor and one flux factor per target.
     """
     from scipy.spatial import cKDTree
 
@@ -233,7 +248,8 @@ def crowding_factor(x: np.ndarray, y: np.ndarray, flux_adu: np.ndarray, targets:
     snr = flux_adu / np.sqrt(flux_adu / gain_e_per_adu + sig2 * n_eff)
     tree = cKDTree(np.c_[x, y])
     j = np.arange(-rw, rw + 1)
-    out = np.empty(len(targets))
+    pos = np.empty(len(targets))
+    flux = np.empty(len(targets))
     for k, t in enumerate(targets):
         ix, iy = np.floor(x[t] + 0.5), np.floor(y[t] + 0.5)
         px = (ix + j)[None, :].repeat(len(j), 0)
@@ -250,10 +266,27 @@ def crowding_factor(x: np.ndarray, y: np.ndarray, flux_adu: np.ndarray, targets:
         v = mu / gain_e_per_adu + (read_noise_e / gain_e_per_adu) ** 2
         g = np.stack([d.ravel() for d in grads])
         info = (g / v.ravel()) @ g.T
-        iso = np.linalg.inv(info[:3, :3])[1, 1]
+        iso = np.diag(np.linalg.inv(info[:3, :3]))
         try:
-            crowded = np.linalg.inv(info)[1, 1]
+            crowded = np.diag(np.linalg.inv(info))[:3]
         except np.linalg.LinAlgError:
-            crowded = np.inf
-        out[k] = np.sqrt(crowded / iso) if crowded > 0 else np.inf
-    return out
+            crowded = np.full(3, np.inf)
+        pos[k] = np.sqrt(crowded[1] / iso[1]) if crowded[1] > 0 else np.inf
+        flux[k] = np.sqrt(crowded[0] / iso[0]) if crowded[0] > 0 else np.inf
+    return CrowdingFactors(position_x=pos, flux=flux)
+
+
+def crowding_factor(x: np.ndarray, y: np.ndarray, flux_adu: np.ndarray, targets: np.ndarray, fwhm_px: float,
+                    sky_adu: float, gain_e_per_adu: float, read_noise_e: float, *, beta: float = 3.0,
+                    window_fwhm: float = 3.0, min_neighbour_snr: float = 1.0) -> np.ndarray:
+    """How much the neighbours raise each target star's position bound: σ_x(crowded) / σ_x(isolated).
+
+    The position factor of :func:`crowding_factors` (see there; same parameters). A pair too
+    close to be separated gives a very large factor (or inf when singular).
+
+    Returns
+    -------
+    ndarray, one factor per target (>= 1 up to rounding).
+    """
+    return crowding_factors(x, y, flux_adu, targets, fwhm_px, sky_adu, gain_e_per_adu, read_noise_e, beta=beta,
+                            window_fwhm=window_fwhm, min_neighbour_snr=min_neighbour_snr).position_x
