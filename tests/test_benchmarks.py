@@ -44,6 +44,8 @@ def test_accuracy_quick_writes_tables_plots_and_sane_numbers(tmp_path, capsys):
     assert mid["n_crowded"] > 20 and mid["median_abs_dmag_at_crowded_crlb"] >= mid["median_abs_dmag_at_crlb"] * 0.9
     assert mid["median_abs_dmag_at_crowded_crlb"] < mid["median_abs_dmag_crowded_sample"]
     assert ph["isolated_snr20"]["n"] > 5 and ph["isolated_snr20"]["rms_over_crlb"] > 0.8
+    for b in ph["isolated_snr20"]["bins"]:  # the flux scale removed: a ratio to the bound, reported per bin
+        assert 0.5 < b["rms_over_crlb_epoch_offset_removed"] < 50, b
     assert ph["calibration_bins"] and all(b["z_std_clipped5"] > 0 for b in ph["calibration_bins"])
     if "sep+bpnn" in res["methods"]:  # the same detections, BPNN magnitudes with both uncertainties
         sb = res["methods"]["sep+bpnn"]
