@@ -187,3 +187,51 @@ def test_a_sky_pedestal_under_the_stars_is_not_fitted_as_a_wing():
     j = np.arange(-10, 11)
     for p in (clean, offset):  # the light within 4 FWHM: the true Moffat (beta 3) has 99.7 %
         assert p.evaluate(j[None, :], j[:, None]).sum() == pytest.approx(0.997, abs=0.004)
+
+
+def test_stamp_values_match_evaluate_and_serve_the_fitters(moffat25):
+    """The phase-table stamps (the fitters' fast path) equal evaluate on the same grid to 1e-3 of the peak."""
+    from survey_proc.photometry.psffit import TabulatedPSF, render_psf
+
+    psf = EmpiricalPSF.from_dict(moffat25[0].to_dict())
+    rng = np.random.default_rng(4)
+    x, y = rng.uniform(5, 95, 400), rng.uniform(5, 95, 400)
+    fx, fy = x - np.floor(x + 0.5), y - np.floor(y + 0.5)
+    j = np.arange(-6, 7)
+    du = np.broadcast_to(j[None, None, :] - fx[:, None, None], (400, 13, 13))
+    dv = np.broadcast_to(j[None, :, None] - fy[:, None, None], (400, 13, 13))
+    want = psf.evaluate_with_gradient(du, dv)
+    got = psf.stamp_values(fx, fy, 6, grad=True)
+    for w, g in zip(want, got, strict=True):
+        assert g.shape == (400, 13, 13)
+        assert np.abs(g - w).max() < 1e-3 * np.abs(w).max()
+    np.testing.assert_allclose(got[0].sum(axis=(1, 2)), want[0].sum(axis=(1, 2)), atol=1e-5)
+    small = psf.stamp_values(fx, fy, 3)  # a smaller radius: the centre of the tables already built
+    assert len(small) == 1 and np.abs(small[0] - want[0][:, 3:10, 3:10]).max() < 1e-3 * want[0].max()
+    # render_psf takes the fast path for a constant ePSF: the same image as pixel by pixel
+    flux = rng.uniform(1e3, 1e4, 400)
+    fast = render_psf((100, 100), x, y, flux, TabulatedPSF(psf), 6)
+    slow = render_psf((100, 100), x, y, flux, TabulatedPSF(_PixelByPixel(psf)), 6)
+    assert np.abs(fast - slow).max() < 1e-3 * slow.max()
+    with pytest.raises(ValueError, match=r"must lie in \[-0.5, 0.5\] px"):
+        psf.stamp_values(np.array([0.7]), np.array([0.0]), 3)
+    with pytest.raises(ValueError, match="one entry per star"):
+        psf.stamp_values(np.zeros(3), np.zeros(2), 3)
+    varying = EmpiricalPSF.from_dict({**psf.to_dict(), "order": 1,
+                                      "resid": np.zeros((3, *np.asarray(psf.resid).shape[1:])).tolist()})
+    with pytest.raises(ValueError, match="constant PSF only"):
+        varying.stamp_values(fx, fy, 3)
+    assert TabulatedPSF(varying).stamps(x, y, 3, False) is None  # the fitters evaluate it pixel by pixel
+
+
+class _PixelByPixel:
+    """An ePSF seen only through evaluate/gradient (no phase tables): the fitters' exact path."""
+
+    def __init__(self, psf):
+        self.psf = psf
+
+    def evaluate(self, du, dv):
+        return self.psf.evaluate(du, dv)
+
+    def gradient(self, du, dv):
+        return self.psf.gradient(du, dv)

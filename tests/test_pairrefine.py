@@ -155,3 +155,36 @@ def test_pairs_at_the_edge_and_over_masked_pixels_are_fitted_on_what_is_left():
     assert r.ok.all() and np.isfinite(r.flux_err).all()
     np.testing.assert_allclose(r.flux, f, rtol=1e-6)  # noise-free: the pixels left still hold the truth
     assert r.flux_err[0] > r.flux_err[2] and r.flux_err[1] > r.flux_err[2]  # fewer pixels, larger errors
+
+
+def test_an_empirical_psfs_phase_tables_give_the_pixel_by_pixel_fit():
+    """With a constant ePSF the pair systems read its phase tables: the same fit as evaluating every pixel."""
+    from survey_proc.photometry.epsf import EmpiricalPSF
+    from survey_proc.photometry.psffit import TabulatedPSF
+
+    m = MoffatPSF(FWHM, 3.0)
+    epsf = EmpiricalPSF(alpha=m.alpha, beta=3.0, oversample=2.0, resid_radius_px=4, resid=np.zeros((1, 17, 17)),
+                        eval_oversample=5, table_radius_px=8, n_gl=4)
+
+    class PixelByPixel:  # the same model without its phase tables
+        def evaluate(self, du, dv):
+            return epsf.evaluate(du, dv)
+
+        def gradient(self, du, dv):
+            return epsf.gradient(du, dv)
+
+    xa, ya = np.array([30.3, 70.6]), np.array([40.25, 60.8])
+    x, y, f = np.r_[xa, xa + 2.2], np.r_[ya, ya + 0.2], np.array([40000.0, 30000.0, 10000.0, 8000.0])
+    img = render_psf((100, 100), x, y, f, TabulatedPSF(PixelByPixel()), fit_radii_px(FWHM)[1])
+    img = img + np.random.default_rng(3).normal(0.0, NOISE, img.shape)
+    start = dict(x=x + 0.3, y=y - 0.2, flux=f * 0.8)
+    bad = np.zeros(img.shape, bool)
+    fast = refine_pairs(img, bad, NOISE, GAIN, start["x"], start["y"], start["flux"], FWHM, np.array([0, 1]),
+                        np.array([2, 3]), n_iter=30, psf=TabulatedPSF(epsf), flux_errors=True)
+    slow = refine_pairs(img, bad, NOISE, GAIN, start["x"], start["y"], start["flux"], FWHM, np.array([0, 1]),
+                        np.array([2, 3]), n_iter=30, psf=TabulatedPSF(PixelByPixel()), flux_errors=True)
+    assert fast.ok.all() and slow.ok.all()
+    np.testing.assert_allclose(fast.flux, slow.flux, rtol=2e-3)
+    np.testing.assert_allclose(fast.x, slow.x, atol=2e-3)
+    np.testing.assert_allclose(fast.flux_err, slow.flux_err, rtol=2e-3)
+    assert np.all(np.abs(fast.flux - f) < 5 * fast.flux_err)  # and both are right

@@ -66,6 +66,7 @@ from survey_proc.photometry.pairrefine import refine_pairs
 from survey_proc.photometry.psffit import (
     MoffatPSF,
     RefineResult,
+    TabulatedPSF,
     _stamps,
     as_pixel_psf,
     fit_radii_px,
@@ -508,6 +509,19 @@ class _RingPSF:
     def pixel_grad(self, du: np.ndarray, dv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise NotImplementedError("a ring of a PSF is only rendered")  # pragma: no cover
 
+    def stamps(self, x: np.ndarray, y: np.ndarray, radius: int, grad: bool) -> tuple[np.ndarray, ...] | None:
+        """The ring of the PSF's tabled stamps (:meth:`~survey_proc.photometry.psffit.TabulatedPSF.stamps`)."""
+        if grad:
+            raise NotImplementedError("a ring of a PSF is only rendered")  # pragma: no cover
+        base = as_pixel_psf(self.psf)
+        got = base.stamps(x, y, radius, False) if isinstance(base, TabulatedPSF) else None
+        if got is None:
+            return None
+        j = np.arange(-radius, radius + 1)
+        fx, fy = x - np.floor(x + 0.5), y - np.floor(y + 0.5)
+        far = np.hypot(j[None, None, :] - fx[:, None, None], j[None, :, None] - fy[:, None, None]) >= self.r0_px
+        return (np.where(far if self.wing else ~far, got[0], 0.0),)
+
 
 def model_flux_error(shape: tuple[int, int], noise_adu: float, gain_e_per_adu: float, x: np.ndarray, y: np.ndarray,
                      flux_adu: np.ndarray, psf: object, fwhm_px: float, core_error: float, wing_error: float,
@@ -532,7 +546,8 @@ def model_flux_error(shape: tuple[int, int], noise_adu: float, gain_e_per_adu: f
     light = core + wing  # the two rings split each star's profile
     py, px, inside = _stamps(x[idx], y[idx], rfit, shape)
     du, dv = (np.array(a, float) for a in np.broadcast_arrays(px - x[idx][:, None, None], py - y[idx][:, None, None]))
-    own = p.profile(du, dv)
+    tabled = p.stamps(x[idx], y[idx], rfit, False) if isinstance(p, TabulatedPSF) else None
+    own = tabled[0] if tabled is not None else p.profile(du, dv)
     own_f = flux_adu[idx][:, None, None] * own
     own_core = np.where(np.hypot(du, dv) < r0, own_f, 0.0)
     # the others' light only: the star's own model error is its own profile's, not a neighbour's

@@ -72,6 +72,8 @@ from scipy.spatial import cKDTree
 __all__ = ["EmpiricalPSF", "build_epsf", "measure_fwhm", "moffat_pixel_gl"]
 
 _MAX_ORDER = 2
+#: Sub-pixel phases per pixel of :meth:`EmpiricalPSF.stamp_values`' tables (32: 4.2e-4 of the peak, measured).
+PHASE_STEPS = 32
 
 
 # ---------------------------------------------------------------------------------------------- analytic part
@@ -255,11 +257,13 @@ class EmpiricalPSF:
     wing_beta: float = 2.0
     meta: dict[str, Any] = field(default_factory=dict)
     _tab: _Tables | None = field(default=None, init=False, repr=False, compare=False)
+    _phase: tuple[int, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
 
     # ----------------------------------------------------------------------------------- persistence
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_tab"] = None  # rebuilt on first use: keeps pickles small
+        state["_phase"] = None
         return state
 
     def to_dict(self) -> dict[str, Any]:
@@ -487,6 +491,74 @@ class EmpiricalPSF:
         """
         j = np.arange(-radius, radius + 1, dtype=float)
         return self.evaluate(j[None, :] - dx, j[:, None] - dy, x0, y0)
+
+    def stamp_values(self, frac_x: np.ndarray, frac_y: np.ndarray, radius: int, grad: bool = False
+                     ) -> tuple[np.ndarray, ...]:
+        """Many stars' (2 radius + 1)^2 stamps at once, from tables per sub-pixel phase (the fitters' fast path).
+
+        Star ``n`` sits ``frac_x[n], frac_y[n]`` px (in [-0.5, 0.5]) from its stamp's centre
+        pixel, so stamp pixel ``(i, j)`` has ``du = j - radius - frac_x``, ``dv = i - radius -
+        frac_y``: the grid :func:`~survey_proc.photometry.psffit.render_psf` and the fitters use.
+        Every pixel of a stamp shares the star's phase, so instead of evaluating each pixel
+        (:meth:`evaluate`: cubic B-splines, ~100 ns per value) the stamps are tabulated once at
+        :data:`PHASE_STEPS` phases per pixel and each star's stamp is interpolated bilinearly
+        across phase from four of them (single-precision tables). Measured on a dense-survey ePSF
+        (FWHM 1.85 px), 2 x 10^4 stamps of 13 x 13 with both derivatives: 24x faster than
+        :meth:`evaluate_with_gradient`, within 4.2e-4 of the peak (values) and 7.7e-4 of the
+        largest derivative; the stamps' sums within 5e-6. The constant part only: a field-varying
+        model (``order`` > 0) is refused.
+
+        Parameters
+        ----------
+        frac_x, frac_y
+            Each star's offset from its stamp's centre pixel (px), in [-0.5, 0.5].
+        radius
+            The stamps' half-size (px).
+        grad
+            Also the derivatives with respect to ``du`` and ``dv`` (as :meth:`gradient`).
+
+        Returns
+        -------
+        tuple of ndarray
+            ``(values,)`` or ``(values, d_du, d_dv)``, each (N, 2 radius + 1, 2 radius + 1).
+        """
+        if self.order != 0:
+            raise ValueError("stamp_values serves the constant PSF only (order 0); use evaluate for a "
+                             "field-varying one")
+        fx = np.asarray(frac_x, float).ravel()
+        fy = np.asarray(frac_y, float).ravel()
+        if fx.shape != fy.shape:
+            raise ValueError(f"frac_x and frac_y must have one entry per star, got {fx.shape} and {fy.shape}")
+        if len(fx) and not (np.abs(fx).max() <= 0.5 + 1e-9 and np.abs(fy).max() <= 0.5 + 1e-9):
+            raise ValueError("frac_x and frac_y must lie in [-0.5, 0.5] px (the offset from the nearest pixel)")
+        radius = int(radius)
+        if self._phase is None or self._phase[0] < radius:
+            self._phase = (radius, self._phase_tables(radius))
+        r_tab, tabs = self._phase
+        c = slice(r_tab - radius, r_tab + radius + 1)
+        tab = tabs[:, :, : 3 if grad else 1, c, c]
+        steps = PHASE_STEPS
+        sx, sy = (fx + 0.5) * steps, (fy + 0.5) * steps  # node index space (node 0 is phase -0.5)
+        ix = np.clip(np.floor(sx).astype(np.int64), 0, steps - 1)
+        iy = np.clip(np.floor(sy).astype(np.int64), 0, steps - 1)
+        tx, ty = (sx - ix).astype(np.float32), (sy - iy).astype(np.float32)
+        out = np.empty((len(fx), *tab.shape[2:]))
+        for s0 in range(0, len(fx), 2048):
+            sl = slice(s0, s0 + 2048)
+            a, b = iy[sl], ix[sl]
+            u, v = tx[sl, None, None, None], ty[sl, None, None, None]
+            out[sl] = ((1 - v) * ((1 - u) * tab[a, b] + u * tab[a, b + 1])
+                       + v * ((1 - u) * tab[a + 1, b] + u * tab[a + 1, b + 1]))
+        return tuple(out[:, t] for t in range(out.shape[1]))
+
+    def _phase_tables(self, radius: int) -> np.ndarray:
+        """(P + 1, P + 1, 3, S, S) float32: values and du, dv derivatives of stamps at phases -0.5 + k / P."""
+        q = -0.5 + np.arange(PHASE_STEPS + 1) / PHASE_STEPS
+        j = np.arange(-radius, radius + 1, dtype=float)
+        n, s = len(q), len(j)
+        du = np.broadcast_to(j[None, None, None, :] - q[None, :, None, None], (n, n, s, s))
+        dv = np.broadcast_to(j[None, None, :, None] - q[:, None, None, None], (n, n, s, s))
+        return np.ascontiguousarray(np.stack(self.evaluate_with_gradient(du, dv), axis=2), dtype=np.float32)
 
 
 def measure_fwhm(psf: Any, guess_px: float = 2.0, n_dir: int = 16) -> float:

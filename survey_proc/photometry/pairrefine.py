@@ -176,8 +176,16 @@ def _pair_system(data: np.ndarray, good: np.ndarray, model: np.ndarray, noise_ad
     w = use / (noise_adu**2 + mpos / gain_e_per_adu + (model_error_frac * mpos) ** 2)
     cols = []
     for k in range(2):
-        p, gu, gv = model_psf.pixel_grad(px - xs[:, k : k + 1], py - ys[:, k : k + 1])
         within = (np.abs(px - ic[:, k : k + 1]) <= rmod) & (np.abs(py - jc[:, k : k + 1]) <= rmod)
+        tabled = model_psf.stamps(xs[:, k], ys[:, k], rmod, not flux_only) if hasattr(model_psf, "stamps") else None
+        if tabled is not None:  # the member's rmod stamp from the PSF's phase tables, read at the union's pixels
+            side = 2 * rmod + 1
+            at = (np.clip(py - jc[:, k : k + 1] + rmod, 0, side - 1) * side
+                  + np.clip(px - ic[:, k : k + 1] + rmod, 0, side - 1))
+            read = [np.take_along_axis(t.reshape(npair, -1), at, 1) for t in tabled]
+            p, gu, gv = read if len(read) == 3 else (read[0], read[0], read[0])  # (flux only: no gradients used)
+        else:
+            p, gu, gv = model_psf.pixel_grad(px - xs[:, k : k + 1], py - ys[:, k : k + 1])
         if flux_only:
             cols.append(p * within)
         else:  # d model / d x = -f dP/du

@@ -105,6 +105,20 @@ class TabulatedPSF:
         """See :class:`PixelPSF`."""
         return self.psf.evaluate(du, dv)
 
+    def stamps(self, x: np.ndarray, y: np.ndarray, radius: int, grad: bool) -> tuple[np.ndarray, ...] | None:
+        """Stamps on :func:`_stamps`' grid from the wrapped PSF's phase tables, or None where it has none.
+
+        The fast path of :func:`render_psf` and :func:`refine_positions`: a constant empirical PSF
+        (:meth:`~survey_proc.photometry.epsf.EmpiricalPSF.stamp_values`) gives every star's
+        stamp from its sub-pixel phase. The values are those of ``profile`` / ``pixel_grad`` on
+        the same grid to 4e-4 of the peak (the pixels off the image included, unclipped).
+        """
+        fast = getattr(self.psf, "stamp_values", None)
+        if fast is None or getattr(self.psf, "order", 0) != 0:
+            return None
+        x, y = np.asarray(x, float), np.asarray(y, float)
+        return cast(tuple[np.ndarray, ...], fast(x - np.floor(x + 0.5), y - np.floor(y + 0.5), radius, grad))
+
 
 def as_pixel_psf(psf: Any) -> PixelPSF:
     """``psf`` as the fitter's :class:`PixelPSF` (an object with ``evaluate``/``gradient`` is wrapped)."""
@@ -264,15 +278,25 @@ def render_psf(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.nd
     ndarray
         The model image (ADU).
     """
-    return _render(shape, x, y, flux, radius, psf.profile)
+    return _render(shape, x, y, flux, radius, psf.profile, getattr(psf, "stamps", None))
 
 
 def _render(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray, radius: int,
-            profile: Any) -> np.ndarray:
-    """Sum ``flux x profile(du, dv)`` over each star's ``2 radius + 1`` square stamp into an image."""
+            profile: Any, stamps: Any = None) -> np.ndarray:
+    """Sum ``flux x profile(du, dv)`` over each star's ``2 radius + 1`` square stamp into an image.
+
+    ``stamps(x, y, radius, grad)``, when given and not returning None, gives the profile's
+    stamps directly (:meth:`TabulatedPSF.stamps`).
+    """
+    x, y = np.asarray(x, float), np.asarray(y, float)
     py, px, inside = _stamps(x, y, radius, shape)
-    du, dv = np.broadcast_arrays(px - x[:, None, None], py - y[:, None, None])
-    vals = flux[:, None, None] * profile(np.array(du, float), np.array(dv, float))
+    got = stamps(x, y, radius, False) if stamps is not None and len(x) else None
+    if got is not None:
+        prof = got[0]
+    else:
+        du, dv = np.broadcast_arrays(px - x[:, None, None], py - y[:, None, None])
+        prof = profile(np.array(du, float), np.array(dv, float))
+    vals = flux[:, None, None] * prof
     img = np.bincount((py * shape[1] + px)[inside], weights=vals[inside], minlength=shape[0] * shape[1])
     return img.reshape(shape)
 
@@ -378,9 +402,11 @@ def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
         xs, ys, fs = xc[idx], yc[idx], f[idx]
         py, px, inside = _stamps(xs, ys, rfit, data.shape)
         use = inside & good[py, px]
-        du = px - xs[:, None, None]
-        dv = py - ys[:, None, None]
-        p, gu, gv = model_psf.pixel_grad(du, dv)
+        got = model_psf.stamps(xs, ys, rfit, True) if isinstance(model_psf, TabulatedPSF) else None
+        if got is not None:  # a constant empirical PSF: its phase tables
+            p, gu, gv = got
+        else:
+            p, gu, gv = model_psf.pixel_grad(px - xs[:, None, None], py - ys[:, None, None])
         dpx, dpy = -gu, -gv  # d model / d x_c = -d P / d u
         resid = data[py, px] - model[py, px]  # residual of the full model: the star's own step fits it
         mpos = np.clip(model[py, px], 0, None)
