@@ -119,7 +119,7 @@ def moffat_pixel_gl(du: np.ndarray, dv: np.ndarray, alpha: float, beta: float, n
         for tx, wx in zip(t, w, strict=True):
             u = du + tx
             q = 1.0 + (u * u + v * v) / a2
-            m = q ** (-beta)
+            m = np.exp(-beta * np.log(q))  # q ** -beta, 2x faster (the build's inner loop)
             p += (wx * wy) * m
             if grad:
                 dm = (wx * wy) * m / q
@@ -940,14 +940,25 @@ def build_epsf(image_adu: np.ndarray, mask: np.ndarray | None, background_adu: A
     d_raw = st.d.copy()
     pos_in_sel = {int(i): n for n, i in enumerate(sel)}
 
+    # every (PSF star, neighbour) pair, in the order the subtraction takes them
+    pair_n = np.array([n for n in range(len(sel)) for _ in nbrs[n]], np.int64)
+    pair_j = np.array([jn for n in range(len(sel)) for jn in nbrs[n]], np.int64)
+    pair_m = np.array([pos_in_sel.get(int(jn), -1) for jn in pair_j], np.int64)
+
     def subtract_neighbours(comps: list[tuple[float, float, float]]) -> None:
         """The stamps less every neighbour's light (the analytic model; refined fluxes for PSF stars)."""
         d = d_raw.copy()
-        for n in range(len(sel)):
-            for jn in nbrs[n]:
-                m = pos_in_sel.get(jn)
-                fj, xj, yj = (st.f[m], st.x[m], st.y[m]) if m is not None else (flux[jn], x[jn], y[jn])
-                d[n] -= fj * _analytic(gx[n] - xj, gy[n] - yj, comps, 2)[0]
+        if len(pair_n):
+            own = pair_m >= 0
+            mm = np.where(own, pair_m, 0)
+            fj = np.where(own, st.f[mm], flux[pair_j])
+            xj = np.where(own, st.x[mm], x[pair_j])
+            yj = np.where(own, st.y[mm], y[pair_j])
+            for s0 in range(0, len(pair_n), 512):  # all pairs' models at once, in chunks
+                sl = slice(s0, s0 + 512)
+                light = fj[sl, None, None] * _analytic(gx[pair_n[sl]] - xj[sl, None, None],
+                                                      gy[pair_n[sl]] - yj[sl, None, None], comps, 2)[0]
+                np.subtract.at(d, pair_n[sl], light)
         st.d = d
 
     # ---- (1) the analytic core + wing Moffat
