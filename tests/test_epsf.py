@@ -222,6 +222,7 @@ def test_stamp_values_match_evaluate_and_serve_the_fitters(moffat25):
     with pytest.raises(ValueError, match="constant PSF only"):
         varying.stamp_values(fx, fy, 3)
     assert TabulatedPSF(varying).stamps(x, y, 3, False) is None  # the fitters evaluate it pixel by pixel
+    assert TabulatedPSF(psf).stamps(np.array([np.nan]), np.array([1.0]), 3, False) is None  # so is a NaN position
 
 
 class _PixelByPixel:

@@ -117,6 +117,8 @@ class TabulatedPSF:
         if fast is None or getattr(self.psf, "order", 0) != 0:
             return None
         x, y = np.asarray(x, float), np.asarray(y, float)
+        if not (np.isfinite(x).all() and np.isfinite(y).all()):
+            return None  # a position that is no number: evaluated pixel by pixel, as before
         return cast(tuple[np.ndarray, ...], fast(x - np.floor(x + 0.5), y - np.floor(y + 0.5), radius, grad))
 
 
