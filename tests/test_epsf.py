@@ -195,21 +195,25 @@ def test_stamp_values_match_evaluate_and_serve_the_fitters(moffat25):
 
     psf = EmpiricalPSF.from_dict(moffat25[0].to_dict())
     rng = np.random.default_rng(4)
-    x, y = rng.uniform(5, 95, 400), rng.uniform(5, 95, 400)
+    n = 1500  # enough stamps that the tables pay (33^2 stamps' worth)
+    x, y = rng.uniform(5, 95, n), rng.uniform(5, 95, n)
     fx, fy = x - np.floor(x + 0.5), y - np.floor(y + 0.5)
     j = np.arange(-6, 7)
-    du = np.broadcast_to(j[None, None, :] - fx[:, None, None], (400, 13, 13))
-    dv = np.broadcast_to(j[None, :, None] - fy[:, None, None], (400, 13, 13))
+    du = np.broadcast_to(j[None, None, :] - fx[:, None, None], (n, 13, 13))
+    dv = np.broadcast_to(j[None, :, None] - fy[:, None, None], (n, 13, 13))
     want = psf.evaluate_with_gradient(du, dv)
+    few = psf.stamp_values(fx[:5], fy[:5], 6)  # a few stars: evaluated exactly, no tables yet
+    assert psf._phase is None and np.array_equal(few[0], want[0][:5])
     got = psf.stamp_values(fx, fy, 6, grad=True)
+    assert psf._phase is not None and psf._phase[0] == 6
     for w, g in zip(want, got, strict=True):
-        assert g.shape == (400, 13, 13)
+        assert g.shape == (n, 13, 13)
         assert np.abs(g - w).max() < 1e-3 * np.abs(w).max()
     np.testing.assert_allclose(got[0].sum(axis=(1, 2)), want[0].sum(axis=(1, 2)), atol=1e-5)
     small = psf.stamp_values(fx, fy, 3)  # a smaller radius: the centre of the tables already built
     assert len(small) == 1 and np.abs(small[0] - want[0][:, 3:10, 3:10]).max() < 1e-3 * want[0].max()
     # render_psf takes the fast path for a constant ePSF: the same image as pixel by pixel
-    flux = rng.uniform(1e3, 1e4, 400)
+    flux = rng.uniform(1e3, 1e4, n)
     fast = render_psf((100, 100), x, y, flux, TabulatedPSF(psf), 6)
     slow = render_psf((100, 100), x, y, flux, TabulatedPSF(_PixelByPixel(psf)), 6)
     assert np.abs(fast - slow).max() < 1e-3 * slow.max()

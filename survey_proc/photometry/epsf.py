@@ -258,12 +258,14 @@ class EmpiricalPSF:
     meta: dict[str, Any] = field(default_factory=dict)
     _tab: _Tables | None = field(default=None, init=False, repr=False, compare=False)
     _phase: tuple[int, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
+    _phase_demand: int = field(default=0, init=False, repr=False, compare=False)
 
     # ----------------------------------------------------------------------------------- persistence
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_tab"] = None  # rebuilt on first use: keeps pickles small
         state["_phase"] = None
+        state["_phase_demand"] = 0
         return state
 
     def to_dict(self) -> dict[str, Any]:
@@ -505,8 +507,10 @@ class EmpiricalPSF:
         across phase from four of them (single-precision tables). Measured on a dense-survey ePSF
         (FWHM 1.85 px), 2 x 10^4 stamps of 13 x 13 with both derivatives: 24x faster than
         :meth:`evaluate_with_gradient`, within 4.2e-4 of the peak (values) and 7.7e-4 of the
-        largest derivative; the stamps' sums within 5e-6. The constant part only: a field-varying
-        model (``order`` > 0) is refused.
+        largest derivative; the stamps' sums within 5e-6. The tables (``(P + 1)^2`` stamps) are
+        built once the stamps asked for at a radius add up to as many; until then the stamps are
+        evaluated exactly, so a few stars never pay for them. The constant part only: a
+        field-varying model (``order`` > 0) is refused.
 
         Parameters
         ----------
@@ -532,7 +536,16 @@ class EmpiricalPSF:
         if len(fx) and not (np.abs(fx).max() <= 0.5 + 1e-9 and np.abs(fy).max() <= 0.5 + 1e-9):
             raise ValueError("frac_x and frac_y must lie in [-0.5, 0.5] px (the offset from the nearest pixel)")
         radius = int(radius)
+        side = 2 * radius + 1
         if self._phase is None or self._phase[0] < radius:
+            # the tables cost (P + 1)^2 stamps: until the stamps asked for add up to that, evaluate them directly
+            # (a frame of a few stars with a wide PSF would pay more for the tables than they save)
+            self._phase_demand += len(fx) * side * side
+            if self._phase_demand < (PHASE_STEPS + 1) ** 2 * side * side:
+                j = np.arange(-radius, radius + 1, dtype=float)
+                du = np.broadcast_to(j[None, None, :] - fx[:, None, None], (len(fx), side, side))
+                dv = np.broadcast_to(j[None, :, None] - fy[:, None, None], (len(fx), side, side))
+                return tuple(self.evaluate_with_gradient(du, dv)) if grad else (self.evaluate(du, dv),)
             self._phase = (radius, self._phase_tables(radius))
         r_tab, tabs = self._phase
         c = slice(r_tab - radius, r_tab + radius + 1)
