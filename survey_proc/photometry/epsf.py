@@ -923,7 +923,9 @@ def build_epsf(image_adu: np.ndarray, mask: np.ndarray | None, background_adu: A
             f"{reasons['unsaturated']} unsaturated and unmasked); "
             f"need at least {min_stars}. Pass every detection of a larger block, lower min_snr/min_stars, "
             "or fall back to an analytic PSF of the measured FWHM")
-    n_gl = 6 if sig_pix < 1.0 else (4 if sig_pix < 2.0 else 3)
+    # Gauss-Legendre points per axis of the Moffat's pixel integral, against 16 points (measured, beta 2-10): 4
+    # points are within 3.5e-5 of the peak from FWHM 1.5 px up (1e-6 at 2.3 px), 6 points within 4e-6 at 1.0 px
+    n_gl = 6 if sig_pix < 0.66 else (4 if sig_pix < 2.0 else 3)
     if order is None:
         order = 0 if len(sel) < 12 else (1 if len(sel) < 30 else 2)
     xc, yc = (shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0
