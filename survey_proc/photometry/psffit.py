@@ -58,6 +58,9 @@ class PixelPSF(Protocol):
     ``pixel_grad(du, dv)`` returns ``(p, dp/du, dp/dv)`` for pixel-centre offsets (du, dv)
     from the star (px); ``profile(du, dv)`` returns the pixel-integrated values for the
     (cheaper) rendering of every star's model, which may be approximate far from the core.
+    A model may also offer ``stamps(x, y, radius, grad)``: whole square stamps on
+    :func:`_stamps`' grid at once, or None where it cannot (:meth:`TabulatedPSF.stamps`, a
+    constant empirical PSF's phase tables); the renders and fitters then use it.
     """
 
     def pixel_grad(self, du: np.ndarray, dv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
