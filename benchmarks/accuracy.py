@@ -184,11 +184,11 @@ def photometry_summary(P: pd.DataFrame, limit: float) -> dict[str, Any]:
             "median_bias_mag": float(np.median(iso["dmag_inst"])), "bins": bins})
     lo, hi = limit - 6.0, limit - 3.0
     mid = P[(P["mag_true"] >= lo) & (P["mag_true"] < hi)]
-    ad = np.abs(mid["dmag"].to_numpy())
-    ad = ad[np.isfinite(ad)]
+    dm = mid["dmag"].to_numpy()
+    fin = np.isfinite(dm)
+    ad = np.abs(dm[fin])
     # the floor under the median: the same stars' isolated-star Cramér-Rao bounds (a crowded star's
     # bound is larger, so this is a lower limit for any method on these stars)
-    fin = np.isfinite(mid["dmag"].to_numpy())
     floor = ev.median_abs_error_at_bound(mid["crlb_mag"].to_numpy()[fin])
     # and the crowded-field flux bound (every true neighbour an unknown point source), on the sampled
     # stars it was computed for, beside the measured median of the same stars
@@ -198,8 +198,7 @@ def photometry_summary(P: pd.DataFrame, limit: float) -> dict[str, Any]:
                            "median_abs_dmag": float(np.median(ad)) if len(ad) else None,
                            "median_abs_dmag_at_crlb": floor,
                            "n_crowded": int(sub.sum()),
-                           "median_abs_dmag_crowded_sample": (float(np.median(np.abs(mid["dmag"].to_numpy()[sub])))
-                                                              if sub.any() else None),
+                           "median_abs_dmag_crowded_sample": float(np.median(np.abs(dm[sub]))) if sub.any() else None,
                            "median_abs_dmag_at_crowded_crlb": ev.median_abs_error_at_bound(
                                mid["crlb_mag"].to_numpy()[sub] * kf[sub]),
                            "mean_abs_dmag": float(np.mean(ad)) if len(ad) else None,

@@ -66,12 +66,12 @@ from survey_proc.photometry.pairrefine import refine_pairs
 from survey_proc.photometry.psffit import (
     MoffatPSF,
     RefineResult,
-    TabulatedPSF,
     _stamps,
     as_pixel_psf,
     fit_radii_px,
     refine_positions,
     render_psf,
+    tabled_stamps,
 )
 
 MODEL_RADIUS_FWHM = 4.0  # each detection's model is rendered out to this radius (x FWHM)
@@ -513,8 +513,7 @@ class _RingPSF:
         """The ring of the PSF's tabled stamps (:meth:`~survey_proc.photometry.psffit.TabulatedPSF.stamps`)."""
         if grad:
             raise NotImplementedError("a ring of a PSF is only rendered")  # pragma: no cover
-        base = as_pixel_psf(self.psf)
-        got = base.stamps(x, y, radius, False) if isinstance(base, TabulatedPSF) else None
+        got = tabled_stamps(as_pixel_psf(self.psf), x, y, radius, False)
         if got is None:
             return None
         j = np.arange(-radius, radius + 1)
@@ -546,7 +545,7 @@ def model_flux_error(shape: tuple[int, int], noise_adu: float, gain_e_per_adu: f
     light = core + wing  # the two rings split each star's profile
     py, px, inside = _stamps(x[idx], y[idx], rfit, shape)
     du, dv = (np.array(a, float) for a in np.broadcast_arrays(px - x[idx][:, None, None], py - y[idx][:, None, None]))
-    tabled = p.stamps(x[idx], y[idx], rfit, False) if isinstance(p, TabulatedPSF) else None
+    tabled = tabled_stamps(p, x[idx], y[idx], rfit, False)
     own = tabled[0] if tabled is not None else p.profile(du, dv)
     own_f = flux_adu[idx][:, None, None] * own
     own_core = np.where(np.hypot(du, dv) < r0, own_f, 0.0)

@@ -29,7 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from survey_proc.photometry.psffit import RefineResult, _stamps, as_pixel_psf, damped, fit_radii_px, render_psf
+from survey_proc.photometry.psffit import (
+    RefineResult,
+    _stamps,
+    as_pixel_psf,
+    damped,
+    fit_radii_px,
+    render_psf,
+    tabled_stamps,
+)
 
 __all__ = ["refine_pairs"]
 
@@ -177,7 +185,7 @@ def _pair_system(data: np.ndarray, good: np.ndarray, model: np.ndarray, noise_ad
     cols = []
     for k in range(2):
         within = (np.abs(px - ic[:, k : k + 1]) <= rmod) & (np.abs(py - jc[:, k : k + 1]) <= rmod)
-        tabled = model_psf.stamps(xs[:, k], ys[:, k], rmod, not flux_only) if hasattr(model_psf, "stamps") else None
+        tabled = tabled_stamps(model_psf, xs[:, k], ys[:, k], rmod, not flux_only)
         if tabled is not None:  # the member's rmod stamp from the PSF's phase tables, read at the union's pixels
             side = 2 * rmod + 1
             at = (np.clip(py - jc[:, k : k + 1] + rmod, 0, side - 1) * side

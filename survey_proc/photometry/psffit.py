@@ -125,6 +125,15 @@ class TabulatedPSF:
         return cast(tuple[np.ndarray, ...], fast(x - np.floor(x + 0.5), y - np.floor(y + 0.5), radius, grad))
 
 
+def tabled_stamps(psf: Any, x: np.ndarray, y: np.ndarray, radius: int, grad: bool) -> tuple[np.ndarray, ...] | None:
+    """``psf.stamps(x, y, radius, grad)`` where the model offers whole stamps (see :class:`PixelPSF`), else None.
+
+    None also for no stars: the caller then evaluates pixel by pixel (``profile`` / ``pixel_grad``).
+    """
+    fn = getattr(psf, "stamps", None)
+    return cast("tuple[np.ndarray, ...] | None", fn(x, y, radius, grad)) if fn is not None and len(x) else None
+
+
 def as_pixel_psf(psf: Any) -> PixelPSF:
     """``psf`` as the fitter's :class:`PixelPSF` (an object with ``evaluate``/``gradient`` is wrapped)."""
     if hasattr(psf, "pixel_grad") and hasattr(psf, "profile"):
@@ -283,19 +292,18 @@ def render_psf(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.nd
     ndarray
         The model image (ADU).
     """
-    return _render(shape, x, y, flux, radius, psf.profile, getattr(psf, "stamps", None))
+    return _render(shape, x, y, flux, radius, psf.profile, psf)
 
 
 def _render(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray, radius: int,
-            profile: Any, stamps: Any = None) -> np.ndarray:
+            profile: Any, psf: Any = None) -> np.ndarray:
     """Sum ``flux x profile(du, dv)`` over each star's ``2 radius + 1`` square stamp into an image.
 
-    ``stamps(x, y, radius, grad)``, when given and not returning None, gives the profile's
-    stamps directly (:meth:`TabulatedPSF.stamps`).
+    Where ``psf`` gives whole stamps (:func:`tabled_stamps`) they are used instead of ``profile``.
     """
     x, y = np.asarray(x, float), np.asarray(y, float)
     py, px, inside = _stamps(x, y, radius, shape)
-    got = stamps(x, y, radius, False) if stamps is not None and len(x) else None
+    got = tabled_stamps(psf, x, y, radius, False)
     if got is not None:
         prof = got[0]
     else:
@@ -407,7 +415,7 @@ def refine_positions(data: np.ndarray, bad: np.ndarray, noise_adu: float, gain_e
         xs, ys, fs = xc[idx], yc[idx], f[idx]
         py, px, inside = _stamps(xs, ys, rfit, data.shape)
         use = inside & good[py, px]
-        got = model_psf.stamps(xs, ys, rfit, True) if isinstance(model_psf, TabulatedPSF) else None
+        got = tabled_stamps(model_psf, xs, ys, rfit, True)
         if got is not None:  # a constant empirical PSF: its phase tables
             p, gu, gv = got
         else:
