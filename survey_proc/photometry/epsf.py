@@ -509,9 +509,9 @@ class EmpiricalPSF:
         across phase from four of them (single-precision tables). Measured on a dense-survey ePSF
         (FWHM 1.85 px), 2 x 10^4 stamps of 13 x 13 with both derivatives: 24x faster than
         :meth:`evaluate_with_gradient`, within 4.2e-4 of the peak (values) and 7.7e-4 of the
-        largest derivative; the stamps' sums within 5e-6. The tables (``(P + 1)^2`` stamps) are
-        built once the stamps asked for at a radius add up to as many; until then the stamps are
-        evaluated exactly, so a few stars never pay for them. The constant part only: a
+        largest derivative; the stamps' sums within 5e-6. The tables (``(P + 1)^2`` stamps of the
+        radius asked for) are built once the stamp pixels asked for so far add up to as many; until
+        then the stamps are evaluated exactly, so a few stars never pay for them. The constant part only: a
         field-varying model (``order`` > 0) is refused.
 
         Parameters
