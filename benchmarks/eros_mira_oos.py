@@ -32,7 +32,7 @@ import pandas as pd
 
 from survey_proc.lightcurves.fourier_features import _design, curve_features, fourier_fit
 from training.build_cadence_data import EROS
-from training.train_sparse_classifier import _band, _negative
+from training.train_sparse_classifier import _band, _negative, thinned
 
 SPAN_DAYS = 894.0  # the EROS-1 curves' span
 _MODELS: dict[str, Any] = {}
@@ -79,15 +79,7 @@ def _job(args: tuple) -> list[dict]:
     objs = [(str(typ), bands)] + [(kind, _negative(rng, bands, kind)) for kind in ("constant", "non_periodic")]
     if mode == "thinned":  # the training script's draw (rng [seed, 1]), object by object, band by band
         rng_t = np.random.default_rng([k, 1])
-        thin = []
-        for label, obj in objs:
-            sub = {}
-            for b, (t, m, e) in obj.items():
-                n = max(20, round(len(t) * rng_t.uniform(0.2, 0.6)))
-                keep = np.sort(rng_t.choice(len(t), min(n, len(t)), replace=False))
-                sub[b] = (t[keep], m[keep], e[keep])
-            thin.append((label, sub))
-        objs = thin
+        objs = [(label, thinned(obj, rng_t)) for label, obj in objs]
     elif mode == "alone":
         objs = [(label, {b: v}) for label, obj in objs for b, v in obj.items()]
     res = []

@@ -152,6 +152,17 @@ def _band(row: pd.Series, band: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return t[ok], m[ok], e[ok]
 
 
+def thinned(obj: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], rng: np.random.Generator
+            ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Each band of ``obj`` ((t, mag, err) per band) with a random 20-60 % of its points (at least 20), time-ordered."""
+    sub = {}
+    for b, (t, m, e) in obj.items():
+        n = max(20, round(len(t) * rng.uniform(0.2, 0.6)))
+        keep = np.sort(rng.choice(len(t), min(n, len(t)), replace=False))
+        sub[b] = (t[keep], m[keep], e[keep])
+    return sub
+
+
 def _star_rows(args: tuple) -> list[dict]:
     """One star's training curves: each band (the periodic label), plus one constant and one non-periodic object
     at the star's own times and errors (each band a curve); each curve twice: its period searched jointly with
@@ -174,11 +185,7 @@ def _star_rows(args: tuple) -> list[dict]:
     if thin:  # sparser surveys: each band keeps a random 20-60 % of its points (at least 20), searched jointly
         rng_t = np.random.default_rng([seed, 1])
         for label, typ_, obj in objects:
-            sub = {}
-            for b, (t, m, e) in obj.items():
-                n = max(20, round(len(t) * rng_t.uniform(0.2, 0.6)))
-                keep = np.sort(rng_t.choice(len(t), min(n, len(t)), replace=False))
-                sub[b] = (t[keep], m[keep], e[keep])
+            sub = thinned(obj, rng_t)
             for b, f in _features_of(sub, True).items():
                 rows.append({"star": sid, "band": b, "label": label, "type": typ_, "mode": "thinned", **_row(f)})
     return rows
